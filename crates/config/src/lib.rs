@@ -1,0 +1,147 @@
+//! Cairn's configuration file: JSON5 in the format of the NativeLink guides.
+//!
+//! Loading goes text -> JSON5 parse -> `${VAR}` / `${VAR:-default}` expansion in every string ->
+//! typed deserialization with the key path tracked. Every error names the file, the key path
+//! (`stores.CAS.filesystem.eviction_policy.max_bytes`) and what was expected. Types mirror the
+//! file exactly and reject unknown keys.
+
+mod expand;
+mod named;
+mod num;
+pub mod schedulers;
+pub mod servers;
+pub mod stores;
+pub mod workers;
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+pub use expand::expand_env;
+pub use named::{InstanceMap, Named, NamedList};
+pub use num::{ByteSize, parse_size};
+pub use schedulers::SchedulerSpec;
+pub use servers::ServerConfig;
+pub use stores::StoreSpec;
+pub use workers::WorkerSpec;
+
+/// A configuration error: where (file and key path) and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {where_}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    /// The key path, or `line L column C` for syntax errors.
+    pub where_: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &str, where_: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_string(),
+            where_: where_.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CairnConfig {
+    /// Store trees, by name: a list of `{name, KIND: {...}}` or a map `{NAME: {KIND: {...}}}`.
+    #[serde(default)]
+    pub stores: NamedList<StoreSpec>,
+    /// Schedulers, by name, in the same two forms as `stores`.
+    #[serde(default)]
+    pub schedulers: NamedList<SchedulerSpec>,
+    /// Listeners and the services each serves.
+    #[serde(default)]
+    pub servers: Vec<ServerConfig>,
+    /// Workers run by this process.
+    #[serde(default)]
+    pub workers: Vec<WorkerSpec>,
+    /// A single local worker, in the troubleshooting guide's short form `worker: {...}`.
+    #[serde(default)]
+    pub worker: Option<workers::LocalWorker>,
+    #[serde(default)]
+    pub global: Option<GlobalConfig>,
+}
+
+/// Process-wide settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalConfig {
+    /// Raise the process's open-file limit (RLIMIT_NOFILE) to this many at start-up.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_open_files: Option<u64>,
+    /// Digest function assumed when a request does not name one: `sha256` (default) or `blake3`.
+    #[serde(default)]
+    pub default_digest_hash_function: Option<String>,
+    /// Size of the blob the health check writes and reads back.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub default_digest_size_health_check: Option<u64>,
+    /// Turn `/metrics` off.
+    #[serde(default)]
+    pub disable_metrics: bool,
+}
+
+impl CairnConfig {
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<CairnConfig, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&name, "file", format!("cannot read: {e}")))?;
+        parse_str(&name, &text)
+    }
+
+    /// All local workers, whichever form they were written in.
+    pub fn local_workers(&self) -> Vec<&workers::LocalWorker> {
+        let mut out: Vec<&workers::LocalWorker> = self
+            .workers
+            .iter()
+            .map(|w| match w {
+                WorkerSpec::Local(l) => l,
+            })
+            .collect();
+        out.extend(self.worker.as_ref());
+        out
+    }
+}
+
+/// Parses configuration text; `file` is used in error messages.
+pub fn parse_str(file: &str, text: &str) -> Result<CairnConfig, ConfigError> {
+    parse_as(file, text)
+}
+
+/// Parses any config fragment type (used by tests and by `check-config` for parts).
+pub fn parse_as<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, ConfigError> {
+    let mut value: serde_json::Value = json5::from_str(text).map_err(|e| {
+        let where_ = match e.position() {
+            Some(p) => format!("line {} column {}", p.line + 1, p.column + 1),
+            None => "syntax".to_string(),
+        };
+        ConfigError::new(file, where_, format!("invalid JSON5: {e}"))
+    })?;
+    expand::expand_value(&mut value, &mut Vec::new())
+        .map_err(|(path, msg)| ConfigError::new(file, path, msg))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let mut path = if path == "." { "top level".to_string() } else { path };
+        let mut message = e.into_inner().to_string();
+        // A list entry reports its own inner path: `stores[0]` + `CAS.memory.x` becomes
+        // `stores.CAS.memory.x`.
+        let mut parts = message.splitn(3, named::SPLICE);
+        if let (Some(""), Some(inner), Some(rest)) = (parts.next(), parts.next(), parts.next()) {
+            if let Some(i) = path.rfind('[') {
+                path.truncate(i);
+            }
+            path = format!("{path}.{inner}");
+            message = rest.to_string();
+        }
+        ConfigError::new(file, path, message)
+    })
+}
+
+#[cfg(test)]
+mod tests;

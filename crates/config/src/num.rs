@@ -1,0 +1,165 @@
+//! Numbers that may be written as JSON numbers or strings, and byte sizes with units.
+//!
+//! `"10gb"` is 10,000,000,000 bytes and `"10GiB"` is 10,737,418,240: decimal units (`kb`, `mb`,
+//! `gb`, `tb`, `pb`, or just `k`, `m`, `g`, `t`) are powers of 1000, binary units (`kib` ...
+//! `pib`) powers of 1024, case-insensitive, with optional spaces and fractions (`"1.5gb"`).
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// A size in bytes, written as a number or a string with a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+/// Parses a size: `"1234"`, `"10gb"`, `"10GiB"`, `"1.5 MB"`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let num: String = num.chars().filter(|c| *c != '_').collect();
+    let unit = unit.trim().to_ascii_lowercase();
+    let mult: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "p" | "pb" => 1_000_000_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        "pi" | "pib" => 1 << 50,
+        _ => {
+            return Err(format!(
+                "expected a size such as 1000000, \"10gb\" or \"10GiB\", found {s:?} (unknown unit {unit:?})"
+            ))
+        }
+    };
+    if num.is_empty() {
+        return Err(format!(
+            "expected a size such as 1000000, \"10gb\" or \"10GiB\", found {s:?}"
+        ));
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"));
+    }
+    let f: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a size such as 1000000, \"10gb\" or \"10GiB\", found {s:?}"))?;
+    let v = f * mult as f64;
+    if !(0.0..1.8e19).contains(&v) {
+        return Err(format!("size {s:?} does not fit in 64 bits"));
+    }
+    Ok(v.round() as u64)
+}
+
+struct U64Visitor {
+    sizes: bool,
+}
+
+impl<'de> Visitor<'de> for U64Visitor {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.sizes {
+            f.write_str("a size in bytes: a non-negative integer or a string such as \"10gb\" or \"10GiB\"")
+        } else {
+            f.write_str("a non-negative integer (or a string holding one)")
+        }
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+        Ok(v)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+        u64::try_from(v).map_err(|_| E::custom(format!("expected a non-negative integer, found {v}")))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+        if v >= 0.0 && v.fract() == 0.0 && v < 1.8e19 {
+            Ok(v as u64)
+        } else {
+            Err(E::custom(format!("expected a non-negative integer, found {v}")))
+        }
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+        if self.sizes {
+            parse_size(v).map_err(E::custom)
+        } else {
+            v.trim()
+                .parse()
+                .map_err(|_| E::custom(format!("expected a non-negative integer, found {v:?}")))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(U64Visitor { sizes: true }).map(ByteSize)
+    }
+}
+
+/// A `u64` written as a number or a string (after `${VAR}` expansion every value may be a string).
+pub(crate) fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    d.deserialize_any(U64Visitor { sizes: false })
+}
+
+pub(crate) fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64(d).map(Some)
+}
+
+struct F64Visitor;
+
+impl<'de> Visitor<'de> for F64Visitor {
+    type Value = f64;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a number (or a string holding one)")
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<f64, E> {
+        Ok(v as f64)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<f64, E> {
+        Ok(v as f64)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<f64, E> {
+        Ok(v)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
+        v.trim()
+            .parse()
+            .map_err(|_| E::custom(format!("expected a number, found {v:?}")))
+    }
+}
+
+pub(crate) fn opt_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    d.deserialize_any(F64Visitor).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_follow_decimal_and_binary_units() {
+        assert_eq!(parse_size("10gb"), Ok(10_000_000_000));
+        assert_eq!(parse_size("10GiB"), Ok(10_737_418_240));
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("100gb"), Ok(100_000_000_000));
+        assert_eq!(parse_size("1.5 MB"), Ok(1_500_000));
+        assert_eq!(parse_size("42"), Ok(42));
+        assert_eq!(parse_size("64KiB"), Ok(65_536));
+        assert!(parse_size("ten gb").is_err());
+        assert!(parse_size("10 parsecs").is_err());
+        assert!(parse_size("99999999999pb").is_err());
+    }
+}

@@ -1,0 +1,113 @@
+//! `schedulers` (built in a later issue; every key of the troubleshooting guide parses now).
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::num;
+use crate::stores::StoreSpec;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SchedulerSpec {
+    Simple(SimpleScheduler),
+    CacheLookup(Box<CacheLookupScheduler>),
+    PropertyModifier(Box<PropertyModifierScheduler>),
+    Grpc(GrpcScheduler),
+}
+
+impl SchedulerSpec {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SchedulerSpec::Simple(_) => "simple",
+            SchedulerSpec::CacheLookup(_) => "cache_lookup",
+            SchedulerSpec::PropertyModifier(_) => "property_modifier",
+            SchedulerSpec::Grpc(_) => "grpc",
+        }
+    }
+}
+
+/// How a platform property of an action matches a worker's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PropertyType {
+    Exact,
+    Minimum,
+    Priority,
+    Ignore,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AllocationStrategy {
+    #[default]
+    LeastRecentlyUsed,
+    MostRecentlyUsed,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimpleScheduler {
+    #[serde(default)]
+    pub supported_platform_properties: BTreeMap<String, PropertyType>,
+    /// Seconds completed operations stay for WaitExecution.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub retain_completed_for_s: Option<u64>,
+    /// A worker without keepalive this long is removed (default 5).
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub worker_timeout_s: Option<u64>,
+    /// An action whose clients all stopped listening this long is dropped.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub client_action_timeout_s: Option<u64>,
+    /// A running action past this is re-queued.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_action_executing_timeout_s: Option<u64>,
+    /// Retries before the client gets the last error (default 3).
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_job_retries: Option<u64>,
+    #[serde(default)]
+    pub allocation_strategy: AllocationStrategy,
+    /// Seconds an action that no worker can run waits before FAILED_PRECONDITION (Cairn).
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub unschedulable_grace_period_s: Option<u64>,
+    #[serde(default)]
+    pub experimental_backend: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheLookupScheduler {
+    pub ac_store: StoreSpec,
+    pub scheduler: SchedulerSpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyModifierScheduler {
+    pub modifications: Vec<PropertyModification>,
+    pub scheduler: SchedulerSpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PropertyModification {
+    Add(PropertyKv),
+    Remove(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyKv {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcScheduler {
+    pub endpoint: serde_json::Value,
+    #[serde(default)]
+    pub retry: Option<crate::stores::Retry>,
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_concurrent_requests: Option<u64>,
+}

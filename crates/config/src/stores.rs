@@ -1,0 +1,331 @@
+//! Store specs: one variant per store kind, named as in the file. Wrapper kinds hold nested
+//! specs, so any tree can be written inline.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::num::{self, ByteSize};
+
+/// A store tree node: exactly one kind key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum StoreSpec {
+    Memory(MemoryStore),
+    Filesystem(FilesystemStore),
+    FastSlow(Box<FastSlowStore>),
+    Verify(Box<VerifyStore>),
+    Compression(Box<CompressionStore>),
+    Dedup(Box<DedupStore>),
+    SizePartitioning(Box<SizePartitioningStore>),
+    Shard(ShardStore),
+    ExistenceCache(Box<ExistenceCacheStore>),
+    CompletenessChecking(Box<CompletenessCheckingStore>),
+    Noop(NoopStore),
+    RefStore(RefStore),
+    // Kinds whose behaviour a later issue builds: they parse, and starting them is an error.
+    ExperimentalCloudObjectStore(CloudObjectStore),
+    RedisStore(RedisStore),
+    Grpc(GrpcStore),
+}
+
+impl StoreSpec {
+    /// The config key of this kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreSpec::Memory(_) => "memory",
+            StoreSpec::Filesystem(_) => "filesystem",
+            StoreSpec::FastSlow(_) => "fast_slow",
+            StoreSpec::Verify(_) => "verify",
+            StoreSpec::Compression(_) => "compression",
+            StoreSpec::Dedup(_) => "dedup",
+            StoreSpec::SizePartitioning(_) => "size_partitioning",
+            StoreSpec::Shard(_) => "shard",
+            StoreSpec::ExistenceCache(_) => "existence_cache",
+            StoreSpec::CompletenessChecking(_) => "completeness_checking",
+            StoreSpec::Noop(_) => "noop",
+            StoreSpec::RefStore(_) => "ref_store",
+            StoreSpec::ExperimentalCloudObjectStore(_) => "experimental_cloud_object_store",
+            StoreSpec::RedisStore(_) => "redis_store",
+            StoreSpec::Grpc(_) => "grpc",
+        }
+    }
+
+    /// The nested specs, with the key each sits under.
+    pub fn children(&self) -> Vec<(&'static str, &StoreSpec)> {
+        match self {
+            StoreSpec::FastSlow(s) => vec![("fast", &s.fast), ("slow", &s.slow)],
+            StoreSpec::Verify(s) => vec![("backend", &s.backend)],
+            StoreSpec::Compression(s) => vec![("backend", &s.backend)],
+            StoreSpec::Dedup(s) => vec![
+                ("index_store", &s.index_store),
+                ("content_store", &s.content_store),
+            ],
+            StoreSpec::SizePartitioning(s) => {
+                vec![("lower_store", &s.lower_store), ("upper_store", &s.upper_store)]
+            }
+            StoreSpec::Shard(s) => s.stores.iter().map(|w| ("stores", &w.store)).collect(),
+            StoreSpec::ExistenceCache(s) => vec![("backend", &s.backend)],
+            StoreSpec::CompletenessChecking(s) => {
+                vec![("backend", &s.backend), ("cas_store", &s.cas_store)]
+            }
+            _ => vec![],
+        }
+    }
+}
+
+/// When entries leave a memory, filesystem or existence-cache index. Every limit is optional;
+/// none set means unbounded.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictionPolicy {
+    /// Evict least recently used entries once the total size passes this.
+    #[serde(default)]
+    pub max_bytes: ByteSize,
+    /// When evicting for size, go this far below `max_bytes` (hysteresis), so that eviction
+    /// runs in batches.
+    #[serde(default)]
+    pub evict_bytes: ByteSize,
+    /// Evict entries not touched for this many seconds.
+    #[serde(default, deserialize_with = "num::u64")]
+    pub max_seconds: u64,
+    /// Evict least recently used entries past this many.
+    #[serde(default, deserialize_with = "num::u64")]
+    pub max_count: u64,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryStore {
+    #[serde(default)]
+    pub eviction_policy: Option<EvictionPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesystemStore {
+    /// Directory of complete blobs.
+    pub content_path: String,
+    /// Directory for blobs being written; must be on the same file system as `content_path`.
+    /// Default: `<content_path>.tmp`, a sibling directory.
+    #[serde(default)]
+    pub temp_path: Option<String>,
+    #[serde(default)]
+    pub eviction_policy: Option<EvictionPolicy>,
+    /// Read chunk size (default 64 KiB).
+    #[serde(default)]
+    pub read_buffer_size: Option<ByteSize>,
+    /// File-system block size, used to account for small files (default 4096).
+    #[serde(default)]
+    pub block_size: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FastSlowStore {
+    pub fast: StoreSpec,
+    pub slow: StoreSpec,
+    /// `both` (default), `get` (only fill on reads), `update` (only write), `read_only`.
+    #[serde(default)]
+    pub fast_direction: Option<String>,
+    #[serde(default)]
+    pub slow_direction: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyStore {
+    pub backend: StoreSpec,
+    #[serde(default)]
+    pub verify_size: bool,
+    #[serde(default)]
+    pub verify_hash: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionStore {
+    pub compression_algorithm: CompressionAlgorithm,
+    pub backend: StoreSpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CompressionAlgorithm {
+    Lz4(Lz4Config),
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lz4Config {
+    /// Uncompressed bytes per frame block (default 64 KiB).
+    #[serde(default)]
+    pub block_size: Option<ByteSize>,
+    /// Largest block accepted when decoding (default 4 MiB... or `block_size` if larger).
+    #[serde(default)]
+    pub max_decode_block_size: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupStore {
+    pub index_store: StoreSpec,
+    pub content_store: StoreSpec,
+    #[serde(default)]
+    pub min_size: Option<ByteSize>,
+    #[serde(default)]
+    pub normal_size: Option<ByteSize>,
+    #[serde(default)]
+    pub max_size: Option<ByteSize>,
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_concurrent_fetch_per_get: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizePartitioningStore {
+    /// Blobs smaller than this go to `lower_store`, the rest to `upper_store`.
+    pub size: ByteSize,
+    pub lower_store: StoreSpec,
+    pub upper_store: StoreSpec,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardStore {
+    pub stores: Vec<WeightedStore>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedStore {
+    pub store: StoreSpec,
+    /// Relative share of keys (default 1).
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub weight: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExistenceCacheStore {
+    pub backend: StoreSpec,
+    #[serde(default)]
+    pub eviction_policy: Option<EvictionPolicy>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletenessCheckingStore {
+    /// The action cache itself.
+    pub backend: StoreSpec,
+    /// The CAS whose contents an action result must reference completely.
+    pub cas_store: StoreSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoopStore {}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefStore {
+    /// The top-level store this refers to.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_retries: Option<u64>,
+    /// Base delay in seconds.
+    #[serde(default, deserialize_with = "num::opt_f64")]
+    pub delay: Option<f64>,
+    /// Random fraction added to each delay.
+    #[serde(default, deserialize_with = "num::opt_f64")]
+    pub jitter: Option<f64>,
+    #[serde(default)]
+    pub retry_on_errors: Option<Vec<String>>,
+}
+
+/// S3 / GCS object storage (built in a later issue; parses now).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudObjectStore {
+    /// `aws` or `gcs`.
+    #[serde(default)]
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub bucket: Option<String>,
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub retry: Option<Retry>,
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub consider_expired_after_s: Option<u64>,
+    #[serde(default)]
+    pub max_retry_buffer_per_request: Option<ByteSize>,
+    #[serde(default)]
+    pub multipart_max_concurrent_uploads: Option<ByteSize>,
+    #[serde(default)]
+    pub insecure_allow_http: bool,
+    #[serde(default)]
+    pub disable_http2: bool,
+}
+
+/// Redis store (built in a later issue; parses now).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStore {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub response_timeout_s: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub connection_timeout_s: Option<u64>,
+    #[serde(default)]
+    pub experimental_pub_sub_channel: Option<String>,
+    #[serde(default)]
+    pub read_chunk_size: Option<ByteSize>,
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub connection_pool_size: Option<u64>,
+    #[serde(default)]
+    pub retry: Option<Retry>,
+}
+
+/// A remote REAPI CAS or AC (built in a later issue; parses now).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcStore {
+    #[serde(default)]
+    pub instance_name: String,
+    #[serde(default)]
+    pub endpoints: Vec<GrpcEndpoint>,
+    /// `cas` or `ac`.
+    #[serde(default)]
+    pub store_type: Option<String>,
+    #[serde(default)]
+    pub retry: Option<Retry>,
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_concurrent_requests: Option<u64>,
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub connections_per_endpoint: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcEndpoint {
+    pub address: String,
+    #[serde(default)]
+    pub tls_config: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub concurrency_limit: Option<u64>,
+}

@@ -1,0 +1,233 @@
+//! Every config fragment of the two guides parses into the right structure; errors name the
+//! file, key path and expectation.
+
+use super::*;
+use crate::schedulers::{AllocationStrategy, SimpleScheduler};
+use crate::stores::{CompressionAlgorithm, StoreSpec};
+
+fn fixture(name: &str) -> CairnConfig {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name);
+    CairnConfig::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn simple(cfg: &CairnConfig) -> &SimpleScheduler {
+    match cfg.schedulers.get("main").expect("scheduler main") {
+        SchedulerSpec::Simple(s) => s,
+        other => panic!("expected simple, got {other:?}"),
+    }
+}
+
+#[test]
+fn production_storage_tree() {
+    let cfg = fixture("guide-production-storage.json5");
+    let StoreSpec::Verify(v) = cfg.stores.get("CAS_PRODUCTION").unwrap() else {
+        panic!("verify expected")
+    };
+    assert!(v.verify_size && !v.verify_hash);
+    let StoreSpec::Dedup(d) = &v.backend else {
+        panic!("dedup expected")
+    };
+    let StoreSpec::FastSlow(fs) = &d.index_store else {
+        panic!()
+    };
+    let StoreSpec::Memory(m) = &fs.fast else { panic!() };
+    assert_eq!(m.eviction_policy.as_ref().unwrap().max_bytes.0, 2_000_000_000);
+    let StoreSpec::ExperimentalCloudObjectStore(c) = &fs.slow else {
+        panic!()
+    };
+    assert_eq!(c.bucket.as_deref(), Some("nativelink-cas-index"));
+    assert_eq!(c.key_prefix.as_deref(), Some("prod/index/"));
+    let r = c.retry.as_ref().unwrap();
+    assert_eq!((r.max_retries, r.delay, r.jitter), (Some(6), Some(0.3), Some(0.5)));
+    let StoreSpec::Compression(comp) = &d.content_store else {
+        panic!()
+    };
+    assert!(matches!(comp.compression_algorithm, CompressionAlgorithm::Lz4(_)));
+    let StoreSpec::FastSlow(fs) = &comp.backend else { panic!() };
+    let StoreSpec::Memory(m) = &fs.fast else { panic!() };
+    assert_eq!(m.eviction_policy.as_ref().unwrap().max_bytes.0, 5_000_000_000);
+    let StoreSpec::ExperimentalCloudObjectStore(c) = &fs.slow else {
+        panic!()
+    };
+    assert_eq!(c.provider.as_deref(), Some("aws"));
+    assert_eq!(c.region.as_deref(), Some("us-east-1"));
+}
+
+#[test]
+fn tls_listener() {
+    let cfg = fixture("guide-tls.json5");
+    let http = cfg.servers[0].listener.http();
+    assert_eq!(http.socket_address, "0.0.0.0:50051");
+    let tls = http.tls.as_ref().unwrap();
+    assert_eq!(tls.cert_file, "/certs/server.crt");
+    assert_eq!(tls.key_file, "/certs/server.key");
+    assert_eq!(tls.ca_file.as_deref(), Some("/certs/ca.crt"));
+    assert!(tls.verify_client);
+}
+
+#[test]
+fn advanced_http() {
+    let cfg = fixture("guide-advanced-http.json5");
+    let a = cfg.servers[0].listener.http().advanced_http.clone().unwrap();
+    assert_eq!(a.http2_keepalive_interval, Some(30));
+    assert_eq!(a.http2_keepalive_timeout, Some(10));
+    assert_eq!(a.max_concurrent_streams, Some(1000));
+}
+
+#[test]
+fn global_max_open_files() {
+    let cfg = fixture("guide-global.json5");
+    assert_eq!(cfg.global.unwrap().max_open_files, Some(65536));
+}
+
+#[test]
+fn troubleshooting_worker() {
+    let cfg = fixture("ts-worker.json5");
+    let w = cfg.local_workers();
+    assert_eq!(w.len(), 1);
+    assert_eq!(
+        w[0].scheduler_endpoint.as_deref(),
+        Some("grpc://nativelink-scheduler:50051")
+    );
+}
+
+#[test]
+fn troubleshooting_schedulers() {
+    assert_eq!(
+        simple(&fixture("ts-scheduler-worker-timeout.json5")).worker_timeout_s,
+        Some(30)
+    );
+    let cfg = fixture("ts-scheduler-timeouts.json5");
+    let s = simple(&cfg);
+    assert_eq!(s.client_action_timeout_s, Some(300));
+    assert_eq!(s.max_action_executing_timeout_s, Some(600));
+    assert_eq!(
+        simple(&fixture("ts-scheduler-retries.json5")).max_job_retries,
+        Some(2)
+    );
+    assert_eq!(
+        simple(&fixture("ts-scheduler-allocation.json5")).allocation_strategy,
+        AllocationStrategy::MostRecentlyUsed
+    );
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/ts-simple-executing-timeout.json5");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let s: SimpleScheduler = parse_as("ts-simple-executing-timeout.json5", &text).unwrap();
+    assert_eq!(s.max_action_executing_timeout_s, Some(600));
+}
+
+#[test]
+fn troubleshooting_stores() {
+    let cfg = fixture("ts-stores-memory.json5");
+    let StoreSpec::Memory(m) = cfg.stores.get("CAS_MAIN_STORE").unwrap() else {
+        panic!()
+    };
+    assert_eq!(m.eviction_policy.as_ref().unwrap().max_bytes.0, 10_000_000_000);
+
+    let cfg = fixture("ts-stores-tiered.json5");
+    let StoreSpec::FastSlow(fs) = cfg.stores.get("TIERED_CAS").unwrap() else {
+        panic!()
+    };
+    let StoreSpec::Filesystem(f) = &fs.slow else { panic!() };
+    assert_eq!(f.content_path, "/var/cache/nativelink");
+    assert_eq!(f.eviction_policy.as_ref().unwrap().max_bytes.0, 100_000_000_000);
+
+    let cfg = fixture("ts-stores-compressed.json5");
+    assert!(matches!(
+        cfg.stores.get("COMPRESSED_CAS").unwrap(),
+        StoreSpec::Compression(_)
+    ));
+
+    let cfg = fixture("ts-stores-s3-retry.json5");
+    let StoreSpec::ExperimentalCloudObjectStore(c) = cfg.stores.get("S3_STORE").unwrap() else {
+        panic!()
+    };
+    assert_eq!(c.retry.as_ref().unwrap().max_retries, Some(6));
+}
+
+#[test]
+fn list_and_map_forms_are_equivalent() {
+    let list = parse_str(
+        "l.json5",
+        r#"{stores: [{name: "A", memory: {}}, {name: "B", noop: {}}]}"#,
+    )
+    .unwrap();
+    let map = parse_str("m.json5", r#"{stores: {A: {memory: {}}, B: {noop: {}}}}"#).unwrap();
+    for cfg in [list, map] {
+        let names: Vec<_> = cfg.stores.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["A", "B"]);
+        assert_eq!(cfg.stores.get("B").unwrap().kind(), "noop");
+    }
+}
+
+#[test]
+fn errors_name_file_key_path_and_expectation() {
+    let e = parse_str(
+        "cairn.json5",
+        r#"{stores: {CAS: {memory: {eviction_policy: {max_bytes: "lots"}}}}}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.file, "cairn.json5");
+    assert_eq!(e.where_, "stores.CAS.memory.eviction_policy.max_bytes", "{e}");
+    assert!(e.message.contains("10gb"), "{e}");
+
+    let e = parse_str(
+        "cairn.json5",
+        r#"{stores: [{name: "CAS", memory: {eviction_policy: {max_bites: 1}}}]}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.where_, "stores.CAS.memory.eviction_policy.max_bites", "{e}");
+    assert!(e.message.contains("unknown field"), "{e}");
+
+    let e = parse_str("x.json5", "{stores: {A: {memry: {}}}}").unwrap_err();
+    assert!(e.message.contains("unknown variant `memry`"), "{e}");
+
+    let e = parse_str("x.json5", "{servers: [}").unwrap_err();
+    assert!(e.where_.starts_with("line 1"), "{e}");
+
+    let e = parse_str("x.json5", "{bogus: 1}").unwrap_err();
+    assert!(e.message.contains("unknown field `bogus`"), "{e}");
+}
+
+#[test]
+fn env_expansion_applies_to_strings() {
+    std::env::set_var("CAIRN_TEST_CAS_DIR", "/data/cas");
+    let cfg = parse_str(
+        "e.json5",
+        r#"{stores: {F: {filesystem: {content_path: "${CAIRN_TEST_CAS_DIR}", eviction_policy: {max_bytes: "${CAIRN_TEST_UNSET:-10GiB}"}}}}}"#,
+    )
+    .unwrap();
+    let StoreSpec::Filesystem(f) = cfg.stores.get("F").unwrap() else {
+        panic!()
+    };
+    assert_eq!(f.content_path, "/data/cas");
+    assert_eq!(f.eviction_policy.as_ref().unwrap().max_bytes.0, 10_737_418_240);
+    let e = parse_str(
+        "e.json5",
+        r#"{stores: {F: {filesystem: {content_path: "${CAIRN_TEST_NOT_SET_EVER}"}}}}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.where_, "stores.F.filesystem.content_path");
+    assert!(e.message.contains("CAIRN_TEST_NOT_SET_EVER"), "{e}");
+}
+
+#[test]
+fn services_accept_map_and_list_instance_forms() {
+    let cfg = parse_str(
+        "s.json5",
+        r#"{servers: [{listener: {http: {socket_address: "127.0.0.1:1"}}, services: {
+            cas: {main: {cas_store: "CAS"}},
+            ac: [{instance_name: "main", ac_store: "AC"}],
+            bytestream: {cas_stores: {main: "CAS"}},
+            capabilities: [{instance_name: "main"}],
+            health: {},
+        }}]}"#,
+    )
+    .unwrap();
+    let s = cfg.servers[0].services.as_ref().unwrap();
+    assert_eq!(s.cas.as_ref().unwrap().get("main").unwrap().cas_store, "CAS");
+    assert_eq!(s.ac.as_ref().unwrap().get("main").unwrap().ac_store, "AC");
+    assert_eq!(s.bytestream.as_ref().unwrap().instances()[0].cas_store, "CAS");
+}

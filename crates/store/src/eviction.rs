@@ -1,0 +1,232 @@
+//! The LRU-by-bytes index shared by the memory, filesystem and existence-cache stores.
+//!
+//! O(1) per operation (a hash map threaded by a recency list, from the `lru` crate). Limits:
+//! `max_bytes` (evict least recently used until the total is at most `max_bytes - evict_bytes`),
+//! `max_count`, `max_seconds` (entries not touched for that long). Evicted values are returned
+//! to the caller, which deletes what they stand for outside the lock. A value that is still in
+//! use (a `Bytes` held by a reader, an open file) stays valid after eviction: the memory store's
+//! buffers are reference counted, and a filesystem reader holds an open descriptor, which keeps
+//! the inode alive after the name is unlinked.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use cairn_config::stores::EvictionPolicy;
+use cairn_core::Digest;
+use lru::LruCache;
+use parking_lot::Mutex;
+
+struct Slot<V> {
+    value: V,
+    size: u64,
+    touched_s: u64,
+}
+
+struct Inner<V> {
+    lru: LruCache<Digest, Slot<V>>,
+    total_bytes: u64,
+}
+
+/// An LRU index from digest to `V`, bounded by the policy.
+pub struct EvictionMap<V> {
+    inner: Mutex<Inner<V>>,
+    max_bytes: u64,
+    evict_to: u64,
+    max_count: u64,
+    max_seconds: u64,
+    start: Instant,
+    evictions: AtomicU64,
+}
+
+impl<V: Clone> EvictionMap<V> {
+    pub fn new(policy: Option<&EvictionPolicy>) -> EvictionMap<V> {
+        let p = policy.cloned().unwrap_or_default();
+        let max_bytes = p.max_bytes.0;
+        EvictionMap {
+            inner: Mutex::new(Inner {
+                lru: LruCache::unbounded(),
+                total_bytes: 0,
+            }),
+            max_bytes,
+            evict_to: max_bytes.saturating_sub(p.evict_bytes.0),
+            max_count: p.max_count,
+            max_seconds: p.max_seconds,
+            start: Instant::now(),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    fn now_s(&self) -> u64 {
+        self.start.elapsed().as_secs()
+    }
+
+    fn expired(&self, slot: &Slot<V>, now: u64) -> bool {
+        self.max_seconds != 0 && now.saturating_sub(slot.touched_s) > self.max_seconds
+    }
+
+    /// The value and size, marking it recently used; `None` when absent or expired.
+    pub fn get(&self, key: &Digest) -> Option<(V, u64)> {
+        let now = self.now_s();
+        let mut inner = self.inner.lock();
+        let expired = match inner.lru.get_mut(key) {
+            None => return None,
+            Some(slot) if !self.expired(slot, now) => {
+                slot.touched_s = now;
+                return Some((slot.value.clone(), slot.size));
+            }
+            Some(_) => true,
+        };
+        if expired {
+            if let Some(slot) = inner.lru.pop(key) {
+                inner.total_bytes -= slot.size;
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        None
+    }
+
+    /// Size of an entry, marking it used.
+    pub fn size_of(&self, key: &Digest) -> Option<u64> {
+        self.get(key).map(|(_, s)| s)
+    }
+
+    /// Inserts (or replaces) an entry; returns what was evicted to make room, including a
+    /// replaced value.
+    pub fn insert(&self, key: Digest, value: V, size: u64) -> Vec<(Digest, V)> {
+        let now = self.now_s();
+        let mut evicted = Vec::new();
+        let mut inner = self.inner.lock();
+        if let Some(old) = inner.lru.push(
+            key,
+            Slot {
+                value,
+                size,
+                touched_s: now,
+            },
+        ) {
+            // `push` returns the replaced entry for the same key, or nothing (unbounded cache).
+            inner.total_bytes -= old.1.size;
+            if old.0 == key {
+                evicted.push((old.0, old.1.value));
+            }
+        }
+        inner.total_bytes += size;
+        self.evict_locked(&mut inner, now, &mut evicted);
+        evicted
+    }
+
+    fn evict_locked(&self, inner: &mut Inner<V>, now: u64, out: &mut Vec<(Digest, V)>) {
+        let over_bytes = self.max_bytes != 0 && inner.total_bytes > self.max_bytes;
+        loop {
+            let Some((_, oldest)) = inner.lru.peek_lru() else {
+                break;
+            };
+            let must = (over_bytes && inner.total_bytes > self.evict_to)
+                || (self.max_count != 0 && inner.lru.len() as u64 > self.max_count)
+                || self.expired(oldest, now);
+            if !must {
+                break;
+            }
+            // Never evict the entry just inserted when it alone exceeds the limit: the caller
+            // gets to serve it once; it goes at the next insert.
+            if inner.lru.len() == 1 {
+                break;
+            }
+            let (k, slot) = inner.lru.pop_lru().expect("peeked above");
+            inner.total_bytes -= slot.size;
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+            out.push((k, slot.value));
+        }
+    }
+
+    pub fn remove(&self, key: &Digest) -> Option<V> {
+        let mut inner = self.inner.lock();
+        let slot = inner.lru.pop(key)?;
+        inner.total_bytes -= slot.size;
+        Some(slot.value)
+    }
+
+    pub fn contains(&self, key: &Digest) -> bool {
+        self.get(key).is_some()
+    }
+
+    pub fn len(&self) -> u64 {
+        self.inner.lock().lru.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.lock().total_bytes
+    }
+
+    /// Entries evicted so far (size, count or age).
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_config::ByteSize;
+    use cairn_core::DigestFunction;
+
+    fn d(i: u32) -> Digest {
+        DigestFunction::Sha256.compute(&i.to_le_bytes())
+    }
+
+    #[test]
+    fn evicts_least_recently_used_by_bytes() {
+        let policy = EvictionPolicy {
+            max_bytes: ByteSize(100),
+            ..Default::default()
+        };
+        let m = EvictionMap::new(Some(&policy));
+        assert!(m.insert(d(1), 1, 40).is_empty());
+        assert!(m.insert(d(2), 2, 40).is_empty());
+        assert!(m.get(&d(1)).is_some()); // 1 is now more recent than 2
+        let ev = m.insert(d(3), 3, 40);
+        assert_eq!(ev.iter().map(|e| e.1).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(m.total_bytes(), 80);
+        assert!(m.get(&d(2)).is_none());
+    }
+
+    #[test]
+    fn evict_bytes_gives_hysteresis_and_count_limits() {
+        let policy = EvictionPolicy {
+            max_bytes: ByteSize(100),
+            evict_bytes: ByteSize(50),
+            ..Default::default()
+        };
+        let m = EvictionMap::new(Some(&policy));
+        for i in 0..5 {
+            m.insert(d(i), i, 20);
+        }
+        let ev = m.insert(d(9), 9, 20); // 120 > 100: evict down to <= 50
+        assert_eq!(ev.len(), 4);
+        assert_eq!(m.total_bytes(), 40);
+
+        let policy = EvictionPolicy {
+            max_count: 2,
+            ..Default::default()
+        };
+        let m = EvictionMap::new(Some(&policy));
+        m.insert(d(1), 1, 1);
+        m.insert(d(2), 2, 1);
+        m.insert(d(3), 3, 1);
+        assert_eq!(m.len(), 2);
+        assert!(!m.contains(&d(1)));
+    }
+
+    #[test]
+    fn replacing_returns_old_value() {
+        let m = EvictionMap::new(None);
+        m.insert(d(1), 1, 10);
+        let ev = m.insert(d(1), 2, 20);
+        assert_eq!(ev, vec![(d(1), 1)]);
+        assert_eq!(m.total_bytes(), 20);
+    }
+}

@@ -1,0 +1,261 @@
+//! `filesystem`: one file per blob under `content_path`, named `<function>-<hash>-<size>`.
+//!
+//! Writes go to a uniquely named file in `temp_path` (on the same file system), are flushed
+//! with `fdatasync`, and are renamed into place: a blob is visible whole or not at all, even
+//! after a crash. At start-up the temp directory is emptied (torn writes) and the index is
+//! rebuilt from `content_path`, oldest modification first so that LRU order survives restarts;
+//! files whose names are not blob names are ignored. Eviction unlinks files; a reader that
+//! already opened a file keeps reading it (the inode lives while the descriptor is open).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cairn_config::stores::FilesystemStore as FilesystemConfig;
+use cairn_core::{BlobStream, Digest, Error, CHUNK_SIZE};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use crate::eviction::EvictionMap;
+use crate::{check_range, Health, Store, StoreInfo};
+
+pub struct FilesystemStore {
+    content: PathBuf,
+    temp: PathBuf,
+    index: Arc<EvictionMap<()>>,
+    read_buffer: usize,
+}
+
+impl FilesystemStore {
+    /// Creates the directories if needed, clears stale temp files and rebuilds the index.
+    pub async fn open(cfg: &FilesystemConfig) -> Result<FilesystemStore, Error> {
+        let content = PathBuf::from(&cfg.content_path);
+        let temp = match &cfg.temp_path {
+            Some(t) => PathBuf::from(t),
+            None => PathBuf::from(format!("{}.tmp", cfg.content_path.trim_end_matches('/'))),
+        };
+        let index = Arc::new(EvictionMap::new(cfg.eviction_policy.as_ref()));
+        let read_buffer = cfg
+            .read_buffer_size
+            .map_or(CHUNK_SIZE, |s| (s.0 as usize).clamp(4096, 16 << 20));
+        let store = FilesystemStore {
+            content,
+            temp,
+            index,
+            read_buffer,
+        };
+        let (content, temp, index) = (store.content.clone(), store.temp.clone(), store.index.clone());
+        let evicted = tokio::task::spawn_blocking(move || rebuild(&content, &temp, &index))
+            .await
+            .map_err(|e| Error::internal(format!("index rebuild task failed: {e}")))??;
+        for key in evicted {
+            let _ = tokio::fs::remove_file(store.path_of(&key)).await;
+        }
+        Ok(store)
+    }
+
+    fn path_of(&self, key: &Digest) -> PathBuf {
+        self.content.join(key.file_name())
+    }
+
+    async fn remove_evicted(&self, evicted: Vec<(Digest, ())>) {
+        for (key, ()) in evicted {
+            if let Err(e) = tokio::fs::remove_file(self.path_of(&key)).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(digest = %key, error = %e, "filesystem store: could not delete evicted blob");
+                }
+            }
+        }
+    }
+
+    async fn write_temp(&self, tmp: &Path, mut body: BlobStream) -> Result<u64, Error> {
+        let mut file = tokio::fs::File::create(tmp)
+            .await
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        }
+        file.sync_data()
+            .await
+            .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
+        Ok(size)
+    }
+}
+
+/// Empties the temp directory and indexes complete blobs, oldest first. Returns what the
+/// eviction policy already rules out.
+fn rebuild(content: &Path, temp: &Path, index: &EvictionMap<()>) -> Result<Vec<Digest>, Error> {
+    for dir in [content, temp] {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    }
+    for entry in std::fs::read_dir(temp).map_err(|e| Error::io(format!("reading {}", temp.display()), e))? {
+        let entry = entry.map_err(|e| Error::io(format!("reading {}", temp.display()), e))?;
+        let _ = std::fs::remove_file(entry.path());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(content).map_err(|e| Error::io(format!("reading {}", content.display()), e))? {
+        let entry = entry.map_err(|e| Error::io(format!("reading {}", content.display()), e))?;
+        let Some(key) = entry.file_name().to_str().and_then(Digest::from_file_name) else {
+            continue;
+        };
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let mtime = meta.modified().ok();
+        found.push((mtime, key, meta.len()));
+    }
+    found.sort_by_key(|(t, _, _)| *t);
+    let mut evicted = Vec::new();
+    for (_, key, len) in found {
+        evicted.extend(index.insert(key, (), len).into_iter().map(|(k, ())| k));
+    }
+    Ok(evicted)
+}
+
+#[async_trait]
+impl Store for FilesystemStore {
+    async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
+        Ok(keys.iter().map(|k| self.index.size_of(k)).collect())
+    }
+
+    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+        let not_found = || Error::not_found(format!("{key} is not in the filesystem store"));
+        if self.index.size_of(key).is_none() {
+            return Err(not_found());
+        }
+        let path = self.path_of(key);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.index.remove(key);
+                return Err(not_found());
+            }
+            Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+        };
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+            .len();
+        let (start, len) = check_range(key, size, offset, length)?;
+        if start > 0 {
+            file.seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| Error::io(format!("seeking {}", path.display()), e))?;
+        }
+        let reader = file.take(len);
+        let stream = tokio_util::io::ReaderStream::with_capacity(reader, self.read_buffer)
+            .map(move |r| r.map_err(|e| Error::io(format!("reading {}", path.display()), e)));
+        Ok(stream.boxed())
+    }
+
+    async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
+        let tmp = self.temp.join(format!("{}.{}", key.file_name(), uuid::Uuid::new_v4()));
+        let size = match self.write_temp(&tmp, body).await {
+            Ok(size) => size,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        let dest = self.path_of(key);
+        if let Err(e) = tokio::fs::rename(&tmp, &dest).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(Error::io(
+                format!("renaming {} to {}", tmp.display(), dest.display()),
+                e,
+            ));
+        }
+        let evicted = self.index.insert(*key, (), size);
+        // A replaced entry of the same key names the file we just renamed into place.
+        let evicted: Vec<_> = evicted.into_iter().filter(|(k, ())| k != key).collect();
+        self.remove_evicted(evicted).await;
+        Ok(())
+    }
+
+    fn info(&self) -> StoreInfo {
+        StoreInfo {
+            kind: "filesystem",
+            size_bytes: Some(self.index.total_bytes()),
+            entries: Some(self.index.len()),
+            children: vec![],
+        }
+    }
+
+    async fn health(&self) -> Health {
+        match tokio::fs::metadata(&self.content).await {
+            Ok(m) if m.is_dir() => Health::Ok,
+            Ok(_) => Health::Failed(format!("{} is not a directory", self.content.display())),
+            Err(e) => Health::Failed(format!("{}: {e}", self.content.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{testutil, StoreExt};
+    use cairn_config::stores::EvictionPolicy;
+    use cairn_config::ByteSize;
+    use cairn_core::DigestFunction;
+
+    fn cfg(dir: &Path, max_bytes: u64) -> FilesystemConfig {
+        FilesystemConfig {
+            content_path: dir.join("cas").display().to_string(),
+            temp_path: Some(dir.join("tmp").display().to_string()),
+            eviction_policy: Some(EvictionPolicy {
+                max_bytes: ByteSize(max_bytes),
+                ..Default::default()
+            }),
+            read_buffer_size: None,
+            block_size: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn filesystem_store_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
+        testutil::check_store_contract(&store).await;
+        // Nothing is left in the temp directory, not even from the aborted put.
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn index_is_rebuilt_and_torn_temp_files_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DigestFunction::Sha256.compute(b"persist me");
+        {
+            let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
+            store.put_bytes(&d, "persist me".into()).await.unwrap();
+        }
+        std::fs::write(dir.path().join("tmp/torn"), b"half").unwrap();
+        std::fs::write(dir.path().join("cas/not-a-blob"), b"x").unwrap();
+        let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
+        assert_eq!(store.has(&d).await.unwrap(), Some(10));
+        assert_eq!(store.get_all(&d, 100).await.unwrap(), "persist me");
+        assert!(!dir.path().join("tmp/torn").exists());
+    }
+
+    #[tokio::test]
+    async fn eviction_deletes_files_but_not_under_an_open_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FilesystemStore::open(&cfg(dir.path(), 250_000)).await.unwrap();
+        let a = testutil::data(200_000, 1);
+        let b = testutil::data(200_000, 2);
+        let (da, db) = (DigestFunction::Sha256.compute(&a), DigestFunction::Sha256.compute(&b));
+        store.put_bytes(&da, a.clone()).await.unwrap();
+        let reader = store.get(&da, 0, None).await.unwrap();
+        store.put_bytes(&db, b).await.unwrap(); // evicts a
+        assert_eq!(store.has(&da).await.unwrap(), None);
+        assert!(!store.path_of(&da).exists());
+        let got = cairn_core::stream::collect(reader, usize::MAX).await.unwrap();
+        assert_eq!(got, a);
+    }
+}

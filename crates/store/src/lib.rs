@@ -1,0 +1,143 @@
+//! The [`Store`] trait and one module per store kind, named as its config key.
+//!
+//! A leaf store (memory, filesystem, noop) does I/O; a wrapper store (fast_slow, verify,
+//! compression, dedup, size_partitioning, shard, existence_cache, completeness_checking,
+//! ref_store) holds other stores and adds one behaviour. [`factory::build_stores`] turns the
+//! config's `stores` into a name -> store map; it and the config enum are the only places that
+//! list every kind.
+//!
+//! Contract of every store: a `put` becomes visible only when complete (readers never see half
+//! a blob); `get` of a missing key is NOT_FOUND; bodies are streamed in bounded chunks.
+
+pub mod compression;
+pub mod completeness_checking;
+pub mod dedup;
+pub mod eviction;
+pub mod existence_cache;
+pub mod factory;
+pub mod fast_slow;
+pub mod filesystem;
+pub mod memory;
+pub mod noop;
+pub mod ref_store;
+pub mod shard;
+pub mod size_partitioning;
+pub mod verify;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cairn_core::{BlobStream, Digest, Error};
+
+pub use factory::{build_stores, StoreMap};
+
+/// A store's health as `/status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    Failed(String),
+}
+
+/// One node of a store tree, for `/status`, `check-config` and metrics.
+#[derive(Debug, Clone)]
+pub struct StoreInfo {
+    /// Config key of the kind (`memory`, `fast_slow`, ...).
+    pub kind: &'static str,
+    /// Bytes held, for leaf stores that know it.
+    pub size_bytes: Option<u64>,
+    /// Entries held, for leaf stores that know it.
+    pub entries: Option<u64>,
+    pub children: Vec<(&'static str, StoreInfo)>,
+}
+
+impl StoreInfo {
+    pub fn leaf(kind: &'static str) -> StoreInfo {
+        StoreInfo {
+            kind,
+            size_bytes: None,
+            entries: None,
+            children: vec![],
+        }
+    }
+    pub fn wrapper(kind: &'static str, children: Vec<(&'static str, StoreInfo)>) -> StoreInfo {
+        StoreInfo {
+            kind,
+            size_bytes: None,
+            entries: None,
+            children,
+        }
+    }
+    /// Total bytes of the leaves below.
+    pub fn total_size_bytes(&self) -> u64 {
+        self.size_bytes.unwrap_or(0)
+            + self
+                .children
+                .iter()
+                .map(|(_, c)| c.total_size_bytes())
+                .sum::<u64>()
+    }
+}
+
+/// A content store: keys are digests; for the CAS the value hashes to the key, for the AC the
+/// key is only a name.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// For each key, the stored size, or `None` when absent.
+    async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error>;
+
+    /// Reads `length` bytes (all when `None`) from `offset`. A missing key is NOT_FOUND; an
+    /// offset past the end is OUT_OF_RANGE.
+    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error>;
+
+    /// Stores a body. It becomes visible to readers only once complete; an error from the
+    /// body stream aborts the write and leaves nothing behind.
+    async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error>;
+
+    /// Describes the subtree.
+    fn info(&self) -> StoreInfo;
+
+    /// Health of this store and what it holds.
+    async fn health(&self) -> Health {
+        Health::Ok
+    }
+}
+
+/// A shared store.
+pub type StoreRef = Arc<dyn Store>;
+
+/// Convenience calls on any store.
+#[async_trait]
+pub trait StoreExt {
+    async fn has(&self, key: &Digest) -> Result<Option<u64>, Error>;
+    async fn get_all(&self, key: &Digest, limit: usize) -> Result<Bytes, Error>;
+    async fn put_bytes(&self, key: &Digest, data: Bytes) -> Result<(), Error>;
+}
+
+#[async_trait]
+impl<S: Store + ?Sized> StoreExt for S {
+    async fn has(&self, key: &Digest) -> Result<Option<u64>, Error> {
+        Ok(self.has_many(std::slice::from_ref(key)).await?.pop().flatten())
+    }
+    async fn get_all(&self, key: &Digest, limit: usize) -> Result<Bytes, Error> {
+        let stream = self.get(key, 0, None).await?;
+        cairn_core::stream::collect(stream, limit).await
+    }
+    async fn put_bytes(&self, key: &Digest, data: Bytes) -> Result<(), Error> {
+        self.put(key, cairn_core::stream::once(data)).await
+    }
+}
+
+/// Checks a read range against a blob's size: OUT_OF_RANGE past the end.
+pub fn check_range(key: &Digest, size: u64, offset: u64, length: Option<u64>) -> Result<(u64, u64), Error> {
+    if offset > size {
+        return Err(Error::out_of_range(format!(
+            "read offset {offset} is past the end of {key} ({size} bytes)"
+        )));
+    }
+    let len = length.map_or(size - offset, |l| l.min(size - offset));
+    Ok((offset, len))
+}
+
+#[cfg(test)]
+pub(crate) mod testutil;
