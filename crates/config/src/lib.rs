@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 pub use expand::expand_env;
 pub use named::{InstanceMap, Named, NamedList};
-pub use num::{ByteSize, parse_size};
+pub use num::{parse_size, ByteSize};
 pub use schedulers::SchedulerSpec;
 pub use servers::ServerConfig;
 pub use stores::StoreSpec;
@@ -127,7 +127,11 @@ pub fn parse_as<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Resul
         .map_err(|(path, msg)| ConfigError::new(file, path, msg))?;
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let mut path = if path == "." { "top level".to_string() } else { path };
+        let mut path = if path == "." {
+            "top level".to_string()
+        } else {
+            path
+        };
         let mut message = e.into_inner().to_string();
         // A list entry reports its own inner path: `stores[0]` + `CAS.memory.x` becomes
         // `stores.CAS.memory.x`.

@@ -48,7 +48,9 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for NamedList<T> {
         impl<'de, T: DeserializeOwned> Visitor<'de> for V<T> {
             type Value = NamedList<T>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of {name: \"NAME\", KIND: {...}} or a map {NAME: {KIND: {...}}}")
+                f.write_str(
+                    "a list of {name: \"NAME\", KIND: {...}} or a map {NAME: {KIND: {...}}}",
+                )
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut out: Vec<Named<T>> = Vec::new();
@@ -101,13 +103,21 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for ListEntry<T> {
                     }
                 }
                 let name = name.ok_or_else(|| de::Error::missing_field("name"))?;
-                let spec = serde_path_to_error::deserialize::<_, T>(serde_json::Value::Object(rest))
-                    .map_err(|e| {
-                        let sub = e.path().to_string();
-                        let sub = if sub == "." { String::new() } else { format!(".{sub}") };
-                        // Spliced into the outer key path by `parse_as`.
-                        de::Error::custom(format!("{SPLICE}{name}{sub}{SPLICE}{}", e.into_inner()))
-                    })?;
+                let spec =
+                    serde_path_to_error::deserialize::<_, T>(serde_json::Value::Object(rest))
+                        .map_err(|e| {
+                            let sub = e.path().to_string();
+                            let sub = if sub == "." {
+                                String::new()
+                            } else {
+                                format!(".{sub}")
+                            };
+                            // Spliced into the outer key path by `parse_as`.
+                            de::Error::custom(format!(
+                                "{SPLICE}{name}{sub}{SPLICE}{}",
+                                e.into_inner()
+                            ))
+                        })?;
                 Ok(ListEntry(Named { name, spec }))
             }
         }
@@ -143,7 +153,9 @@ impl<'de, T: DeserializeOwned + InstanceEntry> Deserialize<'de> for InstanceMap<
         impl<'de, T: DeserializeOwned + InstanceEntry> Visitor<'de> for V<T> {
             type Value = InstanceMap<T>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list of {instance_name: \"NAME\", ...} or a map {INSTANCE_NAME: {...}}")
+                f.write_str(
+                    "a list of {instance_name: \"NAME\", ...} or a map {INSTANCE_NAME: {...}}",
+                )
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut out: Vec<T> = Vec::new();

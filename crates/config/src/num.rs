@@ -56,9 +56,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             .checked_mul(mult)
             .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"));
     }
-    let f: f64 = num
-        .parse()
-        .map_err(|_| format!("expected a size such as 1000000, \"10gb\" or \"10GiB\", found {s:?}"))?;
+    let f: f64 = num.parse().map_err(|_| {
+        format!("expected a size such as 1000000, \"10gb\" or \"10GiB\", found {s:?}")
+    })?;
     let v = f * mult as f64;
     if !(0.0..1.8e19).contains(&v) {
         return Err(format!("size {s:?} does not fit in 64 bits"));
@@ -74,7 +74,9 @@ impl<'de> Visitor<'de> for U64Visitor {
     type Value = u64;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         if self.sizes {
-            f.write_str("a size in bytes: a non-negative integer or a string such as \"10gb\" or \"10GiB\"")
+            f.write_str(
+                "a size in bytes: a non-negative integer or a string such as \"10gb\" or \"10GiB\"",
+            )
         } else {
             f.write_str("a non-negative integer (or a string holding one)")
         }
@@ -83,13 +85,16 @@ impl<'de> Visitor<'de> for U64Visitor {
         Ok(v)
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
-        u64::try_from(v).map_err(|_| E::custom(format!("expected a non-negative integer, found {v}")))
+        u64::try_from(v)
+            .map_err(|_| E::custom(format!("expected a non-negative integer, found {v}")))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
         if v >= 0.0 && v.fract() == 0.0 && v < 1.8e19 {
             Ok(v as u64)
         } else {
-            Err(E::custom(format!("expected a non-negative integer, found {v}")))
+            Err(E::custom(format!(
+                "expected a non-negative integer, found {v}"
+            )))
         }
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {

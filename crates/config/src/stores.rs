@@ -62,7 +62,10 @@ impl StoreSpec {
                 ("content_store", &s.content_store),
             ],
             StoreSpec::SizePartitioning(s) => {
-                vec![("lower_store", &s.lower_store), ("upper_store", &s.upper_store)]
+                vec![
+                    ("lower_store", &s.lower_store),
+                    ("upper_store", &s.upper_store),
+                ]
             }
             StoreSpec::Shard(s) => s.stores.iter().map(|w| ("stores", &w.store)).collect(),
             StoreSpec::ExistenceCache(s) => vec![("backend", &s.backend)],

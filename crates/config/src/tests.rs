@@ -32,22 +32,40 @@ fn production_storage_tree() {
     let StoreSpec::FastSlow(fs) = &d.index_store else {
         panic!()
     };
-    let StoreSpec::Memory(m) = &fs.fast else { panic!() };
-    assert_eq!(m.eviction_policy.as_ref().unwrap().max_bytes.0, 2_000_000_000);
+    let StoreSpec::Memory(m) = &fs.fast else {
+        panic!()
+    };
+    assert_eq!(
+        m.eviction_policy.as_ref().unwrap().max_bytes.0,
+        2_000_000_000
+    );
     let StoreSpec::ExperimentalCloudObjectStore(c) = &fs.slow else {
         panic!()
     };
     assert_eq!(c.bucket.as_deref(), Some("nativelink-cas-index"));
     assert_eq!(c.key_prefix.as_deref(), Some("prod/index/"));
     let r = c.retry.as_ref().unwrap();
-    assert_eq!((r.max_retries, r.delay, r.jitter), (Some(6), Some(0.3), Some(0.5)));
+    assert_eq!(
+        (r.max_retries, r.delay, r.jitter),
+        (Some(6), Some(0.3), Some(0.5))
+    );
     let StoreSpec::Compression(comp) = &d.content_store else {
         panic!()
     };
-    assert!(matches!(comp.compression_algorithm, CompressionAlgorithm::Lz4(_)));
-    let StoreSpec::FastSlow(fs) = &comp.backend else { panic!() };
-    let StoreSpec::Memory(m) = &fs.fast else { panic!() };
-    assert_eq!(m.eviction_policy.as_ref().unwrap().max_bytes.0, 5_000_000_000);
+    assert!(matches!(
+        comp.compression_algorithm,
+        CompressionAlgorithm::Lz4(_)
+    ));
+    let StoreSpec::FastSlow(fs) = &comp.backend else {
+        panic!()
+    };
+    let StoreSpec::Memory(m) = &fs.fast else {
+        panic!()
+    };
+    assert_eq!(
+        m.eviction_policy.as_ref().unwrap().max_bytes.0,
+        5_000_000_000
+    );
     let StoreSpec::ExperimentalCloudObjectStore(c) = &fs.slow else {
         panic!()
     };
@@ -70,7 +88,12 @@ fn tls_listener() {
 #[test]
 fn advanced_http() {
     let cfg = fixture("guide-advanced-http.json5");
-    let a = cfg.servers[0].listener.http().advanced_http.clone().unwrap();
+    let a = cfg.servers[0]
+        .listener
+        .http()
+        .advanced_http
+        .clone()
+        .unwrap();
     assert_eq!(a.http2_keepalive_interval, Some(30));
     assert_eq!(a.http2_keepalive_timeout, Some(10));
     assert_eq!(a.max_concurrent_streams, Some(1000));
@@ -124,15 +147,23 @@ fn troubleshooting_stores() {
     let StoreSpec::Memory(m) = cfg.stores.get("CAS_MAIN_STORE").unwrap() else {
         panic!()
     };
-    assert_eq!(m.eviction_policy.as_ref().unwrap().max_bytes.0, 10_000_000_000);
+    assert_eq!(
+        m.eviction_policy.as_ref().unwrap().max_bytes.0,
+        10_000_000_000
+    );
 
     let cfg = fixture("ts-stores-tiered.json5");
     let StoreSpec::FastSlow(fs) = cfg.stores.get("TIERED_CAS").unwrap() else {
         panic!()
     };
-    let StoreSpec::Filesystem(f) = &fs.slow else { panic!() };
+    let StoreSpec::Filesystem(f) = &fs.slow else {
+        panic!()
+    };
     assert_eq!(f.content_path, "/var/cache/nativelink");
-    assert_eq!(f.eviction_policy.as_ref().unwrap().max_bytes.0, 100_000_000_000);
+    assert_eq!(
+        f.eviction_policy.as_ref().unwrap().max_bytes.0,
+        100_000_000_000
+    );
 
     let cfg = fixture("ts-stores-compressed.json5");
     assert!(matches!(
@@ -170,7 +201,10 @@ fn errors_name_file_key_path_and_expectation() {
     )
     .unwrap_err();
     assert_eq!(e.file, "cairn.json5");
-    assert_eq!(e.where_, "stores.CAS.memory.eviction_policy.max_bytes", "{e}");
+    assert_eq!(
+        e.where_, "stores.CAS.memory.eviction_policy.max_bytes",
+        "{e}"
+    );
     assert!(e.message.contains("10gb"), "{e}");
 
     let e = parse_str(
@@ -178,7 +212,10 @@ fn errors_name_file_key_path_and_expectation() {
         r#"{stores: [{name: "CAS", memory: {eviction_policy: {max_bites: 1}}}]}"#,
     )
     .unwrap_err();
-    assert_eq!(e.where_, "stores.CAS.memory.eviction_policy.max_bites", "{e}");
+    assert_eq!(
+        e.where_, "stores.CAS.memory.eviction_policy.max_bites",
+        "{e}"
+    );
     assert!(e.message.contains("unknown field"), "{e}");
 
     let e = parse_str("x.json5", "{stores: {A: {memry: {}}}}").unwrap_err();
@@ -203,7 +240,10 @@ fn env_expansion_applies_to_strings() {
         panic!()
     };
     assert_eq!(f.content_path, "/data/cas");
-    assert_eq!(f.eviction_policy.as_ref().unwrap().max_bytes.0, 10_737_418_240);
+    assert_eq!(
+        f.eviction_policy.as_ref().unwrap().max_bytes.0,
+        10_737_418_240
+    );
     let e = parse_str(
         "e.json5",
         r#"{stores: {F: {filesystem: {content_path: "${CAIRN_TEST_NOT_SET_EVER}"}}}}"#,
@@ -227,7 +267,13 @@ fn services_accept_map_and_list_instance_forms() {
     )
     .unwrap();
     let s = cfg.servers[0].services.as_ref().unwrap();
-    assert_eq!(s.cas.as_ref().unwrap().get("main").unwrap().cas_store, "CAS");
+    assert_eq!(
+        s.cas.as_ref().unwrap().get("main").unwrap().cas_store,
+        "CAS"
+    );
     assert_eq!(s.ac.as_ref().unwrap().get("main").unwrap().ac_store, "AC");
-    assert_eq!(s.bytestream.as_ref().unwrap().instances()[0].cas_store, "CAS");
+    assert_eq!(
+        s.bytestream.as_ref().unwrap().instances()[0].cas_store,
+        "CAS"
+    );
 }

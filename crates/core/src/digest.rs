@@ -310,7 +310,10 @@ mod tests {
 
     #[test]
     fn empty_sha256_matches_the_known_value() {
-        assert_eq!(DigestFunction::Sha256.empty_digest().hash_hex(), EMPTY_SHA256);
+        assert_eq!(
+            DigestFunction::Sha256.empty_digest().hash_hex(),
+            EMPTY_SHA256
+        );
         assert!(Digest::parse(DigestFunction::Sha256, EMPTY_SHA256, 0)
             .unwrap()
             .is_empty_blob());

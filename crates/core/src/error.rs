@@ -145,7 +145,10 @@ impl From<Error> for tonic::Status {
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Error {
-        Error::new(Code::from_tonic(status.code()), status.message().to_string())
+        Error::new(
+            Code::from_tonic(status.code()),
+            status.message().to_string(),
+        )
     }
 }
 

@@ -8,8 +8,8 @@ use futures::stream::{BoxStream, StreamExt};
 
 use crate::Error;
 
-/// The chunk size Cairn reads files and splits large buffers into (64 KiB).
-pub const CHUNK_SIZE: usize = 64 * 1024;
+/// The chunk size Cairn reads files and splits large buffers into (256 KiB).
+pub const CHUNK_SIZE: usize = 256 * 1024;
 
 /// A blob body: chunks of bytes, or an error that ends the stream.
 pub type BlobStream = BoxStream<'static, Result<Bytes, Error>>;
@@ -17,10 +17,16 @@ pub type BlobStream = BoxStream<'static, Result<Bytes, Error>>;
 /// A stream of one buffer, split into chunks of at most [`CHUNK_SIZE`] (the split is free: each
 /// chunk is a slice of the same `Bytes`).
 pub fn once(data: Bytes) -> BlobStream {
-    let mut chunks = Vec::with_capacity(data.len() / CHUNK_SIZE + 1);
+    once_chunked(data, CHUNK_SIZE)
+}
+
+/// A stream of one buffer split into chunks of at most `chunk` bytes (slices, no copies).
+pub fn once_chunked(data: Bytes, chunk: usize) -> BlobStream {
+    let chunk = chunk.max(1);
+    let mut chunks = Vec::with_capacity(data.len() / chunk + 1);
     let mut rest = data;
-    while rest.len() > CHUNK_SIZE {
-        chunks.push(Ok(rest.split_to(CHUNK_SIZE)));
+    while rest.len() > chunk {
+        chunks.push(Ok(rest.split_to(chunk)));
     }
     if !rest.is_empty() {
         chunks.push(Ok(rest));
@@ -159,13 +165,18 @@ mod tests {
             .unwrap_err();
         assert!(e.message.contains("does not match"), "{e}");
         // Without hash checking the same body passes (size matches).
-        assert!(collect(verified(once(data.clone()), wrong_hash, false), usize::MAX)
-            .await
-            .is_ok());
+        assert!(
+            collect(verified(once(data.clone()), wrong_hash, false), usize::MAX)
+                .await
+                .is_ok()
+        );
 
-        let e = collect(verified(once(data.clone()), d.with_size(10), true), usize::MAX)
-            .await
-            .unwrap_err();
+        let e = collect(
+            verified(once(data.clone()), d.with_size(10), true),
+            usize::MAX,
+        )
+        .await
+        .unwrap_err();
         assert!(e.message.contains("longer than"), "{e}");
         let e = collect(verified(once(data), d.with_size(300_000), true), usize::MAX)
             .await

@@ -1,1 +1,43 @@
-//! placeholder
+//! Cairn's network face: the REAPI v2 gRPC services (Capabilities, ContentAddressableStorage,
+//! ActionCache, ByteStream), the HTTP routes `/status` and `/metrics`, and the listener that
+//! serves both on one port.
+//!
+//! Services are thin: they parse and validate a request (instance name, digest function,
+//! digests, sizes, resource names), call stores, and map errors to statuses through
+//! `cairn_core::Error`. Limits live in [`Limits`].
+
+pub mod ac;
+pub mod bytestream;
+pub mod capabilities;
+pub mod cas;
+pub mod http;
+pub mod instances;
+pub mod listener;
+pub mod metrics;
+pub mod resource;
+pub mod zstd_codec;
+
+pub use listener::{serve, RunningServer};
+pub use metrics::Metrics;
+
+/// Limits shared by the services.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest total of blob sizes in one BatchUpdateBlobs or BatchReadBlobs (advertised as
+    /// `max_batch_total_size_bytes`).
+    pub max_batch_total_size_bytes: u64,
+    /// Largest gRPC message accepted or sent.
+    pub max_message_bytes: usize,
+    /// How long an interrupted ByteStream upload waits to be resumed.
+    pub resume_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_batch_total_size_bytes: 4 << 20,
+            max_message_bytes: 8 << 20,
+            resume_timeout: std::time::Duration::from_secs(60),
+        }
+    }
+}

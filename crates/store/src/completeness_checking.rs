@@ -27,9 +27,8 @@ impl CompletenessCheckingStore {
     /// Reads the result and checks it; NOT_FOUND names the first missing blob.
     async fn checked(&self, key: &Digest) -> Result<Bytes, Error> {
         let data = self.backend.get_all(key, MAX_PROTO).await?;
-        let result = ActionResult::decode(data.as_ref()).map_err(|e| {
-            Error::data_loss(format!("action result {key} does not decode: {e}"))
-        })?;
+        let result = ActionResult::decode(data.as_ref())
+            .map_err(|e| Error::data_loss(format!("action result {key} does not decode: {e}")))?;
         let f = key.function();
         let parse = |d: &cairn_core::proto::build::bazel::remote::execution::v2::Digest| {
             Digest::from_proto_with(f, d)
@@ -41,7 +40,10 @@ impl CompletenessCheckingStore {
                 needed.push(parse(d)?);
             }
         }
-        for d in [&result.stdout_digest, &result.stderr_digest].into_iter().flatten() {
+        for d in [&result.stdout_digest, &result.stderr_digest]
+            .into_iter()
+            .flatten()
+        {
             needed.push(parse(d)?);
         }
         let mut trees = Vec::new();
@@ -55,7 +57,9 @@ impl CompletenessCheckingStore {
         for tree_digest in trees {
             let tree_bytes = self.cas.get_all(&tree_digest, MAX_PROTO).await?;
             let tree = Tree::decode(tree_bytes.as_ref()).map_err(|e| {
-                Error::data_loss(format!("tree {tree_digest} of action result {key} does not decode: {e}"))
+                Error::data_loss(format!(
+                    "tree {tree_digest} of action result {key} does not decode: {e}"
+                ))
             })?;
             let mut files = Vec::new();
             for dir in tree.root.iter().chain(tree.children.iter()) {
@@ -71,7 +75,11 @@ impl CompletenessCheckingStore {
     }
 
     async fn require(&self, key: &Digest, needed: &[Digest]) -> Result<(), Error> {
-        let needed: Vec<Digest> = needed.iter().copied().filter(|d| !d.is_empty_blob()).collect();
+        let needed: Vec<Digest> = needed
+            .iter()
+            .copied()
+            .filter(|d| !d.is_empty_blob())
+            .collect();
         if needed.is_empty() {
             return Ok(());
         }
@@ -99,10 +107,17 @@ impl Store for CompletenessCheckingStore {
         Ok(out)
     }
 
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
         let data = self.checked(key).await?;
         let (start, len) = check_range(key, data.len() as u64, offset, length)?;
-        Ok(stream::once(data.slice(start as usize..(start + len) as usize)))
+        Ok(stream::once(
+            data.slice(start as usize..(start + len) as usize),
+        ))
     }
 
     async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
@@ -112,7 +127,10 @@ impl Store for CompletenessCheckingStore {
     fn info(&self) -> StoreInfo {
         StoreInfo::wrapper(
             "completeness_checking",
-            vec![("backend", self.backend.info()), ("cas_store", self.cas.info())],
+            vec![
+                ("backend", self.backend.info()),
+                ("cas_store", self.cas.info()),
+            ],
         )
     }
 
@@ -175,7 +193,10 @@ mod tests {
             .unwrap();
 
         let e = store.get_all(&action, MAX_PROTO).await.unwrap_err();
-        assert!(e.is_not_found() && e.message.contains("not in the CAS"), "{e}");
+        assert!(
+            e.is_not_found() && e.message.contains("not in the CAS"),
+            "{e}"
+        );
         cas.put_bytes(&out, "output".into()).await.unwrap();
         cas.put_bytes(&tree_d, tree_bytes).await.unwrap();
         let e = store.get_all(&action, MAX_PROTO).await.unwrap_err();

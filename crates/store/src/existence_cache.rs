@@ -71,7 +71,12 @@ impl Store for ExistenceCacheStore {
         Ok(out)
     }
 
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
         match self.backend.get(key, offset, length).await {
             Ok(stream) => {
                 // A blob that vanishes mid-read is forgotten too.
@@ -152,10 +157,16 @@ mod tests {
     #[async_trait]
     impl Store for Counting {
         async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
-            self.has_keys.fetch_add(keys.len() as u64, Ordering::Relaxed);
+            self.has_keys
+                .fetch_add(keys.len() as u64, Ordering::Relaxed);
             self.inner.has_many(keys).await
         }
-        async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+        async fn get(
+            &self,
+            key: &Digest,
+            offset: u64,
+            length: Option<u64>,
+        ) -> Result<BlobStream, Error> {
             self.inner.get(key, offset, length).await
         }
         async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
@@ -175,7 +186,8 @@ mod tests {
 
     #[tokio::test]
     async fn existence_cache_contract() {
-        let s = ExistenceCacheStore::new(&cfg(None), Arc::new(MemoryStore::new(&Default::default())));
+        let s =
+            ExistenceCacheStore::new(&cfg(None), Arc::new(MemoryStore::new(&Default::default())));
         testutil::check_store_contract(&s).await;
     }
 
@@ -185,8 +197,14 @@ mod tests {
         let f = DigestFunction::Sha256;
         let (a, b, missing) = (f.compute(b"aaa"), f.compute(b"bb"), f.compute(b"nope"));
         // Written straight to the backend, so the cache learns of them only through has_many.
-        backend.put_bytes(&a, Bytes::from_static(b"aaa")).await.unwrap();
-        backend.put_bytes(&b, Bytes::from_static(b"bb")).await.unwrap();
+        backend
+            .put_bytes(&a, Bytes::from_static(b"aaa"))
+            .await
+            .unwrap();
+        backend
+            .put_bytes(&b, Bytes::from_static(b"bb"))
+            .await
+            .unwrap();
         let s = ExistenceCacheStore::new(&cfg(None), backend.clone());
 
         let want = vec![Some(3), Some(2), None];

@@ -179,6 +179,9 @@ mod tests {
         )
         .unwrap();
         let e = build_stores(&cfg.stores).await.err().unwrap();
-        assert!(e.message.contains("stores.S3") && e.message.contains("not built yet"), "{e}");
+        assert!(
+            e.message.contains("stores.S3") && e.message.contains("not built yet"),
+            "{e}"
+        );
     }
 }

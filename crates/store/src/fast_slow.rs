@@ -52,7 +52,11 @@ pub struct FastSlowStore {
 const TEE_DEPTH: usize = 16;
 
 impl FastSlowStore {
-    pub fn new(cfg: &FastSlowConfig, fast: StoreRef, slow: StoreRef) -> Result<FastSlowStore, Error> {
+    pub fn new(
+        cfg: &FastSlowConfig,
+        fast: StoreRef,
+        slow: StoreRef,
+    ) -> Result<FastSlowStore, Error> {
         Ok(FastSlowStore {
             fast,
             slow,
@@ -88,7 +92,12 @@ impl Store for FastSlowStore {
         Ok(out)
     }
 
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
         match self.fast.get(key, offset, length).await {
             Err(e) if e.is_not_found() => {}
             other => return other,
@@ -109,7 +118,8 @@ impl Store for FastSlowStore {
                 tracing::debug!(digest = %k, error = %e, "fast_slow: fast tier not filled");
             }
         });
-        let (mut out_tx, out_rx) = futures::channel::mpsc::channel::<Result<Bytes, Error>>(TEE_DEPTH);
+        let (mut out_tx, out_rx) =
+            futures::channel::mpsc::channel::<Result<Bytes, Error>>(TEE_DEPTH);
         tokio::spawn(async move {
             let mut fill = Some(fill_tx);
             while let Some(item) = from_slow.next().await {

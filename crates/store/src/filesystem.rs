@@ -44,7 +44,11 @@ impl FilesystemStore {
             index,
             read_buffer,
         };
-        let (content, temp, index) = (store.content.clone(), store.temp.clone(), store.index.clone());
+        let (content, temp, index) = (
+            store.content.clone(),
+            store.temp.clone(),
+            store.index.clone(),
+        );
         let evicted = tokio::task::spawn_blocking(move || rebuild(&content, &temp, &index))
             .await
             .map_err(|e| Error::internal(format!("index rebuild task failed: {e}")))??;
@@ -91,14 +95,19 @@ impl FilesystemStore {
 /// eviction policy already rules out.
 fn rebuild(content: &Path, temp: &Path, index: &EvictionMap<()>) -> Result<Vec<Digest>, Error> {
     for dir in [content, temp] {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
-    for entry in std::fs::read_dir(temp).map_err(|e| Error::io(format!("reading {}", temp.display()), e))? {
+    for entry in
+        std::fs::read_dir(temp).map_err(|e| Error::io(format!("reading {}", temp.display()), e))?
+    {
         let entry = entry.map_err(|e| Error::io(format!("reading {}", temp.display()), e))?;
         let _ = std::fs::remove_file(entry.path());
     }
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(content).map_err(|e| Error::io(format!("reading {}", content.display()), e))? {
+    for entry in std::fs::read_dir(content)
+        .map_err(|e| Error::io(format!("reading {}", content.display()), e))?
+    {
         let entry = entry.map_err(|e| Error::io(format!("reading {}", content.display()), e))?;
         let Some(key) = entry.file_name().to_str().and_then(Digest::from_file_name) else {
             continue;
@@ -124,7 +133,12 @@ impl Store for FilesystemStore {
         Ok(keys.iter().map(|k| self.index.size_of(k)).collect())
     }
 
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
         let not_found = || Error::not_found(format!("{key} is not in the filesystem store"));
         if self.index.size_of(key).is_none() {
             return Err(not_found());
@@ -156,7 +170,9 @@ impl Store for FilesystemStore {
     }
 
     async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
-        let tmp = self.temp.join(format!("{}.{}", key.file_name(), uuid::Uuid::new_v4()));
+        let tmp = self
+            .temp
+            .join(format!("{}.{}", key.file_name(), uuid::Uuid::new_v4()));
         let size = match self.write_temp(&tmp, body).await {
             Ok(size) => size,
             Err(e) => {
@@ -224,7 +240,10 @@ mod tests {
         let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
         testutil::check_store_contract(&store).await;
         // Nothing is left in the temp directory, not even from the aborted put.
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[tokio::test]
@@ -246,16 +265,23 @@ mod tests {
     #[tokio::test]
     async fn eviction_deletes_files_but_not_under_an_open_reader() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FilesystemStore::open(&cfg(dir.path(), 250_000)).await.unwrap();
+        let store = FilesystemStore::open(&cfg(dir.path(), 250_000))
+            .await
+            .unwrap();
         let a = testutil::data(200_000, 1);
         let b = testutil::data(200_000, 2);
-        let (da, db) = (DigestFunction::Sha256.compute(&a), DigestFunction::Sha256.compute(&b));
+        let (da, db) = (
+            DigestFunction::Sha256.compute(&a),
+            DigestFunction::Sha256.compute(&b),
+        );
         store.put_bytes(&da, a.clone()).await.unwrap();
         let reader = store.get(&da, 0, None).await.unwrap();
         store.put_bytes(&db, b).await.unwrap(); // evicts a
         assert_eq!(store.has(&da).await.unwrap(), None);
         assert!(!store.path_of(&da).exists());
-        let got = cairn_core::stream::collect(reader, usize::MAX).await.unwrap();
+        let got = cairn_core::stream::collect(reader, usize::MAX)
+            .await
+            .unwrap();
         assert_eq!(got, a);
     }
 }

@@ -9,8 +9,8 @@
 //! Contract of every store: a `put` becomes visible only when complete (readers never see half
 //! a blob); `get` of a missing key is NOT_FOUND; bodies are streamed in bounded chunks.
 
-pub mod compression;
 pub mod completeness_checking;
+pub mod compression;
 pub mod dedup;
 pub mod eviction;
 pub mod existence_cache;
@@ -88,7 +88,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads `length` bytes (all when `None`) from `offset`. A missing key is NOT_FOUND; an
     /// offset past the end is OUT_OF_RANGE.
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error>;
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error>;
 
     /// Stores a body. It becomes visible to readers only once complete; an error from the
     /// body stream aborts the write and leaves nothing behind.
@@ -117,7 +122,11 @@ pub trait StoreExt {
 #[async_trait]
 impl<S: Store + ?Sized> StoreExt for S {
     async fn has(&self, key: &Digest) -> Result<Option<u64>, Error> {
-        Ok(self.has_many(std::slice::from_ref(key)).await?.pop().flatten())
+        Ok(self
+            .has_many(std::slice::from_ref(key))
+            .await?
+            .pop()
+            .flatten())
     }
     async fn get_all(&self, key: &Digest, limit: usize) -> Result<Bytes, Error> {
         let stream = self.get(key, 0, None).await?;
@@ -129,7 +138,12 @@ impl<S: Store + ?Sized> StoreExt for S {
 }
 
 /// Checks a read range against a blob's size: OUT_OF_RANGE past the end.
-pub fn check_range(key: &Digest, size: u64, offset: u64, length: Option<u64>) -> Result<(u64, u64), Error> {
+pub fn check_range(
+    key: &Digest,
+    size: u64,
+    offset: u64,
+    length: Option<u64>,
+) -> Result<(u64, u64), Error> {
     if offset > size {
         return Err(Error::out_of_range(format!(
             "read offset {offset} is past the end of {key} ({size} bytes)"

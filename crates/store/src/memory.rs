@@ -36,12 +36,21 @@ impl Store for MemoryStore {
         Ok(keys.iter().map(|k| self.map.size_of(k)).collect())
     }
 
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
         let Some((data, size)) = self.map.get(key) else {
-            return Err(Error::not_found(format!("{key} is not in the memory store")));
+            return Err(Error::not_found(format!(
+                "{key} is not in the memory store"
+            )));
         };
         let (start, len) = check_range(key, size, offset, length)?;
-        Ok(stream::once(data.slice(start as usize..(start + len) as usize)))
+        Ok(stream::once(
+            data.slice(start as usize..(start + len) as usize),
+        ))
     }
 
     async fn put(&self, key: &Digest, mut body: BlobStream) -> Result<(), Error> {

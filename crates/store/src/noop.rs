@@ -21,7 +21,9 @@ impl Store for NoopStore {
         Ok(vec![None; keys.len()])
     }
     async fn get(&self, key: &Digest, _: u64, _: Option<u64>) -> Result<BlobStream, Error> {
-        Err(Error::not_found(format!("{key}: the noop store holds nothing")))
+        Err(Error::not_found(format!(
+            "{key}: the noop store holds nothing"
+        )))
     }
     async fn put(&self, _: &Digest, mut body: BlobStream) -> Result<(), Error> {
         // Drain so that the writer's stream completes normally.

@@ -24,7 +24,12 @@ impl Store for RefStore {
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
         self.target.has_many(keys).await
     }
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
         self.target.get(key, offset, length).await
     }
     async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {

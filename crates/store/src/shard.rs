@@ -107,7 +107,12 @@ impl Store for ShardStore {
         Ok(out)
     }
 
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
         self.store_for(key).get(key, offset, length).await
     }
 
@@ -118,7 +123,10 @@ impl Store for ShardStore {
     fn info(&self) -> StoreInfo {
         StoreInfo::wrapper(
             "shard",
-            self.stores.iter().map(|(s, _)| ("stores", s.info())).collect(),
+            self.stores
+                .iter()
+                .map(|(s, _)| ("stores", s.info()))
+                .collect(),
         )
     }
 
@@ -186,8 +194,13 @@ mod tests {
     async fn routing_is_stable_and_moves_few_keys_when_a_shard_is_added() {
         let three = ShardStore::new(vec![(memory(), 1), (memory(), 1), (memory(), 1)]).unwrap();
         let again = ShardStore::new(vec![(memory(), 1), (memory(), 1), (memory(), 1)]).unwrap();
-        let four =
-            ShardStore::new(vec![(memory(), 1), (memory(), 1), (memory(), 1), (memory(), 1)]).unwrap();
+        let four = ShardStore::new(vec![
+            (memory(), 1),
+            (memory(), 1),
+            (memory(), 1),
+            (memory(), 1),
+        ])
+        .unwrap();
         let keys: Vec<Digest> = (0..2000u32)
             .map(|i| DigestFunction::Blake3.compute(&i.to_le_bytes()))
             .collect();
@@ -210,7 +223,9 @@ mod tests {
         let s = ShardStore::new(vec![(memory(), 1), (drained.clone(), 0)]).unwrap();
         for i in 0..200u32 {
             let k = DigestFunction::Sha256.compute(&i.to_le_bytes());
-            s.put_bytes(&k, bytes::Bytes::from_static(b"x")).await.unwrap();
+            s.put_bytes(&k, bytes::Bytes::from_static(b"x"))
+                .await
+                .unwrap();
         }
         assert_eq!(drained.info().entries, Some(0));
         assert!(build(vec![]).is_err());

@@ -36,17 +36,20 @@ impl Store for SizePartitioningStore {
             .partition(|(_, k)| k.size() < self.size);
         let lo_keys: Vec<Digest> = lo.iter().map(|x| x.1).collect();
         let hi_keys: Vec<Digest> = hi.iter().map(|x| x.1).collect();
-        let (lo_r, hi_r) = futures::try_join!(
-            self.lower.has_many(&lo_keys),
-            self.upper.has_many(&hi_keys)
-        )?;
+        let (lo_r, hi_r) =
+            futures::try_join!(self.lower.has_many(&lo_keys), self.upper.has_many(&hi_keys))?;
         let mut out = vec![None; keys.len()];
         for ((i, _), r) in lo.iter().zip(lo_r).chain(hi.iter().zip(hi_r)) {
             out[*i] = r;
         }
         Ok(out)
     }
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
         self.side(key).get(key, offset, length).await
     }
     async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
@@ -55,7 +58,10 @@ impl Store for SizePartitioningStore {
     fn info(&self) -> StoreInfo {
         StoreInfo::wrapper(
             "size_partitioning",
-            vec![("lower_store", self.lower.info()), ("upper_store", self.upper.info())],
+            vec![
+                ("lower_store", self.lower.info()),
+                ("upper_store", self.upper.info()),
+            ],
         )
     }
     async fn health(&self) -> Health {

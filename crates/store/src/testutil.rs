@@ -30,19 +30,19 @@ pub async fn check_store_contract(store: &dyn Store) {
     let missing = f.compute(b"missing");
 
     store.put_bytes(&ds, small.clone()).await.unwrap();
-    store
-        .put(&db, stream::once(big.clone()))
-        .await
-        .unwrap();
+    store.put(&db, stream::once(big.clone())).await.unwrap();
     let sizes = store.has_many(&[ds, missing, db]).await.unwrap();
     assert_eq!(sizes, vec![Some(1000), None, Some(300_000)]);
 
     assert_eq!(store.get_all(&ds, usize::MAX).await.unwrap(), small);
     assert_eq!(store.get_all(&db, usize::MAX).await.unwrap(), big);
 
-    let part = stream::collect(store.get(&db, 100_000, Some(70_000)).await.unwrap(), usize::MAX)
-        .await
-        .unwrap();
+    let part = stream::collect(
+        store.get(&db, 100_000, Some(70_000)).await.unwrap(),
+        usize::MAX,
+    )
+    .await
+    .unwrap();
     assert_eq!(part, big.slice(100_000..170_000));
     let tail = stream::collect(store.get(&db, 299_990, None).await.unwrap(), usize::MAX)
         .await

@@ -28,7 +28,12 @@ impl Store for VerifyStore {
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
         self.backend.has_many(keys).await
     }
-    async fn get(&self, key: &Digest, offset: u64, length: Option<u64>) -> Result<BlobStream, Error> {
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
         self.backend.get(key, offset, length).await
     }
     async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {

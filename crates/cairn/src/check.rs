@@ -1,0 +1,241 @@
+//! `cairn check-config`: parse, check every name a service uses, print the resolved trees.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use cairn_config::stores::StoreSpec;
+use cairn_config::{CairnConfig, ConfigError, SchedulerSpec};
+
+pub fn check_config(path: &Path) -> ExitCode {
+    let file = path.display().to_string();
+    let cfg = match CairnConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = validate(&file, &cfg) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    print!("{}", describe(&cfg));
+    println!("{file}: ok");
+    ExitCode::SUCCESS
+}
+
+/// Every store and scheduler a service names exists.
+pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
+    let store = |name: &str, at: String| -> Result<(), ConfigError> {
+        if cfg.stores.get(name).is_some() {
+            return Ok(());
+        }
+        let known: Vec<&str> = cfg.stores.iter().map(|n| n.name.as_str()).collect();
+        Err(ConfigError::new(
+            file,
+            at,
+            format!("no store named {name:?}; stores are: {}", known.join(", ")),
+        ))
+    };
+    let scheduler = |name: &str, at: String| -> Result<(), ConfigError> {
+        if cfg.schedulers.get(name).is_some() {
+            return Ok(());
+        }
+        let known: Vec<&str> = cfg.schedulers.iter().map(|n| n.name.as_str()).collect();
+        Err(ConfigError::new(
+            file,
+            at,
+            format!(
+                "no scheduler named {name:?}; schedulers are: {}",
+                known.join(", ")
+            ),
+        ))
+    };
+    for named in cfg.stores.iter() {
+        check_refs(file, cfg, &named.spec, &format!("stores.{}", named.name))?;
+    }
+    for (i, s) in cfg.servers.iter().enumerate() {
+        let Some(sv) = &s.services else { continue };
+        let p = format!("servers[{i}].services");
+        for c in sv.cas.iter().flat_map(|m| m.0.iter()) {
+            store(
+                &c.cas_store,
+                format!("{p}.cas.{}.cas_store", c.instance_name),
+            )?;
+        }
+        for c in sv.ac.iter().flat_map(|m| m.0.iter()) {
+            store(&c.ac_store, format!("{p}.ac.{}.ac_store", c.instance_name))?;
+        }
+        for c in sv.bytestream.iter().flat_map(|b| b.instances()) {
+            store(
+                &c.cas_store,
+                format!("{p}.bytestream.{}.cas_store", c.instance_name),
+            )?;
+        }
+        for c in sv.execution.iter().flat_map(|m| m.0.iter()) {
+            store(
+                &c.cas_store,
+                format!("{p}.execution.{}.cas_store", c.instance_name),
+            )?;
+            scheduler(
+                &c.scheduler,
+                format!("{p}.execution.{}.scheduler", c.instance_name),
+            )?;
+        }
+        for c in sv.capabilities.iter().flat_map(|m| m.0.iter()) {
+            if let Some(re) = &c.remote_execution {
+                scheduler(
+                    &re.scheduler,
+                    format!(
+                        "{p}.capabilities.{}.remote_execution.scheduler",
+                        c.instance_name
+                    ),
+                )?;
+            }
+        }
+        if let Some(w) = &sv.worker_api {
+            scheduler(&w.scheduler, format!("{p}.worker_api.scheduler"))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_refs(
+    file: &str,
+    cfg: &CairnConfig,
+    spec: &StoreSpec,
+    at: &str,
+) -> Result<(), ConfigError> {
+    if let StoreSpec::RefStore(r) = spec {
+        if cfg.stores.get(&r.name).is_none() {
+            return Err(ConfigError::new(
+                file,
+                format!("{at}.ref_store.name"),
+                format!("no store named {:?}", r.name),
+            ));
+        }
+    }
+    for (key, child) in spec.children() {
+        check_refs(file, cfg, child, &format!("{at}.{}.{key}", spec.kind()))?;
+    }
+    Ok(())
+}
+
+/// Refuses what parses but is not built yet, before anything starts.
+pub fn refuse_unbuilt(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
+    let msg = |what: &str| {
+        format!("{what} parses but is not built yet in this version of Cairn; remove it to start")
+    };
+    if let Some(n) = cfg.schedulers.iter().next() {
+        return Err(ConfigError::new(
+            file,
+            format!("schedulers.{}", n.name),
+            msg("the scheduler"),
+        ));
+    }
+    if !cfg.workers.is_empty() {
+        return Err(ConfigError::new(file, "workers", msg("the local worker")));
+    }
+    if cfg.worker.is_some() {
+        return Err(ConfigError::new(file, "worker", msg("the local worker")));
+    }
+    Ok(())
+}
+
+/// The resolved store and scheduler trees, indented.
+pub fn describe(cfg: &CairnConfig) -> String {
+    let mut out = String::from("stores:\n");
+    for n in cfg.stores.iter() {
+        store_tree(&mut out, &n.name, &n.spec, 1);
+    }
+    out.push_str("schedulers:\n");
+    for n in cfg.schedulers.iter() {
+        scheduler_tree(&mut out, &n.name, &n.spec, 1);
+    }
+    out.push_str("servers:\n");
+    for (i, s) in cfg.servers.iter().enumerate() {
+        let h = s.listener.http();
+        let mut services = Vec::new();
+        if let Some(sv) = &s.services {
+            for (k, on) in [
+                ("cas", sv.cas.is_some()),
+                ("ac", sv.ac.is_some()),
+                ("bytestream", sv.bytestream.is_some()),
+                ("capabilities", sv.capabilities.is_some()),
+                ("execution", sv.execution.is_some()),
+                ("worker_api", sv.worker_api.is_some()),
+                ("health", sv.health.is_some()),
+            ] {
+                if on {
+                    services.push(k);
+                }
+            }
+        }
+        out.push_str(&format!(
+            "  [{i}] {} on {}{}: {}\n",
+            s.name.as_deref().unwrap_or("server"),
+            h.socket_address,
+            if h.tls.is_some() { " (tls)" } else { "" },
+            services.join(", ")
+        ));
+    }
+    out
+}
+
+fn store_tree(out: &mut String, label: &str, spec: &StoreSpec, depth: usize) {
+    let pad = "  ".repeat(depth);
+    let detail = match spec {
+        StoreSpec::Memory(m) => policy(m.eviction_policy.as_ref()),
+        StoreSpec::Filesystem(f) => format!(
+            " content_path={}{}",
+            f.content_path,
+            policy(f.eviction_policy.as_ref())
+        ),
+        StoreSpec::Verify(v) => format!(
+            " verify_size={} verify_hash={}",
+            v.verify_size, v.verify_hash
+        ),
+        StoreSpec::SizePartitioning(s) => format!(" size={}", s.size.0),
+        StoreSpec::RefStore(r) => format!(" -> {}", r.name),
+        StoreSpec::ExperimentalCloudObjectStore(c) => format!(
+            " provider={} bucket={} key_prefix={}",
+            c.provider.as_deref().unwrap_or("?"),
+            c.bucket.as_deref().unwrap_or("?"),
+            c.key_prefix.as_deref().unwrap_or("")
+        ),
+        _ => String::new(),
+    };
+    out.push_str(&format!("{pad}{label}: {}{detail}\n", spec.kind()));
+    for (key, child) in spec.children() {
+        store_tree(out, key, child, depth + 1);
+    }
+}
+
+fn policy(p: Option<&cairn_config::stores::EvictionPolicy>) -> String {
+    match p {
+        Some(p) if p.max_bytes.0 > 0 => format!(" max_bytes={}", p.max_bytes.0),
+        _ => String::new(),
+    }
+}
+
+fn scheduler_tree(out: &mut String, label: &str, spec: &SchedulerSpec, depth: usize) {
+    let pad = "  ".repeat(depth);
+    match spec {
+        SchedulerSpec::Simple(s) => out.push_str(&format!(
+            "{pad}{label}: simple worker_timeout_s={} max_job_retries={} allocation_strategy={:?}\n",
+            s.worker_timeout_s.unwrap_or(5),
+            s.max_job_retries.unwrap_or(3),
+            s.allocation_strategy
+        )),
+        SchedulerSpec::CacheLookup(c) => {
+            out.push_str(&format!("{pad}{label}: cache_lookup\n"));
+            store_tree(out, "ac_store", &c.ac_store, depth + 1);
+            scheduler_tree(out, "scheduler", &c.scheduler, depth + 1);
+        }
+        SchedulerSpec::PropertyModifier(p) => {
+            out.push_str(&format!("{pad}{label}: property_modifier ({} modifications)\n", p.modifications.len()));
+            scheduler_tree(out, "scheduler", &p.scheduler, depth + 1);
+        }
+        SchedulerSpec::Grpc(_) => out.push_str(&format!("{pad}{label}: grpc\n")),
+    }
+}

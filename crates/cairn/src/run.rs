@@ -1,0 +1,140 @@
+//! `cairn run`: stores, then listeners, in that order; SIGTERM or SIGINT stops accepting,
+//! drains in-flight requests up to a deadline, and exits 0.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use cairn_config::CairnConfig;
+use cairn_server::{Limits, Metrics};
+use tokio_util::sync::CancellationToken;
+
+pub const DEFAULT_CONFIG: &str = include_str!("default.json5");
+
+/// How long in-flight requests get to finish after a stop signal.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+
+pub fn main(config: Option<&Path>) -> ExitCode {
+    init_logging();
+    let loaded = match config {
+        Some(p) => CairnConfig::load(p),
+        None => cairn_config::parse_str("<built-in default config>", DEFAULT_CONFIG),
+    };
+    let cfg = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let file = config.map_or("<built-in default config>".to_string(), |p| {
+        p.display().to_string()
+    });
+    if let Err(e) =
+        crate::check::validate(&file, &cfg).and_then(|()| crate::check::refuse_unbuilt(&file, &cfg))
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(n) = cfg.global.as_ref().and_then(|g| g.max_open_files) {
+        match rlimit::increase_nofile_limit(n) {
+            Ok(got) if got < n => tracing::warn!(
+                wanted = n,
+                got,
+                "global.max_open_files: the hard limit is lower"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "global.max_open_files: could not raise the limit")
+            }
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(&file, cfg, config.is_none())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result<()> {
+    let stores = cairn_store::build_stores(&cfg.stores)
+        .await
+        .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    let metrics = Metrics::new();
+    let shutdown = CancellationToken::new();
+    let mut running = Vec::new();
+    for (i, s) in cfg.servers.iter().enumerate() {
+        let r = cairn_server::serve(
+            i,
+            s,
+            &stores,
+            metrics.clone(),
+            Limits::default(),
+            shutdown.clone(),
+            DRAIN_DEADLINE,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        println!("cairn: server {:?} listening on {}", r.name, r.local_addr);
+        running.push(r);
+    }
+    if running.is_empty() {
+        anyhow::bail!("{file}: `servers` is empty: nothing to serve");
+    }
+    if is_default {
+        let a = running[0].local_addr;
+        println!(
+            "cairn: data under {}",
+            std::env::var("CAIRN_DATA").unwrap_or_else(|_| "./cairn-data".into())
+        );
+        println!("cairn: point Bazel at it with");
+        println!("    bazel build --remote_cache=grpc://{a} //...");
+        println!("cairn: health at http://{a}/status, metrics at http://{a}/metrics");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    wait_for_signal()
+        .await
+        .context("installing signal handlers")?;
+    tracing::info!("stop signal: no new connections; draining in-flight requests");
+    shutdown.cancel();
+    for r in running {
+        let _ = r.task.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}

@@ -1,0 +1,494 @@
+//! ByteStream: Read (with `read_offset` and `read_limit`), Write (resumable, verified) and
+//! QueryWriteStatus, for `blobs/` and `compressed-blobs/zstd/` resource names.
+//!
+//! A write feeds a store `put` through a bounded channel while it streams: memory is bounded by
+//! the channel depth, never by the blob. The put's body is checked against the digest (size as
+//! it passes, hash at the end) before the store commits, so a mismatching upload stores
+//! nothing. If the client goes away mid-write, the upload waits `resume_timeout` for a new
+//! stream with the same upload id to continue from the committed offset
+//! (`QueryWriteStatus` tells it where), then is abandoned, leaving nothing behind.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cairn_core::proto::google::bytestream::byte_stream_server::ByteStream;
+use cairn_core::proto::google::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+};
+use cairn_core::{stream as blob_stream, BlobStream, Digest, DigestFunction, Error};
+use cairn_store::{StoreExt, StoreRef};
+use futures::stream::{BoxStream, StreamExt};
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::instances::Instances;
+use crate::metrics::Metrics;
+use crate::resource::{self, Compressor};
+use crate::zstd_codec::{StreamDecoder, StreamEncoder};
+use crate::Limits;
+
+/// Chunks buffered between a write stream and its store put.
+const WRITE_DEPTH: usize = 16;
+/// Largest data field of one ReadResponse.
+const READ_CHUNK: usize = 1 << 20;
+
+pub struct ByteStreamService {
+    instances: Instances,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+    uploads: Arc<Mutex<HashMap<String, Arc<Upload>>>>,
+}
+
+/// An upload in progress; `state` is held by the one stream feeding it.
+struct Upload {
+    digest: Digest,
+    compressor: Compressor,
+    state: tokio::sync::Mutex<UploadState>,
+}
+
+struct UploadState {
+    /// Bytes received, as sent on the wire (compressed bytes for zstd).
+    committed: u64,
+    /// Uncompressed bytes passed to the store.
+    decoded: u64,
+    sender: Option<mpsc::Sender<Result<Bytes, Error>>>,
+    done: Option<oneshot::Receiver<Result<(), Error>>>,
+    decoder: Option<StreamDecoder>,
+    /// Bumped by every stream that attaches; the abandon timer only fires for its own.
+    generation: u64,
+}
+
+impl ByteStreamService {
+    pub fn new(instances: Instances, limits: Limits, metrics: Arc<Metrics>) -> ByteStreamService {
+        ByteStreamService {
+            instances,
+            limits,
+            metrics,
+            uploads: Arc::default(),
+        }
+    }
+
+    fn default_function() -> DigestFunction {
+        DigestFunction::Sha256
+    }
+
+    /// Starts the store put for a new upload.
+    fn start_upload(
+        &self,
+        store: StoreRef,
+        digest: Digest,
+        compressor: Compressor,
+    ) -> Result<Upload, Error> {
+        let (tx, rx) = mpsc::channel::<Result<Bytes, Error>>(WRITE_DEPTH);
+        let (done_tx, done_rx) = oneshot::channel();
+        let body: BlobStream = futures::stream::poll_fn({
+            let mut rx = rx;
+            move |cx| rx.poll_recv(cx)
+        })
+        .boxed();
+        let body = blob_stream::verified(body, digest, true);
+        tokio::spawn(async move {
+            let _ = done_tx.send(store.put(&digest, body).await);
+        });
+        Ok(Upload {
+            digest,
+            compressor,
+            state: tokio::sync::Mutex::new(UploadState {
+                committed: 0,
+                decoded: 0,
+                sender: Some(tx),
+                done: Some(done_rx),
+                decoder: match compressor {
+                    Compressor::Zstd => Some(StreamDecoder::new()?),
+                    Compressor::Identity => None,
+                },
+                generation: 0,
+            }),
+        })
+    }
+
+    async fn write_inner(
+        &self,
+        mut stream: Streaming<WriteRequest>,
+    ) -> Result<WriteResponse, Error> {
+        let first = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(Error::invalid_argument(
+                    "Write: the stream carried no request",
+                ))
+            }
+            Err(s) => return Err(Error::from(s).context("Write")),
+        };
+        let res = resource::parse(&first.resource_name, true, Self::default_function())?;
+        let store = self.instances.get(&res.instance)?.clone();
+        let digest = res.digest;
+        let key = format!(
+            "{}\u{0}{}\u{0}{}",
+            res.instance,
+            res.upload_id.as_deref().unwrap_or_default(),
+            first.resource_name
+        );
+
+        let existing = self.uploads.lock().get(&key).cloned();
+        if existing.is_none() && first.write_offset == 0 && store.has(&digest).await?.is_some() {
+            // Already stored: done without reading the rest (the REAPI allows this).
+            return Ok(WriteResponse {
+                committed_size: match res.compressor {
+                    Compressor::Identity => digest.size() as i64,
+                    Compressor::Zstd => -1,
+                },
+            });
+        }
+        let upload = match existing {
+            Some(u) => u,
+            None => {
+                let u = Arc::new(self.start_upload(store, digest, res.compressor)?);
+                self.uploads.lock().entry(key.clone()).or_insert(u).clone()
+            }
+        };
+        let Ok(mut state) = upload.state.try_lock() else {
+            return Err(Error::new(
+                cairn_core::Code::Aborted,
+                format!(
+                    "Write {}: this upload is being written by another stream",
+                    first.resource_name
+                ),
+            ));
+        };
+        state.generation += 1;
+        let generation = state.generation;
+
+        let mut msg = Some(first);
+        loop {
+            let m = match msg.take() {
+                Some(m) => m,
+                None => match stream.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => {
+                        drop(state);
+                        self.abandon_later(key, upload.clone(), generation);
+                        return Err(Error::invalid_argument(
+                            "Write: the stream ended without finish_write; resume it with the same upload id",
+                        ));
+                    }
+                    Err(s) => {
+                        drop(state);
+                        self.abandon_later(key, upload.clone(), generation);
+                        return Err(Error::from(s)
+                            .context("Write interrupted; resume it with the same upload id"));
+                    }
+                },
+            };
+            if let Err(e) = self.feed(&upload, &mut state, m.write_offset, m.data).await {
+                self.abort(&key, &mut state, e.clone()).await;
+                return Err(e);
+            }
+            if m.finish_write {
+                return self.finish(&key, &upload, &mut state).await;
+            }
+        }
+    }
+
+    /// Passes one message's data to the store put.
+    async fn feed(
+        &self,
+        upload: &Upload,
+        st: &mut UploadState,
+        offset: i64,
+        data: Vec<u8>,
+    ) -> Result<(), Error> {
+        let d = upload.digest;
+        if offset < 0 {
+            return Err(Error::invalid_argument(format!(
+                "Write {d}: write_offset {offset} is negative"
+            )));
+        }
+        let offset = offset as u64;
+        if offset > st.committed {
+            return Err(Error::invalid_argument(format!(
+                "Write {d}: write_offset {offset} is past the {} bytes committed so far",
+                st.committed
+            )));
+        }
+        // A resumed client may resend bytes we already have; skip them.
+        let skip = (st.committed - offset) as usize;
+        if skip >= data.len() {
+            return Ok(());
+        }
+        let data = Bytes::from(data).slice(skip..);
+        st.committed += data.len() as u64;
+        let chunks = match st.decoder.as_mut() {
+            Some(dec) => dec
+                .feed(&data)
+                .map_err(|e| e.context(format!("Write {d}")))?,
+            None => vec![data],
+        };
+        for chunk in chunks {
+            st.decoded += chunk.len() as u64;
+            if st.decoded > d.size() {
+                return Err(Error::invalid_argument(format!(
+                    "Write {d}: {} bytes written, past the declared size of {}",
+                    st.decoded,
+                    d.size()
+                )));
+            }
+            let Some(tx) = st.sender.as_ref() else {
+                return Err(Error::internal(format!("Write {d}: upload already closed")));
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
+                // The put ended early: its result says why.
+                return Err(self.put_result(st).await.err().unwrap_or_else(|| {
+                    Error::internal(format!("Write {d}: the store stopped reading"))
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    async fn put_result(&self, st: &mut UploadState) -> Result<(), Error> {
+        st.sender = None;
+        match st.done.take() {
+            Some(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(Error::internal("store put task ended"))),
+            None => Err(Error::internal("upload already finished")),
+        }
+    }
+
+    async fn finish(
+        &self,
+        key: &str,
+        upload: &Upload,
+        st: &mut UploadState,
+    ) -> Result<WriteResponse, Error> {
+        let d = upload.digest;
+        if st.decoded != d.size() {
+            let e = Error::invalid_argument(format!(
+                "Write {d}: finish_write after {} bytes, but the digest says {}",
+                st.decoded,
+                d.size()
+            ));
+            self.abort(key, st, e.clone()).await;
+            return Err(e);
+        }
+        let result = self.put_result(st).await;
+        self.uploads.lock().remove(key);
+        result?;
+        Ok(WriteResponse {
+            committed_size: match upload.compressor {
+                Compressor::Identity => st.committed as i64,
+                Compressor::Zstd => st.committed as i64,
+            },
+        })
+    }
+
+    /// Fails the put (so that the store discards it) and forgets the upload.
+    async fn abort(&self, key: &str, st: &mut UploadState, why: Error) {
+        if let Some(tx) = st.sender.take() {
+            let _ = tx.send(Err(why)).await;
+        }
+        if let Some(rx) = st.done.take() {
+            let _ = rx.await;
+        }
+        self.uploads.lock().remove(key);
+    }
+
+    /// After the resume timeout, abandons an upload that no new stream took over.
+    fn abandon_later(&self, key: String, upload: Arc<Upload>, generation: u64) {
+        let uploads = self.uploads.clone();
+        let timeout = self.limits.resume_timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let Ok(mut st) = upload.state.try_lock() else {
+                return;
+            };
+            if st.generation != generation {
+                return;
+            }
+            if let Some(tx) = st.sender.take() {
+                let _ = tx
+                    .send(Err(Error::cancelled(
+                        "upload abandoned: not resumed in time",
+                    )))
+                    .await;
+            }
+            if let Some(rx) = st.done.take() {
+                let _ = rx.await;
+            }
+            let mut map = uploads.lock();
+            if map.get(&key).is_some_and(|u| Arc::ptr_eq(u, &upload)) {
+                map.remove(&key);
+            }
+        });
+    }
+
+    async fn read_inner(
+        &self,
+        req: ReadRequest,
+    ) -> Result<BoxStream<'static, Result<ReadResponse, Status>>, Error> {
+        let res = resource::parse(&req.resource_name, false, Self::default_function())?;
+        let store = self.instances.get(&res.instance)?.clone();
+        let d = res.digest;
+        if req.read_offset < 0 {
+            return Err(Error::invalid_argument(format!(
+                "Read {d}: read_offset {} is negative",
+                req.read_offset
+            )));
+        }
+        if req.read_limit < 0 {
+            return Err(Error::invalid_argument(format!(
+                "Read {d}: read_limit {} is negative",
+                req.read_limit
+            )));
+        }
+        let offset = req.read_offset as u64;
+        if offset > d.size() {
+            return Err(Error::out_of_range(format!(
+                "Read {d}: read_offset {offset} is past the end of the blob ({} bytes)",
+                d.size()
+            )));
+        }
+        let limit = (req.read_limit > 0).then_some(req.read_limit as u64);
+        if d.is_empty_blob() {
+            return Ok(match res.compressor {
+                Compressor::Identity => futures::stream::empty().boxed(),
+                Compressor::Zstd => {
+                    let mut enc = StreamEncoder::new()?;
+                    let data = enc.finish()?.to_vec();
+                    futures::stream::once(async move { Ok(ReadResponse { data }) }).boxed()
+                }
+            });
+        }
+        if res.compressor == Compressor::Zstd && (offset != 0 || limit.is_some()) {
+            return Err(Error::invalid_argument(format!(
+                "Read {d}: read_offset and read_limit are not supported for compressed-blobs reads"
+            )));
+        }
+        let body = store.get(&d, offset, limit).await?;
+        let body = rechunk(body);
+        Ok(match res.compressor {
+            Compressor::Identity => body
+                .map(|r| {
+                    r.map(|b| ReadResponse { data: b.to_vec() })
+                        .map_err(Status::from)
+                })
+                .boxed(),
+            Compressor::Zstd => zstd_read(body)?,
+        })
+    }
+}
+
+/// Splits chunks larger than one ReadResponse should carry.
+fn rechunk(body: BlobStream) -> BlobStream {
+    body.flat_map(|r| match r {
+        Ok(b) if b.len() > READ_CHUNK => blob_stream::once_chunked(b, READ_CHUNK),
+        other => futures::stream::iter(vec![other]).boxed(),
+    })
+    .boxed()
+}
+
+fn zstd_read(body: BlobStream) -> Result<BoxStream<'static, Result<ReadResponse, Status>>, Error> {
+    let enc = StreamEncoder::new()?;
+    let s = futures::stream::unfold((body, Some(enc)), |(mut body, mut enc)| async move {
+        let e = enc.as_mut()?;
+        match body.next().await {
+            Some(Ok(chunk)) => {
+                let out = e.feed(&chunk);
+                Some((
+                    out.map(|b| ReadResponse { data: b.to_vec() })
+                        .map_err(Status::from),
+                    (body, enc),
+                ))
+            }
+            Some(Err(err)) => Some((Err(Status::from(err)), (body, None))),
+            None => {
+                let out = e.finish();
+                Some((
+                    out.map(|b| ReadResponse { data: b.to_vec() })
+                        .map_err(Status::from),
+                    (body, None),
+                ))
+            }
+        }
+    })
+    .filter(|r| futures::future::ready(!matches!(r, Ok(ReadResponse { data }) if data.is_empty())));
+    Ok(s.boxed())
+}
+
+#[tonic::async_trait]
+impl ByteStream for ByteStreamService {
+    type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
+
+    async fn read(
+        &self,
+        request: Request<ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let timer = self.metrics.rpc("bytestream", "Read");
+        let r = self
+            .read_inner(request.into_inner())
+            .await
+            .map_err(Status::from);
+        timer.finish(&r);
+        r.map(Response::new)
+    }
+
+    async fn write(
+        &self,
+        request: Request<Streaming<WriteRequest>>,
+    ) -> Result<Response<WriteResponse>, Status> {
+        let timer = self.metrics.rpc("bytestream", "Write");
+        let r = self
+            .write_inner(request.into_inner())
+            .await
+            .map_err(Status::from);
+        timer.finish(&r);
+        r.map(Response::new)
+    }
+
+    async fn query_write_status(
+        &self,
+        request: Request<QueryWriteStatusRequest>,
+    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let timer = self.metrics.rpc("bytestream", "QueryWriteStatus");
+        let r = async {
+            let name = request.into_inner().resource_name;
+            let res = resource::parse(&name, true, Self::default_function())?;
+            let store = self.instances.get(&res.instance)?.clone();
+            let key = format!(
+                "{}\u{0}{}\u{0}{}",
+                res.instance,
+                res.upload_id.as_deref().unwrap_or_default(),
+                name
+            );
+            let upload = self.uploads.lock().get(&key).cloned();
+            if let Some(u) = upload {
+                let committed = match u.state.try_lock() {
+                    Ok(st) => st.committed,
+                    // A stream is writing right now; its progress is moving.
+                    Err(_) => 0,
+                };
+                return Ok(QueryWriteStatusResponse {
+                    committed_size: committed as i64,
+                    complete: false,
+                });
+            }
+            if res.digest.is_empty_blob() || store.has(&res.digest).await?.is_some() {
+                return Ok(QueryWriteStatusResponse {
+                    committed_size: res.digest.size() as i64,
+                    complete: true,
+                });
+            }
+            Err(Error::not_found(format!(
+                "QueryWriteStatus: no upload {name:?} is in progress and the blob is not stored"
+            )))
+        }
+        .await
+        .map_err(Status::from);
+        timer.finish(&r);
+        r.map(Response::new)
+    }
+}

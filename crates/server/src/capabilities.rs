@@ -1,0 +1,108 @@
+//! Capabilities: what each instance serves, derived from the config (cache capabilities when
+//! the instance has a CAS or AC, update_enabled when its AC is writable, execution only when
+//! an execution service is configured).
+
+use std::sync::Arc;
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::build::bazel::semver::SemVer;
+use cairn_core::DigestFunction;
+use re::capabilities_server::Capabilities;
+use tonic::{Request, Response, Status};
+
+use crate::metrics::Metrics;
+use crate::Limits;
+
+/// What one instance name serves.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceCaps {
+    pub cas: bool,
+    pub ac: bool,
+    pub ac_writable: bool,
+    pub execution: bool,
+}
+
+pub struct CapabilitiesService {
+    instances: crate::instances::Instances<InstanceCaps>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+impl CapabilitiesService {
+    pub fn new(
+        instances: crate::instances::Instances<InstanceCaps>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> CapabilitiesService {
+        CapabilitiesService {
+            instances,
+            limits,
+            metrics,
+        }
+    }
+}
+
+fn semver(major: i32, minor: i32) -> Option<SemVer> {
+    Some(SemVer {
+        major,
+        minor,
+        patch: 0,
+        prerelease: String::new(),
+    })
+}
+
+#[tonic::async_trait]
+impl Capabilities for CapabilitiesService {
+    async fn get_capabilities(
+        &self,
+        request: Request<re::GetCapabilitiesRequest>,
+    ) -> Result<Response<re::ServerCapabilities>, Status> {
+        let timer = self.metrics.rpc("capabilities", "GetCapabilities");
+        let r = self
+            .instances
+            .get(&request.get_ref().instance_name)
+            .map_err(Status::from)
+            .map(|caps| {
+                let digest_functions: Vec<i32> =
+                    DigestFunction::ALL.iter().map(|f| f.to_proto()).collect();
+                let zstd = vec![re::compressor::Value::Zstd as i32];
+                let cache = (caps.cas || caps.ac).then(|| re::CacheCapabilities {
+                    digest_functions: digest_functions.clone(),
+                    action_cache_update_capabilities: Some(re::ActionCacheUpdateCapabilities {
+                        update_enabled: caps.ac_writable,
+                    }),
+                    cache_priority_capabilities: Some(re::PriorityCapabilities {
+                        priorities: vec![re::priority_capabilities::PriorityRange {
+                            min_priority: 0,
+                            max_priority: 0,
+                        }],
+                    }),
+                    max_batch_total_size_bytes: self.limits.max_batch_total_size_bytes as i64,
+                    symlink_absolute_path_strategy:
+                        re::symlink_absolute_path_strategy::Value::Allowed as i32,
+                    supported_compressors: zstd.clone(),
+                    supported_batch_update_compressors: zstd,
+                    max_cas_blob_size_bytes: 0,
+                    split_blob_support: false,
+                    splice_blob_support: false,
+                    ..Default::default()
+                });
+                let execution = caps.execution.then(|| re::ExecutionCapabilities {
+                    digest_function: DigestFunction::Sha256.to_proto(),
+                    exec_enabled: true,
+                    execution_priority_capabilities: None,
+                    supported_node_properties: vec![],
+                    digest_functions,
+                });
+                Response::new(re::ServerCapabilities {
+                    cache_capabilities: cache,
+                    execution_capabilities: execution,
+                    deprecated_api_version: None,
+                    low_api_version: semver(2, 0),
+                    high_api_version: semver(2, 3),
+                })
+            });
+        timer.finish(&r);
+        r
+    }
+}

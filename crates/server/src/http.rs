@@ -1,0 +1,115 @@
+//! HTTP routes served beside gRPC on the same listener: `/status` (200 with each component's
+//! health as JSON, 503 when one is unhealthy) and `/metrics` (Prometheus text format).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use cairn_store::{Health, StoreRef};
+
+use crate::metrics::{Metrics, StoreLabels};
+
+/// What the HTTP routes report on.
+#[derive(Clone)]
+pub struct HttpState {
+    /// Top-level stores this process runs, by name.
+    pub stores: Vec<(String, StoreRef)>,
+    pub metrics: Arc<Metrics>,
+    /// Per-store health check deadline.
+    pub health_timeout: Duration,
+}
+
+/// The router for `/status` (at `status_path`) and, when enabled, `/metrics`.
+pub fn router(state: HttpState, status_path: Option<&str>, metrics_path: Option<&str>) -> Router {
+    let mut r = Router::new();
+    if let Some(p) = status_path {
+        r = r.route(p, get(status));
+    }
+    if let Some(p) = metrics_path {
+        r = r.route(p, get(metrics));
+    }
+    r.with_state(state)
+}
+
+async fn status(State(s): State<HttpState>) -> impl IntoResponse {
+    let checks = s.stores.iter().map(|(name, store)| {
+        let store = store.clone();
+        let timeout = s.health_timeout;
+        async move {
+            let health = match tokio::time::timeout(timeout, store.health()).await {
+                Ok(h) => h,
+                Err(_) => Health::Failed(format!("health check took longer than {timeout:?}")),
+            };
+            (name.clone(), store.info().kind, health)
+        }
+    });
+    let results = futures::future::join_all(checks).await;
+    let healthy = results.iter().all(|(_, _, h)| *h == Health::Ok);
+    let mut components = serde_json::Map::new();
+    for (name, kind, health) in results {
+        let mut c = serde_json::Map::new();
+        c.insert("kind".into(), kind.into());
+        match health {
+            Health::Ok => {
+                c.insert("status".into(), "ok".into());
+            }
+            Health::Failed(why) => {
+                c.insert("status".into(), "failed".into());
+                c.insert("message".into(), why.into());
+            }
+        }
+        components.insert(format!("stores/{name}"), c.into());
+    }
+    let body = serde_json::json!({
+        "status": if healthy { "ok" } else { "failed" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "components": components,
+    });
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    for (name, store) in &s.stores {
+        let info = store.info();
+        let labels = StoreLabels {
+            store: name.clone(),
+        };
+        s.metrics
+            .store_size_bytes
+            .get_or_create(&labels)
+            .set(info.total_size_bytes() as i64);
+        s.metrics
+            .store_entries
+            .get_or_create(&labels)
+            .set(total_entries(&info) as i64);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+fn total_entries(info: &cairn_store::StoreInfo) -> u64 {
+    info.entries.unwrap_or(0)
+        + info
+            .children
+            .iter()
+            .map(|(_, c)| total_entries(c))
+            .sum::<u64>()
+}
