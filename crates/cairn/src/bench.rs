@@ -62,7 +62,7 @@ const KIND_CAS: u64 = 1;
 const KIND_AC_OUTPUT: u64 = 2;
 const KIND_AC_ACTION: u64 = 3;
 /// Width of the label column of the output.
-const LABEL_WIDTH: usize = 26;
+const LABEL_WIDTH: usize = 28;
 
 /// Options of `cairn bench`.
 #[derive(clap::Args, Debug, Clone)]

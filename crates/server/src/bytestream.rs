@@ -46,6 +46,8 @@ pub struct ByteStreamService {
 struct Upload {
     digest: Digest,
     compressor: Compressor,
+    /// `state.committed`, readable while a stream holds the state (QueryWriteStatus).
+    progress: std::sync::atomic::AtomicU64,
     state: tokio::sync::Mutex<UploadState>,
 }
 
@@ -96,6 +98,7 @@ impl ByteStreamService {
         Ok(Upload {
             digest,
             compressor,
+            progress: Default::default(),
             state: tokio::sync::Mutex::new(UploadState {
                 committed: 0,
                 decoded: 0,
@@ -221,6 +224,9 @@ impl ByteStreamService {
         }
         let data = Bytes::from(data).slice(skip..);
         st.committed += data.len() as u64;
+        upload
+            .progress
+            .store(st.committed, std::sync::atomic::Ordering::Relaxed);
         let chunks = match st.decoder.as_mut() {
             Some(dec) => dec
                 .feed(&data)
@@ -466,11 +472,7 @@ impl ByteStream for ByteStreamService {
             );
             let upload = self.uploads.lock().get(&key).cloned();
             if let Some(u) = upload {
-                let committed = match u.state.try_lock() {
-                    Ok(st) => st.committed,
-                    // A stream is writing right now; its progress is moving.
-                    Err(_) => 0,
-                };
+                let committed = u.progress.load(std::sync::atomic::Ordering::Relaxed);
                 return Ok(QueryWriteStatusResponse {
                     committed_size: committed as i64,
                     complete: false,

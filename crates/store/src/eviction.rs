@@ -117,10 +117,7 @@ impl<V: Clone> EvictionMap<V> {
 
     fn evict_locked(&self, inner: &mut Inner<V>, now: u64, out: &mut Vec<(Digest, V)>) {
         let over_bytes = self.max_bytes != 0 && inner.total_bytes > self.max_bytes;
-        loop {
-            let Some((_, oldest)) = inner.lru.peek_lru() else {
-                break;
-            };
+        while let Some((_, oldest)) = inner.lru.peek_lru() {
             let must = (over_bytes && inner.total_bytes > self.evict_to)
                 || (self.max_count != 0 && inner.lru.len() as u64 > self.max_count)
                 || self.expired(oldest, now);
