@@ -570,9 +570,23 @@ impl CasJob {
                 return stats;
             }
             let count = self.per_batch.min(self.total - first);
-            let blobs: Vec<(Digest, Vec<u8>)> = (first..first + count)
-                .map(|i| self.blobs.make(KIND_CAS, i, self.small_size))
-                .collect();
+            // Making a batch hashes up to MAX_BATCH_BYTES: off the reactor.
+            let (maker, size) = (self.blobs, self.small_size);
+            let made = tokio::task::spawn_blocking(move || {
+                (first..first + count)
+                    .map(|i| maker.make(KIND_CAS, i, size))
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            let blobs = match made {
+                Ok(blobs) => blobs,
+                Err(e) => {
+                    stats
+                        .errors
+                        .record(format_args!("making blobs {first}..: {e}"));
+                    continue;
+                }
+            };
 
             let find = re::FindMissingBlobsRequest {
                 instance_name: self.request.instance_name.clone(),

@@ -1,0 +1,112 @@
+//! The command line: `check-config` on every guide fragment, config errors, features that
+//! parse but are refused at start-up, and `global.max_open_files`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn cairn() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cairn"))
+}
+
+fn fixtures() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/fixtures");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json5"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn check_config_accepts_every_guide_fragment_and_prints_trees() {
+    let files = fixtures();
+    assert!(files.len() >= 10);
+    for f in files {
+        if f.file_name().unwrap() == "ts-simple-executing-timeout.json5" {
+            continue; // a scheduler-options fragment, not a whole file (parsed in cairn-config's tests)
+        }
+        let out = cairn().arg("check-config").arg(&f).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("stores:") && stdout.ends_with(": ok\n"), "{stdout}");
+    }
+    let prod = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/fixtures/guide-production-storage.json5");
+    let out = cairn().arg("check-config").arg(prod).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("CAS_PRODUCTION: verify"), "{stdout}");
+    assert!(stdout.contains("content_store: compression"), "{stdout}");
+    assert!(stdout.contains("bucket=nativelink-cas-content"), "{stdout}");
+}
+
+#[test]
+fn config_errors_name_file_key_path_and_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.json5");
+    std::fs::write(&f, r#"{stores: {CAS: {memory: {eviction_policy: {max_bytes: "lots"}}}}}"#).unwrap();
+    let out = cairn().arg("check-config").arg(&f).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&f.display().to_string()), "{err}");
+    assert!(err.contains("stores.CAS.memory.eviction_policy.max_bytes"), "{err}");
+    assert!(err.contains("\"10gb\""), "{err}");
+
+    std::fs::write(
+        &f,
+        r#"{stores: {CAS: {memory: {}}}, servers: [{listener: {http: {socket_address: "127.0.0.1:0"}}, services: {cas: {main: {cas_store: "CSA"}}}}]}"#,
+    )
+    .unwrap();
+    let out = cairn().arg("check-config").arg(&f).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("servers[0].services.cas.main.cas_store") && err.contains("\"CSA\""), "{err}");
+}
+
+#[test]
+fn features_not_built_yet_are_refused_at_start_with_the_key_path() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/fixtures");
+    for (file, key) in [
+        ("guide-tls.json5", "servers[0].listener.http.tls"),
+        ("ts-scheduler-retries.json5", "schedulers.main"),
+        ("ts-worker.json5", "worker"),
+        ("guide-production-storage.json5", "experimental_cloud_object_store"),
+    ] {
+        let out = cairn()
+            .arg("run")
+            .arg(dir.join(file))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{file} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key) && err.contains("not built yet"), "{file}: {err}");
+    }
+}
+
+#[test]
+fn global_max_open_files_raises_the_soft_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = common::MEMORY_CONFIG.replacen('{', "{ global: { max_open_files: 1000 },", 1);
+    let config = dir.path().join("c.json5");
+    std::fs::write(&config, cfg.replace("@ADDR@", "127.0.0.1:0")).unwrap();
+    // Start with a soft limit of 256 so that the raise is visible.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -Sn 256 && exec {} run {}", env!("CARGO_BIN_EXE_cairn"), config.display()))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("listening on"), "{first}");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert_eq!(soft, 1000, "{line}");
+}
