@@ -31,10 +31,19 @@ fn check_config_accepts_every_guide_fragment_and_prints_trees() {
         }
         let out = cairn().arg("check-config").arg(&f).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("stores:") && stdout.ends_with(": ok\n"), "{stdout}");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("stores:") && stdout.ends_with(": ok\n"),
+            "{stdout}"
+        );
     }
-    let prod = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/fixtures/guide-production-storage.json5");
+    let prod = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/fixtures/guide-production-storage.json5");
     let out = cairn().arg("check-config").arg(prod).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("CAS_PRODUCTION: verify"), "{stdout}");
@@ -46,12 +55,19 @@ fn check_config_accepts_every_guide_fragment_and_prints_trees() {
 fn config_errors_name_file_key_path_and_expectation() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.json5");
-    std::fs::write(&f, r#"{stores: {CAS: {memory: {eviction_policy: {max_bytes: "lots"}}}}}"#).unwrap();
+    std::fs::write(
+        &f,
+        r#"{stores: {CAS: {memory: {eviction_policy: {max_bytes: "lots"}}}}}"#,
+    )
+    .unwrap();
     let out = cairn().arg("check-config").arg(&f).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&f.display().to_string()), "{err}");
-    assert!(err.contains("stores.CAS.memory.eviction_policy.max_bytes"), "{err}");
+    assert!(
+        err.contains("stores.CAS.memory.eviction_policy.max_bytes"),
+        "{err}"
+    );
     assert!(err.contains("\"10gb\""), "{err}");
 
     std::fs::write(
@@ -62,7 +78,10 @@ fn config_errors_name_file_key_path_and_expectation() {
     let out = cairn().arg("check-config").arg(&f).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
-    assert!(err.contains("servers[0].services.cas.main.cas_store") && err.contains("\"CSA\""), "{err}");
+    assert!(
+        err.contains("servers[0].services.cas.main.cas_store") && err.contains("\"CSA\""),
+        "{err}"
+    );
 }
 
 #[test]
@@ -72,7 +91,10 @@ fn features_not_built_yet_are_refused_at_start_with_the_key_path() {
         ("guide-tls.json5", "servers[0].listener.http.tls"),
         ("ts-scheduler-retries.json5", "schedulers.main"),
         ("ts-worker.json5", "worker"),
-        ("guide-production-storage.json5", "experimental_cloud_object_store"),
+        (
+            "guide-production-storage.json5",
+            "experimental_cloud_object_store",
+        ),
     ] {
         let out = cairn()
             .arg("run")
@@ -82,7 +104,10 @@ fn features_not_built_yet_are_refused_at_start_with_the_key_path() {
             .unwrap();
         assert!(!out.status.success(), "{file} started");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(key) && err.contains("not built yet"), "{file}: {err}");
+        assert!(
+            err.contains(key) && err.contains("not built yet"),
+            "{file}: {err}"
+        );
     }
 }
 
@@ -95,7 +120,11 @@ fn global_max_open_files_raises_the_soft_limit() {
     // Start with a soft limit of 256 so that the raise is visible.
     let mut child = Command::new("sh")
         .arg("-c")
-        .arg(format!("ulimit -Sn 256 && exec {} run {}", env!("CARGO_BIN_EXE_cairn"), config.display()))
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} run {}",
+            env!("CARGO_BIN_EXE_cairn"),
+            config.display()
+        ))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -106,7 +135,10 @@ fn global_max_open_files_raises_the_soft_limit() {
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
     let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
     assert_eq!(soft, 1000, "{line}");
 }

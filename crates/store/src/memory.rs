@@ -1,20 +1,22 @@
-//! `memory`: blobs held as `Bytes` in an LRU index.
+//! `memory`: blobs held in an LRU index as the list of `Bytes` chunks they arrived in.
 //!
-//! A put collects the body into one buffer (bounded by the eviction policy, which is what a
-//! memory store is for) and publishes it in one step, so readers never see half a blob. Reads
-//! hand out slices of the same buffer: no copies.
+//! A put keeps the incoming chunks as they are (no copy, no reallocation as the blob grows)
+//! and publishes the list in one map insert, so readers never see half a blob. Reads hand out
+//! slices of the same chunks. The eviction policy bounds the total.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use cairn_config::stores::MemoryStore as MemoryConfig;
-use cairn_core::{stream, BlobStream, Digest, Error};
+use cairn_core::{BlobStream, Digest, Error};
 use futures::StreamExt;
 
 use crate::eviction::EvictionMap;
 use crate::{check_range, Store, StoreInfo};
 
 pub struct MemoryStore {
-    map: EvictionMap<Bytes>,
+    map: EvictionMap<Arc<Vec<Bytes>>>,
 }
 
 impl MemoryStore {
@@ -30,6 +32,26 @@ impl MemoryStore {
     }
 }
 
+/// The slices of `chunks` that cover `start..start + len`.
+fn slices(chunks: &[Bytes], mut start: u64, mut len: u64) -> Vec<Result<Bytes, Error>> {
+    let mut out = Vec::new();
+    for c in chunks {
+        if len == 0 {
+            break;
+        }
+        let n = c.len() as u64;
+        if start >= n {
+            start -= n;
+            continue;
+        }
+        let take = (n - start).min(len);
+        out.push(Ok(c.slice(start as usize..(start + take) as usize)));
+        len -= take;
+        start = 0;
+    }
+    out
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
@@ -42,40 +64,26 @@ impl Store for MemoryStore {
         offset: u64,
         length: Option<u64>,
     ) -> Result<BlobStream, Error> {
-        let Some((data, size)) = self.map.get(key) else {
+        let Some((chunks, size)) = self.map.get(key) else {
             return Err(Error::not_found(format!(
                 "{key} is not in the memory store"
             )));
         };
         let (start, len) = check_range(key, size, offset, length)?;
-        Ok(stream::once(
-            data.slice(start as usize..(start + len) as usize),
-        ))
+        Ok(futures::stream::iter(slices(&chunks, start, len)).boxed())
     }
 
     async fn put(&self, key: &Digest, mut body: BlobStream) -> Result<(), Error> {
-        let mut first: Option<Bytes> = None;
-        let mut buf: Option<BytesMut> = None;
+        let mut chunks = Vec::new();
+        let mut size = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
-            match (&mut first, &mut buf) {
-                (None, _) => first = Some(chunk),
-                (Some(f), None) => {
-                    let mut b = BytesMut::with_capacity(f.len() + chunk.len());
-                    b.extend_from_slice(f);
-                    b.extend_from_slice(&chunk);
-                    buf = Some(b);
-                }
-                (Some(_), Some(b)) => b.extend_from_slice(&chunk),
+            if !chunk.is_empty() {
+                size += chunk.len() as u64;
+                chunks.push(chunk);
             }
         }
-        let data = match (first, buf) {
-            (_, Some(b)) => b.freeze(),
-            (Some(f), None) => f,
-            (None, None) => Bytes::new(),
-        };
-        let size = data.len() as u64;
-        drop(self.map.insert(*key, data, size));
+        drop(self.map.insert(*key, Arc::new(chunks), size));
         Ok(())
     }
 
