@@ -9,6 +9,11 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc keeps freed pages for reuse: large blob buffers come and go at high rates, and
+/// glibc's malloc returns them to the kernel, which then zeroes fresh pages for the next one.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "cairn",
