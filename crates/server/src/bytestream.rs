@@ -12,11 +12,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cairn_core::proto::google::bytestream::byte_stream_server::ByteStream;
-use cairn_core::proto::google::bytestream::{
-    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
-    WriteResponse,
-};
 use cairn_core::{stream as blob_stream, BlobStream, Digest, DigestFunction, Error};
 use cairn_store::{StoreExt, StoreRef};
 use futures::stream::{BoxStream, StreamExt};
@@ -24,6 +19,10 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::bytestream_wire::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+};
 use crate::instances::Instances;
 use crate::metrics::Metrics;
 use crate::resource::{self, Compressor};
@@ -202,7 +201,7 @@ impl ByteStreamService {
         upload: &Upload,
         st: &mut UploadState,
         offset: i64,
-        data: Vec<u8>,
+        data: Bytes,
     ) -> Result<(), Error> {
         let d = upload.digest;
         if offset < 0 {
@@ -222,7 +221,7 @@ impl ByteStreamService {
         if skip >= data.len() {
             return Ok(());
         }
-        let data = Bytes::from(data).slice(skip..);
+        let data = data.slice(skip..);
         st.committed += data.len() as u64;
         upload
             .progress
@@ -364,7 +363,7 @@ impl ByteStreamService {
                 Compressor::Identity => futures::stream::empty().boxed(),
                 Compressor::Zstd => {
                     let mut enc = StreamEncoder::new()?;
-                    let data = enc.finish()?.to_vec();
+                    let data = enc.finish()?;
                     futures::stream::once(async move { Ok(ReadResponse { data }) }).boxed()
                 }
             });
@@ -378,10 +377,7 @@ impl ByteStreamService {
         let body = rechunk(body);
         Ok(match res.compressor {
             Compressor::Identity => body
-                .map(|r| {
-                    r.map(|b| ReadResponse { data: b.to_vec() })
-                        .map_err(Status::from)
-                })
+                .map(|r| r.map(|b| ReadResponse { data: b }).map_err(Status::from))
                 .boxed(),
             Compressor::Zstd => zstd_read(body)?,
         })
@@ -405,8 +401,7 @@ fn zstd_read(body: BlobStream) -> Result<BoxStream<'static, Result<ReadResponse,
             Some(Ok(chunk)) => {
                 let out = e.feed(&chunk);
                 Some((
-                    out.map(|b| ReadResponse { data: b.to_vec() })
-                        .map_err(Status::from),
+                    out.map(|data| ReadResponse { data }).map_err(Status::from),
                     (body, enc),
                 ))
             }
@@ -414,8 +409,7 @@ fn zstd_read(body: BlobStream) -> Result<BoxStream<'static, Result<ReadResponse,
             None => {
                 let out = e.finish();
                 Some((
-                    out.map(|b| ReadResponse { data: b.to_vec() })
-                        .map_err(Status::from),
+                    out.map(|data| ReadResponse { data }).map_err(Status::from),
                     (body, None),
                 ))
             }
@@ -425,14 +419,12 @@ fn zstd_read(body: BlobStream) -> Result<BoxStream<'static, Result<ReadResponse,
     Ok(s.boxed())
 }
 
-#[tonic::async_trait]
-impl ByteStream for ByteStreamService {
-    type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
-
-    async fn read(
+/// The three RPCs, called by [`crate::bytestream_wire::ByteStreamServer`].
+impl ByteStreamService {
+    pub async fn read(
         &self,
         request: Request<ReadRequest>,
-    ) -> Result<Response<Self::ReadStream>, Status> {
+    ) -> Result<Response<crate::bytestream_wire::ReadStream>, Status> {
         let timer = self.metrics.rpc("bytestream", "Read");
         let r = self
             .read_inner(request.into_inner())
@@ -442,7 +434,7 @@ impl ByteStream for ByteStreamService {
         r.map(Response::new)
     }
 
-    async fn write(
+    pub async fn write(
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
@@ -455,7 +447,7 @@ impl ByteStream for ByteStreamService {
         r.map(Response::new)
     }
 
-    async fn query_write_status(
+    pub async fn query_write_status(
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {

@@ -8,6 +8,7 @@
 
 pub mod ac;
 pub mod bytestream;
+pub mod bytestream_wire;
 pub mod capabilities;
 pub mod cas;
 pub mod http;

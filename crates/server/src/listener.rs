@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use cairn_config::servers::{ServerConfig, Services};
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
-use cairn_core::proto::google::bytestream::byte_stream_server::ByteStreamServer;
 use cairn_core::Error;
 use cairn_store::StoreMap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -166,9 +165,10 @@ pub async fn serve(
             }
             inst.insert(c.instance_name.clone(), s);
         }
-        let svc = ByteStreamServer::new(ByteStreamService::new(inst, limits, metrics.clone()))
-            .max_decoding_message_size(limits.max_message_bytes)
-            .max_encoding_message_size(limits.max_message_bytes);
+        let svc = crate::bytestream_wire::ByteStreamServer::new(
+            ByteStreamService::new(inst, limits, metrics.clone()),
+            limits.max_message_bytes,
+        );
         routes.add_service(svc);
     }
     if let Some(c) = capabilities {

@@ -1,0 +1,168 @@
+//! The `google.bytestream.ByteStream` wire messages with `Bytes` payloads, and the tonic
+//! service that routes the three methods to [`ByteStreamService`].
+//!
+//! The generated types of `bazel-remote-apis` carry `data` as `Vec<u8>`, which costs a copy of
+//! every byte in both directions. These types are wire-identical (same fields and tags) but
+//! decode `data` as a slice of tonic's receive buffer and encode it from the store's own
+//! buffers.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use tonic::body::Body;
+use tonic::codegen::{http, StdError};
+use tonic::server::{
+    ClientStreamingService, Grpc, NamedService, ServerStreamingService, UnaryService,
+};
+use tonic::{Request, Response, Status, Streaming};
+use tonic_prost::ProstCodec;
+
+use crate::bytestream::ByteStreamService;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadRequest {
+    #[prost(string, tag = "1")]
+    pub resource_name: String,
+    #[prost(int64, tag = "2")]
+    pub read_offset: i64,
+    #[prost(int64, tag = "3")]
+    pub read_limit: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReadResponse {
+    #[prost(bytes = "bytes", tag = "10")]
+    pub data: Bytes,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WriteRequest {
+    #[prost(string, tag = "1")]
+    pub resource_name: String,
+    #[prost(int64, tag = "2")]
+    pub write_offset: i64,
+    #[prost(bool, tag = "3")]
+    pub finish_write: bool,
+    #[prost(bytes = "bytes", tag = "10")]
+    pub data: Bytes,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WriteResponse {
+    #[prost(int64, tag = "1")]
+    pub committed_size: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueryWriteStatusRequest {
+    #[prost(string, tag = "1")]
+    pub resource_name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueryWriteStatusResponse {
+    #[prost(int64, tag = "1")]
+    pub committed_size: i64,
+    #[prost(bool, tag = "2")]
+    pub complete: bool,
+}
+
+pub type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
+
+/// The tonic service for `google.bytestream.ByteStream`.
+#[derive(Clone)]
+pub struct ByteStreamServer {
+    inner: Arc<ByteStreamService>,
+    max_message_bytes: usize,
+}
+
+impl ByteStreamServer {
+    pub fn new(inner: ByteStreamService, max_message_bytes: usize) -> Self {
+        ByteStreamServer {
+            inner: Arc::new(inner),
+            max_message_bytes,
+        }
+    }
+}
+
+impl NamedService for ByteStreamServer {
+    const NAME: &'static str = "google.bytestream.ByteStream";
+}
+
+struct Read(Arc<ByteStreamService>);
+struct Write(Arc<ByteStreamService>);
+struct Query(Arc<ByteStreamService>);
+
+impl ServerStreamingService<ReadRequest> for Read {
+    type Response = ReadResponse;
+    type ResponseStream = ReadStream;
+    type Future = BoxFuture<'static, Result<Response<ReadStream>, Status>>;
+    fn call(&mut self, request: Request<ReadRequest>) -> Self::Future {
+        let s = self.0.clone();
+        Box::pin(async move { s.read(request).await })
+    }
+}
+
+impl ClientStreamingService<WriteRequest> for Write {
+    type Response = WriteResponse;
+    type Future = BoxFuture<'static, Result<Response<WriteResponse>, Status>>;
+    fn call(&mut self, request: Request<Streaming<WriteRequest>>) -> Self::Future {
+        let s = self.0.clone();
+        Box::pin(async move { s.write(request).await })
+    }
+}
+
+impl UnaryService<QueryWriteStatusRequest> for Query {
+    type Response = QueryWriteStatusResponse;
+    type Future = BoxFuture<'static, Result<Response<QueryWriteStatusResponse>, Status>>;
+    fn call(&mut self, request: Request<QueryWriteStatusRequest>) -> Self::Future {
+        let s = self.0.clone();
+        Box::pin(async move { s.query_write_status(request).await })
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for ByteStreamServer
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let inner = self.inner.clone();
+        let max = self.max_message_bytes;
+        match req.uri().path() {
+            "/google.bytestream.ByteStream/Read" => Box::pin(async move {
+                Ok(Grpc::new(ProstCodec::default())
+                    .apply_max_message_size_config(Some(max), Some(max))
+                    .server_streaming(Read(inner), req)
+                    .await)
+            }),
+            "/google.bytestream.ByteStream/Write" => Box::pin(async move {
+                Ok(Grpc::new(ProstCodec::default())
+                    .apply_max_message_size_config(Some(max), Some(max))
+                    .client_streaming(Write(inner), req)
+                    .await)
+            }),
+            "/google.bytestream.ByteStream/QueryWriteStatus" => Box::pin(async move {
+                Ok(Grpc::new(ProstCodec::default())
+                    .apply_max_message_size_config(Some(max), Some(max))
+                    .unary(Query(inner), req)
+                    .await)
+            }),
+            _ => Box::pin(async move {
+                Ok(Status::unimplemented("unknown ByteStream method").into_http())
+            }),
+        }
+    }
+}
