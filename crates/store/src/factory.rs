@@ -14,8 +14,8 @@ use cairn_config::NamedList;
 use cairn_core::Error;
 
 use crate::{
-    completeness_checking, compression, dedup, existence_cache, fast_slow, filesystem, memory,
-    noop, ref_store, shard, size_partitioning, verify, StoreRef,
+    completeness_checking, compression, dedup, existence_cache, fast_slow, filesystem, grpc,
+    memory, noop, ref_store, shard, size_partitioning, verify, StoreRef,
 };
 
 /// Top-level stores by name.
@@ -128,9 +128,8 @@ impl<'a> Builder<'a> {
                     let target = self.build_named(&c.name).await.map_err(|e| e.context(&path))?;
                     Arc::new(ref_store::RefStore::new(c.name.clone(), target))
                 }
-                StoreSpec::ExperimentalCloudObjectStore(_)
-                | StoreSpec::RedisStore(_)
-                | StoreSpec::Grpc(_) => {
+                StoreSpec::Grpc(c) => Arc::new(grpc::GrpcStore::new(c).map_err(|e| e.context(&path))?),
+                StoreSpec::ExperimentalCloudObjectStore(_) | StoreSpec::RedisStore(_) => {
                     return Err(Error::unimplemented(format!(
                         "{path}: store kind `{}` parses but is not built yet in this version of Cairn; \
                          use memory, filesystem or the wrapper stores for now",

@@ -17,6 +17,7 @@ pub mod existence_cache;
 pub mod factory;
 pub mod fast_slow;
 pub mod filesystem;
+pub mod grpc;
 pub mod memory;
 pub mod noop;
 pub mod ref_store;

@@ -1,0 +1,390 @@
+//! `grpc`: a store on another REAPI server. `store_type: "cas"` speaks ContentAddressableStorage
+//! and ByteStream; `store_type: "ac"` speaks ActionCache (values are serialized
+//! `ActionResult`s). It is what a worker uses to reach the CAS and AC of a split deployment.
+//!
+//! Uploads stream through ByteStream.Write; the remote server verifies them. Reads stream
+//! through ByteStream.Read with offset and limit. Connections are made lazily and reused.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cairn_config::stores::GrpcStore as GrpcConfig;
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::bytestream::{
+    byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest,
+};
+use cairn_core::{stream, BlobStream, Digest, DigestFunction, Error};
+use futures::StreamExt;
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{Health, Store, StoreInfo};
+
+/// Largest message sent or accepted.
+const MAX_MESSAGE: usize = 64 << 20;
+/// Bytes per ByteStream.Write message.
+const WRITE_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Cas,
+    Ac,
+}
+
+pub struct GrpcStore {
+    instance: String,
+    kind: Kind,
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+    addresses: Vec<String>,
+}
+
+impl GrpcStore {
+    pub fn new(cfg: &GrpcConfig) -> Result<GrpcStore, Error> {
+        let kind = match cfg.store_type.as_deref().unwrap_or("cas") {
+            "cas" => Kind::Cas,
+            "ac" => Kind::Ac,
+            other => {
+                return Err(Error::invalid_argument(format!(
+                    "grpc.store_type: expected \"cas\" or \"ac\", found {other:?}"
+                )))
+            }
+        };
+        if cfg.endpoints.is_empty() {
+            return Err(Error::invalid_argument(
+                "grpc.endpoints: at least one endpoint is needed",
+            ));
+        }
+        let mut channels = Vec::new();
+        let mut addresses = Vec::new();
+        for e in &cfg.endpoints {
+            let uri = e
+                .address
+                .replacen("grpc://", "http://", 1)
+                .replacen("grpcs://", "https://", 1);
+            if uri.starts_with("https://") {
+                return Err(Error::unimplemented(format!(
+                    "grpc.endpoints: {}: TLS to upstream stores is not built yet",
+                    e.address
+                )));
+            }
+            let ep = Endpoint::from_shared(uri.clone())
+                .map_err(|err| {
+                    Error::invalid_argument(format!("grpc.endpoints: {:?}: {err}", e.address))
+                })?
+                .tcp_nodelay(true)
+                .initial_stream_window_size(Some(4 << 20))
+                .initial_connection_window_size(Some(16 << 20))
+                .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+                .connect_timeout(std::time::Duration::from_secs(10));
+            channels.push(ep.connect_lazy());
+            addresses.push(e.address.clone());
+        }
+        Ok(GrpcStore {
+            instance: cfg.instance_name.clone(),
+            kind,
+            channels,
+            next: AtomicUsize::new(0),
+            addresses,
+        })
+    }
+
+    fn channel(&self) -> Channel {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        self.channels[i].clone()
+    }
+
+    fn cas(
+        &self,
+    ) -> re::content_addressable_storage_client::ContentAddressableStorageClient<Channel> {
+        re::content_addressable_storage_client::ContentAddressableStorageClient::new(self.channel())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    fn ac(&self) -> re::action_cache_client::ActionCacheClient<Channel> {
+        re::action_cache_client::ActionCacheClient::new(self.channel())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    fn bytestream(&self) -> ByteStreamClient<Channel> {
+        ByteStreamClient::new(self.channel())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    fn prefix(&self) -> String {
+        if self.instance.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.instance)
+        }
+    }
+
+    fn path(key: &Digest) -> String {
+        match key.function() {
+            DigestFunction::Sha256 => format!("blobs/{}/{}", key.hash_hex(), key.size()),
+            f => format!("blobs/{}/{}/{}", f.name(), key.hash_hex(), key.size()),
+        }
+    }
+
+    fn upstream(&self, e: tonic::Status) -> Error {
+        Error::from(e).context(format!("upstream {}", self.addresses.join(",")))
+    }
+}
+
+#[async_trait]
+impl Store for GrpcStore {
+    async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
+        if keys.is_empty() {
+            return Ok(vec![]);
+        }
+        match self.kind {
+            Kind::Cas => {
+                let mut out = vec![None; keys.len()];
+                // One request per digest function.
+                for f in DigestFunction::ALL {
+                    let idx: Vec<usize> = (0..keys.len())
+                        .filter(|&i| keys[i].function() == f)
+                        .collect();
+                    if idx.is_empty() {
+                        continue;
+                    }
+                    let resp = self
+                        .cas()
+                        .find_missing_blobs(re::FindMissingBlobsRequest {
+                            instance_name: self.instance.clone(),
+                            blob_digests: idx.iter().map(|&i| keys[i].to_proto()).collect(),
+                            digest_function: f.to_proto(),
+                        })
+                        .await
+                        .map_err(|e| self.upstream(e))?
+                        .into_inner();
+                    let missing: std::collections::HashSet<(String, i64)> = resp
+                        .missing_blob_digests
+                        .into_iter()
+                        .map(|d| (d.hash, d.size_bytes))
+                        .collect();
+                    for i in idx {
+                        let d = keys[i].to_proto();
+                        if !missing.contains(&(d.hash, d.size_bytes)) {
+                            out[i] = Some(keys[i].size());
+                        }
+                    }
+                }
+                Ok(out)
+            }
+            Kind::Ac => {
+                let mut out = Vec::with_capacity(keys.len());
+                for k in keys {
+                    out.push(match self.get_action_result(k).await {
+                        Ok(b) => Some(b.len() as u64),
+                        Err(e) if e.is_not_found() => None,
+                        Err(e) => return Err(e),
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
+        if self.kind == Kind::Ac {
+            let data = self.get_action_result(key).await?;
+            let (start, len) = crate::check_range(key, data.len() as u64, offset, length)?;
+            return Ok(stream::once(
+                data.slice(start as usize..(start + len) as usize),
+            ));
+        }
+        if key.is_empty_blob() {
+            return Ok(stream::empty());
+        }
+        let resp = self
+            .bytestream()
+            .read(ReadRequest {
+                resource_name: format!("{}{}", self.prefix(), Self::path(key)),
+                read_offset: offset as i64,
+                read_limit: length.unwrap_or(0) as i64,
+            })
+            .await
+            .map_err(|e| self.upstream(e))?
+            .into_inner();
+        let addresses = self.addresses.join(",");
+        Ok(resp
+            .map(move |r| {
+                r.map(|m| Bytes::from(m.data))
+                    .map_err(|e| Error::from(e).context(format!("upstream {addresses}")))
+            })
+            .boxed())
+    }
+
+    async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
+        if self.kind == Kind::Ac {
+            let data = stream::collect(body, MAX_MESSAGE).await?;
+            let result = re::ActionResult::decode(data.as_ref()).map_err(|e| {
+                Error::invalid_argument(format!("{key}: value is not an ActionResult: {e}"))
+            })?;
+            self.ac()
+                .update_action_result(re::UpdateActionResultRequest {
+                    instance_name: self.instance.clone(),
+                    action_digest: Some(key.to_proto()),
+                    action_result: Some(result),
+                    results_cache_policy: None,
+                    digest_function: key.function().to_proto(),
+                })
+                .await
+                .map_err(|e| self.upstream(e))?;
+            return Ok(());
+        }
+        let name = format!(
+            "{}uploads/{}/{}",
+            self.prefix(),
+            uuid::Uuid::new_v4(),
+            Self::path(key)
+        );
+        let size = key.size();
+        // Re-chunk the body into Write messages; the last one carries finish_write. An error
+        // in the body ends the request stream without finish_write, which the server treats
+        // as an interrupted upload (nothing stored).
+        let failure = std::sync::Arc::new(std::sync::OnceLock::<Error>::new());
+        let feed = Feed {
+            body,
+            name,
+            offset: 0,
+            first: true,
+            done: false,
+            pending: Default::default(),
+            failure: failure.clone(),
+        };
+        let result = upload(self.bytestream(), feed).await;
+        if let Some(e) = failure.get().cloned() {
+            return Err(e);
+        }
+        let committed = result
+            .map_err(|e| self.upstream(e))?
+            .into_inner()
+            .committed_size;
+        if committed != size as i64 && committed != -1 {
+            return Err(Error::internal(format!(
+                "upstream {} committed {committed} bytes of {key}",
+                self.addresses.join(",")
+            )));
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> StoreInfo {
+        StoreInfo::leaf("grpc")
+    }
+
+    async fn health(&self) -> Health {
+        Health::Ok
+    }
+}
+
+impl GrpcStore {
+    async fn get_action_result(&self, key: &Digest) -> Result<Bytes, Error> {
+        let r = self
+            .ac()
+            .get_action_result(re::GetActionResultRequest {
+                instance_name: self.instance.clone(),
+                action_digest: Some(key.to_proto()),
+                inline_stdout: false,
+                inline_stderr: false,
+                inline_output_files: vec![],
+                digest_function: key.function().to_proto(),
+            })
+            .await
+            .map_err(|e| self.upstream(e))?
+            .into_inner();
+        Ok(r.encode_to_vec().into())
+    }
+}
+
+/// The state of one upload's request stream.
+struct Feed {
+    body: BlobStream,
+    name: String,
+    offset: u64,
+    first: bool,
+    done: bool,
+    pending: std::collections::VecDeque<Bytes>,
+    failure: std::sync::Arc<std::sync::OnceLock<Error>>,
+}
+
+/// Next Write message of an upload.
+async fn write_step(mut f: Feed) -> Option<(WriteRequest, Feed)> {
+    if f.done {
+        return None;
+    }
+    loop {
+        let (data, finish) = if let Some(d) = f.pending.pop_front() {
+            (d, false)
+        } else {
+            match f.body.next().await {
+                Some(Ok(mut b)) => {
+                    while b.len() > WRITE_CHUNK {
+                        f.pending.push_back(b.split_to(WRITE_CHUNK));
+                    }
+                    if !b.is_empty() {
+                        f.pending.push_back(b);
+                    }
+                    continue;
+                }
+                Some(Err(e)) => {
+                    let _ = f.failure.set(e);
+                    return None;
+                }
+                None => {
+                    f.done = true;
+                    (Bytes::new(), true)
+                }
+            }
+        };
+        let msg = WriteRequest {
+            resource_name: if f.first {
+                f.name.clone()
+            } else {
+                String::new()
+            },
+            write_offset: f.offset as i64,
+            finish_write: finish,
+            data: data.to_vec(),
+        };
+        f.first = false;
+        f.offset += data.len() as u64;
+        return Some((msg, f));
+    }
+}
+
+/// Sends one upload's messages. The body is pumped into a bounded channel by a task of its
+/// own: tonic needs a request stream it can share between threads, which a body stream is not.
+async fn upload(
+    mut client: ByteStreamClient<Channel>,
+    feed: Feed,
+) -> Result<tonic::Response<cairn_core::proto::google::bytestream::WriteResponse>, tonic::Status> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+    let pump = tokio::spawn(async move {
+        let mut feed = Some(feed);
+        while let Some(f) = feed.take() {
+            let Some((msg, next)) = write_step(f).await else {
+                break;
+            };
+            if tx.send(msg).await.is_err() {
+                break;
+            }
+            feed = Some(next);
+        }
+    });
+    let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let result = client.write(requests).await;
+    pump.abort();
+    result
+}
