@@ -62,6 +62,13 @@ impl FilesystemStore {
         self.content.join(key.file_name())
     }
 
+    /// The file holding `key` when the index has it (and marks it recently used), so that a
+    /// worker can hardlink it. The file may be evicted right after: a caller that links or
+    /// opens it must treat NotFound as "absent". Never write through this path.
+    pub fn path_of_blob(&self, key: &Digest) -> Option<PathBuf> {
+        self.index.size_of(key).map(|_| self.path_of(key))
+    }
+
     async fn remove_evicted(&self, evicted: Vec<(Digest, ())>) {
         for (key, ()) in evicted {
             if let Err(e) = tokio::fs::remove_file(self.path_of(&key)).await {

@@ -1,1 +1,446 @@
-//! Placeholder: the worker pipeline.
+//! Cairn's worker pipeline: run one REAPI action from its digest to its `ExecuteResponse`.
+//!
+//! [`ActionRunner::run`] takes an action digest and goes through the steps of
+//! `DESIGN.md`, one module each:
+//!
+//! 1. load (`spec`, `input_tree`): read the Action, the Command and the input tree from the
+//!    CAS and check them. Every missing blob is listed in one FAILED_PRECONDITION with a
+//!    `google.rpc.PreconditionFailure`; a malformed action is INVALID_ARGUMENT.
+//! 2. `prepare`: a fresh directory under the work root, the input root materialised in it
+//!    (hardlinked from a local filesystem CAS when there is one), output parents created.
+//! 3. `execute`: the command in its own process group, only the Command's environment,
+//!    stdout and stderr to capped files, killed at its timeout or on cancellation.
+//! 4. `collect`: outputs hashed and uploaded (files, directories as `Tree`s, symlinks),
+//!    stdout and stderr too.
+//! 5. `report`: the `ActionResult` written to the action cache when it may be cached, and
+//!    the `ExecuteResponse` returned.
+//!
+//! Guarantees: a failure in any step is a status in the returned `ExecuteResponse`, never a
+//! panic or a hang (every wait is bounded by the action's timeout, a drain deadline or the
+//! cancellation token); the action's directory is removed afterwards in every case. This crate
+//! does no networking: a worker-API client drives it.
+
+mod collect;
+mod error;
+mod execute;
+mod input_tree;
+mod prepare;
+mod report;
+mod spec;
+mod workdir;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::{Digest, Error};
+use cairn_store::filesystem::FilesystemStore;
+use cairn_store::{Store, StoreExt, StoreRef};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use error::{
+    missing_blobs_detail, ActionError, PreconditionFailure, Violation,
+    PRECONDITION_FAILURE_TYPE_URL,
+};
+
+use collect::Outputs;
+use execute::{Ending, ExecRequest, Execution};
+use input_tree::InputTree;
+use spec::{ActionParts, CommandSpec};
+use workdir::WorkDir;
+
+/// Largest Action or Command proto read into memory.
+const MAX_PROTO_BYTES: usize = 16 << 20;
+
+/// How a runner runs actions.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Directory under which each run gets a fresh directory. It belongs to this runner:
+    /// [`ActionRunner::clean_work_root`] empties it.
+    pub work_root: PathBuf,
+    /// Bytes kept of each of stdout and stderr; the rest is read and dropped. Default 64 MiB.
+    pub max_output_bytes_stdio: u64,
+    /// Timeout of an action that sets none. Default 10 minutes (capped by `max_timeout`).
+    pub default_timeout: Duration,
+    /// Largest timeout an action may ask for (the scheduler's cap); above it the action is
+    /// rejected with INVALID_ARGUMENT. Default 1 hour.
+    pub max_timeout: Duration,
+    /// Name reported in `ExecutedActionMetadata.worker`. Default: empty.
+    pub worker_name: String,
+}
+
+impl RunnerConfig {
+    /// The defaults above, with `work_root`.
+    pub fn new(work_root: impl Into<PathBuf>) -> RunnerConfig {
+        RunnerConfig {
+            work_root: work_root.into(),
+            max_output_bytes_stdio: 64 << 20,
+            default_timeout: Duration::from_secs(600),
+            max_timeout: Duration::from_secs(3600),
+            worker_name: String::new(),
+        }
+    }
+}
+
+/// One action to run.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// Digest of the `Action` in the CAS; its function is the function of every digest of
+    /// the action.
+    pub action_digest: Digest,
+    /// Never write the result to the action cache (`do_not_cache`). A result is not cached
+    /// either when the Action sets `do_not_cache`, or when the command failed.
+    pub skip_cache_write: bool,
+    /// When the scheduler queued the action, for `ExecutedActionMetadata.queued_timestamp`.
+    pub queued_at: Option<SystemTime>,
+}
+
+/// Runs actions: the stores it reads and writes, and its configuration. Cheap to share
+/// (`Arc`); runs are independent and may overlap.
+pub struct ActionRunner {
+    /// CAS to read inputs from and upload outputs to.
+    cas: StoreRef,
+    /// Where results are written; `None` never writes one.
+    ac: Option<StoreRef>,
+    /// Local filesystem CAS that inputs are hardlinked from (filled from `cas` as needed).
+    local_files: Option<Arc<FilesystemStore>>,
+    cfg: RunnerConfig,
+}
+
+/// What the steps produced: the result (possibly with an error, for a timeout) or an error.
+struct Finished {
+    result: re::ActionResult,
+    error: Option<ActionError>,
+}
+
+impl ActionRunner {
+    /// `local_files`, when given, should not also be the fast tier of `cas`, or a blob
+    /// fetched for an input is written to it twice.
+    pub fn new(
+        cas: StoreRef,
+        ac: Option<StoreRef>,
+        local_files: Option<Arc<FilesystemStore>>,
+        cfg: RunnerConfig,
+    ) -> ActionRunner {
+        ActionRunner {
+            cas,
+            ac,
+            local_files,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &RunnerConfig {
+        &self.cfg
+    }
+
+    /// Runs the action `action_digest`; see [`ActionRunner::run_request`].
+    pub async fn run(
+        &self,
+        action_digest: Digest,
+        skip_cache_write: bool,
+        cancel: CancellationToken,
+    ) -> Result<re::ExecuteResponse, Error> {
+        let req = RunRequest {
+            action_digest,
+            skip_cache_write,
+            queued_at: None,
+        };
+        self.run_request(req, cancel).await
+    }
+
+    /// Runs one action and returns its `ExecuteResponse`, whose status says how it went: OK
+    /// (whatever the exit code), FAILED_PRECONDITION (missing blobs, listed in a
+    /// PreconditionFailure; or a program that cannot be started), INVALID_ARGUMENT (a
+    /// malformed action), DEADLINE_EXCEEDED (timed out; the result holds stdout and stderr so
+    /// far), CANCELLED (`cancel` fired; the process group is killed), or the code of a store
+    /// or disk failure.
+    ///
+    /// `Err` only when the runner cannot run anything: its work directory cannot be created.
+    /// The caller should then give the action back to the scheduler and report itself
+    /// unhealthy.
+    pub async fn run_request(
+        &self,
+        req: RunRequest,
+        cancel: CancellationToken,
+    ) -> Result<re::ExecuteResponse, Error> {
+        let span = tracing::info_span!("action", digest = %req.action_digest);
+        self.run_in_span(req, cancel).instrument(span).await
+    }
+
+    async fn run_in_span(
+        &self,
+        req: RunRequest,
+        cancel: CancellationToken,
+    ) -> Result<re::ExecuteResponse, Error> {
+        let worker_start = SystemTime::now();
+        let dir = WorkDir::create(&self.cfg.work_root).await?;
+        let mut meta = re::ExecutedActionMetadata {
+            worker: self.cfg.worker_name.clone(),
+            queued_timestamp: req.queued_at.map(report::timestamp),
+            worker_start_timestamp: Some(report::timestamp(worker_start)),
+            ..Default::default()
+        };
+        let mut notes = Vec::new();
+        let outcome = self.steps(&req, &dir, &cancel, &mut meta, &mut notes).await;
+        dir.remove().await;
+        let response = match outcome {
+            Ok(Finished { result, error }) => {
+                report::response(Some(result), error.as_ref(), &notes)
+            }
+            Err(e) => report::response(None, Some(&e), &notes),
+        };
+        tracing::debug!(
+            status = response.status.as_ref().map_or(0, |s| s.code),
+            exit_code = response.result.as_ref().map(|r| r.exit_code),
+            "action finished"
+        );
+        Ok(response)
+    }
+
+    /// Empties the work root (directories of runs a crash abandoned). Call it before the
+    /// first run, never while runs are in progress.
+    pub async fn clean_work_root(&self) -> Result<(), Error> {
+        let root = self.cfg.work_root.clone();
+        tokio::task::spawn_blocking(move || {
+            let entries = match std::fs::read_dir(&root) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(Error::io(format!("reading {}", root.display()), e)),
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    workdir::remove_tree(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                removed.map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("work root cleaning task failed: {e}")))?
+    }
+
+    async fn steps(
+        &self,
+        req: &RunRequest,
+        dir: &WorkDir,
+        cancel: &CancellationToken,
+        meta: &mut re::ExecutedActionMetadata,
+        notes: &mut Vec<String>,
+    ) -> Result<Finished, ActionError> {
+        let function = req.action_digest.function();
+
+        meta.input_fetch_start_timestamp = Some(report::timestamp(SystemTime::now()));
+        let (action, command, tree) = until_cancelled(cancel, self.load(req.action_digest)).await?;
+        let exec_root = dir.exec_root();
+        until_cancelled(cancel, async {
+            prepare::materialize(&*self.cas, self.local_files.as_ref(), &tree, &exec_root).await?;
+            prepare::create_output_parents(&exec_root, &command).await
+        })
+        .await?;
+        drop(tree);
+        meta.input_fetch_completed_timestamp = Some(report::timestamp(SystemTime::now()));
+
+        let exec = execute::execute(
+            ExecRequest {
+                arguments: &command.arguments,
+                environment: &command.environment,
+                cwd: exec_root.join(&command.working_directory),
+                stdout: dir.stdout(),
+                stderr: dir.stderr(),
+                timeout: action.timeout,
+                stdio_cap: self.cfg.max_output_bytes_stdio,
+            },
+            cancel,
+        )
+        .await?;
+        meta.execution_start_timestamp = Some(report::timestamp(exec.started));
+        meta.execution_completed_timestamp = Some(report::timestamp(exec.finished));
+        for (name, c) in [("stdout", exec.stdout), ("stderr", exec.stderr)] {
+            if c.truncated() {
+                notes.push(format!(
+                    "{name} was cut to its first {} bytes (the command wrote {})",
+                    c.kept, c.written
+                ));
+            }
+        }
+
+        meta.output_upload_start_timestamp = Some(report::timestamp(SystemTime::now()));
+        let timed_out = matches!(exec.ending, Ending::TimedOut(_));
+        let (outputs, stdout, stderr) =
+            until_cancelled(cancel, self.collect(dir, &command, function, !timed_out)).await?;
+        meta.output_upload_completed_timestamp = Some(report::timestamp(SystemTime::now()));
+
+        let mut result = action_result(&exec, outputs, stdout, stderr);
+        meta.worker_completed_timestamp = Some(report::timestamp(SystemTime::now()));
+        result.execution_metadata = Some(meta.clone());
+        if timed_out {
+            return Ok(Finished {
+                result,
+                error: Some(ActionError::TimedOut(action.timeout)),
+            });
+        }
+
+        let skip = req.skip_cache_write || action.do_not_cache;
+        if let Some(ac) = self
+            .ac
+            .as_ref()
+            .filter(|_| report::cacheable(skip, &result))
+        {
+            let written = until_cancelled(cancel, async {
+                Ok(report::write_action_result(&**ac, &req.action_digest, &result).await)
+            })
+            .await?;
+            if let Err(e) = written {
+                tracing::warn!(digest = %req.action_digest, error = %e, "action result not cached");
+                notes.push(format!("the result was not cached: {e}"));
+            }
+        }
+        Ok(Finished {
+            result,
+            error: None,
+        })
+    }
+
+    /// Reads and checks the Action, the Command and the input tree; every missing blob is
+    /// reported at once.
+    async fn load(
+        &self,
+        action_digest: Digest,
+    ) -> Result<(ActionParts, CommandSpec, InputTree), ActionError> {
+        let cas = &*self.cas;
+        let Some(action) = fetch_proto::<re::Action>(cas, action_digest, "Action").await? else {
+            return Err(ActionError::MissingBlobs(vec![action_digest]));
+        };
+        let parts = spec::check_action(
+            action_digest.function(),
+            &action,
+            self.cfg.default_timeout,
+            self.cfg.max_timeout,
+        )?;
+        let (command, tree) = tokio::join!(
+            fetch_proto::<re::Command>(cas, parts.command, "Command"),
+            input_tree::fetch_tree(cas, parts.input_root),
+        );
+        let (command, mut tree) = (command?, tree?);
+        let command = command.as_ref().map(spec::check_command).transpose()?;
+        let mut missing = Vec::new();
+        if command.is_none() {
+            missing.push(parts.command);
+        }
+        missing.append(&mut tree.missing_dirs);
+        let local = self.local_files.as_deref();
+        missing.extend(input_tree::find_missing_files(cas, local, &tree.files).await?);
+        match command {
+            Some(command) if missing.is_empty() => Ok((parts, command, tree)),
+            _ => Err(ActionError::MissingBlobs(missing)),
+        }
+    }
+
+    /// Hashes and uploads the outputs (only stdout and stderr when `outputs` is false).
+    async fn collect(
+        &self,
+        dir: &WorkDir,
+        command: &CommandSpec,
+        function: cairn_core::DigestFunction,
+        outputs: bool,
+    ) -> Result<(Outputs, Option<Digest>, Option<Digest>), ActionError> {
+        let exec_root = dir.exec_root();
+        let (stdout_path, stderr_path) = (dir.stdout(), dir.stderr());
+        let declared = if outputs {
+            command.outputs.clone()
+        } else {
+            vec![]
+        };
+        let directory_blobs = command.directory_blobs;
+        let (outputs, stdout, stderr) = prepare::blocking(move || {
+            let mut outputs =
+                collect::scan_outputs(&exec_root, &declared, function, directory_blobs)?;
+            let mut stdio = |path: &std::path::Path| -> Result<Option<Digest>, ActionError> {
+                Ok(
+                    collect::stdio_blob(path, function)?.map(|(digest, source)| {
+                        outputs.uploads.push((digest, source));
+                        digest
+                    }),
+                )
+            };
+            let stdout = stdio(&stdout_path)?;
+            let stderr = stdio(&stderr_path)?;
+            Ok((outputs, stdout, stderr))
+        })
+        .await?;
+        let mut outputs = outputs;
+        collect::upload(&*self.cas, std::mem::take(&mut outputs.uploads)).await?;
+        Ok((outputs, stdout, stderr))
+    }
+}
+
+/// The `ActionResult` of a run (metadata is added by the caller).
+fn action_result(
+    exec: &Execution,
+    outputs: Outputs,
+    stdout: Option<Digest>,
+    stderr: Option<Digest>,
+) -> re::ActionResult {
+    let exit_code = match exec.ending {
+        Ending::Exited(code) | Ending::TimedOut(code) => code,
+    };
+    #[allow(deprecated)]
+    re::ActionResult {
+        output_files: outputs.files,
+        output_file_symlinks: outputs.file_symlinks,
+        output_symlinks: outputs.symlinks,
+        output_directories: outputs.directories,
+        output_directory_symlinks: outputs.directory_symlinks,
+        exit_code,
+        stdout_raw: vec![],
+        stdout_digest: stdout.map(|d| d.to_proto()),
+        stderr_raw: vec![],
+        stderr_digest: stderr.map(|d| d.to_proto()),
+        execution_metadata: None,
+    }
+}
+
+/// A proto read from the CAS; `None` when the CAS does not have it.
+async fn fetch_proto<M: Message + Default>(
+    cas: &dyn Store,
+    digest: Digest,
+    what: &str,
+) -> Result<Option<M>, ActionError> {
+    let bytes = match cas.get_all(&digest, MAX_PROTO_BYTES).await {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.context(format!("reading the {what} {digest}")).into()),
+    };
+    M::decode(bytes).map(Some).map_err(|e| {
+        ActionError::invalid(format!(
+            "the {what} {digest} is not a valid {what} proto: {e}"
+        ))
+    })
+}
+
+/// `f`, or CANCELLED as soon as `cancel` fires (dropping `f`).
+async fn until_cancelled<T>(
+    cancel: &CancellationToken,
+    f: impl Future<Output = Result<T, ActionError>>,
+) -> Result<T, ActionError> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(ActionError::Cancelled),
+        r = f => r,
+    }
+}
+
+/// `run` must be spawnable: its future is `Send` for any borrow of the runner.
+#[allow(dead_code)]
+fn assert_run_is_send(runner: Arc<ActionRunner>, digest: Digest) {
+    fn send<T: Send>(_: T) {}
+    send(async move { runner.run(digest, false, CancellationToken::new()).await });
+}
