@@ -121,27 +121,6 @@ fn check_refs(
     Ok(())
 }
 
-/// Refuses what parses but is not built yet, before anything starts.
-pub fn refuse_unbuilt(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
-    let msg = |what: &str| {
-        format!("{what} parses but is not built yet in this version of Cairn; remove it to start")
-    };
-    if let Some(n) = cfg.schedulers.iter().next() {
-        return Err(ConfigError::new(
-            file,
-            format!("schedulers.{}", n.name),
-            msg("the scheduler"),
-        ));
-    }
-    if !cfg.workers.is_empty() {
-        return Err(ConfigError::new(file, "workers", msg("the local worker")));
-    }
-    if cfg.worker.is_some() {
-        return Err(ConfigError::new(file, "worker", msg("the local worker")));
-    }
-    Ok(())
-}
-
 /// The resolved store and scheduler trees, indented.
 pub fn describe(cfg: &CairnConfig) -> String {
     let mut out = String::from("stores:\n");

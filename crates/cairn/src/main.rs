@@ -4,6 +4,7 @@
 mod bench;
 mod check;
 mod run;
+mod workers;
 
 use std::path::PathBuf;
 

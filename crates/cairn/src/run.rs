@@ -32,7 +32,7 @@ pub fn main(config: Option<&Path>) -> ExitCode {
         p.display().to_string()
     });
     if let Err(e) =
-        crate::check::validate(&file, &cfg).and_then(|()| crate::check::refuse_unbuilt(&file, &cfg))
+        crate::check::validate(&file, &cfg)
     {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -79,9 +79,17 @@ fn init_logging() {
 }
 
 async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result<()> {
-    let stores = cairn_store::build_stores(&cfg.stores)
+    let tree = cairn_store::build_store_tree(&cfg.stores)
         .await
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    let stores = tree.stores.clone();
+    let mut schedulers = std::collections::BTreeMap::new();
+    for n in cfg.schedulers.iter() {
+        let p = cairn_server::execution::pipeline::build(&n.name, &n.spec, &stores, format!("schedulers.{}", n.name))
+            .await
+            .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        schedulers.insert(n.name.clone(), p);
+    }
     let metrics = Metrics::new();
     let shutdown = CancellationToken::new();
     let mut running = Vec::new();
@@ -90,6 +98,7 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
             i,
             s,
             &stores,
+            &schedulers,
             metrics.clone(),
             Limits::default(),
             shutdown.clone(),
@@ -100,17 +109,23 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         println!("cairn: server {:?} listening on {}", r.name, r.local_addr);
         running.push(r);
     }
-    if running.is_empty() {
-        anyhow::bail!("{file}: `servers` is empty: nothing to serve");
+    let worker_stop = CancellationToken::new();
+    let mut workers = Vec::new();
+    for (i, w) in cfg.local_workers().into_iter().enumerate() {
+        workers.push(crate::workers::start(file, i, w, &tree, worker_stop.clone()).await?);
     }
-    if is_default {
-        let a = running[0].local_addr;
+    if running.is_empty() && workers.is_empty() {
+        anyhow::bail!("{file}: `servers` and `workers` are empty: nothing to run");
+    }
+    if let (true, Some(first)) = (is_default, running.first()) {
+        let a = first.local_addr;
         println!(
             "cairn: data under {}",
             std::env::var("CAIRN_DATA").unwrap_or_else(|_| "./cairn-data".into())
         );
         println!("cairn: point Bazel at it with");
-        println!("    bazel build --remote_cache=grpc://{a} //...");
+        println!("    bazel build --remote_executor=grpc://{a} //...   (remote execution)");
+        println!("    bazel build --remote_cache=grpc://{a} //...      (cache only)");
         println!("cairn: health at http://{a}/status, metrics at http://{a}/metrics");
     }
     use std::io::Write;
@@ -120,6 +135,10 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         .await
         .context("installing signal handlers")?;
     tracing::info!("stop signal: no new connections; draining in-flight requests");
+    worker_stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
     shutdown.cancel();
     for r in running {
         let _ = r.task.await;

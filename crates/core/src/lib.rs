@@ -4,6 +4,7 @@
 
 pub mod digest;
 pub mod error;
+pub mod precondition;
 pub mod stream;
 
 pub use digest::{Digest, DigestFunction, Hasher};

@@ -44,6 +44,10 @@ impl<T: Clone> Instances<T> {
         self.map.contains_key(instance)
     }
 
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.map.values()
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.map.keys()
     }

@@ -11,6 +11,7 @@ pub mod bytestream;
 pub mod bytestream_wire;
 pub mod capabilities;
 pub mod cas;
+pub mod execution;
 pub mod http;
 pub mod instances;
 pub mod listener;

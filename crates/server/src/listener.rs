@@ -42,6 +42,7 @@ pub async fn serve(
     index: usize,
     cfg: &ServerConfig,
     stores: &StoreMap,
+    schedulers: &std::collections::BTreeMap<String, crate::execution::ExecutionPipeline>,
     metrics: Arc<Metrics>,
     limits: Limits,
     shutdown: CancellationToken,
@@ -54,12 +55,6 @@ pub async fn serve(
     }
     let services = cfg.services.clone().unwrap_or_default();
     let sp = format!("{path}.services");
-    if services.execution.is_some() {
-        return Err(unbuilt(&format!("{sp}.execution"), "remote execution"));
-    }
-    if services.worker_api.is_some() {
-        return Err(unbuilt(&format!("{sp}.worker_api"), "the worker API"));
-    }
     for (key, v) in [
         ("admin", &services.admin),
         ("fetch", &services.fetch),
@@ -80,8 +75,19 @@ pub async fn serve(
         bytestream,
         health,
         metrics: metrics_cfg,
+        execution,
+        worker_api,
         ..
     } = services;
+    let scheduler_named = |name: &str, at: String| {
+        schedulers.get(name).cloned().ok_or_else(|| {
+            let known: Vec<&str> = schedulers.keys().map(|s| s.as_str()).collect();
+            Error::invalid_argument(format!(
+                "{at}: no scheduler named {name:?} (schedulers are: {})",
+                known.join(", ")
+            ))
+        })
+    };
     let mut caps_by_instance: std::collections::BTreeMap<String, InstanceCaps> = Default::default();
     let mut used_stores: Vec<(String, cairn_store::StoreRef)> = Vec::new();
     let mut note_store = |name: &str, s: &cairn_store::StoreRef| {
@@ -171,22 +177,51 @@ pub async fn serve(
         );
         routes.add_service(svc);
     }
+    if let Some(ex) = execution {
+        let mut inst = Instances::new("Execution");
+        let mut pipelines: Vec<crate::execution::ExecutionPipeline> = Vec::new();
+        for e in &ex.0 {
+            let at = format!("{sp}.execution.{}", e.instance_name);
+            let cas = store_named(stores, &e.cas_store, &format!("{at}.cas_store"))?;
+            let pipeline = scheduler_named(&e.scheduler, format!("{at}.scheduler"))?;
+            if !pipelines.iter().any(|p| p.name == pipeline.name) {
+                pipelines.push(pipeline.clone());
+            }
+            inst.insert(e.instance_name.clone(), crate::execution::service::ExecutionInstance { cas, pipeline });
+            caps_by_instance.entry(e.instance_name.clone()).or_default().execution = true;
+        }
+        routes.add_service(
+            re::execution_server::ExecutionServer::new(crate::execution::service::ExecutionService::new(inst, metrics.clone()))
+                .max_decoding_message_size(limits.max_message_bytes)
+                .max_encoding_message_size(limits.max_message_bytes),
+        );
+        routes.add_service(cairn_core::proto::google::longrunning::operations_server::OperationsServer::new(
+            crate::execution::operations::OperationsService::new(pipelines, metrics.clone()),
+        ));
+    }
+    if let Some(w) = worker_api {
+        let pipeline = scheduler_named(&w.scheduler, format!("{sp}.worker_api.scheduler"))?;
+        routes.add_service(
+            cairn_proto::worker::v1::worker_api_server::WorkerApiServer::new(crate::execution::worker_api::WorkerApiService::new(pipeline))
+                .max_decoding_message_size(limits.max_message_bytes)
+                .max_encoding_message_size(limits.max_message_bytes),
+        );
+    }
     if let Some(c) = capabilities {
         let mut inst = Instances::new("Capabilities");
         for e in &c.0 {
-            if e.remote_execution.is_some() {
-                return Err(unbuilt(
-                    &format!("{sp}.capabilities.{}.remote_execution", e.instance_name),
-                    "remote execution",
-                ));
+            let mut caps = caps_by_instance
+                .get(&e.instance_name)
+                .cloned()
+                .unwrap_or_default();
+            if let Some(re) = &e.remote_execution {
+                scheduler_named(
+                    &re.scheduler,
+                    format!("{sp}.capabilities.{}.remote_execution.scheduler", e.instance_name),
+                )?;
+                caps.execution = true;
             }
-            inst.insert(
-                e.instance_name.clone(),
-                caps_by_instance
-                    .get(&e.instance_name)
-                    .cloned()
-                    .unwrap_or_default(),
-            );
+            inst.insert(e.instance_name.clone(), caps);
         }
         routes.add_service(re::capabilities_server::CapabilitiesServer::new(
             CapabilitiesService::new(inst, limits, metrics.clone()),

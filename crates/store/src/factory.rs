@@ -23,21 +23,58 @@ pub type StoreMap = BTreeMap<String, StoreRef>;
 
 /// Builds every named store.
 pub async fn build_stores(specs: &NamedList<StoreSpec>) -> Result<StoreMap, Error> {
+    Ok(build_store_tree(specs).await?.stores)
+}
+
+/// Every store built from a config: the named ones, and every node of their trees by key
+/// path (`stores.WORKER_CAS.fast_slow.fast`), with the filesystem stores also by their concrete
+/// type (a worker hardlinks inputs out of one).
+#[derive(Default, Clone)]
+pub struct StoreTree {
+    pub stores: StoreMap,
+    pub nodes: BTreeMap<String, StoreRef>,
+    pub filesystems: BTreeMap<String, Arc<filesystem::FilesystemStore>>,
+}
+
+/// Builds every named store and records each node.
+pub async fn build_store_tree(specs: &NamedList<StoreSpec>) -> Result<StoreTree, Error> {
     let mut b = Builder {
         specs,
         built: StoreMap::new(),
         stack: Vec::new(),
+        nodes: BTreeMap::new(),
+        filesystems: BTreeMap::new(),
     };
     for named in specs.iter() {
         b.build_named(&named.name).await?;
     }
-    Ok(b.built)
+    Ok(StoreTree {
+        stores: b.built,
+        nodes: b.nodes,
+        filesystems: b.filesystems,
+    })
+}
+
+/// Builds one spec that may refer (`ref_store`) to already built named stores; `path` is its
+/// key path for error messages.
+pub async fn build_spec(spec: &StoreSpec, named: &StoreMap, path: &str) -> Result<StoreRef, Error> {
+    let empty = NamedList::default();
+    let mut b = Builder {
+        specs: &empty,
+        built: named.clone(),
+        stack: Vec::new(),
+        nodes: BTreeMap::new(),
+        filesystems: BTreeMap::new(),
+    };
+    b.build_spec(spec, path.to_string()).await
 }
 
 struct Builder<'a> {
     specs: &'a NamedList<StoreSpec>,
     built: StoreMap,
     stack: Vec<String>,
+    nodes: BTreeMap<String, StoreRef>,
+    filesystems: BTreeMap<String, Arc<filesystem::FilesystemStore>>,
 }
 
 type BuildFuture<'b> = Pin<Box<dyn Future<Output = Result<StoreRef, Error>> + Send + 'b>>;
@@ -76,11 +113,11 @@ impl<'a> Builder<'a> {
             let at = |key: &str| format!("{path}.{}.{key}", spec.kind());
             let store: StoreRef = match spec {
                 StoreSpec::Memory(c) => Arc::new(memory::MemoryStore::new(c)),
-                StoreSpec::Filesystem(c) => Arc::new(
-                    filesystem::FilesystemStore::open(c)
-                        .await
-                        .map_err(|e| e.context(&path))?,
-                ),
+                StoreSpec::Filesystem(c) => {
+                    let fs = Arc::new(filesystem::FilesystemStore::open(c).await.map_err(|e| e.context(&path))?);
+                    self.filesystems.insert(format!("{path}.filesystem"), fs.clone());
+                    fs
+                }
                 StoreSpec::FastSlow(c) => {
                     let fast = self.build_spec(&c.fast, at("fast")).await?;
                     let slow = self.build_spec(&c.slow, at("slow")).await?;
@@ -137,6 +174,7 @@ impl<'a> Builder<'a> {
                     )))
                 }
             };
+            self.nodes.insert(path.clone(), store.clone());
             Ok(store)
         })
     }

@@ -26,6 +26,7 @@ mod execute;
 mod input_tree;
 mod prepare;
 mod report;
+pub mod session;
 mod spec;
 mod workdir;
 

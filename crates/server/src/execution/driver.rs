@@ -1,0 +1,517 @@
+//! The scheduler's I/O driver: one task owns the pure `cairn_scheduler::Scheduler`, feeds it
+//! what clients and workers do, and carries out its decisions (start or kill an action on a
+//! worker's stream, update the operations' watchers, drop a timed-out worker). Between events
+//! it sleeps until the core's next deadline. Everyone else talks to it through a
+//! [`SchedulerHandle`] (a bounded command channel); no lock is shared.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::{Digest, Error};
+use cairn_proto::worker::v1 as wapi;
+use cairn_scheduler::{
+    ActionRequest, AttemptId, Decision, EventError, OperationId, OperationStatus, Outcome,
+    Scheduler, SchedulerOptions, WorkerId,
+};
+use tokio::sync::{mpsc, oneshot};
+
+/// What a worker needs to run an action.
+#[derive(Debug, Clone)]
+pub struct ActionPayload {
+    pub instance: String,
+    pub digest: Digest,
+    pub skip_cache_write: bool,
+    pub timeout: Option<Duration>,
+    pub queued_at_unix_ms: i64,
+}
+
+/// A snapshot of one operation, sent to its watchers at every stage change.
+#[derive(Debug, Clone)]
+pub struct OpUpdate {
+    pub op_id: String,
+    pub action_digest: Digest,
+    pub status: OperationStatus<re::ExecuteResponse>,
+}
+
+/// Worker slots, for `/metrics` and `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerStats {
+    pub queued: usize,
+    pub executing: usize,
+    pub workers: usize,
+    pub total_slots: u64,
+    pub busy_slots: u64,
+    pub retries_total: u64,
+    pub completed: u64,
+}
+
+enum Cmd {
+    Add {
+        op_id: String,
+        digest: Digest,
+        request: ActionRequest<ActionPayload>,
+        watcher: mpsc::Sender<OpUpdate>,
+        reply: oneshot::Sender<Result<u64, Error>>,
+    },
+    Attach {
+        op_id: String,
+        watcher: mpsc::Sender<OpUpdate>,
+        reply: oneshot::Sender<Result<(u64, OpUpdate), Error>>,
+    },
+    Detach {
+        op_id: String,
+        watcher_no: u64,
+    },
+    Cancel {
+        op_id: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Delete {
+        op_id: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Get {
+        op_id: String,
+        reply: oneshot::Sender<Option<OpUpdate>>,
+    },
+    List {
+        reply: oneshot::Sender<Vec<OpUpdate>>,
+    },
+    WorkerConnect {
+        worker_id: String,
+        properties: Vec<(String, String)>,
+        slots: u32,
+        tx: mpsc::Sender<Result<wapi::SchedulerMessage, tonic::Status>>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    WorkerKeepalive {
+        worker_id: String,
+    },
+    WorkerDone {
+        worker_id: String,
+        attempt: u64,
+        outcome: Outcome<re::ExecuteResponse>,
+    },
+    WorkerGone {
+        worker_id: String,
+    },
+    Stats {
+        reply: oneshot::Sender<SchedulerStats>,
+    },
+}
+
+/// A cheap, cloneable handle on a running scheduler.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<Cmd>,
+    pub keepalive_interval: Duration,
+}
+
+/// Commands queued to the driver before senders wait.
+const COMMAND_DEPTH: usize = 4096;
+/// Messages queued to one worker or one watcher.
+pub const STREAM_DEPTH: usize = 1024;
+
+fn gone() -> Error {
+    Error::unavailable("the scheduler has stopped")
+}
+
+impl SchedulerHandle {
+    /// Starts the driver task.
+    pub fn spawn(opts: SchedulerOptions) -> SchedulerHandle {
+        let (tx, rx) = mpsc::channel(COMMAND_DEPTH);
+        let keepalive_interval = (opts.worker_timeout / 3).max(Duration::from_millis(100));
+        let driver = Driver {
+            core: Scheduler::new(opts),
+            start: Instant::now(),
+            watchers: HashMap::new(),
+            digests: HashMap::new(),
+            workers: HashMap::new(),
+            next_watcher: 1,
+        };
+        tokio::spawn(driver.run(rx));
+        SchedulerHandle {
+            tx,
+            keepalive_interval,
+        }
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// Queues (or merges) an operation; updates arrive on `watcher`. Returns the watcher's
+    /// number, for [`SchedulerHandle::detach`].
+    pub async fn add(
+        &self,
+        op_id: String,
+        digest: Digest,
+        request: ActionRequest<ActionPayload>,
+        watcher: mpsc::Sender<OpUpdate>,
+    ) -> Result<u64, Error> {
+        self.call(|reply| Cmd::Add {
+            op_id,
+            digest,
+            request,
+            watcher,
+            reply,
+        })
+        .await?
+    }
+
+    /// Watches an existing operation (WaitExecution); returns the watcher's number and the
+    /// operation's current state.
+    pub async fn attach(&self, op_id: String, watcher: mpsc::Sender<OpUpdate>) -> Result<(u64, OpUpdate), Error> {
+        self.call(|reply| Cmd::Attach { op_id, watcher, reply }).await?
+    }
+
+    /// A watcher's stream closed. Never waits.
+    pub fn detach(&self, op_id: String, watcher_no: u64) {
+        let cmd = Cmd::Detach { op_id, watcher_no };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
+    }
+
+    pub async fn cancel(&self, op_id: String) -> Result<(), Error> {
+        self.call(|reply| Cmd::Cancel { op_id, reply }).await?
+    }
+
+    pub async fn delete(&self, op_id: String) -> Result<(), Error> {
+        self.call(|reply| Cmd::Delete { op_id, reply }).await?
+    }
+
+    pub async fn get(&self, op_id: String) -> Result<Option<OpUpdate>, Error> {
+        self.call(|reply| Cmd::Get { op_id, reply }).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<OpUpdate>, Error> {
+        self.call(|reply| Cmd::List { reply }).await
+    }
+
+    pub async fn stats(&self) -> Result<SchedulerStats, Error> {
+        self.call(|reply| Cmd::Stats { reply }).await
+    }
+
+    pub async fn worker_connect(
+        &self,
+        worker_id: String,
+        properties: Vec<(String, String)>,
+        slots: u32,
+        tx: mpsc::Sender<Result<wapi::SchedulerMessage, tonic::Status>>,
+    ) -> Result<(), Error> {
+        self.call(|reply| Cmd::WorkerConnect {
+            worker_id,
+            properties,
+            slots,
+            tx,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn worker_keepalive(&self, worker_id: String) {
+        let _ = self.tx.send(Cmd::WorkerKeepalive { worker_id }).await;
+    }
+
+    pub async fn worker_done(&self, worker_id: String, attempt: u64, outcome: Outcome<re::ExecuteResponse>) {
+        let _ = self
+            .tx
+            .send(Cmd::WorkerDone {
+                worker_id,
+                attempt,
+                outcome,
+            })
+            .await;
+    }
+
+    /// A worker's stream ended. Never waits.
+    pub fn worker_gone(&self, worker_id: String) {
+        let cmd = Cmd::WorkerGone { worker_id };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
+    }
+}
+
+struct Driver {
+    core: Scheduler<ActionPayload, re::ExecuteResponse>,
+    start: Instant,
+    watchers: HashMap<String, Vec<(u64, mpsc::Sender<OpUpdate>)>>,
+    digests: HashMap<String, Digest>,
+    workers: HashMap<String, mpsc::Sender<Result<wapi::SchedulerMessage, tonic::Status>>>,
+    next_watcher: u64,
+}
+
+fn event_error(e: EventError) -> Error {
+    match e {
+        EventError::UnknownOperation(op) => Error::not_found(format!("operation {op:?} does not exist (or has expired)")),
+        EventError::OperationNotDone(op) => Error::failed_precondition(format!("operation {op:?} has not completed; cancel it first")),
+        EventError::InvalidWorker { worker_id, reason } => Error::invalid_argument(format!("worker {worker_id}: {reason}")),
+        other => Error::invalid_argument(other.to_string()),
+    }
+}
+
+impl Driver {
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        loop {
+            let deadline = self.core.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(self.start + d)).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                },
+                _ = sleep => {
+                    let now = self.now();
+                    let decisions = self.core.tick(now);
+                    self.apply(decisions);
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self, op_id: &str) -> Option<OpUpdate> {
+        let view = self.core.operation(&OperationId(op_id.to_string()))?;
+        let status = match view.stage {
+            cairn_scheduler::Stage::Queued => OperationStatus::Queued,
+            cairn_scheduler::Stage::Executing => OperationStatus::Executing,
+            cairn_scheduler::Stage::Completed => OperationStatus::Completed(view.outcome.cloned()?),
+        };
+        Some(OpUpdate {
+            op_id: op_id.to_string(),
+            action_digest: *self.digests.get(op_id)?,
+            status,
+        })
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        let now = self.now();
+        match cmd {
+            Cmd::Add { op_id, digest, request, watcher, reply } => {
+                let no = self.next_watcher;
+                self.next_watcher += 1;
+                self.digests.insert(op_id.clone(), digest);
+                self.watchers.entry(op_id.clone()).or_default().push((no, watcher));
+                match self.core.add_operation(now, OperationId(op_id.clone()), request) {
+                    Ok(d) => {
+                        let _ = reply.send(Ok(no));
+                        self.apply(d);
+                    }
+                    Err(e) => {
+                        self.watchers.remove(&op_id);
+                        self.digests.remove(&op_id);
+                        let _ = reply.send(Err(event_error(e)));
+                    }
+                }
+            }
+            Cmd::Attach { op_id, watcher, reply } => {
+                let Some(snap) = self.snapshot(&op_id) else {
+                    let _ = reply.send(Err(Error::not_found(format!("operation {op_id:?} does not exist (or has expired)"))));
+                    return;
+                };
+                let no = self.next_watcher;
+                self.next_watcher += 1;
+                if matches!(snap.status, OperationStatus::Completed(_)) {
+                    let _ = reply.send(Ok((no, snap)));
+                    return;
+                }
+                self.watchers.entry(op_id.clone()).or_default().push((no, watcher));
+                match self.core.watcher_attached(now, &OperationId(op_id)) {
+                    Ok(d) => {
+                        let _ = reply.send(Ok((no, snap)));
+                        self.apply(d);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(event_error(e)));
+                    }
+                }
+            }
+            Cmd::Detach { op_id, watcher_no } => {
+                let Some(list) = self.watchers.get_mut(&op_id) else { return };
+                let before = list.len();
+                list.retain(|(n, _)| *n != watcher_no);
+                if list.len() < before {
+                    if let Ok(d) = self.core.watcher_detached(now, &OperationId(op_id)) {
+                        self.apply(d);
+                    }
+                }
+            }
+            Cmd::Cancel { op_id, reply } => match self.core.cancel_operation(now, &OperationId(op_id)) {
+                Ok(d) => {
+                    let _ = reply.send(Ok(()));
+                    self.apply(d);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(event_error(e)));
+                }
+            },
+            Cmd::Delete { op_id, reply } => match self.core.delete_operation(&OperationId(op_id.clone())) {
+                Ok(()) => {
+                    self.digests.remove(&op_id);
+                    self.watchers.remove(&op_id);
+                    let _ = reply.send(Ok(()));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(event_error(e)));
+                }
+            },
+            Cmd::Get { op_id, reply } => {
+                let _ = reply.send(self.snapshot(&op_id));
+            }
+            Cmd::List { reply } => {
+                let ids: Vec<String> = self.core.operations().map(|v| v.op_id.0.clone()).collect();
+                let _ = reply.send(ids.iter().filter_map(|id| self.snapshot(id)).collect());
+            }
+            Cmd::WorkerConnect { worker_id, properties, slots, tx, reply } => {
+                match self.core.worker_connected(now, WorkerId(worker_id.clone()), properties, slots) {
+                    Ok(d) => {
+                        self.workers.insert(worker_id, tx);
+                        let _ = reply.send(Ok(()));
+                        self.apply(d);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(event_error(e)));
+                    }
+                }
+            }
+            Cmd::WorkerKeepalive { worker_id } => {
+                if let Ok(d) = self.core.worker_keepalive(now, &WorkerId(worker_id)) {
+                    self.apply(d);
+                }
+            }
+            Cmd::WorkerDone { worker_id, attempt, outcome } => {
+                if let Ok(d) = self.core.action_completed(now, &WorkerId(worker_id), AttemptId(attempt), outcome) {
+                    self.apply(d);
+                }
+            }
+            Cmd::WorkerGone { worker_id } => {
+                self.workers.remove(&worker_id);
+                if let Ok(d) = self.core.worker_disconnected(now, &WorkerId(worker_id)) {
+                    self.apply(d);
+                }
+            }
+            Cmd::Stats { reply } => {
+                let mut s = SchedulerStats {
+                    queued: self.core.queue_length(),
+                    executing: self.core.executing_count(),
+                    retries_total: self.core.counters().retries_total,
+                    completed: self.core.counters().operations_completed,
+                    ..Default::default()
+                };
+                for w in self.core.workers() {
+                    s.workers += 1;
+                    s.total_slots += w.total_slots as u64;
+                    s.busy_slots += w.busy_slots as u64;
+                }
+                let _ = reply.send(s);
+            }
+        }
+    }
+
+    /// Carries out decisions; a worker whose stream cannot take a message is disconnected,
+    /// and what that decides is carried out too.
+    fn apply(&mut self, decisions: Vec<Decision<ActionPayload, re::ExecuteResponse>>) {
+        let mut pending = decisions;
+        while !pending.is_empty() {
+            let mut next = Vec::new();
+            for d in pending {
+                match d {
+                    Decision::StartAction { worker_id, attempt_id, payload, .. } => {
+                        let msg = wapi::SchedulerMessage {
+                            message: Some(wapi::scheduler_message::Message::StartAction(wapi::StartAction {
+                                action_id: attempt_id.0.to_string(),
+                                instance_name: payload.instance.clone(),
+                                action_hash: payload.digest.hash_hex(),
+                                action_size: payload.digest.size() as i64,
+                                digest_function: payload.digest.function().to_proto(),
+                                skip_cache_write: payload.skip_cache_write,
+                                timeout_ms: payload.timeout.map_or(0, |t| t.as_millis() as u64),
+                                queued_at_unix_ms: payload.queued_at_unix_ms,
+                            })),
+                        };
+                        if !self.send_worker(&worker_id.0, msg) {
+                            next.extend(self.drop_worker(&worker_id.0));
+                        }
+                    }
+                    Decision::KillAction { worker_id, attempt_id } => {
+                        let msg = wapi::SchedulerMessage {
+                            message: Some(wapi::scheduler_message::Message::KillAction(wapi::KillAction {
+                                action_id: attempt_id.0.to_string(),
+                            })),
+                        };
+                        if !self.send_worker(&worker_id.0, msg) {
+                            next.extend(self.drop_worker(&worker_id.0));
+                        }
+                    }
+                    Decision::OperationUpdate { op_id, status } => {
+                        let done = matches!(status, OperationStatus::Completed(_));
+                        if let Some(digest) = self.digests.get(&op_id.0).copied() {
+                            let update = OpUpdate {
+                                op_id: op_id.0.clone(),
+                                action_digest: digest,
+                                status,
+                            };
+                            if let Some(list) = self.watchers.get_mut(&op_id.0) {
+                                // A watcher too slow to take an update loses it (the next one,
+                                // or the final one, still comes); a closed one is dropped.
+                                list.retain(|(_, w)| !matches!(w.try_send(update.clone()), Err(mpsc::error::TrySendError::Closed(_))));
+                            }
+                        }
+                        if done {
+                            self.watchers.remove(&op_id.0);
+                        }
+                    }
+                    Decision::WorkerRemoved { worker_id, reason } => {
+                        if let Some(tx) = self.workers.remove(&worker_id.0) {
+                            let _ = tx.try_send(Err(tonic::Status::unavailable(format!(
+                                "worker removed by the scheduler: {reason:?}"
+                            ))));
+                        }
+                    }
+                }
+            }
+            pending = next;
+        }
+    }
+
+    fn send_worker(&self, worker_id: &str, msg: wapi::SchedulerMessage) -> bool {
+        match self.workers.get(worker_id) {
+            Some(tx) => tx.try_send(Ok(msg)).is_ok(),
+            None => false,
+        }
+    }
+
+    fn drop_worker(&mut self, worker_id: &str) -> Vec<Decision<ActionPayload, re::ExecuteResponse>> {
+        self.workers.remove(worker_id);
+        let now = self.now();
+        self.core
+            .worker_disconnected(now, &WorkerId(worker_id.to_string()))
+            .unwrap_or_default()
+    }
+}
+
+/// Milliseconds since the Unix epoch, for queued timestamps.
+pub fn unix_ms_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

@@ -1,0 +1,11 @@
+//! Remote execution: the scheduler's I/O driver, the Execution and Operations services, and
+//! the worker API service.
+
+pub mod driver;
+pub mod operations;
+pub mod pipeline;
+pub mod service;
+pub mod worker_api;
+
+pub use driver::{ActionPayload, OpUpdate, SchedulerHandle, SchedulerStats};
+pub use pipeline::ExecutionPipeline;

@@ -1,0 +1,110 @@
+//! A scheduler as the config describes it: `simple` (a driven core), wrapped by
+//! `cache_lookup` (answer from the action cache before queuing) and `property_modifier`
+//! (add or remove platform properties before matching).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_config::schedulers::{PropertyModification, SchedulerSpec, SimpleScheduler};
+use cairn_core::Error;
+use cairn_scheduler::{AllocationStrategy, PropertyType, SchedulerOptions};
+use cairn_store::{StoreMap, StoreRef};
+
+use super::SchedulerHandle;
+
+/// What an Execute goes through.
+#[derive(Clone)]
+pub struct ExecutionPipeline {
+    pub name: String,
+    pub handle: SchedulerHandle,
+    /// The action cache consulted before queuing (`cache_lookup`).
+    pub ac: Option<StoreRef>,
+    pub modifications: Arc<Vec<PropertyModification>>,
+}
+
+impl ExecutionPipeline {
+    /// Applies the `property_modifier` changes, in order.
+    pub fn modify(&self, mut props: Vec<(String, String)>) -> Vec<(String, String)> {
+        for m in self.modifications.iter() {
+            match m {
+                PropertyModification::Add(kv) => props.push((kv.name.clone(), kv.value.clone())),
+                PropertyModification::Remove(name) => props.retain(|(n, _)| n != name),
+            }
+        }
+        props
+    }
+}
+
+/// The scheduler options of a `simple` config (defaults as the troubleshooting guide says).
+pub fn options(s: &SimpleScheduler) -> SchedulerOptions {
+    let d = SchedulerOptions::default();
+    SchedulerOptions {
+        supported_platform_properties: s
+            .supported_platform_properties
+            .iter()
+            .map(|(k, v)| {
+                let t = match v {
+                    cairn_config::schedulers::PropertyType::Exact => PropertyType::Exact,
+                    cairn_config::schedulers::PropertyType::Minimum => PropertyType::Minimum,
+                    cairn_config::schedulers::PropertyType::Priority => PropertyType::Priority,
+                    cairn_config::schedulers::PropertyType::Ignore => PropertyType::Ignore,
+                };
+                (k.clone(), t)
+            })
+            .collect::<BTreeMap<_, _>>(),
+        worker_timeout: s.worker_timeout_s.map_or(d.worker_timeout, Duration::from_secs),
+        client_action_timeout: s.client_action_timeout_s.map_or(d.client_action_timeout, Duration::from_secs),
+        max_action_executing_timeout: s.max_action_executing_timeout_s.map(Duration::from_secs),
+        max_job_retries: s.max_job_retries.map_or(d.max_job_retries, |r| r.min(u32::MAX as u64) as u32),
+        allocation_strategy: match s.allocation_strategy {
+            cairn_config::schedulers::AllocationStrategy::LeastRecentlyUsed => AllocationStrategy::LeastRecentlyUsed,
+            cairn_config::schedulers::AllocationStrategy::MostRecentlyUsed => AllocationStrategy::MostRecentlyUsed,
+        },
+        retain_completed_for: s.retain_completed_for_s.map_or(d.retain_completed_for, Duration::from_secs),
+        unschedulable_grace_period: s
+            .unschedulable_grace_period_s
+            .map_or(d.unschedulable_grace_period, Duration::from_secs),
+    }
+}
+
+type BuildFuture<'a> = Pin<Box<dyn Future<Output = Result<ExecutionPipeline, Error>> + Send + 'a>>;
+
+/// Builds (and starts) one configured scheduler.
+pub fn build<'a>(name: &'a str, spec: &'a SchedulerSpec, stores: &'a StoreMap, path: String) -> BuildFuture<'a> {
+    Box::pin(async move {
+        match spec {
+            SchedulerSpec::Simple(s) => {
+                if s.experimental_backend.is_some() {
+                    return Err(Error::unimplemented(format!(
+                        "{path}.simple.experimental_backend: shared scheduler state parses but is not built yet"
+                    )));
+                }
+                Ok(ExecutionPipeline {
+                    name: name.to_string(),
+                    handle: SchedulerHandle::spawn(options(s)),
+                    ac: None,
+                    modifications: Arc::new(vec![]),
+                })
+            }
+            SchedulerSpec::CacheLookup(c) => {
+                let ac = cairn_store::build_spec(&c.ac_store, stores, &format!("{path}.cache_lookup.ac_store")).await?;
+                let mut inner = build(name, &c.scheduler, stores, format!("{path}.cache_lookup.scheduler")).await?;
+                inner.ac = Some(ac);
+                Ok(inner)
+            }
+            SchedulerSpec::PropertyModifier(p) => {
+                let mut inner = build(name, &p.scheduler, stores, format!("{path}.property_modifier.scheduler")).await?;
+                let mut mods = p.modifications.clone();
+                mods.extend(inner.modifications.iter().cloned());
+                inner.modifications = Arc::new(mods);
+                Ok(inner)
+            }
+            SchedulerSpec::Grpc(_) => Err(Error::unimplemented(format!(
+                "{path}.grpc: forwarding to a remote scheduler parses but is not built yet; run the scheduler in this process or point clients at it"
+            ))),
+        }
+    })
+}

@@ -1,0 +1,182 @@
+//! The worker's side of the worker API: connect to a scheduler, register, keep alive, run
+//! each StartAction with the [`ActionRunner`], answer with ActionDone, and kill on KillAction.
+//! A lost connection cancels what runs (the scheduler re-queues it) and reconnects with
+//! backoff, until shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cairn_core::{Digest, DigestFunction, Error};
+use cairn_proto::worker::v1 as wapi;
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{ActionRunner, RunRequest};
+
+/// How the worker presents itself.
+#[derive(Debug, Clone)]
+pub struct WorkerIdentity {
+    pub name: String,
+    pub properties: Vec<(String, String)>,
+    pub slots: u32,
+}
+
+/// Runs the worker until `shutdown`; returns only then.
+pub async fn run_worker(endpoint: String, identity: WorkerIdentity, runner: Arc<ActionRunner>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match session(&endpoint, &identity, runner.clone(), shutdown.clone()).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(worker = %identity.name, endpoint = %endpoint, error = %e, "worker session ended; reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One connection: until the stream ends, fails or shutdown.
+async fn session(
+    endpoint: &str,
+    identity: &WorkerIdentity,
+    runner: Arc<ActionRunner>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let uri = endpoint.replacen("grpc://", "http://", 1);
+    let channel = tonic::transport::Endpoint::from_shared(uri)
+        .map_err(|e| Error::invalid_argument(format!("worker_api_endpoint {endpoint:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| Error::unavailable(format!("connecting to {endpoint}: {e}")))?;
+    let mut client = wapi::worker_api_client::WorkerApiClient::new(channel);
+    let (tx, mut rx) = mpsc::channel::<wapi::WorkerMessage>(256);
+    tx.send(wapi::WorkerMessage {
+        message: Some(wapi::worker_message::Message::Register(wapi::Register {
+            name: identity.name.clone(),
+            properties: identity
+                .properties
+                .iter()
+                .map(|(n, v)| wapi::Property { name: n.clone(), value: v.clone() })
+                .collect(),
+            slots: identity.slots,
+        })),
+    })
+    .await
+    .map_err(|_| Error::internal("worker outbox closed"))?;
+    let outbound = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut inbound = client.session(outbound).await.map_err(Error::from)?.into_inner();
+
+    let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
+    let session_done = CancellationToken::new();
+    let _cancel_on_exit = session_done.clone().drop_guard();
+    let mut keepalive: Option<tokio::time::Interval> = None;
+    let result = loop {
+        let tick = async {
+            match keepalive.as_mut() {
+                Some(i) => {
+                    i.tick().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = tick => {
+                let ka = wapi::WorkerMessage { message: Some(wapi::worker_message::Message::Keepalive(wapi::Keepalive {})) };
+                if tx.send(ka).await.is_err() {
+                    break Err(Error::unavailable("worker stream closed"));
+                }
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => match m.message {
+                    Some(wapi::scheduler_message::Message::Registered(r)) => {
+                        let every = Duration::from_millis(r.keepalive_interval_ms.max(50));
+                        tracing::info!(worker = %r.worker_id, "registered with the scheduler");
+                        keepalive = Some(tokio::time::interval(every));
+                    }
+                    Some(wapi::scheduler_message::Message::StartAction(s)) => {
+                        start(s, runner.clone(), tx.clone(), running.clone(), session_done.clone());
+                    }
+                    Some(wapi::scheduler_message::Message::KillAction(k)) => {
+                        if let Some(t) = running.lock().get(&k.action_id) {
+                            t.cancel();
+                        }
+                    }
+                    None => {}
+                },
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(Error::from(e)),
+            }
+        }
+    };
+    // Whatever still runs belongs to a session the scheduler has given up on.
+    for (_, t) in running.lock().drain() {
+        t.cancel();
+    }
+    result
+}
+
+fn start(
+    s: wapi::StartAction,
+    runner: Arc<ActionRunner>,
+    tx: mpsc::Sender<wapi::WorkerMessage>,
+    running: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    session_done: CancellationToken,
+) {
+    let cancel = session_done.child_token();
+    running.lock().insert(s.action_id.clone(), cancel.clone());
+    tokio::spawn(async move {
+        let done = match parse_digest(&s) {
+            Err(e) => wapi::ActionDone {
+                action_id: s.action_id.clone(),
+                execute_response: vec![],
+                error_code: e.code.rpc_code(),
+                error_message: e.message,
+            },
+            Ok(digest) => {
+                let queued_at = (s.queued_at_unix_ms > 0)
+                    .then(|| UNIX_EPOCH + Duration::from_millis(s.queued_at_unix_ms as u64));
+                let req = RunRequest {
+                    action_digest: digest,
+                    skip_cache_write: s.skip_cache_write,
+                    queued_at: queued_at.or_else(|| Some(SystemTime::now())),
+                };
+                match runner.run_request(req, cancel).await {
+                    Ok(resp) => wapi::ActionDone {
+                        action_id: s.action_id.clone(),
+                        execute_response: resp.encode_to_vec(),
+                        error_code: 0,
+                        error_message: String::new(),
+                    },
+                    Err(e) => wapi::ActionDone {
+                        action_id: s.action_id.clone(),
+                        execute_response: vec![],
+                        error_code: e.code.rpc_code().max(1),
+                        error_message: e.message,
+                    },
+                }
+            }
+        };
+        running.lock().remove(&s.action_id);
+        let _ = tx
+            .send(wapi::WorkerMessage { message: Some(wapi::worker_message::Message::ActionDone(done)) })
+            .await;
+    });
+}
+
+fn parse_digest(s: &wapi::StartAction) -> Result<Digest, Error> {
+    let f = DigestFunction::from_request(s.digest_function, s.action_hash.len())?;
+    Digest::parse(f, &s.action_hash, s.action_size)
+}
