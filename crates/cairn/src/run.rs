@@ -31,9 +31,7 @@ pub fn main(config: Option<&Path>) -> ExitCode {
     let file = config.map_or("<built-in default config>".to_string(), |p| {
         p.display().to_string()
     });
-    if let Err(e) =
-        crate::check::validate(&file, &cfg)
-    {
+    if let Err(e) = crate::check::validate(&file, &cfg) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
@@ -85,9 +83,14 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
     let stores = tree.stores.clone();
     let mut schedulers = std::collections::BTreeMap::new();
     for n in cfg.schedulers.iter() {
-        let p = cairn_server::execution::pipeline::build(&n.name, &n.spec, &stores, format!("schedulers.{}", n.name))
-            .await
-            .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        let p = cairn_server::execution::pipeline::build(
+            &n.name,
+            &n.spec,
+            &stores,
+            format!("schedulers.{}", n.name),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
         schedulers.insert(n.name.clone(), p);
     }
     let metrics = Metrics::new();

@@ -28,7 +28,9 @@ pub async fn start(
         .as_ref()
         .map(|e| e.uri.clone())
         .or_else(|| cfg.scheduler_endpoint.clone())
-        .ok_or_else(|| anyhow!("{at}: worker_api_endpoint.uri (or scheduler_endpoint) is required"))?;
+        .ok_or_else(|| {
+            anyhow!("{at}: worker_api_endpoint.uri (or scheduler_endpoint) is required")
+        })?;
     let cas_name = cfg
         .cas_fast_slow_store
         .as_deref()
@@ -39,23 +41,34 @@ pub async fn start(
         .cloned()
         .ok_or_else(|| anyhow!("{at}.cas_fast_slow_store: no store named {cas_name:?}"))?;
     // fast_slow(filesystem, X): hardlink from the filesystem, fetch from and upload to X.
-    let fast_fs = tree.filesystems.get(&format!("stores.{cas_name}.fast_slow.fast.filesystem")).cloned();
-    let slow = tree.nodes.get(&format!("stores.{cas_name}.fast_slow.slow")).cloned();
+    let fast_fs = tree
+        .filesystems
+        .get(&format!("stores.{cas_name}.fast_slow.fast.filesystem"))
+        .cloned();
+    let slow = tree
+        .nodes
+        .get(&format!("stores.{cas_name}.fast_slow.slow"))
+        .cloned();
     let (cas, local_files) = match (fast_fs, slow) {
         (Some(fs), Some(slow)) => (slow, Some(fs)),
         _ => (whole, None),
     };
-    let ac = match cfg.upload_action_result.as_ref().and_then(|v| v.get("ac_store")).and_then(|v| v.as_str()) {
-        Some(name) => Some(
-            tree.stores
-                .get(name)
-                .cloned()
-                .ok_or_else(|| anyhow!("{at}.upload_action_result.ac_store: no store named {name:?}"))?,
-        ),
+    let ac = match cfg
+        .upload_action_result
+        .as_ref()
+        .and_then(|v| v.get("ac_store"))
+        .and_then(|v| v.as_str())
+    {
+        Some(name) => Some(tree.stores.get(name).cloned().ok_or_else(|| {
+            anyhow!("{at}.upload_action_result.ac_store: no store named {name:?}")
+        })?),
         None => None,
     };
     let work_root = PathBuf::from(cfg.work_directory.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join("cairn-work").display().to_string()
+        std::env::temp_dir()
+            .join("cairn-work")
+            .display()
+            .to_string()
     }));
     let name = cfg.name.clone().unwrap_or_else(|| format!("local-{index}"));
     let mut rc = RunnerConfig::new(work_root.clone());
@@ -76,14 +89,18 @@ pub async fn start(
     let mut properties = Vec::new();
     for (prop, value) in &cfg.platform_properties {
         match value {
-            PropertyValue::Values(vs) => properties.extend(vs.iter().map(|v| (prop.clone(), v.clone()))),
+            PropertyValue::Values(vs) => {
+                properties.extend(vs.iter().map(|v| (prop.clone(), v.clone())))
+            }
             PropertyValue::QueryCmd(cmd) => {
                 let out = tokio::process::Command::new("/bin/sh")
                     .arg("-c")
                     .arg(cmd)
                     .output()
                     .await
-                    .with_context(|| format!("{at}.platform_properties.{prop}.query_cmd: running {cmd:?}"))?;
+                    .with_context(|| {
+                        format!("{at}.platform_properties.{prop}.query_cmd: running {cmd:?}")
+                    })?;
                 if !out.status.success() {
                     bail!(
                         "{at}.platform_properties.{prop}.query_cmd: {cmd:?} exited with {}: {}",
@@ -100,7 +117,13 @@ pub async fn start(
             }
         }
     }
-    let identity = WorkerIdentity { name, properties, slots };
+    let identity = WorkerIdentity {
+        name,
+        properties,
+        slots,
+    };
     tracing::info!(worker = %identity.name, endpoint = %endpoint, slots, "starting local worker");
-    Ok(tokio::spawn(run_worker(endpoint, identity, runner, shutdown)))
+    Ok(tokio::spawn(run_worker(
+        endpoint, identity, runner, shutdown,
+    )))
 }

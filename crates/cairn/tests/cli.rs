@@ -89,8 +89,6 @@ fn features_not_built_yet_are_refused_at_start_with_the_key_path() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/fixtures");
     for (file, key) in [
         ("guide-tls.json5", "servers[0].listener.http.tls"),
-        ("ts-scheduler-retries.json5", "schedulers.main"),
-        ("ts-worker.json5", "worker"),
         (
             "guide-production-storage.json5",
             "experimental_cloud_object_store",

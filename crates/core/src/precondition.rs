@@ -49,4 +49,3 @@ pub fn missing_blobs_detail(digests: &[Digest]) -> Any {
         value: failure.encode_to_vec(),
     }
 }
-

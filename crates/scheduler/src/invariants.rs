@@ -13,7 +13,6 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
     /// Panics with a description of the first inconsistency found.
     pub(crate) fn check_invariants(&self) {
         let strategy = self.opts.allocation_strategy;
-        let t0 = std::time::Instant::now();
 
         // Operations <-> actions.
         for (op_id, op) in &self.ops {
@@ -98,7 +97,6 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
                 .count()
         );
 
-        let t1 = std::time::Instant::now();
         // Workers: capacity and indexes.
         assert_eq!(self.worker_nos.len(), self.workers.len());
         assert_eq!(self.timers.worker.len(), self.workers.len());
@@ -130,7 +128,6 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
             }
         }
 
-        let t2 = std::time::Instant::now();
         // Shapes, and which registered worker can run which, recomputed pair by pair.
         let mut capable_pairs = 0;
         for (&sno, e) in &self.shapes.entries {
@@ -139,7 +136,12 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
             for (&wno, w) in &self.workers {
                 let can = w.caps.can_run(&e.shape);
                 assert_eq!(e.capable.contains(&wno), can, "{sno:?} capable of {}", w.id);
-                assert_eq!(w.capable_shapes.contains_key(&sno), can, "{} on {sno:?}", w.id);
+                assert_eq!(
+                    w.capable_shapes.contains_key(&sno),
+                    can,
+                    "{} on {sno:?}",
+                    w.id
+                );
                 if !can {
                     continue;
                 }
@@ -148,7 +150,12 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
                 assert_eq!(w.capable_shapes[&sno], mm);
                 let fits = w.capacity.fits(&e.shape);
                 let key = (mm, w.order(strategy), wno);
-                assert_eq!(e.available.contains(&key), fits, "{} available for {sno:?}", w.id);
+                assert_eq!(
+                    e.available.contains(&key),
+                    fits,
+                    "{} available for {sno:?}",
+                    w.id
+                );
                 fitting += usize::from(fits);
             }
             assert_eq!(e.available.len(), fitting, "available workers of {sno:?}");
@@ -171,15 +178,14 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
                 "shape {sno:?} has a queued action and a free worker after an event"
             );
         }
-        let t3 = std::time::Instant::now();
-        unsafe { T[0] += (t1-t0).as_nanos(); T[1] += (t2-t1).as_nanos(); T[2] += (t3-t2).as_nanos(); T[3] += 1; }
         let indexed: usize = self.workers.values().map(|w| w.capable_shapes.len()).sum();
-        assert_eq!(indexed, capable_pairs, "workers index no shape that is gone");
+        assert_eq!(
+            indexed, capable_pairs,
+            "workers index no shape that is gone"
+        );
         assert_eq!(
             self.shapes.idle.len(),
             self.shapes.entries.values().filter(|e| e.refs == 0).count()
         );
     }
 }
-
-pub(crate) static mut T: [u128; 4] = [0; 4];

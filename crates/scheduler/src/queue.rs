@@ -152,7 +152,6 @@ impl ShapeQueue {
     pub fn get(&self, key: &QueueKey) -> Option<ActionNo> {
         self.by_order.get(key).copied()
     }
-
 }
 
 #[cfg(test)]

@@ -187,24 +187,36 @@ pub async fn serve(
             if !pipelines.iter().any(|p| p.name == pipeline.name) {
                 pipelines.push(pipeline.clone());
             }
-            inst.insert(e.instance_name.clone(), crate::execution::service::ExecutionInstance { cas, pipeline });
-            caps_by_instance.entry(e.instance_name.clone()).or_default().execution = true;
+            inst.insert(
+                e.instance_name.clone(),
+                crate::execution::service::ExecutionInstance { cas, pipeline },
+            );
+            caps_by_instance
+                .entry(e.instance_name.clone())
+                .or_default()
+                .execution = true;
         }
         routes.add_service(
-            re::execution_server::ExecutionServer::new(crate::execution::service::ExecutionService::new(inst, metrics.clone()))
-                .max_decoding_message_size(limits.max_message_bytes)
-                .max_encoding_message_size(limits.max_message_bytes),
+            re::execution_server::ExecutionServer::new(
+                crate::execution::service::ExecutionService::new(inst, metrics.clone()),
+            )
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes),
         );
-        routes.add_service(cairn_core::proto::google::longrunning::operations_server::OperationsServer::new(
-            crate::execution::operations::OperationsService::new(pipelines, metrics.clone()),
-        ));
+        routes.add_service(
+            cairn_core::proto::google::longrunning::operations_server::OperationsServer::new(
+                crate::execution::operations::OperationsService::new(pipelines, metrics.clone()),
+            ),
+        );
     }
     if let Some(w) = worker_api {
         let pipeline = scheduler_named(&w.scheduler, format!("{sp}.worker_api.scheduler"))?;
         routes.add_service(
-            cairn_proto::worker::v1::worker_api_server::WorkerApiServer::new(crate::execution::worker_api::WorkerApiService::new(pipeline))
-                .max_decoding_message_size(limits.max_message_bytes)
-                .max_encoding_message_size(limits.max_message_bytes),
+            cairn_proto::worker::v1::worker_api_server::WorkerApiServer::new(
+                crate::execution::worker_api::WorkerApiService::new(pipeline),
+            )
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes),
         );
     }
     if let Some(c) = capabilities {
@@ -217,7 +229,10 @@ pub async fn serve(
             if let Some(re) = &e.remote_execution {
                 scheduler_named(
                     &re.scheduler,
-                    format!("{sp}.capabilities.{}.remote_execution.scheduler", e.instance_name),
+                    format!(
+                        "{sp}.capabilities.{}.remote_execution.scheduler",
+                        e.instance_name
+                    ),
                 )?;
                 caps.execution = true;
             }

@@ -25,7 +25,12 @@ pub struct WorkerIdentity {
 }
 
 /// Runs the worker until `shutdown`; returns only then.
-pub async fn run_worker(endpoint: String, identity: WorkerIdentity, runner: Arc<ActionRunner>, shutdown: CancellationToken) {
+pub async fn run_worker(
+    endpoint: String,
+    identity: WorkerIdentity,
+    runner: Arc<ActionRunner>,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         if shutdown.is_cancelled() {
@@ -68,7 +73,10 @@ async fn session(
             properties: identity
                 .properties
                 .iter()
-                .map(|(n, v)| wapi::Property { name: n.clone(), value: v.clone() })
+                .map(|(n, v)| wapi::Property {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
                 .collect(),
             slots: identity.slots,
         })),
@@ -76,7 +84,11 @@ async fn session(
     .await
     .map_err(|_| Error::internal("worker outbox closed"))?;
     let outbound = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let mut inbound = client.session(outbound).await.map_err(Error::from)?.into_inner();
+    let mut inbound = client
+        .session(outbound)
+        .await
+        .map_err(Error::from)?
+        .into_inner();
 
     let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
     let session_done = CancellationToken::new();
@@ -171,7 +183,9 @@ fn start(
         };
         running.lock().remove(&s.action_id);
         let _ = tx
-            .send(wapi::WorkerMessage { message: Some(wapi::worker_message::Message::ActionDone(done)) })
+            .send(wapi::WorkerMessage {
+                message: Some(wapi::worker_message::Message::ActionDone(done)),
+            })
             .await;
     });
 }

@@ -187,15 +187,8 @@ impl Model {
     /// Checks the model against the core, then drops operations the core has forgotten
     /// (they can only be NOT_FOUND from now on).
     fn check(&mut self) {
-        let t0 = std::time::Instant::now();
-        self.s.check_invariants();
-        unsafe { T[0] += t0.elapsed().as_nanos(); T[2] += 1; }
-        let t0 = std::time::Instant::now();
-        self.check2();
-        unsafe { T[1] += t0.elapsed().as_nanos(); }
-    }
-    fn check2(&mut self) {
         let mut forgotten = Vec::new();
+        self.s.check_invariants();
         assert_eq!(
             self.s.workers().count(),
             self.workers.len(),
@@ -502,14 +495,11 @@ impl Model {
     }
 }
 
-static mut T: [u128; 4] = [0; 4];
 fn run_sequence(seed: u64, steps: usize) {
     let mut m = Model::new(seed);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for _ in 0..steps {
-            let t0 = std::time::Instant::now();
             m.random_step();
-            unsafe { T[3] += t0.elapsed().as_nanos(); }
             m.check();
         }
         m.run_to_completion();
@@ -520,15 +510,22 @@ fn run_sequence(seed: u64, steps: usize) {
     }
 }
 
+/// 2,000 sequences of 100 random steps each (two tests, so that they run in parallel).
 #[test]
 fn random_event_sequences_keep_the_invariants() {
-    for seed in 0..2000 {
+    for seed in 0..1000 {
         run_sequence(seed, 100);
     }
-    unsafe { let t = crate::invariants::T; eprintln!("sections {:?}", [t[0]/t[3], t[1]/t[3], t[2]/t[3]]); }
-    unsafe { eprintln!("inv {}ms model {}ms checks {} steps {}ms", T[0]/1000000, T[1]/1000000, T[2], T[3]/1000000); }
 }
 
+#[test]
+fn more_random_event_sequences_keep_the_invariants() {
+    for seed in 1000..2000 {
+        run_sequence(seed, 100);
+    }
+}
+
+/// Fewer, longer sequences reach states short ones do not (many workers, long queues).
 #[test]
 fn long_random_sequences_keep_the_invariants() {
     for seed in 10_000..10_010 {

@@ -164,8 +164,17 @@ impl SchedulerHandle {
 
     /// Watches an existing operation (WaitExecution); returns the watcher's number and the
     /// operation's current state.
-    pub async fn attach(&self, op_id: String, watcher: mpsc::Sender<OpUpdate>) -> Result<(u64, OpUpdate), Error> {
-        self.call(|reply| Cmd::Attach { op_id, watcher, reply }).await?
+    pub async fn attach(
+        &self,
+        op_id: String,
+        watcher: mpsc::Sender<OpUpdate>,
+    ) -> Result<(u64, OpUpdate), Error> {
+        self.call(|reply| Cmd::Attach {
+            op_id,
+            watcher,
+            reply,
+        })
+        .await?
     }
 
     /// A watcher's stream closed. Never waits.
@@ -220,7 +229,12 @@ impl SchedulerHandle {
         let _ = self.tx.send(Cmd::WorkerKeepalive { worker_id }).await;
     }
 
-    pub async fn worker_done(&self, worker_id: String, attempt: u64, outcome: Outcome<re::ExecuteResponse>) {
+    pub async fn worker_done(
+        &self,
+        worker_id: String,
+        attempt: u64,
+        outcome: Outcome<re::ExecuteResponse>,
+    ) {
         let _ = self
             .tx
             .send(Cmd::WorkerDone {
@@ -254,9 +268,15 @@ struct Driver {
 
 fn event_error(e: EventError) -> Error {
     match e {
-        EventError::UnknownOperation(op) => Error::not_found(format!("operation {op:?} does not exist (or has expired)")),
-        EventError::OperationNotDone(op) => Error::failed_precondition(format!("operation {op:?} has not completed; cancel it first")),
-        EventError::InvalidWorker { worker_id, reason } => Error::invalid_argument(format!("worker {worker_id}: {reason}")),
+        EventError::UnknownOperation(op) => {
+            Error::not_found(format!("operation {op:?} does not exist (or has expired)"))
+        }
+        EventError::OperationNotDone(op) => Error::failed_precondition(format!(
+            "operation {op:?} has not completed; cancel it first"
+        )),
+        EventError::InvalidWorker { worker_id, reason } => {
+            Error::invalid_argument(format!("worker {worker_id}: {reason}"))
+        }
         other => Error::invalid_argument(other.to_string()),
     }
 }
@@ -271,7 +291,10 @@ impl Driver {
             let deadline = self.core.next_deadline();
             let sleep = async {
                 match deadline {
-                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(self.start + d)).await,
+                    Some(d) => {
+                        tokio::time::sleep_until(tokio::time::Instant::from_std(self.start + d))
+                            .await
+                    }
                     None => std::future::pending::<()>().await,
                 }
             };
@@ -306,12 +329,24 @@ impl Driver {
     fn handle(&mut self, cmd: Cmd) {
         let now = self.now();
         match cmd {
-            Cmd::Add { op_id, digest, request, watcher, reply } => {
+            Cmd::Add {
+                op_id,
+                digest,
+                request,
+                watcher,
+                reply,
+            } => {
                 let no = self.next_watcher;
                 self.next_watcher += 1;
                 self.digests.insert(op_id.clone(), digest);
-                self.watchers.entry(op_id.clone()).or_default().push((no, watcher));
-                match self.core.add_operation(now, OperationId(op_id.clone()), request) {
+                self.watchers
+                    .entry(op_id.clone())
+                    .or_default()
+                    .push((no, watcher));
+                match self
+                    .core
+                    .add_operation(now, OperationId(op_id.clone()), request)
+                {
                     Ok(d) => {
                         let _ = reply.send(Ok(no));
                         self.apply(d);
@@ -323,9 +358,15 @@ impl Driver {
                     }
                 }
             }
-            Cmd::Attach { op_id, watcher, reply } => {
+            Cmd::Attach {
+                op_id,
+                watcher,
+                reply,
+            } => {
                 let Some(snap) = self.snapshot(&op_id) else {
-                    let _ = reply.send(Err(Error::not_found(format!("operation {op_id:?} does not exist (or has expired)"))));
+                    let _ = reply.send(Err(Error::not_found(format!(
+                        "operation {op_id:?} does not exist (or has expired)"
+                    ))));
                     return;
                 };
                 let no = self.next_watcher;
@@ -334,7 +375,10 @@ impl Driver {
                     let _ = reply.send(Ok((no, snap)));
                     return;
                 }
-                self.watchers.entry(op_id.clone()).or_default().push((no, watcher));
+                self.watchers
+                    .entry(op_id.clone())
+                    .or_default()
+                    .push((no, watcher));
                 match self.core.watcher_attached(now, &OperationId(op_id)) {
                     Ok(d) => {
                         let _ = reply.send(Ok((no, snap)));
@@ -346,7 +390,9 @@ impl Driver {
                 }
             }
             Cmd::Detach { op_id, watcher_no } => {
-                let Some(list) = self.watchers.get_mut(&op_id) else { return };
+                let Some(list) = self.watchers.get_mut(&op_id) else {
+                    return;
+                };
                 let before = list.len();
                 list.retain(|(n, _)| *n != watcher_no);
                 if list.len() < before {
@@ -355,25 +401,29 @@ impl Driver {
                     }
                 }
             }
-            Cmd::Cancel { op_id, reply } => match self.core.cancel_operation(now, &OperationId(op_id)) {
-                Ok(d) => {
-                    let _ = reply.send(Ok(()));
-                    self.apply(d);
+            Cmd::Cancel { op_id, reply } => {
+                match self.core.cancel_operation(now, &OperationId(op_id)) {
+                    Ok(d) => {
+                        let _ = reply.send(Ok(()));
+                        self.apply(d);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(event_error(e)));
+                    }
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(event_error(e)));
+            }
+            Cmd::Delete { op_id, reply } => {
+                match self.core.delete_operation(&OperationId(op_id.clone())) {
+                    Ok(()) => {
+                        self.digests.remove(&op_id);
+                        self.watchers.remove(&op_id);
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(event_error(e)));
+                    }
                 }
-            },
-            Cmd::Delete { op_id, reply } => match self.core.delete_operation(&OperationId(op_id.clone())) {
-                Ok(()) => {
-                    self.digests.remove(&op_id);
-                    self.watchers.remove(&op_id);
-                    let _ = reply.send(Ok(()));
-                }
-                Err(e) => {
-                    let _ = reply.send(Err(event_error(e)));
-                }
-            },
+            }
             Cmd::Get { op_id, reply } => {
                 let _ = reply.send(self.snapshot(&op_id));
             }
@@ -381,8 +431,19 @@ impl Driver {
                 let ids: Vec<String> = self.core.operations().map(|v| v.op_id.0.clone()).collect();
                 let _ = reply.send(ids.iter().filter_map(|id| self.snapshot(id)).collect());
             }
-            Cmd::WorkerConnect { worker_id, properties, slots, tx, reply } => {
-                match self.core.worker_connected(now, WorkerId(worker_id.clone()), properties, slots) {
+            Cmd::WorkerConnect {
+                worker_id,
+                properties,
+                slots,
+                tx,
+                reply,
+            } => {
+                match self.core.worker_connected(
+                    now,
+                    WorkerId(worker_id.clone()),
+                    properties,
+                    slots,
+                ) {
                     Ok(d) => {
                         self.workers.insert(worker_id, tx);
                         let _ = reply.send(Ok(()));
@@ -398,8 +459,17 @@ impl Driver {
                     self.apply(d);
                 }
             }
-            Cmd::WorkerDone { worker_id, attempt, outcome } => {
-                if let Ok(d) = self.core.action_completed(now, &WorkerId(worker_id), AttemptId(attempt), outcome) {
+            Cmd::WorkerDone {
+                worker_id,
+                attempt,
+                outcome,
+            } => {
+                if let Ok(d) = self.core.action_completed(
+                    now,
+                    &WorkerId(worker_id),
+                    AttemptId(attempt),
+                    outcome,
+                ) {
                     self.apply(d);
                 }
             }
@@ -435,28 +505,40 @@ impl Driver {
             let mut next = Vec::new();
             for d in pending {
                 match d {
-                    Decision::StartAction { worker_id, attempt_id, payload, .. } => {
+                    Decision::StartAction {
+                        worker_id,
+                        attempt_id,
+                        payload,
+                        ..
+                    } => {
                         let msg = wapi::SchedulerMessage {
-                            message: Some(wapi::scheduler_message::Message::StartAction(wapi::StartAction {
-                                action_id: attempt_id.0.to_string(),
-                                instance_name: payload.instance.clone(),
-                                action_hash: payload.digest.hash_hex(),
-                                action_size: payload.digest.size() as i64,
-                                digest_function: payload.digest.function().to_proto(),
-                                skip_cache_write: payload.skip_cache_write,
-                                timeout_ms: payload.timeout.map_or(0, |t| t.as_millis() as u64),
-                                queued_at_unix_ms: payload.queued_at_unix_ms,
-                            })),
+                            message: Some(wapi::scheduler_message::Message::StartAction(
+                                wapi::StartAction {
+                                    action_id: attempt_id.0.to_string(),
+                                    instance_name: payload.instance.clone(),
+                                    action_hash: payload.digest.hash_hex(),
+                                    action_size: payload.digest.size() as i64,
+                                    digest_function: payload.digest.function().to_proto(),
+                                    skip_cache_write: payload.skip_cache_write,
+                                    timeout_ms: payload.timeout.map_or(0, |t| t.as_millis() as u64),
+                                    queued_at_unix_ms: payload.queued_at_unix_ms,
+                                },
+                            )),
                         };
                         if !self.send_worker(&worker_id.0, msg) {
                             next.extend(self.drop_worker(&worker_id.0));
                         }
                     }
-                    Decision::KillAction { worker_id, attempt_id } => {
+                    Decision::KillAction {
+                        worker_id,
+                        attempt_id,
+                    } => {
                         let msg = wapi::SchedulerMessage {
-                            message: Some(wapi::scheduler_message::Message::KillAction(wapi::KillAction {
-                                action_id: attempt_id.0.to_string(),
-                            })),
+                            message: Some(wapi::scheduler_message::Message::KillAction(
+                                wapi::KillAction {
+                                    action_id: attempt_id.0.to_string(),
+                                },
+                            )),
                         };
                         if !self.send_worker(&worker_id.0, msg) {
                             next.extend(self.drop_worker(&worker_id.0));
@@ -473,7 +555,12 @@ impl Driver {
                             if let Some(list) = self.watchers.get_mut(&op_id.0) {
                                 // A watcher too slow to take an update loses it (the next one,
                                 // or the final one, still comes); a closed one is dropped.
-                                list.retain(|(_, w)| !matches!(w.try_send(update.clone()), Err(mpsc::error::TrySendError::Closed(_))));
+                                list.retain(|(_, w)| {
+                                    !matches!(
+                                        w.try_send(update.clone()),
+                                        Err(mpsc::error::TrySendError::Closed(_))
+                                    )
+                                });
                             }
                         }
                         if done {
@@ -500,7 +587,10 @@ impl Driver {
         }
     }
 
-    fn drop_worker(&mut self, worker_id: &str) -> Vec<Decision<ActionPayload, re::ExecuteResponse>> {
+    fn drop_worker(
+        &mut self,
+        worker_id: &str,
+    ) -> Vec<Decision<ActionPayload, re::ExecuteResponse>> {
         self.workers.remove(worker_id);
         let now = self.now();
         self.core

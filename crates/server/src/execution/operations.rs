@@ -32,7 +32,9 @@ impl OperationsService {
 }
 
 fn not_found(name: &str) -> Error {
-    Error::not_found(format!("operation {name:?} does not exist (or has expired)"))
+    Error::not_found(format!(
+        "operation {name:?} does not exist (or has expired)"
+    ))
 }
 
 #[tonic::async_trait]
@@ -57,7 +59,10 @@ impl Operations for OperationsService {
         r
     }
 
-    async fn get_operation(&self, request: Request<GetOperationRequest>) -> Result<Response<Operation>, Status> {
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
         let timer = self.metrics.rpc("operations", "GetOperation");
         let name = request.into_inner().name;
         let mut r = Err(not_found(&name).into());
@@ -71,28 +76,43 @@ impl Operations for OperationsService {
         r
     }
 
-    async fn delete_operation(&self, request: Request<DeleteOperationRequest>) -> Result<Response<Empty>, Status> {
+    async fn delete_operation(
+        &self,
+        request: Request<DeleteOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let timer = self.metrics.rpc("operations", "DeleteOperation");
         let name = request.into_inner().name;
-        let r = self.first(&name, |p, n| async move { p.handle.delete(n).await }).await;
+        let r = self
+            .first(&name, |p, n| async move { p.handle.delete(n).await })
+            .await;
         timer.finish(&r);
         r.map(|()| Response::new(Empty {}))
     }
 
-    async fn cancel_operation(&self, request: Request<CancelOperationRequest>) -> Result<Response<Empty>, Status> {
+    async fn cancel_operation(
+        &self,
+        request: Request<CancelOperationRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let timer = self.metrics.rpc("operations", "CancelOperation");
         let name = request.into_inner().name;
-        let r = self.first(&name, |p, n| async move { p.handle.cancel(n).await }).await;
+        let r = self
+            .first(&name, |p, n| async move { p.handle.cancel(n).await })
+            .await;
         timer.finish(&r);
         r.map(|()| Response::new(Empty {}))
     }
 
-    async fn wait_operation(&self, request: Request<WaitOperationRequest>) -> Result<Response<Operation>, Status> {
+    async fn wait_operation(
+        &self,
+        request: Request<WaitOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
         let timer = self.metrics.rpc("operations", "WaitOperation");
         let req = request.into_inner();
         let timeout = req
             .timeout
-            .map_or(Duration::from_secs(60), |t| Duration::from_secs(t.seconds.max(0) as u64))
+            .map_or(Duration::from_secs(60), |t| {
+                Duration::from_secs(t.seconds.max(0) as u64)
+            })
             .min(Duration::from_secs(600));
         let mut r = Err(not_found(&req.name).into());
         for p in &self.pipelines {

@@ -55,15 +55,27 @@ pub fn options(s: &SimpleScheduler) -> SchedulerOptions {
                 (k.clone(), t)
             })
             .collect::<BTreeMap<_, _>>(),
-        worker_timeout: s.worker_timeout_s.map_or(d.worker_timeout, Duration::from_secs),
-        client_action_timeout: s.client_action_timeout_s.map_or(d.client_action_timeout, Duration::from_secs),
+        worker_timeout: s
+            .worker_timeout_s
+            .map_or(d.worker_timeout, Duration::from_secs),
+        client_action_timeout: s
+            .client_action_timeout_s
+            .map_or(d.client_action_timeout, Duration::from_secs),
         max_action_executing_timeout: s.max_action_executing_timeout_s.map(Duration::from_secs),
-        max_job_retries: s.max_job_retries.map_or(d.max_job_retries, |r| r.min(u32::MAX as u64) as u32),
+        max_job_retries: s
+            .max_job_retries
+            .map_or(d.max_job_retries, |r| r.min(u32::MAX as u64) as u32),
         allocation_strategy: match s.allocation_strategy {
-            cairn_config::schedulers::AllocationStrategy::LeastRecentlyUsed => AllocationStrategy::LeastRecentlyUsed,
-            cairn_config::schedulers::AllocationStrategy::MostRecentlyUsed => AllocationStrategy::MostRecentlyUsed,
+            cairn_config::schedulers::AllocationStrategy::LeastRecentlyUsed => {
+                AllocationStrategy::LeastRecentlyUsed
+            }
+            cairn_config::schedulers::AllocationStrategy::MostRecentlyUsed => {
+                AllocationStrategy::MostRecentlyUsed
+            }
         },
-        retain_completed_for: s.retain_completed_for_s.map_or(d.retain_completed_for, Duration::from_secs),
+        retain_completed_for: s
+            .retain_completed_for_s
+            .map_or(d.retain_completed_for, Duration::from_secs),
         unschedulable_grace_period: s
             .unschedulable_grace_period_s
             .map_or(d.unschedulable_grace_period, Duration::from_secs),
@@ -73,7 +85,12 @@ pub fn options(s: &SimpleScheduler) -> SchedulerOptions {
 type BuildFuture<'a> = Pin<Box<dyn Future<Output = Result<ExecutionPipeline, Error>> + Send + 'a>>;
 
 /// Builds (and starts) one configured scheduler.
-pub fn build<'a>(name: &'a str, spec: &'a SchedulerSpec, stores: &'a StoreMap, path: String) -> BuildFuture<'a> {
+pub fn build<'a>(
+    name: &'a str,
+    spec: &'a SchedulerSpec,
+    stores: &'a StoreMap,
+    path: String,
+) -> BuildFuture<'a> {
     Box::pin(async move {
         match spec {
             SchedulerSpec::Simple(s) => {

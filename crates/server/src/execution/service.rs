@@ -8,7 +8,7 @@ use cairn_core::proto::build::bazel::remote::execution::v2 as re;
 use cairn_core::proto::google::longrunning::{operation, Operation};
 use cairn_core::proto::google::protobuf::Any;
 use cairn_core::{Digest, Error};
-use cairn_scheduler::{ActionRequest, ActionKey, OperationStatus};
+use cairn_scheduler::{ActionKey, ActionRequest, OperationStatus};
 use cairn_store::{StoreExt, StoreRef};
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -92,7 +92,10 @@ pub fn operation_of(u: &OpUpdate) -> Operation {
     };
     Operation {
         name: u.op_id.clone(),
-        metadata: Some(pack("build.bazel.remote.execution.v2.ExecuteOperationMetadata", &metadata)),
+        metadata: Some(pack(
+            "build.bazel.remote.execution.v2.ExecuteOperationMetadata",
+            &metadata,
+        )),
         done,
         result,
     }
@@ -122,13 +125,24 @@ pub fn code_of(c: cairn_scheduler::ErrorCode) -> cairn_core::Code {
 /// FAILED_PRECONDITION with a PreconditionFailure listing the missing blobs.
 fn missing(digests: &[Digest], what: &str) -> Status {
     let detail = cairn_core::precondition::missing_blobs_detail(digests);
-    let message = format!("{what} is not in the CAS: {}", digests.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
+    let message = format!(
+        "{what} is not in the CAS: {}",
+        digests
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let st = cairn_core::proto::google::rpc::Status {
         code: tonic::Code::FailedPrecondition as i32,
         message: message.clone(),
         details: vec![detail],
     };
-    Status::with_details(tonic::Code::FailedPrecondition, message, st.encode_to_vec().into())
+    Status::with_details(
+        tonic::Code::FailedPrecondition,
+        message,
+        st.encode_to_vec().into(),
+    )
 }
 
 /// The `tool_invocation_id` of the request's `RequestMetadata` header, if any.
@@ -160,10 +174,15 @@ fn watch_stream(
             self.pipeline.handle.detach(self.op_id.clone(), self.no);
         }
     }
-    let guard = Guard { pipeline, op_id, no: watcher_no };
-    let updates = futures::stream::iter(first).chain(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|u| (u, rx))
-    }));
+    let guard = Guard {
+        pipeline,
+        op_id,
+        no: watcher_no,
+    };
+    let updates = futures::stream::iter(first)
+        .chain(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|u| (u, rx))
+        }));
     let mut finished = false;
     updates
         .take_while(move |u| {
@@ -182,7 +201,10 @@ fn watch_stream(
 impl Execution for ExecutionService {
     type ExecuteStream = OpStream;
 
-    async fn execute(&self, request: Request<re::ExecuteRequest>) -> Result<Response<OpStream>, Status> {
+    async fn execute(
+        &self,
+        request: Request<re::ExecuteRequest>,
+    ) -> Result<Response<OpStream>, Status> {
         let timer = self.metrics.rpc("execution", "Execute");
         let r = self.execute_inner(request).await;
         timer.finish(&r);
@@ -197,12 +219,20 @@ impl Execution for ExecutionService {
     ) -> Result<Response<OpStream>, Status> {
         let timer = self.metrics.rpc("execution", "WaitExecution");
         let name = request.into_inner().name;
-        let mut result = Err(Status::not_found(format!("operation {name:?} does not exist (or has expired)")));
+        let mut result = Err(Status::not_found(format!(
+            "operation {name:?} does not exist (or has expired)"
+        )));
         for inst in self.instances.values() {
             let (tx, rx) = mpsc::channel(STREAM_DEPTH);
             match inst.pipeline.handle.attach(name.clone(), tx).await {
                 Ok((no, snap)) => {
-                    result = Ok(watch_stream(inst.pipeline.clone(), name.clone(), no, Some(snap), rx));
+                    result = Ok(watch_stream(
+                        inst.pipeline.clone(),
+                        name.clone(),
+                        no,
+                        Some(snap),
+                        rx,
+                    ));
                     break;
                 }
                 Err(e) if e.is_not_found() => continue,
@@ -218,7 +248,10 @@ impl Execution for ExecutionService {
 }
 
 impl ExecutionService {
-    async fn execute_inner(&self, request: Request<re::ExecuteRequest>) -> Result<OpStream, Status> {
+    async fn execute_inner(
+        &self,
+        request: Request<re::ExecuteRequest>,
+    ) -> Result<OpStream, Status> {
         let invocation = invocation_id(&request);
         let req = request.into_inner();
         let inst = self.instances.get(&req.instance_name)?.clone();
@@ -235,17 +268,25 @@ impl ExecutionService {
             Err(e) if e.is_not_found() => return Err(missing(&[digest], "the Action")),
             Err(e) => return Err(e.into()),
         };
-        let action = re::Action::decode(action_bytes.as_ref())
-            .map_err(|e| Error::invalid_argument(format!("Execute: {digest} is not an Action: {e}")))?;
+        let action = re::Action::decode(action_bytes.as_ref()).map_err(|e| {
+            Error::invalid_argument(format!("Execute: {digest} is not an Action: {e}"))
+        })?;
         let mut platform: Vec<(String, String)> = action
             .platform
             .as_ref()
-            .map(|p| p.properties.iter().map(|p| (p.name.clone(), p.value.clone())).collect())
+            .map(|p| {
+                p.properties
+                    .iter()
+                    .map(|p| (p.name.clone(), p.value.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         let cmd_digest = action
             .command_digest
             .as_ref()
-            .ok_or_else(|| Error::invalid_argument(format!("Execute: Action {digest} has no command_digest")))
+            .ok_or_else(|| {
+                Error::invalid_argument(format!("Execute: Action {digest} has no command_digest"))
+            })
             .and_then(|d| Digest::from_proto_with(digest.function(), d))?;
         if platform.is_empty() {
             let cmd_bytes = match inst.cas.get_all(&cmd_digest, MAX_PROTO).await {
@@ -253,12 +294,18 @@ impl ExecutionService {
                 Err(e) if e.is_not_found() => return Err(missing(&[cmd_digest], "the Command")),
                 Err(e) => return Err(e.into()),
             };
-            let cmd = re::Command::decode(cmd_bytes.as_ref())
-                .map_err(|e| Error::invalid_argument(format!("Execute: {cmd_digest} is not a Command: {e}")))?;
+            let cmd = re::Command::decode(cmd_bytes.as_ref()).map_err(|e| {
+                Error::invalid_argument(format!("Execute: {cmd_digest} is not a Command: {e}"))
+            })?;
             #[allow(deprecated)]
             let cmd_platform = cmd.platform;
             platform = cmd_platform
-                .map(|p| p.properties.into_iter().map(|p| (p.name, p.value)).collect())
+                .map(|p| {
+                    p.properties
+                        .into_iter()
+                        .map(|p| (p.name, p.value))
+                        .collect()
+                })
                 .unwrap_or_default();
         }
         // REAPI keeps `do_not_cache` on the Action (ResultsCachePolicy only has a priority).
@@ -279,19 +326,23 @@ impl ExecutionService {
                                 ..Default::default()
                             })),
                         };
-                        return Ok(futures::stream::once(async move { Ok(operation_of(&update)) }).boxed());
+                        return Ok(
+                            futures::stream::once(async move { Ok(operation_of(&update)) }).boxed(),
+                        );
                     }
                 }
                 Err(e) if e.is_not_found() => {}
-                Err(e) => tracing::warn!(digest = %digest, error = %e, "action cache lookup failed; executing"),
+                Err(e) => {
+                    tracing::warn!(digest = %digest, error = %e, "action cache lookup failed; executing")
+                }
             }
         }
 
         let op_id = format!("operations/{}", uuid::Uuid::new_v4());
-        let timeout = action
-            .timeout
-            .as_ref()
-            .map(|t| Duration::from_secs(t.seconds.max(0) as u64) + Duration::from_nanos(t.nanos.max(0) as u64));
+        let timeout = action.timeout.as_ref().map(|t| {
+            Duration::from_secs(t.seconds.max(0) as u64)
+                + Duration::from_nanos(t.nanos.max(0) as u64)
+        });
         let request = ActionRequest {
             key: ActionKey(format!("{}/{}", req.instance_name, digest)),
             cacheable,
@@ -307,7 +358,11 @@ impl ExecutionService {
             },
         };
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-        let no = inst.pipeline.handle.add(op_id.clone(), digest, request, tx).await?;
+        let no = inst
+            .pipeline
+            .handle
+            .add(op_id.clone(), digest, request, tx)
+            .await?;
         Ok(watch_stream(inst.pipeline.clone(), op_id, no, None, rx))
     }
 }

@@ -46,56 +46,87 @@ impl wapi::worker_api_server::WorkerApi for WorkerApiService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let register = match inbound.message().await? {
-            Some(wapi::WorkerMessage { message: Some(wapi::worker_message::Message::Register(r)) }) => r,
-            _ => return Err(Status::invalid_argument("worker session: the first message must be Register")),
+            Some(wapi::WorkerMessage {
+                message: Some(wapi::worker_message::Message::Register(r)),
+            }) => r,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "worker session: the first message must be Register",
+                ))
+            }
         };
         if register.slots == 0 {
-            return Err(Status::invalid_argument("worker session: Register.slots must be at least 1"));
+            return Err(Status::invalid_argument(
+                "worker session: Register.slots must be at least 1",
+            ));
         }
         let worker_id = format!(
             "{}-{}",
-            if register.name.is_empty() { "worker" } else { &register.name },
+            if register.name.is_empty() {
+                "worker"
+            } else {
+                &register.name
+            },
             &uuid::Uuid::new_v4().to_string()[..8]
         );
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-        let props = register.properties.into_iter().map(|p| (p.name, p.value)).collect();
+        let props = register
+            .properties
+            .into_iter()
+            .map(|p| (p.name, p.value))
+            .collect();
         let handle = self.pipeline.handle.clone();
         let registered = wapi::SchedulerMessage {
-            message: Some(wapi::scheduler_message::Message::Registered(wapi::Registered {
-                worker_id: worker_id.clone(),
-                keepalive_interval_ms: handle.keepalive_interval.as_millis() as u64,
-            })),
+            message: Some(wapi::scheduler_message::Message::Registered(
+                wapi::Registered {
+                    worker_id: worker_id.clone(),
+                    keepalive_interval_ms: handle.keepalive_interval.as_millis() as u64,
+                },
+            )),
         };
-        tx.send(Ok(registered)).await.map_err(|_| Status::internal("worker stream closed"))?;
-        handle.worker_connect(worker_id.clone(), props, register.slots, tx).await?;
+        tx.send(Ok(registered))
+            .await
+            .map_err(|_| Status::internal("worker stream closed"))?;
+        handle
+            .worker_connect(worker_id.clone(), props, register.slots, tx)
+            .await?;
         tracing::info!(worker = %worker_id, slots = register.slots, "worker connected");
 
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
-                    Ok(Some(m)) => match m.message {
-                        Some(wapi::worker_message::Message::Keepalive(_)) => handle.worker_keepalive(worker_id.clone()).await,
-                        Some(wapi::worker_message::Message::ActionDone(d)) => {
-                            let Ok(attempt) = d.action_id.parse::<u64>() else { continue };
-                            let outcome = if d.error_code != 0 {
-                                Err(SchedError::new(error_code(d.error_code), d.error_message))
-                            } else {
-                                re::ExecuteResponse::decode(d.execute_response.as_slice()).map_err(|e| {
+                    Ok(Some(m)) => {
+                        match m.message {
+                            Some(wapi::worker_message::Message::Keepalive(_)) => {
+                                handle.worker_keepalive(worker_id.clone()).await
+                            }
+                            Some(wapi::worker_message::Message::ActionDone(d)) => {
+                                let Ok(attempt) = d.action_id.parse::<u64>() else {
+                                    continue;
+                                };
+                                let outcome = if d.error_code != 0 {
+                                    Err(SchedError::new(error_code(d.error_code), d.error_message))
+                                } else {
+                                    re::ExecuteResponse::decode(d.execute_response.as_slice()).map_err(|e| {
                                     SchedError::new(ErrorCode::Internal, format!("worker sent an undecodable ExecuteResponse: {e}"))
                                 })
-                            };
-                            handle.worker_keepalive(worker_id.clone()).await;
-                            handle.worker_done(worker_id.clone(), attempt, outcome).await;
+                                };
+                                handle.worker_keepalive(worker_id.clone()).await;
+                                handle
+                                    .worker_done(worker_id.clone(), attempt, outcome)
+                                    .await;
+                            }
+                            _ => {}
                         }
-                        _ => {}
-                    },
+                    }
                     Ok(None) | Err(_) => break,
                 }
             }
             tracing::info!(worker = %worker_id, "worker disconnected");
             handle.worker_gone(worker_id);
         });
-        let out = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+        let out =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
         Ok(Response::new(Box::pin(out)))
     }
 }

@@ -1,0 +1,539 @@
+//! Remote execution over real gRPC: Execute through the scheduler to a local worker and back,
+//! the action cache in front, merging, WaitExecution, Operations, and bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::longrunning::{
+    operation, operations_client::OperationsClient, Operation,
+};
+use cairn_core::{Digest, DigestFunction};
+use common::Cairn;
+use futures::StreamExt;
+use prost::Message;
+use tonic::Code;
+
+const CONFIG: &str = r#"{
+  stores: {
+    CAS: { memory: {} },
+    AC: { completeness_checking: { backend: { memory: {} }, cas_store: { ref_store: { name: "CAS" } } } },
+    WORKER_CAS: { fast_slow: {
+      fast: { filesystem: { content_path: "@DIR@/worker-cas", temp_path: "@DIR@/worker-tmp" } },
+      slow: { ref_store: { name: "CAS" } } } },
+  },
+  schedulers: {
+    MAIN: { cache_lookup: { ac_store: { ref_store: { name: "AC" } }, scheduler: { simple: {
+      supported_platform_properties: { OSFamily: "exact" },
+      unschedulable_grace_period_s: 1,
+    } } } },
+  },
+  servers: [
+    { listener: { http: { socket_address: "@ADDR@" } },
+      services: {
+        cas: [{ instance_name: "", cas_store: "CAS" }],
+        ac: [{ instance_name: "", ac_store: "AC" }],
+        bytestream: [{ instance_name: "", cas_store: "CAS" }],
+        execution: [{ instance_name: "", cas_store: "CAS", scheduler: "MAIN" }],
+        capabilities: [{ instance_name: "", remote_execution: { scheduler: "MAIN" } }],
+      } },
+    { listener: { http: { socket_address: "127.0.0.1:@WPORT@" } }, services: { worker_api: { scheduler: "MAIN" } } },
+  ],
+  workers: [{ local: {
+    worker_api_endpoint: { uri: "grpc://127.0.0.1:@WPORT@" },
+    cas_fast_slow_store: "WORKER_CAS",
+    upload_action_result: { ac_store: "AC" },
+    work_directory: "@DIR@/work",
+    platform_properties: { OSFamily: { values: ["linux"] } },
+    max_inflight_tasks: 4,
+  } }],
+}"#;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(dir: &std::path::Path) -> Cairn {
+    Cairn::start_with(
+        dir,
+        &CONFIG.replace("@WPORT@", &free_port().to_string()),
+        None,
+    )
+}
+
+const SHA: DigestFunction = DigestFunction::Sha256;
+
+struct Client {
+    cas: re::content_addressable_storage_client::ContentAddressableStorageClient<
+        tonic::transport::Channel,
+    >,
+    exec: re::execution_client::ExecutionClient<tonic::transport::Channel>,
+    ops: OperationsClient<tonic::transport::Channel>,
+    ac: re::action_cache_client::ActionCacheClient<tonic::transport::Channel>,
+}
+
+async fn client(c: &Cairn) -> Client {
+    let ch = c.channel().await;
+    Client {
+        cas: re::content_addressable_storage_client::ContentAddressableStorageClient::new(
+            ch.clone(),
+        ),
+        exec: re::execution_client::ExecutionClient::new(ch.clone()),
+        ops: OperationsClient::new(ch.clone()),
+        ac: re::action_cache_client::ActionCacheClient::new(ch),
+    }
+}
+
+async fn put(cl: &mut Client, blobs: Vec<Vec<u8>>) {
+    let requests = blobs
+        .into_iter()
+        .map(|b| re::batch_update_blobs_request::Request {
+            digest: Some(SHA.compute(&b).to_proto()),
+            data: b,
+            compressor: 0,
+        })
+        .collect();
+    let r = cl
+        .cas
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r
+        .responses
+        .iter()
+        .all(|r| r.status.as_ref().unwrap().code == 0));
+}
+
+/// Uploads a shell command as an Action (with an input file `in.txt`) and returns its digest.
+async fn action(
+    cl: &mut Client,
+    script: &str,
+    outputs: &[&str],
+    do_not_cache: bool,
+    upload: bool,
+) -> Digest {
+    let input = b"input file\n".to_vec();
+    let root = re::Directory {
+        files: vec![re::FileNode {
+            name: "in.txt".into(),
+            digest: Some(SHA.compute(&input).to_proto()),
+            is_executable: false,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let root_bytes = root.encode_to_vec();
+    #[allow(deprecated)]
+    let command = re::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        environment_variables: vec![re::command::EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/bin:/usr/bin".into(),
+        }],
+        output_files: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let cmd_bytes = command.encode_to_vec();
+    let act = re::Action {
+        command_digest: Some(SHA.compute(&cmd_bytes).to_proto()),
+        input_root_digest: Some(SHA.compute(&root_bytes).to_proto()),
+        do_not_cache,
+        platform: Some(re::Platform {
+            properties: vec![re::platform::Property {
+                name: "OSFamily".into(),
+                value: "linux".into(),
+            }],
+        }),
+        ..Default::default()
+    };
+    let act_bytes = act.encode_to_vec();
+    let d = SHA.compute(&act_bytes);
+    if upload {
+        put(cl, vec![input, root_bytes, cmd_bytes, act_bytes]).await;
+    }
+    d
+}
+
+fn response(op: &Operation) -> re::ExecuteResponse {
+    match op.result.as_ref().expect("done operation has a result") {
+        operation::Result::Response(any) => {
+            re::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+        }
+        operation::Result::Error(e) => panic!("operation error {e:?}"),
+    }
+}
+
+fn stage(op: &Operation) -> i32 {
+    re::ExecuteOperationMetadata::decode(op.metadata.as_ref().unwrap().value.as_slice())
+        .unwrap()
+        .stage
+}
+
+async fn execute(cl: &mut Client, d: Digest, skip_cache_lookup: bool) -> Vec<Operation> {
+    let mut s = cl
+        .exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(d.to_proto()),
+            skip_cache_lookup,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ops = Vec::new();
+    while let Some(op) = s.next().await {
+        ops.push(op.unwrap());
+    }
+    ops
+}
+
+#[tokio::test]
+async fn execute_runs_caches_and_serves_cached_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    let mut cl = client(&c).await;
+    let d = action(
+        &mut cl,
+        "cat in.txt > out/result.txt; echo to-stdout; echo to-stderr >&2",
+        &["out/result.txt"],
+        false,
+        true,
+    )
+    .await;
+    let ops = execute(&mut cl, d, false).await;
+    let last = ops.last().unwrap();
+    assert!(last.done);
+    assert_eq!(stage(last), re::execution_stage::Value::Completed as i32);
+    assert!(ops
+        .iter()
+        .any(|o| stage(o) == re::execution_stage::Value::Queued as i32
+            || stage(o) == re::execution_stage::Value::Executing as i32));
+    let resp = response(last);
+    assert_eq!(
+        resp.status.as_ref().map_or(0, |s| s.code),
+        0,
+        "{:?}",
+        resp.status
+    );
+    assert!(!resp.cached_result);
+    let result = resp.result.unwrap();
+    assert_eq!(result.exit_code, 0);
+    assert_eq!(result.output_files[0].path, "out/result.txt");
+    assert_eq!(
+        result.output_files[0].digest.as_ref().unwrap(),
+        &SHA.compute(b"input file\n").to_proto()
+    );
+    assert!(result.stdout_digest.is_some() && result.stderr_digest.is_some());
+
+    // The same action again: from the action cache, nothing runs.
+    let ops = execute(&mut cl, d, false).await;
+    assert_eq!(ops.len(), 1);
+    let resp = response(&ops[0]);
+    assert!(resp.cached_result);
+    assert_eq!(resp.result.unwrap().output_files, result.output_files);
+    // skip_cache_lookup runs it again.
+    let ops = execute(&mut cl, d, true).await;
+    assert!(!response(ops.last().unwrap()).cached_result);
+    // The AC has it.
+    cl.ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(d.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn failing_and_uncacheable_actions_are_not_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    let mut cl = client(&c).await;
+    let d = action(&mut cl, "echo broken >&2; exit 3", &[], false, true).await;
+    let resp = response(execute(&mut cl, d, false).await.last().unwrap());
+    assert_eq!(resp.result.as_ref().unwrap().exit_code, 3);
+    let e = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(d.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let d = action(&mut cl, "echo fine", &[], true, true).await;
+    let resp = response(execute(&mut cl, d, false).await.last().unwrap());
+    assert_eq!(resp.result.as_ref().unwrap().exit_code, 0);
+    let e = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(d.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn identical_concurrent_actions_run_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    let mut cl = client(&c).await;
+    // The output differs on every run (a random number), so equal outputs mean one run.
+    let d = action(
+        &mut cl,
+        "sleep 1; od -An -N8 -tx8 /dev/urandom > out.txt",
+        &["out.txt"],
+        false,
+        true,
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let mut exec = cl.exec.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = exec
+                .execute(re::ExecuteRequest {
+                    action_digest: Some(d.to_proto()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut last = None;
+            while let Some(op) = s.next().await {
+                last = Some(op.unwrap());
+            }
+            last.unwrap()
+        }));
+    }
+    let mut digests = Vec::new();
+    for t in tasks {
+        let resp = response(&t.await.unwrap());
+        digests.push(resp.result.unwrap().output_files[0].digest.clone());
+    }
+    assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
+}
+
+#[tokio::test]
+async fn missing_blobs_are_failed_precondition_with_violations() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    let mut cl = client(&c).await;
+    // The Action itself is not uploaded.
+    let d = action(&mut cl, "true", &[], false, false).await;
+    let e = cl
+        .exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(d.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .expect("missing action");
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let st = cairn_core::proto::google::rpc::Status::decode(e.details()).unwrap();
+    let pf = cairn_core::precondition::PreconditionFailure::decode(st.details[0].value.as_slice())
+        .unwrap();
+    assert_eq!(pf.violations[0].r#type, "MISSING");
+    assert_eq!(
+        pf.violations[0].subject,
+        format!("blobs/{}/{}", d.hash_hex(), d.size())
+    );
+
+    // The Action and Command are there, the input file is not.
+    #[allow(deprecated)]
+    let command = re::Command {
+        arguments: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    let missing_file = SHA.compute(b"never uploaded");
+    let root = re::Directory {
+        files: vec![re::FileNode {
+            name: "f".into(),
+            digest: Some(missing_file.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let act = re::Action {
+        command_digest: Some(SHA.compute(&command.encode_to_vec()).to_proto()),
+        input_root_digest: Some(SHA.compute(&root.encode_to_vec()).to_proto()),
+        ..Default::default()
+    };
+    put(
+        &mut cl,
+        vec![
+            command.encode_to_vec(),
+            root.encode_to_vec(),
+            act.encode_to_vec(),
+        ],
+    )
+    .await;
+    let ops = execute(&mut cl, SHA.compute(&act.encode_to_vec()), false).await;
+    let status = response(ops.last().unwrap()).status.unwrap();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    let pf =
+        cairn_core::precondition::PreconditionFailure::decode(status.details[0].value.as_slice())
+            .unwrap();
+    assert_eq!(
+        pf.violations[0].subject,
+        format!("blobs/{}/{}", missing_file.hash_hex(), missing_file.size())
+    );
+}
+
+#[tokio::test]
+async fn bad_output_paths_are_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    let mut cl = client(&c).await;
+    for out in ["/etc/passwd", "../escape"] {
+        let d = action(&mut cl, "true", &[out], false, true).await;
+        let status = response(execute(&mut cl, d, false).await.last().unwrap())
+            .status
+            .unwrap();
+        assert_eq!(
+            status.code,
+            Code::InvalidArgument as i32,
+            "{out}: {status:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unschedulable_platform_fails_naming_the_property() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    let mut cl = client(&c).await;
+    #[allow(deprecated)]
+    let command = re::Command {
+        arguments: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    let root = re::Directory::default();
+    let act = re::Action {
+        command_digest: Some(SHA.compute(&command.encode_to_vec()).to_proto()),
+        input_root_digest: Some(SHA.compute(&root.encode_to_vec()).to_proto()),
+        platform: Some(re::Platform {
+            properties: vec![re::platform::Property {
+                name: "OSFamily".into(),
+                value: "windows".into(),
+            }],
+        }),
+        ..Default::default()
+    };
+    put(&mut cl, vec![command.encode_to_vec(), act.encode_to_vec()]).await;
+    let start = std::time::Instant::now();
+    let ops = tokio::time::timeout(
+        Duration::from_secs(30),
+        execute(&mut cl, SHA.compute(&act.encode_to_vec()), false),
+    )
+    .await
+    .expect("the action must not wait forever");
+    let status = response(ops.last().unwrap()).status.unwrap();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(
+        status.message.contains("OSFamily") && status.message.contains("windows"),
+        "{}",
+        status.message
+    );
+    assert!(start.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn operations_wait_get_list_cancel_and_unknown_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    let mut cl = client(&c).await;
+    let d = action(&mut cl, "sleep 30", &[], false, true).await;
+    let mut s = cl
+        .exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(d.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.next().await.unwrap().unwrap();
+    let name = first.name.clone();
+    assert!(!first.done);
+    // Another client re-attaches with WaitExecution and sees the same operation.
+    let mut w = cl
+        .exec
+        .wait_execution(re::WaitExecutionRequest { name: name.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(w.next().await.unwrap().unwrap().name, name);
+    let got = cl
+        .ops
+        .get_operation(
+            cairn_core::proto::google::longrunning::GetOperationRequest { name: name.clone() },
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!got.done);
+    let list = cl
+        .ops
+        .list_operations(cairn_core::proto::google::longrunning::ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.operations.iter().any(|o| o.name == name));
+    // Cancel: the waiting streams end with CANCELLED, quickly (the sleep is killed).
+    let t = std::time::Instant::now();
+    cl.ops
+        .cancel_operation(
+            cairn_core::proto::google::longrunning::CancelOperationRequest { name: name.clone() },
+        )
+        .await
+        .unwrap();
+    let mut last = None;
+    while let Some(op) = s.next().await {
+        last = Some(op.unwrap());
+    }
+    let status = response(&last.unwrap()).status.unwrap();
+    assert_eq!(status.code, Code::Cancelled as i32, "{status:?}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+
+    for name in ["operations/nope", ""] {
+        let e = cl
+            .exec
+            .wait_execution(re::WaitExecutionRequest { name: name.into() })
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), Code::NotFound, "{name}");
+        let e = cl
+            .ops
+            .cancel_operation(
+                cairn_core::proto::google::longrunning::CancelOperationRequest {
+                    name: name.into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+        let e = cl
+            .ops
+            .get_operation(
+                cairn_core::proto::google::longrunning::GetOperationRequest { name: name.into() },
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    }
+}
