@@ -28,6 +28,10 @@
 //! core cannot apply (an unknown operation or worker, a duplicate id, an unusable worker
 //! registration) return an [`EventError`] and change nothing.
 //!
+//! The `property_modifier` scheduler kind is the pure function [`modify_platform`], applied
+//! by the driver before `add_operation`; `cache_lookup` is the driver's action-cache lookup
+//! before it.
+//!
 //! Queries: [`Scheduler::operation`], [`Scheduler::operations`], [`Scheduler::queue_length`],
 //! [`Scheduler::executing_count`], [`Scheduler::workers`], [`Scheduler::worker`],
 //! [`Scheduler::counters`].
@@ -114,6 +118,7 @@
 mod config;
 mod core;
 mod matching;
+mod modifier;
 mod placement;
 mod queue;
 mod state;
@@ -128,6 +133,7 @@ mod tests;
 
 pub use crate::config::{AllocationStrategy, PropertyType, SchedulerOptions};
 pub use crate::core::Scheduler;
+pub use crate::modifier::{modify_platform, PropertyModification};
 pub use crate::types::{
     ActionKey, ActionRequest, AttemptId, Decision, ErrorCode, EventError, OperationId,
     OperationStatus, Outcome, SchedError, Stage, WorkerId, WorkerRemovedReason,

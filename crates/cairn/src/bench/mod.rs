@@ -32,6 +32,8 @@ use tokio::task::JoinSet;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
+mod execute;
+
 /// Largest gRPC message the bench clients send or accept.
 const MAX_MESSAGE: usize = 64 << 20;
 /// Payload of one ByteStream.Write request.
@@ -67,7 +69,7 @@ const LABEL_WIDTH: usize = 28;
 /// Options of `cairn bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// What to run: bytestream | cas | ac | all (or a comma-separated list)
+    /// What to run: bytestream | cas | ac | execute | all (all = the cache benches) (or a comma-separated list)
     #[arg(default_value = "all")]
     pub what: String,
     /// REAPI endpoint, e.g. grpc://127.0.0.1:50051
@@ -132,6 +134,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Phase::ByteStream => bench.bytestream().await,
             Phase::Cas => bench.cas().await,
             Phase::Ac => bench.ac().await,
+            Phase::Execute => bench.execute().await,
         };
         match outcome {
             Ok(n) => errors += n,
@@ -155,6 +158,7 @@ enum Phase {
     ByteStream,
     Cas,
     Ac,
+    Execute,
 }
 
 impl Phase {
@@ -166,7 +170,8 @@ impl Phase {
                 "bytestream" => phases.push(Phase::ByteStream),
                 "cas" => phases.push(Phase::Cas),
                 "ac" => phases.push(Phase::Ac),
-                _ => bail!("unknown bench {name:?}; expected bytestream, cas, ac or all"),
+                "execute" => phases.push(Phase::Execute),
+                _ => bail!("unknown bench {name:?}; expected bytestream, cas, ac, execute or all"),
             }
         }
         Ok(phases)
@@ -179,6 +184,7 @@ impl fmt::Display for Phase {
             Phase::ByteStream => "bytestream",
             Phase::Cas => "cas",
             Phase::Ac => "ac",
+            Phase::Execute => "execute",
         })
     }
 }

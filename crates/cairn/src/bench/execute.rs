@@ -1,0 +1,196 @@
+//! `cairn bench execute`: unique no-op actions (`/bin/true` with a per-action argument, so
+//! nothing is cached) from `clients` concurrent clients through Execute, until `requests`
+//! actions have run. Prints actions/s and the per-action overhead: the time from Execute to
+//! the final response, less the command's own run time as the worker reports it
+//! (ExecutedActionMetadata.execution_start/completed).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::longrunning::operation;
+use cairn_core::proto::google::protobuf::Timestamp;
+use cairn_core::DigestFunction;
+use futures::StreamExt;
+use prost::Message;
+use tokio::task::JoinSet;
+
+use super::{cas_client, latency_summary, report, secs, Bench};
+
+fn duration_between(a: &Option<Timestamp>, b: &Option<Timestamp>) -> Option<Duration> {
+    let (a, b) = (a.as_ref()?, b.as_ref()?);
+    let ns = (b.seconds - a.seconds) as i128 * 1_000_000_000 + (b.nanos - a.nanos) as i128;
+    (ns >= 0).then(|| Duration::from_nanos(ns as u64))
+}
+
+impl Bench {
+    /// Returns the number of failed actions.
+    pub(super) async fn execute(&self) -> anyhow::Result<u64> {
+        let f = self.function;
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", self.url))?;
+        // Shared blobs: the Command (argv varies per action through the Action's salt) and
+        // the empty input root.
+        let root = re::Directory::default().encode_to_vec();
+        let root_d = f.compute(&root);
+        #[allow(deprecated)]
+        let command = re::Command {
+            arguments: vec!["/bin/true".into()],
+            environment_variables: vec![re::command::EnvironmentVariable {
+                name: "PATH".into(),
+                value: "/bin:/usr/bin".into(),
+            }],
+            ..Default::default()
+        };
+        let cmd = command.encode_to_vec();
+        let cmd_d = f.compute(&cmd);
+        // Pre-build unique Actions (salted) and upload them with the shared blobs.
+        let mut actions = Vec::with_capacity(self.requests);
+        let mut blobs = vec![(root_d, root), (cmd_d, cmd)];
+        for i in 0..self.requests {
+            let a = re::Action {
+                command_digest: Some(cmd_d.to_proto()),
+                input_root_digest: Some(root_d.to_proto()),
+                salt: format!("{}-{i}", self.run_id).into_bytes(),
+                platform: Some(re::Platform {
+                    properties: vec![re::platform::Property {
+                        name: "OSFamily".into(),
+                        value: "linux".into(),
+                    }],
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            let d = f.compute(&a);
+            actions.push(d);
+            blobs.push((d, a));
+        }
+        let mut cas = cas_client(channel.clone());
+        for chunk in blobs.chunks(2000) {
+            let r = cas
+                .batch_update_blobs(re::BatchUpdateBlobsRequest {
+                    instance_name: self.instance.clone(),
+                    requests: chunk
+                        .iter()
+                        .map(|(d, b)| re::batch_update_blobs_request::Request {
+                            digest: Some(d.to_proto()),
+                            data: b.clone(),
+                            compressor: 0,
+                        })
+                        .collect(),
+                    digest_function: f.to_proto(),
+                })
+                .await
+                .context("uploading actions")?
+                .into_inner();
+            if r.responses
+                .iter()
+                .any(|r| r.status.as_ref().is_some_and(|s| s.code != 0))
+            {
+                anyhow::bail!("uploading actions: the server refused some blobs");
+            }
+        }
+
+        let actions = Arc::new(actions);
+        let next = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let mut set = JoinSet::new();
+        for _ in 0..self.clients {
+            let (actions, next, channel, instance) = (
+                actions.clone(),
+                next.clone(),
+                channel.clone(),
+                self.instance.clone(),
+            );
+            set.spawn(async move {
+                let mut exec = re::execution_client::ExecutionClient::new(channel);
+                let mut overheads = Vec::new();
+                let mut totals = Vec::new();
+                let mut errors = 0usize;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(d) = actions.get(i) else { break };
+                    let t = Instant::now();
+                    let outcome = async {
+                        let mut s = exec
+                            .execute(re::ExecuteRequest {
+                                instance_name: instance.clone(),
+                                action_digest: Some(d.to_proto()),
+                                skip_cache_lookup: true,
+                                digest_function: DigestFunction::Sha256.to_proto(),
+                                ..Default::default()
+                            })
+                            .await?
+                            .into_inner();
+                        let mut last = None;
+                        while let Some(op) = s.next().await {
+                            last = Some(op?);
+                        }
+                        Ok::<_, tonic::Status>(last)
+                    }
+                    .await;
+                    let total = t.elapsed();
+                    let resp = match outcome {
+                        Ok(Some(op)) => match op.result {
+                            Some(operation::Result::Response(any)) => {
+                                re::ExecuteResponse::decode(any.value.as_slice()).ok()
+                            }
+                            _ => None,
+                        },
+                        _ => None,
+                    };
+                    match resp {
+                        Some(r)
+                            if r.status.as_ref().is_none_or(|s| s.code == 0)
+                                && r.result.as_ref().is_some_and(|x| x.exit_code == 0) =>
+                        {
+                            let meta = r.result.and_then(|x| x.execution_metadata);
+                            let run = meta
+                                .as_ref()
+                                .and_then(|m| {
+                                    duration_between(
+                                        &m.execution_start_timestamp,
+                                        &m.execution_completed_timestamp,
+                                    )
+                                })
+                                .unwrap_or_default();
+                            overheads.push(total.saturating_sub(run));
+                            totals.push(total);
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (overheads, totals, errors)
+            });
+        }
+        let mut overheads = Vec::new();
+        let mut totals = Vec::new();
+        let mut errors = 0u64;
+        while let Some(r) = set.join_next().await {
+            let (o, t, e) = r?;
+            overheads.extend(o);
+            totals.extend(t);
+            errors += e as u64;
+        }
+        let elapsed = start.elapsed();
+        report(
+            "execute:",
+            format_args!(
+                "{} actions in {:.2} s = {:.0} actions/s ({} clients, /bin/true, unique, skip_cache_lookup)",
+                totals.len(),
+                secs(elapsed),
+                totals.len() as f64 / elapsed.as_secs_f64().max(1e-9),
+                self.clients
+            ),
+        );
+        report("execute total latency:", latency_summary(totals));
+        report("execute overhead:", latency_summary(overheads));
+        report("execute errors:", errors);
+        Ok(errors)
+    }
+}

@@ -1,0 +1,3 @@
+#include "lib/greet.h"
+
+std::string Greeting(const std::string& who) { return "hello from " + who; }
