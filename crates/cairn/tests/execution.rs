@@ -37,6 +37,7 @@ const CONFIG: &str = r#"{
         bytestream: [{ instance_name: "", cas_store: "CAS" }],
         execution: [{ instance_name: "", cas_store: "CAS", scheduler: "MAIN" }],
         capabilities: [{ instance_name: "", remote_execution: { scheduler: "MAIN" } }],
+        health: {},
       } },
     { listener: { http: { socket_address: "127.0.0.1:@WPORT@" } }, services: { worker_api: { scheduler: "MAIN" } } },
   ],

@@ -117,6 +117,7 @@
 
 mod config;
 mod core;
+mod lifecycle;
 mod matching;
 mod modifier;
 mod placement;

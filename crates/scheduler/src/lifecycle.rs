@@ -38,7 +38,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
         }
     }
 
-    fn add_watchers(&mut self, a: ActionNo, n: u32) {
+    pub(crate) fn add_watchers(&mut self, a: ActionNo, n: u32) {
         if n == 0 {
             return;
         }
@@ -51,7 +51,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
         }
     }
 
-    fn remove_watchers(&mut self, a: ActionNo, n: u32) {
+    pub(crate) fn remove_watchers(&mut self, a: ActionNo, n: u32) {
         let Some(action) = self.actions.get_mut(&a) else {
             return;
         };
@@ -64,7 +64,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
     }
 
     /// Queues a detached action (new, or retried with its old key) and tells its operations.
-    fn enqueue(&mut self, a: ActionNo, out: &mut Vec<Decision<A, R>>) {
+    pub(crate) fn enqueue(&mut self, a: ActionNo, out: &mut Vec<Decision<A, R>>) {
         let action = self.actions.get_mut(&a).expect("enqueue: live action");
         action.queued_at = self.now;
         for op in &action.ops {
@@ -156,7 +156,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
 
     /// Removes an action from every index (killing it if running) and returns its remaining
     /// operations, still live, for the caller to complete.
-    fn drop_action(
+    pub(crate) fn drop_action(
         &mut self,
         a: ActionNo,
         end: ActionEnd,
@@ -187,7 +187,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
     }
 
     /// Makes an operation terminal, reports it, and schedules it to be forgotten.
-    fn complete_op(
+    pub(crate) fn complete_op(
         &mut self,
         op_id: OperationId,
         outcome: Outcome<R>,

@@ -21,6 +21,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Per-store health check deadline.
     pub health_timeout: Duration,
+    /// Schedulers this process runs, for `/metrics`.
+    pub schedulers: Vec<crate::execution::ExecutionPipeline>,
 }
 
 /// The router for `/status` (at `status_path`) and, when enabled, `/metrics`.

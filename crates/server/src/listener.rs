@@ -244,6 +244,7 @@ pub async fn serve(
     }
 
     let state = HttpState {
+        schedulers: schedulers.values().cloned().collect(),
         stores: used_stores,
         metrics: metrics.clone(),
         health_timeout: Duration::from_secs(

@@ -27,6 +27,17 @@ pub struct RpcErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SchedulerLabels {
+    pub scheduler: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub scheduler: String,
+    pub execution_stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreLabels {
     pub store: String,
 }
@@ -46,6 +57,13 @@ pub struct Metrics {
     pub request_duration: Family<RpcLabels, Histogram, fn() -> Histogram>,
     pub store_size_bytes: Family<StoreLabels, Gauge>,
     pub store_entries: Family<StoreLabels, Gauge>,
+    pub scheduler_queue_length: Family<SchedulerLabels, Gauge>,
+    pub queue_length: Family<SchedulerLabels, Gauge>,
+    pub worker_active_count: Family<SchedulerLabels, Gauge>,
+    pub worker_slots_total: Family<SchedulerLabels, Gauge>,
+    pub worker_slots_busy: Family<SchedulerLabels, Gauge>,
+    pub execution_active_count: Family<StageLabels, Gauge>,
+    pub execution_retry_count: Family<SchedulerLabels, Counter>,
 }
 
 impl Metrics {
@@ -84,7 +102,56 @@ impl Metrics {
             "Entries held by each top-level store (sum of its leaf stores)",
             store_entries.clone(),
         );
+        let scheduler_queue_length = Family::<SchedulerLabels, Gauge>::default();
+        let queue_length = Family::<SchedulerLabels, Gauge>::default();
+        let worker_active_count = Family::<SchedulerLabels, Gauge>::default();
+        let worker_slots_total = Family::<SchedulerLabels, Gauge>::default();
+        let worker_slots_busy = Family::<SchedulerLabels, Gauge>::default();
+        let execution_active_count = Family::<StageLabels, Gauge>::default();
+        let execution_retry_count = Family::<SchedulerLabels, Counter>::default();
+        registry.register(
+            "nativelink_scheduler_queue_length",
+            "Actions queued and waiting for a worker",
+            scheduler_queue_length.clone(),
+        );
+        registry.register(
+            "nativelink_queue_length",
+            "Actions queued and waiting for a worker (the autoscaling metric)",
+            queue_length.clone(),
+        );
+        registry.register(
+            "nativelink_worker_active_count",
+            "Workers connected to the scheduler",
+            worker_active_count.clone(),
+        );
+        registry.register(
+            "nativelink_worker_slots_total",
+            "Action slots of all connected workers",
+            worker_slots_total.clone(),
+        );
+        registry.register(
+            "nativelink_worker_slots_busy",
+            "Action slots running an action",
+            worker_slots_busy.clone(),
+        );
+        registry.register(
+            "nativelink_execution_active_count",
+            "Actions by stage (queued, executing)",
+            execution_active_count.clone(),
+        );
+        registry.register(
+            "nativelink_execution_retry_count",
+            "Attempts re-queued after a worker failure, disconnect or timeout",
+            execution_retry_count.clone(),
+        );
         Arc::new(Metrics {
+            scheduler_queue_length,
+            queue_length,
+            worker_active_count,
+            worker_slots_total,
+            worker_slots_busy,
+            execution_active_count,
+            execution_retry_count,
             registry: Mutex::new(registry),
             requests,
             request_errors,
