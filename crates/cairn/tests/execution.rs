@@ -341,8 +341,7 @@ async fn missing_blobs_are_failed_precondition_with_violations() {
             ..Default::default()
         })
         .await
-        .err()
-        .expect("missing action");
+        .expect_err("missing action");
     assert_eq!(e.code(), Code::FailedPrecondition);
     let st = cairn_core::proto::google::rpc::Status::decode(e.details()).unwrap();
     let pf = cairn_core::precondition::PreconditionFailure::decode(st.details[0].value.as_slice())
@@ -537,4 +536,42 @@ async fn operations_wait_get_list_cancel_and_unknown_names() {
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
     }
+}
+
+#[tokio::test]
+async fn an_empty_input_root_needs_no_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    let mut cl = client(&c).await;
+    #[allow(deprecated)]
+    let command = re::Command {
+        arguments: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    let act = re::Action {
+        command_digest: Some(SHA.compute(&command.encode_to_vec()).to_proto()),
+        // The empty Directory is the empty blob, which is always present.
+        input_root_digest: Some(SHA.empty_digest().to_proto()),
+        platform: Some(re::Platform {
+            properties: vec![re::platform::Property {
+                name: "OSFamily".into(),
+                value: "linux".into(),
+            }],
+        }),
+        ..Default::default()
+    };
+    put(&mut cl, vec![command.encode_to_vec(), act.encode_to_vec()]).await;
+    let resp = response(
+        execute(&mut cl, SHA.compute(&act.encode_to_vec()), false)
+            .await
+            .last()
+            .unwrap(),
+    );
+    assert_eq!(
+        resp.status.as_ref().map_or(0, |s| s.code),
+        0,
+        "{:?}",
+        resp.status
+    );
+    assert_eq!(resp.result.unwrap().exit_code, 0);
 }

@@ -38,6 +38,7 @@ fn unbuilt(path: &str, what: &str) -> Error {
 }
 
 /// Validates `servers[index]` and starts serving it.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     index: usize,
     cfg: &ServerConfig,

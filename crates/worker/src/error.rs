@@ -93,6 +93,7 @@ pub use cairn_core::precondition::{
 mod tests {
     use super::*;
     use cairn_core::DigestFunction;
+    use prost::Message;
 
     #[test]
     fn missing_blobs_become_failed_precondition_with_one_violation_each() {

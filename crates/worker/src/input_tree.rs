@@ -97,6 +97,10 @@ pub(crate) async fn fetch_tree(cas: &dyn Store, root: Digest) -> Result<InputTre
 
 /// One `Directory`, or `None` when the CAS does not have it.
 async fn fetch_directory(cas: &dyn Store, d: Digest) -> Result<Option<re::Directory>, ActionError> {
+    // The empty blob is always present (an empty input root is common), whatever the store.
+    if d.is_empty_blob() {
+        return Ok(Some(re::Directory::default()));
+    }
     let bytes = match cas.get_all(&d, MAX_DIRECTORY_BYTES).await {
         Ok(b) => b,
         Err(e) if e.is_not_found() => return Ok(None),

@@ -415,6 +415,9 @@ async fn fetch_proto<M: Message + Default>(
     digest: Digest,
     what: &str,
 ) -> Result<Option<M>, ActionError> {
+    if digest.is_empty_blob() {
+        return Ok(Some(M::default()));
+    }
     let bytes = match cas.get_all(&digest, MAX_PROTO_BYTES).await {
         Ok(b) => b,
         Err(e) if e.is_not_found() => return Ok(None),

@@ -162,7 +162,12 @@ impl Bench {
                             overheads.push(total.saturating_sub(run));
                             totals.push(total);
                         }
-                        _ => errors += 1,
+                        other => {
+                            if errors == 0 {
+                                eprintln!("execute: first failure: {other:?}");
+                            }
+                            errors += 1
+                        }
                     }
                 }
                 (overheads, totals, errors)

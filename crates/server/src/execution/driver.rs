@@ -46,11 +46,13 @@ pub struct SchedulerStats {
     pub completed: u64,
 }
 
+// Commands are moved once through a channel; boxing the large ones would only add allocations.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     Add {
         op_id: String,
         digest: Digest,
-        request: ActionRequest<ActionPayload>,
+        request: Box<ActionRequest<ActionPayload>>,
         watcher: mpsc::Sender<OpUpdate>,
         reply: oneshot::Sender<Result<u64, Error>>,
     },
@@ -155,7 +157,7 @@ impl SchedulerHandle {
         self.call(|reply| Cmd::Add {
             op_id,
             digest,
-            request,
+            request: Box::new(request),
             watcher,
             reply,
         })
@@ -345,7 +347,7 @@ impl Driver {
                     .push((no, watcher));
                 match self
                     .core
-                    .add_operation(now, OperationId(op_id.clone()), request)
+                    .add_operation(now, OperationId(op_id.clone()), *request)
                 {
                     Ok(d) => {
                         let _ = reply.send(Ok(no));

@@ -93,9 +93,9 @@ impl wapi::worker_api_server::WorkerApi for WorkerApiService {
         tracing::info!(worker = %worker_id, slots = register.slots, "worker connected");
 
         tokio::spawn(async move {
-            loop {
-                match inbound.message().await {
-                    Ok(Some(m)) => {
+            while let Ok(Some(m)) = inbound.message().await {
+                {
+                    {
                         match m.message {
                             Some(wapi::worker_message::Message::Keepalive(_)) => {
                                 handle.worker_keepalive(worker_id.clone()).await
@@ -119,7 +119,6 @@ impl wapi::worker_api_server::WorkerApi for WorkerApiService {
                             _ => {}
                         }
                     }
-                    Ok(None) | Err(_) => break,
                 }
             }
             tracing::info!(worker = %worker_id, "worker disconnected");
