@@ -3,8 +3,9 @@
 //! One Bazel server (one output base) on a copy of `bazel-exec-workspace/` goes through four
 //! steps, each against Cairn processes of its own:
 //! - `default_run`: the default run (no arguments) builds and tests the workspace (C++
-//!   compile and link, a genrule with three outputs, a rule whose output is a directory, an
-//!   `sh_test`) with every action remote; after `bazel clean` everything comes from the cache;
+//!   compile and link, a genrule with three outputs, a rule whose output is a directory with
+//!   an executable file and a symlink, an `sh_test`) with every action remote; after `bazel
+//!   clean` everything comes from the cache;
 //! - `failing_action`: a command that exits 3 fails the build, and Bazel shows its stderr;
 //! - `unschedulable`: an action whose platform no worker has fails with FAILED_PRECONDITION,
 //!   naming the property, once the scheduler's grace period has passed;
@@ -332,10 +333,20 @@ fn check_outputs(bazel: &Bazel) {
     let tree = bazel.bin("tree");
     assert_eq!(
         files_under(&tree),
-        ["alpha.txt", "nested/deeper/tool.sh", "nested/shout.txt"],
-        "files of the output directory bazel-bin/tree"
+        [
+            "alpha.txt",
+            "link.txt",
+            "nested/deeper/tool.sh",
+            "nested/shout.txt"
+        ],
+        "files and symlinks of the output directory bazel-bin/tree"
     );
     assert_eq!(read(&tree.join("alpha.txt")), "alpha\n");
+    assert_eq!(
+        std::fs::read_link(tree.join("link.txt")).ok(),
+        Some(PathBuf::from("alpha.txt")),
+        "bazel-bin/tree/link.txt should be a symlink to alpha.txt"
+    );
     assert_eq!(
         read(&tree.join("nested/shout.txt")),
         "ACTIONS THAT RUN ELSEWHERE\n"
@@ -360,7 +371,9 @@ fn check_outputs(bazel: &Bazel) {
          27\n\
          ACTIONS THAT RUN ELSEWHERE\n\
          run from the tree\n\
+         alpha\n\
          ./alpha.txt\n\
+         ./link.txt\n\
          ./nested/deeper/tool.sh\n\
          ./nested/shout.txt\n"
     );
@@ -375,12 +388,13 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
 }
 
-/// The files under `root`, as sorted `/`-separated relative paths.
+/// The files and symlinks under `root`, as sorted `/`-separated relative paths.
 fn files_under(root: &Path) -> Vec<String> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
         for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
                 walk(root, &path, out);
             } else {
                 out.push(path.strip_prefix(root).unwrap().display().to_string());

@@ -87,7 +87,18 @@ async fn missing_command_and_root_are_listed_together() {
         ..Default::default()
     };
     let command_digest = F.compute(&command.encode_to_vec()); // never stored
-    let root = F.compute(&re::Directory::default().encode_to_vec()); // never stored
+                                                              // Never stored (not the empty Directory: that one is the empty blob, always present).
+    let root = F.compute(
+        &re::Directory {
+            files: vec![re::FileNode {
+                name: "f".into(),
+                digest: Some(F.compute(b"f").to_proto()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
     let action = kit
         .proto(&re::Action {
             command_digest: Some(command_digest.to_proto()),

@@ -13,6 +13,7 @@ def _tree_impl(ctx):
             tr a-z A-Z < "$2" > "$1/nested/shout.txt"
             printf '#!/bin/sh\\necho run from the tree\\n' > "$1/nested/deeper/tool.sh"
             chmod +x "$1/nested/deeper/tool.sh"
+            ln -s alpha.txt "$1/link.txt"
         """,
         mnemonic = "MakeTree",
     )
