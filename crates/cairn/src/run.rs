@@ -81,6 +81,12 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         .await
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
     let stores = tree.stores.clone();
+    let prefix = cfg
+        .global
+        .as_ref()
+        .and_then(|g| g.metrics_prefix.clone())
+        .unwrap_or_else(|| "nativelink".to_string());
+    let metrics = Metrics::with_prefix(&prefix);
     let mut schedulers = std::collections::BTreeMap::new();
     for n in cfg.schedulers.iter() {
         let p = cairn_server::execution::pipeline::build(
@@ -88,12 +94,12 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
             &n.spec,
             &stores,
             format!("schedulers.{}", n.name),
+            Some(metrics.clone()),
         )
         .await
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
         schedulers.insert(n.name.clone(), p);
     }
-    let metrics = Metrics::new();
     let shutdown = CancellationToken::new();
     let mut running = Vec::new();
     for (i, s) in cfg.servers.iter().enumerate() {

@@ -230,7 +230,7 @@ fn worker_killed(bazel: &Bazel, dir: &Path) {
     let flags = bazel.remote_flags(server.addr, None, "OSFamily=linux");
     let args = with_target(&flags, "//special:sleepy");
     let (out, victim_work, rerun) = std::thread::scope(|s| {
-        let build = s.spawn(|| bazel.try_run("build", &args, COMMAND_DEADLINE));
+        let build = s.spawn(|| bazel.try_run("build", &args, Duration::from_secs(90)));
         let finished = || build.is_finished();
         let first = poll_until(
             COMMAND_DEADLINE,

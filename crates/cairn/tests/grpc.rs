@@ -1032,7 +1032,15 @@ async fn status_and_metrics_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cairn::start(dir.path());
     let mut cl = clients(&c).await;
-    batch_put(&mut cl, &[&data(1234, 16)]).await;
+    let blob = data(1234, 16);
+    batch_put(&mut cl, &[&blob]).await;
+    cl.cas
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            blob_digests: vec![sha(&blob).to_proto(), sha(b"absent").to_proto()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     let _ = cl
         .cas
         .find_missing_blobs(re::FindMissingBlobsRequest {

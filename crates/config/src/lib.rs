@@ -84,6 +84,9 @@ pub struct GlobalConfig {
     /// Turn `/metrics` off.
     #[serde(default)]
     pub disable_metrics: bool,
+    /// Prefix of every metric name (default `nativelink`, so that the guides' queries work).
+    #[serde(default)]
+    pub metrics_prefix: Option<String>,
 }
 
 impl CairnConfig {

@@ -123,6 +123,11 @@ impl ContentAddressableStorage for CasService {
                 .filter(|d| !d.is_empty_blob())
                 .collect();
             let have = store.has_many(&to_ask).await?;
+            let found = have.iter().filter(|h| h.is_some()).count() as u64;
+            self.metrics.cas_lookups(
+                digests.len() as u64,
+                found + (digests.len() - to_ask.len()) as u64,
+            );
             let missing = to_ask
                 .iter()
                 .zip(have)

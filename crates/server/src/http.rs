@@ -97,6 +97,24 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
             .store_entries
             .get_or_create(&labels)
             .set(total_entries(&info) as i64);
+        s.metrics
+            .cache_size
+            .get_or_create(&crate::metrics::CacheTypeLabels {
+                cache_type: name.clone(),
+            })
+            .set(info.total_size_bytes() as i64);
+        let evicted = s
+            .metrics
+            .cache_operations
+            .get_or_create(&crate::metrics::CacheOpLabels {
+                cache_type: name.clone(),
+                cache_operation_name: "evict",
+                cache_operation_result: "success",
+            });
+        let (now, seen) = (info.total_evictions(), evicted.get());
+        if now > seen {
+            evicted.inc_by(now - seen);
+        }
     }
     (
         [(

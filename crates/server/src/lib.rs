@@ -15,6 +15,7 @@ pub mod execution;
 pub mod http;
 pub mod instances;
 pub mod listener;
+pub mod metered;
 pub mod metrics;
 pub mod resource;
 pub mod zstd_codec;

@@ -20,7 +20,8 @@ use crate::bytestream::ByteStreamService;
 use crate::capabilities::{CapabilitiesService, InstanceCaps};
 use crate::cas::CasService;
 use crate::http::{self, HttpState};
-use crate::instances::{store_named, Instances};
+use crate::instances::{store_named as lookup_store, Instances};
+use crate::metered::MeteredStore;
 use crate::metrics::Metrics;
 use crate::Limits;
 
@@ -67,6 +68,14 @@ pub async fn serve(
         }
     }
     let (send_zstd, accept) = compression(&path, http_cfg)?;
+    let store_named = |name: &str, at: &str| -> Result<cairn_store::StoreRef, Error> {
+        // `name` is the configured store name: bounded label cardinality.
+        Ok(MeteredStore::wrap(
+            name,
+            lookup_store(stores, name, at)?,
+            metrics.clone(),
+        ))
+    };
 
     let mut routes = tonic::service::Routes::builder();
     let Services {
@@ -101,7 +110,6 @@ pub async fn serve(
         let mut inst = Instances::new("ContentAddressableStorage");
         for c in &cas.0 {
             let s = store_named(
-                stores,
                 &c.cas_store,
                 &format!("{sp}.cas.{}.cas_store", c.instance_name),
             )?;
@@ -129,7 +137,6 @@ pub async fn serve(
         let mut inst = Instances::new("ActionCache");
         for c in &ac.0 {
             let s = store_named(
-                stores,
                 &c.ac_store,
                 &format!("{sp}.ac.{}.ac_store", c.instance_name),
             )?;
@@ -162,7 +169,6 @@ pub async fn serve(
         let mut limits = limits;
         for c in bs.instances() {
             let s = store_named(
-                stores,
                 &c.cas_store,
                 &format!("{sp}.bytestream.{}.cas_store", c.instance_name),
             )?;
@@ -183,7 +189,7 @@ pub async fn serve(
         let mut pipelines: Vec<crate::execution::ExecutionPipeline> = Vec::new();
         for e in &ex.0 {
             let at = format!("{sp}.execution.{}", e.instance_name);
-            let cas = store_named(stores, &e.cas_store, &format!("{at}.cas_store"))?;
+            let cas = store_named(&e.cas_store, &format!("{at}.cas_store"))?;
             let pipeline = scheduler_named(&e.scheduler, format!("{at}.scheduler"))?;
             if !pipelines.iter().any(|p| p.name == pipeline.name) {
                 pipelines.push(pipeline.clone());

@@ -1,7 +1,10 @@
 //! Every metric Cairn exports, declared once. `/metrics` encodes this registry in the
-//! Prometheus text format. Names follow the NativeLink guides (`nativelink_*`), so that their
-//! queries work unchanged; labels never carry digests (bounded cardinality).
+//! Prometheus text format. Names follow the NativeLink guides: the prefix (default
+//! `nativelink`, `global.metrics_prefix` in the config) is prepended to each name below, so the
+//! guides' queries work unchanged. Labels never carry digests (bounded cardinality: services,
+//! methods, codes, configured store and scheduler names, fixed enumerations).
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,23 +41,51 @@ pub struct StageLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `success`, `failure`, `cache_hit` or `timeout`.
+    pub execution_result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreLabels {
     pub store: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheTypeLabels {
+    pub cache_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheOpLabels {
+    pub cache_type: String,
+    /// `read`, `write`, `delete` or `evict`.
+    pub cache_operation_name: &'static str,
+    /// `hit`, `miss`, `success` or `error`.
+    pub cache_operation_result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheOpDurationLabels {
+    pub cache_type: String,
+    pub cache_operation_name: &'static str,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-        60.0,
+        0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        10.0, 30.0, 60.0,
     ])
 }
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// The process's metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
     pub requests: Family<RpcLabels, Counter>,
     pub request_errors: Family<RpcErrorLabels, Counter>,
-    pub request_duration: Family<RpcLabels, Histogram, fn() -> Histogram>,
+    pub request_duration: HistogramFamily<RpcLabels>,
     pub store_size_bytes: Family<StoreLabels, Gauge>,
     pub store_entries: Family<StoreLabels, Gauge>,
     pub scheduler_queue_length: Family<SchedulerLabels, Gauge>,
@@ -64,101 +95,157 @@ pub struct Metrics {
     pub worker_slots_busy: Family<SchedulerLabels, Gauge>,
     pub execution_active_count: Family<StageLabels, Gauge>,
     pub execution_retry_count: Family<SchedulerLabels, Counter>,
+    pub execution_completed: Family<ResultLabels, Counter>,
+    /// Monotonic, but exposed without `_total`, as the deployment guide names it.
+    pub worker_execution_failures: Gauge,
+    /// Blobs looked up in the CAS (FindMissingBlobs, reads), and those found. Monotonic,
+    /// exposed without `_total` so that the guide's `rate(nativelink_cas_hits[5m])` works.
+    pub cas_requests: Gauge,
+    pub cas_hits: Gauge,
+    pub cas_hit_rate: Gauge<f64, AtomicU64>,
+    pub cache_operations: Family<CacheOpLabels, Counter>,
+    pub cache_size: Family<CacheTypeLabels, Gauge>,
+    pub cache_operation_duration: HistogramFamily<CacheOpDurationLabels>,
 }
 
 impl Metrics {
+    /// Metrics named `nativelink_*`.
     pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::default();
-        let requests = Family::<RpcLabels, Counter>::default();
-        let request_errors = Family::<RpcErrorLabels, Counter>::default();
-        let request_duration =
-            Family::<RpcLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+        Metrics::with_prefix("nativelink")
+    }
+
+    /// Metrics named `{prefix}_*`.
+    pub fn with_prefix(prefix: &str) -> Arc<Metrics> {
+        let mut r = Registry::with_prefix(prefix);
+        let hist =
+            || HistogramFamily::new_with_constructor(duration_histogram as fn() -> Histogram);
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            requests: Default::default(),
+            request_errors: Default::default(),
+            request_duration: hist(),
+            store_size_bytes: Default::default(),
+            store_entries: Default::default(),
+            scheduler_queue_length: Default::default(),
+            queue_length: Default::default(),
+            worker_active_count: Default::default(),
+            worker_slots_total: Default::default(),
+            worker_slots_busy: Default::default(),
+            execution_active_count: Default::default(),
+            execution_retry_count: Default::default(),
+            execution_completed: Default::default(),
+            worker_execution_failures: Default::default(),
+            cas_requests: Default::default(),
+            cas_hits: Default::default(),
+            cas_hit_rate: Default::default(),
+            cache_operations: Default::default(),
+            cache_size: Default::default(),
+            cache_operation_duration: HistogramFamily::new_with_constructor(
                 duration_histogram as fn() -> Histogram,
-            );
-        let store_size_bytes = Family::<StoreLabels, Gauge>::default();
-        let store_entries = Family::<StoreLabels, Gauge>::default();
-        registry.register(
-            "nativelink_requests",
+            ),
+        };
+        r.register(
+            "requests",
             "gRPC requests served, by service and method",
-            requests.clone(),
+            m.requests.clone(),
         );
-        registry.register(
-            "nativelink_request_errors",
+        r.register(
+            "request_errors",
             "gRPC requests that ended with a non-OK status, by service, method and code",
-            request_errors.clone(),
+            m.request_errors.clone(),
         );
-        registry.register(
-            "nativelink_request_duration_seconds",
+        r.register(
+            "request_duration_seconds",
             "Time from request to response (to the first message for streams), by service and method",
-            request_duration.clone(),
+            m.request_duration.clone(),
         );
-        registry.register(
-            "nativelink_store_size_bytes",
+        r.register(
+            "store_size_bytes",
             "Bytes held by each top-level store (sum of its leaf stores)",
-            store_size_bytes.clone(),
+            m.store_size_bytes.clone(),
         );
-        registry.register(
-            "nativelink_store_entries",
+        r.register(
+            "store_entries",
             "Entries held by each top-level store (sum of its leaf stores)",
-            store_entries.clone(),
+            m.store_entries.clone(),
         );
-        let scheduler_queue_length = Family::<SchedulerLabels, Gauge>::default();
-        let queue_length = Family::<SchedulerLabels, Gauge>::default();
-        let worker_active_count = Family::<SchedulerLabels, Gauge>::default();
-        let worker_slots_total = Family::<SchedulerLabels, Gauge>::default();
-        let worker_slots_busy = Family::<SchedulerLabels, Gauge>::default();
-        let execution_active_count = Family::<StageLabels, Gauge>::default();
-        let execution_retry_count = Family::<SchedulerLabels, Counter>::default();
-        registry.register(
-            "nativelink_scheduler_queue_length",
+        r.register(
+            "scheduler_queue_length",
             "Actions queued and waiting for a worker",
-            scheduler_queue_length.clone(),
+            m.scheduler_queue_length.clone(),
         );
-        registry.register(
-            "nativelink_queue_length",
+        r.register(
+            "queue_length",
             "Actions queued and waiting for a worker (the autoscaling metric)",
-            queue_length.clone(),
+            m.queue_length.clone(),
         );
-        registry.register(
-            "nativelink_worker_active_count",
+        r.register(
+            "worker_active_count",
             "Workers connected to the scheduler",
-            worker_active_count.clone(),
+            m.worker_active_count.clone(),
         );
-        registry.register(
-            "nativelink_worker_slots_total",
+        r.register(
+            "worker_slots_total",
             "Action slots of all connected workers",
-            worker_slots_total.clone(),
+            m.worker_slots_total.clone(),
         );
-        registry.register(
-            "nativelink_worker_slots_busy",
+        r.register(
+            "worker_slots_busy",
             "Action slots running an action",
-            worker_slots_busy.clone(),
+            m.worker_slots_busy.clone(),
         );
-        registry.register(
-            "nativelink_execution_active_count",
+        r.register(
+            "execution_active_count",
             "Actions by stage (queued, executing)",
-            execution_active_count.clone(),
+            m.execution_active_count.clone(),
         );
-        registry.register(
-            "nativelink_execution_retry_count",
+        r.register(
+            "execution_retry_count",
             "Attempts re-queued after a worker failure, disconnect or timeout",
-            execution_retry_count.clone(),
+            m.execution_retry_count.clone(),
         );
-        Arc::new(Metrics {
-            scheduler_queue_length,
-            queue_length,
-            worker_active_count,
-            worker_slots_total,
-            worker_slots_busy,
-            execution_active_count,
-            execution_retry_count,
-            registry: Mutex::new(registry),
-            requests,
-            request_errors,
-            request_duration,
-            store_size_bytes,
-            store_entries,
-        })
+        r.register(
+            "execution_completed_count",
+            "Executions answered, by result: success, failure, cache_hit, timeout",
+            m.execution_completed.clone(),
+        );
+        r.register(
+            "worker_execution_failures",
+            "Executions that failed (non-zero exit, error status or infrastructure failure); monotonic",
+            m.worker_execution_failures.clone(),
+        );
+        r.register(
+            "cas_requests",
+            "Blobs looked up in the CAS; monotonic",
+            m.cas_requests.clone(),
+        );
+        r.register(
+            "cas_hits",
+            "Blobs looked up in the CAS and found; monotonic",
+            m.cas_hits.clone(),
+        );
+        r.register(
+            "cas_hit_rate",
+            "cas_hits / cas_requests since start",
+            m.cas_hit_rate.clone(),
+        );
+        r.register(
+            "cache_operations",
+            "Store operations by cache_type (store name), operation and result",
+            m.cache_operations.clone(),
+        );
+        r.register(
+            "cache_size",
+            "Bytes held by each store (cache_type = store name)",
+            m.cache_size.clone(),
+        );
+        r.register(
+            "cache_operation_duration_seconds",
+            "Store operation latency by cache_type and operation",
+            m.cache_operation_duration.clone(),
+        );
+        *m.registry.lock() = r;
+        Arc::new(m)
     }
 
     /// Starts timing one RPC.
@@ -167,6 +254,50 @@ impl Metrics {
             metrics: self.clone(),
             labels: RpcLabels { service, method },
             start: Instant::now(),
+        }
+    }
+
+    /// Counts CAS lookups: `asked` blobs, `found` of them present.
+    pub fn cas_lookups(&self, asked: u64, found: u64) {
+        let total = self.cas_requests.inc_by(asked as i64) + asked as i64;
+        let hits = self.cas_hits.inc_by(found as i64) + found as i64;
+        if total > 0 {
+            self.cas_hit_rate.set(hits as f64 / total as f64);
+        }
+    }
+
+    /// Counts one store operation.
+    pub fn cache_op(
+        &self,
+        cache_type: &str,
+        name: &'static str,
+        result: &'static str,
+        seconds: f64,
+    ) {
+        self.cache_operations
+            .get_or_create(&CacheOpLabels {
+                cache_type: cache_type.to_string(),
+                cache_operation_name: name,
+                cache_operation_result: result,
+            })
+            .inc();
+        self.cache_operation_duration
+            .get_or_create(&CacheOpDurationLabels {
+                cache_type: cache_type.to_string(),
+                cache_operation_name: name,
+            })
+            .observe(seconds);
+    }
+
+    /// Counts one answered execution.
+    pub fn execution_completed(&self, result: &'static str) {
+        self.execution_completed
+            .get_or_create(&ResultLabels {
+                execution_result: result,
+            })
+            .inc();
+        if result == "failure" {
+            self.worker_execution_failures.inc();
         }
     }
 

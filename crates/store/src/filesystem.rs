@@ -207,6 +207,7 @@ impl Store for FilesystemStore {
             kind: "filesystem",
             size_bytes: Some(self.index.total_bytes()),
             entries: Some(self.index.len()),
+            evictions: Some(self.index.evictions()),
             children: vec![],
         }
     }

@@ -49,6 +49,8 @@ pub struct StoreInfo {
     pub size_bytes: Option<u64>,
     /// Entries held, for leaf stores that know it.
     pub entries: Option<u64>,
+    /// Entries evicted since start, for stores with an eviction index.
+    pub evictions: Option<u64>,
     pub children: Vec<(&'static str, StoreInfo)>,
 }
 
@@ -58,6 +60,7 @@ impl StoreInfo {
             kind,
             size_bytes: None,
             entries: None,
+            evictions: None,
             children: vec![],
         }
     }
@@ -66,9 +69,20 @@ impl StoreInfo {
             kind,
             size_bytes: None,
             entries: None,
+            evictions: None,
             children,
         }
     }
+    /// Total evictions of the stores below.
+    pub fn total_evictions(&self) -> u64 {
+        self.evictions.unwrap_or(0)
+            + self
+                .children
+                .iter()
+                .map(|(_, c)| c.total_evictions())
+                .sum::<u64>()
+    }
+
     /// Total bytes of the leaves below.
     pub fn total_size_bytes(&self) -> u64 {
         self.size_bytes.unwrap_or(0)

@@ -92,6 +92,7 @@ impl Store for MemoryStore {
             kind: "memory",
             size_bytes: Some(self.map.total_bytes()),
             entries: Some(self.map.len()),
+            evictions: Some(self.map.evictions()),
             children: vec![],
         }
     }

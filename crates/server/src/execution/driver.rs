@@ -121,7 +121,10 @@ fn gone() -> Error {
 
 impl SchedulerHandle {
     /// Starts the driver task.
-    pub fn spawn(opts: SchedulerOptions) -> SchedulerHandle {
+    pub fn spawn(
+        opts: SchedulerOptions,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> SchedulerHandle {
         let (tx, rx) = mpsc::channel(COMMAND_DEPTH);
         let keepalive_interval = (opts.worker_timeout / 3).max(Duration::from_millis(100));
         let driver = Driver {
@@ -131,6 +134,7 @@ impl SchedulerHandle {
             digests: HashMap::new(),
             workers: HashMap::new(),
             next_watcher: 1,
+            metrics,
         };
         tokio::spawn(driver.run(rx));
         SchedulerHandle {
@@ -266,6 +270,22 @@ struct Driver {
     digests: HashMap<String, Digest>,
     workers: HashMap<String, mpsc::Sender<Result<wapi::SchedulerMessage, tonic::Status>>>,
     next_watcher: u64,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+}
+
+/// How an answered execution counts in `execution_completed_count`.
+pub fn result_kind(outcome: &Outcome<re::ExecuteResponse>) -> &'static str {
+    let deadline = tonic::Code::DeadlineExceeded as i32;
+    match outcome {
+        Ok(r) if r.cached_result => "cache_hit",
+        Ok(r) => match r.status.as_ref().map_or(0, |s| s.code) {
+            0 if r.result.as_ref().is_some_and(|x| x.exit_code == 0) => "success",
+            c if c == deadline => "timeout",
+            _ => "failure",
+        },
+        Err(e) if e.code == cairn_scheduler::ErrorCode::DeadlineExceeded => "timeout",
+        Err(_) => "failure",
+    }
 }
 
 fn event_error(e: EventError) -> Error {
@@ -548,6 +568,11 @@ impl Driver {
                     }
                     Decision::OperationUpdate { op_id, status } => {
                         let done = matches!(status, OperationStatus::Completed(_));
+                        if let (OperationStatus::Completed(outcome), Some(m)) =
+                            (&status, &self.metrics)
+                        {
+                            m.execution_completed(result_kind(outcome));
+                        }
                         if let Some(digest) = self.digests.get(&op_id.0).copied() {
                             let update = OpUpdate {
                                 op_id: op_id.0.clone(),

@@ -90,6 +90,7 @@ pub fn build<'a>(
     spec: &'a SchedulerSpec,
     stores: &'a StoreMap,
     path: String,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 ) -> BuildFuture<'a> {
     Box::pin(async move {
         match spec {
@@ -101,19 +102,19 @@ pub fn build<'a>(
                 }
                 Ok(ExecutionPipeline {
                     name: name.to_string(),
-                    handle: SchedulerHandle::spawn(options(s)),
+                    handle: SchedulerHandle::spawn(options(s), metrics),
                     ac: None,
                     modifications: Arc::new(vec![]),
                 })
             }
             SchedulerSpec::CacheLookup(c) => {
                 let ac = cairn_store::build_spec(&c.ac_store, stores, &format!("{path}.cache_lookup.ac_store")).await?;
-                let mut inner = build(name, &c.scheduler, stores, format!("{path}.cache_lookup.scheduler")).await?;
+                let mut inner = build(name, &c.scheduler, stores, format!("{path}.cache_lookup.scheduler"), metrics).await?;
                 inner.ac = Some(ac);
                 Ok(inner)
             }
             SchedulerSpec::PropertyModifier(p) => {
-                let mut inner = build(name, &p.scheduler, stores, format!("{path}.property_modifier.scheduler")).await?;
+                let mut inner = build(name, &p.scheduler, stores, format!("{path}.property_modifier.scheduler"), metrics).await?;
                 let mut mods = p.modifications.clone();
                 mods.extend(inner.modifications.iter().cloned());
                 inner.modifications = Arc::new(mods);
