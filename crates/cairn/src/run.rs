@@ -144,13 +144,23 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         .await
         .context("installing signal handlers")?;
     tracing::info!("stop signal: no new connections; draining in-flight requests");
-    worker_stop.cancel();
-    for w in workers {
-        let _ = w.await;
-    }
+    // Listeners stop accepting and local workers stop taking actions at once; running actions
+    // finish (their Execute streams get the results) within the drain deadline.
     shutdown.cancel();
-    for r in running {
-        let _ = r.task.await;
+    worker_stop.cancel();
+    let drain = async {
+        for w in workers {
+            let _ = w.await;
+        }
+        for r in running {
+            let _ = r.task.await;
+        }
+    };
+    if tokio::time::timeout(DRAIN_DEADLINE + Duration::from_secs(2), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed; exiting with work still in flight");
     }
     tracing::info!("stopped");
     Ok(())

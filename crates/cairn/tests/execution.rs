@@ -575,3 +575,48 @@ async fn an_empty_input_root_needs_no_upload() {
     );
     assert_eq!(resp.result.unwrap().exit_code, 0);
 }
+
+#[tokio::test]
+async fn sigterm_lets_running_actions_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path());
+    let mut cl = client(&c).await;
+    let d = action(
+        &mut cl,
+        "sleep 2; echo finished > out.txt",
+        &["out.txt"],
+        false,
+        true,
+    )
+    .await;
+    let mut s = cl
+        .exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(d.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Wait until it runs.
+    loop {
+        let op = s.next().await.unwrap().unwrap();
+        if stage(&op) == re::execution_stage::Value::Executing as i32 {
+            break;
+        }
+    }
+    let exit = tokio::task::spawn_blocking(move || c.terminate());
+    let mut last = None;
+    while let Some(op) = s.next().await {
+        last = Some(op.unwrap());
+    }
+    let resp = response(&last.unwrap());
+    assert_eq!(
+        resp.status.as_ref().map_or(0, |s| s.code),
+        0,
+        "{:?}",
+        resp.status
+    );
+    assert_eq!(resp.result.unwrap().exit_code, 0);
+    assert!(exit.await.unwrap().success());
+}

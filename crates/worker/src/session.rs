@@ -94,6 +94,10 @@ async fn session(
     let session_done = CancellationToken::new();
     let _cancel_on_exit = session_done.clone().drop_guard();
     let mut keepalive: Option<tokio::time::Interval> = None;
+    // On shutdown the worker drains: it finishes what runs (the caller bounds how long) and
+    // hands any new action straight back, then ends the session.
+    let mut draining = false;
+    let finished = Arc::new(tokio::sync::Notify::new());
     let result = loop {
         let tick = async {
             match keepalive.as_mut() {
@@ -104,7 +108,18 @@ async fn session(
             }
         };
         tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                if running.lock().is_empty() {
+                    break Ok(());
+                }
+                tracing::info!(worker = %identity.name, running = running.lock().len(), "draining: finishing running actions");
+            }
+            _ = finished.notified(), if draining => {
+                if running.lock().is_empty() {
+                    break Ok(());
+                }
+            }
             _ = tick => {
                 let ka = wapi::WorkerMessage { message: Some(wapi::worker_message::Message::Keepalive(wapi::Keepalive {})) };
                 if tx.send(ka).await.is_err() {
@@ -118,8 +133,17 @@ async fn session(
                         tracing::info!(worker = %r.worker_id, "registered with the scheduler");
                         keepalive = Some(tokio::time::interval(every));
                     }
+                    Some(wapi::scheduler_message::Message::StartAction(s)) if draining => {
+                        let done = wapi::ActionDone {
+                            action_id: s.action_id,
+                            execute_response: vec![],
+                            error_code: tonic::Code::Unavailable as i32,
+                            error_message: "the worker is shutting down".into(),
+                        };
+                        let _ = tx.send(wapi::WorkerMessage { message: Some(wapi::worker_message::Message::ActionDone(done)) }).await;
+                    }
                     Some(wapi::scheduler_message::Message::StartAction(s)) => {
-                        start(s, runner.clone(), tx.clone(), running.clone(), session_done.clone());
+                        start(s, runner.clone(), tx.clone(), running.clone(), session_done.clone(), finished.clone());
                     }
                     Some(wapi::scheduler_message::Message::KillAction(k)) => {
                         if let Some(t) = running.lock().get(&k.action_id) {
@@ -146,6 +170,7 @@ fn start(
     tx: mpsc::Sender<wapi::WorkerMessage>,
     running: Arc<Mutex<HashMap<String, CancellationToken>>>,
     session_done: CancellationToken,
+    finished: Arc<tokio::sync::Notify>,
 ) {
     let cancel = session_done.child_token();
     running.lock().insert(s.action_id.clone(), cancel.clone());
@@ -181,12 +206,13 @@ fn start(
                 }
             }
         };
-        running.lock().remove(&s.action_id);
         let _ = tx
             .send(wapi::WorkerMessage {
                 message: Some(wapi::worker_message::Message::ActionDone(done)),
             })
             .await;
+        running.lock().remove(&s.action_id);
+        finished.notify_one();
     });
 }
 
