@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
-use cairn_core::proto::google::bytestream::{self as bs, byte_stream_client::ByteStreamClient};
 use cairn_core::{Digest, DigestFunction};
 use futures::StreamExt;
 use re::action_cache_client::ActionCacheClient;
@@ -33,6 +32,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Request;
 
 mod execute;
+mod wire_client;
 
 /// Largest gRPC message the bench clients send or accept.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -287,9 +287,7 @@ impl Bench {
             ),
         );
 
-        let mut client = ByteStreamClient::new(self.connect().await?)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE);
+        let channel = self.connect().await?;
         let blob_path = blob_path(&digest);
         let upload = format!(
             "{}uploads/{}/blobs/{blob_path}",
@@ -316,11 +314,10 @@ impl Bench {
         let timeout = transfer_timeout(size);
 
         let start = Instant::now();
-        let response = client
-            .write(with_timeout(body, timeout))
-            .await
-            .context("ByteStream.Write")?
-            .into_inner();
+        let response =
+            wire_client::write(channel.clone(), MAX_MESSAGE, with_timeout(body, timeout))
+                .await
+                .context("ByteStream.Write")?;
         let elapsed = start.elapsed();
         if response.committed_size != size as i64 {
             bail!(
@@ -338,17 +335,15 @@ impl Bench {
             ),
         );
 
-        let read = bs::ReadRequest {
+        let read = cairn_server::bytestream_wire::ReadRequest {
             resource_name: format!("{}blobs/{blob_path}", self.resource_prefix()),
             read_offset: 0,
             read_limit: 0,
         };
         let start = Instant::now();
-        let mut stream = client
-            .read(with_timeout(read, timeout))
+        let mut stream = wire_client::read(channel, MAX_MESSAGE, with_timeout(read, timeout))
             .await
-            .context("ByteStream.Read")?
-            .into_inner();
+            .context("ByteStream.Read")?;
         let mut received = 0u64;
         while let Some(message) = stream.message().await.context("ByteStream.Read")? {
             received += message.data.len() as u64;
@@ -847,16 +842,16 @@ fn write_request(
     index: u64,
     chunks: u64,
     resource_name: String,
-) -> bs::WriteRequest {
+) -> cairn_server::bytestream_wire::WriteRequest {
     let offset = index * WRITE_CHUNK as u64;
     let len = (size - offset).min(WRITE_CHUNK as u64) as usize;
     let mut data = vec![0u8; len];
     fill_pseudo_random(seed, offset, &mut data);
-    bs::WriteRequest {
+    cairn_server::bytestream_wire::WriteRequest {
         resource_name,
         write_offset: offset as i64,
         finish_write: index + 1 == chunks,
-        data,
+        data: data.into(),
     }
 }
 
