@@ -132,8 +132,9 @@ fn files(dir: &Path, extensions: &[&str]) -> Vec<PathBuf> {
     found
 }
 
-/// `None` (the test returns, skipped) when `skip_var` is 1, else a panic naming the fix.
-fn missing_tool(test: &str, what: &str, skip_var: &str, install: &str) -> Option<PathBuf> {
+/// For a missing tool: `None` (the test returns, skipped) when `skip_var` is 1, else a panic
+/// naming the fix.
+fn missing_tool<T>(test: &str, what: &str, skip_var: &str, install: &str) -> Option<T> {
     if std::env::var(skip_var).as_deref() == Ok("1") {
         eprintln!("{test}: SKIPPED, {what} is missing and {skip_var}=1");
         return None;
@@ -174,8 +175,7 @@ fn k8s_venv(test: &str) -> Option<(PathBuf, PathBuf)> {
         SKIP_K8S_VALIDATE,
         "Create it with .ci/run (python3 -m venv .ci/venv && .ci/venv/bin/pip install \
          kubernetes-validate==1.37.0)",
-    )?;
-    None
+    )
 }
 
 /// Runs `command` and returns its stdout; panics with both outputs unless it succeeds.

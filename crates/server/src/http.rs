@@ -116,6 +116,41 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
             evicted.inc_by(now - seen);
         }
     }
+    for p in &s.schedulers {
+        let Ok(st) = p.handle.stats().await else {
+            continue;
+        };
+        let l = crate::metrics::SchedulerLabels {
+            scheduler: p.name.clone(),
+        };
+        let m = &s.metrics;
+        m.scheduler_queue_length
+            .get_or_create(&l)
+            .set(st.queued as i64);
+        m.queue_length.get_or_create(&l).set(st.queued as i64);
+        m.worker_active_count
+            .get_or_create(&l)
+            .set(st.workers as i64);
+        m.worker_slots_total
+            .get_or_create(&l)
+            .set(st.total_slots as i64);
+        m.worker_slots_busy
+            .get_or_create(&l)
+            .set(st.busy_slots as i64);
+        for (stage, n) in [("queued", st.queued), ("executing", st.executing)] {
+            m.execution_active_count
+                .get_or_create(&crate::metrics::StageLabels {
+                    scheduler: p.name.clone(),
+                    execution_stage: stage,
+                })
+                .set(n as i64);
+        }
+        let retries = m.execution_retry_count.get_or_create(&l);
+        let seen = retries.get();
+        if st.retries_total > seen {
+            retries.inc_by(st.retries_total - seen);
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -111,13 +111,13 @@ async fn session(
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 if running.lock().is_empty() {
-                    break Ok(());
+                    break Ok(true);
                 }
                 tracing::info!(worker = %identity.name, running = running.lock().len(), "draining: finishing running actions");
             }
             _ = finished.notified(), if draining => {
                 if running.lock().is_empty() {
-                    break Ok(());
+                    break Ok(true);
                 }
             }
             _ = tick => {
@@ -152,7 +152,7 @@ async fn session(
                     }
                     None => {}
                 },
-                Ok(None) => break Ok(()),
+                Ok(None) => break Ok(false),
                 Err(e) => break Err(Error::from(e)),
             }
         }
@@ -161,7 +161,16 @@ async fn session(
     for (_, t) in running.lock().drain() {
         t.cancel();
     }
-    result
+    if let Ok(true) = result {
+        // Drained: end our side of the stream and let the scheduler read every ActionDone
+        // before it closes its side, so that no finished result is lost.
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        })
+        .await;
+    }
+    result.map(|_| ())
 }
 
 fn start(

@@ -326,6 +326,7 @@ impl ExecutionService {
                                 ..Default::default()
                             })),
                         };
+                        self.metrics.execution_completed("cache_hit");
                         return Ok(
                             futures::stream::once(async move { Ok(operation_of(&update)) }).boxed(),
                         );
