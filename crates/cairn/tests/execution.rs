@@ -253,7 +253,7 @@ async fn execute_runs_caches_and_serves_cached_results() {
         .await
         .unwrap();
     // The scheduler's state is on /metrics.
-    let body = http_get(c.addr, "/metrics").await;
+    let body = common::http_get(c.addr, "/metrics").await.1;
     for want in [
         "nativelink_worker_active_count{scheduler=\"MAIN\"} 1",
         "nativelink_scheduler_queue_length{scheduler=\"MAIN\"} 0",
@@ -268,17 +268,6 @@ async fn execute_runs_caches_and_serves_cached_results() {
     ] {
         assert!(body.contains(want), "{want} not in {body}");
     }
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    String::from_utf8_lossy(&buf).to_string()
 }
 
 #[tokio::test]

@@ -1048,12 +1048,12 @@ async fn status_and_metrics_over_http() {
             ..Default::default()
         })
         .await;
-    let (code, body) = http_get(c.addr, "/status").await;
+    let (code, body) = common::http_get(c.addr, "/status").await;
     assert_eq!(code, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "ok");
     assert_eq!(v["components"]["stores/CAS"]["status"], "ok");
-    let (code, body) = http_get(c.addr, "/metrics").await;
+    let (code, body) = common::http_get(c.addr, "/metrics").await;
     assert_eq!(code, 200);
     assert!(
         body.contains("nativelink_requests_total{service=\"cas\",method=\"BatchUpdateBlobs\"} 1"),
@@ -1075,28 +1075,9 @@ async fn status_is_503_when_a_store_is_unhealthy() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cairn::start_with(dir.path(), common::FILESYSTEM_CONFIG, None);
     std::fs::remove_dir_all(dir.path().join("cas")).unwrap();
-    let (code, body) = http_get(c.addr, "/status").await;
+    let (code, body) = common::http_get(c.addr, "/status").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("\"failed\""), "{body}");
-}
-
-/// A minimal HTTP/1.1 GET over a raw socket.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code: u16 = text[9..12].parse().unwrap();
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (code, body)
 }
 
 #[tokio::test]
