@@ -1053,6 +1053,16 @@ async fn status_and_metrics_over_http() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["status"], "ok");
     assert_eq!(v["components"]["stores/CAS"]["status"], "ok");
+    // A cache miss is a request, not an error.
+    let miss = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(sha(b"never ran").to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(miss.code(), Code::NotFound);
     let (code, body) = common::http_get(c.addr, "/metrics").await;
     assert_eq!(code, 200);
     assert!(
@@ -1066,6 +1076,23 @@ async fn status_and_metrics_over_http() {
     );
     assert!(
         body.contains("nativelink_store_size_bytes{store=\"CAS\"} 1234"),
+        "{body}"
+    );
+    for want in [
+        "nativelink_requests_total{service=\"ac\",method=\"GetActionResult\"} 1",
+        "nativelink_cas_requests 2",
+        "nativelink_cas_hits 1",
+        "nativelink_cas_hit_rate 0.5",
+        "nativelink_cache_operations_total{cache_type=\"CAS\",cache_operation_name=\"write\",cache_operation_result=\"success\"} 1",
+        "nativelink_cache_operations_total{cache_type=\"CAS\",cache_operation_name=\"read\",cache_operation_result=\"hit\"} 1",
+        "nativelink_cache_operations_total{cache_type=\"CAS\",cache_operation_name=\"read\",cache_operation_result=\"miss\"} 1",
+        "nativelink_cache_size{cache_type=\"CAS\"} 1234",
+        "nativelink_cache_operation_duration_seconds_bucket{",
+    ] {
+        assert!(body.contains(want), "{want} not in {body}");
+    }
+    assert!(
+        !body.contains("nativelink_request_errors_total{service=\"ac\""),
         "{body}"
     );
 }

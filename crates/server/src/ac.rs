@@ -68,7 +68,14 @@ impl ActionCache for AcService {
         }
         .await
         .map_err(|e: Error| Status::from(e));
-        timer.finish(&r);
+        // NOT_FOUND is GetActionResult's cache-miss answer, not a failure: it is counted as a
+        // request but not as an error, so that error-rate alerts do not fire on cold builds.
+        match &r {
+            Err(st) if st.code() == tonic::Code::NotFound => {
+                timer.finish(&Ok::<(), tonic::Status>(()))
+            }
+            _ => timer.finish(&r),
+        }
         r
     }
 
