@@ -101,6 +101,7 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         schedulers.insert(n.name.clone(), p);
     }
     let shutdown = CancellationToken::new();
+    let _otlp = cairn_server::otlp::start(metrics.clone(), shutdown.clone());
     let mut running = Vec::new();
     for (i, s) in cfg.servers.iter().enumerate() {
         let r = cairn_server::serve(

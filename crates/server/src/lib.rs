@@ -17,6 +17,7 @@ pub mod instances;
 pub mod listener;
 pub mod metered;
 pub mod metrics;
+pub mod otlp;
 pub mod resource;
 pub mod zstd_codec;
 
