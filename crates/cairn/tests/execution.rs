@@ -636,3 +636,57 @@ async fn sigterm_lets_running_actions_finish() {
     assert_eq!(resp.result.unwrap().exit_code, 0);
     assert!(exit.await.unwrap().success());
 }
+
+#[tokio::test]
+async fn property_modifier_rewrites_the_platform_before_matching() {
+    let dir = tempfile::tempdir().unwrap();
+    // The same config, with the scheduler wrapped in a property_modifier that turns any
+    // OSFamily into linux.
+    let config = CONFIG.replace(
+        "MAIN: { cache_lookup: { ac_store: { ref_store: { name: \"AC\" } }, scheduler: { simple: {",
+        "MAIN: { property_modifier: { modifications: [{ remove: \"OSFamily\" }, { add: { name: \"OSFamily\", value: \"linux\" } }], scheduler: { cache_lookup: { ac_store: { ref_store: { name: \"AC\" } }, scheduler: { simple: {",
+    );
+    assert_ne!(config, CONFIG, "the replacement must apply");
+    let closed = config.replace(
+        "      unschedulable_grace_period_s: 1,\n    } } } },",
+        "      unschedulable_grace_period_s: 1,\n    } } } } } },",
+    );
+    assert_ne!(closed, config, "the closing replacement must apply");
+    let config = closed;
+    let c = Cairn::start_with(
+        dir.path(),
+        &config.replace("@WPORT@", &free_port().to_string()),
+        None,
+    );
+    let mut cl = client(&c).await;
+    #[allow(deprecated)]
+    let command = re::Command {
+        arguments: vec!["/bin/true".into()],
+        ..Default::default()
+    };
+    let act = re::Action {
+        command_digest: Some(SHA.compute(&command.encode_to_vec()).to_proto()),
+        input_root_digest: Some(SHA.empty_digest().to_proto()),
+        platform: Some(re::Platform {
+            properties: vec![re::platform::Property {
+                name: "OSFamily".into(),
+                value: "windows".into(),
+            }],
+        }),
+        ..Default::default()
+    };
+    put(&mut cl, vec![command.encode_to_vec(), act.encode_to_vec()]).await;
+    let resp = response(
+        execute(&mut cl, SHA.compute(&act.encode_to_vec()), false)
+            .await
+            .last()
+            .unwrap(),
+    );
+    assert_eq!(
+        resp.status.as_ref().map_or(0, |s| s.code),
+        0,
+        "{:?}",
+        resp.status
+    );
+    assert_eq!(resp.result.unwrap().exit_code, 0);
+}

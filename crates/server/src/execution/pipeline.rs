@@ -22,18 +22,14 @@ pub struct ExecutionPipeline {
     pub handle: SchedulerHandle,
     /// The action cache consulted before queuing (`cache_lookup`).
     pub ac: Option<StoreRef>,
-    pub modifications: Arc<Vec<PropertyModification>>,
+    pub modifications: Arc<Vec<cairn_scheduler::PropertyModification>>,
 }
 
 impl ExecutionPipeline {
-    /// Applies the `property_modifier` changes, in order.
+    /// Applies the `property_modifier` changes, in order (the core's rule: `add` replaces every
+    /// value of that name, `remove` drops them).
     pub fn modify(&self, mut props: Vec<(String, String)>) -> Vec<(String, String)> {
-        for m in self.modifications.iter() {
-            match m {
-                PropertyModification::Add(kv) => props.push((kv.name.clone(), kv.value.clone())),
-                PropertyModification::Remove(name) => props.retain(|(n, _)| n != name),
-            }
-        }
+        cairn_scheduler::modify_platform(&mut props, &self.modifications);
         props
     }
 }
@@ -115,7 +111,19 @@ pub fn build<'a>(
             }
             SchedulerSpec::PropertyModifier(p) => {
                 let mut inner = build(name, &p.scheduler, stores, format!("{path}.property_modifier.scheduler"), metrics).await?;
-                let mut mods = p.modifications.clone();
+                let mut mods: Vec<cairn_scheduler::PropertyModification> = p
+                    .modifications
+                    .iter()
+                    .map(|m| match m {
+                        PropertyModification::Add(kv) => cairn_scheduler::PropertyModification::Add {
+                            name: kv.name.clone(),
+                            value: kv.value.clone(),
+                        },
+                        PropertyModification::Remove(name) => {
+                            cairn_scheduler::PropertyModification::Remove(name.clone())
+                        }
+                    })
+                    .collect();
                 mods.extend(inner.modifications.iter().cloned());
                 inner.modifications = Arc::new(mods);
                 Ok(inner)
