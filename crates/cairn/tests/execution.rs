@@ -432,31 +432,11 @@ async fn unschedulable_platform_fails_naming_the_property() {
     let dir = tempfile::tempdir().unwrap();
     let c = start(dir.path());
     let mut cl = client(&c).await;
-    #[allow(deprecated)]
-    let command = re::Command {
-        arguments: vec!["/bin/true".into()],
-        ..Default::default()
-    };
-    let root = re::Directory::default();
-    let act = re::Action {
-        command_digest: Some(SHA.compute(&command.encode_to_vec()).to_proto()),
-        input_root_digest: Some(SHA.compute(&root.encode_to_vec()).to_proto()),
-        platform: Some(re::Platform {
-            properties: vec![re::platform::Property {
-                name: "OSFamily".into(),
-                value: "windows".into(),
-            }],
-        }),
-        ..Default::default()
-    };
-    put(&mut cl, vec![command.encode_to_vec(), act.encode_to_vec()]).await;
+    let d = true_action(&mut cl, "windows").await;
     let start = std::time::Instant::now();
-    let ops = tokio::time::timeout(
-        Duration::from_secs(30),
-        execute(&mut cl, SHA.compute(&act.encode_to_vec()), false),
-    )
-    .await
-    .expect("the action must not wait forever");
+    let ops = tokio::time::timeout(Duration::from_secs(30), execute(&mut cl, d, false))
+        .await
+        .expect("the action must not wait forever");
     let status = response(ops.last().unwrap()).status.unwrap();
     assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
     assert!(
@@ -559,30 +539,8 @@ async fn an_empty_input_root_needs_no_upload() {
     let dir = tempfile::tempdir().unwrap();
     let c = start(dir.path());
     let mut cl = client(&c).await;
-    #[allow(deprecated)]
-    let command = re::Command {
-        arguments: vec!["/bin/true".into()],
-        ..Default::default()
-    };
-    let act = re::Action {
-        command_digest: Some(SHA.compute(&command.encode_to_vec()).to_proto()),
-        // The empty Directory is the empty blob, which is always present.
-        input_root_digest: Some(SHA.empty_digest().to_proto()),
-        platform: Some(re::Platform {
-            properties: vec![re::platform::Property {
-                name: "OSFamily".into(),
-                value: "linux".into(),
-            }],
-        }),
-        ..Default::default()
-    };
-    put(&mut cl, vec![command.encode_to_vec(), act.encode_to_vec()]).await;
-    let resp = response(
-        execute(&mut cl, SHA.compute(&act.encode_to_vec()), false)
-            .await
-            .last()
-            .unwrap(),
-    );
+    let d = true_action(&mut cl, "linux").await;
+    let resp = response(execute(&mut cl, d, false).await.last().unwrap());
     assert_eq!(
         resp.status.as_ref().map_or(0, |s| s.code),
         0,
@@ -659,6 +617,20 @@ async fn property_modifier_rewrites_the_platform_before_matching() {
         None,
     );
     let mut cl = client(&c).await;
+    let d = true_action(&mut cl, "windows").await;
+    let resp = response(execute(&mut cl, d, false).await.last().unwrap());
+    assert_eq!(
+        resp.status.as_ref().map_or(0, |s| s.code),
+        0,
+        "{:?}",
+        resp.status
+    );
+    assert_eq!(resp.result.unwrap().exit_code, 0);
+}
+
+/// Uploads a `/bin/true` Action with the empty input root (the empty blob, always present) and
+/// the given OSFamily; returns its digest.
+async fn true_action(cl: &mut Client, os: &str) -> Digest {
     #[allow(deprecated)]
     let command = re::Command {
         arguments: vec!["/bin/true".into()],
@@ -670,23 +642,13 @@ async fn property_modifier_rewrites_the_platform_before_matching() {
         platform: Some(re::Platform {
             properties: vec![re::platform::Property {
                 name: "OSFamily".into(),
-                value: "windows".into(),
+                value: os.into(),
             }],
         }),
         ..Default::default()
     };
-    put(&mut cl, vec![command.encode_to_vec(), act.encode_to_vec()]).await;
-    let resp = response(
-        execute(&mut cl, SHA.compute(&act.encode_to_vec()), false)
-            .await
-            .last()
-            .unwrap(),
-    );
-    assert_eq!(
-        resp.status.as_ref().map_or(0, |s| s.code),
-        0,
-        "{:?}",
-        resp.status
-    );
-    assert_eq!(resp.result.unwrap().exit_code, 0);
+    let act = act.encode_to_vec();
+    let d = SHA.compute(&act);
+    put(cl, vec![command.encode_to_vec(), act]).await;
+    d
 }
