@@ -14,6 +14,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("default.json5");
 
 /// How long in-flight requests get to finish after a stop signal.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
+/// How long stopping waits for the last OTLP export (an unreachable collector costs this much).
+const OTLP_FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
 pub fn main(config: Option<&Path>) -> ExitCode {
     init_logging();
@@ -101,7 +103,8 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         schedulers.insert(n.name.clone(), p);
     }
     let shutdown = CancellationToken::new();
-    let _otlp = cairn_server::otlp::start(metrics.clone(), shutdown.clone());
+    // Before the listeners: they trace requests only if OTLP trace export is on.
+    let otlp = cairn_server::otlp::start(metrics.clone());
     let mut running = Vec::new();
     for (i, s) in cfg.servers.iter().enumerate() {
         let r = cairn_server::serve(
@@ -162,6 +165,10 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         .is_err()
     {
         tracing::warn!("drain deadline passed; exiting with work still in flight");
+    }
+    if let Some(otlp) = otlp {
+        // The last metrics and the spans of the drained requests.
+        otlp.stop(OTLP_FLUSH_DEADLINE).await;
     }
     tracing::info!("stopped");
     Ok(())

@@ -1,6 +1,6 @@
-//! OTLP export: Cairn started with the guides' OTEL_* variables sends its metrics to a real
-//! OTLP gRPC receiver on loopback, with the service name and resource attributes; an
-//! unreachable collector does not stop it serving.
+//! OTLP export: Cairn started with the guides' OTEL_* variables sends its metrics and one span
+//! per gRPC request to a real OTLP gRPC receiver on loopback, with the service name and
+//! resource attributes; an unreachable collector does not stop it serving.
 
 mod common;
 
@@ -15,10 +15,32 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
-use opentelemetry_proto::tonic::common::v1::any_value;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode, Span};
 use tokio::sync::mpsc;
 
 struct Receiver(mpsc::Sender<ExportMetricsServiceRequest>);
+
+struct TraceReceiver(mpsc::Sender<ExportTraceServiceRequest>);
+
+#[tonic::async_trait]
+impl TraceService for TraceReceiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let _ = self.0.send(request.into_inner()).await;
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
 
 #[tonic::async_trait]
 impl MetricsService for Receiver {
@@ -33,7 +55,11 @@ impl MetricsService for Receiver {
     }
 }
 
-fn start_cairn(dir: &std::path::Path, otel_endpoint: &str) -> (std::process::Child, SocketAddr) {
+fn start_cairn(
+    dir: &std::path::Path,
+    otel_endpoint: &str,
+    extra_env: &[(&str, &str)],
+) -> (std::process::Child, SocketAddr) {
     let config = dir.join("c.json5");
     std::fs::write(
         &config,
@@ -52,8 +78,10 @@ fn start_cairn(dir: &std::path::Path, otel_endpoint: &str) -> (std::process::Chi
         )
         .env("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")
         .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
+        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
         .env("OTEL_EXPORTER_OTLP_TIMEOUT", "1000")
         .env("RUST_LOG", "info")
+        .envs(extra_env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -83,7 +111,7 @@ async fn metrics_arrive_at_a_real_otlp_receiver_with_resource_attributes() {
             .serve_with_incoming(tokio_stream_from(listener)),
     );
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = start_cairn(dir.path(), &format!("http://{otlp_addr}"));
+    let (mut child, addr) = start_cairn(dir.path(), &format!("http://{otlp_addr}"), &[]);
     // Some traffic, so that request metrics exist.
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -155,7 +183,7 @@ async fn an_unreachable_collector_does_not_stop_serving() {
         .unwrap()
         .port();
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, addr) = start_cairn(dir.path(), &format!("http://127.0.0.1:{port}"));
+    let (mut child, addr) = start_cairn(dir.path(), &format!("http://127.0.0.1:{port}"), &[]);
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
@@ -172,6 +200,217 @@ async fn an_unreachable_collector_does_not_stop_serving() {
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// String attributes as pairs (other kinds are left out).
+fn string_attrs(attrs: &[KeyValue]) -> Vec<(String, String)> {
+    attrs
+        .iter()
+        .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::StringValue(s) => Some((kv.key.clone(), s.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn int_attr(span: &Span, key: &str) -> Option<i64> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+            any_value::Value::IntValue(i) => Some(*i),
+            _ => None,
+        })
+}
+
+#[tokio::test]
+async fn request_spans_arrive_at_a_real_otlp_receiver_with_status_and_parent() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp_addr = listener.local_addr().unwrap();
+    let (mtx, _mrx) = mpsc::channel(64);
+    let (ttx, mut trx) = mpsc::channel(64);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                MetricsServiceServer::new(Receiver(mtx))
+                    .accept_compressed(tonic::codec::CompressionEncoding::Zstd),
+            )
+            .add_service(
+                TraceServiceServer::new(TraceReceiver(ttx))
+                    .accept_compressed(tonic::codec::CompressionEncoding::Zstd),
+            )
+            .serve_with_incoming(tokio_stream_from(listener)),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let (mut child, addr) = start_cairn(dir.path(), &format!("http://{otlp_addr}"), &[]);
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    // A FindMissingBlobs that is part of a client's trace...
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let mut cas =
+        re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch.clone());
+    let mut request = tonic::Request::new(re::FindMissingBlobsRequest::default());
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{parent_id}-01").parse().unwrap(),
+    );
+    cas.find_missing_blobs(request).await.unwrap();
+    // ... and a GetActionResult miss, without one.
+    let mut ac = re::action_cache_client::ActionCacheClient::new(ch);
+    let missing = re::Digest {
+        hash: "ab".repeat(32),
+        size_bytes: 12,
+    };
+    let miss = ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(missing),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(miss.code(), tonic::Code::NotFound);
+
+    let cas_service = "build.bazel.remote.execution.v2.ContentAddressableStorage";
+    let ac_service = "build.bazel.remote.execution.v2.ActionCache";
+    let mut spans: Vec<Span> = Vec::new();
+    let want = |spans: &[Span], name: &str| spans.iter().find(|s| s.name == name).cloned();
+    while want(&spans, &format!("{ac_service}/GetActionResult")).is_none()
+        || want(&spans, &format!("{cas_service}/FindMissingBlobs")).is_none()
+    {
+        let req = tokio::time::timeout(Duration::from_secs(10), trx.recv())
+            .await
+            .expect("spans of both requests within 10 s")
+            .unwrap();
+        for rs in &req.resource_spans {
+            let attrs = string_attrs(&rs.resource.as_ref().unwrap().attributes);
+            for want in [
+                ("service.name", "nativelink"),
+                ("deployment.environment", "production"),
+                ("service.version", "v0.5.0"),
+            ] {
+                assert!(
+                    attrs.contains(&(want.0.into(), want.1.into())),
+                    "{want:?} not in {attrs:?}"
+                );
+            }
+            for ss in &rs.scope_spans {
+                spans.extend(ss.spans.iter().cloned());
+            }
+        }
+    }
+    let after = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+
+    let fmb = want(&spans, &format!("{cas_service}/FindMissingBlobs")).unwrap();
+    assert_eq!(fmb.kind, SpanKind::Server as i32);
+    let attrs = string_attrs(&fmb.attributes);
+    for want in [
+        ("rpc.system", "grpc"),
+        ("rpc.service", cas_service),
+        ("rpc.method", "FindMissingBlobs"),
+    ] {
+        assert!(
+            attrs.contains(&(want.0.into(), want.1.into())),
+            "{want:?} not in {attrs:?}"
+        );
+    }
+    assert_eq!(int_attr(&fmb, "rpc.grpc.status_code"), Some(0));
+    assert!(fmb
+        .status
+        .as_ref()
+        .is_none_or(|s| s.code == StatusCode::Unset as i32));
+    assert_eq!(hex(&fmb.trace_id), trace_id, "the client's trace");
+    assert_eq!(hex(&fmb.parent_span_id), parent_id, "the client's span");
+    assert_eq!(fmb.span_id.len(), 8);
+    assert!(before <= fmb.start_time_unix_nano);
+    assert!(fmb.start_time_unix_nano <= fmb.end_time_unix_nano);
+    assert!(fmb.end_time_unix_nano <= after);
+
+    let gar = want(&spans, &format!("{ac_service}/GetActionResult")).unwrap();
+    assert_eq!(gar.kind, SpanKind::Server as i32);
+    assert_eq!(int_attr(&gar, "rpc.grpc.status_code"), Some(5));
+    let status = gar.status.as_ref().expect("an error status");
+    assert_eq!(status.code, StatusCode::Error as i32);
+    assert!(status.message.contains("no action result"), "{status:?}");
+    assert_eq!(gar.trace_id.len(), 16, "a new trace");
+    assert_ne!(hex(&gar.trace_id), trace_id);
+    assert!(gar.parent_span_id.is_empty());
+    assert!(before <= gar.start_time_unix_nano && gar.end_time_unix_nano <= after);
+    // One span per request, not one per export.
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|s| s.name.ends_with("/GetActionResult"))
+            .count(),
+        1
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn a_collector_that_never_answers_costs_spans_not_requests() {
+    // Accepts connections and never says a word: every export waits for its timeout.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start_cairn(
+        dir.path(),
+        &format!("http://{otlp_addr}"),
+        &[
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "2"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "10"),
+        ],
+    );
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut cas = re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch);
+    for _ in 0..50 {
+        let t = std::time::Instant::now();
+        cas.find_missing_blobs(re::FindMissingBlobsRequest::default())
+            .await
+            .unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+    // The exporter is stuck on its first batch (1 s timeout): two spans wait, the rest are
+    // dropped and counted.
+    let (code, text) = common::http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    let dropped: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("nativelink_otlp_spans_dropped_total "))
+        .expect("the dropped-spans counter")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(dropped >= 40.0, "{dropped} spans dropped\n{text}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn tokio_stream_from(

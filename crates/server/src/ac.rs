@@ -71,9 +71,7 @@ impl ActionCache for AcService {
         // NOT_FOUND is GetActionResult's cache-miss answer, not a failure: it is counted as a
         // request but not as an error, so that error-rate alerts do not fire on cold builds.
         match &r {
-            Err(st) if st.code() == tonic::Code::NotFound => {
-                timer.finish(&Ok::<(), tonic::Status>(()))
-            }
+            Err(st) if st.code() == tonic::Code::NotFound => timer.finish_cache_miss(st),
             _ => timer.finish(&r),
         }
         r

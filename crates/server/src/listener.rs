@@ -267,15 +267,18 @@ pub async fn serve(
         (None, Some(_)) => Some("/metrics".to_string()),
         (None, None) => None,
     };
-    let app = routes
-        .routes()
-        .prepare()
-        .into_axum_router()
-        .merge(http::router(
-            state,
-            status_path.as_deref(),
-            metrics_path.as_deref(),
+    let mut grpc = routes.routes().prepare().into_axum_router();
+    if metrics.traces_enabled() {
+        // Incoming `traceparent` headers become the parents of request spans.
+        grpc = grpc.layer(axum::middleware::from_fn(
+            crate::otlp::traces::with_incoming_parent,
         ));
+    }
+    let app = grpc.merge(http::router(
+        state,
+        status_path.as_deref(),
+        metrics_path.as_deref(),
+    ));
 
     let addr: SocketAddr = http_cfg.socket_address.parse().map_err(|e| {
         Error::invalid_argument(format!(

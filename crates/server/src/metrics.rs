@@ -5,8 +5,8 @@
 //! methods, codes, configured store and scheduler names, fixed enumerations).
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -15,6 +15,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::otlp::traces::{self, RpcSpan, SpanSink, TraceParent};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
@@ -106,6 +108,10 @@ pub struct Metrics {
     pub cache_operations: Family<CacheOpLabels, Counter>,
     pub cache_size: Family<CacheTypeLabels, Gauge>,
     pub cache_operation_duration: HistogramFamily<CacheOpDurationLabels>,
+    /// Request spans dropped because the OTLP export queue was full.
+    pub otlp_spans_dropped: Counter,
+    /// Where finished RPCs go as spans; set once, only when traces are exported.
+    spans: OnceLock<SpanSink>,
 }
 
 impl Metrics {
@@ -143,6 +149,8 @@ impl Metrics {
             cache_operation_duration: HistogramFamily::new_with_constructor(
                 duration_histogram as fn() -> Histogram,
             ),
+            otlp_spans_dropped: Default::default(),
+            spans: OnceLock::new(),
         };
         r.register(
             "requests",
@@ -244,16 +252,46 @@ impl Metrics {
             "Store operation latency by cache_type and operation",
             m.cache_operation_duration.clone(),
         );
+        r.register(
+            "otlp_spans_dropped",
+            "Request spans dropped because the OTLP trace export queue was full",
+            m.otlp_spans_dropped.clone(),
+        );
         *m.registry.lock() = r;
         Arc::new(m)
     }
 
-    /// Starts timing one RPC.
+    /// From now on every finished RPC is also handed to `sink` as a span. Only the first
+    /// call has an effect.
+    pub fn record_spans(&self, sink: SpanSink) {
+        let _ = self.spans.set(sink);
+    }
+
+    /// Whether finished RPCs become spans (OTLP trace export is on).
+    pub fn traces_enabled(&self) -> bool {
+        self.spans.get().is_some()
+    }
+
+    /// Starts timing one RPC. This is the one place that observes requests: the timer feeds
+    /// the request metrics and, when traces are exported, the request's span.
     pub fn rpc(self: &Arc<Self>, service: &'static str, method: &'static str) -> RpcTimer {
+        let span = match self.spans.get() {
+            None => None,
+            Some(_) => {
+                let parent = traces::incoming_parent();
+                RpcSpan::sampled(parent.as_ref()).then(|| SpanStart {
+                    unix_nanos: SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos() as u64),
+                    parent,
+                })
+            }
+        };
         RpcTimer {
             metrics: self.clone(),
             labels: RpcLabels { service, method },
             start: Instant::now(),
+            span,
         }
     }
 
@@ -311,21 +349,42 @@ impl Metrics {
     }
 }
 
-/// Records one RPC's count, duration and outcome.
+/// When and under which parent a traced RPC started.
+struct SpanStart {
+    unix_nanos: u64,
+    parent: Option<TraceParent>,
+}
+
+/// Records one RPC's count, duration and outcome (and its span, when traces are exported).
 pub struct RpcTimer {
     metrics: Arc<Metrics>,
     labels: RpcLabels,
     start: Instant,
+    span: Option<SpanStart>,
 }
 
 impl RpcTimer {
+    /// Ends the RPC with `result`: an error status counts in `request_errors`.
     pub fn finish<T>(self, result: &Result<T, tonic::Status>) {
+        let status = result.as_ref().err();
+        self.end(status, status.is_some());
+    }
+
+    /// Ends an RPC whose `status` is a cache miss (GetActionResult's NOT_FOUND): counted as
+    /// a request, not as an error, so that error-rate alerts stay quiet on cold builds. Its
+    /// span still carries the status.
+    pub fn finish_cache_miss(self, status: &tonic::Status) {
+        self.end(Some(status), false);
+    }
+
+    fn end(self, status: Option<&tonic::Status>, is_error: bool) {
         let m = &self.metrics;
+        let elapsed = self.start.elapsed();
         m.requests.get_or_create(&self.labels).inc();
         m.request_duration
             .get_or_create(&self.labels)
-            .observe(self.start.elapsed().as_secs_f64());
-        if let Err(status) = result {
+            .observe(elapsed.as_secs_f64());
+        if let (Some(status), true) = (status, is_error) {
             m.request_errors
                 .get_or_create(&RpcErrorLabels {
                     service: self.labels.service,
@@ -333,6 +392,17 @@ impl RpcTimer {
                     code: format!("{:?}", status.code()),
                 })
                 .inc();
+        }
+        if let (Some(start), Some(sink)) = (self.span, m.spans.get()) {
+            sink.record(RpcSpan {
+                service: self.labels.service,
+                method: self.labels.method,
+                code: status.map_or(tonic::Code::Ok, |s| s.code()),
+                message: status.map_or_else(String::new, |s| traces::span_message(s.message())),
+                start_unix_nanos: start.unix_nanos,
+                end_unix_nanos: start.unix_nanos + elapsed.as_nanos() as u64,
+                parent: start.parent,
+            });
         }
     }
 }

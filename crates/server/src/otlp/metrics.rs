@@ -1,170 +1,49 @@
-//! OpenTelemetry export of the metrics in [`Metrics`]: the same registry `/metrics` encodes is
-//! read (its Prometheus text) and sent as OTLP gauges, monotonic sums and histograms, so a
-//! metric is still declared once. Configured by the standard variables:
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._METRICS_ENDPOINT`; unset: no export),
-//! `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc`, default, or `http/protobuf`), `OTEL_SERVICE_NAME`,
-//! `OTEL_RESOURCE_ATTRIBUTES` (`k=v,k2=v2`), `OTEL_EXPORTER_OTLP_COMPRESSION` (`gzip`, `zstd`,
-//! `none`), `OTEL_EXPORTER_OTLP_TIMEOUT` and `OTEL_METRIC_EXPORT_INTERVAL` (milliseconds).
-//! Export runs in its own task with a timeout: an unreachable collector costs a log line,
-//! never a request.
+//! Metrics over OTLP: the registry `/metrics` encodes is read (its Prometheus text) and sent as
+//! OTLP gauges, monotonic sums and histograms, so a metric is still declared once, in
+//! `crate::metrics`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    metrics_service_client::MetricsServiceClient, ExportMetricsServiceRequest,
-};
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
     Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use prost::Message;
 use tokio_util::sync::CancellationToken;
 
+use super::transport::Transport;
+use super::{kv, now_ns, scope, OtlpConfig, SignalConfig};
 use crate::metrics::Metrics;
 
-/// Export settings read from the environment.
-#[derive(Debug, Clone)]
-pub struct OtlpConfig {
-    pub endpoint: String,
-    pub http: bool,
-    pub service_name: String,
-    pub attributes: Vec<(String, String)>,
-    pub compression: Option<String>,
-    pub timeout: Duration,
-    pub interval: Duration,
-}
-
-impl OtlpConfig {
-    /// `None` when no endpoint is set.
-    pub fn from_env() -> Option<OtlpConfig> {
-        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-        let endpoint = var("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-            .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
-        let http = var("OTEL_EXPORTER_OTLP_PROTOCOL").is_some_and(|p| p.starts_with("http"));
-        let ms = |k: &str, d: u64| {
-            Duration::from_millis(var(k).and_then(|v| v.parse().ok()).unwrap_or(d))
-        };
-        Some(OtlpConfig {
-            endpoint,
-            http,
-            service_name: var("OTEL_SERVICE_NAME").unwrap_or_else(|| "cairn".into()),
-            attributes: var("OTEL_RESOURCE_ATTRIBUTES")
-                .map(|a| {
-                    a.split(',')
-                        .filter_map(|kv| kv.split_once('='))
-                        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            compression: var("OTEL_EXPORTER_OTLP_COMPRESSION").filter(|c| c != "none"),
-            timeout: ms("OTEL_EXPORTER_OTLP_TIMEOUT", 10_000),
-            interval: ms("OTEL_METRIC_EXPORT_INTERVAL", 60_000).max(Duration::from_millis(50)),
-        })
-    }
-}
-
-/// Starts the export task if the environment asks for one.
-pub fn start(
+/// Exports the registry every `metric_interval` until `stop`, then once more.
+pub(super) async fn run(
+    cfg: OtlpConfig,
+    signal: SignalConfig,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> Option<tokio::task::JoinHandle<()>> {
-    let cfg = OtlpConfig::from_env()?;
-    tracing::info!(endpoint = %cfg.endpoint, http = cfg.http, "exporting metrics over OTLP");
-    Some(tokio::spawn(async move {
-        let start_ns = now_ns();
-        let mut tick = tokio::time::interval(cfg.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.cancelled() => return,
-            }
-            let request = build_request(&cfg, &metrics.encode(), start_ns, now_ns());
-            match tokio::time::timeout(cfg.timeout, send(&cfg, request)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(error = %e, "OTLP export failed"),
-                Err(_) => tracing::debug!("OTLP export timed out"),
-            }
-        }
-    }))
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-async fn send(cfg: &OtlpConfig, request: ExportMetricsServiceRequest) -> Result<(), String> {
-    if cfg.http {
-        let url = if cfg.endpoint.ends_with("/v1/metrics") {
-            cfg.endpoint.clone()
-        } else {
-            format!("{}/v1/metrics", cfg.endpoint.trim_end_matches('/'))
-        };
-        return post_protobuf(&url, request.encode_to_vec(), cfg.compression.as_deref()).await;
-    }
-    let channel = tonic::transport::Endpoint::from_shared(cfg.endpoint.clone())
-        .map_err(|e| e.to_string())?
-        .connect_timeout(cfg.timeout)
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut client = MetricsServiceClient::new(channel);
-    match cfg.compression.as_deref() {
-        Some("gzip") => client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip),
-        Some("zstd") => client = client.send_compressed(tonic::codec::CompressionEncoding::Zstd),
-        _ => {}
-    }
-    client
-        .export(request)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-/// OTLP/HTTP: one POST of the protobuf body over a plain HTTP/1.1 connection.
-async fn post_protobuf(url: &str, body: Vec<u8>, compression: Option<&str>) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or("only http:// endpoints are supported for http/protobuf")?;
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let (body, encoding) = match compression {
-        Some("zstd") => (
-            zstd::bulk::compress(&body, 3).map_err(|e| e.to_string())?,
-            Some("zstd"),
-        ),
-        _ => (body, None),
+    stop: CancellationToken,
+) {
+    let transport = match Transport::new(signal) {
+        Ok(t) => t,
+        Err(e) => return tracing::warn!(error = %e, "OTLP metrics export is off"),
     };
-    let mut s = tokio::net::TcpStream::connect(host)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    if let Some(e) = encoding {
-        head.push_str(&format!("Content-Encoding: {e}\r\n"));
-    }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    s.write_all(&body).await.map_err(|e| e.to_string())?;
-    let mut reply = Vec::new();
-    s.read_to_end(&mut reply).await.map_err(|e| e.to_string())?;
-    let status = String::from_utf8_lossy(&reply[..reply.len().min(12)]).to_string();
-    if status.starts_with("HTTP/1.1 2") || status.starts_with("HTTP/1.0 2") {
-        Ok(())
-    } else {
-        Err(format!("collector answered {status:?}"))
+    let resource = cfg.resource();
+    let start_ns = now_ns();
+    let mut tick = tokio::time::interval(cfg.metric_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.cancelled() => true,
+        };
+        let request = build_request(&resource, &metrics.encode(), start_ns, now_ns());
+        if let Err(e) = transport.export_metrics(request).await {
+            tracing::debug!(error = %e, "OTLP metrics export failed");
+        }
+        if last {
+            return;
+        }
     }
 }
 
@@ -174,15 +53,6 @@ type Labels = Vec<(String, String)>;
 type Sample = (String, Labels, f64);
 /// A histogram series: (upper bound, cumulative count) buckets, sum, count.
 type HistogramSeries = (Vec<(f64, u64)>, f64, u64);
-
-fn kv(k: &str, v: &str) -> KeyValue {
-    KeyValue {
-        key: k.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(v.to_string())),
-        }),
-    }
-}
 
 /// One sample line: name, labels, value.
 fn parse_sample(line: &str) -> Option<Sample> {
@@ -227,7 +97,7 @@ fn parse_sample(line: &str) -> Option<Sample> {
 
 /// The OTLP request for one scrape of the registry's text.
 pub fn build_request(
-    cfg: &OtlpConfig,
+    resource: &Resource,
     text: &str,
     start_ns: u64,
     now_ns: u64,
@@ -346,20 +216,11 @@ pub fn build_request(
             ..Default::default()
         });
     }
-    let mut attributes = vec![kv("service.name", &cfg.service_name)];
-    attributes.extend(cfg.attributes.iter().map(|(k, v)| kv(k, v)));
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes,
-                ..Default::default()
-            }),
+            resource: Some(resource.clone()),
             scope_metrics: vec![ScopeMetrics {
-                scope: Some(InstrumentationScope {
-                    name: "cairn".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..Default::default()
-                }),
+                scope: Some(scope()),
                 metrics,
                 schema_url: String::new(),
             }],
@@ -378,16 +239,14 @@ mod tests {
         m.cas_lookups(4, 3);
         m.execution_completed("success");
         m.cache_op("CAS", "read", "hit", 0.002);
-        let cfg = OtlpConfig {
-            endpoint: String::new(),
-            http: false,
-            service_name: "svc".into(),
-            attributes: vec![("deployment.environment".into(), "ci".into())],
-            compression: None,
-            timeout: Duration::from_secs(1),
-            interval: Duration::from_secs(1),
+        let resource = Resource {
+            attributes: vec![
+                kv("service.name", "svc"),
+                kv("deployment.environment", "ci"),
+            ],
+            ..Default::default()
         };
-        let req = build_request(&cfg, &m.encode(), 1, 2);
+        let req = build_request(&resource, &m.encode(), 1, 2);
         let rm = &req.resource_metrics[0];
         let attrs = &rm.resource.as_ref().unwrap().attributes;
         assert!(attrs.contains(&kv("service.name", "svc")));
