@@ -1,6 +1,7 @@
 //! OTLP export: Cairn started with the guides' OTEL_* variables sends its metrics and one span
-//! per gRPC request to a real OTLP gRPC receiver on loopback, with the service name and
-//! resource attributes; an unreachable collector does not stop it serving.
+//! per gRPC request to a real OTLP receiver on loopback (gRPC, and http/protobuf with and
+//! without gzip), with the service name and resource attributes; an unreachable or stuck
+//! collector does not stop it serving.
 
 mod common;
 
@@ -23,6 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, status::StatusCode, Span};
+use prost::Message;
 use tokio::sync::mpsc;
 
 struct Receiver(mpsc::Sender<ExportMetricsServiceRequest>);
@@ -407,6 +409,215 @@ async fn a_collector_that_never_answers_costs_spans_not_requests() {
     assert!(dropped >= 40.0, "{dropped} spans dropped\n{text}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// What an OTLP/HTTP receiver got in one POST.
+#[derive(Debug)]
+enum HttpExport {
+    Metrics(ExportMetricsServiceRequest),
+    Traces(ExportTraceServiceRequest),
+}
+
+/// One POST as the receiver saw it: its headers, and the decoded request (or why not).
+#[derive(Debug)]
+struct HttpPost {
+    path: String,
+    content_type: Option<String>,
+    content_encoding: Option<String>,
+    export: Result<HttpExport, String>,
+}
+
+/// A real OTLP/HTTP receiver (hyper, HTTP/1.1) on loopback: POST /v1/metrics and /v1/traces,
+/// protobuf bodies, gzip or identity. Everything it gets goes to the channel; checks are made
+/// by the test, not here, so that a bad request fails the test rather than a server task.
+async fn http_receiver() -> (SocketAddr, mpsc::Receiver<HttpPost>) {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let tx = tx.clone();
+                    async move {
+                        let header = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string)
+                        };
+                        let path = req.uri().path().to_string();
+                        let content_type = header("content-type");
+                        let content_encoding = header("content-encoding");
+                        let method = req.method().clone();
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        let export = (|| {
+                            if method != hyper::Method::POST {
+                                return Err(format!("method {method}"));
+                            }
+                            let body = body.map_err(|e| e.to_string())?;
+                            let body = match content_encoding.as_deref() {
+                                None => body.to_vec(),
+                                Some("gzip") => {
+                                    let mut out = Vec::new();
+                                    std::io::Read::read_to_end(
+                                        &mut flate2::read::GzDecoder::new(&body[..]),
+                                        &mut out,
+                                    )
+                                    .map_err(|e| format!("gunzip: {e}"))?;
+                                    out
+                                }
+                                Some(other) => return Err(format!("encoding {other}")),
+                            };
+                            match path.as_str() {
+                                "/v1/metrics" => ExportMetricsServiceRequest::decode(&body[..])
+                                    .map(HttpExport::Metrics)
+                                    .map_err(|e| e.to_string()),
+                                "/v1/traces" => ExportTraceServiceRequest::decode(&body[..])
+                                    .map(HttpExport::Traces)
+                                    .map_err(|e| e.to_string()),
+                                other => Err(format!("path {other}")),
+                            }
+                        })();
+                        let status = if export.is_ok() { 200 } else { 400 };
+                        let _ = tx
+                            .send(HttpPost {
+                                path,
+                                content_type,
+                                content_encoding,
+                                export,
+                            })
+                            .await;
+                        // An empty Export*ServiceResponse is zero bytes of protobuf.
+                        hyper::Response::builder()
+                            .status(status)
+                            .header("content-type", "application/x-protobuf")
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    }
+                });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Cairn exporting over http/protobuf with `compression` (`gzip` or `none`): both signals
+/// arrive at the right paths, as protobuf, compressed as asked, with the service name.
+async fn http_protobuf_export(compression: &str) {
+    let (otlp_addr, mut rx) = http_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, addr) = start_cairn(
+        dir.path(),
+        &format!("http://{otlp_addr}"),
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", compression),
+        ],
+    );
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut cas =
+        re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch.clone());
+    cas.find_missing_blobs(re::FindMissingBlobsRequest::default())
+        .await
+        .unwrap();
+    let mut ac = re::action_cache_client::ActionCacheClient::new(ch);
+    let miss = ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(re::Digest {
+                hash: "cd".repeat(32),
+                size_bytes: 3,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(miss.code(), tonic::Code::NotFound);
+
+    let want_encoding = (compression == "gzip").then(|| "gzip".to_string());
+    let service_name = ("service.name".to_string(), "nativelink".to_string());
+    let mut metric_names: Vec<String> = Vec::new();
+    let mut spans: Vec<Span> = Vec::new();
+    let wanted_metrics = [
+        "nativelink_requests",
+        "nativelink_request_duration_seconds",
+        "nativelink_cas_requests",
+        "nativelink_store_size_bytes",
+    ];
+    let wanted_spans = [
+        "build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
+        "build.bazel.remote.execution.v2.ActionCache/GetActionResult",
+    ];
+    while !wanted_metrics
+        .iter()
+        .all(|m| metric_names.iter().any(|n| n == m))
+        || !wanted_spans
+            .iter()
+            .all(|w| spans.iter().any(|s| s.name == *w))
+    {
+        let post = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("metrics and spans within 10 s; have {metric_names:?} and {spans:?}")
+            })
+            .unwrap();
+        assert_eq!(
+            post.content_type.as_deref(),
+            Some("application/x-protobuf"),
+            "{post:?}"
+        );
+        assert_eq!(post.content_encoding, want_encoding, "{post:?}");
+        match post.export {
+            Ok(HttpExport::Metrics(m)) => {
+                assert_eq!(post.path, "/v1/metrics");
+                for rm in m.resource_metrics {
+                    let attrs = string_attrs(&rm.resource.unwrap().attributes);
+                    assert!(attrs.contains(&service_name), "{attrs:?}");
+                    for sm in rm.scope_metrics {
+                        metric_names.extend(sm.metrics.into_iter().map(|m| m.name));
+                    }
+                }
+            }
+            Ok(HttpExport::Traces(t)) => {
+                assert_eq!(post.path, "/v1/traces");
+                for rs in t.resource_spans {
+                    let attrs = string_attrs(&rs.resource.unwrap().attributes);
+                    assert!(attrs.contains(&service_name), "{attrs:?}");
+                    for ss in rs.scope_spans {
+                        spans.extend(ss.spans);
+                    }
+                }
+            }
+            Err(e) => panic!("{} rejected: {e}", post.path),
+        }
+    }
+    let gar = spans
+        .iter()
+        .find(|s| s.name.ends_with("/GetActionResult"))
+        .unwrap();
+    assert_eq!(int_attr(gar, "rpc.grpc.status_code"), Some(5));
+    assert_eq!(gar.status.as_ref().unwrap().code, StatusCode::Error as i32);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn http_protobuf_export_with_gzip_reaches_a_real_http_receiver() {
+    http_protobuf_export("gzip").await;
+}
+
+#[tokio::test]
+async fn http_protobuf_export_uncompressed_reaches_a_real_http_receiver() {
+    http_protobuf_export("none").await;
 }
 
 fn hex(b: &[u8]) -> String {
