@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::bytestream::byte_stream_client::ByteStreamClient;
+use cairn_core::proto::google::bytestream::{ReadRequest, WriteRequest};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
@@ -267,7 +269,7 @@ async fn request_spans_arrive_at_a_real_otlp_receiver_with_status_and_parent() {
     );
     cas.find_missing_blobs(request).await.unwrap();
     // ... and a GetActionResult miss, without one.
-    let mut ac = re::action_cache_client::ActionCacheClient::new(ch);
+    let mut ac = re::action_cache_client::ActionCacheClient::new(ch.clone());
     let missing = re::Digest {
         hash: "ab".repeat(32),
         size_bytes: 12,
@@ -280,6 +282,42 @@ async fn request_spans_arrive_at_a_real_otlp_receiver_with_status_and_parent() {
         .await
         .unwrap_err();
     assert_eq!(miss.code(), tonic::Code::NotFound);
+    // Streams pass through the layer that reads `traceparent` untouched: a ByteStream write
+    // in three messages and the read of it.
+    let blob = common::data(300_000, 7);
+    let digest = cairn_core::DigestFunction::Sha256.compute(&blob);
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        digest.hash_hex(),
+        blob.len()
+    );
+    let mut bs = ByteStreamClient::new(ch);
+    let chunks: Vec<WriteRequest> = blob
+        .chunks(100_000)
+        .enumerate()
+        .map(|(i, c)| WriteRequest {
+            resource_name: name.clone(),
+            write_offset: (i * 100_000) as i64,
+            finish_write: (i + 1) * 100_000 >= blob.len(),
+            data: c.to_vec(),
+        })
+        .collect();
+    let written = bs.write(futures::stream::iter(chunks)).await.unwrap();
+    assert_eq!(written.into_inner().committed_size, blob.len() as i64);
+    let mut read = bs
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", digest.hash_hex(), blob.len()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut back = Vec::new();
+    while let Some(m) = futures::StreamExt::next(&mut read).await {
+        back.extend_from_slice(&m.unwrap().data);
+    }
+    assert!(back == blob, "the blob read back differs");
 
     let cas_service = "build.bazel.remote.execution.v2.ContentAddressableStorage";
     let ac_service = "build.bazel.remote.execution.v2.ActionCache";
@@ -287,6 +325,8 @@ async fn request_spans_arrive_at_a_real_otlp_receiver_with_status_and_parent() {
     let want = |spans: &[Span], name: &str| spans.iter().find(|s| s.name == name).cloned();
     while want(&spans, &format!("{ac_service}/GetActionResult")).is_none()
         || want(&spans, &format!("{cas_service}/FindMissingBlobs")).is_none()
+        || want(&spans, "google.bytestream.ByteStream/Write").is_none()
+        || want(&spans, "google.bytestream.ByteStream/Read").is_none()
     {
         let req = tokio::time::timeout(Duration::from_secs(10), trx.recv())
             .await
