@@ -3,8 +3,8 @@
 //!
 //! The generated types of `bazel-remote-apis` carry `data` as `Vec<u8>`, which costs a copy of
 //! every byte in both directions. These types are wire-identical (same fields and tags) but
-//! decode `data` as a slice of tonic's receive buffer and encode it from the store's own
-//! buffers.
+//! encode `data` from the store's own buffers. Write requests do not go through tonic's
+//! decoder at all: [`crate::grpc_body`] copies each one once into its own buffer.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,13 +15,12 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use tonic::body::Body;
 use tonic::codegen::{http, StdError};
-use tonic::server::{
-    ClientStreamingService, Grpc, NamedService, ServerStreamingService, UnaryService,
-};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
+use tonic::{Request, Response, Status};
 use tonic_prost::ProstCodec;
 
 use crate::bytestream::ByteStreamService;
+use crate::grpc_body::{unary_response, Messages};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ReadRequest {
@@ -94,7 +93,6 @@ impl NamedService for ByteStreamServer {
 }
 
 struct Read(Arc<ByteStreamService>);
-struct Write(Arc<ByteStreamService>);
 struct Query(Arc<ByteStreamService>);
 
 impl ServerStreamingService<ReadRequest> for Read {
@@ -104,15 +102,6 @@ impl ServerStreamingService<ReadRequest> for Read {
     fn call(&mut self, request: Request<ReadRequest>) -> Self::Future {
         let s = self.0.clone();
         Box::pin(async move { s.read(request).await })
-    }
-}
-
-impl ClientStreamingService<WriteRequest> for Write {
-    type Response = WriteResponse;
-    type Future = BoxFuture<'static, Result<Response<WriteResponse>, Status>>;
-    fn call(&mut self, request: Request<Streaming<WriteRequest>>) -> Self::Future {
-        let s = self.0.clone();
-        Box::pin(async move { s.write(request).await })
     }
 }
 
@@ -128,6 +117,7 @@ impl UnaryService<QueryWriteStatusRequest> for Query {
 impl<B> tower::Service<http::Request<B>> for ByteStreamServer
 where
     B: http_body::Body + Send + 'static,
+    B::Data: Send,
     B::Error: Into<StdError> + Send + 'static,
 {
     type Response = http::Response<Body>;
@@ -149,10 +139,11 @@ where
                     .await)
             }),
             "/google.bytestream.ByteStream/Write" => Box::pin(async move {
-                Ok(Grpc::new(ProstCodec::default())
-                    .apply_max_message_size_config(Some(max), Some(max))
-                    .client_streaming(Write(inner), req)
-                    .await)
+                let messages = Messages::<B, WriteRequest>::new(req.into_body(), max);
+                Ok(match inner.write(messages).await {
+                    Ok(response) => unary_response(&response),
+                    Err(status) => status.into_http(),
+                })
             }),
             "/google.bytestream.ByteStream/QueryWriteStatus" => Box::pin(async move {
                 Ok(Grpc::new(ProstCodec::default())

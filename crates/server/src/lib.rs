@@ -12,6 +12,7 @@ pub mod bytestream_wire;
 pub mod capabilities;
 pub mod cas;
 pub mod execution;
+pub mod grpc_body;
 pub mod http;
 pub mod instances;
 pub mod listener;

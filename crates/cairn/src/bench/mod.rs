@@ -316,10 +316,9 @@ impl Bench {
         let timeout = transfer_timeout(size);
 
         let start = Instant::now();
-        let response =
-            wire_client::write(channel.clone(), MAX_MESSAGE, with_timeout(body, timeout))
-                .await
-                .context("ByteStream.Write")?;
+        let response = wire_client::write(channel.clone(), with_timeout(body, timeout))
+            .await
+            .context("ByteStream.Write")?;
         let elapsed = start.elapsed();
         if response.committed_size != size as i64 {
             bail!(
