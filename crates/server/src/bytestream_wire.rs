@@ -13,14 +13,15 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use futures::StreamExt;
 use tonic::body::Body;
 use tonic::codegen::{http, StdError};
-use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
+use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 use tonic_prost::ProstCodec;
 
 use crate::bytestream::ByteStreamService;
-use crate::grpc_body::{unary_response, Messages};
+use crate::grpc_body::{frame_split, streaming_response, unary_response, Messages};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ReadRequest {
@@ -92,18 +93,7 @@ impl NamedService for ByteStreamServer {
     const NAME: &'static str = "google.bytestream.ByteStream";
 }
 
-struct Read(Arc<ByteStreamService>);
 struct Query(Arc<ByteStreamService>);
-
-impl ServerStreamingService<ReadRequest> for Read {
-    type Response = ReadResponse;
-    type ResponseStream = ReadStream;
-    type Future = BoxFuture<'static, Result<Response<ReadStream>, Status>>;
-    fn call(&mut self, request: Request<ReadRequest>) -> Self::Future {
-        let s = self.0.clone();
-        Box::pin(async move { s.read(request).await })
-    }
-}
 
 impl UnaryService<QueryWriteStatusRequest> for Query {
     type Response = QueryWriteStatusResponse;
@@ -133,10 +123,27 @@ where
         let max = self.max_message_bytes;
         match req.uri().path() {
             "/google.bytestream.ByteStream/Read" => Box::pin(async move {
-                Ok(Grpc::new(ProstCodec::default())
-                    .apply_max_message_size_config(Some(max), Some(max))
-                    .server_streaming(Read(inner), req)
-                    .await)
+                let mut messages = Messages::<B, ReadRequest>::new(req.into_body(), max);
+                let request = match messages.next().await {
+                    Some(Ok(r)) => r,
+                    Some(Err(status)) => return Ok(status.into_http()),
+                    None => {
+                        return Ok(Status::invalid_argument(
+                            "ByteStream.Read: the request carried no ReadRequest message",
+                        )
+                        .into_http())
+                    }
+                };
+                Ok(match inner.read(Request::new(request)).await {
+                    // Each chunk goes out from the store's own buffer (frame_split), not through
+                    // an encoder's copy.
+                    Ok(stream) => streaming_response(
+                        stream
+                            .into_inner()
+                            .map(|r| r.map(|m| frame_split(&ReadResponse::default(), 10, m.data))),
+                    ),
+                    Err(status) => status.into_http(),
+                })
             }),
             "/google.bytestream.ByteStream/Write" => Box::pin(async move {
                 let messages = Messages::<B, WriteRequest>::new(req.into_body(), max);

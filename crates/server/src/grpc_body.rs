@@ -15,8 +15,8 @@ use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BytesMut};
-use futures::Stream;
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
 use http_body::{Body, Frame};
 use tonic::codegen::{http, StdError};
 use tonic::Status;
@@ -158,6 +158,79 @@ where
 
 impl<B: Body, M> Unpin for Messages<B, M> {}
 
+/// The gRPC framing of a message as two chunks, so that a large `bytes` field is sent from the
+/// caller's buffer instead of being copied into an encoding buffer: the prefix and every field
+/// of `head`, then the key and length of field `tag`, then `data` itself. `tag` must be higher
+/// than every field set in `head` (protobuf writes fields in tag order), and `head` must leave
+/// that field empty.
+pub fn frame_split<M: prost::Message>(head: &M, tag: u32, data: Bytes) -> [Bytes; 2] {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    let data_len = if data.is_empty() {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(data.len() as u64) + data.len()
+    };
+    let len = head.encoded_len() + data_len;
+    let mut buf = BytesMut::with_capacity(PREFIX + len - data.len());
+    buf.extend_from_slice(&[0]);
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    // A BytesMut grows as needed, so encoding cannot fail.
+    let _ = head.encode(&mut buf);
+    if !data.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, &mut buf);
+        encode_varint(data.len() as u64, &mut buf);
+    }
+    [buf.freeze(), data]
+}
+
+/// The HTTP response of a server-streaming call whose messages come already framed (see
+/// [`frame_split`]): their chunks, then trailers with the status that ended the stream (OK at
+/// its end, or the first error, after which nothing more is sent).
+pub fn streaming_response<S>(messages: S) -> http::Response<tonic::body::Body>
+where
+    S: Stream<Item = Result<[Bytes; 2], Status>> + Send + 'static,
+{
+    let frames = messages
+        .map(Some)
+        .chain(futures::stream::iter([None]))
+        .scan(false, |ended, item| {
+            if *ended {
+                return futures::future::ready(None);
+            }
+            let mut trailers = http::HeaderMap::new();
+            let frames = match item {
+                Some(Ok([head, data])) => {
+                    return futures::future::ready(Some(vec![Frame::data(head), Frame::data(data)]))
+                }
+                Some(Err(status)) => {
+                    let _ = status.add_header(&mut trailers);
+                    vec![Frame::trailers(trailers)]
+                }
+                None => {
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    vec![Frame::trailers(trailers)]
+                }
+            };
+            *ended = true;
+            futures::future::ready(Some(frames))
+        })
+        .flat_map(futures::stream::iter)
+        .filter(|f| futures::future::ready(f.data_ref().is_none_or(|d| !d.is_empty())))
+        .map(Ok::<_, std::convert::Infallible>);
+    grpc_response(tonic::body::Body::new(http_body_util::StreamBody::new(
+        frames,
+    )))
+}
+
+fn grpc_response(body: tonic::body::Body) -> http::Response<tonic::body::Body> {
+    let mut response = http::Response::new(body);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
 /// The HTTP response of a successful unary-response call: headers, one message, `grpc-status: 0`.
 pub fn unary_response<M: prost::Message>(message: &M) -> http::Response<tonic::body::Body> {
     let len = message.encoded_len();
@@ -173,12 +246,7 @@ pub fn unary_response<M: prost::Message>(message: &M) -> http::Response<tonic::b
         Ok(Frame::trailers(trailers)),
     ];
     let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
-    let mut response = http::Response::new(tonic::body::Body::new(body));
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    response
+    grpc_response(tonic::body::Body::new(body))
 }
 
 /// Just the bytes, for tests: the framed form of `message`.
@@ -194,9 +262,8 @@ fn framed<M: prost::Message>(message: &M) -> bytes::Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bytestream_wire::WriteRequest;
-    use bytes::Bytes;
-    use futures::StreamExt;
+    use crate::bytestream_wire::{ReadResponse, WriteRequest};
+    use http_body_util::BodyExt;
 
     fn body(chunks: Vec<Bytes>) -> impl Body<Data = Bytes, Error = std::convert::Infallible> {
         http_body_util::StreamBody::new(futures::stream::iter(
@@ -275,9 +342,61 @@ mod tests {
         );
     }
 
+    #[test]
+    fn split_frames_are_the_framed_message() {
+        for len in [0, 1, 127, 128, 1 << 20] {
+            let m = WriteRequest {
+                resource_name: "uploads/u/blobs/abc/1".into(),
+                write_offset: 7,
+                finish_write: true,
+                data: Bytes::from(vec![9u8; len]),
+            };
+            let head = WriteRequest {
+                data: Bytes::new(),
+                ..m.clone()
+            };
+            let [a, b] = frame_split(&head, 10, m.data.clone());
+            assert_eq!([a, b.clone()].concat(), framed(&m));
+            assert_eq!(
+                b.as_ptr(),
+                m.data.as_ptr(),
+                "data is sent from the caller's buffer"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn streaming_response_sends_messages_then_the_status_that_ended_them() {
+        let m = |n: u8| ReadResponse {
+            data: Bytes::from(vec![n; 3]),
+        };
+        let split = |r: ReadResponse| frame_split(&ReadResponse::default(), 10, r.data);
+        let ok = streaming_response(futures::stream::iter([Ok(split(m(1))), Ok(split(m(2)))]));
+        let collected = ok.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(
+            collected.to_bytes(),
+            [framed(&m(1)), framed(&m(2))].concat()
+        );
+
+        let failed = streaming_response(futures::stream::iter([
+            Ok(split(m(1))),
+            Err(Status::data_loss("blob went bad")),
+            Ok(split(m(2))),
+        ]));
+        let collected = failed.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().unwrap().clone();
+        assert_eq!(trailers["grpc-status"], "15");
+        assert_eq!(trailers["grpc-message"], "blob%20went%20bad");
+        assert_eq!(
+            collected.to_bytes(),
+            framed(&m(1)),
+            "nothing after the error"
+        );
+    }
+
     #[tokio::test]
     async fn unary_response_is_one_framed_message_then_status_ok() {
-        use http_body_util::BodyExt;
         let m = crate::bytestream_wire::WriteResponse { committed_size: 42 };
         let response = unary_response(&m);
         assert_eq!(response.headers()["content-type"], "application/grpc");

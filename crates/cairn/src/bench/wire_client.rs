@@ -3,7 +3,7 @@
 //! into a `Vec<u8>` as with the generated client, so that the bench measures the server rather
 //! than client-side copies.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use cairn_server::bytestream_wire::{ReadRequest, ReadResponse, WriteRequest, WriteResponse};
 use futures::StreamExt;
 use http_body_util::BodyExt;
@@ -97,24 +97,8 @@ fn frame(m: WriteRequest) -> [Bytes; 2] {
         data: Bytes::new(),
         ..m
     };
-    // Field 10 (`data`), wire type 2 (length-delimited), written after the lower-numbered fields.
-    const DATA_KEY: u8 = (10 << 3) | 2;
-    let data_len = if data.is_empty() {
-        0
-    } else {
-        1 + prost::encoding::encoded_len_varint(data.len() as u64) + data.len()
-    };
-    let len = head.encoded_len() + data_len;
-    let mut buf = BytesMut::with_capacity(5 + len - data.len());
-    buf.put_u8(0);
-    buf.put_u32(len as u32);
-    // A BytesMut grows as needed, so encoding cannot fail.
-    let _ = head.encode(&mut buf);
-    if !data.is_empty() {
-        buf.put_u8(DATA_KEY);
-        prost::encoding::encode_varint(data.len() as u64, &mut buf);
-    }
-    [buf.freeze(), data]
+    // Field 10 is `data`.
+    cairn_server::grpc_body::frame_split(&head, 10, data)
 }
 
 #[cfg(test)]
