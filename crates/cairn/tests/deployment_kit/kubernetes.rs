@@ -1,0 +1,339 @@
+//! `deployment-examples/kubernetes`: the ConfigMap holds `configs/*.json5` byte for byte and
+//! `cairn check-config` accepts each; `kubernetes-validate` passes every manifest, the schemas
+//! in `schemas/` the two custom resources it has no schema for; the manifests wire ports,
+//! selectors and autoscalers as the guide says.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::files::{files, kubernetes_dir, read};
+use crate::parse::configmap_data;
+use crate::tools::{k8s_venv, run_ok};
+
+/// The Kubernetes version the manifests are validated against.
+const KUBERNETES_VERSION: &str = "1.31.0";
+
+const K8S_CONFIGS: [&str; 3] = ["cas.json5", "scheduler.json5", "worker.json5"];
+
+#[test]
+fn configmap_holds_the_configs_and_cairn_check_config_accepts_each() {
+    let dir = kubernetes_dir();
+    let data = configmap_data(&read(&dir.join("configmap.yaml")));
+    assert_eq!(
+        data.keys().collect::<Vec<_>>(),
+        K8S_CONFIGS.iter().collect::<Vec<_>>(),
+        "the ConfigMap's keys"
+    );
+    for name in K8S_CONFIGS {
+        let path = dir.join("configs").join(name);
+        assert!(
+            data[name] == read(&path),
+            "configmap.yaml's {name} differs from configs/{name}; copy the file into the ConfigMap"
+        );
+        // The shipped defaults, not whatever this shell has set.
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        command.arg("check-config").arg(&path);
+        for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("CAIRN_")) {
+            command.env_remove(var);
+        }
+        let out = run_ok(&format!("cairn check-config {name}"), &mut command);
+        assert!(out.trim_end().ends_with(": ok"), "{out}");
+    }
+    // The Kubernetes names the configs dial and listen on.
+    let scheduler = read(&dir.join("configs/scheduler.json5"));
+    assert!(scheduler.contains("0.0.0.0:50052") && scheduler.contains("0.0.0.0:50061"));
+    assert!(scheduler.contains("grpc://nativelink-cas:50051"));
+    let worker = read(&dir.join("configs/worker.json5"));
+    assert!(worker.contains("grpc://nativelink-scheduler-workers:50061"));
+    assert!(worker.contains("grpc://nativelink-cas:50051"));
+    assert!(read(&dir.join("configs/cas.json5")).contains("0.0.0.0:50051"));
+}
+
+/// Validates the custom resources of the given files against `schemas/KIND-GROUP-VERSION.json`
+/// (GROUP: the first label of the API group) with jsonschema, and prints every document as JSON:
+/// `[{"file", "doc", "schema", "errors"}]`.
+const CR_VALIDATOR: &str = r#"
+import json, pathlib, sys
+import jsonschema, yaml
+schemas = pathlib.Path(sys.argv[1])
+out = []
+for f in sys.argv[2:]:
+    with open(f) as stream:
+        docs = [d for d in yaml.safe_load_all(stream) if d]
+    for doc in docs:
+        group, _, version = doc.get("apiVersion", "").rpartition("/")
+        schema = schemas / ("%s-%s-%s.json" % (doc.get("kind", "").lower(), group.split(".")[0], version))
+        errors = None
+        if group and schema.exists():
+            validator = jsonschema.Draft202012Validator(json.loads(schema.read_text()))
+            errors = ["%s: %s" % ("/".join(map(str, e.path)), e.message) for e in validator.iter_errors(doc)]
+        out.append({"file": f, "doc": doc, "schema": str(schema) if errors is not None else None, "errors": errors})
+print(json.dumps(out))
+"#;
+
+/// The documents of `files`, each with the custom-resource schema errors (`None` when no
+/// schema of `schemas/` applies).
+fn documents(python: &Path, files: &[PathBuf]) -> Vec<(String, Value, Option<Vec<String>>)> {
+    let out = run_ok(
+        "validate custom resources",
+        Command::new(python)
+            .arg("-c")
+            .arg(CR_VALIDATOR)
+            .arg(kubernetes_dir().join("schemas"))
+            .args(files),
+    );
+    let docs: Value = serde_json::from_str(&out).expect("the validator's JSON");
+    docs.as_array()
+        .expect("a list")
+        .iter()
+        .map(|d| {
+            let errors = d["errors"].as_array().map(|e| {
+                e.iter()
+                    .map(|m| m.as_str().unwrap_or_default().to_string())
+                    .collect()
+            });
+            (
+                d["file"].as_str().unwrap_or_default().to_string(),
+                d["doc"].clone(),
+                errors,
+            )
+        })
+        .collect()
+}
+
+fn kind_name(doc: &Value) -> String {
+    format!(
+        "{}/{}",
+        doc["kind"].as_str().unwrap_or_default().to_lowercase(),
+        doc["metadata"]["name"].as_str().unwrap_or_default()
+    )
+}
+
+#[test]
+fn kubernetes_manifests_pass_schema_validation_and_wire_the_guides_ports() {
+    let test = "kubernetes_manifests_pass_schema_validation_and_wire_the_guides_ports";
+    let Some((validate, python)) = k8s_venv(test) else {
+        return;
+    };
+    let dir = kubernetes_dir();
+    let manifests = files(&dir, &[".yaml", ".yml"]);
+    assert!(manifests.len() >= 8, "manifests: {manifests:?}");
+
+    // Core kinds: kubernetes-validate's bundled schemas, strict (unknown fields are errors).
+    let out = Command::new(&validate)
+        .args(["--strict", "-k", KUBERNETES_VERSION])
+        .args(&manifests)
+        .output()
+        .expect("run kubernetes-validate");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !report.contains("ERROR") && !report.contains("FATAL"),
+        "kubernetes-validate {}:\n{report}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passed: BTreeSet<String> = report
+        .lines()
+        .filter_map(|l| l.split(" passed for resource ").nth(1))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect();
+
+    // Custom resources: our schemas. Every document is checked by one or the other.
+    let docs = documents(&python, &manifests);
+    for (file, doc, errors) in &docs {
+        let name = kind_name(doc);
+        match errors {
+            Some(errors) => assert!(errors.is_empty(), "{file}: {name}: {errors:#?}"),
+            None => assert!(
+                passed.contains(&name),
+                "{file}: {name} was neither validated by kubernetes-validate nor by a schema of \
+                 schemas/:\n{report}"
+            ),
+        }
+    }
+    let custom: Vec<String> = docs
+        .iter()
+        .filter(|(_, _, e)| e.is_some())
+        .map(|(_, d, _)| kind_name(d))
+        .collect();
+    assert_eq!(
+        custom,
+        [
+            "scaledobject/nativelink-worker-scaler",
+            "certificate/nativelink-tls"
+        ],
+        "custom resources validated against schemas/"
+    );
+
+    // The schemas reject what KEDA and cert-manager would.
+    let broken = tempfile::tempdir().unwrap();
+    let broken_file = broken.path().join("broken.yaml");
+    std::fs::write(
+        &broken_file,
+        "apiVersion: keda.sh/v1alpha1\nkind: ScaledObject\nmetadata: {name: x}\n\
+         spec:\n  scaleTargetRef: {name: w}\n  minReplicas: 5\n  triggers:\n  \
+         - type: prometheus\n    metadata: {serverAddress: 'http://p:9090', query: q, threshold: 20}\n\
+         ---\napiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata: {name: y}\n\
+         spec:\n  issuerRef: {name: i}\n",
+    )
+    .unwrap();
+    let broken_docs = documents(&python, &[broken_file]);
+    for (_, doc, errors) in &broken_docs {
+        let errors = errors.as_ref().expect("a schema applies");
+        assert!(!errors.is_empty(), "{} passed its schema", kind_name(doc));
+    }
+
+    // What the guide wires: ports, selectors, resources, autoscalers.
+    let by_name: BTreeMap<String, &Value> =
+        docs.iter().map(|(_, d, _)| (kind_name(d), d)).collect();
+    let get = |name: &str| -> &Value {
+        by_name
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in {}", dir.display()))
+    };
+    let service_ports = |name: &str| -> Vec<i64> {
+        get(name)["spec"]["ports"]
+            .as_array()
+            .expect("ports")
+            .iter()
+            .map(|p| p["port"].as_i64().expect("a port"))
+            .collect()
+    };
+    assert_eq!(service_ports("service/nativelink-cas"), [50051]);
+    assert_eq!(service_ports("service/nativelink-scheduler"), [50052]);
+    assert_eq!(
+        service_ports("service/nativelink-scheduler-workers"),
+        [50061]
+    );
+    assert_eq!(
+        get("service/nativelink-scheduler-workers")["spec"]["type"],
+        "ClusterIP"
+    );
+    for name in by_name.keys() {
+        if name.starts_with("service/") && name != "service/nativelink-scheduler-workers" {
+            assert!(
+                !service_ports(name).contains(&50061),
+                "{name} exposes the worker API"
+            );
+        }
+    }
+    // Only worker pods may reach 50061.
+    for (name, doc) in &by_name {
+        if !name.starts_with("networkpolicy/") {
+            continue;
+        }
+        for rule in doc["spec"]["ingress"].as_array().into_iter().flatten() {
+            let ports: Vec<i64> = rule["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p["port"].as_i64())
+                .collect();
+            if ports.contains(&50061) {
+                let from = rule["from"].as_array().expect("a from list");
+                assert!(
+                    from.iter()
+                        .all(|peer| peer.as_object().is_some_and(|p| p.len() == 1)
+                            && peer["podSelector"]["matchLabels"]
+                                == serde_json::json!({"app": "nativelink-worker"})),
+                    "{name} admits more than worker pods to 50061: {from:?}"
+                );
+            }
+        }
+    }
+    let policy = &get("networkpolicy/nativelink-policy")["spec"];
+    assert_eq!(policy["podSelector"]["matchLabels"]["app"], "nativelink");
+    assert_eq!(
+        policy["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["name"],
+        "build-clients"
+    );
+    for (deployment, config, selector, requests, limits) in [
+        (
+            "nativelink-cas",
+            "cas.json5",
+            "nativelink",
+            ("8Gi", "4000m"),
+            ("16Gi", "8000m"),
+        ),
+        (
+            "nativelink-scheduler",
+            "scheduler.json5",
+            "nativelink",
+            ("4Gi", "2000m"),
+            ("8Gi", "4000m"),
+        ),
+        (
+            "nativelink-worker",
+            "worker.json5",
+            "nativelink-worker",
+            ("8Gi", "4"),
+            ("8Gi", "4"),
+        ),
+    ] {
+        let spec = &get(&format!("deployment/{deployment}"))["spec"];
+        let pod = &spec["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert_eq!(
+            container["args"],
+            serde_json::json!(["run", format!("/etc/cairn/{config}")]),
+            "{deployment} runs its config"
+        );
+        assert_eq!(spec["template"]["metadata"]["labels"]["app"], selector);
+        let resources = &container["resources"];
+        assert_eq!(
+            (
+                resources["requests"]["memory"].as_str(),
+                resources["requests"]["cpu"].as_str()
+            ),
+            (Some(requests.0), Some(requests.1)),
+            "{deployment} requests"
+        );
+        assert_eq!(
+            (
+                resources["limits"]["memory"].as_str(),
+                resources["limits"]["cpu"].as_str()
+            ),
+            (Some(limits.0), Some(limits.1)),
+            "{deployment} limits"
+        );
+        let config_map = pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .any(|v| v["configMap"]["name"] == "nativelink-config");
+        assert!(config_map, "{deployment} does not mount the ConfigMap");
+    }
+    // One scheduler until scheduler state is shared (see scheduler.yaml).
+    assert_eq!(
+        get("deployment/nativelink-scheduler")["spec"]["replicas"],
+        1
+    );
+    let hpa = &get("horizontalpodautoscaler/nativelink-worker-hpa")["spec"];
+    assert_eq!(hpa["scaleTargetRef"]["name"], "nativelink-worker");
+    assert_eq!(
+        (hpa["minReplicas"].as_i64(), hpa["maxReplicas"].as_i64()),
+        (Some(5), Some(50))
+    );
+    assert!(hpa["metrics"]
+        .as_array()
+        .expect("metrics")
+        .iter()
+        .any(|m| m["external"]["metric"]["name"] == "nativelink_queue_length"));
+    let keda = &get("scaledobject/nativelink-worker-scaler")["spec"];
+    assert_eq!(keda["scaleTargetRef"]["name"], "nativelink-worker");
+    assert_eq!(keda["triggers"][0]["metadata"]["threshold"], "20");
+    assert_eq!(
+        keda["triggers"][0]["metadata"]["query"]
+            .as_str()
+            .map(str::trim),
+        Some("sum(nativelink_scheduler_queue_length)")
+    );
+    assert_eq!(
+        get("certificate/nativelink-tls")["spec"]["secretName"],
+        "nativelink-tls"
+    );
+}
