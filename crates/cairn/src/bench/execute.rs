@@ -2,11 +2,13 @@
 //! nothing is cached) from `clients` concurrent clients through Execute, until `requests`
 //! actions have run. Prints actions/s and the per-action overhead: the time from Execute to
 //! the final response, less the command's own run time as the worker reports it
-//! (ExecutedActionMetadata.execution_start/completed).
+//! (ExecutedActionMetadata.execution_start/completed). The overhead is also split into the
+//! steps the worker timestamps (ExecutedActionMetadata), p50 of each, to show where it goes;
+//! client and server share a clock when both run on the same machine.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
@@ -23,6 +25,53 @@ fn duration_between(a: &Option<Timestamp>, b: &Option<Timestamp>) -> Option<Dura
     let (a, b) = (a.as_ref()?, b.as_ref()?);
     let ns = (b.seconds - a.seconds) as i128 * 1_000_000_000 + (b.nanos - a.nanos) as i128;
     (ns >= 0).then(|| Duration::from_nanos(ns as u64))
+}
+
+fn timestamp(t: SystemTime) -> Option<Timestamp> {
+    let d = t.duration_since(UNIX_EPOCH).ok()?;
+    Some(Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+/// The steps of one action between the client's clock readings and the worker's
+/// timestamps, in order; each is the time from the end of the previous one.
+const STEPS: [&str; 9] = [
+    "to worker",
+    "work dir",
+    "input fetch",
+    "to spawn",
+    "command",
+    "stdio drain",
+    "output upload",
+    "result",
+    "to client",
+];
+
+/// The durations of [`STEPS`] for one action (`None` when a timestamp is missing).
+fn steps(
+    sent: SystemTime,
+    received: SystemTime,
+    m: &re::ExecutedActionMetadata,
+) -> Option<[Duration; STEPS.len()]> {
+    let points = [
+        timestamp(sent),
+        m.worker_start_timestamp,
+        m.input_fetch_start_timestamp,
+        m.input_fetch_completed_timestamp,
+        m.execution_start_timestamp,
+        m.execution_completed_timestamp,
+        m.output_upload_start_timestamp,
+        m.output_upload_completed_timestamp,
+        m.worker_completed_timestamp,
+        timestamp(received),
+    ];
+    let mut out = [Duration::ZERO; STEPS.len()];
+    for (i, d) in out.iter_mut().enumerate() {
+        *d = duration_between(&points[i], &points[i + 1])?;
+    }
+    Some(out)
 }
 
 impl Bench {
@@ -111,10 +160,12 @@ impl Bench {
                 let mut exec = re::execution_client::ExecutionClient::new(channel);
                 let mut overheads = Vec::new();
                 let mut totals = Vec::new();
+                let mut split: Vec<[Duration; STEPS.len()]> = Vec::new();
                 let mut errors = 0usize;
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(d) = actions.get(i) else { break };
+                    let sent = SystemTime::now();
                     let t = Instant::now();
                     let outcome = async {
                         let mut s = exec
@@ -135,6 +186,7 @@ impl Bench {
                     }
                     .await;
                     let total = t.elapsed();
+                    let received = SystemTime::now();
                     let resp = match outcome {
                         Ok(Some(op)) => match op.result {
                             Some(operation::Result::Response(any)) => {
@@ -161,6 +213,7 @@ impl Bench {
                                 .unwrap_or_default();
                             overheads.push(total.saturating_sub(run));
                             totals.push(total);
+                            split.extend(meta.as_ref().and_then(|m| steps(sent, received, m)));
                         }
                         other => {
                             if errors == 0 {
@@ -170,16 +223,18 @@ impl Bench {
                         }
                     }
                 }
-                (overheads, totals, errors)
+                (overheads, totals, split, errors)
             });
         }
         let mut overheads = Vec::new();
         let mut totals = Vec::new();
+        let mut split = Vec::new();
         let mut errors = 0u64;
         while let Some(r) = set.join_next().await {
-            let (o, t, e) = r?;
+            let (o, t, s, e) = r?;
             overheads.extend(o);
             totals.extend(t);
+            split.extend(s);
             errors += e as u64;
         }
         let elapsed = start.elapsed();
@@ -195,6 +250,20 @@ impl Bench {
         );
         report("execute total latency:", latency_summary(totals));
         report("execute overhead:", latency_summary(overheads));
+        if !split.is_empty() {
+            let p50s: Vec<String> = (0..STEPS.len())
+                .map(|i| {
+                    let mut v: Vec<Duration> = split.iter().map(|s| s[i]).collect();
+                    v.sort_unstable();
+                    format!(
+                        "{} {:.2}",
+                        STEPS[i],
+                        v[(v.len() - 1) / 2].as_secs_f64() * 1e3
+                    )
+                })
+                .collect();
+            report("execute steps p50 (ms):", p50s.join(", "));
+        }
         report("execute errors:", errors);
         Ok(errors)
     }
