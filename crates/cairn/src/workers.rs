@@ -71,8 +71,14 @@ pub async fn start(
             .to_string()
     }));
     let name = cfg.name.clone().unwrap_or_else(|| format!("local-{index}"));
+    let slots = match cfg.max_inflight_tasks {
+        Some(n) if n > 0 => n.min(u32::MAX as u64) as u32,
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    };
     let mut rc = RunnerConfig::new(work_root.clone());
     rc.worker_name = name.clone();
+    // A directory ready for each slot (at most 16): a run never waits for a mkdir.
+    rc.dirs_ahead = slots.min(16) as usize;
     if let Some(t) = cfg.max_action_timeout {
         rc.max_timeout = Duration::from_secs(t);
         rc.default_timeout = rc.default_timeout.min(rc.max_timeout);
@@ -82,10 +88,6 @@ pub async fn start(
         .clean_work_root()
         .await
         .map_err(|e| anyhow!("{at}.work_directory {}: {e}", work_root.display()))?;
-    let slots = match cfg.max_inflight_tasks {
-        Some(n) if n > 0 => n.min(u32::MAX as u64) as u32,
-        _ => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-    };
     let mut properties = Vec::new();
     for (prop, value) in &cfg.platform_properties {
         match value {

@@ -218,15 +218,17 @@ impl TreeBuilder<'_> {
     }
 }
 
-/// The digest of a captured stdout or stderr file, `None` when it is empty (the result then
-/// names no blob). Blocking.
+/// The digest of a captured stdout or stderr file, `None` when it is empty or was never
+/// created (the result then names no blob). Blocking.
 pub(crate) fn stdio_blob(
     path: &Path,
     function: DigestFunction,
 ) -> Result<Option<(Digest, Source)>, ActionError> {
-    let size = std::fs::metadata(path)
-        .map_err(|e| io_error("reading", path, e))?
-        .len();
+    let size = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_error("reading", path, e)),
+    };
     if size == 0 {
         return Ok(None);
     }

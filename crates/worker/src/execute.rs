@@ -1,16 +1,17 @@
 //! Step 2: run the command.
 //!
 //! The program runs with only the Command's environment, in the working directory, with stdin
-//! closed, as the leader of its own process group. Its stdout and stderr are streamed into
-//! files of the action directory and cut at a cap (the rest is read and dropped, so the
-//! command never blocks on a full pipe). When the command exits, runs past its timeout or is
+//! closed, as the leader of its own process group, started by `launch` so that it dies with
+//! the worker process. Its stdout and stderr are streamed into files beside the action
+//! directory, created on the first byte (a silent command costs no file), and cut at a cap
+//! (the rest is read and dropped, so the command never blocks on a full pipe). When the command exits, runs past its timeout or is
 //! cancelled, the whole process group is killed, so no background process outlives the action;
 //! the group is also killed if this future is dropped. The capture of stdout and stderr is
 //! bounded in time after that, in case a process escaped the group and still holds a pipe.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -21,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ActionError;
+use crate::launch;
 
 /// How long stdout and stderr may still be read once the process group is dead.
 const STDIO_DRAIN: Duration = Duration::from_secs(2);
@@ -81,24 +83,9 @@ pub(crate) async fn execute(
     req: ExecRequest<'_>,
     cancel: &CancellationToken,
 ) -> Result<Execution, ActionError> {
-    let stdout_file = create(&req.stdout).await?;
-    let stderr_file = create(&req.stderr).await?;
-
     let program = program_path(&req.arguments[0], &req.cwd);
-    let mut cmd = tokio::process::Command::new(&program);
-    cmd.args(&req.arguments[1..])
-        .env_clear()
-        .envs(req.environment.iter().map(|(k, v)| (k, v)))
-        .current_dir(&req.cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-
     let started = SystemTime::now();
-    let mut child = spawn(&mut cmd, &req).await?;
-    // A child we just spawned has an id until it is reaped.
+    let mut child = spawn(&program, &req).await?;
     let mut group = ProcessGroup::of(&child);
 
     let (out_counters, err_counters) =
@@ -106,23 +93,11 @@ pub(crate) async fn execute(
     let mut captures = JoinSet::new();
     if let Some(out) = child.stdout.take() {
         let path = req.stdout.clone();
-        captures.spawn(capture(
-            out,
-            stdout_file,
-            path,
-            req.stdio_cap,
-            out_counters.clone(),
-        ));
+        captures.spawn(capture(out, path, req.stdio_cap, out_counters.clone()));
     }
     if let Some(err) = child.stderr.take() {
         let path = req.stderr.clone();
-        captures.spawn(capture(
-            err,
-            stderr_file,
-            path,
-            req.stdio_cap,
-            err_counters.clone(),
-        ));
+        captures.spawn(capture(err, path, req.stdio_cap, err_counters.clone()));
     }
 
     enum Why {
@@ -180,19 +155,17 @@ fn program_path(arg0: &str, cwd: &Path) -> PathBuf {
     }
 }
 
-async fn create(path: &Path) -> Result<tokio::fs::File, ActionError> {
-    tokio::fs::File::create(path)
-        .await
-        .map_err(|e| Error::io(format!("creating {}", path.display()), e).into())
-}
-
-async fn spawn(
-    cmd: &mut tokio::process::Command,
-    req: &ExecRequest<'_>,
-) -> Result<tokio::process::Child, ActionError> {
+/// Starts the command, retrying while its program is still open for writing elsewhere.
+async fn spawn(program: &Path, req: &ExecRequest<'_>) -> Result<launch::Child, ActionError> {
     let mut attempt = 1;
     loop {
-        match cmd.spawn() {
+        let spec = launch::Spec {
+            program,
+            args: &req.arguments[1..],
+            env: req.environment,
+            cwd: &req.cwd,
+        };
+        match launch::spawn(spec).await {
             Ok(child) => return Ok(child),
             Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < SPAWN_ATTEMPTS => {
                 tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
@@ -232,17 +205,18 @@ impl Counters {
     }
 }
 
-/// Copies `pipe` into `file` up to `cap` bytes and reads the rest to the end. A failed write
-/// (full disk) stops the copy but not the reading, so the command never blocks on the pipe.
+/// Copies `pipe` into a new file at `path` (created on the first byte) up to `cap` bytes and
+/// reads the rest to the end. A failed create or write (full disk) stops the copy but not the
+/// reading, so the command never blocks on the pipe.
 async fn capture(
     mut pipe: impl AsyncRead + Unpin,
-    mut file: tokio::fs::File,
     path: PathBuf,
     cap: u64,
     counters: Arc<Counters>,
 ) -> Result<(), Error> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut failed: Option<Error> = None;
+    let mut file: Option<tokio::fs::File> = None;
     let mut kept = 0u64;
     loop {
         let n = match pipe.read(&mut buf).await {
@@ -257,7 +231,17 @@ async fn capture(
         counters.written.fetch_add(n as u64, Ordering::Relaxed);
         let keep = (cap - kept).min(n as u64) as usize;
         if keep > 0 && failed.is_none() {
-            match file.write_all(&buf[..keep]).await {
+            let written = match file.as_mut() {
+                Some(f) => f.write_all(&buf[..keep]).await,
+                None => match tokio::fs::File::create(&path).await {
+                    Ok(f) => file.insert(f).write_all(&buf[..keep]).await,
+                    Err(e) => {
+                        failed = Some(Error::io(format!("creating {}", path.display()), e));
+                        continue;
+                    }
+                },
+            };
+            match written {
                 Ok(()) => {
                     kept += keep as u64;
                     counters.kept.store(kept, Ordering::Relaxed);
@@ -266,8 +250,10 @@ async fn capture(
             }
         }
     }
-    if let Err(e) = file.flush().await {
-        failed.get_or_insert(Error::io(format!("writing {}", path.display()), e));
+    if let Some(mut f) = file {
+        if let Err(e) = f.flush().await {
+            failed.get_or_insert(Error::io(format!("writing {}", path.display()), e));
+        }
     }
     failed.map_or(Ok(()), Err)
 }
@@ -305,9 +291,9 @@ struct ProcessGroup {
 }
 
 impl ProcessGroup {
-    fn of(child: &tokio::process::Child) -> ProcessGroup {
+    fn of(child: &launch::Child) -> ProcessGroup {
         ProcessGroup {
-            pgid: child.id().and_then(|id| libc::pid_t::try_from(id).ok()),
+            pgid: Some(child.id()),
         }
     }
 
@@ -315,7 +301,7 @@ impl ProcessGroup {
     fn kill(&self) {
         if let Some(pgid) = self.pgid {
             // SAFETY: kill(2) takes plain integers and has no memory effects; a negative pid
-            // addresses the process group `pgid`, which the child leads (process_group(0)).
+            // addresses the process group `pgid`, which the child leads (`launch` makes it).
             unsafe {
                 libc::kill(-pgid, libc::SIGKILL);
             }

@@ -17,13 +17,16 @@
 //!
 //! Guarantees: a failure in any step is a status in the returned `ExecuteResponse`, never a
 //! panic or a hang (every wait is bounded by the action's timeout, a drain deadline or the
-//! cancellation token); the action's directory is removed afterwards in every case. This crate
-//! does no networking: a worker-API client drives it.
+//! cancellation token); the action's directory is removed afterwards in every case (by
+//! [`ActionRunner::run_request`] before it returns, or by the caller of
+//! [`ActionRunner::run_keeping_dir`] once it has sent the response). This crate does no
+//! networking: a worker-API client drives it.
 
 mod collect;
 mod error;
 mod execute;
 mod input_tree;
+mod launch;
 mod prepare;
 mod report;
 pub mod session;
@@ -52,7 +55,7 @@ use collect::Outputs;
 use execute::{Ending, ExecRequest, Execution};
 use input_tree::InputTree;
 use spec::{ActionParts, CommandSpec};
-use workdir::WorkDir;
+use workdir::{WorkDir, WorkDirs};
 
 /// Largest Action or Command proto read into memory.
 const MAX_PROTO_BYTES: usize = 16 << 20;
@@ -72,6 +75,10 @@ pub struct RunnerConfig {
     pub max_timeout: Duration,
     /// Name reported in `ExecutedActionMetadata.worker`. Default: empty.
     pub worker_name: String,
+    /// Fresh action directories kept made ahead of need, so that a run does not wait for the
+    /// file system to make one. They stay in the work root while the runner lives (until
+    /// [`ActionRunner::clean_work_root`]). Default 0: each is made when its run starts.
+    pub dirs_ahead: usize,
 }
 
 impl RunnerConfig {
@@ -83,6 +90,7 @@ impl RunnerConfig {
             default_timeout: Duration::from_secs(600),
             max_timeout: Duration::from_secs(3600),
             worker_name: String::new(),
+            dirs_ahead: 0,
         }
     }
 }
@@ -109,7 +117,19 @@ pub struct ActionRunner {
     ac: Option<StoreRef>,
     /// Local filesystem CAS that inputs are hardlinked from (filled from `cas` as needed).
     local_files: Option<Arc<FilesystemStore>>,
+    dirs: Arc<WorkDirs>,
     cfg: RunnerConfig,
+}
+
+/// The directory of a finished run, still to be removed: call [`ActionDir::remove`]. Dropped
+/// without it, it is removed on a blocking thread.
+pub struct ActionDir(WorkDir);
+
+impl ActionDir {
+    /// Deletes the directory and the run's capture files; failures are logged.
+    pub async fn remove(self) {
+        self.0.remove().await
+    }
 }
 
 /// What the steps produced: the result (possibly with an error, for a timeout) or an error.
@@ -131,6 +151,7 @@ impl ActionRunner {
             cas,
             ac,
             local_files,
+            dirs: Arc::new(WorkDirs::new(cfg.work_root.clone(), cfg.dirs_ahead)),
             cfg,
         }
     }
@@ -159,7 +180,7 @@ impl ActionRunner {
     /// PreconditionFailure; or a program that cannot be started), INVALID_ARGUMENT (a
     /// malformed action), DEADLINE_EXCEEDED (timed out; the result holds stdout and stderr so
     /// far), CANCELLED (`cancel` fired; the process group is killed), or the code of a store
-    /// or disk failure.
+    /// or disk failure. The action's directory is removed before it returns.
     ///
     /// `Err` only when the runner cannot run anything: its work directory cannot be created.
     /// The caller should then give the action back to the scheduler and report itself
@@ -169,6 +190,20 @@ impl ActionRunner {
         req: RunRequest,
         cancel: CancellationToken,
     ) -> Result<re::ExecuteResponse, Error> {
+        let (response, dir) = self.run_keeping_dir(req, cancel).await?;
+        dir.remove().await;
+        Ok(response)
+    }
+
+    /// [`ActionRunner::run_request`], except that the action's directory is handed back to be
+    /// removed by the caller, so that it can answer first: removing a directory costs a few
+    /// journal updates that the client need not wait for. Everything the response names is in
+    /// the CAS (and the result in the action cache) before this returns.
+    pub async fn run_keeping_dir(
+        &self,
+        req: RunRequest,
+        cancel: CancellationToken,
+    ) -> Result<(re::ExecuteResponse, ActionDir), Error> {
         let span = tracing::info_span!("action", digest = %req.action_digest);
         self.run_in_span(req, cancel).instrument(span).await
     }
@@ -177,9 +212,9 @@ impl ActionRunner {
         &self,
         req: RunRequest,
         cancel: CancellationToken,
-    ) -> Result<re::ExecuteResponse, Error> {
+    ) -> Result<(re::ExecuteResponse, ActionDir), Error> {
         let worker_start = SystemTime::now();
-        let dir = WorkDir::create(&self.cfg.work_root).await?;
+        let dir = self.dirs.take().await?;
         let mut meta = re::ExecutedActionMetadata {
             worker: self.cfg.worker_name.clone(),
             queued_timestamp: req.queued_at.map(report::timestamp),
@@ -188,7 +223,6 @@ impl ActionRunner {
         };
         let mut notes = Vec::new();
         let outcome = self.steps(&req, &dir, &cancel, &mut meta, &mut notes).await;
-        dir.remove().await;
         let response = match outcome {
             Ok(Finished { result, error }) => {
                 report::response(Some(result), error.as_ref(), &notes)
@@ -200,12 +234,13 @@ impl ActionRunner {
             exit_code = response.result.as_ref().map(|r| r.exit_code),
             "action finished"
         );
-        Ok(response)
+        Ok((response, ActionDir(dir)))
     }
 
     /// Empties the work root (directories of runs a crash abandoned). Call it before the
     /// first run, never while runs are in progress.
     pub async fn clean_work_root(&self) -> Result<(), Error> {
+        self.dirs.forget();
         let root = self.cfg.work_root.clone();
         tokio::task::spawn_blocking(move || {
             let entries = match std::fs::read_dir(&root) {
@@ -275,8 +310,12 @@ impl ActionRunner {
 
         meta.output_upload_start_timestamp = Some(report::timestamp(SystemTime::now()));
         let timed_out = matches!(exec.ending, Ending::TimedOut(_));
-        let (outputs, stdout, stderr) =
-            until_cancelled(cancel, self.collect(dir, &command, function, !timed_out)).await?;
+        let captured = exec.stdout.kept > 0 || exec.stderr.kept > 0;
+        let (outputs, stdout, stderr) = until_cancelled(
+            cancel,
+            self.collect(dir, &command, function, !timed_out, captured),
+        )
+        .await?;
         meta.output_upload_completed_timestamp = Some(report::timestamp(SystemTime::now()));
 
         let mut result = action_result(&exec, outputs, stdout, stderr);
@@ -345,13 +384,15 @@ impl ActionRunner {
         }
     }
 
-    /// Hashes and uploads the outputs (only stdout and stderr when `outputs` is false).
+    /// Hashes and uploads the outputs (only stdout and stderr when `outputs` is false; those
+    /// only when `captured` says the command wrote any).
     async fn collect(
         &self,
         dir: &WorkDir,
         command: &CommandSpec,
         function: cairn_core::DigestFunction,
         outputs: bool,
+        captured: bool,
     ) -> Result<(Outputs, Option<Digest>, Option<Digest>), ActionError> {
         let exec_root = dir.exec_root();
         let (stdout_path, stderr_path) = (dir.stdout(), dir.stderr());
@@ -360,6 +401,9 @@ impl ActionRunner {
         } else {
             vec![]
         };
+        if declared.is_empty() && !captured {
+            return Ok((Outputs::default(), None, None));
+        }
         let directory_blobs = command.directory_blobs;
         let (outputs, stdout, stderr) = prepare::blocking(move || {
             let mut outputs =

@@ -58,7 +58,9 @@ pub(crate) async fn materialize(
         .filter(|f| f.digest.size() == 0)
         .map(|f| (exec_root.join(&f.path), mode_of(f)))
         .collect();
-    blocking(move || create_skeleton(&dirs, &symlinks, &empty)).await?;
+    if !(dirs.is_empty() && symlinks.is_empty() && empty.is_empty()) {
+        blocking(move || create_skeleton(&dirs, &symlinks, &empty)).await?;
+    }
 
     let files: Vec<Placement> = tree
         .files
@@ -150,6 +152,9 @@ async fn link_from_local(
             Some(src) => linked.push((src, f)),
             None => streamed.push(f),
         }
+    }
+    if linked.is_empty() {
+        return Ok(streamed);
     }
     let evicted = blocking(move || {
         let mut evicted = Vec::new();
@@ -248,6 +253,11 @@ pub(crate) async fn create_output_parents(
     let mut wanted: Vec<PathBuf> = vec![command.working_directory.clone()];
     for o in &command.outputs {
         wanted.push(o.path.parent().map(Path::to_path_buf).unwrap_or_default());
+    }
+    // The input root itself exists.
+    wanted.retain(|rel| rel.components().next().is_some());
+    if wanted.is_empty() {
+        return Ok(());
     }
     wanted.sort();
     wanted.dedup();

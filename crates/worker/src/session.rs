@@ -184,6 +184,7 @@ fn start(
     let cancel = session_done.child_token();
     running.lock().insert(s.action_id.clone(), cancel.clone());
     tokio::spawn(async move {
+        let mut dir = None;
         let done = match parse_digest(&s) {
             Err(e) => wapi::ActionDone {
                 action_id: s.action_id.clone(),
@@ -199,13 +200,16 @@ fn start(
                     skip_cache_write: s.skip_cache_write,
                     queued_at: queued_at.or_else(|| Some(SystemTime::now())),
                 };
-                match runner.run_request(req, cancel).await {
-                    Ok(resp) => wapi::ActionDone {
-                        action_id: s.action_id.clone(),
-                        execute_response: resp.encode_to_vec(),
-                        error_code: 0,
-                        error_message: String::new(),
-                    },
+                match runner.run_keeping_dir(req, cancel).await {
+                    Ok((resp, action_dir)) => {
+                        dir = Some(action_dir);
+                        wapi::ActionDone {
+                            action_id: s.action_id.clone(),
+                            execute_response: resp.encode_to_vec(),
+                            error_code: 0,
+                            error_message: String::new(),
+                        }
+                    }
                     Err(e) => wapi::ActionDone {
                         action_id: s.action_id.clone(),
                         execute_response: vec![],
@@ -220,6 +224,11 @@ fn start(
                 message: Some(wapi::worker_message::Message::ActionDone(done)),
             })
             .await;
+        // The client has its answer; the directory goes before the slot counts as free here
+        // (a draining worker waits for it too).
+        if let Some(dir) = dir {
+            dir.remove().await;
+        }
         running.lock().remove(&s.action_id);
         finished.notify_one();
     });

@@ -363,10 +363,13 @@ async fn working_directory_and_output_parents_are_created() {
     let result = ok(&response);
     assert_eq!(result.exit_code, 0);
     let stdout = kit.read(result.stdout_digest.as_ref().unwrap()).await;
-    assert!(std::str::from_utf8(&stdout)
-        .unwrap()
-        .trim_end()
-        .ends_with("/root/a/b"));
+    // <work root>/<action directory>/a/b
+    let pwd = std::path::PathBuf::from(std::str::from_utf8(&stdout).unwrap().trim_end());
+    assert!(pwd.ends_with("a/b"), "{pwd:?}");
+    assert_eq!(
+        pwd.ancestors().nth(3),
+        Some(std::fs::canonicalize(kit.work_root()).unwrap().as_path())
+    );
     assert_eq!(result.output_files[0].path, "x/y/z.txt");
 }
 
@@ -635,5 +638,79 @@ async fn a_blob_evicted_from_the_local_cas_is_streamed_from_the_cas() {
             .await,
         "evicted soon\n"
     );
+    kit.assert_work_root_empty();
+}
+
+#[tokio::test]
+async fn the_command_starts_clean_stdin_null_no_extra_descriptors_no_signals_masked() {
+    let kit = &Kit::new();
+    let stdout_of = |cmd: re::Command| async move {
+        let action = kit.action(&cmd, kit.empty_root().await).await;
+        let response = kit.run(action).await;
+        let stdout = kit
+            .read(ok(&response).stdout_digest.as_ref().unwrap())
+            .await;
+        String::from_utf8(stdout.to_vec()).unwrap()
+    };
+    // ls lists its own descriptors: 0, 1, 2 and the one it reads /proc/self/fd through.
+    let listing = stdout_of(command(&["/bin/ls", "-l", "/proc/self/fd"])).await;
+    let fds: Vec<&str> = listing
+        .lines()
+        .filter_map(|l| l.split_once(" -> "))
+        .filter(|(_, target)| !(target.starts_with("/proc/") && target.ends_with("/fd")))
+        .map(|(l, _)| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(fds, ["0", "1", "2"], "{listing}");
+    assert!(listing.contains(" 0 -> /dev/null\n"), "{listing}");
+    let status = stdout_of(sh("grep -E '^Sig(Blk|Ign)' /proc/$$/status")).await;
+    assert_eq!(
+        status, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
+        "{status}"
+    );
+}
+
+#[tokio::test]
+async fn directories_made_ahead_are_used_and_cleaned() {
+    let kit = Kit::with(|cfg| cfg.dirs_ahead = 2);
+    let cmd = re::Command {
+        output_paths: strings(&["o"]),
+        ..sh("test -z \"$(ls -A)\" && echo fresh > o")
+    };
+    for _ in 0..3 {
+        let action = kit.action(&cmd, kit.empty_root().await).await;
+        let response = kit.run(action).await;
+        let f = &ok(&response).output_files[0];
+        assert_eq!(kit.read(f.digest.as_ref().unwrap()).await, "fresh\n");
+    }
+    // The stock is made up in the background: at most two empty directories, nothing else.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(kit.work_root())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(left.len() <= 2, "{left:?}");
+        for dir in &left {
+            assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0, "{dir:?}");
+        }
+        if left.len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "stock not made up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    kit.runner.clean_work_root().await.unwrap();
+    kit.assert_work_root_empty();
+}
+
+#[tokio::test]
+async fn a_silent_command_leaves_no_capture_blobs() {
+    let kit = Kit::new();
+    let action = kit
+        .action(&command(&["/bin/true"]), kit.empty_root().await)
+        .await;
+    let response = kit.run(action).await;
+    let result = ok(&response);
+    assert!(result.stdout_digest.is_none() && result.stderr_digest.is_none());
     kit.assert_work_root_empty();
 }

@@ -1,0 +1,191 @@
+//! A worker process that dies by SIGKILL takes its running command with it: the command
+//! (started with a parent-death signal) must not live on as an orphan.
+//!
+//! A scheduler+CAS process and a worker process (`deployment-examples/split/worker.json5`);
+//! an action writes its pid to a file and sleeps; the worker is SIGKILLed; the command's
+//! process must be gone (or a zombie waiting for init to reap it) within a deadline.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::DigestFunction;
+use common::{free_addr, Cairn, CairnWorker};
+use prost::Message;
+
+/// CAS, AC and scheduler in one process; the worker API on `@WORKER_API@`.
+const SCHEDULER_AND_CAS: &str = r#"{
+  stores: [
+    { name: "CAS", memory: {} },
+    { name: "AC", memory: {} },
+  ],
+  schedulers: [{ name: "MAIN", simple: { supported_platform_properties: { OSFamily: "exact" } } }],
+  servers: [
+    { listener: { http: { socket_address: "@ADDR@" } },
+      services: {
+        cas: [{ instance_name: "main", cas_store: "CAS" }],
+        ac: [{ instance_name: "main", ac_store: "AC" }],
+        bytestream: [{ instance_name: "main", cas_store: "CAS" }],
+        execution: [{ instance_name: "main", cas_store: "CAS", scheduler: "MAIN" }],
+        capabilities: [{ instance_name: "main", remote_execution: { scheduler: "MAIN" } }],
+      } },
+    { listener: { http: { socket_address: "@WORKER_API@" } }, services: { worker_api: { scheduler: "MAIN" } } },
+  ],
+}"#;
+
+const SHA: DigestFunction = DigestFunction::Sha256;
+/// How long anything in this test may take.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Whether `pid` is a live process: it exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the
+        // last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Polls `done` every 20 ms until it holds; panics with `what` after [`DEADLINE`].
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Uploads `sh -c script` as an Action for instance "main" and returns its digest.
+async fn upload_action(channel: tonic::transport::Channel, script: &str) -> re::Digest {
+    let root = re::Directory::default().encode_to_vec();
+    #[allow(deprecated)]
+    let command = re::Command {
+        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        environment_variables: vec![re::command::EnvironmentVariable {
+            name: "PATH".into(),
+            value: "/bin:/usr/bin".into(),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let action = re::Action {
+        command_digest: Some(SHA.compute(&command).to_proto()),
+        input_root_digest: Some(SHA.compute(&root).to_proto()),
+        platform: Some(re::Platform {
+            properties: vec![re::platform::Property {
+                name: "OSFamily".into(),
+                value: "linux".into(),
+            }],
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let digest = SHA.compute(&action).to_proto();
+    let mut cas =
+        re::content_addressable_storage_client::ContentAddressableStorageClient::new(channel);
+    let reply = cas
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            instance_name: "main".into(),
+            requests: [root, command, action]
+                .into_iter()
+                .map(|data| re::batch_update_blobs_request::Request {
+                    digest: Some(SHA.compute(&data).to_proto()),
+                    data,
+                    compressor: 0,
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply
+        .responses
+        .iter()
+        .all(|r| r.status.as_ref().is_some_and(|s| s.code == 0)));
+    digest
+}
+
+#[tokio::test]
+async fn a_sigkilled_worker_leaves_no_command_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let worker_api = free_addr();
+    let server = Cairn::start_with(
+        tmp.path(),
+        &SCHEDULER_AND_CAS.replace("@WORKER_API@", &worker_api.to_string()),
+        None,
+    );
+    let worker_dir = tmp.path().join("worker");
+    std::fs::create_dir_all(&worker_dir).unwrap();
+    let worker_config: PathBuf =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deployment-examples/split/worker.json5");
+    let worker = CairnWorker::start(
+        "worker",
+        &worker_config,
+        &[
+            ("CAIRN_WORKER_API_ENDPOINT", format!("grpc://{worker_api}")),
+            ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", server.addr)),
+            ("CAIRN_WORKER_DATA", worker_dir.display().to_string()),
+            ("CAIRN_WORKER_SLOTS", "1".to_string()),
+        ],
+        DEADLINE,
+    );
+
+    // The command writes its pid (the shell's, which `exec` hands to sleep) and sleeps.
+    let pid_file = tmp.path().join("command.pid");
+    let script = format!(
+        "echo $$ > {}.tmp && mv {0}.tmp {0} && exec sleep 600",
+        pid_file.display()
+    );
+    let channel = server.channel().await;
+    let digest = upload_action(channel.clone(), &script).await;
+    let mut exec = re::execution_client::ExecutionClient::new(channel);
+    let execution = tokio::spawn(async move {
+        let mut ops = exec
+            .execute(re::ExecuteRequest {
+                instance_name: "main".into(),
+                action_digest: Some(digest),
+                skip_cache_lookup: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Held open until the test ends; the action never completes.
+        while let Ok(Some(_)) = ops.message().await {}
+    });
+
+    let mut pid = None;
+    wait_until("the command writes its pid", || {
+        pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        pid.is_some()
+    })
+    .await;
+    let pid = pid.unwrap();
+    wait_until("the command runs sleep", || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+    })
+    .await;
+    assert!(
+        alive(pid),
+        "the command {pid} is not running before the kill"
+    );
+
+    worker.kill9();
+    wait_until(&format!("the command {pid} dies with its worker"), || {
+        !alive(pid)
+    })
+    .await;
+    execution.abort();
+}
