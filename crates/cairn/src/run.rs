@@ -122,10 +122,22 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         println!("cairn: server {:?} listening on {}", r.name, r.local_addr);
         running.push(r);
     }
+    // Worker API listeners of this process: a local worker that dials one talks to its
+    // scheduler in memory instead.
+    let worker_apis: Vec<_> = cfg
+        .servers
+        .iter()
+        .zip(&running)
+        .filter_map(|(s, r)| {
+            let name = &s.services.as_ref()?.worker_api.as_ref()?.scheduler;
+            Some((r.local_addr, schedulers.get(name)?.clone()))
+        })
+        .collect();
     let worker_stop = CancellationToken::new();
     let mut workers = Vec::new();
     for (i, w) in cfg.local_workers().into_iter().enumerate() {
-        workers.push(crate::workers::start(file, i, w, &tree, worker_stop.clone()).await?);
+        let started = crate::workers::start(file, i, w, &tree, &worker_apis, worker_stop.clone());
+        workers.push(started.await?);
     }
     if running.is_empty() && workers.is_empty() {
         anyhow::bail!("{file}: `servers` and `workers` are empty: nothing to run");

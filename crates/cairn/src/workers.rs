@@ -1,25 +1,32 @@
 //! Local workers from `workers: [{local: {...}}]` (or the short `worker: {...}`): resolve the
 //! scheduler endpoint, the CAS (a `fast_slow` whose fast tier is a filesystem store is used
 //! for hardlinking inputs), the AC for results, platform properties (static or from a
-//! `query_cmd`) and slots, then run the worker session until shutdown.
+//! `query_cmd`) and slots, then run the worker session until shutdown. A worker whose
+//! endpoint is a worker API listener of this same process talks to that scheduler through
+//! in-memory streams (the same messages, without two gRPC hops per action).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use cairn_config::workers::{LocalWorker, PropertyValue};
+use cairn_server::execution::ExecutionPipeline;
 use cairn_store::StoreTree;
-use cairn_worker::session::{run_worker, WorkerIdentity};
+use cairn_worker::session::{run_worker, SchedulerLink, WorkerIdentity};
 use cairn_worker::{ActionRunner, RunnerConfig};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-/// Starts one local worker; returns its task.
+/// Starts one local worker; returns its task. `worker_apis` are this process's worker API
+/// listeners and their schedulers.
 pub async fn start(
     file: &str,
     index: usize,
     cfg: &LocalWorker,
     tree: &StoreTree,
+    worker_apis: &[(SocketAddr, ExecutionPipeline)],
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let at = format!("{file}: workers[{index}].local");
@@ -124,8 +131,30 @@ pub async fn start(
         properties,
         slots,
     };
-    tracing::info!(worker = %identity.name, endpoint = %endpoint, slots, "starting local worker");
-    Ok(tokio::spawn(run_worker(
-        endpoint, identity, runner, shutdown,
-    )))
+    let link = link(endpoint, worker_apis);
+    tracing::info!(worker = %identity.name, scheduler = %link, slots, "starting local worker");
+    Ok(tokio::spawn(run_worker(link, identity, runner, shutdown)))
+}
+
+/// In memory when `endpoint` (`grpc://host:port`) is one of `worker_apis`, else gRPC.
+fn link(endpoint: String, worker_apis: &[(SocketAddr, ExecutionPipeline)]) -> SchedulerLink {
+    let addr = endpoint
+        .split_once("://")
+        .map_or(endpoint.as_str(), |(_, rest)| rest)
+        .trim_end_matches('/')
+        .parse::<SocketAddr>();
+    let Some((_, pipeline)) = worker_apis.iter().find(|(a, _)| Ok(*a) == addr) else {
+        return SchedulerLink::Grpc(endpoint);
+    };
+    let pipeline = pipeline.clone();
+    SchedulerLink::InProcess {
+        name: pipeline.name.clone(),
+        open: Arc::new(move |outbound| {
+            let pipeline = pipeline.clone();
+            Box::pin(cairn_server::execution::worker_api::open_session(
+                pipeline,
+                outbound.map(Ok).boxed(),
+            ))
+        }),
+    }
 }

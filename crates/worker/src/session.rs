@@ -1,7 +1,9 @@
 //! The worker's side of the worker API: connect to a scheduler, register, keep alive, run
 //! each StartAction with the [`ActionRunner`], answer with ActionDone, and kill on KillAction.
 //! A lost connection cancels what runs (the scheduler re-queues it) and reconnects with
-//! backoff, until shutdown.
+//! backoff, until shutdown. The scheduler is reached over gRPC, or, for a worker in the
+//! scheduler's own process, through in-memory streams ([`SchedulerLink::InProcess`]) carrying
+//! the same messages.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,6 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cairn_core::{Digest, DigestFunction, Error};
 use cairn_proto::worker::v1 as wapi;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -24,9 +29,36 @@ pub struct WorkerIdentity {
     pub slots: u32,
 }
 
+/// What a worker receives from its scheduler.
+pub type Inbound = BoxStream<'static, Result<wapi::SchedulerMessage, tonic::Status>>;
+/// What a worker sends to its scheduler.
+pub type Outbound = BoxStream<'static, wapi::WorkerMessage>;
+/// Opens a session with a scheduler of this process: takes what the worker sends, returns
+/// what it receives (as the gRPC service would).
+pub type OpenSession =
+    Arc<dyn Fn(Outbound) -> BoxFuture<'static, Result<Inbound, tonic::Status>> + Send + Sync>;
+
+/// How a worker reaches its scheduler.
+#[derive(Clone)]
+pub enum SchedulerLink {
+    /// The worker API at this endpoint (`grpc://host:port`).
+    Grpc(String),
+    /// A scheduler in this process, `name`d in logs.
+    InProcess { name: String, open: OpenSession },
+}
+
+impl std::fmt::Display for SchedulerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SchedulerLink::Grpc(endpoint) => f.write_str(endpoint),
+            SchedulerLink::InProcess { name, .. } => write!(f, "in-process scheduler {name}"),
+        }
+    }
+}
+
 /// Runs the worker until `shutdown`; returns only then.
 pub async fn run_worker(
-    endpoint: String,
+    link: SchedulerLink,
     identity: WorkerIdentity,
     runner: Arc<ActionRunner>,
     shutdown: CancellationToken,
@@ -36,10 +68,10 @@ pub async fn run_worker(
         if shutdown.is_cancelled() {
             return;
         }
-        match session(&endpoint, &identity, runner.clone(), shutdown.clone()).await {
+        match session(&link, &identity, runner.clone(), shutdown.clone()).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
-                tracing::warn!(worker = %identity.name, endpoint = %endpoint, error = %e, "worker session ended; reconnecting");
+                tracing::warn!(worker = %identity.name, scheduler = %link, error = %e, "worker session ended; reconnecting");
             }
         }
         tokio::select! {
@@ -50,13 +82,11 @@ pub async fn run_worker(
     }
 }
 
-/// One connection: until the stream ends, fails or shutdown.
-async fn session(
+/// Connects to `endpoint` and opens a session there; `outbound` feeds what the worker sends.
+async fn open_grpc(
     endpoint: &str,
-    identity: &WorkerIdentity,
-    runner: Arc<ActionRunner>,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
+    mut outbound: mpsc::Receiver<wapi::WorkerMessage>,
+) -> Result<Inbound, Error> {
     let uri = endpoint.replacen("grpc://", "http://", 1);
     let channel = tonic::transport::Endpoint::from_shared(uri)
         .map_err(|e| Error::invalid_argument(format!("worker_api_endpoint {endpoint:?}: {e}")))?
@@ -66,6 +96,23 @@ async fn session(
         .await
         .map_err(|e| Error::unavailable(format!("connecting to {endpoint}: {e}")))?;
     let mut client = wapi::worker_api_client::WorkerApiClient::new(channel);
+    // A concrete stream type: tonic's client cannot be proven `Send` over a boxed one.
+    let outbound = futures::stream::poll_fn(move |cx| outbound.poll_recv(cx));
+    let inbound = client
+        .session(outbound)
+        .await
+        .map_err(Error::from)?
+        .into_inner();
+    Ok(inbound.boxed())
+}
+
+/// One connection: until the stream ends, fails or shutdown.
+async fn session(
+    link: &SchedulerLink,
+    identity: &WorkerIdentity,
+    runner: Arc<ActionRunner>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let (tx, mut rx) = mpsc::channel::<wapi::WorkerMessage>(256);
     tx.send(wapi::WorkerMessage {
         message: Some(wapi::worker_message::Message::Register(wapi::Register {
@@ -83,12 +130,13 @@ async fn session(
     })
     .await
     .map_err(|_| Error::internal("worker outbox closed"))?;
-    let outbound = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let mut inbound = client
-        .session(outbound)
-        .await
-        .map_err(Error::from)?
-        .into_inner();
+    let mut inbound = match link {
+        SchedulerLink::Grpc(endpoint) => open_grpc(endpoint, rx).await?,
+        SchedulerLink::InProcess { open, .. } => {
+            let outbound = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
+            open(outbound).await.map_err(Error::from)?
+        }
+    };
 
     let running: Arc<Mutex<HashMap<String, CancellationToken>>> = Arc::default();
     let session_done = CancellationToken::new();
@@ -126,7 +174,7 @@ async fn session(
                     break Err(Error::unavailable("worker stream closed"));
                 }
             }
-            msg = inbound.message() => match msg {
+            msg = inbound.next() => match msg.transpose() {
                 Ok(Some(m)) => match m.message {
                     Some(wapi::scheduler_message::Message::Registered(r)) => {
                         let every = Duration::from_millis(r.keepalive_interval_ms.max(50));
@@ -166,7 +214,7 @@ async fn session(
         // before it closes its side, so that no finished result is lost.
         drop(tx);
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            while let Ok(Some(_)) = inbound.message().await {}
+            while let Some(Ok(_)) = inbound.next().await {}
         })
         .await;
     }

@@ -486,6 +486,13 @@ impl Driver {
                 attempt,
                 outcome,
             } => {
+                // An answer is a sign of life, as a keepalive is.
+                if let Ok(d) = self
+                    .core
+                    .worker_keepalive(now, &WorkerId(worker_id.clone()))
+                {
+                    self.apply(d);
+                }
                 if let Ok(d) = self.core.action_completed(
                     now,
                     &WorkerId(worker_id),
