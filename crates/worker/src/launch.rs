@@ -154,11 +154,7 @@ pub(crate) async fn spawn(spec: Spec<'_>) -> io::Result<Child> {
         argv: std::iter::once(Ok(cstring(spec.program.as_os_str())?))
             .chain(spec.args.iter().map(|a| cstring(OsStr::new(a))))
             .collect::<io::Result<_>>()?,
-        envp: spec
-            .env
-            .iter()
-            .map(|(k, v)| cstring(OsStr::new(&format!("{k}={v}"))))
-            .collect::<io::Result<_>>()?,
+        envp: environ(spec.env)?,
         cwd: cstring(spec.cwd.as_os_str())?,
         stdio: [above_stdio(open_dev_null()?)?, stdout_w, stderr_w],
     };
@@ -210,6 +206,20 @@ fn resolve(program: &Path, env: &[(String, String)], cwd: &Path) -> io::Result<P
         }
     }
     Err(io::Error::from_raw_os_error(libc::ENOENT))
+}
+
+/// `NAME=value` for each variable; a name given twice keeps its last value (as
+/// `std::process::Command` does), in the place of that last one.
+fn environ(env: &[(String, String)]) -> io::Result<Vec<CString>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = env
+        .iter()
+        .rev()
+        .filter(|(k, _)| seen.insert(k.as_str()))
+        .map(|(k, v)| cstring(OsStr::new(&format!("{k}={v}"))))
+        .collect::<io::Result<Vec<_>>>()?;
+    out.reverse();
+    Ok(out)
 }
 
 fn cstring(s: &OsStr) -> io::Result<CString> {

@@ -714,3 +714,22 @@ async fn a_silent_command_leaves_no_capture_blobs() {
     assert!(result.stdout_digest.is_none() && result.stderr_digest.is_none());
     kit.assert_work_root_empty();
 }
+
+#[tokio::test]
+async fn a_variable_given_twice_keeps_its_last_value() {
+    let kit = Kit::new();
+    let var = |name: &str, value: &str| re::command::EnvironmentVariable {
+        name: name.into(),
+        value: value.into(),
+    };
+    let cmd = re::Command {
+        environment_variables: vec![var("A", "first"), var("B", "b"), var("A", "last")],
+        ..command(&["/usr/bin/env"])
+    };
+    let action = kit.action(&cmd, kit.empty_root().await).await;
+    let response = kit.run(action).await;
+    let stdout = kit
+        .read(ok(&response).stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(stdout, "B=b\nA=last\n");
+}
