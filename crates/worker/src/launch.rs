@@ -12,8 +12,8 @@
 //!
 //! Why not `std::process::Command::pre_exec`: any pre-exec code makes the standard library
 //! `fork` the whole worker instead of using `posix_spawn`, and copying the worker's page tables
-//! (then taking copy-on-write faults in every thread) cost 1.6 ms per command on the 2-core
-//! test machine, against 0.1 ms. So the child is created here as glibc's `posix_spawn` does:
+//! (then taking copy-on-write faults in every thread) cost 1.6 ms more per command on the
+//! 2-core test machine. So the child is created here as glibc's `posix_spawn` does:
 //! `clone(CLONE_VM | CLONE_VFORK)` on a stack of its own, every signal blocked across the
 //! clone, and a child that makes only system calls (no allocation, no lock) before `execve`.
 //! The launcher thread is suspended until the child has called `execve` or failed, and a
@@ -21,12 +21,11 @@
 //!
 //! The child has stdin on `/dev/null`, stdout and stderr on pipes, no other descriptor (ours
 //! are close-on-exec, and any inherited ones are closed), every signal at its default action
-//! with none blocked, its own
-//! process group, and exactly the given environment. A program name without a slash is looked
-//! up on the `PATH` of that environment (`/bin:/usr/bin` without one), as
-//! `std::process::Command` does once the environment is cleared; the file executed is always
-//! named by an absolute path. The exit is awaited through a
-//! pidfd; a [`Child`] dropped before it was reaped is killed and reaped in the background.
+//! with none blocked, its own process group, and exactly the given environment. A program name
+//! without a slash is looked up on the `PATH` of that environment (`/bin:/usr/bin` without
+//! one), as `std::process::Command` does once the environment is cleared; the file executed is
+//! always named by an absolute path. The exit is awaited through a pidfd (Linux 5.3 or later);
+//! a [`Child`] dropped before it was reaped is killed and reaped in the background.
 
 use std::ffi::{CString, OsStr};
 use std::io;
