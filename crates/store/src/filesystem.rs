@@ -7,10 +7,12 @@
 //! files whose names are not blob names are ignored. Eviction unlinks files; a reader that
 //! already opened a file keeps reading it (the inode lives while the descriptor is open).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use cairn_config::stores::FilesystemStore as FilesystemConfig;
 use cairn_core::{BlobStream, Digest, Error, CHUNK_SIZE};
 use futures::StreamExt;
@@ -18,6 +20,12 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::eviction::EvictionMap;
 use crate::{check_range, Health, Store, StoreInfo};
+
+/// Blobs up to this size are written by one blocking task (create, write, `fdatasync`, rename)
+/// instead of one trip to the blocking pool per step: action-cache entries and most CAS blobs
+/// are small, and a client waits on each of those writes (an Execute's answer waits on its
+/// action-cache entry).
+const SMALL_PUT: usize = 256 << 10;
 
 pub struct FilesystemStore {
     content: PathBuf,
@@ -79,12 +87,19 @@ impl FilesystemStore {
         }
     }
 
-    async fn write_temp(&self, tmp: &Path, mut body: BlobStream) -> Result<u64, Error> {
+    /// Writes `head`, then the rest of `body`, to `tmp` and syncs it; returns the size.
+    async fn write_temp(
+        &self,
+        tmp: &Path,
+        head: Vec<Bytes>,
+        mut body: BlobStream,
+    ) -> Result<u64, Error> {
         let mut file = tokio::fs::File::create(tmp)
             .await
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
         let mut size = 0u64;
-        while let Some(chunk) = body.next().await {
+        let mut chunks = futures::stream::iter(head.into_iter().map(Ok)).chain(&mut body);
+        while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
             size += chunk.len() as u64;
             file.write_all(&chunk)
@@ -96,6 +111,31 @@ impl FilesystemStore {
             .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
         Ok(size)
     }
+}
+
+/// Writes a whole small blob: create `tmp`, write, `fdatasync`, rename to `dest`, all on the
+/// calling (blocking) thread. On failure `tmp` is removed and `dest` untouched.
+fn write_small(tmp: &Path, dest: &Path, chunks: &[Bytes]) -> Result<(), Error> {
+    let written = (|| {
+        let mut file = std::fs::File::create(tmp)
+            .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        for chunk in chunks {
+            file.write_all(chunk)
+                .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        }
+        file.sync_data()
+            .map_err(|e| Error::io(format!("syncing {}", tmp.display()), e))?;
+        std::fs::rename(tmp, dest).map_err(|e| {
+            Error::io(
+                format!("renaming {} to {}", tmp.display(), dest.display()),
+                e,
+            )
+        })
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    written
 }
 
 /// Empties the temp directory and indexes complete blobs, oldest first. Returns what the
@@ -176,25 +216,48 @@ impl Store for FilesystemStore {
         Ok(stream.boxed())
     }
 
-    async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
+    async fn put(&self, key: &Digest, mut body: BlobStream) -> Result<(), Error> {
         let tmp = self
             .temp
             .join(format!("{}.{}", key.file_name(), uuid::Uuid::new_v4()));
-        let size = match self.write_temp(&tmp, body).await {
-            Ok(size) => size,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(e);
-            }
-        };
         let dest = self.path_of(key);
-        if let Err(e) = tokio::fs::rename(&tmp, &dest).await {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(Error::io(
-                format!("renaming {} to {}", tmp.display(), dest.display()),
-                e,
-            ));
+        // The start of the body, up to SMALL_PUT bytes: a blob that ends there is written by
+        // one blocking task; a longer one streams on. A body that fails here wrote nothing.
+        let mut head = Vec::new();
+        let mut head_len = 0;
+        let mut longer = false;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            head_len += chunk.len();
+            head.push(chunk);
+            if head_len > SMALL_PUT {
+                longer = true;
+                break;
+            }
         }
+        let size = if longer {
+            let size = match self.write_temp(&tmp, head, body).await {
+                Ok(size) => size,
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(e);
+                }
+            };
+            if let Err(e) = tokio::fs::rename(&tmp, &dest).await {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(Error::io(
+                    format!("renaming {} to {}", tmp.display(), dest.display()),
+                    e,
+                ));
+            }
+            size
+        } else {
+            let d = dest.clone();
+            tokio::task::spawn_blocking(move || write_small(&tmp, &d, &head))
+                .await
+                .map_err(|e| Error::internal(format!("filesystem write task failed: {e}")))??;
+            head_len as u64
+        };
         let evicted = self.index.insert(*key, (), size);
         // A replaced entry of the same key names the file we just renamed into place.
         let evicted: Vec<_> = evicted.into_iter().filter(|(k, ())| k != key).collect();
@@ -252,6 +315,40 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn small_and_large_puts_store_whole_blobs_and_failed_ones_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
+        let function = DigestFunction::Sha256;
+        // Both sides of SMALL_PUT (one blocking task, then streaming), in uneven chunks.
+        for len in [0, 1, SMALL_PUT, SMALL_PUT + 1, 3 * SMALL_PUT + 7] {
+            let data: Bytes = (0..len).map(|i| (i % 251) as u8).collect::<Vec<_>>().into();
+            let d = function.compute(&data);
+            let body = cairn_core::stream::once_chunked(data.clone(), 100_003);
+            store.put(&d, body).await.unwrap();
+            assert_eq!(store.has(&d).await.unwrap(), Some(len as u64));
+            assert_eq!(store.get_all(&d, usize::MAX).await.unwrap(), data);
+        }
+        // A body that fails before or after SMALL_PUT bytes: no blob, no temp file.
+        for good in [10, SMALL_PUT + 10] {
+            let d = function.compute(b"never stored");
+            let chunks: Vec<Result<Bytes, Error>> = vec![
+                Ok(Bytes::from(vec![1u8; good])),
+                Err(Error::invalid_argument("client went away")),
+            ];
+            let e = store
+                .put(&d, futures::stream::iter(chunks).boxed())
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("client went away"), "{e}");
+            assert_eq!(store.has(&d).await.unwrap(), None);
+            assert_eq!(
+                std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+                0
+            );
+        }
     }
 
     #[tokio::test]
