@@ -100,26 +100,3 @@ fn frame(m: WriteRequest) -> [Bytes; 2] {
     // Field 10 is `data`.
     cairn_server::grpc_body::frame_split(&head, 10, data)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn two_chunks_are_the_framed_message() {
-        for len in [0, 1, 127, 128, 1 << 20] {
-            let m = WriteRequest {
-                resource_name: "uploads/u/blobs/abc/1".into(),
-                write_offset: 7,
-                finish_write: true,
-                data: Bytes::from(vec![9u8; len]),
-            };
-            let [head, data] = frame(m.clone());
-            let wire = [head, data].concat();
-            assert_eq!(wire[0], 0);
-            let len = u32::from_be_bytes(wire[1..5].try_into().unwrap()) as usize;
-            assert_eq!(len, wire.len() - 5);
-            assert_eq!(WriteRequest::decode(&wire[5..]).unwrap(), m);
-        }
-    }
-}
