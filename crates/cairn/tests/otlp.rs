@@ -382,9 +382,9 @@ async fn request_spans_arrive_at_a_real_otlp_receiver_with_status_and_parent() {
     let gar = want(&spans, &format!("{ac_service}/GetActionResult")).unwrap();
     assert_eq!(gar.kind, SpanKind::Server as i32);
     assert_eq!(int_attr(&gar, "rpc.grpc.status_code"), Some(5));
-    let status = gar.status.as_ref().expect("an error status");
-    assert_eq!(status.code, StatusCode::Error as i32);
-    assert!(status.message.contains("no action result"), "{status:?}");
+    // A cache miss is not a server error: OpenTelemetry's gRPC server convention leaves the
+    // status unset for NOT_FOUND (the code is in rpc.grpc.status_code).
+    assert_eq!(gar.status, None);
     assert_eq!(gar.trace_id.len(), 16, "a new trace");
     assert_ne!(hex(&gar.trace_id), trace_id);
     assert!(gar.parent_span_id.is_empty());
@@ -645,7 +645,7 @@ async fn http_protobuf_export(compression: &str) {
         .find(|s| s.name.ends_with("/GetActionResult"))
         .unwrap();
     assert_eq!(int_attr(gar, "rpc.grpc.status_code"), Some(5));
-    assert_eq!(gar.status.as_ref().unwrap().code, StatusCode::Error as i32);
+    assert_eq!(gar.status, None);
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -190,6 +190,17 @@ fn int_kv(k: &str, v: i64) -> KeyValue {
 }
 
 /// The OTLP span of one RPC, with fresh ids (and the parent's trace id, when there is one).
+/// Whether a server span ends in error, as OpenTelemetry's gRPC conventions say for the server
+/// side: only codes that mean the server failed. NOT_FOUND (a cache miss), INVALID_ARGUMENT and
+/// the other caller-side codes leave the status unset; `rpc.grpc.status_code` still has them.
+fn server_error(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+    )
+}
+
 pub fn to_span(rpc: &RpcSpan) -> Span {
     let service = grpc_service(rpc.service);
     let (trace_id, parent_span_id, trace_flags, remote) = match &rpc.parent {
@@ -200,14 +211,10 @@ pub fn to_span(rpc: &RpcSpan) -> Span {
     if remote {
         flags |= SpanFlags::ContextIsRemoteMask as u32;
     }
-    let status = if rpc.code == tonic::Code::Ok {
-        None
-    } else {
-        Some(Status {
-            message: rpc.message.clone(),
-            code: StatusCode::Error as i32,
-        })
-    };
+    let status = server_error(rpc.code).then(|| Status {
+        message: rpc.message.clone(),
+        code: StatusCode::Error as i32,
+    });
     Span {
         trace_id: trace_id.to_vec(),
         span_id: rand::random::<[u8; 8]>().to_vec(),
@@ -362,7 +369,15 @@ mod tests {
         assert_eq!((s.start_time_unix_nano, s.end_time_unix_nano), (10, 20));
         assert!(s.attributes.contains(&int_kv("rpc.grpc.status_code", 5)));
         assert!(s.attributes.contains(&kv("rpc.system", "grpc")));
-        assert_eq!(s.status.unwrap().code, StatusCode::Error as i32);
+        assert_eq!(s.status, None, "a cache miss is not a server error");
+        let failed = to_span(&RpcSpan {
+            code: tonic::Code::Internal,
+            message: "disk full".into(),
+            ..rpc.clone()
+        });
+        let status = failed.status.unwrap();
+        assert_eq!(status.code, StatusCode::Error as i32);
+        assert_eq!(status.message, "disk full");
         let ok = to_span(&RpcSpan {
             code: tonic::Code::Ok,
             parent: None,
