@@ -304,6 +304,9 @@ struct ChildArgs {
     stdio: [RawFd; 3],
     worker: libc::pid_t,
     empty_mask: libc::sigset_t,
+    /// Transparent huge pages are off for the worker (cairn's `main` turns them off): the
+    /// child turns them back on for the command, see `start`.
+    thp_off: bool,
     errno: libc::c_int,
 }
 
@@ -334,6 +337,8 @@ fn start(image: &Image, stack: &mut [u8]) -> io::Result<(libc::pid_t, OwnedFd)> 
         ],
         worker,
         empty_mask,
+        // SAFETY: PR_GET_THP_DISABLE takes no pointers; it returns 1 when THP is off.
+        thp_off: unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) } == 1,
         errno: 0,
     };
     // The stack grows down from its end, which the ABI wants 16-byte aligned.
@@ -361,6 +366,13 @@ fn start(image: &Image, stack: &mut [u8]) -> io::Result<(libc::pid_t, OwnedFd)> 
         )
     };
     let clone_error = io::Error::last_os_error();
+    // The child shares our memory map until execve, and THP's off switch is a flag of that map
+    // (kept across execve): the child cleared it so that the command runs with the system's
+    // THP setting, and it is set again here for the worker.
+    if args.thp_off {
+        // SAFETY: PR_SET_THP_DISABLE takes only integers.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &saved, std::ptr::null_mut()) };
     if pid < 0 {
@@ -436,6 +448,9 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             if libc::chdir(args.cwd) != 0 {
                 break 'setup true;
+            }
+            if args.thp_off {
+                libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
             }
             libc::sigprocmask(libc::SIG_SETMASK, &args.empty_mask, std::ptr::null_mut());
             libc::execve(args.program, args.argv, args.envp);

@@ -670,6 +670,31 @@ async fn the_command_starts_clean_stdin_null_no_extra_descriptors_no_signals_mas
 }
 
 #[tokio::test]
+async fn the_command_gets_transparent_huge_pages_even_when_the_worker_turned_them_off() {
+    // As cairn's main does for the server (BENCHMARKS.md); the setting survives fork and exec,
+    // so without the launcher's care every command would inherit it.
+    // SAFETY: PR_SET_THP_DISABLE and PR_GET_THP_DISABLE take only integers.
+    unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    let kit = &Kit::new();
+    let action = kit
+        .action(
+            &sh("grep '^THP_enabled' /proc/$$/status"),
+            kit.empty_root().await,
+        )
+        .await;
+    let response = kit.run(action).await;
+    let stdout = kit
+        .read(ok(&response).stdout_digest.as_ref().unwrap())
+        .await;
+    assert_eq!(&stdout[..], b"THP_enabled:\t1\n");
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) },
+        1,
+        "the worker keeps THP off"
+    );
+}
+
+#[tokio::test]
 async fn directories_made_ahead_are_used_and_cleaned() {
     let kit = Kit::with(|cfg| cfg.dirs_ahead = 2);
     let cmd = re::Command {
