@@ -96,9 +96,10 @@ where
             let Some((buf, len)) = self.message.as_mut() else {
                 break;
             };
-            let n = (*len - buf.len()).min(chunk.remaining());
-            buf.extend_from_slice(&chunk.chunk()[..n.min(chunk.chunk().len())]);
-            chunk.advance(n.min(chunk.chunk().len()));
+            // From the contiguous part of the chunk; the loop comes back for the rest.
+            let n = (*len - buf.len()).min(chunk.chunk().len());
+            buf.extend_from_slice(&chunk.chunk()[..n]);
+            chunk.advance(n);
             if buf.len() == *len {
                 let (buf, _) = self.message.take()?;
                 self.prefix_len = 0;
