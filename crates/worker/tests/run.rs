@@ -662,7 +662,15 @@ async fn the_command_starts_clean_stdin_null_no_extra_descriptors_no_signals_mas
         .collect();
     assert_eq!(fds, ["0", "1", "2"], "{listing}");
     assert!(listing.contains(" 0 -> /dev/null\n"), "{listing}");
-    let status = stdout_of(sh("grep -E '^Sig(Blk|Ign)' /proc/$$/status")).await;
+    // grep itself reads its own status: a shell's `$$` would name the shell, which blocks
+    // every signal for a moment while it forks grep (dash does), so its mask is not ours.
+    let status = stdout_of(command(&[
+        "/bin/grep",
+        "-E",
+        "^Sig(Blk|Ign)",
+        "/proc/self/status",
+    ]))
+    .await;
     assert_eq!(
         status, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n",
         "{status}"
@@ -678,7 +686,7 @@ async fn the_command_gets_transparent_huge_pages_even_when_the_worker_turned_the
     let kit = &Kit::new();
     let action = kit
         .action(
-            &sh("grep '^THP_enabled' /proc/$$/status"),
+            &command(&["/bin/grep", "^THP_enabled", "/proc/self/status"]),
             kit.empty_root().await,
         )
         .await;
