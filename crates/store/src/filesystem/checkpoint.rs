@@ -42,7 +42,8 @@ pub(super) const FILE_NAME: &str = ".cairn-checkpoint";
 /// this long (plus the sync's own time) after it returned.
 pub(super) const FLUSH_DELAY: Duration = Duration::from_millis(250);
 /// Files modified this long before a checkpoint are checked too: file-system timestamps come
-/// from a clock that may lag the one the checkpoint was taken with by a tick.
+/// from a clock that may lag the one the checkpoint was taken with by a tick. (A wall clock
+/// stepped back by more than this while the store runs could hide a file from the check.)
 pub(super) const MTIME_SLACK: Duration = Duration::from_secs(2);
 /// Where Linux says which boot this is (a new random UUID at each boot).
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
