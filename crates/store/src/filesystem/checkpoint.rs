@@ -85,7 +85,7 @@ impl Checkpoint {
         })
     }
 
-    /// Reads the checkpoint of `content`. `Ok(None)` when there is none; an unreadable or
+    /// Reads the checkpoint of `content`. `None` when there is none; an unreadable or
     /// garbled one is treated as a checkpoint of another boot at the beginning of time, so
     /// that every file is checked.
     pub fn read(content: &Path) -> Option<Checkpoint> {
