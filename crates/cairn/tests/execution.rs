@@ -10,6 +10,7 @@ use cairn_core::proto::google::longrunning::{
     operation, operations_client::OperationsClient, Operation,
 };
 use cairn_core::{Digest, DigestFunction};
+use common::actions::ShellAction;
 use common::Cairn;
 use futures::StreamExt;
 use prost::Message;
@@ -122,44 +123,15 @@ async fn action(
     do_not_cache: bool,
     upload: bool,
 ) -> Digest {
-    let input = b"input file\n".to_vec();
-    let root = re::Directory {
-        files: vec![re::FileNode {
-            name: "in.txt".into(),
-            digest: Some(SHA.compute(&input).to_proto()),
-            is_executable: false,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    let root_bytes = root.encode_to_vec();
-    #[allow(deprecated)]
-    let command = re::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        environment_variables: vec![re::command::EnvironmentVariable {
-            name: "PATH".into(),
-            value: "/bin:/usr/bin".into(),
-        }],
-        output_files: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
-    let cmd_bytes = command.encode_to_vec();
-    let act = re::Action {
-        command_digest: Some(SHA.compute(&cmd_bytes).to_proto()),
-        input_root_digest: Some(SHA.compute(&root_bytes).to_proto()),
+    let (d, blobs) = ShellAction {
+        script,
+        outputs,
+        inputs: &[("in.txt", b"input file\n")],
         do_not_cache,
-        platform: Some(re::Platform {
-            properties: vec![re::platform::Property {
-                name: "OSFamily".into(),
-                value: "linux".into(),
-            }],
-        }),
-        ..Default::default()
-    };
-    let act_bytes = act.encode_to_vec();
-    let d = SHA.compute(&act_bytes);
+    }
+    .build();
     if upload {
-        put(cl, vec![input, root_bytes, cmd_bytes, act_bytes]).await;
+        put(cl, blobs).await;
     }
     d
 }

@@ -11,9 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
-use cairn_core::DigestFunction;
+use common::actions::ShellAction;
 use common::{free_addr, Cairn, CairnWorker};
-use prost::Message;
 
 /// CAS, AC and scheduler in one process; the worker API on `@WORKER_API@`.
 const SCHEDULER_AND_CAS: &str = r#"{
@@ -35,7 +34,6 @@ const SCHEDULER_AND_CAS: &str = r#"{
   ],
 }"#;
 
-const SHA: DigestFunction = DigestFunction::Sha256;
 /// How long anything in this test may take.
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -62,57 +60,6 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Uploads `sh -c script` as an Action for instance "main" and returns its digest.
-async fn upload_action(channel: tonic::transport::Channel, script: &str) -> re::Digest {
-    let root = re::Directory::default().encode_to_vec();
-    #[allow(deprecated)]
-    let command = re::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        environment_variables: vec![re::command::EnvironmentVariable {
-            name: "PATH".into(),
-            value: "/bin:/usr/bin".into(),
-        }],
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action = re::Action {
-        command_digest: Some(SHA.compute(&command).to_proto()),
-        input_root_digest: Some(SHA.compute(&root).to_proto()),
-        platform: Some(re::Platform {
-            properties: vec![re::platform::Property {
-                name: "OSFamily".into(),
-                value: "linux".into(),
-            }],
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let digest = SHA.compute(&action).to_proto();
-    let mut cas =
-        re::content_addressable_storage_client::ContentAddressableStorageClient::new(channel);
-    let reply = cas
-        .batch_update_blobs(re::BatchUpdateBlobsRequest {
-            instance_name: "main".into(),
-            requests: [root, command, action]
-                .into_iter()
-                .map(|data| re::batch_update_blobs_request::Request {
-                    digest: Some(SHA.compute(&data).to_proto()),
-                    data,
-                    compressor: 0,
-                })
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(reply
-        .responses
-        .iter()
-        .all(|r| r.status.as_ref().is_some_and(|s| s.code == 0)));
-    digest
 }
 
 #[tokio::test]
@@ -147,7 +94,13 @@ async fn a_sigkilled_worker_leaves_no_command_running() {
         pid_file.display()
     );
     let channel = server.channel().await;
-    let digest = upload_action(channel.clone(), &script).await;
+    let digest = ShellAction {
+        script: &script,
+        ..Default::default()
+    }
+    .upload(channel.clone(), "main")
+    .await
+    .to_proto();
     let mut exec = re::execution_client::ExecutionClient::new(channel);
     let execution = tokio::spawn(async move {
         let mut ops = exec

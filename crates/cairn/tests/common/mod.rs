@@ -3,6 +3,7 @@
 //! `tools`.
 #![allow(dead_code)]
 
+pub mod actions;
 pub mod bazel;
 pub mod tools;
 

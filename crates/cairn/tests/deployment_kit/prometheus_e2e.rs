@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
-use cairn_core::{Digest, DigestFunction};
+use cairn_core::Digest;
 use futures::StreamExt;
 use prost::Message;
 
+use crate::common::actions::ShellAction;
 use crate::common::bazel::{self, Bazel, COMMAND_DEADLINE};
 use crate::common::{free_addr, Cairn, CairnWorker};
 use crate::files::{kubernetes_dir, metrics_dir, ALERTS, RECORDING_RULES};
@@ -42,58 +43,6 @@ const GUIDE_QUERIES: [&str; 17] = [
     "sum(nativelink_scheduler_queue_length)",
     "nativelink_queue_length",
 ];
-
-const SHA: DigestFunction = DigestFunction::Sha256;
-
-/// Uploads a shell command as an Action, with its Command and input root, to the CAS.
-async fn upload_action(
-    cas: &mut re::content_addressable_storage_client::ContentAddressableStorageClient<
-        tonic::transport::Channel,
-    >,
-    script: &str,
-    outputs: &[&str],
-) -> Digest {
-    let root = re::Directory::default().encode_to_vec();
-    #[allow(deprecated)]
-    let command = re::Command {
-        arguments: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        environment_variables: vec![re::command::EnvironmentVariable {
-            name: "PATH".into(),
-            value: "/bin:/usr/bin".into(),
-        }],
-        output_files: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let action = re::Action {
-        command_digest: Some(SHA.compute(&command).to_proto()),
-        input_root_digest: Some(SHA.compute(&root).to_proto()),
-        platform: Some(re::Platform {
-            properties: vec![re::platform::Property {
-                name: "OSFamily".into(),
-                value: "linux".into(),
-            }],
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    let digest = SHA.compute(&action);
-    let requests = [root, command, action]
-        .into_iter()
-        .map(|data| re::batch_update_blobs_request::Request {
-            digest: Some(SHA.compute(&data).to_proto()),
-            data,
-            compressor: 0,
-        })
-        .collect();
-    cas.batch_update_blobs(re::BatchUpdateBlobsRequest {
-        requests,
-        ..Default::default()
-    })
-    .await
-    .expect("upload the action");
-    digest
-}
 
 /// Executes an action to the end; returns whether it came from the action cache and its exit
 /// code.
@@ -182,12 +131,14 @@ fn bazel_remote_build(bazel: &Bazel, cas: &Cairn, scheduler: &Cairn) {
 /// it, so its Executes never reach the scheduler's cache lookup. The same action is executed
 /// twice: it runs, then comes from the cache.
 async fn execute_an_action_already_in_the_cache(cas: &Cairn, scheduler: &Cairn) {
-    let mut cas_client =
-        re::content_addressable_storage_client::ContentAddressableStorageClient::new(
-            cas.channel().await,
-        );
     let mut exec = re::execution_client::ExecutionClient::new(scheduler.channel().await);
-    let action = upload_action(&mut cas_client, "echo cached > out.txt", &["out.txt"]).await;
+    let action = ShellAction {
+        script: "echo cached > out.txt",
+        outputs: &["out.txt"],
+        ..Default::default()
+    }
+    .upload(cas.channel().await, "")
+    .await;
     assert_eq!(execute(&mut exec, action).await, (false, 0));
     assert_eq!(execute(&mut exec, action).await, (true, 0));
 }
