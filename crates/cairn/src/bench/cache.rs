@@ -40,10 +40,7 @@ impl Bench {
         let per_batch = BLOBS_PER_BATCH
             .min(MAX_BATCH_BYTES / self.small_size)
             .max(1);
-        let mut channels = Vec::with_capacity(self.clients);
-        for _ in 0..self.clients {
-            channels.push(self.connect().await?);
-        }
+        let channels = self.connect_clients().await?;
         let next = Arc::new(AtomicUsize::new(0));
         let mut tasks = JoinSet::new();
         let start = Instant::now();
@@ -148,10 +145,7 @@ impl Bench {
         report("ac UpdateActionResult:", latency_summary(updates));
 
         let actions = Arc::new(actions);
-        let mut channels = Vec::with_capacity(self.clients);
-        for _ in 0..self.clients {
-            channels.push(self.connect().await?);
-        }
+        let channels = self.connect_clients().await?;
         let next = Arc::new(AtomicUsize::new(0));
         let mut tasks = JoinSet::new();
         let start = Instant::now();

@@ -243,6 +243,15 @@ impl Bench {
             .with_context(|| format!("connecting to {}", self.url))
     }
 
+    /// One connection per client, each its own HTTP/2 connection, made before the clock starts.
+    async fn connect_clients(&self) -> anyhow::Result<Vec<Channel>> {
+        let mut channels = Vec::with_capacity(self.clients);
+        for _ in 0..self.clients {
+            channels.push(self.connect().await?);
+        }
+        Ok(channels)
+    }
+
     /// `{instance}/` or nothing, the start of every resource name.
     fn resource_prefix(&self) -> String {
         if self.instance.is_empty() {
