@@ -167,4 +167,44 @@ mod tests {
         assert!(parse_size("10 parsecs").is_err());
         assert!(parse_size("99999999999pb").is_err());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const UNITS: [(&str, u64); 12] = [
+            ("", 1),
+            ("b", 1),
+            ("kb", 1_000),
+            ("KB", 1_000),
+            ("mb", 1_000_000),
+            ("gb", 1_000_000_000),
+            ("GB", 1_000_000_000),
+            ("tb", 1_000_000_000_000),
+            ("KiB", 1 << 10),
+            ("MiB", 1 << 20),
+            ("gib", 1 << 30),
+            ("TiB", 1 << 40),
+        ];
+
+        proptest! {
+            #[test]
+            fn a_number_with_a_unit_is_that_many_bytes(
+                n in 0u64..10_000_000,
+                (unit, mult) in prop::sample::select(UNITS.to_vec()),
+                space in any::<bool>(),
+            ) {
+                let text = format!("{n}{}{unit}", if space { " " } else { "" });
+                prop_assert_eq!(parse_size(&text), Ok(n * mult), "{}", text);
+            }
+
+            #[test]
+            fn any_text_is_a_size_or_an_error_without_panicking(s in "\\PC{0,40}|[0-9._ ]{0,30}[a-zA-Z]{0,4}") {
+                if let Ok(v) = parse_size(&s) {
+                    // Whatever parsed came from digits and a known unit.
+                    prop_assert!(s.trim().starts_with(|c: char| c.is_ascii_digit() || c == '.' || c == '_'), "{:?} -> {}", s, v);
+                }
+            }
+        }
+    }
 }

@@ -277,3 +277,60 @@ fn services_accept_map_and_list_instance_forms() {
         "CAS"
     );
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The guides' fragments, as text.
+    fn fixtures() -> Vec<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let mut texts: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+            .collect();
+        texts.sort();
+        texts
+    }
+
+    /// A config error says which file, and where in it.
+    fn check(result: Result<CairnConfig, ConfigError>) -> Result<(), TestCaseError> {
+        if let Err(e) = result {
+            prop_assert_eq!(&e.file, "fuzz.json5");
+            prop_assert!(!e.where_.is_empty() || !e.message.is_empty(), "{}", e);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_text_is_a_config_or_an_error_naming_the_file(
+            text in "\\PC{0,200}|[{}\\[\\]:,\" a-z_0-9]{0,120}",
+        ) {
+            check(parse_str("fuzz.json5", &text))?;
+        }
+
+        #[test]
+        fn a_guide_fragment_cut_short_or_with_a_character_changed_is_a_config_or_an_error(
+            which in any::<prop::sample::Index>(),
+            at in any::<prop::sample::Index>(),
+            cut in any::<bool>(),
+            with in prop::sample::select(vec!['{', '}', '[', ']', ':', ',', '"', '0', '-', 'x', ' ', '$']),
+        ) {
+            let texts = fixtures();
+            let text = which.get(&texts);
+            let chars: Vec<char> = text.chars().collect();
+            let i = at.index(chars.len());
+            let mutated: String = if cut {
+                chars[..i].iter().collect()
+            } else {
+                let mut c = chars.clone();
+                c[i] = with;
+                c.into_iter().collect()
+            };
+            check(parse_str("fuzz.json5", &mutated))?;
+        }
+    }
+}

@@ -273,13 +273,17 @@ impl Digest {
         format!("{}-{}-{}", self.function.name(), self.hash_hex(), self.size)
     }
 
-    /// Inverse of [`Digest::file_name`].
+    /// Inverse of [`Digest::file_name`]: `None` for any name that function would not write
+    /// (also `SHA256-...`, upper-case hex or a size with leading zeros, whose file would not be
+    /// found again under the digest's own name).
     pub fn from_file_name(name: &str) -> Option<Digest> {
         let mut parts = name.splitn(3, '-');
         let function = DigestFunction::from_name(parts.next()?)?;
         let hash = parts.next()?;
         let size: i64 = parts.next()?.parse().ok()?;
-        Digest::parse(function, hash, size).ok()
+        Digest::parse(function, hash, size)
+            .ok()
+            .filter(|d| d.file_name() == name)
     }
 }
 
@@ -351,6 +355,52 @@ mod tests {
         for f in DigestFunction::ALL {
             let d = f.compute(b"hello");
             assert_eq!(Digest::from_file_name(&d.file_name()), Some(d));
+        }
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn function() -> impl Strategy<Value = DigestFunction> {
+            prop::sample::select(DigestFunction::ALL.to_vec())
+        }
+
+        proptest! {
+            #[test]
+            fn any_hash_and_size_are_parsed_or_refused_without_panicking(
+                f in function(),
+                hash in "[0-9a-fA-F]{0,130}|\\PC{0,70}",
+                size in any::<i64>(),
+            ) {
+                if let Ok(d) = Digest::parse(f, &hash, size) {
+                    prop_assert_eq!(d.hash_hex(), hash.to_ascii_lowercase());
+                    prop_assert_eq!(d.size() as i64, size);
+                }
+            }
+
+            #[test]
+            fn any_file_name_is_a_digest_or_none_without_panicking(
+                name in "\\PC{0,140}|(sha256|blake3|sha1|-|[0-9a-f]{40}|[0-9a-f]{64}|[0-9]{1,20}){0,5}|(sha256|SHA256)-[0-9a-fA-F]{64}-[0-9]{1,4}",
+            ) {
+                if let Some(d) = Digest::from_file_name(&name) {
+                    prop_assert_eq!(d.file_name(), name);
+                }
+            }
+
+            #[test]
+            fn computed_digests_round_trip(f in function(), data in prop::collection::vec(any::<u8>(), 0..256)) {
+                let d = f.compute(&data);
+                prop_assert_eq!(d.size(), data.len() as u64);
+                prop_assert_eq!(Digest::parse(f, &d.hash_hex(), d.size() as i64).map_err(|e| e.message), Ok(d));
+                prop_assert_eq!(Digest::from_file_name(&d.file_name()), Some(d));
+                prop_assert_eq!(Digest::from_proto_with(f, &d.to_proto()).map_err(|e| e.message), Ok(d));
+                let mut hasher = f.hasher();
+                for chunk in data.chunks(7) {
+                    hasher.update(chunk);
+                }
+                prop_assert_eq!(hasher.finish_with_size(data.len() as u64), d);
+            }
         }
     }
 }

@@ -406,4 +406,54 @@ mod tests {
         assert_eq!(trailers["grpc-status"], "0");
         assert_eq!(collected.to_bytes(), framed(&m));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(f)
+        }
+
+        proptest! {
+            #[test]
+            fn any_bytes_end_in_messages_then_at_most_one_error(
+                chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..48), 0..8),
+                max in 0usize..64,
+            ) {
+                let got = run(decode(chunks.into_iter().map(Bytes::from).collect(), max));
+                let errors = got.iter().filter(|r| r.is_err()).count();
+                prop_assert!(errors <= 1);
+                if errors == 1 {
+                    prop_assert!(got.last().unwrap().is_err(), "an error ends the stream");
+                }
+            }
+
+            #[test]
+            fn messages_cut_anywhere_decode_the_same(
+                sizes in prop::collection::vec(0usize..600, 1..5),
+                cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+            ) {
+                let sent: Vec<WriteRequest> = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, len)| request(i as u8, *len))
+                    .collect();
+                let wire: Vec<u8> = sent.iter().flat_map(|m| framed(m).to_vec()).collect();
+                let mut at: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+                at.extend([0, wire.len()]);
+                at.sort_unstable();
+                let chunks = at
+                    .windows(2)
+                    .map(|w| Bytes::copy_from_slice(&wire[w[0]..w[1]]))
+                    .collect();
+                let got = run(decode(chunks, 1 << 20));
+                let got: Result<Vec<_>, _> = got.into_iter().collect();
+                prop_assert_eq!(got.map_err(|e| e.message().to_string()), Ok(sent));
+            }
+        }
+    }
 }

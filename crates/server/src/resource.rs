@@ -164,4 +164,71 @@ mod tests {
             assert!(e.message.contains(why), "{name}: {e}");
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A segment of an instance name: anything but the reserved words.
+        fn segment() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9_.-]{1,10}".prop_filter("not reserved", |s| {
+                !matches!(s.as_str(), "uploads" | "blobs" | "compressed-blobs")
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn any_name_is_parsed_or_refused_without_panicking(
+                name in "[a-z0-9/._-]{0,160}|(blobs|uploads|compressed-blobs|zstd|sha256|blake3|/|[0-9a-f]{64}|[0-9]{1,3}|-1){0,9}",
+                write in any::<bool>(),
+            ) {
+                let _ = parse(&name, write, DigestFunction::Sha256);
+            }
+
+            #[test]
+            fn any_unicode_name_is_parsed_or_refused_without_panicking(name in any::<String>(), write in any::<bool>()) {
+                let _ = parse(&name, write, DigestFunction::Blake3);
+            }
+
+            #[test]
+            fn well_formed_names_parse_to_their_parts(
+                instance in prop::collection::vec(segment(), 0..3),
+                upload in prop::option::of("[0-9a-f-]{1,36}"),
+                zstd in any::<bool>(),
+                named in any::<bool>(),
+                function in prop::sample::select(DigestFunction::ALL.to_vec()),
+                data in prop::collection::vec(any::<u8>(), 0..64),
+                trailing in prop::collection::vec(segment(), 0..2),
+            ) {
+                let digest = function.compute(&data);
+                let mut parts = instance.clone();
+                if let Some(id) = &upload {
+                    parts.extend(["uploads".to_string(), id.clone()]);
+                }
+                parts.extend(if zstd {
+                    vec!["compressed-blobs".to_string(), "zstd".to_string()]
+                } else {
+                    vec!["blobs".to_string()]
+                });
+                // BLAKE3 and SHA-256 hashes have the same length: the name must say BLAKE3.
+                if named || function == DigestFunction::Blake3 {
+                    parts.push(function.name().to_string());
+                }
+                parts.extend([digest.hash_hex(), digest.size().to_string()]);
+                parts.extend(trailing);
+                let name = parts.join("/");
+                let parsed = parse(&name, upload.is_some(), DigestFunction::Sha256);
+                prop_assert_eq!(
+                    parsed.map_err(|e| e.message),
+                    Ok(Resource {
+                        instance: instance.join("/"),
+                        upload_id: upload,
+                        compressor: if zstd { Compressor::Zstd } else { Compressor::Identity },
+                        digest,
+                    }),
+                    "{}", name
+                );
+            }
+        }
+    }
 }
