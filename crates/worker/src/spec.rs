@@ -360,4 +360,56 @@ mod tests {
         }
         assert!(check_entry_name(Path::new(""), "ok.txt").is_ok());
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+        use std::path::Component;
+
+        /// Paths made of the segments that matter: names, `.`, `..`, empty ones, a leading `/`.
+        fn path() -> impl Strategy<Value = String> {
+            prop::collection::vec(
+                prop_oneof![
+                    "[a-z]{1,3}",
+                    Just(".".to_string()),
+                    Just("..".to_string()),
+                    Just(String::new())
+                ],
+                0..6,
+            )
+            .prop_flat_map(|segments| (Just(segments.join("/")), any::<bool>()))
+            .prop_map(|(p, absolute)| if absolute { format!("/{p}") } else { p })
+        }
+
+        fn strs(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+
+        fn inside_the_root(p: &Path) -> bool {
+            p.components().all(|c| matches!(c, Component::Normal(_)))
+        }
+
+        proptest! {
+            #[test]
+            fn accepted_outputs_and_working_directories_stay_inside_the_input_root(
+                files in prop::collection::vec(path(), 0..3),
+                dirs in prop::collection::vec(path(), 0..3),
+                paths in prop::collection::vec(path(), 0..3),
+                wd in path(),
+            ) {
+                let c = command(&strs(&files), &strs(&dirs), &strs(&paths), &wd);
+                match check_command(&c) {
+                    Ok(spec) => {
+                        prop_assert!(inside_the_root(&spec.working_directory), "{:?}", spec.working_directory);
+                        for o in &spec.outputs {
+                            prop_assert!(inside_the_root(&o.path), "{:?} -> {:?}", o.name, o.path);
+                            prop_assert!(o.kind != OutputKind::File || o.path != spec.working_directory, "{:?}", o.name);
+                        }
+                    }
+                    Err(ActionError::InvalidAction(m)) => prop_assert!(m.contains("Command."), "{}", m),
+                    Err(other) => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+        }
+    }
 }
