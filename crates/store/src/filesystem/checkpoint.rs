@@ -89,16 +89,14 @@ impl Checkpoint {
     /// garbled one is treated as a checkpoint of another boot at the beginning of time, so
     /// that every file is checked.
     pub fn read(content: &Path) -> Option<Checkpoint> {
+        let unknown = || Checkpoint {
+            boot_id: String::new(),
+            time: UNIX_EPOCH,
+        };
         match std::fs::read_to_string(content.join(FILE_NAME)) {
-            Ok(text) => Some(Checkpoint::decode(&text).unwrap_or(Checkpoint {
-                boot_id: String::new(),
-                time: UNIX_EPOCH,
-            })),
+            Ok(text) => Some(Checkpoint::decode(&text).unwrap_or_else(unknown)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(_) => Some(Checkpoint {
-                boot_id: String::new(),
-                time: UNIX_EPOCH,
-            }),
+            Err(_) => Some(unknown()),
         }
     }
 
@@ -161,6 +159,7 @@ pub(super) fn holds(path: &Path, key: &Digest) -> bool {
 /// Flushes the content directory's file system after puts and records checkpoints.
 pub(super) struct Flusher {
     wrote: mpsc::Sender<()>,
+    #[cfg(test)]
     checkpoints: watch::Receiver<SystemTime>,
 }
 
@@ -177,7 +176,7 @@ impl Flusher {
         let boot_id: Arc<str> = boot_id().into();
         let first = flush(content.clone(), dir.clone(), boot_id.clone()).await?;
         let (wrote, mut pending) = mpsc::channel(1);
-        let (done, checkpoints) = watch::channel(first);
+        let (done, _checkpoints) = watch::channel(first);
         tokio::spawn(async move {
             while pending.recv().await.is_some() {
                 tokio::time::sleep(FLUSH_DELAY).await;
@@ -194,7 +193,11 @@ impl Flusher {
                 }
             }
         });
-        Ok(Flusher { wrote, checkpoints })
+        Ok(Flusher {
+            wrote,
+            #[cfg(test)]
+            checkpoints: _checkpoints,
+        })
     }
 
     /// Notes that a put renamed a blob into place.
@@ -207,14 +210,6 @@ impl Flusher {
     #[cfg(test)]
     pub fn checkpoints(&self) -> watch::Receiver<SystemTime> {
         self.checkpoints.clone()
-    }
-}
-
-impl std::fmt::Debug for Flusher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Flusher")
-            .field("checkpoint", &*self.checkpoints.borrow())
-            .finish()
     }
 }
 
