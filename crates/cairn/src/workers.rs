@@ -38,6 +38,13 @@ pub async fn start(
         .ok_or_else(|| {
             anyhow!("{at}: worker_api_endpoint.uri (or scheduler_endpoint) is required")
         })?;
+    let tls = cfg
+        .worker_api_endpoint
+        .as_ref()
+        .and_then(|e| e.tls_config.as_ref());
+    let grpc_endpoint =
+        cairn_store::channel::endpoint(&endpoint, tls, &format!("{at}.worker_api_endpoint"))
+            .map_err(|e| anyhow!("{e}"))?;
     let cas_name = cfg
         .cas_fast_slow_store
         .as_deref()
@@ -131,20 +138,27 @@ pub async fn start(
         properties,
         slots,
     };
-    let link = link(endpoint, worker_apis);
+    let link = link(endpoint, grpc_endpoint, worker_apis);
     tracing::info!(worker = %identity.name, scheduler = %link, slots, "starting local worker");
     Ok(tokio::spawn(run_worker(link, identity, runner, shutdown)))
 }
 
 /// In memory when `endpoint` (`grpc://host:port`) is one of `worker_apis`, else gRPC.
-fn link(endpoint: String, worker_apis: &[(SocketAddr, ExecutionPipeline)]) -> SchedulerLink {
+fn link(
+    endpoint: String,
+    grpc_endpoint: tonic::transport::Endpoint,
+    worker_apis: &[(SocketAddr, ExecutionPipeline)],
+) -> SchedulerLink {
     let addr = endpoint
         .split_once("://")
         .map_or(endpoint.as_str(), |(_, rest)| rest)
         .trim_end_matches('/')
         .parse::<SocketAddr>();
     let Some((_, pipeline)) = worker_apis.iter().find(|(a, _)| Ok(*a) == addr) else {
-        return SchedulerLink::Grpc(endpoint);
+        return SchedulerLink::Grpc {
+            address: endpoint,
+            endpoint: grpc_endpoint,
+        };
     };
     let pipeline = pipeline.clone();
     SchedulerLink::InProcess {

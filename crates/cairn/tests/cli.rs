@@ -85,15 +85,29 @@ fn config_errors_name_file_key_path_and_expectation() {
 }
 
 #[test]
+fn missing_tls_files_are_refused_at_start_with_the_key_path() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/fixtures");
+    let out = cairn()
+        .arg("run")
+        .arg(dir.join("guide-tls.json5"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started without its certificate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("servers[0].listener.http.tls.cert_file: reading /certs/server.crt"),
+        "{err}"
+    );
+}
+
+#[test]
 fn features_not_built_yet_are_refused_at_start_with_the_key_path() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/fixtures");
-    for (file, key) in [
-        ("guide-tls.json5", "servers[0].listener.http.tls"),
-        (
-            "guide-production-storage.json5",
-            "experimental_cloud_object_store",
-        ),
-    ] {
+    for (file, key) in [(
+        "guide-production-storage.json5",
+        "experimental_cloud_object_store",
+    )] {
         let out = cairn()
             .arg("run")
             .arg(dir.join(file))

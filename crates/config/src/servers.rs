@@ -43,9 +43,14 @@ pub struct HttpListener {
     pub compression: Option<HttpCompression>,
     #[serde(default)]
     pub advanced_http: Option<AdvancedHttp>,
-    /// TLS (built in a later issue; parses now, and starting with it is an error).
+    /// TLS for everything this listener serves (gRPC, `/status`, `/metrics`). Without it the
+    /// listener speaks plaintext HTTP/1.1 and h2c.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Largest gRPC message a client may send to this listener (default 8 MiB). Also the
+    /// largest message it sends.
+    #[serde(default)]
+    pub max_decoding_message_size: Option<ByteSize>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -58,47 +63,109 @@ pub struct HttpCompression {
     pub accepted_compression_algorithms: Vec<String>,
 }
 
-/// HTTP/2 tuning of a listener. Durations are seconds.
+/// HTTP/2 and connection tuning of a listener. Durations are seconds. NativeLink's
+/// `experimental_http2_*` spellings are accepted for the same keys.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdvancedHttp {
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    /// HTTP/2 ping interval (default 30 s): a peer that stops answering is dropped.
+    #[serde(
+        default,
+        alias = "http2_keep_alive_interval",
+        deserialize_with = "num::opt_u64"
+    )]
     pub http2_keepalive_interval: Option<u64>,
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    /// How long a ping may go unanswered (default 20 s).
+    #[serde(
+        default,
+        alias = "experimental_http2_keep_alive_timeout",
+        deserialize_with = "num::opt_u64"
+    )]
     pub http2_keepalive_timeout: Option<u64>,
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    /// Concurrent streams per HTTP/2 connection (default 1000).
+    #[serde(
+        default,
+        alias = "experimental_http2_max_concurrent_streams",
+        deserialize_with = "num::opt_u64"
+    )]
     pub max_concurrent_streams: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "experimental_http2_initial_stream_window_size")]
     pub http2_initial_stream_window_size: Option<ByteSize>,
-    #[serde(default)]
+    #[serde(default, alias = "experimental_http2_initial_connection_window_size")]
     pub http2_initial_connection_window_size: Option<ByteSize>,
-    #[serde(default)]
+    #[serde(default, alias = "experimental_http2_adaptive_window")]
     pub http2_adaptive_window: Option<bool>,
-    #[serde(default)]
+    #[serde(default, alias = "experimental_http2_max_frame_size")]
     pub http2_max_frame_size: Option<ByteSize>,
-    #[serde(default)]
+    /// Largest header block a client may send (default 64 KiB).
+    #[serde(default, alias = "experimental_http2_max_header_list_size")]
     pub http2_max_header_list_size: Option<ByteSize>,
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    /// Streams a client may open and reset before the server stops answering them (default
+    /// 20: the "rapid reset" guard).
+    #[serde(
+        default,
+        alias = "experimental_http2_max_pending_accept_reset_streams",
+        deserialize_with = "num::opt_u64"
+    )]
     pub http2_max_pending_accept_reset_streams: Option<u64>,
+    /// Bytes buffered per stream for sending (default 400 KiB).
+    #[serde(default, alias = "experimental_http2_max_send_buf_size")]
+    pub http2_max_send_buf_size: Option<ByteSize>,
+    /// Allow the extended CONNECT protocol (RFC 8441).
+    #[serde(default, alias = "experimental_http2_enable_connect_protocol")]
+    pub http2_enable_connect_protocol: Option<bool>,
     #[serde(default)]
     pub tcp_nodelay: Option<bool>,
+    /// Open connections this listener keeps at once (default 10,000); past it a new
+    /// connection is closed as soon as it is accepted. Cairn addition.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_connections: Option<u64>,
+    /// Seconds a new connection has to finish its TLS handshake, or to send its first byte on
+    /// a plaintext listener (default 10). Cairn addition.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub handshake_timeout: Option<u64>,
 }
 
+/// A listener's TLS. The files are PEM and are reloaded when they change.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// The server's certificate chain, leaf first.
     pub cert_file: String,
+    /// The server's private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: String,
-    /// CA used to verify client certificates (mTLS).
+    /// CAs that client certificates are verified against (the deployment guide's key). Without
+    /// `verify_client` a client may connect without a certificate, and one it presents must
+    /// verify.
     #[serde(default)]
     pub ca_file: Option<String>,
+    /// CAs of client certificates, which are then required (NativeLink's key).
     #[serde(default)]
     pub client_ca_file: Option<String>,
+    /// Revoked client certificates (PEM CRLs).
     #[serde(default)]
     pub client_crl_file: Option<String>,
-    /// Require a client certificate signed by `ca_file`.
+    /// Require a client certificate signed by `ca_file` (mTLS).
     #[serde(default)]
     pub verify_client: bool,
+}
+
+/// TLS of an outbound connection (`grpcs://` endpoints), NativeLink's `tls_config`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// CAs the server's certificate is verified against.
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// This client's certificate, for servers that require one (mTLS).
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// The key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// Also trust the operating system's CAs.
+    #[serde(default)]
+    pub use_native_roots: Option<bool>,
 }
 
 macro_rules! instance_entry {
@@ -249,6 +316,11 @@ impl ByteStreamService {
 #[serde(deny_unknown_fields)]
 pub struct WorkerApiService {
     pub scheduler: String,
+    /// Serve the worker API on a listener that also serves client services (CAS, AC,
+    /// execution...). Off by default: a worker API on a client listener lets any client that
+    /// reaches it register as a worker and write action results. Cairn addition.
+    #[serde(default)]
+    pub allow_client_services_on_same_listener: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

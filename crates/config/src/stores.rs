@@ -1,8 +1,6 @@
 //! Store specs: one variant per store kind, named as in the file. Wrapper kinds hold nested
 //! specs, so any tree can be written inline.
 
-use std::collections::BTreeMap;
-
 use serde::Deserialize;
 
 use crate::num::{self, ByteSize};
@@ -328,7 +326,7 @@ pub struct GrpcStore {
 pub struct GrpcEndpoint {
     pub address: String,
     #[serde(default)]
-    pub tls_config: Option<BTreeMap<String, String>>,
+    pub tls_config: Option<crate::servers::ClientTlsConfig>,
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub concurrency_limit: Option<u64>,
 }

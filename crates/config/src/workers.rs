@@ -49,9 +49,12 @@ pub struct LocalWorker {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
+    /// `grpc://host:port`, or `grpcs://host:port` for TLS with `tls_config`.
     pub uri: String,
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub timeout: Option<u64>,
+    #[serde(default)]
+    pub tls_config: Option<crate::servers::ClientTlsConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

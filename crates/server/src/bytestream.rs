@@ -31,8 +31,6 @@ use crate::Limits;
 
 /// Chunks buffered between a write stream and its store put.
 const WRITE_DEPTH: usize = 16;
-/// Largest data field of one ReadResponse.
-const READ_CHUNK: usize = 1 << 20;
 
 pub struct ByteStreamService {
     instances: Instances,
@@ -148,6 +146,12 @@ impl ByteStreamService {
         let upload = match existing {
             Some(u) => u,
             None => {
+                if self.uploads.lock().len() >= self.limits.max_uploads {
+                    return Err(Error::resource_exhausted(format!(
+                        "Write {}: this server already has {} uploads in progress (its limit); retry later",
+                        first.resource_name, self.limits.max_uploads
+                    )));
+                }
                 let u = Arc::new(self.start_upload(store, digest, res.compressor)?);
                 self.uploads.lock().entry(key.clone()).or_insert(u).clone()
             }
@@ -376,7 +380,7 @@ impl ByteStreamService {
             )));
         }
         let body = store.get(&d, offset, limit).await?;
-        let body = rechunk(body);
+        let body = rechunk(body, self.limits.read_chunk_bytes.max(1));
         Ok(match res.compressor {
             Compressor::Identity => body
                 .map(|r| r.map(|b| ReadResponse { data: b }).map_err(Status::from))
@@ -387,9 +391,9 @@ impl ByteStreamService {
 }
 
 /// Splits chunks larger than one ReadResponse should carry.
-fn rechunk(body: BlobStream) -> BlobStream {
-    body.flat_map(|r| match r {
-        Ok(b) if b.len() > READ_CHUNK => blob_stream::once_chunked(b, READ_CHUNK),
+fn rechunk(body: BlobStream, chunk: usize) -> BlobStream {
+    body.flat_map(move |r| match r {
+        Ok(b) if b.len() > chunk => blob_stream::once_chunked(b, chunk),
         other => futures::stream::iter(vec![other]).boxed(),
     })
     .boxed()

@@ -24,6 +24,14 @@ use crate::{zstd_codec, Limits};
 
 /// Directories per GetTree response when the client does not choose.
 const DEFAULT_TREE_PAGE: usize = 1000;
+/// Most directories in one GetTree response, whatever page size the client asks for.
+const MAX_TREE_PAGE: usize = 10_000;
+/// Largest Directory message GetTree reads (a Directory is a list of names and digests; real
+/// ones are kilobytes).
+const MAX_DIRECTORY_BYTES: usize = 4 << 20;
+/// Most directories one GetTree walks (across all of its pages): bounds the walk's memory
+/// (the set of directories seen) whatever tree a client uploads.
+const MAX_TREE_DIRECTORIES: usize = 1_000_000;
 /// Concurrent store calls within one batch.
 const BATCH_CONCURRENCY: usize = 16;
 
@@ -152,10 +160,19 @@ impl ContentAddressableStorage for CasService {
         let r = async {
             let req = request.into_inner();
             let store = self.store(&req.instance_name)?;
-            let total: u64 = req.requests.iter().map(|r| r.data.len() as u64).sum();
+            // What the batch will occupy once decoded: for each entry the larger of the bytes
+            // sent and the size its digest declares (a zstd entry inflates to the latter).
+            // Checked before anything is decoded or allocated.
+            let total = req.requests.iter().fold(0u64, |sum, r| {
+                let declared = r
+                    .digest
+                    .as_ref()
+                    .map_or(0, |d| u64::try_from(d.size_bytes).unwrap_or(0));
+                sum.saturating_add(declared.max(r.data.len() as u64))
+            });
             if total > self.limits.max_batch_total_size_bytes {
                 return Err(Error::resource_exhausted(format!(
-                    "BatchUpdateBlobs carries {total} bytes, more than max_batch_total_size_bytes ({}); upload large blobs with ByteStream.Write",
+                    "BatchUpdateBlobs declares {total} bytes of blobs, more than max_batch_total_size_bytes ({}); upload large blobs with ByteStream.Write",
                     self.limits.max_batch_total_size_bytes
                 )));
             }
@@ -198,7 +215,9 @@ impl ContentAddressableStorage for CasService {
             for d in &req.digests {
                 digests.push(Digest::from_proto(req.digest_function, d)?);
             }
-            let total: u64 = digests.iter().map(|d| d.size()).sum();
+            let total = digests
+                .iter()
+                .fold(0u64, |sum, d| sum.saturating_add(d.size()));
             if total > self.limits.max_batch_total_size_bytes {
                 return Err(Error::resource_exhausted(format!(
                     "BatchReadBlobs asks for {total} bytes, more than max_batch_total_size_bytes ({}); read large blobs with ByteStream.Read",
@@ -261,7 +280,7 @@ impl ContentAddressableStorage for CasService {
             let page = if req.page_size == 0 {
                 DEFAULT_TREE_PAGE
             } else {
-                req.page_size as usize
+                (req.page_size as usize).min(MAX_TREE_PAGE)
             };
             let skip: usize = if req.page_token.is_empty() {
                 0
@@ -279,7 +298,13 @@ impl ContentAddressableStorage for CasService {
                     "GetTree: root directory {root} is not in the CAS"
                 )));
             }
-            Ok(tree_pages(store, root, skip, page))
+            Ok(tree_pages(
+                store,
+                root,
+                skip,
+                page,
+                self.limits.max_message_bytes / 2,
+            ))
         }
         .await
         .map_err(|e: Error| Status::from(e));
@@ -330,11 +355,15 @@ impl ContentAddressableStorage for CasService {
 /// Walks the tree breadth-first from `root` (each directory once), skipping the first `skip`
 /// directories, and yields pages of `page` directories. The page token is the count of
 /// directories sent so far: the walk order is a function of the tree, so it resumes exactly.
+/// A page also ends before its encoded directories pass `page_bytes`, so that no response
+/// outgrows the message limit; a walk of more than [`MAX_TREE_DIRECTORIES`] fails with
+/// RESOURCE_EXHAUSTED.
 fn tree_pages(
     store: StoreRef,
     root: Digest,
     skip: usize,
     page: usize,
+    page_bytes: usize,
 ) -> futures::stream::BoxStream<'static, Result<re::GetTreeResponse, Status>> {
     struct Walk {
         store: StoreRef,
@@ -356,17 +385,18 @@ fn tree_pages(
         page,
         done: false,
     };
-    stream::unfold(walk, |mut w| async move {
+    stream::unfold(walk, move |mut w| async move {
         if w.done {
             return None;
         }
         let mut directories = Vec::new();
-        while directories.len() < w.page {
+        let mut bytes = 0usize;
+        while directories.len() < w.page && bytes < page_bytes {
             let Some(d) = w.queue.pop_front() else { break };
             let dir = if d.is_empty_blob() {
                 re::Directory::default()
             } else {
-                match w.store.get_all(&d, (16 << 20).max(d.size() as usize)).await {
+                match w.store.get_all(&d, MAX_DIRECTORY_BYTES).await {
                     Ok(bytes) => match re::Directory::decode(bytes.as_ref()) {
                         Ok(dir) => dir,
                         Err(e) => {
@@ -390,6 +420,13 @@ fn tree_pages(
                     .as_ref()
                     .and_then(|cd| Digest::from_proto_with(d.function(), cd).ok())
                 {
+                    if w.seen.len() >= MAX_TREE_DIRECTORIES {
+                        w.done = true;
+                        let e = Error::resource_exhausted(format!(
+                            "GetTree: the tree under {root} has more than {MAX_TREE_DIRECTORIES} directories; this server walks at most that many in one GetTree"
+                        ));
+                        return Some((Err(e.into()), w));
+                    }
                     if w.seen.insert(cd) {
                         w.queue.push_back(cd);
                     }
@@ -397,6 +434,7 @@ fn tree_pages(
             }
             w.index += 1;
             if w.index > w.skip {
+                bytes += dir.encoded_len();
                 directories.push(dir);
             }
         }

@@ -20,6 +20,7 @@ pub mod metered;
 pub mod metrics;
 pub mod otlp;
 pub mod resource;
+pub mod tls;
 pub mod zstd_codec;
 
 pub use listener::{serve, RunningServer};
@@ -35,6 +36,11 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// How long an interrupted ByteStream upload waits to be resumed.
     pub resume_timeout: std::time::Duration,
+    /// Largest data field of one ByteStream ReadResponse (`max_bytes_per_stream`).
+    pub read_chunk_bytes: usize,
+    /// Most ByteStream uploads in progress at once on one listener, including interrupted ones
+    /// that wait to be resumed; past it a new upload gets RESOURCE_EXHAUSTED.
+    pub max_uploads: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +49,8 @@ impl Default for Limits {
             max_batch_total_size_bytes: 4 << 20,
             max_message_bytes: 8 << 20,
             resume_timeout: std::time::Duration::from_secs(60),
+            read_chunk_bytes: 1 << 20,
+            max_uploads: 10_000,
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::http::{self, HttpState};
 use crate::instances::{store_named as lookup_store, Instances};
 use crate::metered::MeteredStore;
 use crate::metrics::Metrics;
+use crate::tls::{ReloadingTls, TlsFiles};
 use crate::Limits;
 
 /// A listener that is accepting connections.
@@ -52,10 +53,24 @@ pub async fn serve(
 ) -> Result<RunningServer, Error> {
     let path = format!("servers[{index}]");
     let http_cfg = cfg.listener.http();
-    if http_cfg.tls.is_some() {
-        return Err(unbuilt(&format!("{path}.listener.http.tls"), "TLS"));
+    let tls = match &http_cfg.tls {
+        Some(t) => {
+            let at = format!("{path}.listener.http.tls");
+            Some(Arc::new(ReloadingTls::load(TlsFiles::from_config(
+                t, &at,
+            )?)?))
+        }
+        None => None,
+    };
+    let mut limits = limits;
+    if let Some(m) = http_cfg.max_decoding_message_size {
+        limits.max_message_bytes = message_limit(
+            m.0,
+            &format!("{path}.listener.http.max_decoding_message_size"),
+        )?;
     }
     let services = cfg.services.clone().unwrap_or_default();
+    check_worker_api_alone(&path, &services)?;
     let sp = format!("{path}.services");
     for (key, v) in [
         ("admin", &services.admin),
@@ -167,6 +182,12 @@ pub async fn serve(
     if let Some(bs) = bytestream {
         let mut inst = Instances::new("ByteStream");
         let mut limits = limits;
+        if let cairn_config::servers::ByteStreamService::Map(m) = &bs {
+            if let Some(n) = m.max_decoding_message_size {
+                limits.max_message_bytes =
+                    message_limit(n.0, &format!("{sp}.bytestream.max_decoding_message_size"))?;
+            }
+        }
         for c in bs.instances() {
             let s = store_named(
                 &c.cas_store,
@@ -175,6 +196,17 @@ pub async fn serve(
             note_store(&c.cas_store, &s);
             if let Some(t) = c.persist_stream_on_disconnect_timeout {
                 limits.resume_timeout = Duration::from_secs(t);
+            }
+            if let Some(n) = c.max_bytes_per_stream {
+                if n.0 == 0 {
+                    return Err(Error::invalid_argument(format!(
+                        "{sp}.bytestream.{}.max_bytes_per_stream: expected a size above 0",
+                        c.instance_name
+                    )));
+                }
+                limits.read_chunk_bytes = limits
+                    .read_chunk_bytes
+                    .min(n.0.min(limits.max_message_bytes as u64 / 2) as usize);
             }
             inst.insert(c.instance_name.clone(), s);
         }
@@ -293,21 +325,40 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::io(format!("{path}: local address"), e))?;
 
+    let adv = http_cfg.advanced_http.clone().unwrap_or_default();
+    let handshake_timeout = Duration::from_secs(
+        adv.handshake_timeout
+            .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT_S)
+            .max(1),
+    );
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        adv.max_connections
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS)
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
+    ));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     {
         let adv = http_cfg.advanced_http.clone().unwrap_or_default();
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(handshake_timeout);
         let mut h2 = builder.http2();
         h2.timer(TokioTimer::new());
         h2.max_concurrent_streams(
             adv.max_concurrent_streams
-                .map(|v| v.min(u32::MAX as u64) as u32),
+                .map_or(DEFAULT_MAX_CONCURRENT_STREAMS, |v| {
+                    v.min(u32::MAX as u64) as u32
+                }),
         );
-        if let Some(i) = adv.http2_keepalive_interval {
-            h2.keep_alive_interval(Duration::from_secs(i));
-        }
-        if let Some(t) = adv.http2_keepalive_timeout {
-            h2.keep_alive_timeout(Duration::from_secs(t));
-        }
+        h2.keep_alive_interval(Duration::from_secs(
+            adv.http2_keepalive_interval
+                .unwrap_or(DEFAULT_KEEPALIVE_INTERVAL_S),
+        ));
+        h2.keep_alive_timeout(Duration::from_secs(
+            adv.http2_keepalive_timeout
+                .unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT_S),
+        ));
         let clamp = |v: u64| v.min(u32::MAX as u64) as u32;
         match (
             adv.http2_initial_stream_window_size,
@@ -331,11 +382,18 @@ pub async fn serve(
         } else {
             h2.max_frame_size(1 << 20);
         }
-        if let Some(h) = adv.http2_max_header_list_size {
-            h2.max_header_list_size(clamp(h.0));
-        }
+        h2.max_header_list_size(
+            adv.http2_max_header_list_size
+                .map_or(DEFAULT_MAX_HEADER_LIST_SIZE, |h| clamp(h.0)),
+        );
         if let Some(p) = adv.http2_max_pending_accept_reset_streams {
             h2.max_pending_accept_reset_streams(p as usize);
+        }
+        if let Some(b) = adv.http2_max_send_buf_size {
+            h2.max_send_buf_size(b.0.min(usize::MAX as u64) as usize);
+        }
+        if adv.http2_enable_connect_protocol == Some(true) {
+            h2.enable_connect_protocol();
         }
     }
     let nodelay = http_cfg
@@ -346,12 +404,15 @@ pub async fn serve(
     let name = cfg.name.clone().unwrap_or_else(|| local_addr.to_string());
     let svc = hyper_util::service::TowerToHyperService::new(app);
     let server_name = name.clone();
+    if let Some(t) = &tls {
+        t.clone().watch(name.clone(), shutdown.clone());
+    }
     let task = tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let (stream, _) = match accepted {
+                    let (stream, peer) = match accepted {
                         Ok(a) => a,
                         Err(e) => {
                             tracing::warn!(server = %server_name, error = %e, "accept failed");
@@ -359,11 +420,23 @@ pub async fn serve(
                             continue;
                         }
                     };
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        tracing::warn!(server = %server_name, %peer, "connection limit reached (advanced_http.max_connections); closing the new connection");
+                        drop(stream);
+                        continue;
+                    };
                     let _ = stream.set_nodelay(nodelay);
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc.clone());
-                    let conn = graceful.watch(conn.into_owned());
+                    let conn = Connection {
+                        builder: builder.clone(),
+                        svc: svc.clone(),
+                        watcher: graceful.watcher(),
+                        tls: tls.as_ref().map(|t| t.acceptor()),
+                        handshake_timeout,
+                        server: server_name.clone(),
+                    };
                     tokio::spawn(async move {
-                        let _ = conn.await;
+                        conn.serve(stream, peer).await;
+                        drop(permit);
                     });
                 }
                 _ = shutdown.cancelled() => break,
@@ -380,6 +453,124 @@ pub async fn serve(
         local_addr,
         task,
     })
+}
+
+/// Concurrent HTTP/2 streams per connection when `advanced_http` does not say.
+const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1000;
+/// Largest header block a client may send when `advanced_http` does not say.
+const DEFAULT_MAX_HEADER_LIST_SIZE: u32 = 64 << 10;
+const DEFAULT_KEEPALIVE_INTERVAL_S: u64 = 30;
+const DEFAULT_KEEPALIVE_TIMEOUT_S: u64 = 20;
+const DEFAULT_MAX_CONNECTIONS: u64 = 10_000;
+const DEFAULT_HANDSHAKE_TIMEOUT_S: u64 = 10;
+/// Most a `max_decoding_message_size` may be: the gRPC length prefix is 32 bits, and a
+/// message is buffered whole.
+const MAX_MESSAGE_LIMIT: u64 = 1 << 30;
+
+fn message_limit(n: u64, at: &str) -> Result<usize, Error> {
+    if n == 0 || n > MAX_MESSAGE_LIMIT {
+        return Err(Error::invalid_argument(format!(
+            "{at}: expected a size from 1 byte to 1GiB, found {n}"
+        )));
+    }
+    Ok(n as usize)
+}
+
+/// The worker API lets whoever reaches it register as a worker and write action results: it is
+/// refused on a listener with client services unless the config asks for it explicitly.
+fn check_worker_api_alone(path: &str, services: &Services) -> Result<(), Error> {
+    let Some(w) = &services.worker_api else {
+        return Ok(());
+    };
+    if w.allow_client_services_on_same_listener {
+        return Ok(());
+    }
+    let client: Vec<&str> = [
+        ("cas", services.cas.is_some()),
+        ("ac", services.ac.is_some()),
+        ("capabilities", services.capabilities.is_some()),
+        ("bytestream", services.bytestream.is_some()),
+        ("execution", services.execution.is_some()),
+        ("fetch", services.fetch.is_some()),
+        ("push", services.push.is_some()),
+        ("experimental_bep", services.experimental_bep.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, on)| on.then_some(k))
+    .collect();
+    if client.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid_argument(format!(
+        "{path}.services.worker_api: served on the same listener as client services ({}); anyone who can reach this port could register as a worker and write action results. Serve worker_api on its own listener (the guides use port 50061, reachable by workers only, with mTLS), or set {path}.services.worker_api.allow_client_services_on_same_listener: true",
+        client.join(", ")
+    )))
+}
+
+/// One accepted connection, before its TLS handshake (if any) and HTTP.
+struct Connection<S> {
+    builder: hyper_util::server::conn::auto::Builder<TokioExecutor>,
+    svc: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshake_timeout: Duration,
+    server: String,
+}
+
+impl<S> Connection<S>
+where
+    S: hyper::service::Service<
+            ::http::Request<hyper::body::Incoming>,
+            Response = ::http::Response<axum::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Serves the connection until it closes. A peer that does not finish its TLS handshake
+    /// (or, in plaintext, send its first byte) within the handshake timeout is dropped, so
+    /// idle connections cannot pile up.
+    async fn serve(self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let Connection {
+            builder,
+            svc,
+            watcher,
+            tls,
+            handshake_timeout,
+            server,
+        } = self;
+        match tls {
+            Some(acceptor) => {
+                let tls_stream =
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(server, %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(server, %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls_stream), svc);
+                let _ = watcher.watch(conn.into_owned()).await;
+            }
+            None => {
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(handshake_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => {
+                        tracing::debug!(server, %peer, "connection sent nothing in time; closed");
+                        return;
+                    }
+                }
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                let _ = watcher.watch(conn.into_owned()).await;
+            }
+        }
+    }
 }
 
 /// `listener.http.compression`: what this listener sends and accepts besides identity.

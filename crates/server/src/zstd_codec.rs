@@ -10,7 +10,9 @@ pub fn decompress_exact(
     expected: u64,
     what: &dyn std::fmt::Display,
 ) -> Result<Bytes, Error> {
-    let mut out = Vec::with_capacity(expected as usize);
+    // The declared size is the client's word: reserve at most 1 MiB up front and let the
+    // buffer grow with what the data really holds (the `take` below bounds it).
+    let mut out = Vec::with_capacity(expected.min(1 << 20) as usize);
     let mut decoder = zstd::stream::read::Decoder::new(data)
         .map_err(|e| Error::invalid_argument(format!("{what}: zstd: {e}")))?;
     // Read at most one byte more than expected, so that an oversize frame is caught without

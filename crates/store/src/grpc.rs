@@ -17,7 +17,7 @@ use cairn_core::proto::google::bytestream::{
 use cairn_core::{stream, BlobStream, Digest, DigestFunction, Error};
 use futures::StreamExt;
 use prost::Message;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{Health, Store, StoreInfo};
 
@@ -58,28 +58,19 @@ impl GrpcStore {
         }
         let mut channels = Vec::new();
         let mut addresses = Vec::new();
-        for e in &cfg.endpoints {
-            let uri = e
-                .address
-                .replacen("grpc://", "http://", 1)
-                .replacen("grpcs://", "https://", 1);
-            if uri.starts_with("https://") {
-                return Err(Error::unimplemented(format!(
-                    "grpc.endpoints: {}: TLS to upstream stores is not built yet",
-                    e.address
-                )));
-            }
-            let ep = Endpoint::from_shared(uri.clone())
-                .map_err(|err| {
-                    Error::invalid_argument(format!("grpc.endpoints: {:?}: {err}", e.address))
-                })?
-                .tcp_nodelay(true)
-                .initial_stream_window_size(Some(4 << 20))
-                .initial_connection_window_size(Some(16 << 20))
-                // Blobs arrive in 256 KiB frames rather than 16 KiB ones (BENCHMARKS.md).
-                .max_frame_size(Some(256 << 10))
-                .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-                .connect_timeout(std::time::Duration::from_secs(10));
+        for (i, e) in cfg.endpoints.iter().enumerate() {
+            let ep = crate::channel::endpoint(
+                &e.address,
+                e.tls_config.as_ref(),
+                &format!("grpc.endpoints[{i}]"),
+            )?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            // Blobs arrive in 256 KiB frames rather than 16 KiB ones (BENCHMARKS.md).
+            .max_frame_size(Some(256 << 10))
+            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+            .connect_timeout(std::time::Duration::from_secs(10));
             channels.push(ep.connect_lazy());
             addresses.push(e.address.clone());
         }

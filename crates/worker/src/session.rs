@@ -41,8 +41,12 @@ pub type OpenSession =
 /// How a worker reaches its scheduler.
 #[derive(Clone)]
 pub enum SchedulerLink {
-    /// The worker API at this endpoint (`grpc://host:port`).
-    Grpc(String),
+    /// The worker API at `address` (`grpc://host:port`, or `grpcs://` with its TLS settings
+    /// in `endpoint`).
+    Grpc {
+        address: String,
+        endpoint: tonic::transport::Endpoint,
+    },
     /// A scheduler in this process, `name`d in logs.
     InProcess { name: String, open: OpenSession },
 }
@@ -50,7 +54,7 @@ pub enum SchedulerLink {
 impl std::fmt::Display for SchedulerLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SchedulerLink::Grpc(endpoint) => f.write_str(endpoint),
+            SchedulerLink::Grpc { address, .. } => f.write_str(address),
             SchedulerLink::InProcess { name, .. } => write!(f, "in-process scheduler {name}"),
         }
     }
@@ -84,17 +88,17 @@ pub async fn run_worker(
 
 /// Connects to `endpoint` and opens a session there; `outbound` feeds what the worker sends.
 async fn open_grpc(
-    endpoint: &str,
+    address: &str,
+    endpoint: &tonic::transport::Endpoint,
     mut outbound: mpsc::Receiver<wapi::WorkerMessage>,
 ) -> Result<Inbound, Error> {
-    let uri = endpoint.replacen("grpc://", "http://", 1);
-    let channel = tonic::transport::Endpoint::from_shared(uri)
-        .map_err(|e| Error::invalid_argument(format!("worker_api_endpoint {endpoint:?}: {e}")))?
+    let channel = endpoint
+        .clone()
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| Error::unavailable(format!("connecting to {endpoint}: {e}")))?;
+        .map_err(|e| Error::unavailable(format!("connecting to {address}: {e:?}")))?;
     let mut client = wapi::worker_api_client::WorkerApiClient::new(channel);
     // A concrete stream type: tonic's client cannot be proven `Send` over a boxed one.
     let outbound = futures::stream::poll_fn(move |cx| outbound.poll_recv(cx));
@@ -131,7 +135,7 @@ async fn session(
     .await
     .map_err(|_| Error::internal("worker outbox closed"))?;
     let mut inbound = match link {
-        SchedulerLink::Grpc(endpoint) => open_grpc(endpoint, rx).await?,
+        SchedulerLink::Grpc { address, endpoint } => open_grpc(address, endpoint, rx).await?,
         SchedulerLink::InProcess { open, .. } => {
             let outbound = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed();
             open(outbound).await.map_err(Error::from)?

@@ -1,0 +1,147 @@
+//! Outbound gRPC endpoints: `grpc://` (plaintext h2c) and `grpcs://` (TLS) addresses with
+//! NativeLink's client `tls_config`, for the `grpc` store and workers' scheduler connections.
+//!
+//! The files are read once, when the endpoint is built; an unreadable or malformed file is an
+//! error naming its key path. A `grpcs://` address without `tls_config` trusts the operating
+//! system's CAs.
+
+use cairn_config::servers::ClientTlsConfig;
+use cairn_core::Error;
+use tonic::transport::{Certificate, Endpoint, Identity};
+
+/// The tonic endpoint for `address` at key path `at` (such as
+/// `stores.CAS.grpc.endpoints[0]`), with `tls` applied when the scheme is `grpcs://`.
+pub fn endpoint(address: &str, tls: Option<&ClientTlsConfig>, at: &str) -> Result<Endpoint, Error> {
+    let (secure, rest) = match address.split_once("://") {
+        Some(("grpc" | "http", rest)) => (false, rest),
+        Some(("grpcs" | "https", rest)) => (true, rest),
+        Some((scheme, _)) => {
+            return Err(Error::invalid_argument(format!(
+                "{at}: {address:?}: unknown scheme {scheme}://, expected grpc:// or grpcs://"
+            )))
+        }
+        None => (false, address),
+    };
+    let uri = format!("{}://{rest}", if secure { "https" } else { "http" });
+    let ep = Endpoint::from_shared(uri).map_err(|e| {
+        Error::invalid_argument(format!("{at}: {address:?} is not an address: {e}"))
+    })?;
+    if !secure {
+        if tls.is_some() {
+            return Err(Error::invalid_argument(format!(
+                "{at}.tls_config: set, but {address:?} is plaintext; write grpcs:// to use TLS"
+            )));
+        }
+        return Ok(ep);
+    }
+    let config = client_tls(tls, at)?;
+    ep.tls_config(config)
+        .map_err(|e| Error::invalid_argument(format!("{at}.tls_config: {e}")))
+}
+
+fn read(path: &str, key: &str) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::invalid_argument(format!("{key}: reading {path}: {e}")))
+}
+
+/// tonic's client TLS from the config: the CA file, the identity for mTLS, native roots.
+fn client_tls(
+    tls: Option<&ClientTlsConfig>,
+    at: &str,
+) -> Result<tonic::transport::ClientTlsConfig, Error> {
+    let mut out = tonic::transport::ClientTlsConfig::new();
+    let Some(tls) = tls else {
+        return Ok(out.with_native_roots());
+    };
+    let at = format!("{at}.tls_config");
+    if let Some(ca) = &tls.ca_file {
+        let pem = read(ca, &format!("{at}.ca_file"))?;
+        if !pem_has(&pem, "CERTIFICATE") {
+            return Err(Error::invalid_argument(format!(
+                "{at}.ca_file: {ca} holds no PEM certificate"
+            )));
+        }
+        out = out.ca_certificate(Certificate::from_pem(pem));
+    }
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let cert_pem = read(cert, &format!("{at}.cert_file"))?;
+            if !pem_has(&cert_pem, "CERTIFICATE") {
+                return Err(Error::invalid_argument(format!(
+                    "{at}.cert_file: {cert} holds no PEM certificate"
+                )));
+            }
+            let key_pem = read(key, &format!("{at}.key_file"))?;
+            if !pem_has(&key_pem, "PRIVATE KEY") {
+                return Err(Error::invalid_argument(format!(
+                    "{at}.key_file: {key} holds no PEM private key"
+                )));
+            }
+            out = out.identity(Identity::from_pem(cert_pem, key_pem));
+        }
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(Error::invalid_argument(format!(
+                "{at}.key_file: required with cert_file"
+            )))
+        }
+        (None, Some(_)) => {
+            return Err(Error::invalid_argument(format!(
+                "{at}.cert_file: required with key_file"
+            )))
+        }
+    }
+    if tls.use_native_roots == Some(true) || tls.ca_file.is_none() {
+        out = out.with_native_roots();
+    }
+    Ok(out)
+}
+
+/// Whether `pem` has a block whose label ends with `label` (`PRIVATE KEY` matches PKCS#8,
+/// `RSA PRIVATE KEY` and `EC PRIVATE KEY`).
+fn pem_has(pem: &[u8], label: &str) -> bool {
+    String::from_utf8_lossy(pem)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-----BEGIN "))
+        .any(|l| l.trim_end_matches('-').ends_with(label))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes_and_misplaced_tls_are_told_apart() {
+        assert!(endpoint("grpc://127.0.0.1:1", None, "x").is_ok());
+        assert!(endpoint("127.0.0.1:1", None, "x").is_ok());
+        let e = endpoint("ftp://h:1", None, "stores.A.grpc.endpoints[0]").unwrap_err();
+        assert!(e.message.contains("stores.A.grpc.endpoints[0]"), "{e}");
+        let tls = ClientTlsConfig::default();
+        let e = endpoint("grpc://h:1", Some(&tls), "w").unwrap_err();
+        assert!(e.message.contains("w.tls_config"), "{e}");
+    }
+
+    #[test]
+    fn unreadable_and_wrong_files_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not pem").unwrap();
+        let tls = ClientTlsConfig {
+            ca_file: Some(dir.path().join("missing.pem").display().to_string()),
+            ..Default::default()
+        };
+        let e = endpoint("grpcs://h:1", Some(&tls), "w").unwrap_err();
+        assert!(e.message.contains("w.tls_config.ca_file"), "{e}");
+        let tls = ClientTlsConfig {
+            ca_file: Some(junk.display().to_string()),
+            ..Default::default()
+        };
+        let e = endpoint("grpcs://h:1", Some(&tls), "w").unwrap_err();
+        assert!(e.message.contains("holds no PEM certificate"), "{e}");
+        let tls = ClientTlsConfig {
+            cert_file: Some(junk.display().to_string()),
+            ..Default::default()
+        };
+        let e = endpoint("grpcs://h:1", Some(&tls), "w").unwrap_err();
+        assert!(e.message.contains("w.tls_config.key_file"), "{e}");
+    }
+}
