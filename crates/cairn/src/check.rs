@@ -19,6 +19,10 @@ pub fn check_config(path: &Path) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    if let Err(e) = check_parts(&file, &cfg) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     print!("{}", describe(&cfg));
     println!("{file}: ok");
     ExitCode::SUCCESS
@@ -96,6 +100,30 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
         if let Some(w) = &sv.worker_api {
             scheduler(&w.scheduler, format!("{p}.worker_api.scheduler"))?;
         }
+    }
+    Ok(())
+}
+
+/// The checks `cairn run` makes before it builds anything (the same functions): store kinds
+/// and `grpc` endpoints, schedulers, listeners (TLS files load, the worker API stands alone,
+/// limits), local workers' scheduler endpoints.
+fn check_parts(file: &str, cfg: &CairnConfig) -> anyhow::Result<()> {
+    let err = |e: cairn_core::Error| anyhow::anyhow!("{file}: {e}");
+    for named in cfg.stores.iter() {
+        cairn_store::check_spec(&named.spec, &format!("stores.{}", named.name)).map_err(err)?;
+    }
+    for named in cfg.schedulers.iter() {
+        cairn_server::execution::pipeline::check(
+            &named.spec,
+            &format!("schedulers.{}", named.name),
+        )
+        .map_err(err)?;
+    }
+    for (i, s) in cfg.servers.iter().enumerate() {
+        cairn_server::check_listener(i, s, cairn_server::Limits::default()).map_err(err)?;
+    }
+    for (i, w) in cfg.local_workers().into_iter().enumerate() {
+        crate::workers::scheduler_endpoint(file, i, w)?;
     }
     Ok(())
 }

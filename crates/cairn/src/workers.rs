@@ -19,6 +19,31 @@ use cairn_worker::{ActionRunner, RunnerConfig};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+/// The worker API address of `workers[index]` and its endpoint (TLS files read and checked).
+pub fn scheduler_endpoint(
+    file: &str,
+    index: usize,
+    cfg: &LocalWorker,
+) -> anyhow::Result<(String, tonic::transport::Endpoint)> {
+    let at = format!("workers[{index}].local");
+    let address = cfg
+        .worker_api_endpoint
+        .as_ref()
+        .map(|e| e.uri.clone())
+        .or_else(|| cfg.scheduler_endpoint.clone())
+        .ok_or_else(|| {
+            anyhow!("{file}: {at}: worker_api_endpoint.uri (or scheduler_endpoint) is required")
+        })?;
+    let tls = cfg
+        .worker_api_endpoint
+        .as_ref()
+        .and_then(|e| e.tls_config.as_ref());
+    let endpoint =
+        cairn_store::channel::endpoint(&address, tls, &format!("{at}.worker_api_endpoint"))
+            .map_err(|e| anyhow!("{file}: {e}"))?;
+    Ok((address, endpoint))
+}
+
 /// Starts one local worker; returns its task. `worker_apis` are this process's worker API
 /// listeners and their schedulers.
 pub async fn start(
@@ -30,21 +55,7 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let at = format!("{file}: workers[{index}].local");
-    let endpoint = cfg
-        .worker_api_endpoint
-        .as_ref()
-        .map(|e| e.uri.clone())
-        .or_else(|| cfg.scheduler_endpoint.clone())
-        .ok_or_else(|| {
-            anyhow!("{at}: worker_api_endpoint.uri (or scheduler_endpoint) is required")
-        })?;
-    let tls = cfg
-        .worker_api_endpoint
-        .as_ref()
-        .and_then(|e| e.tls_config.as_ref());
-    let grpc_endpoint =
-        cairn_store::channel::endpoint(&endpoint, tls, &format!("{at}.worker_api_endpoint"))
-            .map_err(|e| anyhow!("{e}"))?;
+    let (endpoint, grpc_endpoint) = scheduler_endpoint(file, index, cfg)?;
     let cas_name = cfg
         .cas_fast_slow_store
         .as_deref()

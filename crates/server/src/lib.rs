@@ -23,7 +23,7 @@ pub mod resource;
 pub mod tls;
 pub mod zstd_codec;
 
-pub use listener::{serve, RunningServer};
+pub use listener::{check as check_listener, serve, RunningServer};
 pub use metrics::Metrics;
 
 /// Limits shared by the services.

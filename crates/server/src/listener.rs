@@ -39,18 +39,20 @@ fn unbuilt(path: &str, what: &str) -> Error {
     ))
 }
 
-/// Validates `servers[index]` and starts serving it.
-#[allow(clippy::too_many_arguments)]
-pub async fn serve(
-    index: usize,
-    cfg: &ServerConfig,
-    stores: &StoreMap,
-    schedulers: &std::collections::BTreeMap<String, crate::execution::ExecutionPipeline>,
-    metrics: Arc<Metrics>,
+/// What [`check`] finds in a listener's config: its TLS, loaded, and its limits.
+pub struct Checked {
+    tls: Option<Arc<ReloadingTls>>,
     limits: Limits,
-    shutdown: CancellationToken,
-    drain: Duration,
-) -> Result<RunningServer, Error> {
+    send_zstd: Option<CompressionEncoding>,
+    accept: Vec<CompressionEncoding>,
+    addr: SocketAddr,
+}
+
+/// Everything about `servers[index]` that can be checked without binding or serving: TLS
+/// files load, the worker API is not beside client services, limits, compression, the
+/// address, services not built yet. `cairn run` and `cairn check-config` both call it, so they
+/// give the same verdict.
+pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked, Error> {
     let path = format!("servers[{index}]");
     let http_cfg = cfg.listener.http();
     let tls = match &http_cfg.tls {
@@ -82,7 +84,60 @@ pub async fn serve(
             return Err(unbuilt(&format!("{sp}.{key}"), key));
         }
     }
+    if let Some(bs) = &services.bytestream {
+        if let cairn_config::servers::ByteStreamService::Map(m) = bs {
+            if let Some(n) = m.max_decoding_message_size {
+                message_limit(n.0, &format!("{sp}.bytestream.max_decoding_message_size"))?;
+            }
+        }
+        for c in bs.instances() {
+            if c.max_bytes_per_stream.is_some_and(|n| n.0 == 0) {
+                return Err(Error::invalid_argument(format!(
+                    "{sp}.bytestream.{}.max_bytes_per_stream: expected a size above 0",
+                    c.instance_name
+                )));
+            }
+        }
+    }
     let (send_zstd, accept) = compression(&path, http_cfg)?;
+    let addr: SocketAddr = http_cfg.socket_address.parse().map_err(|e| {
+        Error::invalid_argument(format!(
+            "{path}.listener.http.socket_address: {:?} is not IP:PORT ({e})",
+            http_cfg.socket_address
+        ))
+    })?;
+    Ok(Checked {
+        tls,
+        limits,
+        send_zstd,
+        accept,
+        addr,
+    })
+}
+
+/// Checks `servers[index]` (see [`check`]) and starts serving it.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    index: usize,
+    cfg: &ServerConfig,
+    stores: &StoreMap,
+    schedulers: &std::collections::BTreeMap<String, crate::execution::ExecutionPipeline>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    drain: Duration,
+) -> Result<RunningServer, Error> {
+    let Checked {
+        tls,
+        limits,
+        send_zstd,
+        accept,
+        addr,
+    } = check(index, cfg, limits)?;
+    let path = format!("servers[{index}]");
+    let http_cfg = cfg.listener.http();
+    let services = cfg.services.clone().unwrap_or_default();
+    let sp = format!("{path}.services");
     let store_named = |name: &str, at: &str| -> Result<cairn_store::StoreRef, Error> {
         // `name` is the configured store name: bounded label cardinality.
         Ok(MeteredStore::wrap(
@@ -184,8 +239,8 @@ pub async fn serve(
         let mut limits = limits;
         if let cairn_config::servers::ByteStreamService::Map(m) = &bs {
             if let Some(n) = m.max_decoding_message_size {
-                limits.max_message_bytes =
-                    message_limit(n.0, &format!("{sp}.bytestream.max_decoding_message_size"))?;
+                // Checked in `check`.
+                limits.max_message_bytes = n.0 as usize;
             }
         }
         for c in bs.instances() {
@@ -198,12 +253,6 @@ pub async fn serve(
                 limits.resume_timeout = Duration::from_secs(t);
             }
             if let Some(n) = c.max_bytes_per_stream {
-                if n.0 == 0 {
-                    return Err(Error::invalid_argument(format!(
-                        "{sp}.bytestream.{}.max_bytes_per_stream: expected a size above 0",
-                        c.instance_name
-                    )));
-                }
                 limits.read_chunk_bytes = limits
                     .read_chunk_bytes
                     .min(n.0.min(limits.max_message_bytes as u64 / 2) as usize);
@@ -312,12 +361,6 @@ pub async fn serve(
         metrics_path.as_deref(),
     ));
 
-    let addr: SocketAddr = http_cfg.socket_address.parse().map_err(|e| {
-        Error::invalid_argument(format!(
-            "{path}.listener.http.socket_address: {:?} is not IP:PORT ({e})",
-            http_cfg.socket_address
-        ))
-    })?;
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Error::io(format!("{path}: binding {addr}"), e))?;

@@ -28,6 +28,18 @@ use tokio_util::sync::CancellationToken;
 /// How often the files are checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 
+/// A PEM parse error in words (the library's Debug form lists the marker's bytes).
+fn pem_error(e: rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { .. } => "a PEM section has no END line".to_string(),
+        E::IllegalSectionStart { .. } => "a PEM BEGIN line is malformed".to_string(),
+        E::Base64Decode(why) => format!("a PEM section is not valid base64 ({why})"),
+        E::NoItemsFound => "no PEM section of the expected kind".to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// One file of the TLS settings: its key path (for messages) and where it is.
 #[derive(Debug, Clone)]
 struct File {
@@ -116,12 +128,21 @@ impl TlsFiles {
 
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(next())
             .collect::<Result<_, _>>()
-            .map_err(|e| bad(&self.cert, format!("not a PEM certificate chain ({e})")))?;
+            .map_err(|e| {
+                bad(
+                    &self.cert,
+                    format!("not a PEM certificate chain: {}", pem_error(e)),
+                )
+            })?;
         if certs.is_empty() {
             return Err(bad(&self.cert, "holds no PEM certificate".into()));
         }
-        let key = PrivateKeyDer::from_pem_slice(next())
-            .map_err(|e| bad(&self.key, format!("holds no PEM private key ({e})")))?;
+        let key = PrivateKeyDer::from_pem_slice(next()).map_err(|e| {
+            bad(
+                &self.key,
+                format!("holds no PEM private key: {}", pem_error(e)),
+            )
+        })?;
 
         // ring, as the issue and STYLE.md ask (aws-lc-rs would need cmake and a C build);
         // rustls deprecates ring's provider only because it lacks post-quantum key exchange.
@@ -137,7 +158,8 @@ impl TlsFiles {
             for ca in &self.client_cas {
                 let mut any = false;
                 for cert in CertificateDer::pem_slice_iter(next()) {
-                    let cert = cert.map_err(|e| bad(ca, format!("not a PEM certificate ({e})")))?;
+                    let cert = cert
+                        .map_err(|e| bad(ca, format!("not a PEM certificate: {}", pem_error(e))))?;
                     roots
                         .add(cert)
                         .map_err(|e| bad(ca, format!("not a usable CA certificate ({e})")))?;
@@ -153,7 +175,9 @@ impl TlsFiles {
                 let crls: Vec<CertificateRevocationListDer<'static>> =
                     CertificateRevocationListDer::pem_slice_iter(next())
                         .collect::<Result<_, _>>()
-                        .map_err(|e| bad(crl, format!("not a PEM revocation list ({e})")))?;
+                        .map_err(|e| {
+                            bad(crl, format!("not a PEM revocation list: {}", pem_error(e)))
+                        })?;
                 if crls.is_empty() {
                     return Err(bad(crl, "holds no PEM X509 CRL".into()));
                 }

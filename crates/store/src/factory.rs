@@ -36,8 +36,34 @@ pub struct StoreTree {
     pub filesystems: BTreeMap<String, Arc<filesystem::FilesystemStore>>,
 }
 
+/// What can be checked of a store spec without building it (no file or network I/O but
+/// reading TLS files): kinds not built yet, the `grpc` store's endpoints and TLS files.
+/// Building calls it first, and `cairn check-config` calls it, so both give the same verdict.
+pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
+    match spec {
+        StoreSpec::ExperimentalCloudObjectStore(_) | StoreSpec::RedisStore(_) => {
+            return Err(Error::unimplemented(format!(
+                "{path}: store kind `{}` parses but is not built yet in this version of Cairn; \
+                 use memory, filesystem or the wrapper stores for now",
+                spec.kind()
+            )))
+        }
+        StoreSpec::Grpc(c) => {
+            grpc::check(c).map_err(|e| e.context(path))?;
+        }
+        _ => {}
+    }
+    for (key, child) in spec.children() {
+        check_spec(child, &format!("{path}.{}.{key}", spec.kind()))?;
+    }
+    Ok(())
+}
+
 /// Builds every named store and records each node.
 pub async fn build_store_tree(specs: &NamedList<StoreSpec>) -> Result<StoreTree, Error> {
+    for named in specs.iter() {
+        check_spec(&named.spec, &format!("stores.{}", named.name))?;
+    }
     let mut b = Builder {
         specs,
         built: StoreMap::new(),
@@ -58,6 +84,7 @@ pub async fn build_store_tree(specs: &NamedList<StoreSpec>) -> Result<StoreTree,
 /// Builds one spec that may refer (`ref_store`) to already built named stores; `path` is its
 /// key path for error messages.
 pub async fn build_spec(spec: &StoreSpec, named: &StoreMap, path: &str) -> Result<StoreRef, Error> {
+    check_spec(spec, path)?;
     let empty = NamedList::default();
     let mut b = Builder {
         specs: &empty,
@@ -114,14 +141,22 @@ impl<'a> Builder<'a> {
             let store: StoreRef = match spec {
                 StoreSpec::Memory(c) => Arc::new(memory::MemoryStore::new(c)),
                 StoreSpec::Filesystem(c) => {
-                    let fs = Arc::new(filesystem::FilesystemStore::open(c).await.map_err(|e| e.context(&path))?);
-                    self.filesystems.insert(format!("{path}.filesystem"), fs.clone());
+                    let fs = Arc::new(
+                        filesystem::FilesystemStore::open(c)
+                            .await
+                            .map_err(|e| e.context(&path))?,
+                    );
+                    self.filesystems
+                        .insert(format!("{path}.filesystem"), fs.clone());
                     fs
                 }
                 StoreSpec::FastSlow(c) => {
                     let fast = self.build_spec(&c.fast, at("fast")).await?;
                     let slow = self.build_spec(&c.slow, at("slow")).await?;
-                    Arc::new(fast_slow::FastSlowStore::new(c, fast, slow).map_err(|e| e.context(&path))?)
+                    Arc::new(
+                        fast_slow::FastSlowStore::new(c, fast, slow)
+                            .map_err(|e| e.context(&path))?,
+                    )
                 }
                 StoreSpec::Verify(c) => {
                     let backend = self.build_spec(&c.backend, at("backend")).await?;
@@ -133,13 +168,17 @@ impl<'a> Builder<'a> {
                 }
                 StoreSpec::Dedup(c) => {
                     let index = self.build_spec(&c.index_store, at("index_store")).await?;
-                    let content = self.build_spec(&c.content_store, at("content_store")).await?;
+                    let content = self
+                        .build_spec(&c.content_store, at("content_store"))
+                        .await?;
                     dedup::build(c, index, content).map_err(|e| e.context(&path))?
                 }
                 StoreSpec::SizePartitioning(c) => {
                     let lower = self.build_spec(&c.lower_store, at("lower_store")).await?;
                     let upper = self.build_spec(&c.upper_store, at("upper_store")).await?;
-                    Arc::new(size_partitioning::SizePartitioningStore::new(c.size.0, lower, upper))
+                    Arc::new(size_partitioning::SizePartitioningStore::new(
+                        c.size.0, lower, upper,
+                    ))
                 }
                 StoreSpec::Shard(c) => {
                     let mut stores = Vec::new();
@@ -158,20 +197,25 @@ impl<'a> Builder<'a> {
                 StoreSpec::CompletenessChecking(c) => {
                     let backend = self.build_spec(&c.backend, at("backend")).await?;
                     let cas = self.build_spec(&c.cas_store, at("cas_store")).await?;
-                    Arc::new(completeness_checking::CompletenessCheckingStore::new(backend, cas))
+                    Arc::new(completeness_checking::CompletenessCheckingStore::new(
+                        backend, cas,
+                    ))
                 }
                 StoreSpec::Noop(_) => Arc::new(noop::NoopStore::new()),
                 StoreSpec::RefStore(c) => {
-                    let target = self.build_named(&c.name).await.map_err(|e| e.context(&path))?;
+                    let target = self
+                        .build_named(&c.name)
+                        .await
+                        .map_err(|e| e.context(&path))?;
                     Arc::new(ref_store::RefStore::new(c.name.clone(), target))
                 }
-                StoreSpec::Grpc(c) => Arc::new(grpc::GrpcStore::new(c).map_err(|e| e.context(&path))?),
+                StoreSpec::Grpc(c) => {
+                    Arc::new(grpc::GrpcStore::new(c).map_err(|e| e.context(&path))?)
+                }
                 StoreSpec::ExperimentalCloudObjectStore(_) | StoreSpec::RedisStore(_) => {
-                    return Err(Error::unimplemented(format!(
-                        "{path}: store kind `{}` parses but is not built yet in this version of Cairn; \
-                         use memory, filesystem or the wrapper stores for now",
-                        spec.kind()
-                    )))
+                    return Err(check_spec(spec, &path).err().unwrap_or_else(|| {
+                        Error::internal(format!("{path}: {} is not built", spec.kind()))
+                    }))
                 }
             };
             self.nodes.insert(path.clone(), store.clone());

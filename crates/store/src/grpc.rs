@@ -27,7 +27,7 @@ const MAX_MESSAGE: usize = 64 << 20;
 const WRITE_CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub enum Kind {
     Cas,
     Ac,
 }
@@ -40,37 +40,52 @@ pub struct GrpcStore {
     addresses: Vec<String>,
 }
 
-impl GrpcStore {
-    pub fn new(cfg: &GrpcConfig) -> Result<GrpcStore, Error> {
-        let kind = match cfg.store_type.as_deref().unwrap_or("cas") {
-            "cas" => Kind::Cas,
-            "ac" => Kind::Ac,
-            other => {
-                return Err(Error::invalid_argument(format!(
-                    "grpc.store_type: expected \"cas\" or \"ac\", found {other:?}"
-                )))
-            }
-        };
-        if cfg.endpoints.is_empty() {
-            return Err(Error::invalid_argument(
-                "grpc.endpoints: at least one endpoint is needed",
-            ));
+/// Checks the config without connecting: the store type, and that every endpoint is an
+/// address whose TLS files load. Returns the kind and the endpoints.
+pub fn check(cfg: &GrpcConfig) -> Result<(Kind, Vec<tonic::transport::Endpoint>), Error> {
+    let kind = match cfg.store_type.as_deref().unwrap_or("cas") {
+        "cas" => Kind::Cas,
+        "ac" => Kind::Ac,
+        other => {
+            return Err(Error::invalid_argument(format!(
+                "grpc.store_type: expected \"cas\" or \"ac\", found {other:?}"
+            )))
         }
-        let mut channels = Vec::new();
-        let mut addresses = Vec::new();
-        for (i, e) in cfg.endpoints.iter().enumerate() {
-            let ep = crate::channel::endpoint(
+    };
+    if cfg.endpoints.is_empty() {
+        return Err(Error::invalid_argument(
+            "grpc.endpoints: at least one endpoint is needed",
+        ));
+    }
+    let endpoints = cfg
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            crate::channel::endpoint(
                 &e.address,
                 e.tls_config.as_ref(),
                 &format!("grpc.endpoints[{i}]"),
-            )?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(16 << 20))
-            // Blobs arrive in 256 KiB frames rather than 16 KiB ones (BENCHMARKS.md).
-            .max_frame_size(Some(256 << 10))
-            .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-            .connect_timeout(std::time::Duration::from_secs(10));
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((kind, endpoints))
+}
+
+impl GrpcStore {
+    pub fn new(cfg: &GrpcConfig) -> Result<GrpcStore, Error> {
+        let (kind, endpoints) = check(cfg)?;
+        let mut channels = Vec::new();
+        let mut addresses = Vec::new();
+        for (ep, e) in endpoints.into_iter().zip(&cfg.endpoints) {
+            let ep = ep
+                .tcp_nodelay(true)
+                .initial_stream_window_size(Some(4 << 20))
+                .initial_connection_window_size(Some(16 << 20))
+                // Blobs arrive in 256 KiB frames rather than 16 KiB ones (BENCHMARKS.md).
+                .max_frame_size(Some(256 << 10))
+                .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+                .connect_timeout(std::time::Duration::from_secs(10));
             channels.push(ep.connect_lazy());
             addresses.push(e.address.clone());
         }

@@ -32,7 +32,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cairn_core::{BlobStream, Digest, Error};
 
-pub use factory::{build_spec, build_store_tree, build_stores, StoreMap, StoreTree};
+pub use factory::{build_spec, build_store_tree, build_stores, check_spec, StoreMap, StoreTree};
 
 /// A store's health as `/status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]

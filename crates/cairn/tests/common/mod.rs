@@ -5,6 +5,7 @@
 
 pub mod actions;
 pub mod bazel;
+pub mod certs;
 pub mod tools;
 
 use std::io::{BufRead, BufReader};

@@ -80,6 +80,31 @@ pub fn options(s: &SimpleScheduler) -> SchedulerOptions {
 
 type BuildFuture<'a> = Pin<Box<dyn Future<Output = Result<ExecutionPipeline, Error>> + Send + 'a>>;
 
+/// What can be checked of a scheduler spec without building it: parts not built yet and the
+/// stores it names inline. [`build`] calls it first, and so does `cairn check-config`.
+pub fn check(spec: &SchedulerSpec, path: &str) -> Result<(), Error> {
+    match spec {
+        SchedulerSpec::Simple(s) => {
+            if s.experimental_backend.is_some() {
+                return Err(Error::unimplemented(format!(
+                    "{path}.simple.experimental_backend: shared scheduler state parses but is not built yet"
+                )));
+            }
+            Ok(())
+        }
+        SchedulerSpec::CacheLookup(c) => {
+            cairn_store::check_spec(&c.ac_store, &format!("{path}.cache_lookup.ac_store"))?;
+            check(&c.scheduler, &format!("{path}.cache_lookup.scheduler"))
+        }
+        SchedulerSpec::PropertyModifier(p) => {
+            check(&p.scheduler, &format!("{path}.property_modifier.scheduler"))
+        }
+        SchedulerSpec::Grpc(_) => Err(Error::unimplemented(format!(
+            "{path}.grpc: forwarding to a remote scheduler parses but is not built yet; run the scheduler in this process or point clients at it"
+        ))),
+    }
+}
+
 /// Builds (and starts) one configured scheduler.
 pub fn build<'a>(
     name: &'a str,
@@ -89,36 +114,51 @@ pub fn build<'a>(
     metrics: Option<Arc<crate::metrics::Metrics>>,
 ) -> BuildFuture<'a> {
     Box::pin(async move {
+        check(spec, &path)?;
         match spec {
-            SchedulerSpec::Simple(s) => {
-                if s.experimental_backend.is_some() {
-                    return Err(Error::unimplemented(format!(
-                        "{path}.simple.experimental_backend: shared scheduler state parses but is not built yet"
-                    )));
-                }
-                Ok(ExecutionPipeline {
-                    name: name.to_string(),
-                    handle: SchedulerHandle::spawn(options(s), metrics),
-                    ac: None,
-                    modifications: Arc::new(vec![]),
-                })
-            }
+            SchedulerSpec::Simple(s) => Ok(ExecutionPipeline {
+                name: name.to_string(),
+                handle: SchedulerHandle::spawn(options(s), metrics),
+                ac: None,
+                modifications: Arc::new(vec![]),
+            }),
             SchedulerSpec::CacheLookup(c) => {
-                let ac = cairn_store::build_spec(&c.ac_store, stores, &format!("{path}.cache_lookup.ac_store")).await?;
-                let mut inner = build(name, &c.scheduler, stores, format!("{path}.cache_lookup.scheduler"), metrics).await?;
+                let ac = cairn_store::build_spec(
+                    &c.ac_store,
+                    stores,
+                    &format!("{path}.cache_lookup.ac_store"),
+                )
+                .await?;
+                let mut inner = build(
+                    name,
+                    &c.scheduler,
+                    stores,
+                    format!("{path}.cache_lookup.scheduler"),
+                    metrics,
+                )
+                .await?;
                 inner.ac = Some(ac);
                 Ok(inner)
             }
             SchedulerSpec::PropertyModifier(p) => {
-                let mut inner = build(name, &p.scheduler, stores, format!("{path}.property_modifier.scheduler"), metrics).await?;
+                let mut inner = build(
+                    name,
+                    &p.scheduler,
+                    stores,
+                    format!("{path}.property_modifier.scheduler"),
+                    metrics,
+                )
+                .await?;
                 let mut mods: Vec<cairn_scheduler::PropertyModification> = p
                     .modifications
                     .iter()
                     .map(|m| match m {
-                        PropertyModification::Add(kv) => cairn_scheduler::PropertyModification::Add {
-                            name: kv.name.clone(),
-                            value: kv.value.clone(),
-                        },
+                        PropertyModification::Add(kv) => {
+                            cairn_scheduler::PropertyModification::Add {
+                                name: kv.name.clone(),
+                                value: kv.value.clone(),
+                            }
+                        }
                         PropertyModification::Remove(name) => {
                             cairn_scheduler::PropertyModification::Remove(name.clone())
                         }
@@ -128,9 +168,9 @@ pub fn build<'a>(
                 inner.modifications = Arc::new(mods);
                 Ok(inner)
             }
-            SchedulerSpec::Grpc(_) => Err(Error::unimplemented(format!(
-                "{path}.grpc: forwarding to a remote scheduler parses but is not built yet; run the scheduler in this process or point clients at it"
-            ))),
+            SchedulerSpec::Grpc(_) => {
+                Err(Error::internal(format!("{path}.grpc: refused by check")))
+            }
         }
     })
 }

@@ -1,0 +1,116 @@
+//! A throwaway PKI for TLS tests: a CA, certificates it issues (server and client), and
+//! revocation lists, written as PEM files.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SerialNumber,
+};
+
+/// A certificate authority whose files live in `dir`.
+pub struct Pki {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+    /// `ca.crt` under `dir`.
+    pub ca: PathBuf,
+}
+
+/// A certificate and its key, as files.
+#[derive(Clone, Debug)]
+pub struct Pair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    /// A new CA named `name`; its certificate is written to `dir/NAME-ca.crt`.
+    pub fn new(dir: &Path, name: &str) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).unwrap();
+        let ca = dir.join(format!("{name}-ca.crt"));
+        std::fs::write(&ca, cert.pem()).unwrap();
+        Pki {
+            dir: dir.to_path_buf(),
+            issuer: Issuer::new(params, key),
+            ca,
+        }
+    }
+
+    /// Issues a certificate for `name` with serial `serial`: a server certificate for
+    /// `localhost` and 127.0.0.1 when `server`, else a client certificate. Written to
+    /// `dir/NAME.crt` and `dir/NAME.key` (PKCS#8, which Bazel's Netty also reads).
+    pub fn issue(&self, name: &str, serial: u64, server: bool) -> Pair {
+        let sans = if server {
+            vec!["localhost".to_string(), "127.0.0.1".to_string()]
+        } else {
+            vec![format!("{name}.clients.test")]
+        };
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.serial_number = Some(SerialNumber::from(serial));
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let pair = Pair {
+            cert: self.dir.join(format!("{name}.crt")),
+            key: self.dir.join(format!("{name}.key")),
+        };
+        // Key first: a reader that sees the new certificate also finds its key.
+        write_atomically(&pair.key, key.serialize_pem().as_bytes());
+        write_atomically(&pair.cert, cert.pem().as_bytes());
+        pair
+    }
+
+    /// A CRL of this CA revoking `serials`, written to `dir/NAME.crl`.
+    pub fn crl(&self, name: &str, serials: &[u64]) -> PathBuf {
+        let now = time::OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| RevokedCertParams {
+                    serial_number: SerialNumber::from(*s),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).unwrap();
+        let path = self.dir.join(format!("{name}.crl"));
+        write_atomically(&path, crl.pem().unwrap().as_bytes());
+        path
+    }
+}
+
+/// Writes through a temporary file and a rename, as cert-manager's atomic writer does.
+pub fn write_atomically(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
