@@ -23,6 +23,7 @@
 //! networking: a worker-API client drives it.
 
 mod collect;
+mod contain;
 mod error;
 mod execute;
 mod input_tree;

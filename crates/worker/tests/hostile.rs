@@ -1,0 +1,159 @@
+//! Actions that try to harm the worker or what it stores: processes that escape the action,
+//! floods of output, outputs and symlinks that leave the input root, writes to input files.
+//! Each gets a clear status, the worker stays up, and nothing is stored that should not be.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use common::*;
+
+#[tokio::test]
+async fn processes_that_double_fork_or_setsid_die_with_the_action() {
+    let kit = Kit::new();
+    let action = kit
+        .action(
+            &sh(&escaping_script(kit.tmp.path())),
+            kit.empty_root().await,
+        )
+        .await;
+    let response = kit.run(action).await;
+    let result = ok(&response);
+    assert_eq!(
+        kit.read(result.stdout_digest.as_ref().unwrap()).await,
+        "done\n"
+    );
+    for file in ["forked.pid", "setsid.pid"] {
+        let pid = pid_in(&kit.tmp.path().join(file));
+        assert!(dead(&pid), "{file}: process {pid} outlived its action");
+    }
+    kit.assert_work_root_empty();
+}
+
+#[tokio::test]
+async fn an_escaped_process_holding_stdout_does_not_hold_up_the_result() {
+    let kit = Kit::new();
+    let pid_file = kit.tmp.path().join("holder.pid");
+    // The escaped sleep keeps the stdout pipe open: the capture ends only when it dies.
+    let script = format!(
+        "setsid sh -c 'echo $$ > {p}; exec sleep 1000' & \
+         while [ ! -s {p} ]; do sleep 0.01; done; echo out",
+        p = pid_file.display()
+    );
+    let action = kit.action(&sh(&script), kit.empty_root().await).await;
+    let start = Instant::now();
+    let response = kit.run(action).await;
+    assert_eq!(
+        kit.read(ok(&response).stdout_digest.as_ref().unwrap())
+            .await,
+        "out\n"
+    );
+    assert!(dead(&pid_in(&pid_file)));
+    // Without the kill, the capture would wait its full 2 s drain deadline.
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_stdout_and_stderr_flood_is_cut_and_the_worker_stays_up() {
+    let kit = Kit::with(|c| c.max_output_bytes_stdio = 1 << 20);
+    let action = kit
+        .action(
+            &sh("head -c 300000000 /dev/zero; head -c 300000000 /dev/zero >&2; echo end"),
+            kit.empty_root().await,
+        )
+        .await;
+    let response = kit.run(action).await;
+    let result = ok(&response);
+    assert_eq!(result.exit_code, 0);
+    for (name, d) in [
+        ("stdout", &result.stdout_digest),
+        ("stderr", &result.stderr_digest),
+    ] {
+        let kept = kit.read(d.as_ref().unwrap()).await;
+        assert_eq!(kept.len(), 1 << 20, "{name}");
+        assert!(
+            response
+                .message
+                .contains(&format!("{name} was cut to its first 1048576 bytes")),
+            "{}",
+            response.message
+        );
+    }
+    // The worker runs the next action as usual.
+    let action = kit
+        .action(&command(&["/bin/echo", "next"]), kit.empty_root().await)
+        .await;
+    let response = kit.run(action).await;
+    assert_eq!(
+        kit.read(ok(&response).stdout_digest.as_ref().unwrap())
+            .await,
+        "next\n"
+    );
+    kit.assert_work_root_empty();
+}
+
+#[tokio::test]
+async fn an_output_directory_with_symlinks_out_of_the_root_and_loops_stores_only_symlinks() {
+    let kit = Kit::new();
+    let cmd = re::Command {
+        output_paths: strings(&["d"]),
+        ..sh(
+            "mkdir -p d/sub && ln -s / d/root && ln -s /etc/passwd d/passwd \
+              && ln -s loop d/loop && ln -s ../.. d/sub/up && echo x > d/x",
+        )
+    };
+    let action = kit.action(&cmd, kit.empty_root().await).await;
+    let response = kit.run(action).await;
+    let result = ok(&response);
+    let tree: re::Tree = kit
+        .read_proto(result.output_directories[0].tree_digest.as_ref().unwrap())
+        .await;
+    let root = tree.root.unwrap();
+    let links: Vec<_> = root
+        .symlinks
+        .iter()
+        .map(|l| (l.name.as_str(), l.target.as_str()))
+        .collect();
+    assert_eq!(
+        links,
+        [("loop", "loop"), ("passwd", "/etc/passwd"), ("root", "/")]
+    );
+    let files: Vec<_> = root.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(files, ["x"], "nothing behind a symlink was read");
+    assert_eq!(tree.children.len(), 1);
+    assert_eq!(tree.children[0].symlinks[0].target, "../..");
+    kit.assert_work_root_empty();
+}
+
+#[tokio::test]
+async fn an_output_whose_parent_the_command_turned_into_a_symlink_out_is_absent() {
+    let kit = Kit::new();
+    let outside = kit.tmp.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "not for the CAS").unwrap();
+    let cmd = re::Command {
+        output_paths: strings(&["o/secret", "o"]),
+        ..sh(&format!("rmdir o; ln -s {} o", outside.display()))
+    };
+    let action = kit.action(&cmd, kit.empty_root().await).await;
+    let response = kit.run(action).await;
+    let result = ok(&response);
+    assert!(result.output_files.is_empty(), "{:?}", result.output_files);
+    assert_eq!(
+        result.output_symlinks.len(),
+        1,
+        "o itself is reported as the symlink"
+    );
+    let secret = F.compute(b"not for the CAS");
+    assert_eq!(
+        cairn_store::StoreExt::has(&*kit.cas, &secret)
+            .await
+            .unwrap(),
+        None
+    );
+}
