@@ -7,7 +7,8 @@
 //!    CAS and check them. Every missing blob is listed in one FAILED_PRECONDITION with a
 //!    `google.rpc.PreconditionFailure`; a malformed action is INVALID_ARGUMENT.
 //! 2. `prepare`: a fresh directory under the work root, the input root materialised in it
-//!    (hardlinked from a local filesystem CAS when there is one), output parents created.
+//!    (copied or reflinked from a local filesystem CAS when there is one, never hardlinked, so
+//!    that no action can change a blob), output parents created.
 //! 3. `execute`: the command in its own process group, only the Command's environment,
 //!    stdout and stderr to capped files, killed at its timeout or on cancellation.
 //! 4. `collect`: outputs hashed and uploaded (files, directories as `Tree`s, symlinks),
@@ -116,7 +117,7 @@ pub struct ActionRunner {
     cas: StoreRef,
     /// Where results are written; `None` never writes one.
     ac: Option<StoreRef>,
-    /// Local filesystem CAS that inputs are hardlinked from (filled from `cas` as needed).
+    /// Local filesystem CAS that inputs are copied from (filled from `cas` as needed).
     local_files: Option<Arc<FilesystemStore>>,
     dirs: Arc<WorkDirs>,
     cfg: RunnerConfig,

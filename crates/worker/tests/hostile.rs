@@ -157,3 +157,38 @@ async fn an_output_whose_parent_the_command_turned_into_a_symlink_out_is_absent(
         None
     );
 }
+
+#[tokio::test]
+async fn an_action_that_rewrites_or_chmods_its_inputs_cannot_change_the_local_cas() {
+    let kit = Kit::with_local_cas().await;
+    let local = kit.local.clone().unwrap();
+    let data = kit.blob("original\n").await;
+    let tool = kit.blob("#!/bin/sh\necho tool\n").await;
+    let root = kit
+        .proto(&re::Directory {
+            files: vec![file("data.txt", data, false), file("tool.sh", tool, true)],
+            ..Default::default()
+        })
+        .await;
+    // Written as is (root ignores the read-only mode), then made writable and written, then
+    // truncated in place; the executable too.
+    let evil = sh(
+        "echo evil >> data.txt; chmod 666 data.txt; echo evil > data.txt; \
+                   chmod 777 tool.sh; echo 'echo evil' > tool.sh; : > data.txt; exit 0",
+    );
+    let response = kit.run(kit.action(&evil, root).await).await;
+    assert_eq!(ok(&response).exit_code, 0);
+
+    let check = sh("cat data.txt; ./tool.sh; stat -c %a data.txt tool.sh");
+    let response = kit.run(kit.action(&check, root).await).await;
+    assert_eq!(
+        kit.read(ok(&response).stdout_digest.as_ref().unwrap())
+            .await,
+        "original\ntool\n444\n555\n"
+    );
+    for (d, content) in [(data, "original\n"), (tool, "#!/bin/sh\necho tool\n")] {
+        let path = local.path_of_blob(&d).unwrap();
+        assert_eq!(std::fs::read_to_string(path).unwrap(), content);
+    }
+    kit.assert_work_root_empty();
+}
