@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::Code;
 use common::*;
 
 #[tokio::test]
@@ -190,5 +191,86 @@ async fn an_action_that_rewrites_or_chmods_its_inputs_cannot_change_the_local_ca
         let path = local.path_of_blob(&d).unwrap();
         assert_eq!(std::fs::read_to_string(path).unwrap(), content);
     }
+    kit.assert_work_root_empty();
+}
+#[tokio::test]
+async fn a_deeply_nested_output_directory_is_a_clear_status_not_a_crash() {
+    let kit = Kit::new();
+    // As deep as a path can be made from the action's directory.
+    let cmd = re::Command {
+        output_paths: strings(&["d"]),
+        ..sh("mkdir d && cd d && i=0; while [ $i -lt 1500 ]; do mkdir a && cd a || break; i=$((i+1)); done; echo deep > f")
+    };
+    let action = kit.action(&cmd, kit.empty_root().await).await;
+    let response = kit.run(action).await;
+    assert_eq!(code(&response), Code::ResourceExhausted.rpc_code());
+    let message = &response.status.as_ref().unwrap().message;
+    assert!(message.contains("deeper than 128 levels"), "{message}");
+    // The worker is up.
+    let action = kit
+        .action(&command(&["/bin/true"]), kit.empty_root().await)
+        .await;
+    assert_eq!(ok(&kit.run(action).await).exit_code, 0);
+    kit.assert_work_root_empty();
+}
+
+#[tokio::test]
+async fn outputs_past_the_caps_are_resource_exhausted_and_nothing_is_stored() {
+    let kit = Kit::with(|c| {
+        c.max_output_files = 10;
+        c.max_output_bytes = 1000;
+    });
+    let status = |response: &re::ExecuteResponse| {
+        assert_eq!(
+            code(response),
+            Code::ResourceExhausted.rpc_code(),
+            "{response:?}"
+        );
+        assert!(response.result.is_none());
+        response.status.as_ref().unwrap().message.clone()
+    };
+    // Too many entries: 20 files in an output directory.
+    let cmd = re::Command {
+        output_paths: strings(&["d"]),
+        ..sh("mkdir d; for i in $(seq 20); do echo $i > d/$i; done; echo printed")
+    };
+    let action = kit.action(&cmd, kit.empty_root().await).await;
+    let message = status(&kit.run(action).await);
+    assert!(
+        message.contains("max_output_files") && message.contains("10"),
+        "{message}"
+    );
+    assert_eq!(kit.cached(action).await, None);
+    for i in 1..=20 {
+        let blob = F.compute(format!("{i}\n").as_bytes());
+        assert_eq!(
+            cairn_store::StoreExt::has(&*kit.cas, &blob).await.unwrap(),
+            None
+        );
+    }
+    // Too many bytes: two files of 600.
+    let cmd = re::Command {
+        output_paths: strings(&["a", "b"]),
+        ..sh("head -c 600 /dev/zero > a; head -c 600 /dev/zero | tr '\\0' x > b")
+    };
+    let action = kit.action(&cmd, kit.empty_root().await).await;
+    let message = status(&kit.run(action).await);
+    assert!(
+        message.contains("max_output_bytes") && message.contains("1000"),
+        "{message}"
+    );
+    assert_eq!(
+        cairn_store::StoreExt::has(&*kit.cas, &F.compute(&[0u8; 600]))
+            .await
+            .unwrap(),
+        None
+    );
+    // Within the caps, as usual.
+    let cmd = re::Command {
+        output_paths: strings(&["a"]),
+        ..sh("head -c 1000 /dev/zero > a")
+    };
+    let action = kit.action(&cmd, kit.empty_root().await).await;
+    assert_eq!(ok(&kit.run(action).await).output_files.len(), 1);
     kit.assert_work_root_empty();
 }
