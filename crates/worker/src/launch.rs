@@ -26,6 +26,11 @@
 //! (`execute` by the action's timeout). A caller that stops waiting (its future dropped) leaves
 //! the command to the launcher, which kills and reaps it as soon as it has started.
 //!
+//! When the worker has transparent huge pages off (cairn's `main` turns them off), the child
+//! does not touch that flag of the memory map it shares with the worker: it executes the THP
+//! trampoline (`trampoline`), which turns THP back on in its own map and executes the
+//! command; the command's `execve` errno comes back through a pipe.
+//!
 //! The child has stdin on `/dev/null`, stdout and stderr on pipes, no other descriptor (ours
 //! are close-on-exec; any inherited ones are closed with `close_range`, or one by one from
 //! `/proc/self/fd` where that fails, and the launch fails if neither works), every signal at
@@ -54,6 +59,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::contain::{self, ActionCgroup};
+use crate::trampoline;
 
 /// Launcher threads at most: launches beyond these many hung ones wait for a thread.
 pub(crate) const MAX_LAUNCHERS: usize = 64;
@@ -240,7 +246,7 @@ fn image_of(spec: &Spec<'_>) -> io::Result<(Image, [OwnedFd; 2])> {
             .collect::<io::Result<_>>()?,
         envp: environ(spec.env)?,
         cwd: cstring(spec.cwd.as_os_str())?,
-        stdio: [above_stdio(open_dev_null()?)?, stdout_w, stderr_w],
+        stdio: [above_child_fds(open_dev_null()?)?, stdout_w, stderr_w],
         #[cfg(test)]
         stop_before_exec: false,
     };
@@ -339,26 +345,32 @@ fn cstring(s: &OsStr) -> io::Result<CString> {
     })
 }
 
-/// A pipe (read end, write end), both close-on-exec and numbered above 2, so that the child's
-/// `dup2` onto 0, 1 and 2 never overwrites one it still needs.
+/// A pipe (read end, write end), both close-on-exec and numbered above the descriptors the
+/// child sets up, so that its `dup2`s never overwrite one it still needs.
 fn pipe_above_stdio() -> io::Result<(OwnedFd, OwnedFd)> {
     let (r, w) = std::io::pipe()?;
-    Ok((above_stdio(r.into())?, above_stdio(w.into())?))
+    Ok((above_child_fds(r.into())?, above_child_fds(w.into())?))
 }
 
 fn open_dev_null() -> io::Result<OwnedFd> {
     Ok(std::fs::File::open("/dev/null")?.into())
 }
 
-/// `fd`, or a close-on-exec duplicate numbered 3 or more when it is 0, 1 or 2 (a worker
-/// started with closed standard descriptors).
-fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
-    if fd.as_raw_fd() > 2 {
+/// Descriptors the child sets up: 0, 1 and 2, and with the THP trampoline its errno pipe (3)
+/// and the trampoline itself (4).
+const CHILD_FDS: RawFd = 5;
+/// Where the child puts the THP trampoline to execute it.
+const TRAMPOLINE_FD: RawFd = 4;
+
+/// `fd`, or a close-on-exec duplicate numbered [`CHILD_FDS`] or more when it is below (a
+/// worker started with closed standard descriptors, or a low one free).
+pub(crate) fn above_child_fds(fd: OwnedFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() >= CHILD_FDS {
         return Ok(fd);
     }
     // SAFETY: fcntl(2) F_DUPFD_CLOEXEC on a descriptor we own returns a new descriptor that
     // nothing else owns.
-    let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, CHILD_FDS) };
     if dup < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -369,6 +381,7 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
 /// Everything the child needs, prepared (allocated) before the clone.
 struct Image {
     program: CString,
+    /// `argv[0]` is the program as the command gave it.
     argv: Vec<CString>,
     envp: Vec<CString>,
     cwd: CString,
@@ -451,7 +464,7 @@ fn new_launcher() -> io::Result<std::sync::mpsc::SyncSender<Launch>> {
 }
 
 /// The steps of the child, named in the error of a launch that fails before `execve`.
-const STEPS: [&str; 8] = [
+const STEPS: [&str; 9] = [
     "execve",
     "joining the action's cgroup",
     "creating a process group",
@@ -460,6 +473,7 @@ const STEPS: [&str; 8] = [
     "redirecting stdin, stdout and stderr",
     "closing inherited descriptors",
     "changing to the working directory",
+    "passing descriptors to the THP trampoline",
 ];
 
 /// What the child reads (through raw pointers into the launcher's memory, which it shares)
@@ -475,8 +489,12 @@ struct ChildArgs {
     cgroup_procs: RawFd,
     worker: libc::pid_t,
     /// Transparent huge pages are off for the worker (cairn's `main` turns them off): the
-    /// child turns them back on for the command, see `start`.
-    thp_off: bool,
+    /// child executes the THP trampoline (this descriptor, or -1 to run the command as is),
+    /// with `trampoline_argv` (the program's path, then `argv`) and the write end of
+    /// `errno_pipe` for the command's `execve` failure. See `trampoline`.
+    trampoline: RawFd,
+    trampoline_argv: *const *const libc::c_char,
+    errno_pipe: RawFd,
     #[cfg(test)]
     stop_before_exec: bool,
     /// Index in [`STEPS`] of the step that failed.
@@ -494,6 +512,21 @@ fn start(image: &Image, stack: &mut [u8]) -> io::Result<Started> {
     };
     let argv = null_terminated(&image.argv);
     let envp = null_terminated(&image.envp);
+    // SAFETY: PR_GET_THP_DISABLE takes no pointers; it returns 1 when THP is off.
+    let thp_off = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) } == 1;
+    let trampoline = if thp_off { trampoline::program() } else { None };
+    let trampoline_argv: Vec<*const libc::c_char> = match trampoline {
+        Some(_) => std::iter::once(image.program.as_ptr())
+            .chain(argv.iter().copied())
+            .collect(),
+        None => Vec::new(),
+    };
+    // The command's execve happens in the trampoline, after this thread is resumed: its
+    // errno comes back through a pipe that the successful execve closes.
+    let errno_pipe = match trampoline {
+        Some(_) => Some(pipe_above_stdio()?),
+        None => None,
+    };
     let worker = libc::pid_t::try_from(std::process::id())
         .map_err(|_| io::Error::other("process id out of range"))?;
     let cgroup = match contain::mode() {
@@ -512,8 +545,9 @@ fn start(image: &Image, stack: &mut [u8]) -> io::Result<Started> {
         ],
         cgroup_procs: cgroup.as_ref().map_or(-1, |c| c.procs_fd()),
         worker,
-        // SAFETY: PR_GET_THP_DISABLE takes no pointers; it returns 1 when THP is off.
-        thp_off: unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) } == 1,
+        trampoline: trampoline.unwrap_or(-1),
+        trampoline_argv: trampoline_argv.as_ptr(),
+        errno_pipe: errno_pipe.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
         #[cfg(test)]
         stop_before_exec: image.stop_before_exec,
         step: 0,
@@ -552,13 +586,6 @@ fn start(image: &Image, stack: &mut [u8]) -> io::Result<Started> {
         )
     };
     let clone_error = io::Error::last_os_error();
-    // The child shares our memory map until execve, and THP's off switch is a flag of that map
-    // (kept across execve): the child cleared it so that the command runs with the system's
-    // THP setting, and it is set again here for the worker.
-    if args.thp_off {
-        // SAFETY: PR_SET_THP_DISABLE takes only integers.
-        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    }
     // SAFETY: restores the mask saved above.
     unsafe {
         libc::syscall(
@@ -574,12 +601,16 @@ fn start(image: &Image, stack: &mut [u8]) -> io::Result<Started> {
     }
     // SAFETY: the child wrote `errno` and `step` (if at all) before exec or exit, and has done
     // neither since; volatile reads because the compiler cannot see those writes.
-    let (errno, step) = unsafe {
+    let (mut errno, step) = unsafe {
         (
             std::ptr::read_volatile(&args.errno),
             std::ptr::read_volatile(&args.step),
         )
     };
+    if let Some((r, w)) = errno_pipe.filter(|_| errno == 0) {
+        drop(w);
+        errno = read_errno(r);
+    }
     if errno != 0 {
         let mut status = 0;
         // SAFETY: the child has exited (_exit after the failure); this reaps it.
@@ -666,9 +697,21 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                     break 'setup 5;
                 }
             }
+            // The trampoline's errno pipe (without close-on-exec: it closes it when the
+            // command's execve succeeds) and the trampoline itself (closed by its execve).
+            let lowest = if args.trampoline >= 0 {
+                if libc::dup2(args.errno_pipe, trampoline::ERRNO_FD) < 0
+                    || libc::dup3(args.trampoline, TRAMPOLINE_FD, libc::O_CLOEXEC) < 0
+                {
+                    break 'setup 8;
+                }
+                CHILD_FDS
+            } else {
+                3
+            };
             // Descriptors the worker inherited without close-on-exec (a jobserver's pipes, a
             // lock) are none of the command's business.
-            if let Err(errno) = close_from(3) {
+            if let Err(errno) = close_from(lowest) {
                 *libc::__errno_location() = errno;
                 break 'setup 6;
             }
@@ -683,9 +726,6 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                     libc::SIGSTOP,
                 );
             }
-            if args.thp_off {
-                libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
-            }
             let none: u64 = 0;
             libc::syscall(
                 libc::SYS_rt_sigprocmask,
@@ -694,13 +734,36 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 std::ptr::null_mut::<u64>(),
                 8usize,
             );
-            libc::execve(args.program, args.argv, args.envp);
+            if args.trampoline >= 0 {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    TRAMPOLINE_FD,
+                    c"".as_ptr(),
+                    args.trampoline_argv,
+                    args.envp,
+                    libc::AT_EMPTY_PATH,
+                );
+            } else {
+                libc::execve(args.program, args.argv, args.envp);
+            }
             0
         };
         let errno = *libc::__errno_location();
         std::ptr::write_volatile(&mut args.step, step);
         std::ptr::write_volatile(&mut args.errno, if errno == 0 { libc::EIO } else { errno });
         libc::_exit(127)
+    }
+}
+
+/// The errno the trampoline wrote when the command's `execve` failed, or 0 at end of file
+/// (the `execve` succeeded and closed the pipe).
+fn read_errno(pipe: OwnedFd) -> libc::c_int {
+    let mut file = std::fs::File::from(pipe);
+    let mut buf = [0u8; 4];
+    match std::io::Read::read_exact(&mut file, &mut buf) {
+        Ok(()) => libc::c_int::from_ne_bytes(buf),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => 0,
+        Err(e) => e.raw_os_error().unwrap_or(libc::EIO),
     }
 }
 

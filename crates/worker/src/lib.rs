@@ -33,6 +33,7 @@ mod prepare;
 mod report;
 pub mod session;
 mod spec;
+mod trampoline;
 mod workdir;
 
 use std::future::Future;
