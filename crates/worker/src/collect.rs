@@ -7,6 +7,11 @@
 //! An output whose parent directory resolves outside the input root is treated as absent, and
 //! so is a missing one. Files are hashed in a blocking task, reading in chunks; only blobs the
 //! CAS does not already have are uploaded, files streamed from disk.
+//!
+//! Outputs are capped ([`OutputCaps`]): entries (files, directories and symlinks, those inside
+//! output directories included), bytes of files, and how deep an output directory nests. The
+//! scan stops at the first cap passed, before anything is hashed further or uploaded, with a
+//! RESOURCE_EXHAUSTED naming the cap.
 
 use std::collections::HashSet;
 use std::io::Read;
@@ -25,6 +30,58 @@ use crate::spec::{DeclaredOutput, OutputKind};
 
 /// How many blobs are uploaded at once.
 const UPLOAD_CONCURRENCY: usize = 16;
+/// Deepest output directory (levels below the output itself): past it, an action's tree
+/// would only cost the worker its stack.
+pub(crate) const MAX_OUTPUT_DEPTH: usize = 128;
+
+/// What an action's outputs may add up to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutputCaps {
+    /// Files, directories and symlinks.
+    pub entries: u64,
+    /// Bytes of all output files.
+    pub bytes: u64,
+}
+
+/// What is left of the caps while scanning.
+struct Budget {
+    caps: OutputCaps,
+    entries: u64,
+    bytes: u64,
+}
+
+impl Budget {
+    fn new(caps: OutputCaps) -> Budget {
+        Budget {
+            caps,
+            entries: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Counts one entry of `size` bytes (0 but for a file).
+    fn take(&mut self, size: u64) -> Result<(), ActionError> {
+        self.entries += 1;
+        self.bytes = self.bytes.saturating_add(size);
+        if self.entries > self.caps.entries {
+            return Err(Error::resource_exhausted(format!(
+                "the outputs hold more than {} files, directories and symlinks, this worker's \
+                 cap (max_output_files); nothing was uploaded",
+                self.caps.entries
+            ))
+            .into());
+        }
+        if self.bytes > self.caps.bytes {
+            return Err(Error::resource_exhausted(format!(
+                "the output files add up to more than {} bytes, this worker's cap \
+                 (max_output_bytes); nothing was uploaded",
+                self.caps.bytes
+            ))
+            .into());
+        }
+        Ok(())
+    }
+}
 
 /// Where the bytes of a blob to upload are.
 #[derive(Debug, Clone)]
@@ -53,7 +110,9 @@ pub(crate) fn scan_outputs(
     outputs: &[DeclaredOutput],
     function: DigestFunction,
     directory_blobs: bool,
+    caps: OutputCaps,
 ) -> Result<Outputs, ActionError> {
+    let mut budget = Budget::new(caps);
     let root = std::fs::canonicalize(exec_root)
         .map_err(|e| Error::io(format!("resolving {}", exec_root.display()), e))?;
     let mut out = Outputs::default();
@@ -68,6 +127,7 @@ pub(crate) fn scan_outputs(
             Err(e) => return Err(io_error("reading output", &path, e)),
         };
         let kind = meta.file_type();
+        budget.take(if kind.is_file() { meta.len() } else { 0 })?;
         if kind.is_symlink() {
             let target =
                 std::fs::read_link(&path).map_err(|e| io_error("reading symlink", &path, e))?;
@@ -105,8 +165,10 @@ pub(crate) fn scan_outputs(
                 children: Vec::new(),
                 seen: HashSet::new(),
                 uploads: &mut out.uploads,
+                budget: &mut budget,
+                output: &o.name,
             };
-            let (root_dir, root_digest) = tree.directory(&path)?;
+            let (root_dir, root_digest) = tree.directory(&path, 0)?;
             let children: Vec<re::Directory> = tree.children.into_iter().map(|(_, d)| d).collect();
             if directory_blobs {
                 let bytes = Bytes::from(root_dir.encode_to_vec());
@@ -161,12 +223,27 @@ struct TreeBuilder<'a> {
     children: Vec<(Digest, re::Directory)>,
     seen: HashSet<Digest>,
     uploads: &'a mut Vec<(Digest, Source)>,
+    budget: &'a mut Budget,
+    /// The output's name, for errors.
+    output: &'a str,
 }
 
 impl TreeBuilder<'_> {
     /// The `Directory` of `path` and its digest; files (and child `Directory` blobs when
     /// wanted) are queued for upload as they are met.
-    fn directory(&mut self, path: &Path) -> Result<(re::Directory, Digest), ActionError> {
+    fn directory(
+        &mut self,
+        path: &Path,
+        depth: usize,
+    ) -> Result<(re::Directory, Digest), ActionError> {
+        if depth > MAX_OUTPUT_DEPTH {
+            return Err(Error::resource_exhausted(format!(
+                "output directory {:?} nests deeper than {MAX_OUTPUT_DEPTH} levels, this \
+                 worker's cap; nothing was uploaded",
+                self.output
+            ))
+            .into());
+        }
         let mut entries = Vec::new();
         for entry in
             std::fs::read_dir(path).map_err(|e| io_error("reading output directory", path, e))?
@@ -181,6 +258,8 @@ impl TreeBuilder<'_> {
             let p = entry.path();
             let meta = std::fs::symlink_metadata(&p).map_err(|e| io_error("reading", &p, e))?;
             let kind = meta.file_type();
+            self.budget
+                .take(if kind.is_file() { meta.len() } else { 0 })?;
             if kind.is_symlink() {
                 let target =
                     std::fs::read_link(&p).map_err(|e| io_error("reading symlink", &p, e))?;
@@ -199,7 +278,7 @@ impl TreeBuilder<'_> {
                 });
                 self.uploads.push((digest, Source::File(p)));
             } else if kind.is_dir() {
-                let (child, digest) = self.directory(&p)?;
+                let (child, digest) = self.directory(&p, depth + 1)?;
                 dir.directories.push(re::DirectoryNode {
                     name,
                     digest: Some(digest.to_proto()),

@@ -4,10 +4,11 @@
 //! closed, as the leader of its own process group, started by `launch` so that it dies with
 //! the worker process. Its stdout and stderr are streamed into files beside the action
 //! directory, created on the first byte (a silent command costs no file), and cut at a cap
-//! (the rest is read and dropped, so the command never blocks on a full pipe). When the command exits, runs past its timeout or is
-//! cancelled, the whole process group is killed, so no background process outlives the action;
-//! the group is also killed if this future is dropped. The capture of stdout and stderr is
-//! bounded in time after that, in case a process escaped the group and still holds a pipe.
+//! (the rest is read and dropped, so the command never blocks on a full pipe). When the
+//! command exits, runs past its timeout or is cancelled, its process group and everything else
+//! it started are killed (`contain`), so no background process outlives the action; the same
+//! happens if this future is dropped. The capture of stdout and stderr is bounded in time
+//! after that, in case a process that could not be killed still holds a pipe.
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -26,8 +27,6 @@ use crate::launch;
 
 /// How long stdout and stderr may still be read once the process group is dead.
 const STDIO_DRAIN: Duration = Duration::from_secs(2);
-/// How long to wait for a killed process to be reaped.
-const REAP_WAIT: Duration = Duration::from_secs(10);
 /// Spawn attempts when the program is still open for writing in another process (ETXTBSY,
 /// from a fork of a concurrent action that raced with the write of this input).
 const SPAWN_ATTEMPTS: u32 = 10;
@@ -85,8 +84,14 @@ pub(crate) async fn execute(
 ) -> Result<Execution, ActionError> {
     let program = program_path(&req.arguments[0], &req.cwd);
     let started = SystemTime::now();
-    let mut child = spawn(&program, &req).await?;
-    let mut group = ProcessGroup::of(&child);
+    let deadline = tokio::time::Instant::now() + req.timeout;
+    // A launch is bounded too: an execve that hangs (a hung mount) is given up at the
+    // timeout, and the launcher kills the command if it ever starts.
+    let mut child = tokio::select! {
+        child = spawn(&program, &req) => child?,
+        _ = tokio::time::sleep_until(deadline) => return Err(ActionError::TimedOut(req.timeout)),
+        _ = cancel.cancelled() => return Err(ActionError::Cancelled),
+    };
 
     let (out_counters, err_counters) =
         (Arc::new(Counters::default()), Arc::new(Counters::default()));
@@ -105,25 +110,18 @@ pub(crate) async fn execute(
         TimedOut,
         Cancelled,
     }
-    let (why, status) = tokio::select! {
-        status = child.wait() => (Why::Exited, Some(status)),
-        _ = tokio::time::sleep(req.timeout) => (Why::TimedOut, None),
-        _ = cancel.cancelled() => (Why::Cancelled, None),
+    let why = tokio::select! {
+        exited = child.exited() => {
+            exited.map_err(|e| Error::io(format!("waiting for {program:?}"), e))?;
+            Why::Exited
+        }
+        _ = tokio::time::sleep_until(deadline) => Why::TimedOut,
+        _ = cancel.cancelled() => Why::Cancelled,
     };
-    // Whatever happened, nothing of the action's process group may live on. (When the leader
-    // has exited it is already reaped; its id cannot name another group unless the kernel
-    // recycled it within these microseconds, which sequential pid allocation rules out.)
-    group.kill();
-    let status = match status {
-        Some(status) => status,
-        None => match tokio::time::timeout(REAP_WAIT, child.wait()).await {
-            Ok(status) => status,
-            Err(_) => Err(std::io::Error::other(
-                "the killed process was not reaped in time",
-            )),
-        },
-    };
-    group.reaped();
+    // Whatever happened, nothing the command started may live on: its process group (whose
+    // id is still the unreaped leader's), its cgroup or escaped orphans are killed, then the
+    // leader is reaped. Dropped before this, `child` does the same in the background.
+    let status = child.terminate().await;
     let finished = SystemTime::now();
 
     let drained = drain(&mut captures).await;
@@ -282,41 +280,4 @@ async fn drain(captures: &mut JoinSet<Result<(), Error>>) -> Result<(), Error> {
         }
     }
     result
-}
-
-/// The process group of a spawned child, killed on [`ProcessGroup::kill`] and on drop until
-/// the leader has been reaped and the group killed once after that.
-struct ProcessGroup {
-    pgid: Option<libc::pid_t>,
-}
-
-impl ProcessGroup {
-    fn of(child: &launch::Child) -> ProcessGroup {
-        ProcessGroup {
-            pgid: Some(child.id()),
-        }
-    }
-
-    /// Sends SIGKILL to every process of the group.
-    fn kill(&self) {
-        if let Some(pgid) = self.pgid {
-            // SAFETY: kill(2) takes plain integers and has no memory effects; a negative pid
-            // addresses the process group `pgid`, which the child leads (`launch` makes it).
-            unsafe {
-                libc::kill(-pgid, libc::SIGKILL);
-            }
-        }
-    }
-
-    /// The leader was reaped after the group was killed: its id may now be reused, so the
-    /// group must not be signalled again.
-    fn reaped(&mut self) {
-        self.pgid = None;
-    }
-}
-
-impl Drop for ProcessGroup {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }

@@ -7,7 +7,8 @@
 //!    CAS and check them. Every missing blob is listed in one FAILED_PRECONDITION with a
 //!    `google.rpc.PreconditionFailure`; a malformed action is INVALID_ARGUMENT.
 //! 2. `prepare`: a fresh directory under the work root, the input root materialised in it
-//!    (hardlinked from a local filesystem CAS when there is one), output parents created.
+//!    (copied or reflinked from a local filesystem CAS when there is one, never hardlinked, so
+//!    that no action can change a blob), output parents created.
 //! 3. `execute`: the command in its own process group, only the Command's environment,
 //!    stdout and stderr to capped files, killed at its timeout or on cancellation.
 //! 4. `collect`: outputs hashed and uploaded (files, directories as `Tree`s, symlinks),
@@ -23,6 +24,7 @@
 //! networking: a worker-API client drives it.
 
 mod collect;
+mod contain;
 mod error;
 mod execute;
 mod input_tree;
@@ -31,6 +33,7 @@ mod prepare;
 mod report;
 pub mod session;
 mod spec;
+mod trampoline;
 mod workdir;
 
 use std::future::Future;
@@ -68,6 +71,13 @@ pub struct RunnerConfig {
     pub work_root: PathBuf,
     /// Bytes kept of each of stdout and stderr; the rest is read and dropped. Default 64 MiB.
     pub max_output_bytes_stdio: u64,
+    /// Most files, directories and symlinks an action may output (those inside output
+    /// directories included); past it the action fails with RESOURCE_EXHAUSTED and nothing
+    /// is uploaded. Default 1,000,000.
+    pub max_output_files: u64,
+    /// Most bytes an action's output files may add up to (stdout and stderr apart); past it
+    /// the action fails with RESOURCE_EXHAUSTED and nothing is uploaded. Default 64 GiB.
+    pub max_output_bytes: u64,
     /// Timeout of an action that sets none. Default 10 minutes (capped by `max_timeout`).
     pub default_timeout: Duration,
     /// Largest timeout an action may ask for (the scheduler's cap); above it the action is
@@ -87,6 +97,8 @@ impl RunnerConfig {
         RunnerConfig {
             work_root: work_root.into(),
             max_output_bytes_stdio: 64 << 20,
+            max_output_files: 1_000_000,
+            max_output_bytes: 64 << 30,
             default_timeout: Duration::from_secs(600),
             max_timeout: Duration::from_secs(3600),
             worker_name: String::new(),
@@ -115,7 +127,7 @@ pub struct ActionRunner {
     cas: StoreRef,
     /// Where results are written; `None` never writes one.
     ac: Option<StoreRef>,
-    /// Local filesystem CAS that inputs are hardlinked from (filled from `cas` as needed).
+    /// Local filesystem CAS that inputs are copied from (filled from `cas` as needed).
     local_files: Option<Arc<FilesystemStore>>,
     dirs: Arc<WorkDirs>,
     cfg: RunnerConfig,
@@ -405,9 +417,13 @@ impl ActionRunner {
             return Ok((Outputs::default(), None, None));
         }
         let directory_blobs = command.directory_blobs;
+        let caps = collect::OutputCaps {
+            entries: self.cfg.max_output_files,
+            bytes: self.cfg.max_output_bytes,
+        };
         let (outputs, stdout, stderr) = prepare::blocking(move || {
             let mut outputs =
-                collect::scan_outputs(&exec_root, &declared, function, directory_blobs)?;
+                collect::scan_outputs(&exec_root, &declared, function, directory_blobs, caps)?;
             let mut stdio = |path: &std::path::Path| -> Result<Option<Digest>, ActionError> {
                 Ok(
                     collect::stdio_blob(path, function)?.map(|(digest, source)| {

@@ -3,14 +3,17 @@
 //! Directories and symlinks are created as the tree says (symlink targets as given, never
 //! resolved). Input files are read-only: 0444, or 0555 when executable. With a local
 //! [`FilesystemStore`], each blob is first brought into it (fetched from the CAS and verified
-//! when absent), then a non-executable file is a hardlink to the store's file, which is made
-//! 0444 once (every link of an inode shares its mode, so the store's file never changes mode
-//! again) and an executable file is a copy with mode 0555. A blob evicted between lookup and
-//! link is streamed from the CAS instead. Without a local store every file is streamed from
-//! the CAS. Output parents are created without following symlinks, so that a symlink in the
-//! input tree can never make the worker create directories outside the action's directory.
+//! when absent), then each input file is a copy of the store's file of its own: a reflink
+//! (`FICLONE`, which shares the blocks until either is written) where the file system has them
+//! (btrfs, XFS), else a copy made in the kernel (`copy_file_range`). Never a hard link: a
+//! command running as the worker's user (or root) could `chmod` a linked input and rewrite the
+//! store's blob under every later action. A blob evicted between lookup and copy is streamed
+//! from the CAS instead. Without a local store every file is streamed from the CAS. Output
+//! parents are created without following symlinks, so that a symlink in the input tree can
+//! never make the worker create directories outside the action's directory.
 
 use std::collections::HashSet;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -119,7 +122,7 @@ fn create_skeleton(
     Ok(())
 }
 
-/// Brings every blob of `files` into `local` and hardlinks or copies it into place. Returns
+/// Brings every blob of `files` into `local` and copies it into place. Returns
 /// the files that must be streamed from the CAS instead (their blob was evicted meanwhile).
 async fn link_from_local(
     cas: &dyn Store,
@@ -170,46 +173,36 @@ async fn link_from_local(
     Ok(streamed)
 }
 
-/// Hardlinks (read-only) or copies (executable) `src` to `dest`. `Ok(false)` when `src` is
-/// gone (evicted).
+/// Copies `src` to a new file `dest`, read-only (and executable when asked): a reflink where
+/// the file system can, else a copy in the kernel. `Ok(false)` when `src` is gone (evicted).
 fn place(src: &Path, dest: &Path, executable: bool) -> Result<bool, ActionError> {
-    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
-    if !executable {
-        match std::fs::symlink_metadata(src) {
-            Ok(m) if m.permissions().mode() & 0o7777 != READ_ONLY => {
-                match std::fs::set_permissions(src, std::fs::Permissions::from_mode(READ_ONLY)) {
-                    Err(e) if gone(&e) => return Ok(false),
-                    Err(e) => return Err(io_error("making read-only", src, e)),
-                    Ok(()) => {}
-                }
-            }
-            Ok(_) => {}
-            Err(e) if gone(&e) => return Ok(false),
-            Err(e) => return Err(io_error("reading", src, e)),
-        }
-        match std::fs::hard_link(src, dest) {
-            Ok(()) => return Ok(true),
-            Err(e) if gone(&e) => return Ok(false),
-            // Another file system, or too many links: fall back to a copy.
-            Err(e) => tracing::debug!(src = %src.display(), error = %e, "hardlink failed; copying"),
-        }
+    let mut input = match std::fs::File::open(src) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_error("opening", src, e)),
+    };
+    let mut output = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(|e| io_error("creating input file", dest, e))?;
+    // SAFETY: ioctl(2) FICLONE takes the source descriptor as its integer argument; both
+    // descriptors are open for the whole call.
+    let cloned = unsafe { libc::ioctl(output.as_raw_fd(), libc::FICLONE, input.as_raw_fd()) } == 0;
+    if !cloned {
+        // Not supported here (ext4, tmpfs, another file system): std copies with
+        // copy_file_range.
+        std::io::copy(&mut input, &mut output)
+            .map_err(|e| io_error("copying input file to", dest, e))?;
     }
-    match std::fs::copy(src, dest) {
-        Ok(_) => {}
-        Err(e) if gone(&e) => {
-            let _ = std::fs::remove_file(dest);
-            return Ok(false);
-        }
-        Err(e) => return Err(io_error("copying input file to", dest, e)),
-    }
-    set_mode(
-        dest,
-        if executable {
-            READ_ONLY_EXECUTABLE
-        } else {
-            READ_ONLY
-        },
-    )?;
+    let mode = if executable {
+        READ_ONLY_EXECUTABLE
+    } else {
+        READ_ONLY
+    };
+    output
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_error("setting the mode of", dest, e))?;
     Ok(true)
 }
 

@@ -39,6 +39,8 @@ pub type OpenSession =
     Arc<dyn Fn(Outbound) -> BoxFuture<'static, Result<Inbound, tonic::Status>> + Send + Sync>;
 
 /// How a worker reaches its scheduler.
+// One per worker, made once: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum SchedulerLink {
     /// The worker API at `address` (`grpc://host:port`, or `grpcs://` with its TLS settings

@@ -214,3 +214,35 @@ pub fn ok(r: &re::ExecuteResponse) -> &re::ActionResult {
     assert_eq!(code(r), 0, "status: {:?}", r.status);
     r.result.as_ref().expect("an OK response has a result")
 }
+
+/// Whether `pid` is gone or a zombie (dead, not yet reaped by whoever its parent is now).
+pub fn dead(pid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .next();
+    matches!(state, None | Some("Z"))
+}
+
+pub fn pid_in(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .to_string()
+}
+
+/// A script whose processes leave the action: one double-forks, one calls setsid (a new
+/// session and process group), and each writes its pid to a file under `dir`.
+pub fn escaping_script(dir: &Path) -> String {
+    let (a, b) = (dir.join("forked.pid"), dir.join("setsid.pid"));
+    format!(
+        "(sleep 1000 & echo $! > {a}) & \
+         setsid sh -c 'sleep 1000 & echo $! > {b}' & \
+         wait; while [ ! -s {a} ] || [ ! -s {b} ]; do sleep 0.01; done; echo done",
+        a = a.display(),
+        b = b.display()
+    )
+}
