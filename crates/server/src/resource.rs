@@ -22,13 +22,32 @@ pub struct Resource {
     pub digest: Digest,
 }
 
+/// Longest resource name accepted (instance name, upload id, digest and size fit many times
+/// over).
+pub const MAX_RESOURCE_NAME: usize = 4096;
+
 fn bad(name: &str, why: impl std::fmt::Display) -> Error {
-    Error::invalid_argument(format!("resource name {name:?}: {why}"))
+    // A name is echoed only in part: a long one would make the status too large to send.
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = if end < name.len() { "..." } else { "" };
+    Error::invalid_argument(format!("resource name {:?}{more}: {why}", &name[..end]))
 }
 
 /// Parses a resource name; `default_function` applies when the name carries none and the hash
 /// length allows more than one (64 hex digits: SHA-256 unless the name says blake3).
 pub fn parse(name: &str, write: bool, default_function: DigestFunction) -> Result<Resource, Error> {
+    if name.len() > MAX_RESOURCE_NAME {
+        return Err(bad(
+            name,
+            format_args!(
+                "{} bytes long, more than the {MAX_RESOURCE_NAME} this server accepts",
+                name.len()
+            ),
+        ));
+    }
     let parts: Vec<&str> = name.split('/').collect();
     let reserved = |s: &str| matches!(s, "uploads" | "blobs" | "compressed-blobs");
     let start = parts
