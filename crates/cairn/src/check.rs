@@ -19,11 +19,12 @@ pub fn check_config(path: &Path) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    print!("{}", describe(&cfg));
+    // What `cairn run` would refuse before it starts anything.
     if let Err(e) = check_parts(&file, &cfg) {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    print!("{}", describe(&cfg));
     println!("{file}: ok");
     ExitCode::SUCCESS
 }

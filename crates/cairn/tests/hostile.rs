@@ -142,7 +142,7 @@ async fn lying_sizes_and_oversize_requests_get_clear_statuses() {
             resource_name: name,
             write_offset: 0,
             finish_write: true,
-            data: bomb.into(),
+            data: bomb,
         }]))
         .await
         .unwrap_err();
@@ -234,7 +234,7 @@ async fn lying_sizes_and_oversize_requests_get_clear_statuses() {
             resource_name: if i == 0 { name.clone() } else { String::new() },
             write_offset: (i << 20) as i64,
             finish_write: (i + 1) << 20 >= big.len(),
-            data: c.to_vec().into(),
+            data: c.to_vec(),
         })
         .collect();
     drop(big);
@@ -301,7 +301,7 @@ async fn abandoned_and_reset_uploads_are_released() {
             resource_name: name.clone(),
             write_offset: 0,
             finish_write: false,
-            data: blob[..2 << 20].to_vec().into(),
+            data: blob[..2 << 20].to_vec(),
         })
         .await
         .unwrap();

@@ -13,10 +13,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::bazel::{self, Bazel};
+use common::certs::{Pair, Pki};
 use common::{free_addr, Cairn, CairnWorker};
 
 /// Every variable the split configs read; unset for `check-config`, so that the shipped
-/// defaults are what is checked.
+/// defaults are what is checked (but `CAIRN_TLS_DIR`, which must hold real certificates).
 const CONFIG_VARIABLES: [&str; 11] = [
     "CAIRN_CAS_LISTEN",
     "CAIRN_DATA",
@@ -37,12 +38,26 @@ fn split_config(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The files the split configs read from `CAIRN_TLS_DIR`: one CA, the scheduler's worker API
+/// certificate (for 127.0.0.1 and localhost) and a worker's client certificate.
+fn split_tls_dir(dir: &Path) -> PathBuf {
+    let tls = dir.join("tls");
+    let pki = Pki::new(&tls, "cairn");
+    std::fs::copy(&pki.ca, tls.join("ca.crt")).unwrap();
+    pki.issue("scheduler", 1, true);
+    pki.issue("worker", 2, false);
+    tls
+}
+
 #[test]
 fn check_config_accepts_each_split_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = split_tls_dir(tmp.path());
     for name in ["cas.json5", "scheduler.json5", "worker.json5"] {
         let path = split_config(name);
         let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
         command.arg("check-config").arg(&path);
+        command.env("CAIRN_TLS_DIR", &tls);
         for var in CONFIG_VARIABLES {
             command.env_remove(var);
         }
@@ -80,6 +95,7 @@ fn bazel_builds_through_the_split_deployment() {
     );
     // The worker dials the worker API, so its port is chosen here.
     let worker_api = free_addr();
+    let tls = split_tls_dir(tmp.path());
     let scheduler = Cairn::start_config_env(
         &dir("scheduler"),
         &split_config("scheduler.json5"),
@@ -87,13 +103,15 @@ fn bazel_builds_through_the_split_deployment() {
             ("CAIRN_SCHEDULER_LISTEN", "127.0.0.1:0".to_string()),
             ("CAIRN_WORKER_API_LISTEN", worker_api.to_string()),
             ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", cas.addr)),
+            ("CAIRN_TLS_DIR", tls.display().to_string()),
         ],
     );
     let worker = CairnWorker::start(
         "worker",
         &split_config("worker.json5"),
         &[
-            ("CAIRN_WORKER_API_ENDPOINT", format!("grpc://{worker_api}")),
+            ("CAIRN_WORKER_API_ENDPOINT", format!("grpcs://{worker_api}")),
+            ("CAIRN_TLS_DIR", tls.display().to_string()),
             ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", cas.addr)),
             ("CAIRN_WORKER_DATA", dir("worker").display().to_string()),
             ("CAIRN_WORKER_SLOTS", "4".to_string()),
@@ -125,8 +143,66 @@ fn bazel_builds_through_the_split_deployment() {
         "after `bazel clean`, every action should come from the CAS server's AC"
     );
 
+    // Only workers with a certificate from the CA get through the worker API's TLS: without
+    // one, or with one from another CA, the connection is refused before any gRPC call (a
+    // call that gets through is UNIMPLEMENTED, Capabilities not being served there).
+    let stranger = Pki::new(&tmp.path().join("stranger"), "stranger").issue("intruder", 3, false);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let worker_pair = Pair {
+        cert: tls.join("worker.crt"),
+        key: tls.join("worker.key"),
+    };
+    for (who, identity, admitted) in [
+        ("the worker's certificate", Some(&worker_pair), true),
+        ("no certificate", None, false),
+        ("another CA's certificate", Some(&stranger), false),
+    ] {
+        let code = runtime.block_on(worker_api_probe(worker_api, &tls.join("ca.crt"), identity));
+        assert_eq!(
+            code == Some(tonic::Code::Unimplemented),
+            admitted,
+            "worker API with {who}: {code:?}"
+        );
+    }
+
     drop(bazel); // `bazel shutdown`
     drop(worker);
     drop(scheduler);
     drop(cas);
+}
+
+/// Calls Capabilities on the worker API over TLS: the status code, or `None` when the
+/// connection itself was refused.
+async fn worker_api_probe(
+    addr: std::net::SocketAddr,
+    ca: &Path,
+    identity: Option<&Pair>,
+) -> Option<tonic::Code> {
+    use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+    let mut tls = tonic::transport::ClientTlsConfig::new().ca_certificate(
+        tonic::transport::Certificate::from_pem(std::fs::read(ca).unwrap()),
+    );
+    if let Some(p) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            std::fs::read(&p.cert).unwrap(),
+            std::fs::read(&p.key).unwrap(),
+        ));
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .ok()?;
+    let r = re::capabilities_client::CapabilitiesClient::new(channel)
+        .get_capabilities(re::GetCapabilitiesRequest::default())
+        .await;
+    match r {
+        Ok(_) => Some(tonic::Code::Ok),
+        // A refused handshake surfaces as a transport error, UNAVAILABLE or UNKNOWN.
+        Err(e) if matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => None,
+        Err(e) => Some(e.code()),
+    }
 }

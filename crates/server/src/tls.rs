@@ -199,12 +199,16 @@ impl TlsFiles {
     }
 }
 
+/// The files' bytes last taken, and the last ones that failed to load (so that a broken file
+/// is logged once, not every second).
+type Seen = (Vec<Vec<u8>>, Option<Vec<Vec<u8>>>);
+
 /// The TLS configuration a listener accepts connections with, replaced when its files change.
 pub struct ReloadingTls {
     files: TlsFiles,
     current: RwLock<Arc<rustls::ServerConfig>>,
     /// The bytes `current` was built from, and those of the last failed attempt.
-    seen: parking_lot::Mutex<(Vec<Vec<u8>>, Option<Vec<Vec<u8>>>)>,
+    seen: parking_lot::Mutex<Seen>,
     reloads: std::sync::atomic::AtomicU64,
 }
 
