@@ -55,7 +55,15 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let at = format!("{file}: workers[{index}].local");
-    let (endpoint, grpc_endpoint) = scheduler_endpoint(file, index, cfg)?;
+    let (endpoint, _) = scheduler_endpoint(file, index, cfg)?;
+    let grpc_endpoint: cairn_worker::session::MakeEndpoint = {
+        let (file, cfg) = (file.to_string(), cfg.clone());
+        Arc::new(move || {
+            scheduler_endpoint(&file, index, &cfg)
+                .map(|(_, e)| e)
+                .map_err(|e| cairn_core::Error::invalid_argument(e.to_string()))
+        })
+    };
     let cas_name = cfg
         .cas_fast_slow_store
         .as_deref()
@@ -157,7 +165,7 @@ pub async fn start(
 /// In memory when `endpoint` (`grpc://host:port`) is one of `worker_apis`, else gRPC.
 fn link(
     endpoint: String,
-    grpc_endpoint: tonic::transport::Endpoint,
+    grpc_endpoint: cairn_worker::session::MakeEndpoint,
     worker_apis: &[(SocketAddr, ExecutionPipeline)],
 ) -> SchedulerLink {
     let addr = endpoint

@@ -62,7 +62,7 @@ const SCHEDULER_AND_CAS: &str = r#"{
     },
     {
       name: "worker_api",
-      listener: { http: { socket_address: "@WORKER_API@" } },
+      listener: { http: { socket_address: "@WORKER_API@", tls: @WORKER_API_TLS@ } },
       services: { worker_api: { scheduler: "MAIN" } },
     },
   ],
@@ -206,9 +206,12 @@ fn worker_killed(bazel: &Bazel, dir: &Path) {
     let worker_api = free_addr();
     let server_dir = dir.join("server");
     std::fs::create_dir(&server_dir).unwrap();
+    let tls = common::certs::split_tls_dir(dir);
     let server = Cairn::start_with(
         &server_dir,
-        &SCHEDULER_AND_CAS.replace("@WORKER_API@", &worker_api.to_string()),
+        &SCHEDULER_AND_CAS
+            .replace("@WORKER_API@", &worker_api.to_string())
+            .replace("@WORKER_API_TLS@", &common::certs::worker_api_tls(&tls)),
         None,
     );
     // The split deployment's worker config: a local filesystem CAS over a `grpc` store.
@@ -217,7 +220,8 @@ fn worker_killed(bazel: &Bazel, dir: &Path) {
     let start_worker = |name: &str| {
         let data = dir.join(name);
         let env = [
-            ("CAIRN_WORKER_API_ENDPOINT", format!("grpc://{worker_api}")),
+            ("CAIRN_WORKER_API_ENDPOINT", format!("grpcs://{worker_api}")),
+            ("CAIRN_TLS_DIR", tls.display().to_string()),
             ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", server.addr)),
             ("CAIRN_WORKER_DATA", data.display().to_string()),
             ("CAIRN_WORKER_SLOTS", "2".to_string()),

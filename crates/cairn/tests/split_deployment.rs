@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::bazel::{self, Bazel};
-use common::certs::{Pair, Pki};
+use common::certs::{split_tls_dir, Pair, Pki};
 use common::{free_addr, Cairn, CairnWorker};
 
 /// Every variable the split configs read; unset for `check-config`, so that the shipped
@@ -36,17 +36,6 @@ fn split_config(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../deployment-examples/split")
         .join(name)
-}
-
-/// The files the split configs read from `CAIRN_TLS_DIR`: one CA, the scheduler's worker API
-/// certificate (for 127.0.0.1 and localhost) and a worker's client certificate.
-fn split_tls_dir(dir: &Path) -> PathBuf {
-    let tls = dir.join("tls");
-    let pki = Pki::new(&tls, "cairn");
-    std::fs::copy(&pki.ca, tls.join("ca.crt")).unwrap();
-    pki.issue("scheduler", 1, true);
-    pki.issue("worker", 2, false);
-    tls
 }
 
 #[test]

@@ -30,7 +30,7 @@ const SCHEDULER_AND_CAS: &str = r#"{
         execution: [{ instance_name: "main", cas_store: "CAS", scheduler: "MAIN" }],
         capabilities: [{ instance_name: "main", remote_execution: { scheduler: "MAIN" } }],
       } },
-    { listener: { http: { socket_address: "@WORKER_API@" } }, services: { worker_api: { scheduler: "MAIN" } } },
+    { listener: { http: { socket_address: "@WORKER_API@", tls: @WORKER_API_TLS@ } }, services: { worker_api: { scheduler: "MAIN" } } },
   ],
 }"#;
 
@@ -66,9 +66,12 @@ async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 async fn a_sigkilled_worker_leaves_no_command_running() {
     let tmp = tempfile::tempdir().unwrap();
     let worker_api = free_addr();
+    let tls = common::certs::split_tls_dir(tmp.path());
     let server = Cairn::start_with(
         tmp.path(),
-        &SCHEDULER_AND_CAS.replace("@WORKER_API@", &worker_api.to_string()),
+        &SCHEDULER_AND_CAS
+            .replace("@WORKER_API@", &worker_api.to_string())
+            .replace("@WORKER_API_TLS@", &common::certs::worker_api_tls(&tls)),
         None,
     );
     let worker_dir = tmp.path().join("worker");
@@ -79,7 +82,8 @@ async fn a_sigkilled_worker_leaves_no_command_running() {
         "worker",
         &worker_config,
         &[
-            ("CAIRN_WORKER_API_ENDPOINT", format!("grpc://{worker_api}")),
+            ("CAIRN_WORKER_API_ENDPOINT", format!("grpcs://{worker_api}")),
+            ("CAIRN_TLS_DIR", tls.display().to_string()),
             ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", server.addr)),
             ("CAIRN_WORKER_DATA", worker_dir.display().to_string()),
             ("CAIRN_WORKER_SLOTS", "1".to_string()),

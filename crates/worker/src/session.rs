@@ -38,16 +38,19 @@ pub type Outbound = BoxStream<'static, wapi::WorkerMessage>;
 pub type OpenSession =
     Arc<dyn Fn(Outbound) -> BoxFuture<'static, Result<Inbound, tonic::Status>> + Send + Sync>;
 
+/// Builds the endpoint for each connection, reading the TLS files again, so that a renewed
+/// client certificate is used from the next connection on.
+pub type MakeEndpoint = Arc<dyn Fn() -> Result<tonic::transport::Endpoint, Error> + Send + Sync>;
+
 /// How a worker reaches its scheduler.
 // One per worker, made once: the size of the larger variant costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum SchedulerLink {
     /// The worker API at `address` (`grpc://host:port`, or `grpcs://` with its TLS settings
     /// in `endpoint`).
     Grpc {
         address: String,
-        endpoint: tonic::transport::Endpoint,
+        endpoint: MakeEndpoint,
     },
     /// A scheduler in this process, `name`d in logs.
     InProcess { name: String, open: OpenSession },
@@ -91,11 +94,10 @@ pub async fn run_worker(
 /// Connects to `endpoint` and opens a session there; `outbound` feeds what the worker sends.
 async fn open_grpc(
     address: &str,
-    endpoint: &tonic::transport::Endpoint,
+    endpoint: &MakeEndpoint,
     mut outbound: mpsc::Receiver<wapi::WorkerMessage>,
 ) -> Result<Inbound, Error> {
-    let channel = endpoint
-        .clone()
+    let channel = endpoint()?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()

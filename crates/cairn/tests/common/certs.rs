@@ -114,3 +114,44 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) {
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// The two Secrets of `deployment-examples/kubernetes/tls/certificate.yaml` as cert-manager
+/// writes them (`ca.crt`, `tls.crt`, `tls.key`), under `root`: the scheduler's worker API
+/// certificate (for 127.0.0.1 and localhost) and a worker's client certificate, one CA.
+/// Returns (scheduler's directory, worker's directory).
+pub fn cert_manager_secrets(root: &Path) -> (PathBuf, PathBuf) {
+    let pki = Pki::new(&root.join("ca"), "internal");
+    let secret = |name: &str, serial: u64, server: bool| {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = pki.issue(name, serial, server);
+        std::fs::copy(&pair.cert, dir.join("tls.crt")).unwrap();
+        std::fs::copy(&pair.key, dir.join("tls.key")).unwrap();
+        std::fs::copy(&pki.ca, dir.join("ca.crt")).unwrap();
+        dir
+    };
+    (
+        secret("nativelink-scheduler-worker-api-tls", 1, true),
+        secret("nativelink-worker-tls", 2, false),
+    )
+}
+
+/// The files `deployment-examples/split/` reads from `CAIRN_TLS_DIR`, under `root/tls`: one
+/// CA (`ca.crt`), the scheduler's worker API certificate (`scheduler.crt`, `scheduler.key`, for
+/// 127.0.0.1 and localhost) and a worker's client certificate (`worker.crt`, `worker.key`).
+pub fn split_tls_dir(root: &Path) -> PathBuf {
+    let tls = root.join("tls");
+    let pki = Pki::new(&tls, "cairn");
+    std::fs::copy(&pki.ca, tls.join("ca.crt")).unwrap();
+    pki.issue("scheduler", 1, true);
+    pki.issue("worker", 2, false);
+    tls
+}
+
+/// The `tls` block of a worker API listener that admits the workers of [`split_tls_dir`].
+pub fn worker_api_tls(tls: &Path) -> String {
+    format!(
+        r#"{{ cert_file: "{0}/scheduler.crt", key_file: "{0}/scheduler.key", client_ca_file: "{0}/ca.crt" }}"#,
+        tls.display()
+    )
+}

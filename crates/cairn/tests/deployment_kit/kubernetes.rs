@@ -27,6 +27,8 @@ fn configmap_holds_the_configs_and_cairn_check_config_accepts_each() {
         K8S_CONFIGS.iter().collect::<Vec<_>>(),
         "the ConfigMap's keys"
     );
+    let secrets = tempfile::tempdir().unwrap();
+    let (scheduler_tls, worker_tls) = crate::common::certs::cert_manager_secrets(secrets.path());
     for name in K8S_CONFIGS {
         let path = dir.join("configs").join(name);
         assert!(
@@ -39,6 +41,12 @@ fn configmap_holds_the_configs_and_cairn_check_config_accepts_each() {
         for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("CAIRN_")) {
             command.env_remove(var);
         }
+        // The mounted Secrets (real certificates made here).
+        match name {
+            "scheduler.json5" => command.env("CAIRN_TLS_DIR", &scheduler_tls),
+            "worker.json5" => command.env("CAIRN_TLS_DIR", &worker_tls),
+            _ => &mut command,
+        };
         let out = run_ok(&format!("cairn check-config {name}"), &mut command);
         assert!(out.trim_end().ends_with(": ok"), "{out}");
     }
@@ -47,7 +55,9 @@ fn configmap_holds_the_configs_and_cairn_check_config_accepts_each() {
     assert!(scheduler.contains("0.0.0.0:50052") && scheduler.contains("0.0.0.0:50061"));
     assert!(scheduler.contains("grpc://nativelink-cas:50051"));
     let worker = read(&dir.join("configs/worker.json5"));
-    assert!(worker.contains("grpc://nativelink-scheduler-workers:50061"));
+    assert!(worker.contains("grpcs://nativelink-scheduler-workers:50061"));
+    // The worker API is mTLS on both sides.
+    assert!(scheduler.contains("client_ca_file") && worker.contains("tls_config"));
     assert!(worker.contains("grpc://nativelink-cas:50051"));
     assert!(read(&dir.join("configs/cas.json5")).contains("0.0.0.0:50051"));
 }
@@ -164,7 +174,12 @@ fn kubernetes_manifests_pass_schema_validation_and_wire_the_guides_ports() {
         custom,
         [
             "scaledobject/nativelink-worker-scaler",
-            "certificate/nativelink-tls"
+            "certificate/nativelink-tls",
+            "issuer/nativelink-selfsigned",
+            "certificate/nativelink-internal-ca",
+            "issuer/nativelink-internal-ca",
+            "certificate/nativelink-scheduler-worker-api",
+            "certificate/nativelink-worker",
         ],
         "custom resources validated against schemas/"
     );
@@ -335,5 +350,46 @@ fn kubernetes_manifests_pass_schema_validation_and_wire_the_guides_ports() {
     assert_eq!(
         get("certificate/nativelink-tls")["spec"]["secretName"],
         "nativelink-tls"
+    );
+    // The worker API's certificates: the Secrets the Deployments mount at /etc/cairn-tls, from
+    // the internal CA, for the right ends.
+    let mounted = |deployment: &str| -> Vec<String> {
+        get(deployment)["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .filter_map(|v| v["secret"]["secretName"].as_str().map(str::to_string))
+            .collect()
+    };
+    for (deployment, certificate, secret, usage) in [
+        (
+            "deployment/nativelink-scheduler",
+            "certificate/nativelink-scheduler-worker-api",
+            "nativelink-scheduler-worker-api-tls",
+            "server auth",
+        ),
+        (
+            "deployment/nativelink-worker",
+            "certificate/nativelink-worker",
+            "nativelink-worker-tls",
+            "client auth",
+        ),
+    ] {
+        let spec = &get(certificate)["spec"];
+        assert_eq!(spec["secretName"], secret);
+        assert_eq!(spec["issuerRef"]["name"], "nativelink-internal-ca");
+        assert!(spec["usages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u == usage));
+        assert!(
+            mounted(deployment).contains(&secret.to_string()),
+            "{deployment}"
+        );
+    }
+    assert_eq!(
+        get("issuer/nativelink-internal-ca")["spec"]["ca"]["secretName"],
+        "nativelink-internal-ca"
     );
 }

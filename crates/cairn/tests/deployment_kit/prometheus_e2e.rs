@@ -204,6 +204,7 @@ async fn prometheus_scraping_cairn_answers_every_rule_dashboard_and_guide_expres
         ],
     );
     let worker_api = free_addr();
+    let (scheduler_tls, worker_tls) = crate::common::certs::cert_manager_secrets(&dir("secrets"));
     let scheduler = Cairn::start_config_env(
         &dir("scheduler"),
         &configs.join("scheduler.json5"),
@@ -211,13 +212,15 @@ async fn prometheus_scraping_cairn_answers_every_rule_dashboard_and_guide_expres
             ("CAIRN_SCHEDULER_LISTEN", "127.0.0.1:0".to_string()),
             ("CAIRN_WORKER_API_LISTEN", worker_api.to_string()),
             ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", cas.addr)),
+            ("CAIRN_TLS_DIR", scheduler_tls.display().to_string()),
         ],
     );
     let _worker = CairnWorker::start(
         "worker",
         &configs.join("worker.json5"),
         &[
-            ("CAIRN_WORKER_API_ENDPOINT", format!("grpc://{worker_api}")),
+            ("CAIRN_WORKER_API_ENDPOINT", format!("grpcs://{worker_api}")),
+            ("CAIRN_TLS_DIR", worker_tls.display().to_string()),
             ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", cas.addr)),
             ("CAIRN_WORKER_DATA", dir("worker").display().to_string()),
             ("CAIRN_WORKER_CAS_BYTES", "1gb".to_string()),
