@@ -344,3 +344,76 @@ fn bad_tls_files_stop_the_start_naming_the_key() {
         }
     }
 }
+
+/// The CI venv's Python with grpcio (scripts/test installs it).
+fn grpcio_python(test: &str) -> Option<std::path::PathBuf> {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.ci/venv/bin/python3");
+    let ok = python.is_file()
+        && std::process::Command::new(&python)
+            .args(["-c", "import grpc"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    common::tools::missing_tool(
+        test,
+        "grpcio in .ci/venv",
+        "CAIRN_SKIP_GRPCIO",
+        "Run scripts/test, which installs it",
+    )
+}
+
+/// A second, independent TLS stack as the client: gRPC's C core (PyPI grpcio, what Reclient
+/// and other C++ clients use) over TLS and mTLS. (Debian's Bazel 4.2.3 cannot speak grpcs://
+/// at all: its bundled Netty lacks ALPN; see docs/operations.md.)
+#[test]
+fn grpc_c_core_clients_connect_over_tls_and_mtls() {
+    let Some(python) = grpcio_python("grpc_c_core_clients_connect_over_tls_and_mtls") else {
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/grpcio_reapi.py");
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"), "root");
+    let server = pki.issue("server", 10, true);
+    let client = pki.issue("grpcio-client", 20, false);
+    let stranger = Pki::new(&tmp.path().join("stranger"), "stranger").issue("x", 30, false);
+    let run = |addr: std::net::SocketAddr, identity: Option<&Pair>| {
+        let mut c = std::process::Command::new(&python);
+        c.arg(&script).arg(addr.to_string()).arg(&pki.ca);
+        if let Some(p) = identity {
+            c.arg(&p.cert).arg(&p.key);
+        }
+        let out = c.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+
+    let dir = tmp.path().join("tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cairn = Cairn::start_with(&dir, &config(&server_tls(&server, "")), None);
+    let (ok, text) = run(cairn.addr, None);
+    assert!(ok && text.starts_with("ok "), "server TLS: {text}");
+    drop(cairn);
+
+    let dir = tmp.path().join("mtls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let extra = format!(r#", client_ca_file: "{}""#, pki.ca.display());
+    let cairn = Cairn::start_with(&dir, &config(&server_tls(&server, &extra)), None);
+    let (ok, text) = run(cairn.addr, Some(&client));
+    assert!(
+        ok && text.starts_with("ok "),
+        "mTLS with a certificate: {text}"
+    );
+    for (who, id) in [("no certificate", None), ("another CA's", Some(&stranger))] {
+        let (ok, text) = run(cairn.addr, id);
+        assert!(
+            !ok && text.contains("refused UNAVAILABLE"),
+            "mTLS, {who}: {text}"
+        );
+    }
+}

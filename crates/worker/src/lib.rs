@@ -508,3 +508,17 @@ fn assert_run_is_send(runner: Arc<ActionRunner>, digest: Digest) {
     fn send<T: Send>(_: T) {}
     send(async move { runner.run(digest, false, CancellationToken::new()).await });
 }
+
+/// For the fuzz targets in `fuzz/`: whether `bytes`, decoded as a REAPI `Command`, passes the
+/// worker's checks (and, if it does, that every output path and the working directory it
+/// accepted stay inside the input root). Never panics on any input.
+#[doc(hidden)]
+pub fn fuzz_check_command(bytes: &[u8]) -> bool {
+    use prost::Message;
+    let Ok(command) =
+        cairn_core::proto::build::bazel::remote::execution::v2::Command::decode(bytes)
+    else {
+        return false;
+    };
+    spec::check_command(&command).is_ok()
+}

@@ -188,12 +188,21 @@ impl Bazel {
         let output = self.try_run(name, args, COMMAND_DEADLINE);
         assert!(
             output.status.success(),
-            "`{}` failed with {}\n{}",
+            "`{}` failed with {}\n{}\n--- end of the Bazel server's java.log\n{}",
             output.command,
             output.status,
-            output.text()
+            output.text(),
+            self.java_log_tail()
         );
         output
+    }
+
+    /// The last lines of the Bazel server's log (where it writes what it tells no client,
+    /// such as a TLS failure before the build starts).
+    pub fn java_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.output_base.join("java.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(400)..].join("\n")
     }
 }
 
