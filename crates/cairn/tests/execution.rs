@@ -461,6 +461,44 @@ async fn operations_wait_get_list_cancel_and_unknown_names() {
         .unwrap()
         .into_inner();
     assert!(list.operations.iter().any(|o| o.name == name));
+    // Pages: bounded whatever the client asks; a filter or a negative size is refused.
+    use cairn_core::proto::google::longrunning::ListOperationsRequest;
+    let one = cl
+        .ops
+        .list_operations(ListOperationsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(one.operations.len() <= 1);
+    if !one.next_page_token.is_empty() {
+        let next = cl
+            .ops
+            .list_operations(ListOperationsRequest {
+                page_size: 1,
+                page_token: one.next_page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(next.operations.iter().all(|o| o.name > one.next_page_token));
+    }
+    for bad in [
+        ListOperationsRequest {
+            page_size: -1,
+            ..Default::default()
+        },
+        ListOperationsRequest {
+            filter: "done = true".into(),
+            ..Default::default()
+        },
+    ] {
+        let e = cl.ops.list_operations(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
     // Cancel: the waiting streams end with CANCELLED, quickly (the sleep is killed).
     let t = std::time::Instant::now();
     cl.ops

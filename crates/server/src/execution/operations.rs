@@ -31,6 +31,11 @@ impl OperationsService {
     }
 }
 
+/// Operations per ListOperations page when the client does not choose.
+pub const DEFAULT_LIST_PAGE: usize = 100;
+/// Most operations in one ListOperations page, whatever the client asks.
+pub const MAX_LIST_PAGE: usize = 1000;
+
 fn not_found(name: &str) -> Error {
     Error::not_found(format!(
         "operation {name:?} does not exist (or has expired)"
@@ -39,22 +44,57 @@ fn not_found(name: &str) -> Error {
 
 #[tonic::async_trait]
 impl Operations for OperationsService {
+    /// Pages of at most `page_size` operations (default [`DEFAULT_LIST_PAGE`], at most
+    /// [`MAX_LIST_PAGE`]) in name order; the page token is the last name of the page before.
     async fn list_operations(
         &self,
-        _request: Request<ListOperationsRequest>,
+        request: Request<ListOperationsRequest>,
     ) -> Result<Response<ListOperationsResponse>, Status> {
         let timer = self.metrics.rpc("operations", "ListOperations");
-        let mut operations = Vec::new();
-        for p in &self.pipelines {
-            for u in p.handle.list().await? {
-                operations.push(operation_of(&u));
+        let r = async {
+            let req = request.into_inner();
+            if !req.filter.is_empty() {
+                return Err(Error::invalid_argument(format!(
+                    "ListOperations: filter {:.100?} is not supported; list without a filter",
+                    req.filter
+                )));
             }
+            let page = match req.page_size {
+                n if n < 0 => {
+                    return Err(Error::invalid_argument(format!(
+                        "ListOperations: page_size {n} is negative"
+                    )))
+                }
+                0 => DEFAULT_LIST_PAGE,
+                n => (n as usize).min(MAX_LIST_PAGE),
+            };
+            let mut operations = Vec::new();
+            for p in &self.pipelines {
+                for u in p.handle.list().await? {
+                    let op = operation_of(&u);
+                    if req.page_token.is_empty() || op.name > req.page_token {
+                        operations.push(op);
+                    }
+                }
+            }
+            operations.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+            let next_page_token = if operations.len() > page {
+                operations.truncate(page);
+                operations
+                    .last()
+                    .map(|o| o.name.clone())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            Ok(Response::new(ListOperationsResponse {
+                operations,
+                next_page_token,
+                unreachable: vec![],
+            }))
         }
-        let r = Ok(Response::new(ListOperationsResponse {
-            operations,
-            next_page_token: String::new(),
-            unreachable: vec![],
-        }));
+        .await
+        .map_err(Status::from);
         timer.finish(&r);
         r
     }
