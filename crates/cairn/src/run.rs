@@ -89,6 +89,20 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         .and_then(|g| g.metrics_prefix.clone())
         .unwrap_or_else(|| "nativelink".to_string());
     let metrics = Metrics::with_prefix(&prefix);
+    let global = cfg.global.clone().unwrap_or_default();
+    if global.disable_metrics {
+        metrics.disable();
+    }
+    if let Some(f) = global.default_digest_hash_function {
+        cairn_core::DigestFunction::set_default_for_64_hex(match f {
+            cairn_config::DigestHashFunction::Sha256 => cairn_core::DigestFunction::Sha256,
+            cairn_config::DigestHashFunction::Blake3 => cairn_core::DigestFunction::Blake3,
+        });
+    }
+    let limits = Limits {
+        health_probe_bytes: global.default_digest_size_health_check.map_or(0, |b| b.0),
+        ..Limits::default()
+    };
     let mut schedulers = std::collections::BTreeMap::new();
     for n in cfg.schedulers.iter() {
         let p = cairn_server::execution::pipeline::build(
@@ -113,7 +127,7 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
             &stores,
             &schedulers,
             metrics.clone(),
-            Limits::default(),
+            limits,
             shutdown.clone(),
             DRAIN_DEADLINE,
         )

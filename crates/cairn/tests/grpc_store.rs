@@ -177,3 +177,53 @@ async fn a_front_server_stores_through_to_its_upstream() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
 }
+
+/// `retry`: a request to an upstream that is down is retried with backoff and succeeds once
+/// the upstream is back; without `retry` it fails at once with UNAVAILABLE naming it. Also
+/// `connections_per_endpoint`, `max_concurrent_requests` and `concurrency_limit` are taken.
+#[tokio::test]
+async fn retries_reach_an_upstream_that_comes_back() {
+    let upstream_addr = common::free_addr();
+    let front_config = |retry: &str| {
+        format!(
+            r#"{{
+  stores: {{
+    AC: {{ grpc: {{ instance_name: "main", endpoints: [{{ address: "grpc://{upstream_addr}", concurrency_limit: 8 }}], store_type: "ac", connections_per_endpoint: 2, max_concurrent_requests: 16 {retry} }} }},
+  }},
+  servers: [{{
+    listener: {{ http: {{ socket_address: "@ADDR@" }} }},
+    services: {{ ac: [{{ instance_name: "", ac_store: "AC" }}] }},
+  }}],
+}}"#
+        )
+    };
+    let ask = |front: tonic::transport::Channel| async move {
+        re::action_cache_client::ActionCacheClient::new(front)
+            .get_action_result(re::GetActionResultRequest {
+                action_digest: Some(DigestFunction::Sha256.compute(b"an action").to_proto()),
+                ..Default::default()
+            })
+            .await
+    };
+
+    // Without retry: UNAVAILABLE, naming the upstream.
+    let dir = tempfile::tempdir().unwrap();
+    let front = Cairn::start_with(dir.path(), &front_config(""), None);
+    let e = ask(front.channel().await).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains(&upstream_addr.to_string()), "{e:?}");
+    drop(front);
+
+    // With retry: the call waits, and the upstream starts meanwhile; NOT_FOUND is its answer.
+    let dir = tempfile::tempdir().unwrap();
+    let front = Cairn::start_with(
+        dir.path(),
+        &front_config(", retry: { max_retries: 30, delay: 0.05, jitter: 0.5 }"),
+        None,
+    );
+    let call = tokio::spawn(ask(front.channel().await));
+    let up_dir = tempfile::tempdir().unwrap();
+    let _upstream = Cairn::start_with(up_dir.path(), common::MEMORY_CONFIG, Some(upstream_addr));
+    let e = call.await.unwrap().unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+}

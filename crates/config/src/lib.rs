@@ -75,18 +75,29 @@ pub struct GlobalConfig {
     /// Raise the process's open-file limit (RLIMIT_NOFILE) to this many at start-up.
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub max_open_files: Option<u64>,
-    /// Digest function assumed when a request does not name one: `sha256` (default) or `blake3`.
+    /// Digest function assumed when a request does not name one and its hash has 64 hex
+    /// digits (SHA-256 and BLAKE3 both do): `sha256` (default) or `blake3`.
     #[serde(default)]
-    pub default_digest_hash_function: Option<String>,
-    /// Size of the blob the health check writes and reads back.
-    #[serde(default, deserialize_with = "num::opt_u64")]
-    pub default_digest_size_health_check: Option<u64>,
-    /// Turn `/metrics` off.
+    pub default_digest_hash_function: Option<DigestHashFunction>,
+    /// When set, `/status` also writes a blob of this many bytes to each store and reads it
+    /// back (the same bytes every time, so it is stored once); without it, `/status` asks each
+    /// store for its health without writing.
+    #[serde(default)]
+    pub default_digest_size_health_check: Option<ByteSize>,
+    /// Turn metrics off: no `/metrics` route and no OTLP metric export.
     #[serde(default)]
     pub disable_metrics: bool,
     /// Prefix of every metric name (default `nativelink`, so that the guides' queries work).
     #[serde(default)]
     pub metrics_prefix: Option<String>,
+}
+
+/// `global.default_digest_hash_function`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DigestHashFunction {
+    Sha256,
+    Blake3,
 }
 
 impl CairnConfig {

@@ -16,8 +16,23 @@ pub struct ServerConfig {
     pub listener: Listener,
     #[serde(default)]
     pub services: Option<Services>,
+    /// The request header that names who sent a request (NativeLink's key): it is logged
+    /// with the request, and with `required: true` a gRPC request without it is refused with
+    /// UNAUTHENTICATED.
     #[serde(default)]
-    pub experimental_identity_header: Option<serde_json::Value>,
+    pub experimental_identity_header: Option<IdentityHeader>,
+}
+
+/// `servers[].experimental_identity_header`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityHeader {
+    /// Header name (default `x-identity`).
+    #[serde(default)]
+    pub header_name: Option<String>,
+    /// Refuse gRPC requests that do not carry the header.
+    #[serde(default)]
+    pub required: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -22,6 +22,9 @@ pub enum DigestFunction {
     Sha512,
 }
 
+/// `global.default_digest_hash_function` is `blake3`.
+static DEFAULT_IS_BLAKE3: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 impl DigestFunction {
     pub const ALL: [DigestFunction; 5] = [
         DigestFunction::Sha256,
@@ -73,7 +76,7 @@ impl DigestFunction {
     pub fn from_request(value: i32, hash_hex_len: usize) -> Result<DigestFunction, Error> {
         match ProtoFn::try_from(value) {
             Ok(ProtoFn::Unknown) => match hash_hex_len {
-                64 => Ok(DigestFunction::Sha256),
+                64 => Ok(DigestFunction::default_for_64_hex()),
                 40 => Ok(DigestFunction::Sha1),
                 96 => Ok(DigestFunction::Sha384),
                 128 => Ok(DigestFunction::Sha512),
@@ -94,6 +97,25 @@ impl DigestFunction {
                 "digest function {value} is not a known REAPI DigestFunction value"
             ))),
         }
+    }
+
+    /// The function of a 64-hex-digit hash whose request names none: SHA-256 unless
+    /// [`DigestFunction::set_default_for_64_hex`] chose BLAKE3 (`global.default_digest_hash_function`).
+    pub fn default_for_64_hex() -> DigestFunction {
+        if DEFAULT_IS_BLAKE3.load(std::sync::atomic::Ordering::Relaxed) {
+            DigestFunction::Blake3
+        } else {
+            DigestFunction::Sha256
+        }
+    }
+
+    /// Sets the process-wide default for 64-hex-digit hashes (SHA-256 or BLAKE3; any other
+    /// function is ignored), once at start-up.
+    pub fn set_default_for_64_hex(f: DigestFunction) {
+        DEFAULT_IS_BLAKE3.store(
+            f == DigestFunction::Blake3,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     pub fn hasher(self) -> Hasher {

@@ -71,7 +71,7 @@ impl ByteStreamService {
     }
 
     fn default_function() -> DigestFunction {
-        DigestFunction::Sha256
+        DigestFunction::default_for_64_hex()
     }
 
     /// Starts the store put for a new upload.

@@ -88,7 +88,7 @@ impl Capabilities for CapabilitiesService {
                     ..Default::default()
                 });
                 let execution = caps.execution.then(|| re::ExecutionCapabilities {
-                    digest_function: DigestFunction::Sha256.to_proto(),
+                    digest_function: DigestFunction::default_for_64_hex().to_proto(),
                     exec_enabled: true,
                     execution_priority_capabilities: None,
                     supported_node_properties: vec![],

@@ -23,6 +23,42 @@ pub struct HttpState {
     pub health_timeout: Duration,
     /// Schedulers this process runs, for `/metrics`.
     pub schedulers: Vec<crate::execution::ExecutionPipeline>,
+    /// Size of the blob `/status` writes to each store and reads back (0: none).
+    pub probe_bytes: u64,
+}
+
+/// The probe blob of `size` bytes: the same bytes for the same size (a probe never stores
+/// more than one blob per size), shaped as an encoded `ActionResult` whose only field is
+/// `stdout_raw`, so that an action-cache store that checks what it serves (completeness
+/// checking) reads it back like any other entry.
+fn probe_blob(size: u64) -> bytes::Bytes {
+    // Tag 5 (stdout_raw), wire type 2: one key byte, the length as a varint, the payload.
+    let size = size.clamp(2, 64 << 20) as usize;
+    let mut payload = size - 2;
+    while 1 + prost::encoding::encoded_len_varint(payload as u64) + payload > size {
+        payload -= 1;
+    }
+    let mut out = Vec::with_capacity(size);
+    out.push((5 << 3) | 2);
+    prost::encoding::encode_varint(payload as u64, &mut out);
+    out.extend((0..payload).map(|i| (i as u64).wrapping_mul(31) as u8 ^ b'c'));
+    out.into()
+}
+
+/// Writes a blob of `size` bytes (the same bytes for the same size, so it is stored once) and
+/// reads it back.
+async fn probe(store: &StoreRef, size: u64) -> Health {
+    use cairn_store::StoreExt;
+    let data = probe_blob(size);
+    let digest = cairn_core::DigestFunction::Sha256.compute(&data);
+    if let Err(e) = store.put_bytes(&digest, data.clone()).await {
+        return Health::Failed(format!("health probe: writing {digest}: {e}"));
+    }
+    match store.get_all(&digest, data.len()).await {
+        Ok(back) if back == data => Health::Ok,
+        Ok(_) => Health::Failed(format!("health probe: {digest} read back different bytes")),
+        Err(e) => Health::Failed(format!("health probe: reading {digest} back: {e}")),
+    }
 }
 
 /// The router for `/status` (at `status_path`) and, when enabled, `/metrics`.
@@ -41,8 +77,15 @@ async fn status(State(s): State<HttpState>) -> impl IntoResponse {
     let checks = s.stores.iter().map(|(name, store)| {
         let store = store.clone();
         let timeout = s.health_timeout;
+        let probe_bytes = s.probe_bytes;
         async move {
-            let health = match tokio::time::timeout(timeout, store.health()).await {
+            let check = async {
+                match store.health().await {
+                    Health::Ok if probe_bytes > 0 => probe(&store, probe_bytes).await,
+                    other => other,
+                }
+            };
+            let health = match tokio::time::timeout(timeout, check).await {
                 Ok(h) => h,
                 Err(_) => Health::Failed(format!("health check took longer than {timeout:?}")),
             };
@@ -167,4 +210,39 @@ fn total_entries(info: &cairn_store::StoreInfo) -> u64 {
             .iter()
             .map(|(_, c)| total_entries(c))
             .sum::<u64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn probe_blobs_are_action_results_of_the_asked_size() {
+        for size in [
+            2u64,
+            3,
+            100,
+            127,
+            128,
+            129,
+            130,
+            1 << 14,
+            (1 << 14) + 2,
+            1 << 20,
+        ] {
+            let blob = probe_blob(size);
+            assert!(
+                blob.len() as u64 == size || blob.len() as u64 == size - 1,
+                "{size}: {}",
+                blob.len()
+            );
+            let r = cairn_core::proto::build::bazel::remote::execution::v2::ActionResult::decode(
+                blob.clone(),
+            )
+            .unwrap();
+            assert!(r.output_files.is_empty() && r.stdout_digest.is_none());
+            assert_eq!(probe_blob(size), blob, "the same bytes every time");
+        }
+    }
 }

@@ -73,6 +73,9 @@ pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked
     }
     let services = cfg.services.clone().unwrap_or_default();
     check_worker_api_alone(&path, &services)?;
+    if let Some(id) = &cfg.experimental_identity_header {
+        identity_header(&path, id)?;
+    }
     let sp = format!("{path}.services");
     for (key, v) in [
         ("admin", &services.admin),
@@ -338,17 +341,29 @@ pub async fn serve(
         health_timeout: Duration::from_secs(
             health.as_ref().and_then(|h| h.timeout_seconds).unwrap_or(5),
         ),
+        probe_bytes: limits.health_probe_bytes,
     };
     let status_path = health
         .as_ref()
         .map(|h| h.path.clone().unwrap_or_else(|| "/status".into()));
     // `/metrics` is served wherever `/status` is, unless configured otherwise.
     let metrics_path = match (&metrics_cfg, &health) {
+        _ if !metrics.enabled() => None,
         (Some(m), _) => Some(m.path.clone().unwrap_or_else(|| "/metrics".into())),
         (None, Some(_)) => Some("/metrics".to_string()),
         (None, None) => None,
     };
     let mut grpc = routes.routes().prepare().into_axum_router();
+    if let Some(id) = &cfg.experimental_identity_header {
+        let header = identity_header(&path, id)?;
+        let required = id.required;
+        grpc = grpc.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let header = header.clone();
+                async move { identity(&header, required, req, next).await }
+            },
+        ));
+    }
     if metrics.traces_enabled() {
         // Incoming `traceparent` headers become the parents of request spans.
         grpc = grpc.layer(axum::middleware::from_fn(
@@ -548,6 +563,45 @@ fn check_worker_api_alone(path: &str, services: &Services) -> Result<(), Error> 
         "{path}.services.worker_api: served on the same listener as client services ({}); anyone who can reach this port could register as a worker and write action results. Serve worker_api on its own listener (the guides use port 50061, reachable by workers only, with mTLS), or set {path}.services.worker_api.allow_client_services_on_same_listener: true",
         client.join(", ")
     )))
+}
+
+/// The header of `experimental_identity_header` (default `x-identity`).
+fn identity_header(
+    path: &str,
+    id: &cairn_config::servers::IdentityHeader,
+) -> Result<::http::HeaderName, Error> {
+    let name = id.header_name.as_deref().unwrap_or("x-identity");
+    ::http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|e| {
+        Error::invalid_argument(format!(
+            "{path}.experimental_identity_header.header_name: {name:?} is not a header name ({e})"
+        ))
+    })
+}
+
+/// `experimental_identity_header`: logs who sent each gRPC request; refuses one without the
+/// header when it is required.
+async fn identity(
+    header: &::http::HeaderName,
+    required: bool,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let who = req
+        .headers()
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    match who {
+        Some(who) => {
+            let span = tracing::info_span!("request", identity = %who, path = %req.uri().path());
+            tracing::Instrument::instrument(next.run(req), span).await
+        }
+        None if required => tonic::Status::unauthenticated(format!(
+            "this server requires the {header} header naming who sends the request"
+        ))
+        .into_http(),
+        None => next.run(req).await,
+    }
 }
 
 /// One accepted connection, before its TLS handshake (if any) and HTTP.

@@ -112,6 +112,8 @@ pub struct Metrics {
     pub otlp_spans_dropped: Counter,
     /// Where finished RPCs go as spans; set once, only when traces are exported.
     spans: OnceLock<SpanSink>,
+    /// `global.disable_metrics`: no `/metrics` route and no OTLP metric export.
+    disabled: std::sync::atomic::AtomicBool,
 }
 
 impl Metrics {
@@ -151,6 +153,7 @@ impl Metrics {
             ),
             otlp_spans_dropped: Default::default(),
             spans: OnceLock::new(),
+            disabled: Default::default(),
         };
         r.register(
             "requests",
@@ -265,6 +268,17 @@ impl Metrics {
     /// call has an effect.
     pub fn record_spans(&self, sink: SpanSink) {
         let _ = self.spans.set(sink);
+    }
+
+    /// Turns metrics off (`global.disable_metrics`), before any listener starts.
+    pub fn disable(&self) {
+        self.disabled
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether metrics are served and exported.
+    pub fn enabled(&self) -> bool {
+        !self.disabled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether finished RPCs become spans (OTLP trace export is on).

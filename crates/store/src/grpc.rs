@@ -3,7 +3,12 @@
 //! `ActionResult`s). It is what a worker uses to reach the CAS and AC of a split deployment.
 //!
 //! Uploads stream through ByteStream.Write; the remote server verifies them. Reads stream
-//! through ByteStream.Read with offset and limit. Connections are made lazily and reused.
+//! through ByteStream.Read with offset and limit. Connections are made lazily and reused:
+//! `connections_per_endpoint` of them per endpoint, each with at most `concurrency_limit`
+//! requests in flight; `max_concurrent_requests` bounds the store's requests in all. `retry`
+//! retries what can be sent again whole (FindMissingBlobs, GetActionResult,
+//! UpdateActionResult, and opening a read) on the codes of `retry_on_errors`, with exponential
+//! backoff and jitter; an upload is never retried, since its body streams once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -38,6 +43,88 @@ pub struct GrpcStore {
     channels: Vec<Channel>,
     next: AtomicUsize,
     addresses: Vec<String>,
+    retry: RetryPolicy,
+    /// `max_concurrent_requests`.
+    permits: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+}
+
+/// `retry` of the config, checked.
+#[derive(Debug, Clone, Default)]
+pub struct RetryPolicy {
+    max_retries: u32,
+    delay: std::time::Duration,
+    jitter: f64,
+    codes: Vec<tonic::Code>,
+}
+
+impl RetryPolicy {
+    fn from_config(r: Option<&cairn_config::stores::Retry>) -> Result<RetryPolicy, Error> {
+        let Some(r) = r else {
+            return Ok(RetryPolicy::default());
+        };
+        let codes = match &r.retry_on_errors {
+            None => vec![
+                tonic::Code::Unavailable,
+                tonic::Code::ResourceExhausted,
+                tonic::Code::Aborted,
+                tonic::Code::DeadlineExceeded,
+                tonic::Code::Unknown,
+            ],
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    code_named(n).ok_or_else(|| {
+                        Error::invalid_argument(format!(
+                            "grpc.retry.retry_on_errors: {n:?} is not a gRPC status code name (such as Unavailable, ResourceExhausted, Internal)"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let delay = r.delay.unwrap_or(0.0);
+        if !(0.0..=3600.0).contains(&delay) {
+            return Err(Error::invalid_argument(format!(
+                "grpc.retry.delay: expected seconds from 0 to 3600, found {delay}"
+            )));
+        }
+        let jitter = r.jitter.unwrap_or(0.0);
+        if !(0.0..=10.0).contains(&jitter) {
+            return Err(Error::invalid_argument(format!(
+                "grpc.retry.jitter: expected a fraction from 0 to 10, found {jitter}"
+            )));
+        }
+        Ok(RetryPolicy {
+            max_retries: r.max_retries.unwrap_or(0).min(100) as u32,
+            delay: std::time::Duration::from_secs_f64(delay),
+            jitter,
+            codes,
+        })
+    }
+
+    /// The wait before retry number `attempt` (from 0): `delay * 2^attempt`, plus up to
+    /// `jitter` times that, capped at 60 s.
+    fn backoff(&self, attempt: u32) -> std::time::Duration {
+        let base = self.delay.as_secs_f64() * f64::from(1u32 << attempt.min(16));
+        // A fraction from the clock's nanoseconds: enough to spread retries apart.
+        let noise = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()) as f64
+            / 1e9;
+        std::time::Duration::from_secs_f64((base * (1.0 + self.jitter * noise)).min(60.0))
+    }
+}
+
+/// A gRPC status code by name, in NativeLink's spelling (`Unavailable`) or the protocol's
+/// (`UNAVAILABLE`, `resource_exhausted`).
+fn code_named(name: &str) -> Option<tonic::Code> {
+    let n: String = name
+        .chars()
+        .filter(|c| *c != '_')
+        .collect::<String>()
+        .to_ascii_lowercase();
+    (0..=16)
+        .map(tonic::Code::from_i32)
+        .find(|c| format!("{c:?}").to_ascii_lowercase() == n)
 }
 
 /// Checks the config without connecting: the store type, and that every endpoint is an
@@ -69,6 +156,24 @@ pub fn check(cfg: &GrpcConfig) -> Result<(Kind, Vec<tonic::transport::Endpoint>)
             )
         })
         .collect::<Result<_, _>>()?;
+    RetryPolicy::from_config(cfg.retry.as_ref())?;
+    if cfg.connections_per_endpoint == Some(0) {
+        return Err(Error::invalid_argument(
+            "grpc.connections_per_endpoint: expected at least 1",
+        ));
+    }
+    if cfg.max_concurrent_requests == Some(0) {
+        return Err(Error::invalid_argument(
+            "grpc.max_concurrent_requests: expected at least 1 (leave it out for no limit)",
+        ));
+    }
+    for (i, e) in cfg.endpoints.iter().enumerate() {
+        if e.concurrency_limit == Some(0) {
+            return Err(Error::invalid_argument(format!(
+                "grpc.endpoints[{i}].concurrency_limit: expected at least 1 (leave it out for no limit)"
+            )));
+        }
+    }
     Ok((kind, endpoints))
 }
 
@@ -86,7 +191,14 @@ impl GrpcStore {
                 .max_frame_size(Some(256 << 10))
                 .http2_keep_alive_interval(std::time::Duration::from_secs(30))
                 .connect_timeout(std::time::Duration::from_secs(10));
-            channels.push(ep.connect_lazy());
+            let ep = match e.concurrency_limit {
+                Some(n) => ep.concurrency_limit(n as usize),
+                None => ep,
+            };
+            // Each lazy channel is a connection of its own.
+            for _ in 0..cfg.connections_per_endpoint.unwrap_or(1).min(64) {
+                channels.push(ep.connect_lazy());
+            }
             addresses.push(e.address.clone());
         }
         Ok(GrpcStore {
@@ -95,6 +207,12 @@ impl GrpcStore {
             channels,
             next: AtomicUsize::new(0),
             addresses,
+            retry: RetryPolicy::from_config(cfg.retry.as_ref())?,
+            permits: cfg.max_concurrent_requests.map(|n| {
+                std::sync::Arc::new(tokio::sync::Semaphore::new(
+                    n.min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
+                ))
+            }),
         })
     }
 
@@ -141,6 +259,35 @@ impl GrpcStore {
     fn upstream(&self, e: tonic::Status) -> Error {
         Error::from(e).context(format!("upstream {}", self.addresses.join(",")))
     }
+
+    /// A slot of `max_concurrent_requests`, held for the call (and a read's stream).
+    async fn permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        match &self.permits {
+            Some(p) => p.clone().acquire_owned().await.ok(),
+            None => None,
+        }
+    }
+
+    /// Runs `call` (a request that can be sent again whole), retrying per `retry`.
+    async fn retried<T, F, Fut>(&self, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match call().await {
+                Err(e)
+                    if attempt < self.retry.max_retries && self.retry.codes.contains(&e.code()) =>
+                {
+                    tracing::debug!(upstream = %self.addresses.join(","), code = ?e.code(), attempt, "retrying");
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -160,12 +307,17 @@ impl Store for GrpcStore {
                     if idx.is_empty() {
                         continue;
                     }
+                    let request = re::FindMissingBlobsRequest {
+                        instance_name: self.instance.clone(),
+                        blob_digests: idx.iter().map(|&i| keys[i].to_proto()).collect(),
+                        digest_function: f.to_proto(),
+                    };
+                    let _permit = self.permit().await;
                     let resp = self
-                        .cas()
-                        .find_missing_blobs(re::FindMissingBlobsRequest {
-                            instance_name: self.instance.clone(),
-                            blob_digests: idx.iter().map(|&i| keys[i].to_proto()).collect(),
-                            digest_function: f.to_proto(),
+                        .retried(|| {
+                            let mut client = self.cas();
+                            let request = request.clone();
+                            async move { client.find_missing_blobs(request).await }
                         })
                         .await
                         .map_err(|e| self.upstream(e))?
@@ -214,12 +366,17 @@ impl Store for GrpcStore {
         if key.is_empty_blob() {
             return Ok(stream::empty());
         }
+        let request = ReadRequest {
+            resource_name: format!("{}{}", self.prefix(), Self::path(key)),
+            read_offset: offset as i64,
+            read_limit: length.unwrap_or(0) as i64,
+        };
+        let permit = self.permit().await;
         let resp = self
-            .bytestream()
-            .read(ReadRequest {
-                resource_name: format!("{}{}", self.prefix(), Self::path(key)),
-                read_offset: offset as i64,
-                read_limit: length.unwrap_or(0) as i64,
+            .retried(|| {
+                let mut client = self.bytestream();
+                let request = request.clone();
+                async move { client.read(request).await }
             })
             .await
             .map_err(|e| self.upstream(e))?
@@ -227,6 +384,8 @@ impl Store for GrpcStore {
         let addresses = self.addresses.join(",");
         Ok(resp
             .map(move |r| {
+                // The permit lives as long as the stream.
+                let _ = &permit;
                 r.map(|m| Bytes::from(m.data))
                     .map_err(|e| Error::from(e).context(format!("upstream {addresses}")))
             })
@@ -239,16 +398,21 @@ impl Store for GrpcStore {
             let result = re::ActionResult::decode(data.as_ref()).map_err(|e| {
                 Error::invalid_argument(format!("{key}: value is not an ActionResult: {e}"))
             })?;
-            self.ac()
-                .update_action_result(re::UpdateActionResultRequest {
-                    instance_name: self.instance.clone(),
-                    action_digest: Some(key.to_proto()),
-                    action_result: Some(result),
-                    results_cache_policy: None,
-                    digest_function: key.function().to_proto(),
-                })
-                .await
-                .map_err(|e| self.upstream(e))?;
+            let request = re::UpdateActionResultRequest {
+                instance_name: self.instance.clone(),
+                action_digest: Some(key.to_proto()),
+                action_result: Some(result),
+                results_cache_policy: None,
+                digest_function: key.function().to_proto(),
+            };
+            let _permit = self.permit().await;
+            self.retried(|| {
+                let mut client = self.ac();
+                let request = request.clone();
+                async move { client.update_action_result(request).await }
+            })
+            .await
+            .map_err(|e| self.upstream(e))?;
             return Ok(());
         }
         let name = format!(
@@ -271,6 +435,7 @@ impl Store for GrpcStore {
             pending: Default::default(),
             failure: failure.clone(),
         };
+        let _permit = self.permit().await;
         let result = upload(self.bytestream(), feed).await;
         if let Some(e) = failure.get().cloned() {
             return Err(e);
@@ -299,15 +464,20 @@ impl Store for GrpcStore {
 
 impl GrpcStore {
     async fn get_action_result(&self, key: &Digest) -> Result<Bytes, Error> {
+        let request = re::GetActionResultRequest {
+            instance_name: self.instance.clone(),
+            action_digest: Some(key.to_proto()),
+            inline_stdout: false,
+            inline_stderr: false,
+            inline_output_files: vec![],
+            digest_function: key.function().to_proto(),
+        };
+        let _permit = self.permit().await;
         let r = self
-            .ac()
-            .get_action_result(re::GetActionResultRequest {
-                instance_name: self.instance.clone(),
-                action_digest: Some(key.to_proto()),
-                inline_stdout: false,
-                inline_stderr: false,
-                inline_output_files: vec![],
-                digest_function: key.function().to_proto(),
+            .retried(|| {
+                let mut client = self.ac();
+                let request = request.clone();
+                async move { client.get_action_result(request).await }
             })
             .await
             .map_err(|e| self.upstream(e))?
@@ -395,4 +565,45 @@ async fn upload(
     let result = client.write(requests).await;
     pump.abort();
     result
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+
+    #[test]
+    fn code_names_in_either_spelling() {
+        assert_eq!(code_named("Unavailable"), Some(tonic::Code::Unavailable));
+        assert_eq!(
+            code_named("RESOURCE_EXHAUSTED"),
+            Some(tonic::Code::ResourceExhausted)
+        );
+        assert_eq!(
+            code_named("deadline_exceeded"),
+            Some(tonic::Code::DeadlineExceeded)
+        );
+        assert_eq!(code_named("Teapot"), None);
+    }
+
+    #[test]
+    fn backoff_doubles_and_jitter_only_adds() {
+        let p = RetryPolicy::from_config(Some(&cairn_config::stores::Retry {
+            max_retries: Some(5),
+            delay: Some(0.1),
+            jitter: Some(0.5),
+            retry_on_errors: None,
+        }))
+        .unwrap();
+        for attempt in 0..4 {
+            let base = 0.1 * f64::from(1u32 << attempt);
+            let b = p.backoff(attempt).as_secs_f64();
+            assert!(b >= base - 1e-9 && b <= base * 1.5 + 1e-9, "{attempt}: {b}");
+        }
+        let bad = RetryPolicy::from_config(Some(&cairn_config::stores::Retry {
+            retry_on_errors: Some(vec!["Nope".into()]),
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert!(bad.message.contains("retry_on_errors"), "{bad}");
+    }
 }

@@ -185,7 +185,7 @@ pub fn start(metrics: Arc<crate::Metrics>) -> Option<OtlpExport> {
     let cfg = OtlpConfig::from_env()?;
     let stop = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    if let Some(signal) = cfg.metrics.clone() {
+    if let Some(signal) = cfg.metrics.clone().filter(|_| metrics.enabled()) {
         tracing::info!(endpoint = %signal.endpoint, http = signal.http, "exporting metrics over OTLP");
         tasks.spawn(metrics::run(
             cfg.clone(),
