@@ -11,7 +11,7 @@ use cairn_server::ac::{AcInstance, AcService};
 use cairn_server::cas::CasService;
 use cairn_server::instances::Instances;
 use cairn_server::{Limits, Metrics};
-use cairn_store::{memory::MemoryStore, Store, StoreRef};
+use cairn_store::{memory::MemoryStore, StoreRef};
 use futures::StreamExt;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;

@@ -56,6 +56,15 @@ impl<V: Clone> EvictionMap<V> {
         }
     }
 
+    /// The byte bound (0: none).
+    pub fn max_bytes(&self) -> u64 {
+        if self.max_bytes == 0 {
+            u64::MAX
+        } else {
+            self.max_bytes
+        }
+    }
+
     fn now_s(&self) -> u64 {
         self.start.elapsed().as_secs()
     }

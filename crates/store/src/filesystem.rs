@@ -32,6 +32,28 @@ use crate::{check_range, Health, Store, StoreInfo};
 /// action-cache entry).
 const SMALL_PUT: usize = 256 << 10;
 
+/// The bound of a filesystem store configured without `max_bytes`: 90% of the size of the
+/// file system that holds `content` (created if missing), so that the store evicts before the
+/// disk is full.
+async fn default_max_bytes(content: &Path) -> Result<u64, Error> {
+    tokio::fs::create_dir_all(content)
+        .await
+        .map_err(|e| Error::io(format!("creating {}", content.display()), e))?;
+    let path = std::ffi::CString::new(content.as_os_str().as_encoded_bytes()).map_err(|_| {
+        Error::invalid_argument(format!("{}: a NUL in the path", content.display()))
+    })?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `st` a writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(Error::io(
+            format!("statvfs {}", content.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let capacity = (st.f_blocks as u64).saturating_mul(st.f_frsize as u64);
+    Ok((capacity / 10 * 9).max(1 << 20))
+}
+
 pub struct FilesystemStore {
     content: PathBuf,
     temp: PathBuf,
@@ -48,7 +70,16 @@ impl FilesystemStore {
             Some(t) => PathBuf::from(t),
             None => PathBuf::from(format!("{}.tmp", cfg.content_path.trim_end_matches('/'))),
         };
-        let index = Arc::new(EvictionMap::new(cfg.eviction_policy.as_ref()));
+        let mut policy = cfg.eviction_policy.clone().unwrap_or_default();
+        if policy.max_bytes.0 == 0 {
+            policy.max_bytes.0 = default_max_bytes(&content).await?;
+            tracing::info!(
+                path = %content.display(),
+                max_bytes = policy.max_bytes.0,
+                "filesystem store without eviction_policy.max_bytes: bounded at 90% of its file system"
+            );
+        }
+        let index = Arc::new(EvictionMap::new(Some(&policy)));
         let read_buffer = cfg
             .read_buffer_size
             .map_or(CHUNK_SIZE, |s| (s.0 as usize).clamp(4096, 16 << 20));
@@ -108,6 +139,12 @@ impl FilesystemStore {
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
             size += chunk.len() as u64;
+            if size > self.index.max_bytes() {
+                return Err(Error::resource_exhausted(format!(
+                    "the blob is larger than this filesystem store's max_bytes ({} bytes)",
+                    self.index.max_bytes()
+                )));
+            }
             file.write_all(&chunk)
                 .await
                 .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
@@ -256,6 +293,12 @@ impl Store for FilesystemStore {
                 break;
             }
         }
+        if head_len as u64 > self.index.max_bytes() {
+            return Err(Error::resource_exhausted(format!(
+                "{key}: the blob is larger than this filesystem store's max_bytes ({} bytes)",
+                self.index.max_bytes()
+            )));
+        }
         let size = if longer {
             let size = match self.write_temp(&tmp, head, body).await {
                 Ok(size) => size,
@@ -325,6 +368,28 @@ mod tests {
             read_buffer_size: None,
             block_size: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_store_without_max_bytes_is_bounded_and_refuses_larger_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
+        let bound = store.index.max_bytes();
+        assert!(bound > 0 && bound < u64::MAX, "{bound}");
+
+        let store = FilesystemStore::open(&cfg(dir.path(), 1000)).await.unwrap();
+        for size in [1001usize, 300 << 10] {
+            let big = Bytes::from(vec![5u8; size]);
+            let key = DigestFunction::Sha256.compute(&big);
+            let e = store.put_bytes(&key, big).await.unwrap_err();
+            assert_eq!(e.code, cairn_core::Code::ResourceExhausted, "{size}: {e}");
+            assert!(store.has(&key).await.unwrap().is_none());
+        }
+        // Nothing is left in the temp directory.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[tokio::test]

@@ -112,6 +112,10 @@ pub struct SchedulerHandle {
 
 /// Commands queued to the driver before senders wait.
 const COMMAND_DEPTH: usize = 4096;
+/// Most operations a scheduler holds at once (queued, executing, and completed ones kept for
+/// `retain_completed_for_s`); past it Execute gets RESOURCE_EXHAUSTED, so no client can grow
+/// the scheduler's memory without bound.
+pub const MAX_OPERATIONS: usize = 200_000;
 /// Messages queued to one worker or one watcher.
 pub const STREAM_DEPTH: usize = 1024;
 
@@ -132,6 +136,7 @@ impl SchedulerHandle {
             start: Instant::now(),
             watchers: HashMap::new(),
             digests: HashMap::new(),
+            sweep_at: 1024,
             workers: HashMap::new(),
             next_watcher: 1,
             metrics,
@@ -268,6 +273,8 @@ struct Driver {
     start: Instant,
     watchers: HashMap<String, Vec<(u64, mpsc::Sender<OpUpdate>)>>,
     digests: HashMap<String, Digest>,
+    /// Size of `digests` at which it is next swept of operations the core has forgotten.
+    sweep_at: usize,
     workers: HashMap<String, mpsc::Sender<Result<wapi::SchedulerMessage, tonic::Status>>>,
     next_watcher: u64,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
@@ -358,6 +365,20 @@ impl Driver {
                 watcher,
                 reply,
             } => {
+                if self.digests.len() >= self.sweep_at {
+                    // Operations the core forgot (completed and expired) leave here too.
+                    let core = &self.core;
+                    self.digests
+                        .retain(|op, _| core.operation(&OperationId(op.clone())).is_some());
+                    self.sweep_at = (self.digests.len() * 2).max(1024);
+                }
+                if self.digests.len() >= MAX_OPERATIONS {
+                    let _ = reply.send(Err(Error::resource_exhausted(format!(
+                        "the scheduler holds {} operations, its limit; retry when some have completed",
+                        self.digests.len()
+                    ))));
+                    return;
+                }
                 let no = self.next_watcher;
                 self.next_watcher += 1;
                 self.digests.insert(op_id.clone(), digest);
