@@ -9,6 +9,7 @@
 //! bound is refused with RESOURCE_EXHAUSTED as it arrives, instead of evicting everything else
 //! to make room for it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -23,6 +24,21 @@ use crate::{check_range, Store, StoreInfo};
 pub struct MemoryStore {
     map: EvictionMap<Arc<Vec<Bytes>>>,
     max_bytes: u64,
+    /// Bytes held by puts still in progress (not yet in `map`): bounded by `max_bytes` too, so
+    /// that many slow or abandoned uploads cannot hold more memory than the store may.
+    pending: AtomicU64,
+}
+
+/// One put's share of `MemoryStore::pending`, given back when the put ends, however it ends.
+struct Pending<'a> {
+    total: &'a AtomicU64,
+    bytes: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 /// The bound of a memory store configured without `max_bytes`: a quarter of the physical
@@ -47,6 +63,7 @@ impl MemoryStore {
         MemoryStore {
             map: EvictionMap::new(Some(&policy)),
             max_bytes: policy.max_bytes.0,
+            pending: AtomicU64::new(0),
         }
     }
 
@@ -99,20 +116,34 @@ impl Store for MemoryStore {
 
     async fn put(&self, key: &Digest, mut body: BlobStream) -> Result<(), Error> {
         let mut chunks = Vec::new();
-        let mut size = 0u64;
+        // The bytes of this put held so far, counted in `pending` until it ends either way.
+        let mut held = Pending {
+            total: &self.pending,
+            bytes: 0,
+        };
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
             if !chunk.is_empty() {
-                size += chunk.len() as u64;
-                if size > self.max_bytes {
+                let n = chunk.len() as u64;
+                if held.bytes + n > self.max_bytes {
                     return Err(Error::resource_exhausted(format!(
                         "{key}: the blob is larger than this memory store's max_bytes ({} bytes); storing it would evict everything else",
+                        self.max_bytes
+                    )));
+                }
+                let before = self.pending.fetch_add(n, Ordering::Relaxed);
+                held.bytes += n;
+                if before + n > self.max_bytes {
+                    return Err(Error::resource_exhausted(format!(
+                        "{key}: uploads in progress to this memory store already hold {before} bytes; with this one they would pass its max_bytes ({}); retry later",
                         self.max_bytes
                     )));
                 }
                 chunks.push(chunk);
             }
         }
+        let size = held.bytes;
+        drop(held);
         drop(self.map.insert(*key, Arc::new(chunks), size));
         Ok(())
     }
@@ -158,6 +189,49 @@ mod tests {
         assert!(err.to_string().contains("max_bytes"), "{err}");
         assert_eq!(store.get_all(&small_key, 100).await.unwrap(), small);
         assert!(store.has(&big_key).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn puts_in_progress_together_hold_at_most_max_bytes() {
+        let cfg = MemoryConfig {
+            eviction_policy: Some(cairn_config::stores::EvictionPolicy {
+                max_bytes: cairn_config::ByteSize(1000),
+                ..Default::default()
+            }),
+        };
+        let store = Arc::new(MemoryStore::new(&cfg));
+        // Three uploads of 400 bytes each, each stuck after its first 400 bytes.
+        let mut stuck = Vec::new();
+        let mut results = Vec::new();
+        for i in 0..3u8 {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Error>>(1);
+            let body =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|m| (m, rx)) },
+                )
+                .boxed();
+            let key = cairn_core::DigestFunction::Sha256.compute(&[i; 800]);
+            let s = store.clone();
+            results.push(tokio::spawn(async move { s.put(&key, body).await }));
+            tx.send(Ok(Bytes::from(vec![i; 400]))).await.unwrap();
+            stuck.push(tx);
+        }
+        // The third pushed the pending total past 1000: it fails at once.
+        let third = results.pop().unwrap();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(10), third)
+            .await
+            .expect("the third put did not fail at once")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code, cairn_core::Code::ResourceExhausted, "{e}");
+        assert!(e.message.contains("in progress"), "{e}");
+        // The stuck ones give their bytes back when their clients go away.
+        drop(stuck);
+        for r in results {
+            let _ = r.await;
+        }
+        assert_eq!(store.pending.load(Ordering::Relaxed), 0);
     }
 
     #[test]
