@@ -151,6 +151,13 @@ pub async fn serve(
     };
 
     let mut routes = tonic::service::Routes::builder();
+    let (has_cas, has_ac, has_bytestream, has_capabilities, has_execution) = (
+        services.cas.is_some(),
+        services.ac.is_some(),
+        services.bytestream.is_some(),
+        services.capabilities.is_some(),
+        services.execution.is_some(),
+    );
     let Services {
         cas,
         ac,
@@ -353,6 +360,21 @@ pub async fn serve(
         (None, Some(_)) => Some("/metrics".to_string()),
         (None, None) => None,
     };
+    for (service, served) in [
+        ("cas", has_cas),
+        ("ac", has_ac),
+        ("bytestream", has_bytestream),
+        ("capabilities", has_capabilities),
+        ("execution", has_execution),
+        ("operations", has_execution),
+    ] {
+        if served {
+            metrics.init_service(service);
+        }
+    }
+    if has_execution {
+        metrics.init_execution();
+    }
     let mut grpc = routes.routes().prepare().into_axum_router();
     if let Some(id) = &cfg.experimental_identity_header {
         let header = identity_header(&path, id)?;

@@ -19,6 +19,7 @@ pub struct MeteredStore {
 
 impl MeteredStore {
     pub fn wrap(name: &str, inner: StoreRef, metrics: Arc<Metrics>) -> StoreRef {
+        metrics.init_store(name);
         Arc::new(MeteredStore {
             name: name.to_string(),
             inner,

@@ -82,6 +82,37 @@ fn duration_histogram() -> Histogram {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Every gRPC method, by the service label `Metrics::rpc` gives it: the series created at 0
+/// when a listener serves the service ([`Metrics::init_service`]).
+pub const SERVICE_METHODS: &[(&str, &[&str])] = &[
+    (
+        "cas",
+        &[
+            "FindMissingBlobs",
+            "BatchUpdateBlobs",
+            "BatchReadBlobs",
+            "GetTree",
+        ],
+    ),
+    ("ac", &["GetActionResult", "UpdateActionResult"]),
+    ("bytestream", &["Read", "Write", "QueryWriteStatus"]),
+    ("capabilities", &["GetCapabilities"]),
+    ("execution", &["Execute", "WaitExecution"]),
+    (
+        "operations",
+        &[
+            "GetOperation",
+            "ListOperations",
+            "CancelOperation",
+            "DeleteOperation",
+            "WaitOperation",
+        ],
+    ),
+];
+
+/// The execution results that `execution_completed_count_total` counts.
+pub const EXECUTION_RESULTS: [&str; 4] = ["success", "failure", "cache_hit", "timeout"];
+
 /// The process's metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
@@ -306,6 +337,61 @@ impl Metrics {
             labels: RpcLabels { service, method },
             start: Instant::now(),
             span,
+        }
+    }
+
+    /// Creates the series of every method of `service` at 0 (requests, the duration
+    /// histogram, and errors with `code="Internal"`), so that the guides' queries return 0,
+    /// not nothing, from the first scrape.
+    pub fn init_service(&self, service: &str) {
+        let Some((service, methods)) = SERVICE_METHODS.iter().find(|(s, _)| *s == service) else {
+            return;
+        };
+        for method in methods.iter() {
+            let labels = RpcLabels { service, method };
+            let _ = self.requests.get_or_create(&labels);
+            let _ = self.request_duration.get_or_create(&labels);
+            let _ = self.request_errors.get_or_create(&RpcErrorLabels {
+                service,
+                method,
+                code: "Internal".to_string(),
+            });
+        }
+    }
+
+    /// Creates every `execution_result` series at 0.
+    pub fn init_execution(&self) {
+        for result in EXECUTION_RESULTS {
+            let _ = self.execution_completed.get_or_create(&ResultLabels {
+                execution_result: result,
+            });
+        }
+    }
+
+    /// Creates the operation series of the store named `cache_type` at 0: reads (hit, miss,
+    /// error), writes (success, error) and evictions.
+    pub fn init_store(&self, cache_type: &str) {
+        for (name, result) in [
+            ("read", "hit"),
+            ("read", "miss"),
+            ("read", "error"),
+            ("write", "success"),
+            ("write", "error"),
+            ("evict", "success"),
+        ] {
+            let _ = self.cache_operations.get_or_create(&CacheOpLabels {
+                cache_type: cache_type.to_string(),
+                cache_operation_name: name,
+                cache_operation_result: result,
+            });
+        }
+        for name in ["read", "write"] {
+            let _ = self
+                .cache_operation_duration
+                .get_or_create(&CacheOpDurationLabels {
+                    cache_type: cache_type.to_string(),
+                    cache_operation_name: name,
+                });
         }
     }
 

@@ -247,6 +247,29 @@ async fn prometheus_scraping_cairn_answers_every_rule_dashboard_and_guide_expres
         ),
     );
 
+    // Fresh servers, before any request: every guide query already returns a series (the
+    // counters with known labels start at 0).
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    wait_for_two_scrapes_after(&prometheus, started).await;
+    let fresh: Vec<String> = GUIDE_QUERIES
+        .iter()
+        .filter_map(|q| {
+            let watched = without_threshold(q);
+            match prometheus.series(watched) {
+                Ok(n) if n > 0 => None,
+                other => Some(format!("`{watched}`: {other:?}")),
+            }
+        })
+        .collect();
+    assert!(
+        fresh.is_empty(),
+        "guide queries with no series on fresh servers:\n{}",
+        fresh.join("\n")
+    );
+
     let bazel = Bazel::new(bazel_bin, &dir("bazel"), "bazel-exec-workspace");
     tokio::task::block_in_place(|| bazel_remote_build(&bazel, &cas, &scheduler));
     execute_an_action_already_in_the_cache(&cas, &scheduler).await;
@@ -256,24 +279,8 @@ async fn prometheus_scraping_cairn_answers_every_rule_dashboard_and_guide_expres
         .unwrap()
         .as_secs_f64();
 
-    // Wait for two scrapes of both targets after the build (rate() needs two samples), then
-    // for the recording rules to see them.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let up = prometheus.number("sum(up{job=\"nativelink\"})");
-        let oldest = prometheus.number("min(timestamp(up{job=\"nativelink\"}))");
-        if up == Some(2.0) && oldest.is_some_and(|t| t > served + 2.5) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "Prometheus did not scrape both Cairn processes within 30s (sum(up) = {up:?}, \
-             last scrape {oldest:?}, build served at {served}):\n{}",
-            prometheus.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Two scrapes of both targets after the build (rate() needs two samples).
+    wait_for_two_scrapes_after(&prometheus, served).await;
 
     // What Cairn emits now: a metric without a sample cannot make a series.
     let mut exposed: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -367,4 +374,26 @@ async fn prometheus_scraping_cairn_answers_every_rule_dashboard_and_guide_expres
         failures.join("\n"),
         prometheus.log_text()
     );
+}
+
+/// Waits until Prometheus has scraped both Cairn processes twice after `since` (Unix seconds;
+/// rate() needs two samples), then for the recording rules to see them.
+async fn wait_for_two_scrapes_after(prometheus: &Prometheus, since: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let up = prometheus.number("sum(up{job=\"nativelink\"})");
+        let oldest = prometheus.number("min(timestamp(up{job=\"nativelink\"}))");
+        if up == Some(2.0) && oldest.is_some_and(|t| t > since + 2.5) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape both Cairn processes within 30s (sum(up) = {up:?}, \
+             last scrape {oldest:?}, waiting for scrapes after {since}):\n{}",
+            prometheus.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The recording rules are evaluated every second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
 }
