@@ -98,6 +98,18 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
                 )?;
             }
         }
+        for f in sv.fetch.iter().flat_map(|m| m.0.iter()) {
+            store(
+                &f.fetch_store,
+                format!("{p}.fetch.{}.fetch_store", f.instance_name),
+            )?;
+        }
+        for f in sv.push.iter().flat_map(|m| m.0.iter()) {
+            store(
+                &f.push_store,
+                format!("{p}.push.{}.push_store", f.instance_name),
+            )?;
+        }
         if let Some(w) = &sv.worker_api {
             scheduler(&w.scheduler, format!("{p}.worker_api.scheduler"))?;
         }

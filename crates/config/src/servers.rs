@@ -219,13 +219,41 @@ pub struct Services {
     pub metrics: Option<MetricsService>,
     #[serde(default)]
     pub admin: Option<serde_json::Value>,
+    /// Remote Asset API `Fetch`: `[{instance_name, fetch_store}]` (or the map form).
     #[serde(default)]
-    pub fetch: Option<serde_json::Value>,
+    pub fetch: Option<InstanceMap<FetchService>>,
+    /// Remote Asset API `Push`: `[{instance_name, push_store, read_only}]`.
     #[serde(default)]
-    pub push: Option<serde_json::Value>,
+    pub push: Option<InstanceMap<PushService>>,
     #[serde(default)]
     pub experimental_bep: Option<serde_json::Value>,
 }
+
+/// `services.fetch` (Remote Asset API): URIs and qualifiers resolve to blobs through the
+/// associations in `fetch_store`; what is not there is downloaded into the instance's CAS.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchService {
+    #[serde(default)]
+    pub instance_name: String,
+    /// Where the URI -> blob associations are kept (an action-cache-like store: its keys are
+    /// not the hashes of its values).
+    pub fetch_store: String,
+}
+instance_entry!(FetchService);
+
+/// `services.push` (Remote Asset API): records URI -> blob associations in `push_store`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushService {
+    #[serde(default)]
+    pub instance_name: String,
+    pub push_store: String,
+    /// Refuse PushBlob and PushDirectory.
+    #[serde(default)]
+    pub read_only: bool,
+}
+instance_entry!(PushService);
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,6 +7,7 @@
 //! `cairn_core::Error`. Limits live in [`Limits`].
 
 pub mod ac;
+pub mod asset;
 pub mod bytestream;
 pub mod bytestream_wire;
 pub mod capabilities;

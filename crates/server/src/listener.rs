@@ -79,8 +79,6 @@ pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked
     let sp = format!("{path}.services");
     for (key, v) in [
         ("admin", &services.admin),
-        ("fetch", &services.fetch),
-        ("push", &services.push),
         ("experimental_bep", &services.experimental_bep),
     ] {
         if v.is_some() {
@@ -186,6 +184,8 @@ pub async fn serve(
         }
     };
 
+    let mut cas_by_instance: std::collections::BTreeMap<String, cairn_store::StoreRef> =
+        Default::default();
     if let Some(cas) = cas {
         let mut inst = Instances::new("ContentAddressableStorage");
         for c in &cas.0 {
@@ -194,6 +194,7 @@ pub async fn serve(
                 &format!("{sp}.cas.{}.cas_store", c.instance_name),
             )?;
             note_store(&c.cas_store, &s);
+            cas_by_instance.insert(c.instance_name.clone(), s.clone());
             inst.insert(c.instance_name.clone(), s);
             caps_by_instance
                 .entry(c.instance_name.clone())
@@ -307,6 +308,54 @@ pub async fn serve(
             ),
         );
     }
+    if let Some(fetch) = &services.fetch {
+        let mut inst = Instances::new("Fetch");
+        for f in &fetch.0 {
+            let associations = store_named(
+                &f.fetch_store,
+                &format!("{sp}.fetch.{}.fetch_store", f.instance_name),
+            )?;
+            note_store(&f.fetch_store, &associations);
+            inst.insert(
+                f.instance_name.clone(),
+                crate::asset::FetchInstance {
+                    associations,
+                    cas: cas_by_instance.get(&f.instance_name).cloned(),
+                },
+            );
+        }
+        routes.add_service(
+            cairn_core::proto::build::bazel::remote::asset::v1::fetch_server::FetchServer::new(
+                crate::asset::FetchService::new(inst, metrics.clone())?,
+            )
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes),
+        );
+    }
+    if let Some(push) = &services.push {
+        let mut inst = Instances::new("Push");
+        for p in &push.0 {
+            let associations = store_named(
+                &p.push_store,
+                &format!("{sp}.push.{}.push_store", p.instance_name),
+            )?;
+            note_store(&p.push_store, &associations);
+            inst.insert(
+                p.instance_name.clone(),
+                crate::asset::PushInstance {
+                    associations,
+                    read_only: p.read_only,
+                },
+            );
+        }
+        routes.add_service(
+            cairn_core::proto::build::bazel::remote::asset::v1::push_server::PushServer::new(
+                crate::asset::PushService::new(inst, metrics.clone()),
+            )
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes),
+        );
+    }
     if let Some(w) = worker_api {
         let pipeline = scheduler_named(&w.scheduler, format!("{sp}.worker_api.scheduler"))?;
         routes.add_service(
@@ -367,6 +416,8 @@ pub async fn serve(
         ("capabilities", has_capabilities),
         ("execution", has_execution),
         ("operations", has_execution),
+        ("fetch", services.fetch.is_some()),
+        ("push", services.push.is_some()),
     ] {
         if served {
             metrics.init_service(service);

@@ -98,6 +98,8 @@ pub const SERVICE_METHODS: &[(&str, &[&str])] = &[
     ("bytestream", &["Read", "Write", "QueryWriteStatus"]),
     ("capabilities", &["GetCapabilities"]),
     ("execution", &["Execute", "WaitExecution"]),
+    ("fetch", &["FetchBlob", "FetchDirectory"]),
+    ("push", &["PushBlob", "PushDirectory"]),
     (
         "operations",
         &[
