@@ -207,6 +207,12 @@ impl FetchService {
                     )))
                 }
             }
+            if uri.host().is_some_and(is_metadata_host) {
+                return Err(Error::new(
+                    cairn_core::Code::PermissionDenied,
+                    format!("{uri}: link-local and cloud metadata addresses are never fetched"),
+                ));
+            }
             let mut req = http::Request::get(uri.clone()).header(
                 http::header::USER_AGENT,
                 concat!("cairn/", env!("CARGO_PKG_VERSION")),
@@ -317,6 +323,22 @@ impl FetchService {
         }
         Ok(digest)
     }
+}
+
+/// Hosts a download must never reach, even through a redirect: link-local addresses (where
+/// clouds serve instance credentials) and the metadata host names.
+fn is_metadata_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return match ip {
+            std::net::IpAddr::V4(v4) => v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+        };
+    }
+    matches!(
+        host.to_ascii_lowercase().as_str(),
+        "metadata.google.internal" | "metadata" | "instance-data"
+    )
 }
 
 /// `location` (absolute, or relative to `base`) as a URI.
@@ -592,6 +614,16 @@ mod tests {
             "sha512-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=",
         ] {
             assert!(parse_sri(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn metadata_hosts_are_recognised() {
+        for h in ["169.254.169.254", "[fe80::1]", "metadata.google.internal"] {
+            assert!(is_metadata_host(h), "{h}");
+        }
+        for h in ["127.0.0.1", "10.0.0.1", "example.com", "[::1]"] {
+            assert!(!is_metadata_host(h), "{h}");
         }
     }
 
