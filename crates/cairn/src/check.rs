@@ -110,6 +110,9 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
                 format!("{p}.push.{}.push_store", f.instance_name),
             )?;
         }
+        if let Some(b) = &sv.experimental_bep {
+            store(&b.store, format!("{p}.experimental_bep.store"))?;
+        }
         if let Some(w) = &sv.worker_api {
             scheduler(&w.scheduler, format!("{p}.worker_api.scheduler"))?;
         }

@@ -225,8 +225,18 @@ pub struct Services {
     /// Remote Asset API `Push`: `[{instance_name, push_store, read_only}]`.
     #[serde(default)]
     pub push: Option<InstanceMap<PushService>>,
+    /// Build Event Protocol (`bazel --bes_backend=grpc://...`): every event is stored in
+    /// `store` (NativeLink's key).
     #[serde(default)]
-    pub experimental_bep: Option<serde_json::Value>,
+    pub experimental_bep: Option<BepService>,
+}
+
+/// `services.experimental_bep`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BepService {
+    /// Where build events are kept (keys are not the hashes of their values).
+    pub store: String,
 }
 
 /// `services.fetch` (Remote Asset API): URIs and qualifiers resolve to blobs through the

@@ -8,6 +8,7 @@
 
 pub mod ac;
 pub mod asset;
+pub mod bep;
 pub mod bytestream;
 pub mod bytestream_wire;
 pub mod capabilities;

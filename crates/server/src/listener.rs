@@ -77,10 +77,7 @@ pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked
         identity_header(&path, id)?;
     }
     let sp = format!("{path}.services");
-    for (key, v) in [
-        ("admin", &services.admin),
-        ("experimental_bep", &services.experimental_bep),
-    ] {
+    for (key, v) in [("admin", &services.admin)] {
         if v.is_some() {
             return Err(unbuilt(&format!("{sp}.{key}"), key));
         }
@@ -356,6 +353,17 @@ pub async fn serve(
             .max_encoding_message_size(limits.max_message_bytes),
         );
     }
+    if let Some(bep) = &services.experimental_bep {
+        let store = store_named(&bep.store, &format!("{sp}.experimental_bep.store"))?;
+        note_store(&bep.store, &store);
+        routes.add_service(
+            cairn_proto::bes::v1::publish_build_event_server::PublishBuildEventServer::new(
+                crate::bep::BepService::new(store, metrics.clone()),
+            )
+            .max_decoding_message_size(limits.max_message_bytes)
+            .max_encoding_message_size(limits.max_message_bytes),
+        );
+    }
     if let Some(w) = worker_api {
         let pipeline = scheduler_named(&w.scheduler, format!("{sp}.worker_api.scheduler"))?;
         routes.add_service(
@@ -418,6 +426,7 @@ pub async fn serve(
         ("operations", has_execution),
         ("fetch", services.fetch.is_some()),
         ("push", services.push.is_some()),
+        ("bep", services.experimental_bep.is_some()),
     ] {
         if served {
             metrics.init_service(service);

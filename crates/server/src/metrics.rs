@@ -101,6 +101,10 @@ pub const SERVICE_METHODS: &[(&str, &[&str])] = &[
     ("fetch", &["FetchBlob", "FetchDirectory"]),
     ("push", &["PushBlob", "PushDirectory"]),
     (
+        "bep",
+        &["PublishLifecycleEvent", "PublishBuildToolEventStream"],
+    ),
+    (
         "operations",
         &[
             "GetOperation",
