@@ -640,6 +640,88 @@ async fn property_modifier_rewrites_the_platform_before_matching() {
 
 /// Uploads a `/bin/true` Action with the empty input root (the empty blob, always present) and
 /// the given OSFamily; returns its digest.
+/// The admin API (`services.admin`): a drained worker gets nothing new, and takes work again
+/// once undrained; bad requests get clear answers.
+#[tokio::test]
+async fn the_admin_api_drains_and_undrains_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG
+        .replace("@WPORT@", &free_port().to_string())
+        .replace(
+            "        health: {},\n",
+            "        health: {},\n        admin: {},\n",
+        )
+        .replace(
+            "    max_inflight_tasks: 4,",
+            "    name: \"w1\",\n    max_inflight_tasks: 4,",
+        );
+    assert!(config.contains("admin: {}") && config.contains("\"w1\""));
+    let c = Cairn::start_with(dir.path(), &config, None);
+    let mut cl = client(&c).await;
+
+    let (code, body) = common::http_request(
+        c.addr,
+        "POST",
+        "/admin/scheduler/MAIN/set_drain_worker/w1/1",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    // The action waits: no worker may take it.
+    let d = true_action(&mut cl, "linux").await;
+    let mut exec = cl.exec.clone();
+    let mut s = exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(d.to_proto()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.next().await.unwrap().unwrap();
+    assert!(!first.done);
+    let name = first.name.clone();
+    let waiting = tokio::time::timeout(Duration::from_secs(2), s.next()).await;
+    if let Ok(Some(Ok(op))) = &waiting {
+        assert!(!op.done, "a drained worker ran the action");
+    }
+    let got = cl
+        .ops
+        .get_operation(
+            cairn_core::proto::google::longrunning::GetOperationRequest { name: name.clone() },
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!got.done);
+    assert_eq!(stage(&got), re::execution_stage::Value::Queued as i32);
+
+    // Undrained: the waiting action runs.
+    let (code, body) = common::http_request(
+        c.addr,
+        "POST",
+        "/admin/scheduler/MAIN/set_drain_worker/w1/0",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let mut last = None;
+    while let Some(op) = s.next().await {
+        last = Some(op.unwrap());
+    }
+    let last = last.unwrap();
+    assert!(last.done);
+    assert_eq!(response(&last).result.unwrap().exit_code, 0);
+
+    for (path, want) in [
+        ("/admin/scheduler/NOPE/set_drain_worker/w1/1", 404),
+        ("/admin/scheduler/MAIN/set_drain_worker/nobody/1", 404),
+        ("/admin/scheduler/MAIN/set_drain_worker/w1/yes", 400),
+    ] {
+        let (code, body) = common::http_request(c.addr, "POST", path).await;
+        assert_eq!(code, want, "{path}: {body}");
+    }
+}
+
 async fn true_action(cl: &mut Client, os: &str) -> Digest {
     #[allow(deprecated)]
     let command = re::Command {

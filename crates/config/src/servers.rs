@@ -217,8 +217,10 @@ pub struct Services {
     /// `/metrics` (Cairn addition; on by default where `health` is served).
     #[serde(default)]
     pub metrics: Option<MetricsService>,
+    /// The admin API (NativeLink's): `POST {path}/scheduler/NAME/set_drain_worker/WORKER/1`
+    /// drains a worker (0 undrains it). Off unless configured.
     #[serde(default)]
-    pub admin: Option<serde_json::Value>,
+    pub admin: Option<AdminService>,
     /// Remote Asset API `Fetch`: `[{instance_name, fetch_store}]` (or the map form).
     #[serde(default)]
     pub fetch: Option<InstanceMap<FetchService>>,
@@ -229,6 +231,15 @@ pub struct Services {
     /// `store` (NativeLink's key).
     #[serde(default)]
     pub experimental_bep: Option<BepService>,
+}
+
+/// `services.admin`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminService {
+    /// Where the admin routes are (default `/admin`).
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// `services.experimental_bep`.

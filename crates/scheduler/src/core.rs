@@ -343,6 +343,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
                 deadline,
                 stamp: 0,
                 capable_shapes: Default::default(),
+                draining: false,
             },
         );
         self.worker_nos.insert(worker_id, wno);
@@ -362,6 +363,27 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
         self.advance(now);
         let wno = self.worker_no(worker_id)?;
         self.touch_worker(wno);
+        let mut out = Vec::new();
+        self.settle(&mut out);
+        Ok(out)
+    }
+
+    /// Drains a worker (`draining`: it runs what it has and is given nothing new) or takes it
+    /// back into service.
+    pub fn set_worker_draining(
+        &mut self,
+        now: Duration,
+        worker_id: &WorkerId,
+        draining: bool,
+    ) -> Result<Vec<Decision<A, R>>, EventError> {
+        self.advance(now);
+        let wno = self.worker_no(worker_id)?;
+        let strategy = self.opts.allocation_strategy;
+        if let Some(w) = self.workers.get_mut(&wno) {
+            let order = w.order(strategy);
+            w.draining = draining;
+            self.reindex_worker(wno, order);
+        }
         let mut out = Vec::new();
         self.settle(&mut out);
         Ok(out)

@@ -148,7 +148,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
                 capable_pairs += 1;
                 let mm = w.caps.mismatches(&e.shape);
                 assert_eq!(w.capable_shapes[&sno], mm);
-                let fits = w.capacity.fits(&e.shape);
+                let fits = !w.draining && w.capacity.fits(&e.shape);
                 let key = (mm, w.order(strategy), wno);
                 assert_eq!(
                     e.available.contains(&key),

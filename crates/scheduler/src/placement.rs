@@ -91,7 +91,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
                 let mm = worker.caps.mismatches(&shape);
                 worker.capable_shapes.insert(sno, mm);
                 entry.capable.insert(wno);
-                if worker.capacity.fits(&shape) {
+                if !worker.draining && worker.capacity.fits(&shape) {
                     entry.available.insert((mm, worker.order(strategy), wno));
                 }
             }
@@ -154,7 +154,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
             if entry.unschedulable_since.take().is_some() {
                 self.shapes.incapable.remove(&sno);
             }
-            if worker.capacity.fits(&entry.shape) {
+            if !worker.draining && worker.capacity.fits(&entry.shape) {
                 entry.available.insert((mm, worker.order(strategy), wno));
             }
         }
@@ -190,7 +190,7 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
                 continue;
             };
             entry.available.remove(&(mm, old_order, wno));
-            if worker.capacity.fits(&entry.shape) {
+            if !worker.draining && worker.capacity.fits(&entry.shape) {
                 entry.available.insert((mm, order, wno));
             }
         }

@@ -93,6 +93,9 @@ pub(crate) struct Worker {
     pub stamp: u64,
     /// Shapes this worker can ever run -> how many of their preferred properties it lacks.
     pub capable_shapes: BTreeMap<ShapeNo, u32>,
+    /// Draining (the admin API): it finishes what it runs and is given nothing new, but it
+    /// still counts as able to run its shapes (they are not unschedulable).
+    pub draining: bool,
 }
 
 impl Worker {

@@ -82,6 +82,7 @@ pub struct WorkerView<'a> {
     pub running: Vec<AttemptId>,
     pub connected_at: Duration,
     pub last_seen: Duration,
+    pub draining: bool,
 }
 
 fn worker_view(w: &Worker) -> WorkerView<'_> {
@@ -93,6 +94,7 @@ fn worker_view(w: &Worker) -> WorkerView<'_> {
         running: w.running.keys().copied().collect(),
         connected_at: w.connected_at,
         last_seen: w.last_seen,
+        draining: w.draining,
     }
 }
 

@@ -61,6 +61,61 @@ async fn probe(store: &StoreRef, size: u64) -> Health {
     }
 }
 
+/// The admin API under `path`: `POST {path}/scheduler/{scheduler}/set_drain_worker/{worker}/{0|1}`.
+pub fn admin_router(
+    path: &str,
+    schedulers: std::collections::BTreeMap<String, crate::execution::ExecutionPipeline>,
+) -> Router {
+    let route = format!(
+        "{}/scheduler/{{scheduler}}/set_drain_worker/{{worker}}/{{draining}}",
+        path.trim_end_matches('/')
+    );
+    Router::new()
+        .route(&route, axum::routing::post(set_drain_worker))
+        .with_state(Arc::new(schedulers))
+}
+
+async fn set_drain_worker(
+    State(schedulers): State<
+        Arc<std::collections::BTreeMap<String, crate::execution::ExecutionPipeline>>,
+    >,
+    axum::extract::Path((scheduler, worker, draining)): axum::extract::Path<(
+        String,
+        String,
+        String,
+    )>,
+) -> (StatusCode, String) {
+    let draining = match draining.as_str() {
+        "1" => true,
+        "0" => false,
+        other => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("{other:?} is neither 1 (drain) nor 0 (undrain)\n"),
+            )
+        }
+    };
+    let Some(p) = schedulers.get(&scheduler) else {
+        let known: Vec<&str> = schedulers.keys().map(String::as_str).collect();
+        return (
+            StatusCode::NOT_FOUND,
+            format!(
+                "no scheduler named {scheduler:?} (schedulers: {})\n",
+                known.join(", ")
+            ),
+        );
+    };
+    match p.handle.set_worker_draining(worker.clone(), draining).await {
+        Ok(()) if draining => (StatusCode::OK, format!("Draining worker {worker}\n")),
+        Ok(()) => (
+            StatusCode::OK,
+            format!("Worker {worker} is back in service\n"),
+        ),
+        Err(e) if e.is_not_found() => (StatusCode::NOT_FOUND, format!("{e}\n")),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    }
+}
+
 /// The router for `/status` (at `status_path`) and, when enabled, `/metrics`.
 pub fn router(state: HttpState, status_path: Option<&str>, metrics_path: Option<&str>) -> Router {
     let mut r = Router::new();

@@ -33,12 +33,6 @@ pub struct RunningServer {
     pub task: tokio::task::JoinHandle<()>,
 }
 
-fn unbuilt(path: &str, what: &str) -> Error {
-    Error::unimplemented(format!(
-        "{path}: {what} parses but is not built yet in this version of Cairn; remove it from the config to start"
-    ))
-}
-
 /// What [`check`] finds in a listener's config: its TLS, loaded, and its limits.
 pub struct Checked {
     tls: Option<Arc<ReloadingTls>>,
@@ -77,9 +71,11 @@ pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked
         identity_header(&path, id)?;
     }
     let sp = format!("{path}.services");
-    for (key, v) in [("admin", &services.admin)] {
-        if v.is_some() {
-            return Err(unbuilt(&format!("{sp}.{key}"), key));
+    if let Some(p) = services.admin.as_ref().and_then(|a| a.path.as_deref()) {
+        if !p.starts_with('/') {
+            return Err(Error::invalid_argument(format!(
+                "{sp}.admin.path: {p:?} must start with /"
+            )));
         }
     }
     if let Some(bs) = &services.bytestream {
@@ -452,11 +448,15 @@ pub async fn serve(
             crate::otlp::traces::with_incoming_parent,
         ));
     }
-    let app = grpc.merge(http::router(
+    let mut app = grpc.merge(http::router(
         state,
         status_path.as_deref(),
         metrics_path.as_deref(),
     ));
+    if let Some(admin) = &services.admin {
+        let path = admin.path.as_deref().unwrap_or("/admin");
+        app = app.merge(http::admin_router(path, schedulers.clone()));
+    }
 
     let listener = TcpListener::bind(addr)
         .await

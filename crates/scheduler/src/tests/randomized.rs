@@ -432,10 +432,20 @@ impl Model {
                     self.apply(ds);
                 }
             }
-            60..=62 => {
+            60..=61 => {
                 if let Some(id) = self.random_worker() {
                     let w = self.workers.get_mut(&id).unwrap();
                     w.healthy = !w.healthy;
+                }
+            }
+            62 => {
+                if let Some(id) = self.random_worker() {
+                    let drain = self.rng.gen_bool(0.5);
+                    let ds = self
+                        .s
+                        .set_worker_draining(self.now, &id.as_str().into(), drain)
+                        .unwrap();
+                    self.apply(ds);
                 }
             }
             63..=82 => self.report_result(),
@@ -451,6 +461,15 @@ impl Model {
     fn run_to_completion(&mut self) {
         for w in self.workers.values_mut() {
             w.healthy = true;
+        }
+        let ids: Vec<String> = self.workers.keys().cloned().collect();
+        for id in ids {
+            if let Ok(ds) = self
+                .s
+                .set_worker_draining(self.now, &id.as_str().into(), false)
+            {
+                self.apply(ds);
+            }
         }
         for kind in 0..WORKER_KINDS.len() {
             self.connect_worker(kind, true);

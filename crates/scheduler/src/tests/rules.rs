@@ -808,3 +808,49 @@ fn views_report_stages_workers_and_counters() {
     assert_eq!(s.counters().attempts_started, 1);
     assert_eq!(s.counters().operations_added, 1);
 }
+
+// ---- draining ---------------------------------------------------------------------------
+
+#[test]
+fn a_draining_worker_finishes_its_work_and_gets_nothing_new_until_undrained() {
+    let mut s = sched(opts());
+    s.worker_connected(secs(0), w("a"), props(&[("os", "linux")]), 1)
+        .unwrap();
+    let ds = s
+        .add_operation(secs(0), op("first"), req_on("first", &[("os", "linux")]))
+        .unwrap();
+    assert_eq!(starts(&ds)[0].0, "a");
+    let ds = s.set_worker_draining(secs(1), &w("a"), true).unwrap();
+    assert!(starts(&ds).is_empty(), "draining kills nothing");
+    s.check_invariants();
+    // Its running action completes; the next one waits although the slot is free...
+    let attempt = s.worker(&w("a")).unwrap().running[0];
+    s.action_completed(secs(2), &w("a"), attempt, ok("done"))
+        .unwrap();
+    let ds = s
+        .add_operation(secs(3), op("second"), req_on("second", &[("os", "linux")]))
+        .unwrap();
+    assert!(starts(&ds).is_empty());
+    assert_eq!(s.queue_length(), 1);
+    assert!(s.worker(&w("a")).unwrap().draining);
+    s.check_invariants();
+    // ... and is not unschedulable: the draining worker still could run it (past the grace
+    // period, with the worker alive).
+    let mut ds = Vec::new();
+    for t in (4..=40).step_by(4) {
+        ds.extend(s.worker_keepalive(secs(t), &w("a")).unwrap());
+    }
+    ds.extend(s.tick(secs(41)));
+    assert!(ds.iter().all(|d| !matches!(
+        d,
+        crate::Decision::OperationUpdate {
+            status: crate::OperationStatus::Completed(_),
+            ..
+        }
+    )));
+    // Back in service, it gets the waiting action at once.
+    let ds = s.set_worker_draining(secs(42), &w("a"), false).unwrap();
+    assert_eq!(starts(&ds)[0].0, "a");
+    assert!(s.set_worker_draining(secs(43), &w("nobody"), true).is_err());
+    s.check_invariants();
+}

@@ -101,6 +101,11 @@ enum Cmd {
     Stats {
         reply: oneshot::Sender<SchedulerStats>,
     },
+    Drain {
+        worker_id: String,
+        draining: bool,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
 }
 
 /// A cheap, cloneable handle on a running scheduler.
@@ -217,6 +222,21 @@ impl SchedulerHandle {
 
     pub async fn stats(&self) -> Result<SchedulerStats, Error> {
         self.call(|reply| Cmd::Stats { reply }).await
+    }
+
+    /// Drains a worker (it finishes what it runs and gets nothing new) or undrains it;
+    /// NOT_FOUND for a worker that is not connected.
+    pub async fn set_worker_draining(
+        &self,
+        worker_id: String,
+        draining: bool,
+    ) -> Result<(), Error> {
+        self.call(|reply| Cmd::Drain {
+            worker_id,
+            draining,
+            reply,
+        })
+        .await?
     }
 
     pub async fn worker_connect(
@@ -528,6 +548,43 @@ impl Driver {
                 if let Ok(d) = self.core.worker_disconnected(now, &WorkerId(worker_id)) {
                     self.apply(d);
                 }
+            }
+            Cmd::Drain {
+                worker_id,
+                draining,
+                reply,
+            } => {
+                // The worker's id, or its configured name (ids are `NAME-` and 8 hex digits).
+                let ids: Vec<String> = self
+                    .workers
+                    .keys()
+                    .filter(|id| {
+                        *id == &worker_id
+                            || id
+                                .strip_prefix(worker_id.as_str())
+                                .and_then(|rest| rest.strip_prefix('-'))
+                                .is_some_and(|r| {
+                                    r.len() == 8 && r.bytes().all(|b| b.is_ascii_hexdigit())
+                                })
+                    })
+                    .cloned()
+                    .collect();
+                if ids.is_empty() {
+                    let _ = reply.send(Err(Error::not_found(format!(
+                        "no worker {worker_id:?} (an id, or a worker's configured name) is connected to this scheduler"
+                    ))));
+                    return;
+                }
+                for id in ids {
+                    if let Ok(d) =
+                        self.core
+                            .set_worker_draining(now, &WorkerId(id.clone()), draining)
+                    {
+                        tracing::info!(worker = %id, draining, "worker drain changed by the admin API");
+                        self.apply(d);
+                    }
+                }
+                let _ = reply.send(Ok(()));
             }
             Cmd::Stats { reply } => {
                 let mut s = SchedulerStats {
