@@ -744,3 +744,102 @@ async fn true_action(cl: &mut Client, os: &str) -> Digest {
     put(cl, vec![command.encode_to_vec(), act]).await;
     d
 }
+
+/// `unacknowledged_kill_timeout_s`: a worker that never answers a kill is removed (its
+/// session ends with UNAVAILABLE saying why), so a wedged worker cannot keep its slot. The
+/// worker here is a real gRPC client of the worker API that takes an action and then goes
+/// silent, but for keepalives.
+#[tokio::test]
+async fn a_worker_that_ignores_a_kill_is_removed() {
+    use cairn_proto::worker::v1 as wapi;
+    let dir = tempfile::tempdir().unwrap();
+    let wport = free_port();
+    let config = CONFIG
+        .replace("@WPORT@", &wport.to_string())
+        .replace(
+            "      unschedulable_grace_period_s: 1,",
+            "      unschedulable_grace_period_s: 1,\n      unacknowledged_kill_timeout_s: 1,\n      worker_timeout_s: 30,",
+        );
+    // No local worker: the fake below is the only one.
+    let config = config[..config.find("  workers: [").unwrap()].to_string() + "}";
+    let c = Cairn::start_with(dir.path(), &config, None);
+    let mut cl = client(&c).await;
+
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{wport}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<wapi::WorkerMessage>(16);
+    tx.send(wapi::WorkerMessage {
+        message: Some(wapi::worker_message::Message::Register(wapi::Register {
+            name: "wedged".into(),
+            properties: vec![wapi::Property {
+                name: "OSFamily".into(),
+                value: "linux".into(),
+            }],
+            slots: 1,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = wapi::worker_api_client::WorkerApiClient::new(ch)
+        .session(tokio_stream_of(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Registered, then the action.
+    let d = true_action(&mut cl, "linux").await;
+    let mut exec = cl.exec.clone();
+    let mut s = exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(d.to_proto()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let name = s.next().await.unwrap().unwrap().name;
+    let mut started = false;
+    while let Some(m) = inbound.next().await {
+        if let Some(wapi::scheduler_message::Message::StartAction(_)) = m.unwrap().message {
+            started = true;
+            break;
+        }
+    }
+    assert!(started);
+    // Cancel: the scheduler sends a kill, which this worker ignores.
+    cl.ops
+        .cancel_operation(cairn_core::proto::google::longrunning::CancelOperationRequest { name })
+        .await
+        .unwrap();
+    let mut killed = false;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(20), inbound.next()).await {
+            Err(_) => panic!("the silent worker was not removed within 20 s"),
+            Ok(None) => break None,
+            Ok(Some(Err(e))) => break Some(e),
+            Ok(Some(Ok(m))) => {
+                if let Some(wapi::scheduler_message::Message::KillAction(_)) = m.message {
+                    killed = true;
+                }
+                let _ = tx
+                    .send(wapi::WorkerMessage {
+                        message: Some(wapi::worker_message::Message::Keepalive(wapi::Keepalive {})),
+                    })
+                    .await;
+            }
+        }
+    };
+    assert!(killed, "no kill was sent");
+    let e = end.expect("the session should end with a status");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("kill was not acknowledged"), "{e:?}");
+}
+
+fn tokio_stream_of<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+}

@@ -72,13 +72,35 @@ pub struct SimpleScheduler {
     pub unschedulable_grace_period_s: Option<u64>,
     #[serde(default)]
     pub experimental_backend: Option<serde_json::Value>,
+    /// Seconds between log lines that say why queued actions wait (default 10; -1 turns
+    /// them off).
+    #[serde(default, deserialize_with = "num::opt_f64")]
+    pub worker_match_logging_interval_s: Option<f64>,
+    /// A worker that has not answered a kill within this many seconds is removed and its
+    /// other actions re-queued (default 60; 0 means the default).
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub unacknowledged_kill_timeout_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CacheLookupScheduler {
+    /// The action cache: a store inline (`{ref_store: {name: "AC"}}`, ...) or, as NativeLink
+    /// 1.6.6 writes it, the name of a top-level store (`"AC"`), which means the same as a
+    /// `ref_store` of that name.
+    #[serde(deserialize_with = "store_or_name")]
     pub ac_store: StoreSpec,
     pub scheduler: SchedulerSpec,
+}
+
+/// A store spec, or a store's name as a `ref_store` to it.
+fn store_or_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StoreSpec, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(name) => {
+            Ok(StoreSpec::RefStore(crate::stores::RefStore { name }))
+        }
+        other => StoreSpec::deserialize(other).map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

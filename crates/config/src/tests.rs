@@ -334,3 +334,45 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn nativelink_scheduler_forms_parse() {
+    let cfg = parse_str(
+        "nl.json5",
+        r#"{
+          stores: { AC: { memory: {} } },
+          schedulers: {
+            MAIN: { cache_lookup: { ac_store: "AC", scheduler: { simple: {
+              worker_match_logging_interval_s: -1,
+              unacknowledged_kill_timeout_s: 30,
+            } } } },
+            INLINE: { cache_lookup: { ac_store: { ref_store: { name: "AC" } }, scheduler: { simple: {} } } },
+          },
+        }"#,
+    )
+    .unwrap();
+    let SchedulerSpec::CacheLookup(c) = cfg.schedulers.get("MAIN").unwrap() else {
+        panic!("cache_lookup expected")
+    };
+    // A store name means a ref_store to it.
+    let StoreSpec::RefStore(r) = &c.ac_store else {
+        panic!("ref_store expected, got {:?}", c.ac_store)
+    };
+    assert_eq!(r.name, "AC");
+    let SchedulerSpec::Simple(s) = &c.scheduler else {
+        panic!("simple expected")
+    };
+    assert_eq!(s.worker_match_logging_interval_s, Some(-1.0));
+    assert_eq!(s.unacknowledged_kill_timeout_s, Some(30));
+    let SchedulerSpec::CacheLookup(c) = cfg.schedulers.get("INLINE").unwrap() else {
+        panic!("cache_lookup expected")
+    };
+    assert!(matches!(&c.ac_store, StoreSpec::RefStore(r) if r.name == "AC"));
+    // A wrong inline store is still an error at the key.
+    let e = parse_str(
+        "nl.json5",
+        r#"{ schedulers: { M: { cache_lookup: { ac_store: { nope: {} }, scheduler: { simple: {} } } } } }"#,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("cache_lookup.ac_store"), "{e}");
+}

@@ -134,6 +134,15 @@ impl SchedulerHandle {
         opts: SchedulerOptions,
         metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
     ) -> SchedulerHandle {
+        SchedulerHandle::spawn_with(opts, DriverOptions::default(), metrics)
+    }
+
+    /// Starts the driver task with the options the driver itself carries out.
+    pub fn spawn_with(
+        opts: SchedulerOptions,
+        driver_opts: DriverOptions,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    ) -> SchedulerHandle {
         let (tx, rx) = mpsc::channel(COMMAND_DEPTH);
         let keepalive_interval = (opts.worker_timeout / 3).max(Duration::from_millis(100));
         let driver = Driver {
@@ -145,6 +154,9 @@ impl SchedulerHandle {
             workers: HashMap::new(),
             next_watcher: 1,
             metrics,
+            unacked_kills: HashMap::new(),
+            next_match_log: driver_opts.match_log_interval.map(|i| Instant::now() + i),
+            opts: driver_opts,
         };
         tokio::spawn(driver.run(rx));
         SchedulerHandle {
@@ -288,8 +300,22 @@ impl SchedulerHandle {
     }
 }
 
+/// What the driver carries out itself, beside the core's options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DriverOptions {
+    /// `unacknowledged_kill_timeout_s`: a worker that has not answered a kill within this long
+    /// is removed (its other actions re-queued).
+    pub kill_ack_timeout: Option<Duration>,
+    /// `worker_match_logging_interval_s`: how often to log why queued actions wait.
+    pub match_log_interval: Option<Duration>,
+}
+
 struct Driver {
     core: Scheduler<ActionPayload, re::ExecuteResponse>,
+    opts: DriverOptions,
+    /// Kills sent and not yet answered: (worker, attempt) -> when the worker is given up.
+    unacked_kills: HashMap<(String, u64), Instant>,
+    next_match_log: Option<Instant>,
     start: Instant,
     watchers: HashMap<String, Vec<(u64, mpsc::Sender<OpUpdate>)>>,
     digests: HashMap<String, Digest>,
@@ -337,13 +363,17 @@ impl Driver {
 
     async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         loop {
-            let deadline = self.core.next_deadline();
+            let deadline = [
+                self.core.next_deadline().map(|d| self.start + d),
+                self.unacked_kills.values().min().copied(),
+                self.next_match_log,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let sleep = async {
                 match deadline {
-                    Some(d) => {
-                        tokio::time::sleep_until(tokio::time::Instant::from_std(self.start + d))
-                            .await
-                    }
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
                     None => std::future::pending::<()>().await,
                 }
             };
@@ -356,6 +386,8 @@ impl Driver {
                     let now = self.now();
                     let decisions = self.core.tick(now);
                     self.apply(decisions);
+                    self.check_kills();
+                    self.log_matching();
                 }
             }
         }
@@ -527,6 +559,7 @@ impl Driver {
                 attempt,
                 outcome,
             } => {
+                self.unacked_kills.remove(&(worker_id.clone(), attempt));
                 // An answer is a sign of life, as a keepalive is.
                 if let Ok(d) = self
                     .core
@@ -649,6 +682,9 @@ impl Driver {
                         };
                         if !self.send_worker(&worker_id.0, msg) {
                             next.extend(self.drop_worker(&worker_id.0));
+                        } else if let Some(t) = self.opts.kill_ack_timeout {
+                            self.unacked_kills
+                                .insert((worker_id.0.clone(), attempt_id.0), Instant::now() + t);
                         }
                     }
                     Decision::OperationUpdate { op_id, status } => {
@@ -699,11 +735,62 @@ impl Driver {
         }
     }
 
+    /// Removes workers that have not answered a kill in time.
+    fn check_kills(&mut self) {
+        let now = Instant::now();
+        let mut late: Vec<String> = self
+            .unacked_kills
+            .iter()
+            .filter(|(_, deadline)| **deadline <= now)
+            .map(|((w, _), _)| w.clone())
+            .collect();
+        late.sort();
+        late.dedup();
+        for worker in late {
+            tracing::warn!(worker = %worker, timeout = ?self.opts.kill_ack_timeout, "worker did not acknowledge a kill in time (unacknowledged_kill_timeout_s); removing it");
+            if let Some(tx) = self.workers.get(&worker) {
+                let _ = tx.try_send(Err(tonic::Status::unavailable(
+                    "removed by the scheduler: a kill was not acknowledged in time",
+                )));
+            }
+            let d = self.drop_worker(&worker);
+            self.apply(d);
+        }
+    }
+
+    /// Every `worker_match_logging_interval_s`, says why queued actions wait.
+    fn log_matching(&mut self) {
+        let (Some(at), Some(interval)) = (self.next_match_log, self.opts.match_log_interval) else {
+            return;
+        };
+        let now = Instant::now();
+        if now < at {
+            return;
+        }
+        self.next_match_log = Some(now + interval);
+        let queued = self.core.queue_length();
+        if queued == 0 {
+            return;
+        }
+        let (workers, slots, busy) = self.core.workers().fold((0, 0, 0), |(n, s, b), w| {
+            (n + 1, s + w.total_slots, b + w.busy_slots)
+        });
+        tracing::info!(
+            queued,
+            executing = self.core.executing_count(),
+            workers,
+            slots,
+            busy_slots = busy,
+            "worker matching: actions wait for a worker (every worker busy, draining, or none offers their platform)"
+        );
+    }
+
     fn drop_worker(
         &mut self,
         worker_id: &str,
     ) -> Vec<Decision<ActionPayload, re::ExecuteResponse>> {
         self.workers.remove(worker_id);
+        self.unacked_kills.retain(|(w, _), _| w != worker_id);
         let now = self.now();
         self.core
             .worker_disconnected(now, &WorkerId(worker_id.to_string()))

@@ -35,6 +35,21 @@ impl ExecutionPipeline {
 }
 
 /// The scheduler options of a `simple` config (defaults as the troubleshooting guide says).
+/// What the driver does itself: NativeLink's defaults (a log line every 10 s, -1 for none;
+/// kills acknowledged within 60 s).
+pub fn driver_options(s: &SimpleScheduler) -> super::driver::DriverOptions {
+    let interval = s.worker_match_logging_interval_s.unwrap_or(10.0);
+    super::driver::DriverOptions {
+        kill_ack_timeout: Some(Duration::from_secs(
+            s.unacknowledged_kill_timeout_s
+                .filter(|&t| t > 0)
+                .unwrap_or(60),
+        )),
+        match_log_interval: (interval > 0.0 && interval.is_finite())
+            .then(|| Duration::from_secs_f64(interval.min(86_400.0))),
+    }
+}
+
 pub fn options(s: &SimpleScheduler) -> SchedulerOptions {
     let d = SchedulerOptions::default();
     SchedulerOptions {
@@ -118,7 +133,7 @@ pub fn build<'a>(
         match spec {
             SchedulerSpec::Simple(s) => Ok(ExecutionPipeline {
                 name: name.to_string(),
-                handle: SchedulerHandle::spawn(options(s), metrics),
+                handle: SchedulerHandle::spawn_with(options(s), driver_options(s), metrics),
                 ac: None,
                 modifications: Arc::new(vec![]),
             }),
