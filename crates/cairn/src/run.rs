@@ -90,6 +90,15 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         .unwrap_or_else(|| "nativelink".to_string());
     let metrics = Metrics::with_prefix(&prefix);
     let global = cfg.global.clone().unwrap_or_default();
+    {
+        // `cache_metrics` stores count into the same metrics as everything else.
+        let metrics = metrics.clone();
+        cairn_store::cache_metrics::set_observer(std::sync::Arc::new(
+            move |cache_type, op, result, seconds| {
+                metrics.cache_op(cache_type, op, result, seconds)
+            },
+        ));
+    }
     if global.disable_metrics {
         metrics.disable();
     }

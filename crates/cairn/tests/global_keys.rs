@@ -160,3 +160,61 @@ async fn a_required_identity_header_refuses_requests_without_it() {
     // /status is not a gRPC request: it needs no identity.
     assert_eq!(common::http_get(c.addr, "/status").await.0, 200);
 }
+
+/// `cache_metrics` (NativeLink's wrapper store): the wrapped tier's operations are counted
+/// under its `cache_type`; `filesystem.max_concurrent_writes` is taken (writes still work).
+#[tokio::test]
+async fn cache_metrics_count_the_wrapped_tier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = r#"{
+  stores: {
+    CAS: { fast_slow: {
+      fast: { cache_metrics: { cache_type: "cas_fast", backend: { memory: {} } } },
+      slow: { filesystem: { content_path: "@DIR@/cas", temp_path: "@DIR@/tmp", max_concurrent_writes: 2 } },
+    } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "@ADDR@" } },
+    services: { cas: [{ instance_name: "", cas_store: "CAS" }], health: {} },
+  }],
+}"#;
+    let c = Cairn::start_with(tmp.path(), config, None);
+    let mut cas = ContentAddressableStorageClient::new(c.channel().await);
+    let blobs: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 1000]).collect();
+    let r = cas
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests: blobs
+                .iter()
+                .map(|b| re::batch_update_blobs_request::Request {
+                    digest: Some(DigestFunction::Sha256.compute(b).to_proto()),
+                    data: b.clone(),
+                    compressor: 0,
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r
+        .responses
+        .iter()
+        .all(|r| r.status.as_ref().unwrap().code == 0));
+    let (_, body) = common::http_get(c.addr, "/metrics").await;
+    let writes = metric(
+        &body,
+        "nativelink_cache_operations_total{cache_type=\"cas_fast\",cache_operation_name=\"write\",cache_operation_result=\"success\"}",
+    );
+    assert_eq!(writes, Some(8.0), "{body}");
+    // Every blob reached the filesystem tier through its write limit.
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("cas"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            })
+            .count(),
+        8
+    );
+}

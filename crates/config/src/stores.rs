@@ -21,6 +21,9 @@ pub enum StoreSpec {
     CompletenessChecking(Box<CompletenessCheckingStore>),
     Noop(NoopStore),
     RefStore(RefStore),
+    /// Cache operation metrics (`cache_operations_total` and its histogram) for the wrapped
+    /// store, labelled `cache_type` (NativeLink's wrapper).
+    CacheMetrics(Box<CacheMetricsStore>),
     // Kinds whose behaviour a later issue builds: they parse, and starting them is an error.
     ExperimentalCloudObjectStore(CloudObjectStore),
     RedisStore(RedisStore),
@@ -43,6 +46,7 @@ impl StoreSpec {
             StoreSpec::CompletenessChecking(_) => "completeness_checking",
             StoreSpec::Noop(_) => "noop",
             StoreSpec::RefStore(_) => "ref_store",
+            StoreSpec::CacheMetrics(_) => "cache_metrics",
             StoreSpec::ExperimentalCloudObjectStore(_) => "experimental_cloud_object_store",
             StoreSpec::RedisStore(_) => "redis_store",
             StoreSpec::Grpc(_) => "grpc",
@@ -67,6 +71,7 @@ impl StoreSpec {
             }
             StoreSpec::Shard(s) => s.stores.iter().map(|w| ("stores", &w.store)).collect(),
             StoreSpec::ExistenceCache(s) => vec![("backend", &s.backend)],
+            StoreSpec::CacheMetrics(s) => vec![("backend", &s.backend)],
             StoreSpec::CompletenessChecking(s) => {
                 vec![("backend", &s.backend), ("cas_store", &s.cas_store)]
             }
@@ -119,6 +124,18 @@ pub struct FilesystemStore {
     /// File-system block size, used to account for small files (default 4096).
     #[serde(default)]
     pub block_size: Option<ByteSize>,
+    /// Writes (puts) in progress at once; more wait their turn (0 or unset: no limit).
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_concurrent_writes: Option<u64>,
+}
+
+/// `cache_metrics`: a store whose operations are counted under `cache_type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheMetricsStore {
+    /// The `cache_type` label (low cardinality: `cas`, `ac`, ...).
+    pub cache_type: String,
+    pub backend: StoreSpec,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -202,6 +202,13 @@ impl<'a> Builder<'a> {
                     ))
                 }
                 StoreSpec::Noop(_) => Arc::new(noop::NoopStore::new()),
+                StoreSpec::CacheMetrics(c) => {
+                    let backend = self.build_spec(&c.backend, at("backend")).await?;
+                    Arc::new(crate::cache_metrics::CacheMetricsStore::new(
+                        c.cache_type.clone(),
+                        backend,
+                    ))
+                }
                 StoreSpec::RefStore(c) => {
                     let target = self
                         .build_named(&c.name)

@@ -55,6 +55,8 @@ async fn default_max_bytes(content: &Path) -> Result<u64, Error> {
 }
 
 pub struct FilesystemStore {
+    /// `max_concurrent_writes`: puts in progress at once.
+    writes: Option<tokio::sync::Semaphore>,
     content: PathBuf,
     temp: PathBuf,
     index: Arc<EvictionMap<()>>,
@@ -91,6 +93,10 @@ impl FilesystemStore {
         };
         let flusher = checkpoint::Flusher::start(&content).await?;
         let store = FilesystemStore {
+            writes: cfg
+                .max_concurrent_writes
+                .filter(|&n| n > 0)
+                .map(|n| tokio::sync::Semaphore::new(n.min(1 << 20) as usize)),
             content,
             temp,
             index,
@@ -275,6 +281,14 @@ impl Store for FilesystemStore {
     }
 
     async fn put(&self, key: &Digest, mut body: BlobStream) -> Result<(), Error> {
+        let _turn = match &self.writes {
+            Some(s) => Some(
+                s.acquire()
+                    .await
+                    .map_err(|_| Error::internal("write limit closed"))?,
+            ),
+            None => None,
+        };
         let tmp = self
             .temp
             .join(format!("{}.{}", key.file_name(), uuid::Uuid::new_v4()));
@@ -367,6 +381,7 @@ mod tests {
             }),
             read_buffer_size: None,
             block_size: None,
+            max_concurrent_writes: None,
         }
     }
 

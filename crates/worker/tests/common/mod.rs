@@ -71,6 +71,7 @@ impl Kit {
             eviction_policy: None,
             read_buffer_size: None,
             block_size: None,
+            max_concurrent_writes: None,
         };
         let local = Arc::new(FilesystemStore::open(&fs_cfg).await.unwrap());
         let cas = Arc::new(MemoryStore::new(&Default::default()));

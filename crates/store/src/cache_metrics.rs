@@ -1,0 +1,99 @@
+//! `cache_metrics`: counts the operations of the store it wraps under a `cache_type` label
+//! (NativeLink's wrapper), so that an inner tier (the fast memory of a `fast_slow`, say) can be
+//! watched on its own. The counts go to the process's metrics through the observer the
+//! server installs at start-up ([`set_observer`]); without one, the wrapper only passes through.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use cairn_core::{BlobStream, Digest, Error};
+
+use crate::{Health, Store, StoreInfo, StoreRef};
+
+/// Receives one operation: cache type, operation (`read`, `write`), result (`hit`, `miss`,
+/// `success`, `error`) and its duration in seconds.
+pub type OpObserver = Arc<dyn Fn(&str, &'static str, &'static str, f64) + Send + Sync>;
+
+static OBSERVER: OnceLock<OpObserver> = OnceLock::new();
+
+/// Installs where counted operations go (once, at start-up).
+pub fn set_observer(observer: OpObserver) {
+    let _ = OBSERVER.set(observer);
+}
+
+fn observe(cache_type: &str, op: &'static str, result: &'static str, start: Instant) {
+    if let Some(o) = OBSERVER.get() {
+        o(cache_type, op, result, start.elapsed().as_secs_f64());
+    }
+}
+
+pub struct CacheMetricsStore {
+    cache_type: String,
+    inner: StoreRef,
+}
+
+impl CacheMetricsStore {
+    pub fn new(cache_type: String, inner: StoreRef) -> CacheMetricsStore {
+        CacheMetricsStore { cache_type, inner }
+    }
+}
+
+#[async_trait]
+impl Store for CacheMetricsStore {
+    async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
+        let start = Instant::now();
+        let r = self.inner.has_many(keys).await;
+        match &r {
+            Ok(sizes) => {
+                for s in sizes {
+                    observe(
+                        &self.cache_type,
+                        "read",
+                        if s.is_some() { "hit" } else { "miss" },
+                        start,
+                    );
+                }
+            }
+            Err(_) => observe(&self.cache_type, "read", "error", start),
+        }
+        r
+    }
+
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
+        let start = Instant::now();
+        let r = self.inner.get(key, offset, length).await;
+        let result = match &r {
+            Ok(_) => "hit",
+            Err(e) if e.is_not_found() => "miss",
+            Err(_) => "error",
+        };
+        observe(&self.cache_type, "read", result, start);
+        r
+    }
+
+    async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
+        let start = Instant::now();
+        let r = self.inner.put(key, body).await;
+        observe(
+            &self.cache_type,
+            "write",
+            if r.is_ok() { "success" } else { "error" },
+            start,
+        );
+        r
+    }
+
+    fn info(&self) -> StoreInfo {
+        StoreInfo::wrapper("cache_metrics", vec![("backend", self.inner.info())])
+    }
+
+    async fn health(&self) -> Health {
+        self.inner.health().await
+    }
+}
