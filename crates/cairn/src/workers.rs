@@ -319,3 +319,37 @@ fn link(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[tokio::test]
+    async fn the_endpoint_timeout_bounds_a_call_to_a_silent_scheduler() {
+        // The kernel accepts the connection; nobody ever answers on it.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap();
+        let text =
+            format!(r#"{{ worker_api_endpoint: {{ uri: "grpc://{addr}", timeout: 0.3 }} }}"#);
+        let cfg: LocalWorker = cairn_config::parse_as("t.json5", &text).unwrap();
+        let (_, endpoint) = scheduler_endpoint("t.json5", 0, &cfg).unwrap();
+        let started = Instant::now();
+        let call = async {
+            let channel = endpoint.connect().await?;
+            let request =
+                http::Request::post(format!("http://{addr}/cairn.worker.v1.WorkerApi/Session"))
+                    .header("content-type", "application/grpc")
+                    .body(tonic::body::Body::empty())?;
+            tower::ServiceExt::oneshot(channel, request).await?;
+            anyhow::Ok(())
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(5), call).await;
+        assert!(matches!(outcome, Ok(Err(_))), "the call was not cut short");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+}
