@@ -63,6 +63,24 @@ pub(crate) fn command_environment(
     env
 }
 
+/// [`command_environment`], after making the scratch directory when a variable names it.
+pub(crate) async fn prepare(
+    configured: &[(String, EnvironmentSource)],
+    facts: &RunFacts<'_>,
+    command: &[(String, String)],
+) -> Result<Vec<(String, String)>, ActionError> {
+    if wants_action_directory(configured) {
+        let scratch = facts.action_directory;
+        tokio::fs::create_dir(scratch).await.map_err(|e| {
+            Error::io(
+                format!("creating the action directory {}", scratch.display()),
+                e,
+            )
+        })?;
+    }
+    Ok(command_environment(configured, facts, command))
+}
+
 /// Whether a variable needs the scratch directory.
 pub(crate) fn wants_action_directory(configured: &[(String, EnvironmentSource)]) -> bool {
     configured

@@ -365,23 +365,14 @@ impl ActionRunner {
             action.timeout
         };
         let configured = &self.cfg.additional_environment;
-        if environment::wants_action_directory(configured) {
-            let scratch = dir.scratch();
-            tokio::fs::create_dir(&scratch).await.map_err(|e| {
-                Error::io(
-                    format!("creating the action directory {}", scratch.display()),
-                    e,
-                )
-            })?;
-        }
-        let (side_channel, scratch) = (dir.side_channel(), dir.scratch());
+        let side_channel = dir.side_channel();
         let facts = environment::RunFacts {
             platform,
             timeout: action.timeout,
             side_channel: &side_channel,
-            action_directory: &scratch,
+            action_directory: &dir.scratch(),
         };
-        let env = environment::command_environment(configured, &facts, &command.environment);
+        let env = environment::prepare(configured, &facts, &command.environment).await?;
         let arguments: Vec<String> = if self.cfg.entrypoint.is_empty() {
             command.arguments.clone()
         } else {
@@ -435,63 +426,21 @@ impl ActionRunner {
         result.execution_metadata = Some(meta.clone());
 
         let skip_cache = req.skip_cache_write || action.do_not_cache;
-        let headline = until_cancelled(cancel, async {
-            let published = self.publish(&req.action_digest, skip_cache, &result, error.as_ref());
-            Ok(published.await)
+        let targets = report::Targets {
+            ac: self.ac.as_deref().filter(|_| !skip_cache),
+            historical: &*self.historical,
+            cfg: &self.cfg,
+        };
+        let (headline, failures) = until_cancelled(cancel, async {
+            Ok(report::publish(targets, &req.action_digest, &result, error.as_ref()).await)
         })
         .await?;
-        let (headline, failures) = headline;
         notes.extend(failures);
         Ok(Finished {
             result,
             error,
             headline,
         })
-    }
-
-    /// Writes the result to the action cache and its `HistoricalExecuteResponse` to the
-    /// historical store, as the strategies say (`report`). Returns the rendered message
-    /// template when anything was written, and notes on writes that failed.
-    async fn publish(
-        &self,
-        action: &Digest,
-        skip_cache: bool,
-        result: &re::ActionResult,
-        error: Option<&ActionError>,
-    ) -> (Option<String>, Vec<String>) {
-        let mut failures = Vec::new();
-        let failed = result.exit_code != 0 || error.is_some();
-        let ac = self.ac.as_ref().filter(|_| {
-            !skip_cache && report::to_action_cache(self.cfg.ac_strategy, result, error)
-        });
-        let history = report::to_history(self.cfg.historical_strategy, failed);
-        if ac.is_none() && !history {
-            return (None, failures);
-        }
-        let mut historical = None;
-        if history {
-            let response = report::response(Some(result.clone()), error, None, &[]);
-            match report::write_historical(&*self.historical, action, response).await {
-                Ok(d) => historical = Some(d),
-                Err(e) => {
-                    tracing::warn!(digest = %action, error = %e, "historical result not stored");
-                    failures.push(format!("the historical result was not stored: {e}"));
-                }
-            }
-        }
-        if let Some(ac) = ac {
-            if let Err(e) = report::write_action_result(&**ac, action, result).await {
-                tracing::warn!(digest = %action, error = %e, "action result not cached");
-                failures.push(format!("the result was not cached: {e}"));
-            }
-        }
-        let template = if failed {
-            &self.cfg.failure_message
-        } else {
-            &self.cfg.success_message
-        };
-        let headline = (!template.is_empty()).then(|| template.render(action, historical.as_ref()));
-        (headline, failures)
     }
 
     /// Reads and checks the Action, the Command and the input tree; every missing blob is

@@ -29,6 +29,7 @@ use cairn_store::{Store, StoreExt};
 use prost::Message;
 
 use crate::error::ActionError;
+use crate::RunnerConfig;
 
 /// `google.rpc.Code.OK`.
 const RPC_OK: i32 = 0;
@@ -87,6 +88,58 @@ pub(crate) async fn write_historical(
         .await
         .map_err(|e| e.context(format!("storing the historical result of {action}")))?;
     Ok(digest)
+}
+
+/// Where a result may go, and the strategies and templates that decide it.
+pub(crate) struct Targets<'a> {
+    /// The action cache; `None` when there is none or the action may not be cached.
+    pub ac: Option<&'a dyn Store>,
+    pub historical: &'a dyn Store,
+    pub cfg: &'a RunnerConfig,
+}
+
+/// Writes the result of `action` to the action cache and its `HistoricalExecuteResponse` to
+/// the historical store, as the strategies say. Returns the rendered message template when
+/// anything was written, and notes on writes that failed.
+pub(crate) async fn publish(
+    to: Targets<'_>,
+    action: &Digest,
+    result: &re::ActionResult,
+    error: Option<&ActionError>,
+) -> (Option<String>, Vec<String>) {
+    let mut failures = Vec::new();
+    let failed = result.exit_code != 0 || error.is_some();
+    let ac = to
+        .ac
+        .filter(|_| to_action_cache(to.cfg.ac_strategy, result, error));
+    let history = to_history(to.cfg.historical_strategy, failed);
+    if ac.is_none() && !history {
+        return (None, failures);
+    }
+    let mut historical = None;
+    if history {
+        let response = response(Some(result.clone()), error, None, &[]);
+        match write_historical(to.historical, action, response).await {
+            Ok(d) => historical = Some(d),
+            Err(e) => {
+                tracing::warn!(digest = %action, error = %e, "historical result not stored");
+                failures.push(format!("the historical result was not stored: {e}"));
+            }
+        }
+    }
+    if let Some(ac) = ac {
+        if let Err(e) = write_action_result(ac, action, result).await {
+            tracing::warn!(digest = %action, error = %e, "action result not cached");
+            failures.push(format!("the result was not cached: {e}"));
+        }
+    }
+    let template = if failed {
+        &to.cfg.failure_message
+    } else {
+        &to.cfg.success_message
+    };
+    let headline = (!template.is_empty()).then(|| template.render(action, historical.as_ref()));
+    (headline, failures)
 }
 
 /// Writes `result` to `ac` under `action`.
