@@ -122,7 +122,7 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
 
 /// The checks `cairn run` makes before it builds anything (the same functions): store kinds
 /// and `grpc` endpoints, schedulers, listeners (TLS files load, the worker API stands alone,
-/// limits), local workers' scheduler endpoints.
+/// limits), local workers (every key: `workers::check`).
 fn check_parts(file: &str, cfg: &CairnConfig) -> anyhow::Result<()> {
     let err = |e: cairn_core::Error| anyhow::anyhow!("{file}: {e}");
     for named in cfg.stores.iter() {
@@ -139,7 +139,7 @@ fn check_parts(file: &str, cfg: &CairnConfig) -> anyhow::Result<()> {
         cairn_server::check_listener(i, s, cairn_server::Limits::default()).map_err(err)?;
     }
     for (i, w) in cfg.local_workers().into_iter().enumerate() {
-        crate::workers::scheduler_endpoint(file, i, w)?;
+        crate::workers::check(file, i, w, &|name| cfg.stores.get(name).is_some())?;
     }
     Ok(())
 }

@@ -79,6 +79,10 @@ fn init_logging() {
 }
 
 async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result<()> {
+    // Refused worker keys stop the start before any store or listener is opened.
+    for (i, w) in cfg.local_workers().into_iter().enumerate() {
+        crate::workers::check(file, i, w, &|name| cfg.stores.get(name).is_some())?;
+    }
     let tree = cairn_store::build_store_tree(&cfg.stores)
         .await
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;

@@ -40,6 +40,8 @@ fn check_config_accepts_every_guide_fragment_and_prints_trees() {
                 Some("servers[0].listener.http.tls.cert_file: reading /certs/server.crt")
             }
             "guide-production-storage.json5" | "ts-stores-s3-retry.json5" => Some("not built yet"),
+            // The guide's fragment names the scheduler only; `cairn run` needs a CAS too.
+            "ts-worker.json5" => Some("workers[0].local.cas_fast_slow_store: name the store"),
             _ => None,
         };
         match refused_because {
@@ -168,4 +170,89 @@ fn global_max_open_files_raises_the_soft_limit() {
         .unwrap();
     let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
     assert_eq!(soft, 1000, "{line}");
+}
+
+#[test]
+fn refused_worker_keys_fail_run_and_check_config_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |extra: &str| {
+        format!(
+            r#"{{
+              stores: {{ CAS: {{ memory: {{}} }}, AC: {{ memory: {{}} }} }},
+              workers: [{{ local: {{
+                worker_api_endpoint: {{ uri: "grpc://127.0.0.1:1" }},
+                cas_fast_slow_store: "CAS",
+                work_directory: "{work}",
+                {extra}
+              }} }}],
+            }}"#,
+            work = dir.path().join("work").display()
+        )
+    };
+    let f = dir.path().join("w.json5");
+    // Every key at once is accepted...
+    std::fs::write(
+        &f,
+        config(
+            r#"upload_action_result: {
+                 ac_store: "AC", upload_ac_results_strategy: "everything",
+                 historical_results_store: "CAS", upload_historical_results_strategy: "failures_only",
+                 success_message_template: "{digest_function}/{action_digest_hash}-{action_digest_size}",
+                 failure_message_template: "{historical_results_hash}-{historical_results_size}",
+               },
+               entrypoint: "/usr/bin/env", timeout_handled_externally: true, max_action_timeout_s: 60,
+               additional_environment: { A: "timeout_millis", B: { property: "cpu_count" } },
+               max_output_files: 10, max_output_bytes: "1GiB","#,
+        ),
+    )
+    .unwrap();
+    let out = cairn().arg("check-config").arg(&f).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // ...and each of these is refused, by `run` and `check-config` alike, naming its key.
+    for (extra, key) in [
+        (
+            r#"stores: [{ memory: {} }],"#,
+            "workers[0].local.stores: not a key of a NativeLink 1.6.6 local worker",
+        ),
+        (
+            r#"upload_action_result: { upload_ac_results_strategy: "success_only" },"#,
+            "workers[0].local.upload_action_result.upload_ac_results_strategy",
+        ),
+        (
+            r#"upload_action_result: { ac_store: "ACX" },"#,
+            "workers[0].local.upload_action_result.ac_store: no store named \"ACX\"",
+        ),
+        (
+            r#"upload_action_result: { historical_results_store: "NOPE" },"#,
+            "workers[0].local.upload_action_result.historical_results_store: no store named",
+        ),
+        (
+            r#"upload_action_result: { ac_store: "AC", failure_message_template: "{instance_name}" },"#,
+            "workers[0].local.upload_action_result.failure_message_template: unknown variable {instance_name}",
+        ),
+        (
+            r#"worker_api_endpoint: { uri: "grpc://127.0.0.1:1", timeout: -1 },"#,
+            "workers[0].local.worker_api_endpoint.timeout",
+        ),
+    ] {
+        let text = config(extra);
+        // The second `worker_api_endpoint` replaces the first (JSON5 keeps the last).
+        std::fs::write(&f, text).unwrap();
+        for verb in ["run", "check-config"] {
+            let out = cairn()
+                .arg(verb)
+                .arg(&f)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{verb} accepted {extra}");
+            assert!(err.contains(key), "{verb} {extra}: {err}");
+        }
+    }
 }

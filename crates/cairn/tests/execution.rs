@@ -404,7 +404,7 @@ async fn unschedulable_platform_fails_naming_the_property() {
     let dir = tempfile::tempdir().unwrap();
     let c = start(dir.path());
     let mut cl = client(&c).await;
-    let d = true_action(&mut cl, "windows").await;
+    let d = true_action(&mut cl, "windows", &["/bin/true"]).await;
     let start = std::time::Instant::now();
     let ops = tokio::time::timeout(Duration::from_secs(30), execute(&mut cl, d, false))
         .await
@@ -549,7 +549,7 @@ async fn an_empty_input_root_needs_no_upload() {
     let dir = tempfile::tempdir().unwrap();
     let c = start(dir.path());
     let mut cl = client(&c).await;
-    let d = true_action(&mut cl, "linux").await;
+    let d = true_action(&mut cl, "linux", &["/bin/true"]).await;
     let resp = response(execute(&mut cl, d, false).await.last().unwrap());
     assert_eq!(
         resp.status.as_ref().map_or(0, |s| s.code),
@@ -605,11 +605,9 @@ async fn sigterm_lets_running_actions_finish() {
     assert!(exit.await.unwrap().success());
 }
 
-#[tokio::test]
-async fn property_modifier_rewrites_the_platform_before_matching() {
-    let dir = tempfile::tempdir().unwrap();
-    // The same config, with the scheduler wrapped in a property_modifier that turns any
-    // OSFamily into linux.
+/// [`CONFIG`] with the scheduler wrapped in a property_modifier that turns any OSFamily into
+/// linux, and `worker_extra` added to the worker's keys.
+fn modifier_config(worker_extra: &str) -> String {
     let config = CONFIG.replace(
         "MAIN: { cache_lookup: { ac_store: { ref_store: { name: \"AC\" } }, scheduler: { simple: {",
         "MAIN: { property_modifier: { modifications: [{ remove: \"OSFamily\" }, { add: { name: \"OSFamily\", value: \"linux\" } }], scheduler: { cache_lookup: { ac_store: { ref_store: { name: \"AC\" } }, scheduler: { simple: {",
@@ -620,14 +618,20 @@ async fn property_modifier_rewrites_the_platform_before_matching() {
         "      unschedulable_grace_period_s: 1,\n    } } } } } },",
     );
     assert_ne!(closed, config, "the closing replacement must apply");
-    let config = closed;
-    let c = Cairn::start_with(
-        dir.path(),
-        &config.replace("@WPORT@", &free_port().to_string()),
-        None,
+    let extended = closed.replace(
+        "    max_inflight_tasks: 4,\n",
+        &format!("    max_inflight_tasks: 4,\n    {worker_extra}\n"),
     );
+    assert_ne!(extended, closed, "the worker replacement must apply");
+    extended.replace("@WPORT@", &free_port().to_string())
+}
+
+#[tokio::test]
+async fn property_modifier_rewrites_the_platform_before_matching() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cairn::start_with(dir.path(), &modifier_config(""), None);
     let mut cl = client(&c).await;
-    let d = true_action(&mut cl, "windows").await;
+    let d = true_action(&mut cl, "windows", &["/bin/true"]).await;
     let resp = response(execute(&mut cl, d, false).await.last().unwrap());
     assert_eq!(
         resp.status.as_ref().map_or(0, |s| s.code),
@@ -638,94 +642,38 @@ async fn property_modifier_rewrites_the_platform_before_matching() {
     assert_eq!(resp.result.unwrap().exit_code, 0);
 }
 
-/// Uploads a `/bin/true` Action with the empty input root (the empty blob, always present) and
-/// the given OSFamily; returns its digest.
-/// The admin API (`services.admin`): a drained worker gets nothing new, and takes work again
-/// once undrained; bad requests get clear answers.
 #[tokio::test]
-async fn the_admin_api_drains_and_undrains_a_worker() {
+async fn additional_environment_sees_the_platform_the_scheduler_matched() {
     let dir = tempfile::tempdir().unwrap();
-    let config = CONFIG
-        .replace("@WPORT@", &free_port().to_string())
-        .replace(
-            "        health: {},\n",
-            "        health: {},\n        admin: {},\n",
-        )
-        .replace(
-            "    max_inflight_tasks: 4,",
-            "    name: \"w1\",\n    max_inflight_tasks: 4,",
-        );
-    assert!(config.contains("admin: {}") && config.contains("\"w1\""));
+    let config = modifier_config(
+        r#"additional_environment: { OS: { property: "OSFamily" }, GREETING: { value: "hi" } },"#,
+    );
     let c = Cairn::start_with(dir.path(), &config, None);
     let mut cl = client(&c).await;
-
-    let (code, body) = common::http_request(
-        c.addr,
-        "POST",
-        "/admin/scheduler/MAIN/set_drain_worker/w1/1",
-    )
-    .await;
-    assert_eq!(code, 200, "{body}");
-    // The action waits: no worker may take it.
-    let d = true_action(&mut cl, "linux").await;
-    let mut exec = cl.exec.clone();
-    let mut s = exec
-        .execute(re::ExecuteRequest {
-            action_digest: Some(d.to_proto()),
-            skip_cache_lookup: true,
+    // The client asks for windows; the property_modifier made it linux; the worker says so.
+    let d = true_action(&mut cl, "windows", &["/bin/sh", "-c", "echo $GREETING $OS"]).await;
+    let resp = response(execute(&mut cl, d, false).await.last().unwrap());
+    let result = resp.result.expect("a result");
+    assert_eq!(result.exit_code, 0, "{:?}", resp.status);
+    let stdout = result.stdout_digest.expect("stdout");
+    let read = cl
+        .cas
+        .batch_read_blobs(re::BatchReadBlobsRequest {
+            digests: vec![stdout],
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    let first = s.next().await.unwrap().unwrap();
-    assert!(!first.done);
-    let name = first.name.clone();
-    let waiting = tokio::time::timeout(Duration::from_secs(2), s.next()).await;
-    if let Ok(Some(Ok(op))) = &waiting {
-        assert!(!op.done, "a drained worker ran the action");
-    }
-    let got = cl
-        .ops
-        .get_operation(
-            cairn_core::proto::google::longrunning::GetOperationRequest { name: name.clone() },
-        )
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!got.done);
-    assert_eq!(stage(&got), re::execution_stage::Value::Queued as i32);
-
-    // Undrained: the waiting action runs.
-    let (code, body) = common::http_request(
-        c.addr,
-        "POST",
-        "/admin/scheduler/MAIN/set_drain_worker/w1/0",
-    )
-    .await;
-    assert_eq!(code, 200, "{body}");
-    let mut last = None;
-    while let Some(op) = s.next().await {
-        last = Some(op.unwrap());
-    }
-    let last = last.unwrap();
-    assert!(last.done);
-    assert_eq!(response(&last).result.unwrap().exit_code, 0);
-
-    for (path, want) in [
-        ("/admin/scheduler/NOPE/set_drain_worker/w1/1", 404),
-        ("/admin/scheduler/MAIN/set_drain_worker/nobody/1", 404),
-        ("/admin/scheduler/MAIN/set_drain_worker/w1/yes", 400),
-    ] {
-        let (code, body) = common::http_request(c.addr, "POST", path).await;
-        assert_eq!(code, want, "{path}: {body}");
-    }
+    assert_eq!(read.responses[0].data, b"hi linux\n");
 }
 
-async fn true_action(cl: &mut Client, os: &str) -> Digest {
+/// Uploads an Action running `argv` with the empty input root (the empty blob, always
+/// present) and the given OSFamily; returns its digest.
+async fn true_action(cl: &mut Client, os: &str, argv: &[&str]) -> Digest {
     #[allow(deprecated)]
     let command = re::Command {
-        arguments: vec!["/bin/true".into()],
+        arguments: argv.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     };
     let act = re::Action {
@@ -789,7 +737,7 @@ async fn a_worker_that_ignores_a_kill_is_removed() {
         .unwrap()
         .into_inner();
     // Registered, then the action.
-    let d = true_action(&mut cl, "linux").await;
+    let d = true_action(&mut cl, "linux", &["/bin/true"]).await;
     let mut exec = cl.exec.clone();
     let mut s = exec
         .execute(re::ExecuteRequest {
@@ -842,4 +790,86 @@ fn tokio_stream_of<T: Send + 'static>(
     rx: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+}
+
+/// The admin API (`services.admin`): a drained worker gets nothing new, and takes work again
+/// once undrained; bad requests get clear answers.
+#[tokio::test]
+async fn the_admin_api_drains_and_undrains_a_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = CONFIG
+        .replace("@WPORT@", &free_port().to_string())
+        .replace(
+            "        health: {},\n",
+            "        health: {},\n        admin: {},\n",
+        )
+        .replace(
+            "    max_inflight_tasks: 4,",
+            "    name: \"w1\",\n    max_inflight_tasks: 4,",
+        );
+    assert!(config.contains("admin: {}") && config.contains("\"w1\""));
+    let c = Cairn::start_with(dir.path(), &config, None);
+    let mut cl = client(&c).await;
+
+    let (code, body) = common::http_request(
+        c.addr,
+        "POST",
+        "/admin/scheduler/MAIN/set_drain_worker/w1/1",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    // The action waits: no worker may take it.
+    let d = true_action(&mut cl, "linux", &["/bin/true"]).await;
+    let mut exec = cl.exec.clone();
+    let mut s = exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(d.to_proto()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = s.next().await.unwrap().unwrap();
+    assert!(!first.done);
+    let name = first.name.clone();
+    let waiting = tokio::time::timeout(Duration::from_secs(2), s.next()).await;
+    if let Ok(Some(Ok(op))) = &waiting {
+        assert!(!op.done, "a drained worker ran the action");
+    }
+    let got = cl
+        .ops
+        .get_operation(
+            cairn_core::proto::google::longrunning::GetOperationRequest { name: name.clone() },
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!got.done);
+    assert_eq!(stage(&got), re::execution_stage::Value::Queued as i32);
+
+    // Undrained: the waiting action runs.
+    let (code, body) = common::http_request(
+        c.addr,
+        "POST",
+        "/admin/scheduler/MAIN/set_drain_worker/w1/0",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let mut last = None;
+    while let Some(op) = s.next().await {
+        last = Some(op.unwrap());
+    }
+    let last = last.unwrap();
+    assert!(last.done);
+    assert_eq!(response(&last).result.unwrap().exit_code, 0);
+
+    for (path, want) in [
+        ("/admin/scheduler/NOPE/set_drain_worker/w1/1", 404),
+        ("/admin/scheduler/MAIN/set_drain_worker/nobody/1", 404),
+        ("/admin/scheduler/MAIN/set_drain_worker/w1/yes", 400),
+    ] {
+        let (code, body) = common::http_request(c.addr, "POST", path).await;
+        assert_eq!(code, want, "{path}: {body}");
+    }
 }

@@ -32,6 +32,12 @@ pub enum ActionError {
     /// The command ran past its timeout and was killed.
     #[error("the command ran past its timeout of {0:?} and was killed")]
     TimedOut(Duration),
+    /// The command said, in its side channel file, that it ran past its timeout (an
+    /// `entrypoint` that enforces the timeout itself does so).
+    #[error(
+        "the command reported through its side channel file that it ran past its timeout of {0:?}"
+    )]
+    ReportedTimeout(Duration),
     /// The caller cancelled the action.
     #[error("the action was cancelled")]
     Cancelled,
@@ -65,7 +71,7 @@ impl ActionError {
             ActionError::MissingBlobs(_) => Code::FailedPrecondition,
             ActionError::InvalidAction(_) => Code::InvalidArgument,
             ActionError::Spawn { .. } => Code::FailedPrecondition,
-            ActionError::TimedOut(_) => Code::DeadlineExceeded,
+            ActionError::TimedOut(_) | ActionError::ReportedTimeout(_) => Code::DeadlineExceeded,
             ActionError::Cancelled => Code::Cancelled,
             ActionError::Other(e) => e.code,
         }

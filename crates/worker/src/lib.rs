@@ -9,12 +9,15 @@
 //! 2. `prepare`: a fresh directory under the work root, the input root materialised in it
 //!    (copied or reflinked from a local filesystem CAS when there is one, never hardlinked, so
 //!    that no action can change a blob), output parents created.
-//! 3. `execute`: the command in its own process group, only the Command's environment,
-//!    stdout and stderr to capped files, killed at its timeout or on cancellation.
+//! 3. `execute`: the command (through the configured entrypoint, if any) in its own process
+//!    group, with only the configured variables (`environment`) and the Command's, stdout and
+//!    stderr to capped files, killed at its timeout (or at the maximum, when the timeout is
+//!    handled externally) or on cancellation; then the side channel file is read.
 //! 4. `collect`: outputs hashed and uploaded (files, directories as `Tree`s, symlinks),
 //!    stdout and stderr too.
-//! 5. `report`: the `ActionResult` written to the action cache when it may be cached, and
-//!    the `ExecuteResponse` returned.
+//! 5. `report`: the `ActionResult` written to the action cache and the
+//!    `HistoricalExecuteResponse` to the historical store as the strategies say, and the
+//!    `ExecuteResponse` returned, its message from the templates (`message`).
 //!
 //! Guarantees: a failure in any step is a status in the returned `ExecuteResponse`, never a
 //! panic or a hang (every wait is bounded by the action's timeout, a drain deadline or the
@@ -25,10 +28,12 @@
 
 mod collect;
 mod contain;
+mod environment;
 mod error;
 mod execute;
 mod input_tree;
 mod launch;
+pub mod message;
 mod prepare;
 mod report;
 pub mod session;
@@ -49,10 +54,13 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub use cairn_config::workers::{EnvironmentSource, UploadStrategy};
 pub use error::{
     missing_blobs_detail, ActionError, PreconditionFailure, Violation,
     PRECONDITION_FAILURE_TYPE_URL,
 };
+pub use message::MessageTemplate;
+pub use report::HistoricalExecuteResponse;
 
 use collect::Outputs;
 use execute::{Ending, ExecRequest, Execution};
@@ -83,6 +91,25 @@ pub struct RunnerConfig {
     /// Largest timeout an action may ask for (the scheduler's cap); above it the action is
     /// rejected with INVALID_ARGUMENT. Default 1 hour.
     pub max_timeout: Duration,
+    /// The command enforces its own timeout (through the entrypoint): the worker kills it only
+    /// at `max_timeout`, and accepts an action whose timeout is larger (NativeLink's
+    /// `timeout_handled_externally`). Default false.
+    pub timeout_handled_externally: bool,
+    /// Program and arguments every command is run through: the command's argv is appended.
+    /// Default: none (the command's own program runs).
+    pub entrypoint: Vec<String>,
+    /// Variables set in the command's environment before the Command's own, which win on the
+    /// same name. Default: none.
+    pub additional_environment: Vec<(String, EnvironmentSource)>,
+    /// Which results go to the action cache (when the runner has one). Default `SuccessOnly`.
+    pub ac_strategy: UploadStrategy,
+    /// Which results' `HistoricalExecuteResponse` go to the historical store (the CAS unless
+    /// [`ActionRunner::with_historical_store`]). Default `FailuresOnly`.
+    pub historical_strategy: UploadStrategy,
+    /// `ExecuteResponse.message` of a successful action whose result was uploaded. Default empty.
+    pub success_message: MessageTemplate,
+    /// `ExecuteResponse.message` of a failed action whose result was uploaded. Default empty.
+    pub failure_message: MessageTemplate,
     /// Name reported in `ExecutedActionMetadata.worker`. Default: empty.
     pub worker_name: String,
     /// Fresh action directories kept made ahead of need, so that a run does not wait for the
@@ -101,6 +128,13 @@ impl RunnerConfig {
             max_output_bytes: 64 << 30,
             default_timeout: Duration::from_secs(600),
             max_timeout: Duration::from_secs(3600),
+            timeout_handled_externally: false,
+            entrypoint: Vec::new(),
+            additional_environment: Vec::new(),
+            ac_strategy: UploadStrategy::SuccessOnly,
+            historical_strategy: UploadStrategy::FailuresOnly,
+            success_message: MessageTemplate::default(),
+            failure_message: MessageTemplate::default(),
             worker_name: String::new(),
             dirs_ahead: 0,
         }
@@ -118,6 +152,10 @@ pub struct RunRequest {
     pub skip_cache_write: bool,
     /// When the scheduler queued the action, for `ExecutedActionMetadata.queued_timestamp`.
     pub queued_at: Option<SystemTime>,
+    /// The platform properties the scheduler matched the action with (after its
+    /// `property_modifier`), for `additional_environment`'s `property`; `None`: the Action's
+    /// (or its Command's).
+    pub platform: Option<Vec<(String, String)>>,
 }
 
 /// Runs actions: the stores it reads and writes, and its configuration. Cheap to share
@@ -127,6 +165,8 @@ pub struct ActionRunner {
     cas: StoreRef,
     /// Where results are written; `None` never writes one.
     ac: Option<StoreRef>,
+    /// Where `HistoricalExecuteResponse`s are written.
+    historical: StoreRef,
     /// Local filesystem CAS that inputs are copied from (filled from `cas` as needed).
     local_files: Option<Arc<FilesystemStore>>,
     dirs: Arc<WorkDirs>,
@@ -144,10 +184,12 @@ impl ActionDir {
     }
 }
 
-/// What the steps produced: the result (possibly with an error, for a timeout) or an error.
+/// What the steps produced: the result (possibly with an error, for a timeout), and the
+/// rendered message template when the result was published.
 struct Finished {
     result: re::ActionResult,
     error: Option<ActionError>,
+    headline: Option<String>,
 }
 
 impl ActionRunner {
@@ -160,12 +202,19 @@ impl ActionRunner {
         cfg: RunnerConfig,
     ) -> ActionRunner {
         ActionRunner {
+            historical: cas.clone(),
             cas,
             ac,
             local_files,
             dirs: Arc::new(WorkDirs::new(cfg.work_root.clone(), cfg.dirs_ahead)),
             cfg,
         }
+    }
+
+    /// Writes `HistoricalExecuteResponse`s to `store` instead of the CAS.
+    pub fn with_historical_store(mut self, store: StoreRef) -> ActionRunner {
+        self.historical = store;
+        self
     }
 
     pub fn config(&self) -> &RunnerConfig {
@@ -183,6 +232,7 @@ impl ActionRunner {
             action_digest,
             skip_cache_write,
             queued_at: None,
+            platform: None,
         };
         self.run_request(req, cancel).await
     }
@@ -190,9 +240,10 @@ impl ActionRunner {
     /// Runs one action and returns its `ExecuteResponse`, whose status says how it went: OK
     /// (whatever the exit code), FAILED_PRECONDITION (missing blobs, listed in a
     /// PreconditionFailure; or a program that cannot be started), INVALID_ARGUMENT (a
-    /// malformed action), DEADLINE_EXCEEDED (timed out; the result holds stdout and stderr so
-    /// far), CANCELLED (`cancel` fired; the process group is killed), or the code of a store
-    /// or disk failure. The action's directory is removed before it returns.
+    /// malformed action, or a side channel file not in its format), DEADLINE_EXCEEDED (timed
+    /// out, or said so in its side channel file; the result holds stdout and stderr so far),
+    /// CANCELLED (`cancel` fired; the process group is killed), or the code of a store or disk
+    /// failure. The action's directory is removed before it returns.
     ///
     /// `Err` only when the runner cannot run anything: its work directory cannot be created.
     /// The caller should then give the action back to the scheduler and report itself
@@ -236,10 +287,12 @@ impl ActionRunner {
         let mut notes = Vec::new();
         let outcome = self.steps(&req, &dir, &cancel, &mut meta, &mut notes).await;
         let response = match outcome {
-            Ok(Finished { result, error }) => {
-                report::response(Some(result), error.as_ref(), &notes)
-            }
-            Err(e) => report::response(None, Some(&e), &notes),
+            Ok(Finished {
+                result,
+                error,
+                headline,
+            }) => report::response(Some(result), error.as_ref(), headline.as_deref(), &notes),
+            Err(e) => report::response(None, Some(&e), None, &notes),
         };
         tracing::debug!(
             status = response.status.as_ref().map_or(0, |s| s.code),
@@ -296,14 +349,45 @@ impl ActionRunner {
         drop(tree);
         meta.input_fetch_completed_timestamp = Some(report::timestamp(SystemTime::now()));
 
+        let platform = req
+            .platform
+            .as_deref()
+            .unwrap_or(if action.platform.is_empty() {
+                &command.platform
+            } else {
+                &action.platform
+            });
+        // The worker's own deadline: the action's, or the maximum when the entrypoint enforces
+        // the action's.
+        let kill_after = if self.cfg.timeout_handled_externally {
+            self.cfg.max_timeout
+        } else {
+            action.timeout
+        };
+        let configured = &self.cfg.additional_environment;
+        let side_channel = dir.side_channel();
+        let facts = environment::RunFacts {
+            platform,
+            timeout: action.timeout,
+            side_channel: &side_channel,
+            action_directory: &dir.scratch(),
+        };
+        let env = environment::prepare(configured, &facts, &command.environment).await?;
+        let arguments: Vec<String> = if self.cfg.entrypoint.is_empty() {
+            command.arguments.clone()
+        } else {
+            let mut a = self.cfg.entrypoint.clone();
+            a.extend(command.arguments.iter().cloned());
+            a
+        };
         let exec = execute::execute(
             ExecRequest {
-                arguments: &command.arguments,
-                environment: &command.environment,
+                arguments: &arguments,
+                environment: &env,
                 cwd: exec_root.join(&command.working_directory),
                 stdout: dir.stdout(),
                 stderr: dir.stderr(),
-                timeout: action.timeout,
+                timeout: kill_after,
                 stdio_cap: self.cfg.max_output_bytes_stdio,
             },
             cancel,
@@ -319,9 +403,16 @@ impl ActionRunner {
                 ));
             }
         }
+        let timed_out = matches!(exec.ending, Ending::TimedOut(_));
+        let error = if timed_out {
+            Some(ActionError::TimedOut(kill_after))
+        } else if environment::wants_side_channel(configured) {
+            environment::read_side_channel(&side_channel, action.timeout).await?
+        } else {
+            None
+        };
 
         meta.output_upload_start_timestamp = Some(report::timestamp(SystemTime::now()));
-        let timed_out = matches!(exec.ending, Ending::TimedOut(_));
         let captured = exec.stdout.kept > 0 || exec.stderr.kept > 0;
         let (outputs, stdout, stderr) = until_cancelled(
             cancel,
@@ -333,31 +424,22 @@ impl ActionRunner {
         let mut result = action_result(&exec, outputs, stdout, stderr);
         meta.worker_completed_timestamp = Some(report::timestamp(SystemTime::now()));
         result.execution_metadata = Some(meta.clone());
-        if timed_out {
-            return Ok(Finished {
-                result,
-                error: Some(ActionError::TimedOut(action.timeout)),
-            });
-        }
 
-        let skip = req.skip_cache_write || action.do_not_cache;
-        if let Some(ac) = self
-            .ac
-            .as_ref()
-            .filter(|_| report::cacheable(skip, &result))
-        {
-            let written = until_cancelled(cancel, async {
-                Ok(report::write_action_result(&**ac, &req.action_digest, &result).await)
-            })
-            .await?;
-            if let Err(e) = written {
-                tracing::warn!(digest = %req.action_digest, error = %e, "action result not cached");
-                notes.push(format!("the result was not cached: {e}"));
-            }
-        }
+        let skip_cache = req.skip_cache_write || action.do_not_cache;
+        let targets = report::Targets {
+            ac: self.ac.as_deref().filter(|_| !skip_cache),
+            historical: &*self.historical,
+            cfg: &self.cfg,
+        };
+        let (headline, failures) = until_cancelled(cancel, async {
+            Ok(report::publish(targets, &req.action_digest, &result, error.as_ref()).await)
+        })
+        .await?;
+        notes.extend(failures);
         Ok(Finished {
             result,
-            error: None,
+            error,
+            headline,
         })
     }
 
@@ -371,11 +453,18 @@ impl ActionRunner {
         let Some(action) = fetch_proto::<re::Action>(cas, action_digest, "Action").await? else {
             return Err(ActionError::MissingBlobs(vec![action_digest]));
         };
+        // With the timeout handled externally, an action may ask for more than the maximum: it
+        // is told its timeout, and killed at the maximum.
+        let max = if self.cfg.timeout_handled_externally {
+            Duration::MAX
+        } else {
+            self.cfg.max_timeout
+        };
         let parts = spec::check_action(
             action_digest.function(),
             &action,
-            self.cfg.default_timeout,
-            self.cfg.max_timeout,
+            self.cfg.default_timeout.min(self.cfg.max_timeout),
+            max,
         )?;
         let (command, tree) = tokio::join!(
             fetch_proto::<re::Command>(cas, parts.command, "Command"),

@@ -39,7 +39,8 @@ pub type OpenSession =
     Arc<dyn Fn(Outbound) -> BoxFuture<'static, Result<Inbound, tonic::Status>> + Send + Sync>;
 
 /// Builds the endpoint for each connection, reading the TLS files again, so that a renewed
-/// client certificate is used from the next connection on.
+/// client certificate is used from the next connection on. It carries its connect and call
+/// timeouts (`worker_api_endpoint.timeout`).
 pub type MakeEndpoint = Arc<dyn Fn() -> Result<tonic::transport::Endpoint, Error> + Send + Sync>;
 
 /// How a worker reaches its scheduler.
@@ -98,7 +99,6 @@ async fn open_grpc(
     mut outbound: mpsc::Receiver<wapi::WorkerMessage>,
 ) -> Result<Inbound, Error> {
     let channel = endpoint()?
-        .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .connect()
         .await
@@ -255,6 +255,12 @@ fn start(
                     action_digest: digest,
                     skip_cache_write: s.skip_cache_write,
                     queued_at: queued_at.or_else(|| Some(SystemTime::now())),
+                    platform: Some(
+                        s.platform
+                            .iter()
+                            .map(|p| (p.name.clone(), p.value.clone()))
+                            .collect(),
+                    ),
                 };
                 match runner.run_keeping_dir(req, cancel).await {
                     Ok((resp, action_dir)) => {

@@ -23,6 +23,9 @@ pub(crate) struct ActionParts {
     pub timeout: Duration,
     /// `Action.do_not_cache`.
     pub do_not_cache: bool,
+    /// `Action.platform`'s properties (the Command's when the Action has none; see
+    /// [`CommandSpec::platform`]).
+    pub platform: Vec<(String, String)>,
 }
 
 /// Which kind of entry a declared output must be.
@@ -57,6 +60,8 @@ pub(crate) struct CommandSpec {
     /// Whether output directories should also be stored as `Directory` blobs and reported by
     /// `root_directory_digest` (`output_directory_format` DIRECTORY_ONLY or TREE_AND_DIRECTORY).
     pub directory_blobs: bool,
+    /// `Command.platform`'s properties (deprecated in REAPI 2.2, still sent by older clients).
+    pub platform: Vec<(String, String)>,
 }
 
 /// Checks an Action's fields. `function` is the action digest's function, which every digest
@@ -79,6 +84,7 @@ pub(crate) fn check_action(
         input_root: digest("input_root_digest", &action.input_root_digest)?,
         timeout: effective_timeout(action.timeout.as_ref(), default_timeout, max_timeout)?,
         do_not_cache: action.do_not_cache,
+        platform: properties(action.platform.as_ref()),
     })
 }
 
@@ -170,6 +176,17 @@ pub(crate) fn check_command(command: &re::Command) -> Result<CommandSpec, Action
         working_directory,
         outputs,
         directory_blobs,
+        #[allow(deprecated)]
+        platform: properties(command.platform.as_ref()),
+    })
+}
+
+fn properties(platform: Option<&re::Platform>) -> Vec<(String, String)> {
+    platform.map_or_else(Vec::new, |p| {
+        p.properties
+            .iter()
+            .map(|p| (p.name.clone(), p.value.clone()))
+            .collect()
     })
 }
 

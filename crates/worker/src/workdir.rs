@@ -1,6 +1,8 @@
 //! The directory of one action run: `<work_root>/<uuid>/`, the input root where the command
 //! runs, and beside it `<uuid>.stdout` and `<uuid>.stderr`, the capture files, which exist only
-//! once the command wrote to them.
+//! once the command wrote to them; `<uuid>.action/`, a scratch directory made only for a worker
+//! whose `additional_environment` names it, and `<uuid>.side_channel`, which only the command
+//! creates.
 //!
 //! Cost: creating is one `mkdir` (the work root is created on first use), removing is one
 //! `remove_dir_all` and two `unlink`s, each in one blocking task. On a journaling file system
@@ -75,6 +77,16 @@ impl WorkDir {
         self.path.with_extension("stderr")
     }
 
+    /// The scratch directory (`additional_environment`'s `action_directory`), not made here.
+    pub fn scratch(&self) -> PathBuf {
+        self.path.with_extension("action")
+    }
+
+    /// The side channel file (`additional_environment`'s `side_channel_file`).
+    pub fn side_channel(&self) -> PathBuf {
+        self.path.with_extension("side_channel")
+    }
+
     /// Deletes the directory and everything in it, and the capture files; failures are
     /// logged. A few attempts: a blocking task of a cancelled step may still be adding entries
     /// for a moment.
@@ -95,8 +107,14 @@ impl WorkDir {
         }
     }
 
-    fn paths(&self) -> [PathBuf; 3] {
-        [self.path.clone(), self.stdout(), self.stderr()]
+    fn paths(&self) -> [PathBuf; 5] {
+        [
+            self.path.clone(),
+            self.scratch(),
+            self.stdout(),
+            self.stderr(),
+            self.side_channel(),
+        ]
     }
 }
 
@@ -203,9 +221,11 @@ impl WorkDirs {
     }
 }
 
-/// Removes the input root (a directory) and the capture files (absent when never written).
-fn remove_all([dir, files @ ..]: &[PathBuf; 3]) -> std::io::Result<()> {
+/// Removes the input root and the scratch directory (absent unless made), and the capture and
+/// side channel files (absent when never written).
+fn remove_all([dir, scratch, files @ ..]: &[PathBuf; 5]) -> std::io::Result<()> {
     remove_tree(dir)?;
+    remove_tree(scratch)?;
     for f in files {
         match std::fs::remove_file(f) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),

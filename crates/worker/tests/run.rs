@@ -61,6 +61,7 @@ async fn queued_timestamp_is_reported() {
         action_digest: action,
         skip_cache_write: false,
         queued_at: Some(queued),
+        platform: None,
     };
     let response = kit
         .runner

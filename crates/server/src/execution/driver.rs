@@ -24,6 +24,8 @@ pub struct ActionPayload {
     pub skip_cache_write: bool,
     pub timeout: Option<Duration>,
     pub queued_at_unix_ms: i64,
+    /// The platform properties the action is matched with (after `property_modifier`).
+    pub platform: Vec<(String, String)>,
 }
 
 /// A snapshot of one operation, sent to its watchers at every stage change.
@@ -662,6 +664,14 @@ impl Driver {
                                     skip_cache_write: payload.skip_cache_write,
                                     timeout_ms: payload.timeout.map_or(0, |t| t.as_millis() as u64),
                                     queued_at_unix_ms: payload.queued_at_unix_ms,
+                                    platform: payload
+                                        .platform
+                                        .iter()
+                                        .map(|(name, value)| wapi::Property {
+                                            name: name.clone(),
+                                            value: value.clone(),
+                                        })
+                                        .collect(),
                                 },
                             )),
                         };

@@ -344,11 +344,12 @@ impl ExecutionService {
             Duration::from_secs(t.seconds.max(0) as u64)
                 + Duration::from_nanos(t.nanos.max(0) as u64)
         });
+        let platform = inst.pipeline.modify(platform);
         let request = ActionRequest {
             key: ActionKey(format!("{}/{}", req.instance_name, digest)),
             cacheable,
             priority,
-            platform: inst.pipeline.modify(platform),
+            platform: platform.clone(),
             invocation_id: invocation,
             payload: ActionPayload {
                 instance: req.instance_name.clone(),
@@ -356,6 +357,7 @@ impl ExecutionService {
                 skip_cache_write: !cacheable,
                 timeout,
                 queued_at_unix_ms: unix_ms_now(),
+                platform,
             },
         };
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
