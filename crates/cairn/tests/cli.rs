@@ -256,3 +256,37 @@ fn refused_worker_keys_fail_run_and_check_config_alike() {
         }
     }
 }
+
+/// NativeLink kinds and keys that Cairn recognises but has not built are refused by name, by
+/// `run` and `check-config` alike, never ignored.
+#[test]
+fn recognised_but_unbuilt_nativelink_parts_are_refused_by_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key) in [
+        (
+            r#"{ stores: { S: { ontap_s3_existence_cache: { index_path: "/x", sync_interval_seconds: 300, backend: { endpoint: "https://o", vserver_name: "v", bucket: "b" } } } } }"#,
+            "stores.S: store kind `ontap_s3_existence_cache`",
+        ),
+        (
+            r#"{ stores: { CAS: { memory: {} } }, servers: [{ listener: { http: { socket_address: "127.0.0.1:0" } }, services: { cas: [{ instance_name: "", cas_store: "CAS", experimental_chunking: { chunk_store: "CAS" } }] } }] }"#,
+            "servers[0].services.cas..experimental_chunking",
+        ),
+    ] {
+        let f = dir.path().join("c.json5");
+        std::fs::write(&f, text).unwrap();
+        for verb in ["run", "check-config"] {
+            let out = cairn()
+                .arg(verb)
+                .arg(&f)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{verb} accepted {text}");
+            assert!(
+                err.contains(key) && err.contains("not built yet"),
+                "{verb}: {err}"
+            );
+        }
+    }
+}

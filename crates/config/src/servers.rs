@@ -282,6 +282,10 @@ pub struct CasService {
     #[serde(default)]
     pub instance_name: String,
     pub cas_store: String,
+    /// NativeLink's content-defined chunking RPCs (SplitBlob, SpliceBlob); parsed, and refused
+    /// at start until built.
+    #[serde(default)]
+    pub experimental_chunking: Option<serde_json::Value>,
 }
 instance_entry!(CasService);
 

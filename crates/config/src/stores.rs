@@ -26,6 +26,9 @@ pub enum StoreSpec {
     CacheMetrics(Box<CacheMetricsStore>),
     // Kinds whose behaviour a later issue builds: they parse, and starting them is an error.
     ExperimentalCloudObjectStore(CloudObjectStore),
+    /// NetApp ONTAP S3 with a local existence index (NativeLink's); its body is kept as
+    /// written until the store is built.
+    OntapS3ExistenceCache(serde_json::Value),
     RedisStore(RedisStore),
     Grpc(GrpcStore),
 }
@@ -48,6 +51,7 @@ impl StoreSpec {
             StoreSpec::RefStore(_) => "ref_store",
             StoreSpec::CacheMetrics(_) => "cache_metrics",
             StoreSpec::ExperimentalCloudObjectStore(_) => "experimental_cloud_object_store",
+            StoreSpec::OntapS3ExistenceCache(_) => "ontap_s3_existence_cache",
             StoreSpec::RedisStore(_) => "redis_store",
             StoreSpec::Grpc(_) => "grpc",
         }

@@ -78,6 +78,14 @@ pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked
             )));
         }
     }
+    for c in services.cas.iter().flat_map(|m| m.0.iter()) {
+        if c.experimental_chunking.is_some() {
+            return Err(Error::unimplemented(format!(
+                "{sp}.cas.{}.experimental_chunking: content-defined chunking (SplitBlob, SpliceBlob) parses but is not built yet in this version of Cairn; remove it to start",
+                c.instance_name
+            )));
+        }
+    }
     if let Some(bs) = &services.bytestream {
         if let cairn_config::servers::ByteStreamService::Map(m) = bs {
             if let Some(n) = m.max_decoding_message_size {

@@ -41,7 +41,9 @@ pub struct StoreTree {
 /// Building calls it first, and `cairn check-config` calls it, so both give the same verdict.
 pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
     match spec {
-        StoreSpec::ExperimentalCloudObjectStore(_) | StoreSpec::RedisStore(_) => {
+        StoreSpec::ExperimentalCloudObjectStore(_)
+        | StoreSpec::RedisStore(_)
+        | StoreSpec::OntapS3ExistenceCache(_) => {
             return Err(Error::unimplemented(format!(
                 "{path}: store kind `{}` parses but is not built yet in this version of Cairn; \
                  use memory, filesystem or the wrapper stores for now",
@@ -219,7 +221,9 @@ impl<'a> Builder<'a> {
                 StoreSpec::Grpc(c) => {
                     Arc::new(grpc::GrpcStore::new(c).map_err(|e| e.context(&path))?)
                 }
-                StoreSpec::ExperimentalCloudObjectStore(_) | StoreSpec::RedisStore(_) => {
+                StoreSpec::ExperimentalCloudObjectStore(_)
+                | StoreSpec::RedisStore(_)
+                | StoreSpec::OntapS3ExistenceCache(_) => {
                     return Err(check_spec(spec, &path).err().unwrap_or_else(|| {
                         Error::internal(format!("{path}: {} is not built", spec.kind()))
                     }))
