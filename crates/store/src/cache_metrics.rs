@@ -1,7 +1,9 @@
 //! `cache_metrics`: counts the operations of the store it wraps under a `cache_type` label
 //! (NativeLink's wrapper), so that an inner tier (the fast memory of a `fast_slow`, say) can be
-//! watched on its own. The counts go to the process's metrics through the observer the
-//! server installs at start-up ([`set_observer`]); without one, the wrapper only passes through.
+//! watched on its own. Each operation goes to an [`OpObserver`]: the one given at
+//! construction, or for configured `cache_metrics` stores the process's, which the server
+//! installs at start-up ([`set_observer`]); without one, the wrapper only passes through. The
+//! server also counts every top-level store a service uses through the same wrapper.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -17,25 +19,44 @@ pub type OpObserver = Arc<dyn Fn(&str, &'static str, &'static str, f64) + Send +
 
 static OBSERVER: OnceLock<OpObserver> = OnceLock::new();
 
-/// Installs where counted operations go (once, at start-up).
+/// Installs where configured `cache_metrics` stores count (once, at start-up).
 pub fn set_observer(observer: OpObserver) {
     let _ = OBSERVER.set(observer);
-}
-
-fn observe(cache_type: &str, op: &'static str, result: &'static str, start: Instant) {
-    if let Some(o) = OBSERVER.get() {
-        o(cache_type, op, result, start.elapsed().as_secs_f64());
-    }
 }
 
 pub struct CacheMetricsStore {
     cache_type: String,
     inner: StoreRef,
+    observer: Option<OpObserver>,
+    /// Describe itself as the store it wraps (no node of its own in `/status`).
+    transparent: bool,
 }
 
 impl CacheMetricsStore {
+    /// A configured `cache_metrics` store: counts go to the process's observer.
     pub fn new(cache_type: String, inner: StoreRef) -> CacheMetricsStore {
-        CacheMetricsStore { cache_type, inner }
+        CacheMetricsStore {
+            cache_type,
+            inner,
+            observer: None,
+            transparent: false,
+        }
+    }
+
+    /// Counts `inner`'s operations into `observer`, and describes itself as `inner`.
+    pub fn counting(cache_type: &str, inner: StoreRef, observer: OpObserver) -> StoreRef {
+        Arc::new(CacheMetricsStore {
+            cache_type: cache_type.to_string(),
+            inner,
+            observer: Some(observer),
+            transparent: true,
+        })
+    }
+
+    fn observe(&self, op: &'static str, result: &'static str, start: Instant) {
+        if let Some(o) = self.observer.as_ref().or_else(|| OBSERVER.get()) {
+            o(&self.cache_type, op, result, start.elapsed().as_secs_f64());
+        }
     }
 }
 
@@ -47,15 +68,10 @@ impl Store for CacheMetricsStore {
         match &r {
             Ok(sizes) => {
                 for s in sizes {
-                    observe(
-                        &self.cache_type,
-                        "read",
-                        if s.is_some() { "hit" } else { "miss" },
-                        start,
-                    );
+                    self.observe("read", if s.is_some() { "hit" } else { "miss" }, start);
                 }
             }
-            Err(_) => observe(&self.cache_type, "read", "error", start),
+            Err(_) => self.observe("read", "error", start),
         }
         r
     }
@@ -73,23 +89,21 @@ impl Store for CacheMetricsStore {
             Err(e) if e.is_not_found() => "miss",
             Err(_) => "error",
         };
-        observe(&self.cache_type, "read", result, start);
+        self.observe("read", result, start);
         r
     }
 
     async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
         let start = Instant::now();
         let r = self.inner.put(key, body).await;
-        observe(
-            &self.cache_type,
-            "write",
-            if r.is_ok() { "success" } else { "error" },
-            start,
-        );
+        self.observe("write", if r.is_ok() { "success" } else { "error" }, start);
         r
     }
 
     fn info(&self) -> StoreInfo {
+        if self.transparent {
+            return self.inner.info();
+        }
         StoreInfo::wrapper("cache_metrics", vec![("backend", self.inner.info())])
     }
 
