@@ -713,11 +713,21 @@ async fn a_worker_that_ignores_a_kill_is_removed() {
     let c = Cairn::start_with(dir.path(), &config, None);
     let mut cl = client(&c).await;
 
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{wport}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    // The worker API listener starts right after the first one, whose line `start_with`
+    // waited for: connect once it is there.
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{wport}")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ch = loop {
+        match endpoint.connect().await {
+            Ok(ch) => break ch,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "the worker API never listened: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<wapi::WorkerMessage>(16);
     tx.send(wapi::WorkerMessage {
         message: Some(wapi::worker_message::Message::Register(wapi::Register {
