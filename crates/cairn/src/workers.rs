@@ -54,6 +54,18 @@ pub fn check(
              top-level `stores` and name them in cas_fast_slow_store and upload_action_result"
         );
     }
+    for (key, on) in [
+        ("use_namespaces", cfg.use_namespaces),
+        ("use_mount_namespace", cfg.use_mount_namespace),
+    ] {
+        if on == Some(true) {
+            bail!(
+                "{at}.{key}: running actions in Linux namespaces is not built yet in this version \
+                 of Cairn (each action has its own cgroup and input copies instead); set it to \
+                 false or remove it to start"
+            );
+        }
+    }
     let store = |name: &str, key: &str| -> anyhow::Result<String> {
         if has_store(name) {
             Ok(name.to_string())

@@ -29,6 +29,9 @@ pub enum StoreSpec {
     /// NetApp ONTAP S3 with a local existence index (NativeLink's); its body is kept as
     /// written until the store is built.
     OntapS3ExistenceCache(serde_json::Value),
+    /// MongoDB (NativeLink's `experimental_mongo`); its body is kept as written. There is no
+    /// MongoDB server here to build it against, so it is refused at start.
+    ExperimentalMongo(serde_json::Value),
     RedisStore(RedisStore),
     Grpc(GrpcStore),
 }
@@ -52,6 +55,7 @@ impl StoreSpec {
             StoreSpec::CacheMetrics(_) => "cache_metrics",
             StoreSpec::ExperimentalCloudObjectStore(_) => "experimental_cloud_object_store",
             StoreSpec::OntapS3ExistenceCache(_) => "ontap_s3_existence_cache",
+            StoreSpec::ExperimentalMongo(_) => "experimental_mongo",
             StoreSpec::RedisStore(_) => "redis_store",
             StoreSpec::Grpc(_) => "grpc",
         }

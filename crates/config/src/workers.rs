@@ -64,6 +64,14 @@ pub struct LocalWorker {
     /// where stores belong, and refused at start.
     #[serde(default)]
     pub stores: Option<Vec<StoreSpec>>,
+    /// NativeLink's: run each action in new Linux namespaces. `false` (the default) is what
+    /// Cairn does; `true` is refused at start until built.
+    #[serde(default)]
+    pub use_namespaces: Option<bool>,
+    /// NativeLink's: a mount namespace for each action (needs `use_namespaces`). `false` is what
+    /// Cairn does; `true` is refused at start until built.
+    #[serde(default)]
+    pub use_mount_namespace: Option<bool>,
     /// Cairn: most files, directories and symlinks one action may output. Default 1,000,000.
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub max_output_files: Option<u64>,

@@ -43,7 +43,8 @@ pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
     match spec {
         StoreSpec::ExperimentalCloudObjectStore(_)
         | StoreSpec::RedisStore(_)
-        | StoreSpec::OntapS3ExistenceCache(_) => {
+        | StoreSpec::OntapS3ExistenceCache(_)
+        | StoreSpec::ExperimentalMongo(_) => {
             return Err(Error::unimplemented(format!(
                 "{path}: store kind `{}` parses but is not built yet in this version of Cairn; \
                  use memory, filesystem or the wrapper stores for now",
@@ -223,7 +224,8 @@ impl<'a> Builder<'a> {
                 }
                 StoreSpec::ExperimentalCloudObjectStore(_)
                 | StoreSpec::RedisStore(_)
-                | StoreSpec::OntapS3ExistenceCache(_) => {
+                | StoreSpec::OntapS3ExistenceCache(_)
+                | StoreSpec::ExperimentalMongo(_) => {
                     return Err(check_spec(spec, &path).err().unwrap_or_else(|| {
                         Error::internal(format!("{path}: {} is not built", spec.kind()))
                     }))
