@@ -821,13 +821,25 @@ async fn the_admin_api_drains_and_undrains_a_worker() {
     let c = Cairn::start_with(dir.path(), &config, None);
     let mut cl = client(&c).await;
 
-    let (code, body) = common::http_request(
-        c.addr,
-        "POST",
-        "/admin/scheduler/MAIN/set_drain_worker/w1/1",
-    )
-    .await;
-    assert_eq!(code, 200, "{body}");
+    // The local worker registers just after the listener is up: drain it once it is there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = common::http_request(
+            c.addr,
+            "POST",
+            "/admin/scheduler/MAIN/set_drain_worker/w1/1",
+        )
+        .await;
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 404, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker w1 never registered: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The action waits: no worker may take it.
     let d = true_action(&mut cl, "linux", &["/bin/true"]).await;
     let mut exec = cl.exec.clone();
