@@ -72,3 +72,72 @@ fn bazel_streams_its_build_events_to_cairn() {
     drop(bazel);
     cairn.kill9();
 }
+
+/// What a broken or hostile BES client gets: a clear status for an event without a stream or
+/// with a sequence number below 1, and nothing stored for it.
+#[tokio::test]
+async fn bad_build_events_are_invalid_argument() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cairn = Cairn::start_with(tmp.path(), CONFIG, None);
+    let mut client =
+        bes::publish_build_event_client::PublishBuildEventClient::new(cairn.channel().await);
+    let stream = bes::StreamId {
+        build_id: "b".into(),
+        invocation_id: "i".into(),
+        component: bes::stream_id::BuildComponent::Tool as i32,
+    };
+    for (what, event) in [
+        ("no event", None),
+        (
+            "no stream",
+            Some(bes::OrderedBuildEvent {
+                stream_id: None,
+                sequence_number: 1,
+                event: b"x".to_vec(),
+            }),
+        ),
+        (
+            "sequence 0",
+            Some(bes::OrderedBuildEvent {
+                stream_id: Some(stream.clone()),
+                sequence_number: 0,
+                event: b"x".to_vec(),
+            }),
+        ),
+    ] {
+        let e = client
+            .publish_lifecycle_event(bes::PublishLifecycleEventRequest {
+                build_event: event.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
+        // In a tool stream, the bad event ends the stream with that status.
+        let mut acks = client
+            .publish_build_tool_event_stream(futures::stream::iter(vec![
+                bes::PublishBuildToolEventStreamRequest {
+                    ordered_build_event: event,
+                    ..Default::default()
+                },
+            ]))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = futures::StreamExt::next(&mut acks).await.unwrap();
+        assert_eq!(
+            first.unwrap_err().code(),
+            tonic::Code::InvalidArgument,
+            "{what}"
+        );
+    }
+    // Nothing was stored.
+    let stored = std::fs::read_dir(tmp.path().join("bep"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        })
+        .count();
+    assert_eq!(stored, 0);
+}
