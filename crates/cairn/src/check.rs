@@ -29,6 +29,54 @@ pub fn check_config(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `services.cas[].experimental_chunking`: the average chunk size is within the REAPI's
+/// bounds, and the index store exists, is not the CAS itself and is given exactly when the CAS
+/// is not a `grpc` store.
+fn check_chunking(
+    file: &str,
+    cfg: &CairnConfig,
+    cas_store: &str,
+    ch: &cairn_config::servers::CasChunking,
+    at: &str,
+    store: &dyn Fn(&str, String) -> Result<(), ConfigError>,
+) -> Result<(), ConfigError> {
+    use cairn_config::servers::CasChunking;
+    let avg = ch.avg_chunk_size();
+    if !(CasChunking::MIN_AVG_CHUNK_SIZE_BYTES..=CasChunking::MAX_AVG_CHUNK_SIZE_BYTES)
+        .contains(&avg)
+    {
+        return Err(ConfigError::new(
+            file,
+            format!("{at}.avg_chunk_size_bytes"),
+            format!("{avg} is out of range: expected 1024 (1 KiB) to 1048576 (1 MiB)"),
+        ));
+    }
+    let cas_is_grpc = matches!(cfg.stores.get(cas_store), Some(StoreSpec::Grpc(_)));
+    match (&ch.index_store, cas_is_grpc) {
+        (None, false) => Err(ConfigError::new(
+            file,
+            format!("{at}.index_store"),
+            "missing: name the store that keeps chunk layouts (required unless cas_store is a grpc store)",
+        )),
+        (Some(_), true) => Err(ConfigError::new(
+            file,
+            format!("{at}.index_store"),
+            format!(
+                "cas_store {cas_store:?} is a grpc store, whose server keeps the chunk layouts; remove index_store"
+            ),
+        )),
+        (Some(i), false) if i == cas_store => Err(ConfigError::new(
+            file,
+            format!("{at}.index_store"),
+            format!(
+                "{i:?} is the cas_store: layouts written into the CAS would overwrite blobs; name another store"
+            ),
+        )),
+        (Some(i), false) => store(i, format!("{at}.index_store")),
+        (None, true) => Ok(()),
+    }
+}
+
 /// Every store and scheduler a service names exists.
 pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
     let store = |name: &str, at: String| -> Result<(), ConfigError> {
@@ -67,6 +115,10 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
                 &c.cas_store,
                 format!("{p}.cas.{}.cas_store", c.instance_name),
             )?;
+            if let Some(ch) = &c.experimental_chunking {
+                let at = format!("{p}.cas.{}.experimental_chunking", c.instance_name);
+                check_chunking(file, cfg, &c.cas_store, ch, &at, &store)?;
+            }
         }
         for c in sv.ac.iter().flat_map(|m| m.0.iter()) {
             store(&c.ac_store, format!("{p}.ac.{}.ac_store", c.instance_name))?;

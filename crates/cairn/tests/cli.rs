@@ -275,10 +275,6 @@ fn recognised_but_unbuilt_nativelink_parts_are_refused_by_key_path() {
             r#"{ stores: { CAS: { fast_slow: { fast: { filesystem: { content_path: "/tmp/x/c", temp_path: "/tmp/x/t" } }, slow: { memory: {} } } } }, workers: [{ local: { worker_api_endpoint: { uri: "grpc://127.0.0.1:1" }, cas_fast_slow_store: "CAS", use_namespaces: true } }] }"#,
             "workers[0].local.use_namespaces",
         ),
-        (
-            r#"{ stores: { CAS: { memory: {} } }, servers: [{ listener: { http: { socket_address: "127.0.0.1:0" } }, services: { cas: [{ instance_name: "", cas_store: "CAS", experimental_chunking: { chunk_store: "CAS" } }] } }] }"#,
-            "servers[0].services.cas..experimental_chunking",
-        ),
     ] {
         let f = dir.path().join("c.json5");
         std::fs::write(&f, text).unwrap();

@@ -282,12 +282,57 @@ pub struct CasService {
     #[serde(default)]
     pub instance_name: String,
     pub cas_store: String,
-    /// NativeLink's content-defined chunking RPCs (SplitBlob, SpliceBlob); parsed, and refused
-    /// at start until built.
+    /// Content-defined chunking (NativeLink's): SplitBlob / GetChunkMapping and SpliceBlob /
+    /// RegisterChunkMapping are served and advertised (FastCDC 2020) for this instance.
     #[serde(default)]
-    pub experimental_chunking: Option<serde_json::Value>,
+    pub experimental_chunking: Option<CasChunking>,
 }
 instance_entry!(CasService);
+
+/// `services.cas[].experimental_chunking`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CasChunking {
+    /// Store (by name) that keeps each blob's chunk layout under the blob's digest. It must not
+    /// verify content (a layout does not hash to its key) and must not be the `cas_store`.
+    /// Required unless the `cas_store` is a `grpc` store (then layouts are not kept: each
+    /// split is computed again, with the same FastCDC parameters, so with the same result).
+    #[serde(default)]
+    pub index_store: Option<String>,
+    /// Average chunk size advertised (FastCDC 2020 parameters) and used when splitting:
+    /// chunks are between a quarter and four times this. 1 KiB to 1 MiB. Default 512 KiB.
+    #[serde(default, deserialize_with = "num::u64")]
+    pub avg_chunk_size_bytes: u64,
+    /// Most chunks a splice may name or a split may produce; a blob that would need more is
+    /// not split (NOT_FOUND, clients then download it whole). Default 50000.
+    #[serde(default, deserialize_with = "num::u64")]
+    pub max_chunk_count: u64,
+}
+
+impl CasChunking {
+    pub const DEFAULT_AVG_CHUNK_SIZE_BYTES: u64 = 512 * 1024;
+    pub const MIN_AVG_CHUNK_SIZE_BYTES: u64 = 1024;
+    pub const MAX_AVG_CHUNK_SIZE_BYTES: u64 = 1024 * 1024;
+    pub const DEFAULT_MAX_CHUNK_COUNT: u64 = 50_000;
+
+    /// `avg_chunk_size_bytes` with its default.
+    pub fn avg_chunk_size(&self) -> u64 {
+        if self.avg_chunk_size_bytes == 0 {
+            Self::DEFAULT_AVG_CHUNK_SIZE_BYTES
+        } else {
+            self.avg_chunk_size_bytes
+        }
+    }
+
+    /// `max_chunk_count` with its default.
+    pub fn max_chunks(&self) -> u64 {
+        if self.max_chunk_count == 0 {
+            Self::DEFAULT_MAX_CHUNK_COUNT
+        } else {
+            self.max_chunk_count
+        }
+    }
+}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

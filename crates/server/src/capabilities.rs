@@ -20,6 +20,8 @@ pub struct InstanceCaps {
     pub ac: bool,
     pub ac_writable: bool,
     pub execution: bool,
+    /// Average chunk size when the CAS serves content-defined chunking.
+    pub chunking_avg: Option<u64>,
 }
 
 pub struct CapabilitiesService {
@@ -83,8 +85,12 @@ impl Capabilities for CapabilitiesService {
                     supported_compressors: zstd.clone(),
                     supported_batch_update_compressors: zstd,
                     max_cas_blob_size_bytes: 0,
-                    split_blob_support: false,
-                    splice_blob_support: false,
+                    split_blob_support: caps.chunking_avg.is_some(),
+                    splice_blob_support: caps.chunking_avg.is_some(),
+                    fast_cdc_2020_params: caps.chunking_avg.map(|avg| re::FastCdc2020Params {
+                        avg_chunk_size_bytes: avg,
+                        seed: 0,
+                    }),
                     ..Default::default()
                 });
                 let execution = caps.execution.then(|| re::ExecutionCapabilities {

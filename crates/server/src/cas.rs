@@ -1,10 +1,11 @@
-//! ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree.
+//! ContentAddressableStorage: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, GetTree, and
+//! for instances with `experimental_chunking` the chunking RPCs ([`crate::chunking`]).
 //!
 //! Every uploaded blob is checked against its digest (size and hash) before it is stored; a
 //! bad blob in a batch fails alone, with INVALID_ARGUMENT in its own response entry. Batches
 //! are bounded by `max_batch_total_size_bytes` (RESOURCE_EXHAUSTED past it).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use re::compressor::Value as Compressor;
 use re::content_addressable_storage_server::ContentAddressableStorage;
 use tonic::{Request, Response, Status};
 
+use crate::chunking::{Chunker, CHUNKING_FUNCTION};
 use crate::instances::Instances;
 use crate::metrics::Metrics;
 use crate::{zstd_codec, Limits};
@@ -39,7 +41,12 @@ pub struct CasService {
     instances: Instances,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// Instances with `experimental_chunking`.
+    chunkers: BTreeMap<String, Arc<Chunker>>,
 }
+
+/// Chunk digests per GetChunkMapping response.
+const MAPPING_PAGE: usize = 10_000;
 
 impl CasService {
     pub fn new(instances: Instances, limits: Limits, metrics: Arc<Metrics>) -> CasService {
@@ -47,11 +54,60 @@ impl CasService {
             instances,
             limits,
             metrics,
+            chunkers: BTreeMap::new(),
         }
+    }
+
+    /// Serves chunking for `instance`.
+    pub fn with_chunker(mut self, instance: String, chunker: Arc<Chunker>) -> CasService {
+        self.chunkers.insert(instance, chunker);
+        self
     }
 
     fn store(&self, instance: &str) -> Result<StoreRef, Status> {
         Ok(self.instances.get(instance)?.clone())
+    }
+
+    /// The chunker of an instance; UNIMPLEMENTED naming the key that turns chunking on.
+    fn chunker(&self, instance: &str, method: &str) -> Result<Arc<Chunker>, Error> {
+        self.instances.get(instance)?;
+        self.chunkers.get(instance).cloned().ok_or_else(|| {
+            Error::unimplemented(format!(
+                "{method} is not enabled for instance {instance:?}: its CAS service has no \
+                 experimental_chunking"
+            ))
+        })
+    }
+
+    async fn split(
+        &self,
+        method: &str,
+        instance: &str,
+        function: i32,
+        digest: Option<&re::Digest>,
+    ) -> Result<Vec<re::Digest>, Error> {
+        let chunker = self.chunker(instance, method)?;
+        let (_, blob) = crate::chunking::request_blob(function, digest)?;
+        let chunks = chunker.split(&blob).await?;
+        Ok(chunks.iter().map(Digest::to_proto).collect())
+    }
+
+    async fn splice(
+        &self,
+        method: &str,
+        instance: &str,
+        function: i32,
+        digest: Option<&re::Digest>,
+        chunks: &[re::Digest],
+    ) -> Result<re::Digest, Error> {
+        let chunker = self.chunker(instance, method)?;
+        let (function, blob) = crate::chunking::request_blob(function, digest)?;
+        let chunks = chunks
+            .iter()
+            .map(|c| Digest::from_proto_with(function, c))
+            .collect::<Result<Vec<_>, _>>()?;
+        chunker.splice(&blob, chunks).await?;
+        Ok(blob.to_proto())
     }
 }
 
@@ -314,11 +370,27 @@ impl ContentAddressableStorage for CasService {
 
     async fn split_blob(
         &self,
-        _: Request<re::SplitBlobRequest>,
+        request: Request<re::SplitBlobRequest>,
     ) -> Result<Response<re::SplitBlobResponse>, Status> {
-        Err(Status::unimplemented(
-            "SplitBlob is not supported by this server",
-        ))
+        let timer = self.metrics.rpc("cas", "SplitBlob");
+        let req = request.into_inner();
+        let r = self
+            .split(
+                "SplitBlob",
+                &req.instance_name,
+                req.digest_function,
+                req.blob_digest.as_ref(),
+            )
+            .await
+            .map(|chunk_digests| {
+                Response::new(re::SplitBlobResponse {
+                    chunk_digests,
+                    chunking_function: CHUNKING_FUNCTION as i32,
+                })
+            })
+            .map_err(Status::from);
+        timer.finish(&r);
+        r
     }
 
     type GetChunkMappingStream =
@@ -326,29 +398,111 @@ impl ContentAddressableStorage for CasService {
 
     async fn get_chunk_mapping(
         &self,
-        _: Request<re::GetChunkMappingRequest>,
+        request: Request<re::GetChunkMappingRequest>,
     ) -> Result<Response<Self::GetChunkMappingStream>, Status> {
-        Err(Status::unimplemented(
-            "GetChunkMapping is not supported by this server",
-        ))
+        let timer = self.metrics.rpc("cas", "GetChunkMapping");
+        let req = request.into_inner();
+        let r = self
+            .split(
+                "GetChunkMapping",
+                &req.instance_name,
+                req.digest_function,
+                req.blob_digest.as_ref(),
+            )
+            .await
+            .map(|chunks| {
+                // Pages of MAPPING_PAGE digests (about 1 MB each); the chunking function is in
+                // the first only. A blob of no chunks still gets one (empty) response.
+                let mut pages: Vec<Vec<re::Digest>> = chunks
+                    .chunks(MAPPING_PAGE)
+                    .map(<[re::Digest]>::to_vec)
+                    .collect();
+                if pages.is_empty() {
+                    pages.push(vec![]);
+                }
+                let stream =
+                    stream::iter(pages.into_iter().enumerate().map(|(i, chunk_digests)| {
+                        Ok(re::GetChunkMappingResponse {
+                            chunk_digests,
+                            chunking_function: if i == 0 { CHUNKING_FUNCTION as i32 } else { 0 },
+                        })
+                    }));
+                Response::new(stream.boxed())
+            })
+            .map_err(Status::from);
+        timer.finish(&r);
+        r
     }
 
     async fn splice_blob(
         &self,
-        _: Request<re::SpliceBlobRequest>,
+        request: Request<re::SpliceBlobRequest>,
     ) -> Result<Response<re::SpliceBlobResponse>, Status> {
-        Err(Status::unimplemented(
-            "SpliceBlob is not supported by this server",
-        ))
+        let timer = self.metrics.rpc("cas", "SpliceBlob");
+        let req = request.into_inner();
+        let r = self
+            .splice(
+                "SpliceBlob",
+                &req.instance_name,
+                req.digest_function,
+                req.blob_digest.as_ref(),
+                &req.chunk_digests,
+            )
+            .await
+            .map(|d| {
+                Response::new(re::SpliceBlobResponse {
+                    blob_digest: Some(d),
+                })
+            })
+            .map_err(Status::from);
+        timer.finish(&r);
+        r
     }
 
     async fn register_chunk_mapping(
         &self,
-        _: Request<tonic::Streaming<re::RegisterChunkMappingRequest>>,
+        request: Request<tonic::Streaming<re::RegisterChunkMappingRequest>>,
     ) -> Result<Response<re::RegisterChunkMappingResponse>, Status> {
-        Err(Status::unimplemented(
-            "RegisterChunkMapping is not supported by this server",
-        ))
+        let timer = self.metrics.rpc("cas", "RegisterChunkMapping");
+        let mut messages = request.into_inner();
+        let r = async {
+            // The first message names the instance, the blob and the function; every message
+            // adds chunk digests. The list is bounded by the instance's max_chunk_count.
+            let first = messages
+                .message()
+                .await?
+                .ok_or_else(|| Status::invalid_argument("RegisterChunkMapping: empty stream"))?;
+            let chunker = self
+                .chunker(&first.instance_name, "RegisterChunkMapping")
+                .map_err(Status::from)?;
+            let limit = chunker.max_chunks();
+            let mut chunks = first.chunk_digests;
+            while let Some(m) = messages.message().await? {
+                chunks.extend(m.chunk_digests);
+                if chunks.len() as u64 > limit {
+                    return Err(Status::invalid_argument(format!(
+                        "RegisterChunkMapping names more than {limit} chunks \
+                         (services.cas[].experimental_chunking.max_chunk_count)"
+                    )));
+                }
+            }
+            let d = self
+                .splice(
+                    "RegisterChunkMapping",
+                    &first.instance_name,
+                    first.digest_function,
+                    first.blob_digest.as_ref(),
+                    &chunks,
+                )
+                .await
+                .map_err(Status::from)?;
+            Ok(Response::new(re::RegisterChunkMappingResponse {
+                blob_digest: Some(d),
+            }))
+        }
+        .await;
+        timer.finish(&r);
+        r
     }
 }
 

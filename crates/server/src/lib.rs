@@ -13,6 +13,7 @@ pub mod bytestream;
 pub mod bytestream_wire;
 pub mod capabilities;
 pub mod cas;
+pub mod chunking;
 pub mod execution;
 pub mod grpc_body;
 pub mod http;

@@ -19,6 +19,7 @@ use crate::ac::{AcInstance, AcService};
 use crate::bytestream::ByteStreamService;
 use crate::capabilities::{CapabilitiesService, InstanceCaps};
 use crate::cas::CasService;
+use crate::chunking::Chunker;
 use crate::http::{self, HttpState};
 use crate::instances::{store_named as lookup_store, Instances};
 use crate::metered::MeteredStore;
@@ -75,14 +76,6 @@ pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked
         if !p.starts_with('/') {
             return Err(Error::invalid_argument(format!(
                 "{sp}.admin.path: {p:?} must start with /"
-            )));
-        }
-    }
-    for c in services.cas.iter().flat_map(|m| m.0.iter()) {
-        if c.experimental_chunking.is_some() {
-            return Err(Error::unimplemented(format!(
-                "{sp}.cas.{}.experimental_chunking: content-defined chunking (SplitBlob, SpliceBlob) parses but is not built yet in this version of Cairn; remove it to start",
-                c.instance_name
             )));
         }
     }
@@ -189,6 +182,7 @@ pub async fn serve(
         Default::default();
     if let Some(cas) = cas {
         let mut inst = Instances::new("ContentAddressableStorage");
+        let mut chunkers = Vec::new();
         for c in &cas.0 {
             let s = store_named(
                 &c.cas_store,
@@ -196,17 +190,38 @@ pub async fn serve(
             )?;
             note_store(&c.cas_store, &s);
             cas_by_instance.insert(c.instance_name.clone(), s.clone());
+            let caps = caps_by_instance.entry(c.instance_name.clone()).or_default();
+            caps.cas = true;
+            if let Some(ch) = &c.experimental_chunking {
+                let index = match &ch.index_store {
+                    Some(name) => Some(store_named(
+                        name,
+                        &format!(
+                            "{sp}.cas.{}.experimental_chunking.index_store",
+                            c.instance_name
+                        ),
+                    )?),
+                    None => None,
+                };
+                let chunker = Arc::new(Chunker::new(
+                    s.clone(),
+                    index,
+                    ch.avg_chunk_size(),
+                    ch.max_chunks(),
+                ));
+                caps.chunking_avg = Some(chunker.avg_chunk_size());
+                chunkers.push((c.instance_name.clone(), chunker));
+            }
             inst.insert(c.instance_name.clone(), s);
-            caps_by_instance
-                .entry(c.instance_name.clone())
-                .or_default()
-                .cas = true;
         }
-        let mut svc = re::content_addressable_storage_server::ContentAddressableStorageServer::new(
-            CasService::new(inst, limits, metrics.clone()),
-        )
-        .max_decoding_message_size(limits.max_message_bytes)
-        .max_encoding_message_size(limits.max_message_bytes);
+        let mut cas_svc = CasService::new(inst, limits, metrics.clone());
+        for (name, chunker) in chunkers {
+            cas_svc = cas_svc.with_chunker(name, chunker);
+        }
+        let mut svc =
+            re::content_addressable_storage_server::ContentAddressableStorageServer::new(cas_svc)
+                .max_decoding_message_size(limits.max_message_bytes)
+                .max_encoding_message_size(limits.max_message_bytes);
         for a in &accept {
             svc = svc.accept_compressed(*a);
         }
