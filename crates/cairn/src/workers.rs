@@ -54,18 +54,16 @@ pub fn check(
              top-level `stores` and name them in cas_fast_slow_store and upload_action_result"
         );
     }
-    for (key, on) in [
-        ("use_namespaces", cfg.use_namespaces),
-        ("use_mount_namespace", cfg.use_mount_namespace),
-    ] {
-        if on == Some(true) {
-            bail!(
-                "{at}.{key}: running actions in Linux namespaces is not built yet in this version \
-                 of Cairn (each action has its own cgroup and input copies instead); set it to \
-                 false or remove it to start"
-            );
-        }
-    }
+    let namespaces = match (cfg.use_namespaces, cfg.use_mount_namespace) {
+        (Some(true), mount) => cairn_worker::Namespaces::Isolated {
+            mount: mount == Some(true),
+        },
+        (_, Some(true)) => bail!(
+            "{at}.use_mount_namespace: a mount namespace needs use_namespaces: true (the mount \
+             namespace belongs to the action's user namespace)"
+        ),
+        _ => cairn_worker::Namespaces::None,
+    };
     let store = |name: &str, key: &str| -> anyhow::Result<String> {
         if has_store(name) {
             Ok(name.to_string())
@@ -124,6 +122,7 @@ pub fn check(
     };
     rc.default_timeout = rc.max_timeout;
     rc.timeout_handled_externally = cfg.timeout_handled_externally;
+    rc.namespaces = namespaces;
     if let Some(e) = &cfg.entrypoint {
         rc.entrypoint = e.split_whitespace().map(str::to_string).collect();
     }
@@ -248,6 +247,21 @@ pub async fn start(
     let name = cfg.name.clone().unwrap_or_else(|| format!("local-{index}"));
     let slots = checked.slots;
     let mut rc = checked.runner;
+    if rc.namespaces != cairn_worker::Namespaces::None {
+        let key = match rc.namespaces {
+            cairn_worker::Namespaces::Isolated { mount: true } => "use_mount_namespace",
+            _ => "use_namespaces",
+        };
+        cairn_worker::probe_namespaces(rc.namespaces)
+            .await
+            .map_err(|e| {
+                anyhow!(
+                    "{at}.{key}: this machine cannot run actions in new Linux namespaces: {e} \
+                     (a container needs the privilege to make user namespaces; \
+                     sysctl user.max_user_namespaces must be above 0)"
+                )
+            })?;
+    }
     rc.work_root = work_root.clone();
     rc.worker_name = name.clone();
     // A directory ready for each slot (at most 16): a run never waits for a mkdir.

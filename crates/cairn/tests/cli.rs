@@ -271,10 +271,6 @@ fn recognised_but_unbuilt_nativelink_parts_are_refused_by_key_path() {
             r#"{ stores: { M: { experimental_mongo: { connection_string: "mongodb://localhost:27017", database: "nativelink" } } } }"#,
             "stores.M: store kind `experimental_mongo`",
         ),
-        (
-            r#"{ stores: { CAS: { fast_slow: { fast: { filesystem: { content_path: "/tmp/x/c", temp_path: "/tmp/x/t" } }, slow: { memory: {} } } } }, workers: [{ local: { worker_api_endpoint: { uri: "grpc://127.0.0.1:1" }, cas_fast_slow_store: "CAS", use_namespaces: true } }] }"#,
-            "workers[0].local.use_namespaces",
-        ),
     ] {
         let f = dir.path().join("c.json5");
         std::fs::write(&f, text).unwrap();

@@ -668,6 +668,81 @@ async fn additional_environment_sees_the_platform_the_scheduler_matched() {
     assert_eq!(read.responses[0].data, b"hi linux\n");
 }
 
+/// `use_namespaces` and `use_mount_namespace`: the action is process 1 of its own PID
+/// namespace and its `/proc` lists its own processes only; a process it leaves running dies
+/// with it. Without the keys it shares the worker's view.
+#[tokio::test]
+async fn actions_run_in_their_own_namespaces_when_configured() {
+    let script = "echo pid=$$; echo procs=$(ls /proc | grep -c '^[0-9]')";
+    let stdout_of = |cl: &mut Client, resp: re::ExecuteResponse| {
+        let result = resp.result.expect("a result");
+        assert_eq!(result.exit_code, 0, "{:?}", resp.status);
+        let digest = result.stdout_digest.expect("stdout");
+        let mut cas = cl.cas.clone();
+        async move {
+            let read = cas
+                .batch_read_blobs(re::BatchReadBlobsRequest {
+                    digests: vec![digest],
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            String::from_utf8(read.responses[0].data.clone()).unwrap()
+        }
+    };
+    let procs = |out: &str| -> usize {
+        out.split("procs=")
+            .nth(1)
+            .and_then(|r| r.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = modifier_config("use_namespaces: true, use_mount_namespace: true,");
+    let c = Cairn::start_with(dir.path(), &config, None);
+    let mut cl = client(&c).await;
+    let d = true_action(&mut cl, "linux", &["/bin/sh", "-c", script]).await;
+    let resp = response(execute(&mut cl, d, false).await.last().unwrap());
+    let out = stdout_of(&mut cl, resp).await;
+    assert!(out.starts_with("pid=1\n"), "{out}");
+    assert!(procs(&out) <= 4, "{out}");
+    drop(c);
+
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cairn::start_with(dir.path(), &modifier_config(""), None);
+    let mut cl = client(&c).await;
+    let d = true_action(&mut cl, "linux", &["/bin/sh", "-c", script]).await;
+    let resp = response(execute(&mut cl, d, false).await.last().unwrap());
+    let out = stdout_of(&mut cl, resp).await;
+    assert!(!out.starts_with("pid=1\n"), "{out}");
+    assert!(procs(&out) > 4, "{out}");
+}
+
+#[test]
+fn a_mount_namespace_without_use_namespaces_is_refused_by_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.json5");
+    std::fs::write(
+        &f,
+        modifier_config("use_mount_namespace: true,").replace("@ADDR@", "127.0.0.1:0"),
+    )
+    .unwrap();
+    for verb in ["check-config", "run"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .arg(verb)
+            .arg(&f)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{verb} accepted it");
+        assert!(
+            err.contains("workers[0].local.use_mount_namespace: a mount namespace needs use_namespaces: true"),
+            "{verb}: {err}"
+        );
+    }
+}
+
 /// Uploads an Action running `argv` with the empty input root (the empty blob, always
 /// present) and the given OSFamily; returns its digest.
 async fn true_action(cl: &mut Client, os: &str, argv: &[&str]) -> Digest {

@@ -64,12 +64,13 @@ pub struct LocalWorker {
     /// where stores belong, and refused at start.
     #[serde(default)]
     pub stores: Option<Vec<StoreSpec>>,
-    /// NativeLink's: run each action in new Linux namespaces. `false` (the default) is what
-    /// Cairn does; `true` is refused at start until built.
+    /// NativeLink's: each action runs in new user, PID, IPC and UTS namespaces (process 1 of
+    /// its own PID namespace: what it leaves running dies with it). The worker refuses to start
+    /// when the machine cannot make them. Default false.
     #[serde(default)]
     pub use_namespaces: Option<bool>,
-    /// NativeLink's: a mount namespace for each action (needs `use_namespaces`). `false` is what
-    /// Cairn does; `true` is refused at start until built.
+    /// NativeLink's: also a mount namespace (needs `use_namespaces: true`): the action's mounts
+    /// are private and `/proc` shows its own processes only. Default false.
     #[serde(default)]
     pub use_mount_namespace: Option<bool>,
     /// Cairn: most files, directories and symlinks one action may output. Default 1,000,000.

@@ -41,6 +41,7 @@ pub(crate) struct ExecRequest<'a> {
     pub timeout: Duration,
     /// Bytes kept of each of stdout and stderr.
     pub stdio_cap: u64,
+    pub namespaces: launch::Namespaces,
 }
 
 /// How the command ended.
@@ -162,6 +163,7 @@ async fn spawn(program: &Path, req: &ExecRequest<'_>) -> Result<launch::Child, A
             args: &req.arguments[1..],
             env: req.environment,
             cwd: &req.cwd,
+            namespaces: req.namespaces,
         };
         match launch::spawn(spec).await {
             Ok(child) => return Ok(child),

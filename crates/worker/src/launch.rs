@@ -42,7 +42,7 @@
 //! process group is killed while its id still belongs to the action ([`Child::terminate`]);
 //! a [`Child`] dropped before that is killed and reaped in the background.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -83,6 +83,26 @@ pub(crate) struct Spec<'a> {
     pub args: &'a [String],
     pub env: &'a [(String, String)],
     pub cwd: &'a Path,
+    pub namespaces: Namespaces,
+}
+
+/// Linux namespaces a command runs in (NativeLink's `use_namespaces` and
+/// `use_mount_namespace`).
+///
+/// With `Isolated` the command is created in new user, PID, IPC and UTS namespaces: it is
+/// process 1 of its own PID namespace, so when it exits the kernel kills everything it left
+/// behind, it sees no other process and no other System V IPC object, and its user and group
+/// ids are mapped to themselves (the command runs as the worker's user, without privileges
+/// outside). With `mount` it also gets a mount namespace: mounts are made private (nothing it
+/// mounts reaches the worker) and `/proc` is mounted afresh for its PID namespace, so `/proc`
+/// lists its own processes only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Namespaces {
+    #[default]
+    None,
+    Isolated {
+        mount: bool,
+    },
 }
 
 /// A started command.
@@ -247,6 +267,12 @@ fn image_of(spec: &Spec<'_>) -> io::Result<(Image, [OwnedFd; 2])> {
         envp: environ(spec.env)?,
         cwd: cstring(spec.cwd.as_os_str())?,
         stdio: [above_child_fds(open_dev_null()?)?, stdout_w, stderr_w],
+        namespaces: spec.namespaces,
+        // SAFETY: getuid(2) and getgid(2) cannot fail.
+        uid_map: CString::new(format!("{0} {0} 1\n", unsafe { libc::getuid() }))
+            .map_err(io::Error::other)?,
+        gid_map: CString::new(format!("{0} {0} 1\n", unsafe { libc::getgid() }))
+            .map_err(io::Error::other)?,
         #[cfg(test)]
         stop_before_exec: false,
     };
@@ -387,6 +413,10 @@ struct Image {
     cwd: CString,
     /// The child's stdin, stdout and stderr; closed here once the child has exec'd.
     stdio: [OwnedFd; 3],
+    namespaces: Namespaces,
+    /// `/proc/self/uid_map` and `gid_map` lines: the worker's ids mapped to themselves.
+    uid_map: CString,
+    gid_map: CString,
     /// Test only: the child stops itself (SIGSTOP) before `execve`, as a hung exec would.
     #[cfg(test)]
     stop_before_exec: bool,
@@ -464,7 +494,7 @@ fn new_launcher() -> io::Result<std::sync::mpsc::SyncSender<Launch>> {
 }
 
 /// The steps of the child, named in the error of a launch that fails before `execve`.
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 12] = [
     "execve",
     "joining the action's cgroup",
     "creating a process group",
@@ -474,6 +504,9 @@ const STEPS: [&str; 9] = [
     "closing inherited descriptors",
     "changing to the working directory",
     "passing descriptors to the THP trampoline",
+    "mapping user and group ids in the action's user namespace",
+    "making the action's mounts private",
+    "mounting /proc for the action's PID namespace",
 ];
 
 /// What the child reads (through raw pointers into the launcher's memory, which it shares)
@@ -495,6 +528,13 @@ struct ChildArgs {
     trampoline: RawFd,
     trampoline_argv: *const *const libc::c_char,
     errno_pipe: RawFd,
+    /// In new namespaces: the id maps to write, whether to mount `/proc`, and a pidfd of the
+    /// worker (in a new PID namespace `getppid` is 0, so the worker's death is seen there).
+    namespaced: bool,
+    mount_proc: bool,
+    uid_map: *const libc::c_char,
+    gid_map: *const libc::c_char,
+    worker_pidfd: RawFd,
     #[cfg(test)]
     stop_before_exec: bool,
     /// Index in [`STEPS`] of the step that failed.
@@ -529,6 +569,21 @@ fn start(image: &Image, stack: &mut [u8]) -> io::Result<Started> {
     };
     let worker = libc::pid_t::try_from(std::process::id())
         .map_err(|_| io::Error::other("process id out of range"))?;
+    let namespace_flags = match image.namespaces {
+        Namespaces::None => 0,
+        Namespaces::Isolated { mount } => {
+            libc::CLONE_NEWUSER
+                | libc::CLONE_NEWPID
+                | libc::CLONE_NEWIPC
+                | libc::CLONE_NEWUTS
+                | if mount { libc::CLONE_NEWNS } else { 0 }
+        }
+    };
+    let worker_pidfd = if namespace_flags != 0 {
+        worker_pidfd()?
+    } else {
+        -1
+    };
     let cgroup = match contain::mode() {
         contain::Mode::Cgroup(parent) => Some(ActionCgroup::create(parent)?),
         contain::Mode::Subreaper => None,
@@ -548,6 +603,11 @@ fn start(image: &Image, stack: &mut [u8]) -> io::Result<Started> {
         trampoline: trampoline.unwrap_or(-1),
         trampoline_argv: trampoline_argv.as_ptr(),
         errno_pipe: errno_pipe.as_ref().map_or(-1, |(_, w)| w.as_raw_fd()),
+        namespaced: image.namespaces != Namespaces::None,
+        mount_proc: image.namespaces == Namespaces::Isolated { mount: true },
+        uid_map: image.uid_map.as_ptr(),
+        gid_map: image.gid_map.as_ptr(),
+        worker_pidfd,
         #[cfg(test)]
         stop_before_exec: image.stop_before_exec,
         step: 0,
@@ -581,7 +641,7 @@ fn start(image: &Image, stack: &mut [u8]) -> io::Result<Started> {
         libc::clone(
             child_main,
             top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            libc::CLONE_VM | libc::CLONE_VFORK | namespace_flags | libc::SIGCHLD,
             (&mut args as *mut ChildArgs).cast(),
         )
     };
@@ -688,7 +748,45 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 break 'setup 3;
             }
             // The worker died before the signal was set: nothing would kill us later.
-            if libc::getppid() != args.worker {
+            if args.namespaced {
+                let mut worker = libc::pollfd {
+                    fd: args.worker_pidfd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                if libc::poll(&mut worker, 1, 0) != 0 {
+                    *libc::__errno_location() = libc::ESRCH;
+                    break 'setup 4;
+                }
+                if write_file(c"/proc/self/setgroups", c"deny").is_err()
+                    || write_file(c"/proc/self/uid_map", CStr::from_ptr(args.uid_map)).is_err()
+                    || write_file(c"/proc/self/gid_map", CStr::from_ptr(args.gid_map)).is_err()
+                {
+                    break 'setup 9;
+                }
+                if args.mount_proc {
+                    if libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        break 'setup 10;
+                    }
+                    if libc::mount(
+                        c"proc".as_ptr(),
+                        c"/proc".as_ptr(),
+                        c"proc".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        break 'setup 11;
+                    }
+                }
+            } else if libc::getppid() != args.worker {
                 *libc::__errno_location() = libc::ESRCH;
                 break 'setup 4;
             }
@@ -753,6 +851,42 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         std::ptr::write_volatile(&mut args.errno, if errno == 0 { libc::EIO } else { errno });
         libc::_exit(127)
     }
+}
+
+/// Writes `data` to the file `path` with system calls only (for the child): errno is left set
+/// on failure.
+///
+/// # Safety
+/// Only system calls on the given pointers.
+unsafe fn write_file(path: &CStr, data: &CStr) -> Result<(), ()> {
+    let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+    if fd < 0 {
+        return Err(());
+    }
+    let len = data.to_bytes().len();
+    let written = libc::write(fd, data.as_ptr().cast(), len);
+    libc::close(fd);
+    if written == len as isize {
+        Ok(())
+    } else {
+        Err(())
+    }
+}
+
+/// A pidfd of the worker process, opened once: readable once the worker has exited.
+fn worker_pidfd() -> io::Result<RawFd> {
+    static PIDFD: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = PIDFD.get() {
+        return Ok(fd.as_raw_fd());
+    }
+    // SAFETY: pidfd_open(2) takes plain integers; our own process id names us.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor (close-on-exec) that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    Ok(PIDFD.get_or_init(|| fd).as_raw_fd())
 }
 
 /// The errno the trampoline wrote when the command's `execve` failed, or 0 at end of file
@@ -874,8 +1008,78 @@ mod tests {
             args: &args,
             env: &[],
             cwd: Path::new("/"),
+            namespaces: Namespaces::None,
         };
         image_of(&spec).unwrap()
+    }
+
+    /// Runs `script` in `namespaces` and returns its exit code and stdout.
+    async fn run_in(namespaces: Namespaces, script: &str) -> (Option<i32>, String) {
+        use tokio::io::AsyncReadExt;
+        let args = ["-c".to_string(), script.to_string()];
+        let env = [("PATH".to_string(), "/bin:/usr/bin".to_string())];
+        let mut child = spawn(Spec {
+            program: Path::new("/bin/sh"),
+            args: &args,
+            env: &env,
+            cwd: Path::new("/"),
+            namespaces,
+        })
+        .await
+        .unwrap();
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .await
+            .unwrap();
+        child.exited().await.unwrap();
+        (child.terminate().await.unwrap().code(), out)
+    }
+
+    #[tokio::test]
+    async fn namespaced_commands_are_process_1_and_see_only_their_own_processes() {
+        let script = "echo pid=$$; sleep 1000 & echo procs=$(ls /proc | grep -c '^[0-9]'); \
+                      cat /proc/self/uid_map; id -u";
+        let uid = unsafe { libc::getuid() };
+
+        let (code, out) = run_in(Namespaces::Isolated { mount: true }, script).await;
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("pid=1\n"), "{out}");
+        // sh, sleep, and the ls and grep of the count: nothing of the worker's.
+        let procs: usize = out
+            .split("procs=")
+            .nth(1)
+            .and_then(|r| r.lines().next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap();
+        assert!(procs <= 5, "{out}");
+        let map: Vec<&str> = out.lines().nth(2).unwrap().split_whitespace().collect();
+        assert_eq!(
+            map,
+            [uid.to_string(), uid.to_string(), "1".to_string()],
+            "{out}"
+        );
+        assert_eq!(out.lines().nth(3), Some(uid.to_string().as_str()), "{out}");
+
+        // Without a mount namespace: process 1 still, but /proc is the worker's.
+        let (code, out) = run_in(Namespaces::Isolated { mount: false }, script).await;
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("pid=1\n"), "{out}");
+        assert!(
+            !out.contains("procs=1\n") && !out.contains("procs=2\n"),
+            "{out}"
+        );
+
+        // Not namespaced: an ordinary process id.
+        let (code, out) = run_in(Namespaces::None, "echo pid=$$").await;
+        assert_eq!(code, Some(0));
+        assert!(!out.contains("pid=1\n"), "{out}");
+
+        // The worker's /proc was never touched by the command's mount.
+        assert!(std::path::Path::new(&format!("/proc/{}", std::process::id())).exists());
     }
 
     /// Our children (of any thread) in state `state`.

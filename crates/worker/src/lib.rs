@@ -59,6 +59,7 @@ pub use error::{
     missing_blobs_detail, ActionError, PreconditionFailure, Violation,
     PRECONDITION_FAILURE_TYPE_URL,
 };
+pub use launch::Namespaces;
 pub use message::MessageTemplate;
 pub use report::HistoricalExecuteResponse;
 
@@ -116,6 +117,9 @@ pub struct RunnerConfig {
     /// file system to make one. They stay in the work root while the runner lives (until
     /// [`ActionRunner::clean_work_root`]). Default 0: each is made when its run starts.
     pub dirs_ahead: usize,
+    /// Linux namespaces each command runs in (NativeLink's `use_namespaces` and
+    /// `use_mount_namespace`). Default none. Check support with [`probe_namespaces`] first.
+    pub namespaces: Namespaces,
 }
 
 impl RunnerConfig {
@@ -137,7 +141,35 @@ impl RunnerConfig {
             failure_message: MessageTemplate::default(),
             worker_name: String::new(),
             dirs_ahead: 0,
+            namespaces: Namespaces::None,
         }
+    }
+}
+
+/// Starts `/bin/sh -c 'exit 0'` in `namespaces` and checks that it ran: an error says why
+/// this machine cannot (a kernel without user namespaces, `user.max_user_namespaces` at 0, a
+/// container without the privilege, a `/proc` that cannot be mounted again).
+pub async fn probe_namespaces(namespaces: Namespaces) -> std::io::Result<()> {
+    if namespaces == Namespaces::None {
+        return Ok(());
+    }
+    let args = ["-c".to_string(), "exit 0".to_string()];
+    let mut child = launch::spawn(launch::Spec {
+        program: std::path::Path::new("/bin/sh"),
+        args: &args,
+        env: &[],
+        cwd: std::path::Path::new("/"),
+        namespaces,
+    })
+    .await?;
+    child.exited().await?;
+    let status = child.terminate().await?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "a command in the namespaces ended with {status}"
+        )))
     }
 }
 
@@ -389,6 +421,7 @@ impl ActionRunner {
                 stderr: dir.stderr(),
                 timeout: kill_after,
                 stdio_cap: self.cfg.max_output_bytes_stdio,
+                namespaces: self.cfg.namespaces,
             },
             cancel,
         )
