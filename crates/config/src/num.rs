@@ -123,6 +123,63 @@ pub(crate) fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D:
     u64(d).map(Some)
 }
 
+/// Seconds (or milliseconds) written as NativeLink writes its `*_s` and `*_ms` fields: a
+/// non-negative integer, or a string holding one or a duration such as "30m" or "1h2m3s".
+struct DurationVisitor {
+    millis: bool,
+}
+
+impl<'de> Visitor<'de> for DurationVisitor {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(if self.millis {
+            "a number of milliseconds, or a duration such as \"500ms\" or \"2s\""
+        } else {
+            "a number of seconds, or a duration such as \"30m\" or \"1h2m3s\""
+        })
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+        Ok(v)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<u64, E> {
+        u64::try_from(v).map_err(|_| E::custom(format!("expected a duration, found {v}")))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<u64, E> {
+        U64Visitor { sizes: false }.visit_f64(v)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+        let v = v.trim();
+        if let Ok(n) = v.parse::<u64>() {
+            return Ok(n);
+        }
+        let d = humantime::parse_duration(v).map_err(|e| {
+            E::custom(format!(
+                "expected a duration such as 30, \"30s\", \"5m\" or \"1h2m3s\", found {v:?} ({e})"
+            ))
+        })?;
+        Ok(if self.millis {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+        } else {
+            d.as_secs()
+        })
+    }
+}
+
+/// Seconds: an integer or a duration string (NativeLink's `*_s` fields).
+pub(crate) fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    d.deserialize_any(DurationVisitor { millis: false })
+}
+
+pub(crate) fn opt_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    secs(d).map(Some)
+}
+
+/// Milliseconds: an integer or a duration string (NativeLink's `*_ms` fields).
+pub(crate) fn opt_millis<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    d.deserialize_any(DurationVisitor { millis: true })
+        .map(Some)
+}
+
 struct F64Visitor;
 
 impl<'de> Visitor<'de> for F64Visitor {
@@ -140,9 +197,14 @@ impl<'de> Visitor<'de> for F64Visitor {
         Ok(v)
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<f64, E> {
-        v.trim()
-            .parse()
-            .map_err(|_| E::custom(format!("expected a number, found {v:?}")))
+        let v = v.trim();
+        if let Ok(n) = v.parse() {
+            return Ok(n);
+        }
+        // A duration ("10s", "1m"), as NativeLink's seconds fields take.
+        humantime::parse_duration(v)
+            .map(|d| d.as_secs_f64())
+            .map_err(|_| E::custom(format!("expected a number or a duration, found {v:?}")))
     }
 }
 
@@ -153,6 +215,25 @@ pub(crate) fn opt_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D:
 #[cfg(test)]
 mod tests {
     use super::parse_size;
+
+    #[test]
+    fn durations_are_seconds_or_humantime_strings() {
+        #[derive(serde::Deserialize)]
+        struct T {
+            #[serde(deserialize_with = "super::secs")]
+            s: u64,
+            #[serde(deserialize_with = "super::opt_millis")]
+            ms: Option<u64>,
+        }
+        let t = |text: &str| json5::from_str::<T>(text).map(|t| (t.s, t.ms));
+        assert_eq!(t(r#"{s: 30, ms: 500}"#).unwrap(), (30, Some(500)));
+        assert_eq!(t(r#"{s: "30", ms: "500"}"#).unwrap(), (30, Some(500)));
+        assert_eq!(t(r#"{s: "1h2m3s", ms: "2s"}"#).unwrap(), (3723, Some(2000)));
+        assert_eq!(t(r#"{s: "30m", ms: "500ms"}"#).unwrap(), (1800, Some(500)));
+        let e = t(r#"{s: "soon", ms: 1}"#).unwrap_err().to_string();
+        assert!(e.contains("expected a duration"), "{e}");
+        assert!(t(r#"{s: -5, ms: 1}"#).is_err());
+    }
 
     #[test]
     fn sizes_follow_decimal_and_binary_units() {

@@ -51,16 +51,16 @@ pub struct SimpleScheduler {
     #[serde(default)]
     pub supported_platform_properties: BTreeMap<String, PropertyType>,
     /// Seconds completed operations stay for WaitExecution.
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    #[serde(default, deserialize_with = "num::opt_secs")]
     pub retain_completed_for_s: Option<u64>,
     /// A worker without keepalive this long is removed (default 5).
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    #[serde(default, deserialize_with = "num::opt_secs")]
     pub worker_timeout_s: Option<u64>,
     /// An action whose clients all stopped listening this long is dropped.
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    #[serde(default, deserialize_with = "num::opt_secs")]
     pub client_action_timeout_s: Option<u64>,
     /// A running action past this is re-queued.
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    #[serde(default, deserialize_with = "num::opt_secs")]
     pub max_action_executing_timeout_s: Option<u64>,
     /// Retries before the client gets the last error (default 3).
     #[serde(default, deserialize_with = "num::opt_u64")]
@@ -78,7 +78,7 @@ pub struct SimpleScheduler {
     pub worker_match_logging_interval_s: Option<f64>,
     /// A worker that has not answered a kill within this many seconds is removed and its
     /// other actions re-queued (default 60; 0 means the default).
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    #[serde(default, deserialize_with = "num::opt_secs")]
     pub unacknowledged_kill_timeout_s: Option<u64>,
 }
 

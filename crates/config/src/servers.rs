@@ -94,7 +94,8 @@ pub struct AdvancedHttp {
     #[serde(
         default,
         alias = "experimental_http2_keep_alive_timeout",
-        deserialize_with = "num::opt_u64"
+        alias = "experimental_http2_keep_alive_timeout_s",
+        deserialize_with = "num::opt_secs"
     )]
     pub http2_keepalive_timeout: Option<u64>,
     /// Concurrent streams per HTTP/2 connection (default 1000).
@@ -389,7 +390,13 @@ pub struct ByteStreamMap {
     pub max_bytes_per_stream: Option<ByteSize>,
     #[serde(default)]
     pub max_decoding_message_size: Option<ByteSize>,
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    /// Seconds an upload interrupted by a disconnect can be resumed. NativeLink 1.6.6 spells it
+    /// `persist_stream_on_disconnect_timeout_s`; both are accepted.
+    #[serde(
+        default,
+        alias = "persist_stream_on_disconnect_timeout_s",
+        deserialize_with = "num::opt_secs"
+    )]
     pub persist_stream_on_disconnect_timeout: Option<u64>,
 }
 
@@ -401,7 +408,13 @@ pub struct ByteStreamInstance {
     pub cas_store: String,
     #[serde(default)]
     pub max_bytes_per_stream: Option<ByteSize>,
-    #[serde(default, deserialize_with = "num::opt_u64")]
+    /// Seconds an upload interrupted by a disconnect can be resumed. NativeLink 1.6.6 spells it
+    /// `persist_stream_on_disconnect_timeout_s`; both are accepted.
+    #[serde(
+        default,
+        alias = "persist_stream_on_disconnect_timeout_s",
+        deserialize_with = "num::opt_secs"
+    )]
     pub persist_stream_on_disconnect_timeout: Option<u64>,
 }
 instance_entry!(ByteStreamInstance);

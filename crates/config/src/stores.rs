@@ -101,7 +101,7 @@ pub struct EvictionPolicy {
     #[serde(default)]
     pub evict_bytes: ByteSize,
     /// Evict entries not touched for this many seconds.
-    #[serde(default, deserialize_with = "num::u64")]
+    #[serde(default, deserialize_with = "num::secs")]
     pub max_seconds: u64,
     /// Evict least recently used entries past this many.
     #[serde(default, deserialize_with = "num::u64")]

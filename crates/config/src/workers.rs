@@ -46,7 +46,7 @@ pub struct LocalWorker {
     #[serde(
         default,
         alias = "max_action_timeout_s",
-        deserialize_with = "num::opt_u64"
+        deserialize_with = "num::opt_secs"
     )]
     pub max_action_timeout: Option<u64>,
     /// The entrypoint (or another wrapper) enforces the action's timeout: the worker kills the
