@@ -49,6 +49,39 @@ pub struct LocalWorker {
         deserialize_with = "num::opt_secs"
     )]
     pub max_action_timeout: Option<u64>,
+    /// Seconds the upload of an action's outputs may take; past it the attempt fails with
+    /// DEADLINE_EXCEEDED and the scheduler retries the action (within `max_job_retries`).
+    /// Default (and 0): 600. `max_upload_timeout` is accepted too.
+    #[serde(
+        default,
+        alias = "max_upload_timeout",
+        deserialize_with = "num::opt_secs"
+    )]
+    pub max_upload_timeout_s: Option<u64>,
+    /// Seconds the removal of a finished action's directory is retried for before it is left
+    /// (and logged). Default (and 0): 30.
+    #[serde(default, deserialize_with = "num::opt_secs")]
+    pub max_cleanup_wait_s: Option<u64>,
+    /// Longest pause between two removal attempts (they back off exponentially from 10 ms).
+    /// Default (and 0): 500.
+    #[serde(default, deserialize_with = "num::opt_millis")]
+    pub max_cleanup_backoff_ms: Option<u64>,
+    /// A program (split as a shell would, run without one) run before each action; any exit
+    /// other than 0 gives the action back to the scheduler with RESOURCE_EXHAUSTED (it is
+    /// retried, within `max_job_retries`), so that a worker short of a resource takes no
+    /// work. It gets `additional_environment`'s property, value and from_environment
+    /// variables. Default: none.
+    #[serde(default)]
+    pub experimental_precondition_script: Option<String>,
+    /// Cache of materialized input roots (NativeLink's `directory_cache`). Default: none.
+    #[serde(default)]
+    pub directory_cache: Option<DirectoryCache>,
+    /// NativeLink's: keep inputs from being evicted from the worker's filesystem tier while an
+    /// action prepares them. Cairn's inputs are copies made from an open file of the local
+    /// store, so an eviction during preparation never takes an input away: `true` and `false`
+    /// behave alike.
+    #[serde(default)]
+    pub experimental_active_input_leases: bool,
     /// The entrypoint (or another wrapper) enforces the action's timeout: the worker kills the
     /// command only at `max_action_timeout`. Default false.
     #[serde(default)]
@@ -120,6 +153,31 @@ pub enum EnvironmentSource {
     SideChannelFile,
     /// A scratch directory of the action's own, removed with it.
     ActionDirectory,
+}
+
+/// `workers[].local.directory_cache`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectoryCache {
+    /// Input roots kept at most. Default (and 0): 1000.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_entries: Option<u64>,
+    /// Bytes the kept roots may add up to (0: no limit). Default 10 GiB.
+    #[serde(default)]
+    pub max_size_bytes: Option<ByteSize>,
+    /// Where the roots are kept, on the file system of `work_directory`. Default:
+    /// `directory_cache` beside `work_directory`.
+    #[serde(default)]
+    pub cache_root: Option<String>,
+    /// Also keep each subdirectory by its own digest.
+    #[serde(default)]
+    pub experimental_subtree_caching: bool,
+    /// Concurrent blob fetches of all materializations. Default (and 0): 64.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_concurrent_fetches: Option<u64>,
+    /// Fetch a missing tree's Directory messages with one GetTree (a `grpc` CAS only).
+    #[serde(default)]
+    pub experimental_get_tree_prefetch: bool,
 }
 
 /// `upload_action_result`.
