@@ -123,6 +123,33 @@ pub fn check(
     rc.default_timeout = rc.max_timeout;
     rc.timeout_handled_externally = cfg.timeout_handled_externally;
     rc.namespaces = namespaces;
+    if let Some(s) = cfg.max_upload_timeout_s.filter(|s| *s > 0) {
+        rc.upload_timeout = Duration::from_secs(s);
+    }
+    if let Some(s) = cfg.max_cleanup_wait_s.filter(|s| *s > 0) {
+        rc.cleanup.wait = Duration::from_secs(s);
+    }
+    if let Some(ms) = cfg.max_cleanup_backoff_ms.filter(|ms| *ms > 0) {
+        rc.cleanup.max_backoff = Duration::from_millis(ms);
+    }
+    if cfg.directory_cache.is_some() {
+        bail!(
+            "{at}.directory_cache: a cache of materialized input roots is not built yet in this \
+             version of Cairn (inputs are copied, reflinked where the file system can, from the \
+             worker's filesystem store); remove it to start"
+        );
+    }
+    if let Some(script) = &cfg.experimental_precondition_script {
+        let argv = shlex::split(script)
+            .filter(|a| !a.is_empty() && !a.iter().any(|w| w.contains('\0')))
+            .ok_or_else(|| {
+                anyhow!(
+                    "{at}.experimental_precondition_script: {script:?} is not a command line \
+                     (unbalanced quotes, or empty)"
+                )
+            })?;
+        rc.precondition = Some(argv);
+    }
     if let Some(e) = &cfg.entrypoint {
         rc.entrypoint = e.split_whitespace().map(str::to_string).collect();
     }

@@ -290,3 +290,46 @@ fn recognised_but_unbuilt_nativelink_parts_are_refused_by_key_path() {
         }
     }
 }
+
+/// NativeLink's local-worker keys with values Cairn cannot use are errors naming the key.
+#[test]
+fn bad_worker_key_values_are_refused_by_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = |extra: &str| {
+        format!(
+            r#"{{ stores: {{ CAS: {{ fast_slow: {{ fast: {{ filesystem: {{ content_path: "/tmp/x/c", temp_path: "/tmp/x/t" }} }}, slow: {{ memory: {{}} }} }} }} }}, workers: [{{ local: {{ worker_api_endpoint: {{ uri: "grpc://127.0.0.1:1" }}, cas_fast_slow_store: "CAS", {extra} }} }}] }}"#
+        )
+    };
+    for (extra, expected) in [
+        (
+            r#"experimental_precondition_script: "check 'unbalanced""#,
+            "workers[0].local.experimental_precondition_script: \"check 'unbalanced\" is not a command line",
+        ),
+        (
+            r#"max_upload_timeout_s: "soon""#,
+            "workers[0].local.max_upload_timeout_s",
+        ),
+        (
+            r#"directory_cache: { max_entries: 10, colour: "red" }"#,
+            "workers[0].local.directory_cache.colour",
+        ),
+        (
+            r#"directory_cache: { max_entries: 10 }"#,
+            "workers[0].local.directory_cache: a cache of materialized input roots is not built yet",
+        ),
+    ] {
+        let f = dir.path().join("c.json5");
+        std::fs::write(&f, worker(extra)).unwrap();
+        for verb in ["check-config", "run"] {
+            let out = cairn()
+                .arg(verb)
+                .arg(&f)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{verb} accepted {extra}");
+            assert!(err.contains(expected), "{verb} {extra}: {err}");
+        }
+    }
+}

@@ -41,6 +41,9 @@ pub enum ActionError {
     /// The caller cancelled the action.
     #[error("the action was cancelled")]
     Cancelled,
+    /// Uploading the outputs took longer than `max_upload_timeout_s`.
+    #[error("uploading the outputs took longer than {0:?}")]
+    UploadTimedOut(Duration),
     /// Any other failure (store, local disk), with its code and context.
     #[error(transparent)]
     Other(#[from] Error),
@@ -71,7 +74,9 @@ impl ActionError {
             ActionError::MissingBlobs(_) => Code::FailedPrecondition,
             ActionError::InvalidAction(_) => Code::InvalidArgument,
             ActionError::Spawn { .. } => Code::FailedPrecondition,
-            ActionError::TimedOut(_) | ActionError::ReportedTimeout(_) => Code::DeadlineExceeded,
+            ActionError::TimedOut(_)
+            | ActionError::ReportedTimeout(_)
+            | ActionError::UploadTimedOut(_) => Code::DeadlineExceeded,
             ActionError::Cancelled => Code::Cancelled,
             ActionError::Other(e) => e.code,
         }

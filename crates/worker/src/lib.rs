@@ -67,6 +67,7 @@ use collect::Outputs;
 use execute::{Ending, ExecRequest, Execution};
 use input_tree::InputTree;
 use spec::{ActionParts, CommandSpec};
+pub use workdir::Cleanup;
 use workdir::{WorkDir, WorkDirs};
 
 /// Largest Action or Command proto read into memory.
@@ -120,6 +121,18 @@ pub struct RunnerConfig {
     /// Linux namespaces each command runs in (NativeLink's `use_namespaces` and
     /// `use_mount_namespace`). Default none. Check support with [`probe_namespaces`] first.
     pub namespaces: Namespaces,
+    /// Longest the upload of an action's outputs may take (NativeLink's
+    /// `max_upload_timeout_s`): past it the run fails with DEADLINE_EXCEEDED as an `Err` of
+    /// [`ActionRunner::run_keeping_dir`], so that the scheduler retries the action. Default
+    /// 10 minutes.
+    pub upload_timeout: Duration,
+    /// How long removing an action's directory is retried. Default 30 s, pauses up to 500 ms.
+    pub cleanup: Cleanup,
+    /// Program and arguments run before each action (NativeLink's
+    /// `experimental_precondition_script`); an exit other than 0 fails the run with
+    /// RESOURCE_EXHAUSTED as an `Err`, so that the action goes back to the scheduler. Default
+    /// none.
+    pub precondition: Option<Vec<String>>,
 }
 
 impl RunnerConfig {
@@ -142,6 +155,9 @@ impl RunnerConfig {
             worker_name: String::new(),
             dirs_ahead: 0,
             namespaces: Namespaces::None,
+            upload_timeout: Duration::from_secs(600),
+            cleanup: Cleanup::default(),
+            precondition: None,
         }
     }
 }
@@ -238,7 +254,11 @@ impl ActionRunner {
             cas,
             ac,
             local_files,
-            dirs: Arc::new(WorkDirs::new(cfg.work_root.clone(), cfg.dirs_ahead)),
+            dirs: Arc::new(WorkDirs::new(
+                cfg.work_root.clone(),
+                cfg.dirs_ahead,
+                cfg.cleanup,
+            )),
             cfg,
         }
     }
@@ -309,6 +329,7 @@ impl ActionRunner {
         cancel: CancellationToken,
     ) -> Result<(re::ExecuteResponse, ActionDir), Error> {
         let worker_start = SystemTime::now();
+        self.check_precondition(req.platform.as_deref()).await?;
         let dir = self.dirs.take().await?;
         let mut meta = re::ExecutedActionMetadata {
             worker: self.cfg.worker_name.clone(),
@@ -318,6 +339,17 @@ impl ActionRunner {
         };
         let mut notes = Vec::new();
         let outcome = self.steps(&req, &dir, &cancel, &mut meta, &mut notes).await;
+        if let Err(ActionError::UploadTimedOut(limit)) = &outcome {
+            // Given back to the scheduler, which retries it (NativeLink's meaning).
+            return Err(Error::new(
+                cairn_core::Code::DeadlineExceeded,
+                format!(
+                    "uploading the outputs of {} took longer than {} s (max_upload_timeout_s)",
+                    req.action_digest,
+                    limit.as_secs()
+                ),
+            ));
+        }
         let response = match outcome {
             Ok(Finished {
                 result,
@@ -332,6 +364,58 @@ impl ActionRunner {
             "action finished"
         );
         Ok((response, ActionDir(dir)))
+    }
+
+    /// Runs the precondition program, if any: OK when it exits with 0, RESOURCE_EXHAUSTED
+    /// (with what it printed) otherwise. Its environment is `additional_environment`'s
+    /// property, value and from_environment variables; the others are not known yet.
+    async fn check_precondition(&self, platform: Option<&[(String, String)]>) -> Result<(), Error> {
+        let Some(argv) = &self.cfg.precondition else {
+            return Ok(());
+        };
+        let mut env = Vec::new();
+        for (name, source) in &self.cfg.additional_environment {
+            let value = match source {
+                EnvironmentSource::Property(p) => platform
+                    .and_then(|ps| ps.iter().find(|(k, _)| k == p))
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default(),
+                EnvironmentSource::Value(v) => v.clone(),
+                EnvironmentSource::FromEnvironment => std::env::var(name).unwrap_or_default(),
+                _ => continue,
+            };
+            env.push((name.clone(), value));
+        }
+        let out = tokio::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .env_clear()
+            .envs(env)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|e| {
+                Error::resource_exhausted(format!(
+                    "the worker's precondition program {:?} could not run: {e}",
+                    argv[0]
+                ))
+            })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let said = String::from_utf8_lossy(&out.stdout);
+        let said = said.trim();
+        Err(Error::resource_exhausted(format!(
+            "the worker's precondition program {:?} exited with {}{}; the action goes back to \
+             the scheduler (experimental_precondition_script)",
+            argv[0],
+            out.status,
+            if said.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", said.chars().take(1024).collect::<String>())
+            }
+        )))
     }
 
     /// Empties the work root (directories of runs a crash abandoned). Call it before the
@@ -447,10 +531,15 @@ impl ActionRunner {
 
         meta.output_upload_start_timestamp = Some(report::timestamp(SystemTime::now()));
         let captured = exec.stdout.kept > 0 || exec.stderr.kept > 0;
-        let (outputs, stdout, stderr) = until_cancelled(
-            cancel,
-            self.collect(dir, &command, function, !timed_out, captured),
-        )
+        let limit = self.cfg.upload_timeout;
+        let (outputs, stdout, stderr) = until_cancelled(cancel, async {
+            tokio::time::timeout(
+                limit,
+                self.collect(dir, &command, function, !timed_out, captured),
+            )
+            .await
+            .map_err(|_| ActionError::UploadTimedOut(limit))?
+        })
         .await?;
         meta.output_upload_completed_timestamp = Some(report::timestamp(SystemTime::now()));
 

@@ -23,19 +23,36 @@ use std::time::Duration;
 use cairn_core::Error;
 use parking_lot::Mutex;
 
-/// Attempts at removing an action directory.
-const REMOVE_ATTEMPTS: u32 = 3;
+/// How long removing a finished action's directory is retried (NativeLink's
+/// `max_cleanup_wait_s` and `max_cleanup_backoff_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Retries stop once this much time has passed since the first attempt.
+    pub wait: Duration,
+    /// Longest pause between two attempts; pauses double from 10 ms up to it.
+    pub max_backoff: Duration,
+}
+
+impl Default for Cleanup {
+    fn default() -> Cleanup {
+        Cleanup {
+            wait: Duration::from_secs(30),
+            max_backoff: Duration::from_millis(500),
+        }
+    }
+}
 
 pub(crate) struct WorkDir {
     /// The input root; the capture files are named after it.
     path: PathBuf,
     removed: bool,
+    cleanup: Cleanup,
 }
 
 impl WorkDir {
     /// Creates a fresh, uniquely named directory under `work_root` (and `work_root` itself if
     /// it does not exist yet).
-    pub async fn create(work_root: &Path) -> Result<WorkDir, Error> {
+    pub async fn create(work_root: &Path, cleanup: Cleanup) -> Result<WorkDir, Error> {
         let path = work_root.join(uuid::Uuid::new_v4().to_string());
         let root = work_root.to_path_buf();
         let dir = path.clone();
@@ -61,6 +78,7 @@ impl WorkDir {
         Ok(WorkDir {
             path,
             removed: false,
+            cleanup,
         })
     }
 
@@ -92,17 +110,28 @@ impl WorkDir {
     /// for a moment.
     pub async fn remove(mut self) {
         self.removed = true;
-        for attempt in 1..=REMOVE_ATTEMPTS {
+        let start = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(10).min(self.cleanup.max_backoff);
+        loop {
             let paths = self.paths();
             let result = tokio::task::spawn_blocking(move || remove_all(&paths))
                 .await
                 .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
             match result {
                 Ok(()) => return,
-                Err(e) if attempt == REMOVE_ATTEMPTS => {
-                    tracing::warn!(dir = %self.path.display(), error = %e, "could not remove an action directory");
+                Err(e) if start.elapsed() + pause > self.cleanup.wait => {
+                    tracing::warn!(
+                        dir = %self.path.display(),
+                        error = %e,
+                        waited_ms = start.elapsed().as_millis() as u64,
+                        "could not remove an action directory within max_cleanup_wait_s"
+                    );
+                    return;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(self.cleanup.max_backoff);
+                }
             }
         }
     }
@@ -165,15 +194,17 @@ fn make_dir(root: &Path) -> Result<PathBuf, Error> {
 pub(crate) struct WorkDirs {
     root: PathBuf,
     ahead: usize,
+    cleanup: Cleanup,
     ready: Mutex<Vec<PathBuf>>,
     refilling: AtomicBool,
 }
 
 impl WorkDirs {
-    pub fn new(root: PathBuf, ahead: usize) -> WorkDirs {
+    pub fn new(root: PathBuf, ahead: usize, cleanup: Cleanup) -> WorkDirs {
         WorkDirs {
             root,
             ahead,
+            cleanup,
             ready: Mutex::new(Vec::with_capacity(ahead)),
             refilling: AtomicBool::new(false),
         }
@@ -186,8 +217,9 @@ impl WorkDirs {
             Some(path) => WorkDir {
                 path,
                 removed: false,
+                cleanup: self.cleanup,
             },
-            None => WorkDir::create(&self.root).await?,
+            None => WorkDir::create(&self.root, self.cleanup).await?,
         };
         self.refill();
         Ok(dir)
@@ -270,6 +302,81 @@ fn make_writable(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sets or clears the immutable attribute of `path` (root only; ext4, xfs, btrfs, tmpfs):
+    /// a file that not even root can unlink until it is cleared.
+    fn immutable(path: &Path, on: bool) {
+        use std::os::fd::AsRawFd;
+        const FS_IMMUTABLE_FL: libc::c_long = 0x10;
+        let f = std::fs::File::open(path).unwrap();
+        let mut flags: libc::c_long = 0;
+        // SAFETY: FS_IOC_GETFLAGS and FS_IOC_SETFLAGS read and write one long through a valid
+        // pointer on an open descriptor.
+        unsafe {
+            assert_eq!(
+                libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags),
+                0,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+            flags = if on {
+                flags | FS_IMMUTABLE_FL
+            } else {
+                flags & !FS_IMMUTABLE_FL
+            };
+            assert_eq!(
+                libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags),
+                0,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// `max_cleanup_wait_s` and `max_cleanup_backoff_ms`: a directory that cannot be removed
+    /// yet is retried (backing off) until it can, within the wait; with no wait, one attempt.
+    #[tokio::test]
+    async fn removal_is_retried_within_the_cleanup_wait() {
+        let tmp = tempfile::tempdir().unwrap();
+        let patient = Cleanup {
+            wait: Duration::from_secs(20),
+            max_backoff: Duration::from_millis(20),
+        };
+        let dir = WorkDir::create(tmp.path(), patient).await.unwrap();
+        let stuck = dir.exec_root().join("stuck");
+        std::fs::write(&stuck, b"x").unwrap();
+        immutable(&stuck, true);
+        let root = dir.exec_root();
+        // The obstacle goes away while the removal is being retried.
+        let unstick = {
+            let stuck = stuck.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                immutable(&stuck, false);
+            })
+        };
+        dir.remove().await;
+        unstick.await.unwrap();
+        assert!(
+            !root.exists(),
+            "the directory was not removed once it could be"
+        );
+
+        let hasty = Cleanup {
+            wait: Duration::ZERO,
+            max_backoff: Duration::from_millis(20),
+        };
+        let dir = WorkDir::create(tmp.path(), hasty).await.unwrap();
+        let stuck = dir.exec_root().join("stuck");
+        std::fs::write(&stuck, b"x").unwrap();
+        immutable(&stuck, true);
+        let root = dir.exec_root();
+        dir.remove().await;
+        assert!(stuck.exists(), "removal succeeded on an immutable file");
+        immutable(&stuck, false);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(!root.exists());
+    }
 
     #[test]
     fn remove_tree_handles_read_only_directories() {

@@ -417,3 +417,154 @@ async fn without_a_historical_store_failures_go_to_the_cas_and_nothing_is_said_b
     assert_eq!(response.message, "");
     assert_eq!(entries(&kit.cas), before, "nothing was stored");
 }
+
+/// `experimental_precondition_script`: while it fails, every run is given back to the scheduler
+/// with RESOURCE_EXHAUSTED and what the program printed, and nothing runs; once it passes,
+/// actions run. It sees `additional_environment`'s values and platform properties.
+#[tokio::test]
+async fn a_failing_precondition_gives_the_action_back_and_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let block = dir.path().join("blocked");
+    let ran = dir.path().join("ran");
+    let pre = dir.path().join("pre.sh");
+    script(
+        &pre,
+        &format!(
+            "if [ -e {} ]; then echo \"no disk for $POOL ($GREETING)\"; exit 3; fi",
+            block.display()
+        ),
+    );
+    let kit = Kit::with(|c| {
+        c.precondition = Some(vec![pre.display().to_string()]);
+        c.additional_environment = env(&[
+            ("POOL", EnvironmentSource::Property("pool".into())),
+            ("GREETING", EnvironmentSource::Value("hi".into())),
+        ]);
+    });
+    let root = kit.empty_root().await;
+    let action = kit
+        .action(&sh(&format!("touch {}", ran.display())), root)
+        .await;
+    std::fs::write(&block, b"").unwrap();
+    let req = RunRequest {
+        action_digest: action,
+        skip_cache_write: false,
+        queued_at: None,
+        platform: Some(vec![("pool".into(), "large".into())]),
+    };
+    let e = kit
+        .runner
+        .run_request(req.clone(), CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::ResourceExhausted, "{e:?}");
+    assert!(e.message.contains("no disk for large (hi)"), "{e:?}");
+    assert!(e.message.contains("exit status: 3"), "{e:?}");
+    assert!(
+        !ran.exists(),
+        "the action ran although the precondition failed"
+    );
+    kit.assert_work_root_empty();
+
+    std::fs::remove_file(&block).unwrap();
+    let r = kit
+        .runner
+        .run_request(req, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(ok(&r).exit_code, 0);
+    assert!(ran.exists());
+
+    // A program that cannot be started is a failed precondition too, not a crash.
+    let kit = Kit::with(|c| c.precondition = Some(vec!["/no/such/program".into()]));
+    let root = kit.empty_root().await;
+    let action = kit.action(&command(&["/bin/true"]), root).await;
+    let e = kit
+        .runner
+        .run(action, false, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::ResourceExhausted, "{e:?}");
+}
+
+/// A CAS whose writes take `delay`: uploads that outlast `max_upload_timeout_s`.
+struct SlowWrites {
+    inner: Arc<MemoryStore>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl Store for SlowWrites {
+    async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, cairn_core::Error> {
+        self.inner.has_many(keys).await
+    }
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<cairn_core::BlobStream, cairn_core::Error> {
+        self.inner.get(key, offset, length).await
+    }
+    async fn put(
+        &self,
+        key: &Digest,
+        body: cairn_core::BlobStream,
+    ) -> Result<(), cairn_core::Error> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.put(key, body).await
+    }
+    fn info(&self) -> cairn_store::StoreInfo {
+        self.inner.info()
+    }
+}
+
+/// `max_upload_timeout_s`: an upload that outlasts it fails the run with DEADLINE_EXCEEDED as
+/// an error (so the scheduler retries the action), and no result is cached.
+#[tokio::test]
+async fn an_upload_past_its_timeout_gives_the_action_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let inner = Arc::new(MemoryStore::new(&Default::default()));
+    let ac = Arc::new(MemoryStore::new(&Default::default()));
+    let mut cfg = config(tmp.path());
+    cfg.upload_timeout = Duration::from_millis(200);
+    let runner = ActionRunner::new(
+        Arc::new(SlowWrites {
+            inner: inner.clone(),
+            delay: Duration::from_secs(30),
+        }) as StoreRef,
+        Some(ac.clone() as StoreRef),
+        None,
+        cfg,
+    );
+    let command = sh("echo output > out.txt").encode_to_vec();
+    let command = {
+        let mut c = re::Command::decode(&command[..]).unwrap();
+        c.output_paths = vec!["out.txt".into()];
+        c.encode_to_vec()
+    };
+    let root = re::Directory::default().encode_to_vec();
+    let cd = F.compute(&command);
+    let rd = F.compute(&root);
+    inner.put_bytes(&cd, command.into()).await.unwrap();
+    inner.put_bytes(&rd, root.into()).await.unwrap();
+    let action = re::Action {
+        command_digest: Some(cd.to_proto()),
+        input_root_digest: Some(rd.to_proto()),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let ad = F.compute(&action);
+    inner.put_bytes(&ad, action.into()).await.unwrap();
+
+    let e = runner
+        .run(ad, false, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message.contains("max_upload_timeout_s"), "{e:?}");
+    assert!(
+        ac.get_all(&ad, 1 << 20).await.is_err(),
+        "a result was cached"
+    );
+}
