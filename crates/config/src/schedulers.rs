@@ -76,6 +76,10 @@ pub struct SimpleScheduler {
     /// them off).
     #[serde(default, deserialize_with = "num::opt_f64")]
     pub worker_match_logging_interval_s: Option<f64>,
+    /// Seconds between matching passes run whatever happened (NativeLink's safety net for
+    /// missed notifications; default 5; 0 or less turns it off).
+    #[serde(default, deserialize_with = "num::opt_f64")]
+    pub fallback_match_interval_s: Option<f64>,
     /// A worker that has not answered a kill within this many seconds is removed and its
     /// other actions re-queued (default 60; 0 means the default).
     #[serde(default, deserialize_with = "num::opt_secs")]
@@ -115,6 +119,20 @@ pub struct PropertyModifierScheduler {
 pub enum PropertyModification {
     Add(PropertyKv),
     Remove(String),
+    /// Renames (and optionally revalues) a property: every value of `name` (only those equal
+    /// to `value` when it is given) becomes `new_name`, with `new_value` when given.
+    Replace(PropertyReplacement),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PropertyReplacement {
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    pub new_name: String,
+    #[serde(default)]
+    pub new_value: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

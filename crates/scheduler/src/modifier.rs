@@ -5,13 +5,24 @@
 //! Pure: the driver applies [`modify_platform`] to [`crate::ActionRequest::platform`] before
 //! [`crate::Scheduler::add_operation`]. Modifications apply in order; as in NativeLink,
 //! platform properties behave as a map here: `Add` replaces every value of that name, and
-//! `Remove` drops every value of it.
+//! `Remove` drops every value of it; `Replace` renames matching entries (and their values).
 
 /// One entry of `property_modifier.modifications`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PropertyModification {
-    Add { name: String, value: String },
+    Add {
+        name: String,
+        value: String,
+    },
     Remove(String),
+    /// Every value of `name` (only `value` when given) becomes `new_name`, with `new_value`
+    /// when given, else its own value.
+    Replace {
+        name: String,
+        value: Option<String>,
+        new_name: String,
+        new_value: Option<String>,
+    },
 }
 
 /// Applies `modifications` to `platform`, in order.
@@ -26,6 +37,21 @@ pub fn modify_platform(
                 platform.push((name.clone(), value.clone()));
             }
             PropertyModification::Remove(name) => platform.retain(|(n, _)| n != name),
+            PropertyModification::Replace {
+                name,
+                value,
+                new_name,
+                new_value,
+            } => {
+                for (n, v) in platform.iter_mut() {
+                    if n == name && value.as_ref().is_none_or(|want| want == v) {
+                        n.clone_from(new_name);
+                        if let Some(nv) = new_value {
+                            v.clone_from(nv);
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -56,6 +82,39 @@ mod tests {
             &[add("os", "mac"), PropertyModification::Remove("isa".into())],
         );
         assert_eq!(platform, p(&[("os", "mac")]));
+    }
+
+    #[test]
+    fn replace_renames_matching_entries_and_keeps_or_sets_their_values() {
+        let replace = |name: &str, value: Option<&str>, new_name: &str, new_value: Option<&str>| {
+            PropertyModification::Replace {
+                name: name.into(),
+                value: value.map(Into::into),
+                new_name: new_name.into(),
+                new_value: new_value.map(Into::into),
+            }
+        };
+        let mut platform = p(&[
+            ("container-image", "a"),
+            ("container-image", "b"),
+            ("os", "linux"),
+        ]);
+        modify_platform(
+            &mut platform,
+            &[
+                replace("container-image", Some("b"), "image", Some("docker://b")),
+                replace("os", None, "OSFamily", None),
+                replace("absent", None, "never", Some("x")),
+            ],
+        );
+        assert_eq!(
+            platform,
+            p(&[
+                ("container-image", "a"),
+                ("image", "docker://b"),
+                ("OSFamily", "linux")
+            ])
+        );
     }
 
     #[test]

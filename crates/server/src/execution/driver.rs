@@ -158,6 +158,9 @@ impl SchedulerHandle {
             metrics,
             unacked_kills: HashMap::new(),
             next_match_log: driver_opts.match_log_interval.map(|i| Instant::now() + i),
+            next_fallback_match: driver_opts
+                .fallback_match_interval
+                .map(|i| Instant::now() + i),
             opts: driver_opts,
         };
         tokio::spawn(driver.run(rx));
@@ -310,6 +313,10 @@ pub struct DriverOptions {
     pub kill_ack_timeout: Option<Duration>,
     /// `worker_match_logging_interval_s`: how often to log why queued actions wait.
     pub match_log_interval: Option<Duration>,
+    /// `fallback_match_interval_s`: a matching pass at least this often, whatever happened.
+    /// The core matches after every event already; this is NativeLink's safety net, kept so
+    /// that a pass that an event should have caused and did not still happens.
+    pub fallback_match_interval: Option<Duration>,
 }
 
 struct Driver {
@@ -318,6 +325,7 @@ struct Driver {
     /// Kills sent and not yet answered: (worker, attempt) -> when the worker is given up.
     unacked_kills: HashMap<(String, u64), Instant>,
     next_match_log: Option<Instant>,
+    next_fallback_match: Option<Instant>,
     start: Instant,
     watchers: HashMap<String, Vec<(u64, mpsc::Sender<OpUpdate>)>>,
     digests: HashMap<String, Digest>,
@@ -369,6 +377,7 @@ impl Driver {
                 self.core.next_deadline().map(|d| self.start + d),
                 self.unacked_kills.values().min().copied(),
                 self.next_match_log,
+                self.next_fallback_match,
             ]
             .into_iter()
             .flatten()
@@ -386,6 +395,14 @@ impl Driver {
                 },
                 _ = sleep => {
                     let now = self.now();
+                    // A tick settles the core: due timers, then a matching pass.
+                    if let (Some(at), Some(every)) =
+                        (self.next_fallback_match, self.opts.fallback_match_interval)
+                    {
+                        if Instant::now() >= at {
+                            self.next_fallback_match = Some(Instant::now() + every);
+                        }
+                    }
                     let decisions = self.core.tick(now);
                     self.apply(decisions);
                     self.check_kills();

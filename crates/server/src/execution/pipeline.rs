@@ -36,7 +36,7 @@ impl ExecutionPipeline {
 
 /// The scheduler options of a `simple` config (defaults as the troubleshooting guide says).
 /// What the driver does itself: NativeLink's defaults (a log line every 10 s, -1 for none;
-/// kills acknowledged within 60 s).
+/// kills acknowledged within 60 s; a matching pass at least every 5 s, 0 or less for none).
 pub fn driver_options(s: &SimpleScheduler) -> super::driver::DriverOptions {
     let interval = s.worker_match_logging_interval_s.unwrap_or(10.0);
     super::driver::DriverOptions {
@@ -47,6 +47,10 @@ pub fn driver_options(s: &SimpleScheduler) -> super::driver::DriverOptions {
         )),
         match_log_interval: (interval > 0.0 && interval.is_finite())
             .then(|| Duration::from_secs_f64(interval.min(86_400.0))),
+        fallback_match_interval: {
+            let every = s.fallback_match_interval_s.unwrap_or(5.0);
+            (every > 0.0 && every.is_finite()).then(|| Duration::from_secs_f64(every.min(86_400.0)))
+        },
     }
 }
 
@@ -177,6 +181,14 @@ pub fn build<'a>(
                         PropertyModification::Remove(name) => {
                             cairn_scheduler::PropertyModification::Remove(name.clone())
                         }
+                        PropertyModification::Replace(r) => {
+                            cairn_scheduler::PropertyModification::Replace {
+                                name: r.name.clone(),
+                                value: r.value.clone(),
+                                new_name: r.new_name.clone(),
+                                new_value: r.new_value.clone(),
+                            }
+                        }
                     })
                     .collect();
                 mods.extend(inner.modifications.iter().cloned());
@@ -188,4 +200,32 @@ pub fn build<'a>(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn simple(text: &str) -> SimpleScheduler {
+        json5::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn driver_options_follow_nativelinks_defaults_and_durations() {
+        let d = driver_options(&simple("{}"));
+        assert_eq!(d.match_log_interval, Some(Duration::from_secs(10)));
+        assert_eq!(d.fallback_match_interval, Some(Duration::from_secs(5)));
+        assert_eq!(d.kill_ack_timeout, Some(Duration::from_secs(60)));
+
+        let d = driver_options(&simple(
+            r#"{ worker_match_logging_interval_s: -1, fallback_match_interval_s: "1m",
+                 unacknowledged_kill_timeout_s: "2m" }"#,
+        ));
+        assert_eq!(d.match_log_interval, None);
+        assert_eq!(d.fallback_match_interval, Some(Duration::from_secs(60)));
+        assert_eq!(d.kill_ack_timeout, Some(Duration::from_secs(120)));
+
+        let d = driver_options(&simple("{ fallback_match_interval_s: 0 }"));
+        assert_eq!(d.fallback_match_interval, None);
+    }
 }
