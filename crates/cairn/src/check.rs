@@ -311,6 +311,13 @@ fn scheduler_tree(out: &mut String, label: &str, spec: &SchedulerSpec, depth: us
             out.push_str(&format!("{pad}{label}: property_modifier ({} modifications)\n", p.modifications.len()));
             scheduler_tree(out, "scheduler", &p.scheduler, depth + 1);
         }
+        SchedulerSpec::HistoricalResource(h) => {
+            out.push_str(&format!(
+                "{pad}{label}: historical_resource hints_file={}\n",
+                h.hints_file
+            ));
+            scheduler_tree(out, "scheduler", &h.scheduler, depth + 1);
+        }
         SchedulerSpec::Grpc(_) => out.push_str(&format!("{pad}{label}: grpc\n")),
     }
 }

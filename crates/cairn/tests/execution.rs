@@ -743,6 +743,88 @@ fn a_mount_namespace_without_use_namespaces_is_refused_by_key_path() {
     }
 }
 
+/// `historical_resource`: a hint for the action's target (from the client's RequestMetadata)
+/// raises its `cpu_count` minimum past what the only worker offers, so no worker can run it
+/// (FAILED_PRECONDITION naming the property); the same action from another target runs.
+#[tokio::test]
+async fn historical_resource_hints_raise_an_actions_minimums() {
+    let dir = tempfile::tempdir().unwrap();
+    let hints = dir.path().join("hints.json");
+    std::fs::write(
+        &hints,
+        r#"[{"target_id": "//pkg:heavy", "action_mnemonic": "TestRunner", "cpu_count": 16}]"#,
+    )
+    .unwrap();
+    let config = CONFIG
+        .replace(
+            "MAIN: { cache_lookup: { ac_store: { ref_store: { name: \"AC\" } }, scheduler: { simple: {",
+            &format!(
+                "MAIN: {{ historical_resource: {{ hints_file: {:?}, scheduler: {{ cache_lookup: {{ ac_store: {{ ref_store: {{ name: \"AC\" }} }}, scheduler: {{ simple: {{\n      supported_platform_properties: {{ cpu_count: \"minimum\" }},",
+                hints.display().to_string()
+            ),
+        )
+        .replace(
+            "      unschedulable_grace_period_s: 1,\n    } } } },",
+            "      unschedulable_grace_period_s: 1,\n    } } } } } },",
+        )
+        .replace(
+            "platform_properties: { OSFamily: { values: [\"linux\"] } },",
+            "platform_properties: { OSFamily: { values: [\"linux\"] }, cpu_count: { values: [\"4\"] } },",
+        )
+        .replace("@WPORT@", &free_port().to_string());
+    assert!(config.contains("historical_resource") && config.contains("cpu_count: { values"));
+    let c = Cairn::start_with(dir.path(), &config, None);
+    let mut cl = client(&c).await;
+    let d = true_action(&mut cl, "linux", &["/bin/true"]).await;
+    let run_as = |target: &str| {
+        let mut r = tonic::Request::new(re::ExecuteRequest {
+            action_digest: Some(d.to_proto()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        });
+        let md = re::RequestMetadata {
+            target_id: target.to_string(),
+            action_mnemonic: "TestRunner".to_string(),
+            tool_invocation_id: "inv-1".to_string(),
+            ..Default::default()
+        };
+        r.metadata_mut().insert_bin(
+            "build.bazel.remote.execution.v2.requestmetadata-bin",
+            tonic::metadata::MetadataValue::from_bytes(&md.encode_to_vec()),
+        );
+        r
+    };
+    let mut exec = cl.exec.clone();
+    let last = |mut s: tonic::Streaming<Operation>| async move {
+        let mut last = None;
+        while let Some(op) = s.next().await {
+            last = Some(op.unwrap());
+        }
+        last.unwrap()
+    };
+    let heavy = last(
+        exec.execute(run_as("//pkg:heavy"))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let status = response(&heavy).status.unwrap_or_default();
+    assert_eq!(status.code, Code::FailedPrecondition as i32, "{status:?}");
+    assert!(status.message.contains("cpu_count"), "{status:?}");
+
+    let light = last(
+        exec.execute(run_as("//pkg:light"))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let resp = response(&light);
+    assert_eq!(resp.status.map_or(0, |s| s.code), 0);
+    assert_eq!(resp.result.unwrap().exit_code, 0);
+}
+
 /// Uploads an Action running `argv` with the empty input root (the empty blob, always
 /// present) and the given OSFamily; returns its digest.
 async fn true_action(cl: &mut Client, os: &str, argv: &[&str]) -> Digest {

@@ -13,6 +13,9 @@ pub enum SchedulerSpec {
     Simple(SimpleScheduler),
     CacheLookup(Box<CacheLookupScheduler>),
     PropertyModifier(Box<PropertyModifierScheduler>),
+    /// Raises the CPU and memory minimums of actions that history says need more
+    /// (NativeLink's `historical_resource`).
+    HistoricalResource(Box<HistoricalResourceScheduler>),
     Grpc(GrpcScheduler),
 }
 
@@ -22,6 +25,7 @@ impl SchedulerSpec {
             SchedulerSpec::Simple(_) => "simple",
             SchedulerSpec::CacheLookup(_) => "cache_lookup",
             SchedulerSpec::PropertyModifier(_) => "property_modifier",
+            SchedulerSpec::HistoricalResource(_) => "historical_resource",
             SchedulerSpec::Grpc(_) => "grpc",
         }
     }
@@ -140,6 +144,29 @@ pub struct PropertyReplacement {
 pub struct PropertyKv {
     pub name: String,
     pub value: String,
+}
+
+/// `historical_resource`: hints read from a JSON file, matched to each action by the
+/// `target_id` and `action_mnemonic` of its `RequestMetadata` (both, else `target_id`
+/// alone, else the mnemonic alone), raise the action's CPU and memory platform properties to
+/// at least the hint's before the wrapped scheduler sees them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoricalResourceScheduler {
+    /// `[{target_id, action_mnemonic, cpu_count, memory_kb | memory_mib}, ...]`, or that list
+    /// under `{hints: ...}`. A file that is missing or does not parse is logged and leaves the
+    /// last hints in place (none at start).
+    pub hints_file: String,
+    /// Seconds between reloads of the file (0: read once). Default 30.
+    #[serde(default, deserialize_with = "num::opt_secs")]
+    pub refresh_interval_s: Option<u64>,
+    /// Property raised to the hint's `cpu_count`. Default `cpu_count`.
+    #[serde(default)]
+    pub cpu_property_name: Option<String>,
+    /// Property (in KiB) raised to the hint's memory. Default `memory_kb`.
+    #[serde(default)]
+    pub memory_property_name: Option<String>,
+    pub scheduler: SchedulerSpec,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

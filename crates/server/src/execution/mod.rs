@@ -2,6 +2,7 @@
 //! the worker API service.
 
 pub mod driver;
+pub mod historical;
 pub mod operations;
 pub mod pipeline;
 pub mod service;

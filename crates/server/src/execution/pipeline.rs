@@ -1,6 +1,7 @@
 //! A scheduler as the config describes it: `simple` (a driven core), wrapped by
-//! `cache_lookup` (answer from the action cache before queuing) and `property_modifier`
-//! (add or remove platform properties before matching).
+//! `cache_lookup` (answer from the action cache before queuing), `property_modifier` (add,
+//! remove or rename platform properties before matching) and `historical_resource` (raise
+//! CPU and memory minimums from hints).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -13,6 +14,7 @@ use cairn_core::Error;
 use cairn_scheduler::{AllocationStrategy, PropertyType, SchedulerOptions};
 use cairn_store::{StoreMap, StoreRef};
 
+use super::historical::HistoricalHints;
 use super::SchedulerHandle;
 
 /// What an Execute goes through.
@@ -22,14 +24,37 @@ pub struct ExecutionPipeline {
     pub handle: SchedulerHandle,
     /// The action cache consulted before queuing (`cache_lookup`).
     pub ac: Option<StoreRef>,
-    pub modifications: Arc<Vec<cairn_scheduler::PropertyModification>>,
+    /// What the wrappers do to an action's platform, outermost first.
+    pub steps: Arc<Vec<PlatformStep>>,
+}
+
+/// One wrapper's change to an action's platform properties.
+#[derive(Clone)]
+pub enum PlatformStep {
+    /// `property_modifier`.
+    Modify(cairn_scheduler::PropertyModification),
+    /// `historical_resource`.
+    Hints(Arc<HistoricalHints>),
 }
 
 impl ExecutionPipeline {
-    /// Applies the `property_modifier` changes, in order (the core's rule: `add` replaces every
-    /// value of that name, `remove` drops them).
-    pub fn modify(&self, mut props: Vec<(String, String)>) -> Vec<(String, String)> {
-        cairn_scheduler::modify_platform(&mut props, &self.modifications);
+    /// Applies the wrappers' changes, outermost first (`property_modifier`: `add` replaces
+    /// every value of that name, `remove` drops them, `replace` renames; `historical_resource`:
+    /// minimums for this `target_id` and `action_mnemonic`).
+    pub fn modify(
+        &self,
+        mut props: Vec<(String, String)>,
+        target_id: &str,
+        action_mnemonic: &str,
+    ) -> Vec<(String, String)> {
+        for step in self.steps.iter() {
+            match step {
+                PlatformStep::Modify(m) => {
+                    cairn_scheduler::modify_platform(&mut props, std::slice::from_ref(m))
+                }
+                PlatformStep::Hints(h) => h.apply(&mut props, target_id, action_mnemonic),
+            }
+        }
         props
     }
 }
@@ -118,6 +143,14 @@ pub fn check(spec: &SchedulerSpec, path: &str) -> Result<(), Error> {
         SchedulerSpec::PropertyModifier(p) => {
             check(&p.scheduler, &format!("{path}.property_modifier.scheduler"))
         }
+        SchedulerSpec::HistoricalResource(h) => {
+            if h.hints_file.trim().is_empty() {
+                return Err(Error::invalid_argument(format!(
+                    "{path}.historical_resource.hints_file: name the JSON file of resource hints"
+                )));
+            }
+            check(&h.scheduler, &format!("{path}.historical_resource.scheduler"))
+        }
         SchedulerSpec::Grpc(_) => Err(Error::unimplemented(format!(
             "{path}.grpc: forwarding to a remote scheduler parses but is not built yet; run the scheduler in this process or point clients at it"
         ))),
@@ -139,7 +172,7 @@ pub fn build<'a>(
                 name: name.to_string(),
                 handle: SchedulerHandle::spawn_with(options(s), driver_options(s), metrics),
                 ac: None,
-                modifications: Arc::new(vec![]),
+                steps: Arc::new(vec![]),
             }),
             SchedulerSpec::CacheLookup(c) => {
                 let ac = cairn_store::build_spec(
@@ -168,7 +201,7 @@ pub fn build<'a>(
                     metrics,
                 )
                 .await?;
-                let mut mods: Vec<cairn_scheduler::PropertyModification> = p
+                let mut steps: Vec<PlatformStep> = p
                     .modifications
                     .iter()
                     .map(|m| match m {
@@ -190,9 +223,37 @@ pub fn build<'a>(
                             }
                         }
                     })
+                    .map(PlatformStep::Modify)
                     .collect();
-                mods.extend(inner.modifications.iter().cloned());
-                inner.modifications = Arc::new(mods);
+                steps.extend(inner.steps.iter().cloned());
+                inner.steps = Arc::new(steps);
+                Ok(inner)
+            }
+            SchedulerSpec::HistoricalResource(h) => {
+                let mut inner = build(
+                    name,
+                    &h.scheduler,
+                    stores,
+                    format!("{path}.historical_resource.scheduler"),
+                    metrics,
+                )
+                .await?;
+                let hints = HistoricalHints::start(
+                    std::path::PathBuf::from(&h.hints_file),
+                    Some(h.refresh_interval_s.unwrap_or(30))
+                        .filter(|s| *s > 0)
+                        .map(Duration::from_secs),
+                    h.cpu_property_name
+                        .clone()
+                        .unwrap_or_else(|| "cpu_count".into()),
+                    h.memory_property_name
+                        .clone()
+                        .unwrap_or_else(|| "memory_kb".into()),
+                )
+                .await;
+                let mut steps = vec![PlatformStep::Hints(hints)];
+                steps.extend(inner.steps.iter().cloned());
+                inner.steps = Arc::new(steps);
                 Ok(inner)
             }
             SchedulerSpec::Grpc(_) => {

@@ -145,13 +145,13 @@ fn missing(digests: &[Digest], what: &str) -> Status {
     )
 }
 
-/// The `tool_invocation_id` of the request's `RequestMetadata` header, if any.
-fn invocation_id<T>(req: &Request<T>) -> String {
+/// The request's `RequestMetadata` header (Bazel's invocation id, target and mnemonic), or
+/// an empty one.
+fn request_metadata<T>(req: &Request<T>) -> re::RequestMetadata {
     req.metadata()
         .get_bin("build.bazel.remote.execution.v2.requestmetadata-bin")
         .and_then(|v| v.to_bytes().ok())
         .and_then(|b| re::RequestMetadata::decode(b.as_ref()).ok())
-        .map(|m| m.tool_invocation_id)
         .unwrap_or_default()
 }
 
@@ -252,7 +252,7 @@ impl ExecutionService {
         &self,
         request: Request<re::ExecuteRequest>,
     ) -> Result<OpStream, Status> {
-        let invocation = invocation_id(&request);
+        let metadata = request_metadata(&request);
         let req = request.into_inner();
         let inst = self.instances.get(&req.instance_name)?.clone();
         let wire = req
@@ -344,13 +344,15 @@ impl ExecutionService {
             Duration::from_secs(t.seconds.max(0) as u64)
                 + Duration::from_nanos(t.nanos.max(0) as u64)
         });
-        let platform = inst.pipeline.modify(platform);
+        let platform =
+            inst.pipeline
+                .modify(platform, &metadata.target_id, &metadata.action_mnemonic);
         let request = ActionRequest {
             key: ActionKey(format!("{}/{}", req.instance_name, digest)),
             cacheable,
             priority,
             platform: platform.clone(),
-            invocation_id: invocation,
+            invocation_id: metadata.tool_invocation_id,
             payload: ActionPayload {
                 instance: req.instance_name.clone(),
                 digest,
