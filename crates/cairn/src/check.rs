@@ -77,6 +77,17 @@ fn check_chunking(
     }
 }
 
+/// Whether the scheduler at the bottom of `spec` is a `grpc` one.
+fn forwards(spec: &SchedulerSpec) -> bool {
+    match spec {
+        SchedulerSpec::Grpc(_) => true,
+        SchedulerSpec::Simple(_) => false,
+        SchedulerSpec::CacheLookup(c) => forwards(&c.scheduler),
+        SchedulerSpec::PropertyModifier(p) => forwards(&p.scheduler),
+        SchedulerSpec::HistoricalResource(h) => forwards(&h.scheduler),
+    }
+}
+
 /// Every store and scheduler a service names exists.
 pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
     let store = |name: &str, at: String| -> Result<(), ConfigError> {
@@ -167,6 +178,17 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
         }
         if let Some(w) = &sv.worker_api {
             scheduler(&w.scheduler, format!("{p}.worker_api.scheduler"))?;
+            if cfg.schedulers.get(&w.scheduler).is_some_and(forwards) {
+                return Err(ConfigError::new(
+                    file,
+                    format!("{p}.worker_api.scheduler"),
+                    format!(
+                        "{:?} is a grpc scheduler, which forwards to another scheduler and has no \
+                         workers; serve the worker API where that scheduler runs",
+                        w.scheduler
+                    ),
+                ));
+            }
         }
     }
     Ok(())
@@ -318,6 +340,9 @@ fn scheduler_tree(out: &mut String, label: &str, spec: &SchedulerSpec, depth: us
             ));
             scheduler_tree(out, "scheduler", &h.scheduler, depth + 1);
         }
-        SchedulerSpec::Grpc(_) => out.push_str(&format!("{pad}{label}: grpc\n")),
+        SchedulerSpec::Grpc(g) => out.push_str(&format!(
+            "{pad}{label}: grpc endpoint={}\n",
+            g.endpoint.address
+        )),
     }
 }

@@ -251,7 +251,6 @@ pub async fn start(
     };
     let cas_name = checked.cas_store.as_str();
     let whole = store(cas_name)?;
-    // fast_slow(filesystem, X): hardlink from the filesystem, fetch from and upload to X.
     let fast_fs = tree
         .filesystems
         .get(&format!("stores.{cas_name}.fast_slow.fast.filesystem"))
@@ -260,9 +259,12 @@ pub async fn start(
         .nodes
         .get(&format!("stores.{cas_name}.fast_slow.slow"))
         .cloned();
-    let (cas, local_files) = match (fast_fs, slow) {
-        (Some(fs), Some(slow)) => (slow, Some(fs)),
-        _ => (whole, None),
+    // fast_slow(filesystem, X): inputs are copied from the filesystem; reads and uploads go
+    // through the whole store, as NativeLink's worker does (with X a `noop`, the filesystem is
+    // the only copy).
+    let (cas, local_files, fast_tier) = match (fast_fs, slow) {
+        (Some(fs), Some(_)) => (whole, Some(fs), true),
+        _ => (whole, None, false),
     };
     let ac = checked.ac_store.as_deref().map(store).transpose()?;
     let work_root = PathBuf::from(cfg.work_directory.clone().unwrap_or_else(|| {
@@ -294,6 +296,9 @@ pub async fn start(
     // A directory ready for each slot (at most 16): a run never waits for a mkdir.
     rc.dirs_ahead = slots.min(16) as usize;
     let mut runner = ActionRunner::new(cas, ac, local_files, rc);
+    if fast_tier {
+        runner = runner.with_local_fast_tier();
+    }
     if let Some(h) = &checked.historical_store {
         runner = runner.with_historical_store(store(h)?);
     }

@@ -169,12 +169,19 @@ pub struct HistoricalResourceScheduler {
     pub scheduler: SchedulerSpec,
 }
 
+/// `grpc`: forwards Execute, WaitExecution and the Operations calls to another scheduler.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcScheduler {
-    pub endpoint: serde_json::Value,
+    /// The scheduler's address (`grpc://` or `grpcs://` with `tls_config`).
+    pub endpoint: crate::stores::GrpcEndpoint,
+    /// Retries of calls that failed before any answer arrived.
     #[serde(default)]
     pub retry: Option<crate::stores::Retry>,
+    /// Forwarded calls in flight at most (0 or absent: no limit).
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub max_concurrent_requests: Option<u64>,
+    /// Connections opened to the endpoint (calls go round-robin over them). Default 1.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub connections_per_endpoint: Option<u64>,
 }

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::Limits;
 
 /// What one instance name serves.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct InstanceCaps {
     pub cas: bool,
     pub ac: bool,
@@ -22,6 +22,8 @@ pub struct InstanceCaps {
     pub execution: bool,
     /// Average chunk size when the CAS serves content-defined chunking.
     pub chunking_avg: Option<u64>,
+    /// The scheduler of `remote_execution`, whose platform properties are reported.
+    pub scheduler: Option<crate::execution::ExecutionPipeline>,
 }
 
 pub struct CapabilitiesService {
@@ -60,9 +62,26 @@ impl Capabilities for CapabilitiesService {
         request: Request<re::GetCapabilitiesRequest>,
     ) -> Result<Response<re::ServerCapabilities>, Status> {
         let timer = self.metrics.rpc("capabilities", "GetCapabilities");
+        let instance = request.get_ref().instance_name.clone();
+        let node_properties = match self
+            .instances
+            .get(&instance)
+            .ok()
+            .and_then(|c| c.scheduler.as_ref())
+        {
+            Some(p) => match p.node_properties(&instance).await {
+                Ok(props) => props,
+                Err(e) => {
+                    // A `grpc` scheduler whose remote does not answer: the rest still holds.
+                    tracing::warn!(scheduler = %p.name, error = %e, "GetCapabilities: no platform properties from the scheduler");
+                    vec![]
+                }
+            },
+            None => vec![],
+        };
         let r = self
             .instances
-            .get(&request.get_ref().instance_name)
+            .get(&instance)
             .map_err(Status::from)
             .map(|caps| {
                 let digest_functions: Vec<i32> =
@@ -97,7 +116,7 @@ impl Capabilities for CapabilitiesService {
                     digest_function: DigestFunction::default_for_64_hex().to_proto(),
                     exec_enabled: true,
                     execution_priority_capabilities: None,
-                    supported_node_properties: vec![],
+                    supported_node_properties: node_properties,
                     digest_functions,
                 });
                 Response::new(re::ServerCapabilities {

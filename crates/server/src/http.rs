@@ -105,7 +105,15 @@ async fn set_drain_worker(
             ),
         );
     };
-    match p.handle.set_worker_draining(worker.clone(), draining).await {
+    let Some(handle) = p.local() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "scheduler {scheduler:?} forwards to another scheduler and has no workers; drain the worker there\n"
+            ),
+        );
+    };
+    match handle.set_worker_draining(worker.clone(), draining).await {
         Ok(()) if draining => (StatusCode::OK, format!("Draining worker {worker}\n")),
         Ok(()) => (
             StatusCode::OK,
@@ -215,7 +223,10 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         }
     }
     for p in &s.schedulers {
-        let Ok(st) = p.handle.stats().await else {
+        let Some(handle) = p.local() else {
+            continue; // a `grpc` scheduler: the scheduler it forwards to exports these
+        };
+        let Ok(st) = handle.stats().await else {
             continue;
         };
         let l = crate::metrics::SchedulerLabels {

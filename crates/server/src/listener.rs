@@ -385,6 +385,13 @@ pub async fn serve(
     }
     if let Some(w) = worker_api {
         let pipeline = scheduler_named(&w.scheduler, format!("{sp}.worker_api.scheduler"))?;
+        if pipeline.local().is_none() {
+            return Err(Error::invalid_argument(format!(
+                "{sp}.worker_api.scheduler: {:?} is a grpc scheduler, which forwards to another \
+                 scheduler and has no workers; serve the worker API where that scheduler runs",
+                w.scheduler
+            )));
+        }
         routes.add_service(
             cairn_proto::worker::v1::worker_api_server::WorkerApiServer::new(
                 crate::execution::worker_api::WorkerApiService::new(pipeline),
@@ -401,7 +408,7 @@ pub async fn serve(
                 .cloned()
                 .unwrap_or_default();
             if let Some(re) = &e.remote_execution {
-                scheduler_named(
+                let pipeline = scheduler_named(
                     &re.scheduler,
                     format!(
                         "{sp}.capabilities.{}.remote_execution.scheduler",
@@ -409,6 +416,7 @@ pub async fn serve(
                     ),
                 )?;
                 caps.execution = true;
+                caps.scheduler = Some(pipeline);
             }
             inst.insert(e.instance_name.clone(), caps);
         }

@@ -58,7 +58,7 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    fn from_config(r: Option<&cairn_config::stores::Retry>) -> Result<RetryPolicy, Error> {
+    pub fn from_config(r: Option<&cairn_config::stores::Retry>) -> Result<RetryPolicy, Error> {
         let Some(r) = r else {
             return Ok(RetryPolicy::default());
         };
@@ -101,9 +101,14 @@ impl RetryPolicy {
         })
     }
 
+    /// Whether a call that failed with `code` on try number `attempt` (from 0) is tried again.
+    pub fn retries(&self, attempt: u32, code: tonic::Code) -> bool {
+        attempt < self.max_retries && self.codes.contains(&code)
+    }
+
     /// The wait before retry number `attempt` (from 0): `delay * 2^attempt`, plus up to
     /// `jitter` times that, capped at 60 s.
-    fn backoff(&self, attempt: u32) -> std::time::Duration {
+    pub fn backoff(&self, attempt: u32) -> std::time::Duration {
         let base = self.delay.as_secs_f64() * f64::from(1u32 << attempt.min(16));
         // A fraction from the clock's nanoseconds: enough to spread retries apart.
         let noise = std::time::SystemTime::now()

@@ -217,6 +217,8 @@ pub struct ActionRunner {
     historical: StoreRef,
     /// Local filesystem CAS that inputs are copied from (filled from `cas` as needed).
     local_files: Option<Arc<FilesystemStore>>,
+    /// `local_files` is the fast tier of `cas` (a `fast_slow`): a read through `cas` fills it.
+    local_is_fast_tier: bool,
     dirs: Arc<WorkDirs>,
     cfg: RunnerConfig,
 }
@@ -241,8 +243,9 @@ struct Finished {
 }
 
 impl ActionRunner {
-    /// `local_files`, when given, should not also be the fast tier of `cas`, or a blob
-    /// fetched for an input is written to it twice.
+    /// `local_files`, when given, is filled from `cas`; when it is the fast tier of `cas`, say
+    /// so with [`ActionRunner::with_local_fast_tier`], or a blob fetched for an input is
+    /// written to it twice.
     pub fn new(
         cas: StoreRef,
         ac: Option<StoreRef>,
@@ -254,6 +257,7 @@ impl ActionRunner {
             cas,
             ac,
             local_files,
+            local_is_fast_tier: false,
             dirs: Arc::new(WorkDirs::new(
                 cfg.work_root.clone(),
                 cfg.dirs_ahead,
@@ -261,6 +265,14 @@ impl ActionRunner {
             )),
             cfg,
         }
+    }
+
+    /// `local_files` is the fast tier of `cas` (NativeLink's `cas_fast_slow_store` of a
+    /// `fast_slow` with a filesystem fast tier): inputs and outputs go through the whole
+    /// store, and a read through it fills the local store.
+    pub fn with_local_fast_tier(mut self) -> ActionRunner {
+        self.local_is_fast_tier = true;
+        self
     }
 
     /// Writes `HistoricalExecuteResponse`s to `store` instead of the CAS.
@@ -458,7 +470,14 @@ impl ActionRunner {
         let (action, command, tree) = until_cancelled(cancel, self.load(req.action_digest)).await?;
         let exec_root = dir.exec_root();
         until_cancelled(cancel, async {
-            prepare::materialize(&*self.cas, self.local_files.as_ref(), &tree, &exec_root).await?;
+            prepare::materialize(
+                &*self.cas,
+                self.local_files.as_ref(),
+                self.local_is_fast_tier,
+                &tree,
+                &exec_root,
+            )
+            .await?;
             prepare::create_output_parents(&exec_root, &command).await
         })
         .await?;

@@ -45,6 +45,7 @@ fn mode_of(f: &InputFile) -> u32 {
 pub(crate) async fn materialize(
     cas: &dyn Store,
     local: Option<&Arc<FilesystemStore>>,
+    local_is_fast_tier: bool,
     tree: &InputTree,
     exec_root: &Path,
 ) -> Result<(), ActionError> {
@@ -76,7 +77,7 @@ pub(crate) async fn materialize(
         })
         .collect();
     let streamed = match local {
-        Some(local) => link_from_local(cas, local, files).await?,
+        Some(local) => link_from_local(cas, local, local_is_fast_tier, files).await?,
         None => files,
     };
     futures::stream::iter(streamed)
@@ -124,9 +125,12 @@ fn create_skeleton(
 
 /// Brings every blob of `files` into `local` and copies it into place. Returns
 /// the files that must be streamed from the CAS instead (their blob was evicted meanwhile).
+/// When `local` is the fast tier of `cas`, reading a blob through `cas` is what brings it
+/// into `local` (a blob the tier does not take is streamed).
 async fn link_from_local(
     cas: &dyn Store,
     local: &Arc<FilesystemStore>,
+    local_is_fast_tier: bool,
     files: Vec<Placement>,
 ) -> Result<Vec<Placement>, ActionError> {
     let absent: Vec<Digest> = files
@@ -139,7 +143,13 @@ async fn link_from_local(
     futures::stream::iter(absent)
         .map(|d| async move {
             let body = open_in_cas(cas, d).await?;
-            let body = cairn_core::stream::verified(body, d, true);
+            let mut body = cairn_core::stream::verified(body, d, true);
+            if local_is_fast_tier {
+                while let Some(chunk) = body.next().await {
+                    chunk.map_err(|e| e.context(format!("reading input {d}")))?;
+                }
+                return Ok(());
+            }
             local.put(&d, body).await.map_err(|e| {
                 ActionError::from(e.context(format!("copying input {d} into the local CAS")))
             })

@@ -115,6 +115,8 @@ enum Cmd {
 pub struct SchedulerHandle {
     tx: mpsc::Sender<Cmd>,
     pub keepalive_interval: Duration,
+    /// The names of `supported_platform_properties`, sorted.
+    supported: std::sync::Arc<Vec<String>>,
 }
 
 /// Commands queued to the driver before senders wait.
@@ -147,6 +149,9 @@ impl SchedulerHandle {
     ) -> SchedulerHandle {
         let (tx, rx) = mpsc::channel(COMMAND_DEPTH);
         let keepalive_interval = (opts.worker_timeout / 3).max(Duration::from_millis(100));
+        let mut supported: Vec<String> =
+            opts.supported_platform_properties.keys().cloned().collect();
+        supported.sort();
         let driver = Driver {
             core: Scheduler::new(opts),
             start: Instant::now(),
@@ -167,7 +172,13 @@ impl SchedulerHandle {
         SchedulerHandle {
             tx,
             keepalive_interval,
+            supported: std::sync::Arc::new(supported),
         }
+    }
+
+    /// The platform properties this scheduler matches on.
+    pub fn supported_properties(&self) -> Vec<String> {
+        self.supported.as_ref().clone()
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Error> {

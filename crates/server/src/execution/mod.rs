@@ -5,8 +5,9 @@ pub mod driver;
 pub mod historical;
 pub mod operations;
 pub mod pipeline;
+pub mod remote;
 pub mod service;
 pub mod worker_api;
 
 pub use driver::{ActionPayload, OpUpdate, SchedulerHandle, SchedulerStats};
-pub use pipeline::ExecutionPipeline;
+pub use pipeline::{Backend, ExecutionPipeline};

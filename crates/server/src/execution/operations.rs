@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::driver::STREAM_DEPTH;
 use super::service::operation_of;
-use super::ExecutionPipeline;
+use super::{Backend, ExecutionPipeline};
 use crate::metrics::Metrics;
 
 pub struct OperationsService {
@@ -70,12 +70,24 @@ impl Operations for OperationsService {
             };
             let mut operations = Vec::new();
             for p in &self.pipelines {
-                for u in p.handle.list().await? {
-                    let op = operation_of(&u);
-                    if req.page_token.is_empty() || op.name > req.page_token {
-                        operations.push(op);
+                let listed: Vec<Operation> = match &p.backend {
+                    Backend::Local(h) => h.list().await?.iter().map(operation_of).collect(),
+                    // The remote's page after the same token is enough to fill this one.
+                    Backend::Remote(r) => {
+                        r.list_operations(ListOperationsRequest {
+                            page_size: page as i32,
+                            page_token: req.page_token.clone(),
+                            ..Default::default()
+                        })
+                        .await?
+                        .operations
                     }
-                }
+                };
+                operations.extend(
+                    listed
+                        .into_iter()
+                        .filter(|op| req.page_token.is_empty() || op.name > req.page_token),
+                );
             }
             operations.sort_unstable_by(|a, b| a.name.cmp(&b.name));
             let next_page_token = if operations.len() > page {
@@ -107,9 +119,20 @@ impl Operations for OperationsService {
         let name = request.into_inner().name;
         let mut r = Err(not_found(&name).into());
         for p in &self.pipelines {
-            if let Some(u) = p.handle.get(name.clone()).await? {
-                r = Ok(Response::new(operation_of(&u)));
-                break;
+            match &p.backend {
+                Backend::Local(h) => {
+                    if let Some(u) = h.get(name.clone()).await? {
+                        r = Ok(Response::new(operation_of(&u)));
+                        break;
+                    }
+                }
+                Backend::Remote(remote) => match remote.get_operation(&name).await {
+                    Err(s) if s.code() == tonic::Code::NotFound => continue,
+                    other => {
+                        r = other.map(Response::new);
+                        break;
+                    }
+                },
             }
         }
         timer.finish(&r);
@@ -123,7 +146,12 @@ impl Operations for OperationsService {
         let timer = self.metrics.rpc("operations", "DeleteOperation");
         let name = request.into_inner().name;
         let r = self
-            .first(&name, |p, n| async move { p.handle.delete(n).await })
+            .first(&name, |p, n| async move {
+                match &p.backend {
+                    Backend::Local(h) => h.delete(n).await.map_err(Status::from),
+                    Backend::Remote(r) => r.delete_operation(&n).await,
+                }
+            })
             .await;
         timer.finish(&r);
         r.map(|()| Response::new(Empty {}))
@@ -136,7 +164,12 @@ impl Operations for OperationsService {
         let timer = self.metrics.rpc("operations", "CancelOperation");
         let name = request.into_inner().name;
         let r = self
-            .first(&name, |p, n| async move { p.handle.cancel(n).await })
+            .first(&name, |p, n| async move {
+                match &p.backend {
+                    Backend::Local(h) => h.cancel(n).await.map_err(Status::from),
+                    Backend::Remote(r) => r.cancel_operation(&n).await,
+                }
+            })
             .await;
         timer.finish(&r);
         r.map(|()| Response::new(Empty {}))
@@ -156,8 +189,18 @@ impl Operations for OperationsService {
             .min(Duration::from_secs(600));
         let mut r = Err(not_found(&req.name).into());
         for p in &self.pipelines {
+            let handle = match &p.backend {
+                Backend::Local(h) => h,
+                Backend::Remote(remote) => match remote.wait_operation(req.clone()).await {
+                    Err(s) if s.code() == tonic::Code::NotFound => continue,
+                    other => {
+                        r = other.map(Response::new);
+                        break;
+                    }
+                },
+            };
             let (tx, mut rx) = mpsc::channel(STREAM_DEPTH);
-            match p.handle.attach(req.name.clone(), tx).await {
+            match handle.attach(req.name.clone(), tx).await {
                 Ok((no, mut last)) => {
                     let deadline = tokio::time::sleep(timeout);
                     tokio::pin!(deadline);
@@ -167,7 +210,7 @@ impl Operations for OperationsService {
                             _ = &mut deadline => break,
                         }
                     }
-                    p.handle.detach(req.name.clone(), no);
+                    handle.detach(req.name.clone(), no);
                     r = Ok(Response::new(operation_of(&last)));
                     break;
                 }
@@ -188,12 +231,12 @@ impl OperationsService {
     async fn first<F, Fut>(&self, name: &str, f: F) -> Result<(), Status>
     where
         F: Fn(ExecutionPipeline, String) -> Fut,
-        Fut: std::future::Future<Output = Result<(), Error>>,
+        Fut: std::future::Future<Output = Result<(), Status>>,
     {
         for p in &self.pipelines {
             match f(p.clone(), name.to_string()).await {
-                Err(e) if e.is_not_found() => continue,
-                other => return other.map_err(Status::from),
+                Err(e) if e.code() == tonic::Code::NotFound => continue,
+                other => return other,
             }
         }
         Err(not_found(name).into())

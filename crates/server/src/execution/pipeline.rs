@@ -15,17 +15,58 @@ use cairn_scheduler::{AllocationStrategy, PropertyType, SchedulerOptions};
 use cairn_store::{StoreMap, StoreRef};
 
 use super::historical::HistoricalHints;
+use super::remote::RemoteScheduler;
 use super::SchedulerHandle;
 
 /// What an Execute goes through.
 #[derive(Clone)]
 pub struct ExecutionPipeline {
     pub name: String,
-    pub handle: SchedulerHandle,
+    /// Where actions are scheduled: this process's core, or another scheduler.
+    pub backend: Backend,
     /// The action cache consulted before queuing (`cache_lookup`).
     pub ac: Option<StoreRef>,
     /// What the wrappers do to an action's platform, outermost first.
     pub steps: Arc<Vec<PlatformStep>>,
+}
+
+impl ExecutionPipeline {
+    /// The platform properties this scheduler matches on (GetCapabilities'
+    /// `supported_node_properties`): a `simple` scheduler's `supported_platform_properties`,
+    /// or what the scheduler a `grpc` one forwards to reports for `instance`.
+    pub async fn node_properties(&self, instance: &str) -> Result<Vec<String>, tonic::Status> {
+        match &self.backend {
+            Backend::Local(h) => Ok(h.supported_properties()),
+            Backend::Remote(r) => r.node_properties(instance).await,
+        }
+    }
+}
+
+/// The scheduler at the bottom of a pipeline.
+#[derive(Clone)]
+pub enum Backend {
+    /// `simple`: a core driven in this process.
+    Local(SchedulerHandle),
+    /// `grpc`: another scheduler, reached over gRPC.
+    Remote(Arc<RemoteScheduler>),
+}
+
+impl ExecutionPipeline {
+    /// The local core, or `None` for a `grpc` scheduler.
+    pub fn local(&self) -> Option<&SchedulerHandle> {
+        match &self.backend {
+            Backend::Local(h) => Some(h),
+            Backend::Remote(_) => None,
+        }
+    }
+
+    /// The remote scheduler of a `grpc` scheduler.
+    pub fn remote(&self) -> Option<&Arc<RemoteScheduler>> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Remote(r) => Some(r),
+        }
+    }
 }
 
 /// One wrapper's change to an action's platform properties.
@@ -149,11 +190,12 @@ pub fn check(spec: &SchedulerSpec, path: &str) -> Result<(), Error> {
                     "{path}.historical_resource.hints_file: name the JSON file of resource hints"
                 )));
             }
-            check(&h.scheduler, &format!("{path}.historical_resource.scheduler"))
+            check(
+                &h.scheduler,
+                &format!("{path}.historical_resource.scheduler"),
+            )
         }
-        SchedulerSpec::Grpc(_) => Err(Error::unimplemented(format!(
-            "{path}.grpc: forwarding to a remote scheduler parses but is not built yet; run the scheduler in this process or point clients at it"
-        ))),
+        SchedulerSpec::Grpc(g) => RemoteScheduler::check(g, path),
     }
 }
 
@@ -170,7 +212,11 @@ pub fn build<'a>(
         match spec {
             SchedulerSpec::Simple(s) => Ok(ExecutionPipeline {
                 name: name.to_string(),
-                handle: SchedulerHandle::spawn_with(options(s), driver_options(s), metrics),
+                backend: Backend::Local(SchedulerHandle::spawn_with(
+                    options(s),
+                    driver_options(s),
+                    metrics,
+                )),
                 ac: None,
                 steps: Arc::new(vec![]),
             }),
@@ -256,9 +302,12 @@ pub fn build<'a>(
                 inner.steps = Arc::new(steps);
                 Ok(inner)
             }
-            SchedulerSpec::Grpc(_) => {
-                Err(Error::internal(format!("{path}.grpc: refused by check")))
-            }
+            SchedulerSpec::Grpc(g) => Ok(ExecutionPipeline {
+                name: name.to_string(),
+                backend: Backend::Remote(Arc::new(RemoteScheduler::new(name, g, &path)?)),
+                ac: None,
+                steps: Arc::new(vec![]),
+            }),
         }
     })
 }

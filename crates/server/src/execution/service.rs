@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::driver::{unix_ms_now, ActionPayload, OpUpdate, STREAM_DEPTH};
-use super::ExecutionPipeline;
+use super::{Backend, ExecutionPipeline, SchedulerHandle};
 use crate::instances::Instances;
 use crate::metrics::Metrics;
 
@@ -158,24 +158,24 @@ fn request_metadata<T>(req: &Request<T>) -> re::RequestMetadata {
 /// Streams a watcher's updates as Operations, ending after the completed one; tells the
 /// driver when the client goes away.
 fn watch_stream(
-    pipeline: ExecutionPipeline,
+    handle: SchedulerHandle,
     op_id: String,
     watcher_no: u64,
     first: Option<OpUpdate>,
     rx: mpsc::Receiver<OpUpdate>,
 ) -> OpStream {
     struct Guard {
-        pipeline: ExecutionPipeline,
+        handle: SchedulerHandle,
         op_id: String,
         no: u64,
     }
     impl Drop for Guard {
         fn drop(&mut self) {
-            self.pipeline.handle.detach(self.op_id.clone(), self.no);
+            self.handle.detach(self.op_id.clone(), self.no);
         }
     }
     let guard = Guard {
-        pipeline,
+        handle,
         op_id,
         no: watcher_no,
     };
@@ -218,16 +218,28 @@ impl Execution for ExecutionService {
         request: Request<re::WaitExecutionRequest>,
     ) -> Result<Response<OpStream>, Status> {
         let timer = self.metrics.rpc("execution", "WaitExecution");
+        let headers = request.metadata().clone();
         let name = request.into_inner().name;
         let mut result = Err(Status::not_found(format!(
             "operation {name:?} does not exist (or has expired)"
         )));
+        // Local schedulers first (an attach is a channel message), then remote ones.
+        let mut remotes = Vec::new();
         for inst in self.instances.values() {
+            let handle = match &inst.pipeline.backend {
+                Backend::Local(h) => h,
+                Backend::Remote(r) => {
+                    if !remotes.iter().any(|x| Arc::ptr_eq(x, r)) {
+                        remotes.push(r.clone());
+                    }
+                    continue;
+                }
+            };
             let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-            match inst.pipeline.handle.attach(name.clone(), tx).await {
+            match handle.attach(name.clone(), tx).await {
                 Ok((no, snap)) => {
                     result = Ok(watch_stream(
-                        inst.pipeline.clone(),
+                        handle.clone(),
                         name.clone(),
                         no,
                         Some(snap),
@@ -242,6 +254,17 @@ impl Execution for ExecutionService {
                 }
             }
         }
+        if matches!(&result, Err(s) if s.code() == tonic::Code::NotFound) {
+            for r in remotes {
+                match r.wait_execution(&name, &headers).await {
+                    Err(s) if s.code() == tonic::Code::NotFound => continue,
+                    other => {
+                        result = other;
+                        break;
+                    }
+                }
+            }
+        }
         timer.finish(&result);
         result.map(Response::new)
     }
@@ -253,6 +276,7 @@ impl ExecutionService {
         request: Request<re::ExecuteRequest>,
     ) -> Result<OpStream, Status> {
         let metadata = request_metadata(&request);
+        let headers = request.metadata().clone();
         let req = request.into_inner();
         let inst = self.instances.get(&req.instance_name)?.clone();
         let wire = req
@@ -362,12 +386,14 @@ impl ExecutionService {
                 platform,
             },
         };
+        let handle = match &inst.pipeline.backend {
+            Backend::Local(h) => h,
+            // `grpc`: checked here (the Action exists, the action cache has no result), queued
+            // there.
+            Backend::Remote(r) => return r.execute(req, &headers).await,
+        };
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-        let no = inst
-            .pipeline
-            .handle
-            .add(op_id.clone(), digest, request, tx)
-            .await?;
-        Ok(watch_stream(inst.pipeline.clone(), op_id, no, None, rx))
+        let no = handle.add(op_id.clone(), digest, request, tx).await?;
+        Ok(watch_stream(handle.clone(), op_id, no, None, rx))
     }
 }

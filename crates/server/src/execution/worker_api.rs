@@ -93,7 +93,12 @@ pub async fn open_session(
         .into_iter()
         .map(|p| (p.name, p.value))
         .collect();
-    let handle = pipeline.handle.clone();
+    let Some(handle) = pipeline.local().cloned() else {
+        return Err(Status::failed_precondition(format!(
+            "scheduler {:?} forwards to another scheduler; connect workers to that one",
+            pipeline.name
+        )));
+    };
     let registered = wapi::SchedulerMessage {
         message: Some(wapi::scheduler_message::Message::Registered(
             wapi::Registered {
