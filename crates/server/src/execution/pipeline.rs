@@ -199,6 +199,16 @@ pub fn check(spec: &SchedulerSpec, path: &str) -> Result<(), Error> {
     }
 }
 
+/// A platform change above a `grpc` scheduler has no effect (the scheduler it forwards to
+/// reads the platform from the Action): said at start.
+fn warn_if_forwarded(p: &ExecutionPipeline, path: &str, kind: &str) {
+    if p.remote().is_some() {
+        tracing::warn!(
+            "{path}.{kind}: above a grpc scheduler it changes nothing; the scheduler it forwards to reads the platform from the Action (configure it there)"
+        );
+    }
+}
+
 /// Builds (and starts) one configured scheduler.
 pub fn build<'a>(
     name: &'a str,
@@ -273,6 +283,7 @@ pub fn build<'a>(
                     .collect();
                 steps.extend(inner.steps.iter().cloned());
                 inner.steps = Arc::new(steps);
+                warn_if_forwarded(&inner, &path, "property_modifier");
                 Ok(inner)
             }
             SchedulerSpec::HistoricalResource(h) => {
@@ -300,6 +311,7 @@ pub fn build<'a>(
                 let mut steps = vec![PlatformStep::Hints(hints)];
                 steps.extend(inner.steps.iter().cloned());
                 inner.steps = Arc::new(steps);
+                warn_if_forwarded(&inner, &path, "historical_resource");
                 Ok(inner)
             }
             SchedulerSpec::Grpc(g) => Ok(ExecutionPipeline {
