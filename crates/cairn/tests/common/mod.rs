@@ -459,9 +459,37 @@ impl CairnRun {
         }
     }
 
-    /// SIGTERM, then the exit status, or an error if it takes longer than `within` (then
-    /// SIGKILL).
+    /// Waits until the process catches SIGTERM (the `SigCgt` mask of `/proc/PID/status`):
+    /// `cairn run` installs its handler only after its listeners and workers are up, and a
+    /// SIGTERM before that ends it by the signal's default action.
+    pub fn wait_catches_sigterm(&self, within: Duration) -> Result<(), String> {
+        const SIGTERM_BIT: u64 = 1 << (15 - 1);
+        let status = format!("/proc/{}/status", self.child.id());
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let text = std::fs::read_to_string(&status).unwrap_or_default();
+            let caught = text
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok());
+            if caught.is_some_and(|m| m & SIGTERM_BIT != 0) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{}: SIGTERM not caught within {within:?} ({status}: {caught:?})",
+                    self.label
+                ));
+            }
+            // A state in /proc, polled: no event tells when a handler is installed.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGTERM once the process catches it, then the exit status, or an error if it takes
+    /// longer than `within` (then SIGKILL).
     pub fn terminate(mut self, within: Duration) -> Result<std::process::ExitStatus, String> {
+        self.wait_catches_sigterm(within)?;
         Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
