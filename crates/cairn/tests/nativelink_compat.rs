@@ -544,6 +544,13 @@ fn check_config(fixture: &str) -> (bool, String, String) {
         .arg("check-config")
         .arg(fixture)
         .env_remove("RUST_LOG")
+        // The fixtures' `${VAR:-default}`: the goldens are made with the defaults.
+        .env_remove("CAS_ENDPOINT")
+        .env_remove("SCHEDULER_ENDPOINT")
+        .env_remove("NATIVELINK_ENDPOINT")
+        .env_remove("NATIVELINK_WORKER_PLATFORM")
+        .env_remove("NATIVELINK_WORKER_LRE_RS")
+        .env_remove("NATIVELINK_CAS_MEMORY_CONTENT_LIMIT")
         .output()
         .unwrap();
     (
@@ -725,6 +732,26 @@ fn rewrite(fixture: &str, dir: &Path) -> Rewritten {
         env_remove,
         ca: server.map(|(pki, _)| pki.ca),
     }
+}
+
+#[test]
+fn string_values_are_found_with_their_keys() {
+    let text =
+        r#"{ "socket_address": "0.0.0.0:1", a: ["/x"], b-c: { content_path: "/y" }, "k": 1 }"#;
+    let mut seen = Vec::new();
+    let out = rewrite_strings(text, |key, value| {
+        seen.push((key.map(str::to_string), value.to_string()));
+        (value == "/y").then(|| "/z".to_string())
+    });
+    assert_eq!(
+        seen,
+        [
+            (Some("socket_address".to_string()), "0.0.0.0:1".to_string()),
+            (None, "/x".to_string()),
+            (Some("content_path".to_string()), "/y".to_string()),
+        ]
+    );
+    assert_eq!(out, text.replace("\"/y\"", "\"/z\""));
 }
 
 #[test]
