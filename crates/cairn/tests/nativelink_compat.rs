@@ -666,12 +666,17 @@ struct Rewritten {
 
 fn rewrite(fixture: &str, dir: &Path) -> Rewritten {
     let text = std::fs::read_to_string(fixtures_dir().join(fixture)).unwrap();
+    rewrite_text(fixture, &text, dir)
+}
+
+/// `rewrite` of `text`, written as `dir/name`.
+fn rewrite_text(name: &str, text: &str, dir: &Path) -> Rewritten {
     let mut ports = BTreeMap::new();
     let mut port = |p: u16| *ports.entry(p).or_insert_with(common::free_addr);
     let mut host_vars = Vec::new();
     let mut server: Option<(Pki, Pair)> = None;
     let data = dir.join("data");
-    let rewritten = rewrite_strings(&text, |key, value| match key {
+    let rewritten = rewrite_strings(text, |key, value| match key {
         Some("cert_file" | "key_file") => {
             let (_, pair) = server.get_or_insert_with(|| {
                 let pki = Pki::new(&dir.join("tls"), "compat");
@@ -720,7 +725,7 @@ fn rewrite(fixture: &str, dir: &Path) -> Rewritten {
     env_remove.dedup();
     host_vars.sort();
     host_vars.dedup();
-    let config = dir.join(fixture);
+    let config = dir.join(name);
     std::fs::write(&config, rewritten).unwrap();
     Rewritten {
         config,
@@ -952,8 +957,14 @@ const START_WITHIN: Duration = Duration::from_secs(30);
 
 /// Runs one fixture from start to SIGTERM.
 fn serve(case: &Serves) -> Result<(), String> {
+    let text = std::fs::read_to_string(fixtures_dir().join(case.fixture)).unwrap();
+    serve_text(case, &text)
+}
+
+/// `serve` with the fixture's text replaced by `text`.
+fn serve_text(case: &Serves, text: &str) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
-    let r = rewrite(case.fixture, dir.path());
+    let r = rewrite_text(case.fixture, text, dir.path());
     let label = case.fixture.trim_end_matches(".json5");
     let mut run = CairnRun::spawn(label, &r.config, dir.path(), &r.env, &r.env_remove);
     let n = case.listeners.len();
@@ -1091,4 +1102,34 @@ fn runnable_fixtures_serve_and_stop_cleanly() {
         SERVES.len(),
         started.elapsed()
     );
+}
+
+/// The legacy example's services (the map forms of `cas`, `ac`, `execution` and
+/// `capabilities`, and `bytestream.cas_stores`) serve once the stores and the scheduler that
+/// they name exist: its only refusal is the one NativeLink makes too.
+#[test]
+fn legacy_service_maps_serve_once_their_stores_exist() {
+    const FIXTURE: &str = "nativelink-config__examples__legacy_service_config.json5";
+    let text = std::fs::read_to_string(fixtures_dir().join(FIXTURE)).unwrap();
+    let declared = text.replacen(
+        "stores: [],",
+        r#"stores: [
+    { name: "LEGACY_CAS", memory: {} },
+    { name: "LEGACY_AC", memory: {} },
+    { name: "LEGACY_WORKER_CAS", memory: {} },
+  ],
+  schedulers: [{ name: "LEGACY_SCHEDULER", simple: {} }],"#,
+        1,
+    );
+    assert_ne!(declared, text, "the fixture's empty `stores`");
+    const LISTENERS: &[Listener] = &[plain(&[("", true)], false)];
+    let case = Serves {
+        fixture: FIXTURE,
+        listeners: LISTENERS,
+        workers: 0,
+        action: Action::None,
+    };
+    if let Err(e) = serve_text(&case, &declared) {
+        panic!("{e}");
+    }
 }
