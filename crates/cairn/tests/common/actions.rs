@@ -23,6 +23,12 @@ impl ShellAction<'_> {
     /// The action's digest, and every blob it needs: the input files, the input root
     /// `Directory`, the `Command` and the `Action`, in that order.
     pub fn build(&self) -> (Digest, Vec<Vec<u8>>) {
+        self.build_with_platform(&[("OSFamily", "linux")])
+    }
+
+    /// As `build`, with the Action's platform properties `platform` (name, value) instead of
+    /// `OSFamily=linux`; an empty slice gives an Action that names no property.
+    pub fn build_with_platform(&self, platform: &[(&str, &str)]) -> (Digest, Vec<Vec<u8>>) {
         let mut blobs: Vec<Vec<u8>> = self.inputs.iter().map(|(_, c)| c.to_vec()).collect();
         let root = re::Directory {
             files: self
@@ -53,10 +59,13 @@ impl ShellAction<'_> {
             input_root_digest: Some(SHA.compute(&root).to_proto()),
             do_not_cache: self.do_not_cache,
             platform: Some(re::Platform {
-                properties: vec![re::platform::Property {
-                    name: "OSFamily".into(),
-                    value: "linux".into(),
-                }],
+                properties: platform
+                    .iter()
+                    .map(|(name, value)| re::platform::Property {
+                        name: name.to_string(),
+                        value: value.to_string(),
+                    })
+                    .collect(),
             }),
             ..Default::default()
         }

@@ -325,3 +325,193 @@ pub async fn http_request(addr: std::net::SocketAddr, method: &str, path: &str) 
         .to_string();
     (code, body)
 }
+
+// ---------------------------------------------------------------------------------------
+// A `cairn run` process watched line by line: every listener, every log line.
+// ---------------------------------------------------------------------------------------
+
+/// What a [`CairnRun`] has printed so far.
+#[derive(Debug, Default)]
+pub struct RunOutput {
+    /// The address of each `listening on` line of stdout, in order.
+    pub listening: Vec<SocketAddr>,
+    /// Every stderr line (the log), in order.
+    pub log: Vec<String>,
+    /// Set once both output streams closed: the process is gone.
+    pub closed: bool,
+}
+
+impl RunOutput {
+    /// How many log lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log.iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+enum RunLine {
+    Listening(SocketAddr),
+    Log(String),
+    Closed,
+}
+
+/// `cairn run CONFIG` with its stdout and stderr read by two threads, so that a test can wait
+/// for any number of listeners or log lines (where [`Cairn::start_with`] returns after the
+/// first listener). Log lines are echoed to the test's stderr with a `[label]` prefix.
+/// Killed on drop.
+pub struct CairnRun {
+    pub child: Child,
+    pub label: String,
+    lines: std::sync::mpsc::Receiver<RunLine>,
+    pub output: RunOutput,
+}
+
+impl CairnRun {
+    /// Starts `cairn run config` in `dir` with `env` set and `env_remove` unset on the child.
+    pub fn spawn(
+        label: &str,
+        config: &Path,
+        dir: &Path,
+        env: &[(String, String)],
+        env_remove: &[String],
+    ) -> CairnRun {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        command
+            .current_dir(dir)
+            .arg("run")
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for k in env_remove {
+            command.env_remove(k);
+        }
+        let mut child = command.spawn().expect("start cairn run");
+        let (tx, lines) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let out_tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line
+                    .split(" listening on ")
+                    .nth(1)
+                    .and_then(|a| a.trim().parse().ok())
+                {
+                    let _ = out_tx.send(RunLine::Listening(addr));
+                }
+            }
+            let _ = out_tx.send(RunLine::Closed);
+        });
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let prefix = format!("[{label}]");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{prefix} {line}");
+                let _ = tx.send(RunLine::Log(line));
+            }
+            let _ = tx.send(RunLine::Closed);
+        });
+        CairnRun {
+            child,
+            label: label.to_string(),
+            lines,
+            output: RunOutput::default(),
+        }
+    }
+
+    /// Reads output until `done(&output)` holds; an error (with `what`) if the process's
+    /// output ends first or `within` passes.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&RunOutput) -> bool,
+    ) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + within;
+        let mut closed = 0;
+        loop {
+            if done(&self.output) {
+                return Ok(());
+            }
+            if self.output.closed {
+                let status = self.child.try_wait().ok().flatten();
+                return Err(format!(
+                    "{}: exited (status {status:?}) before {what}; its log is above",
+                    self.label
+                ));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(RunLine::Listening(a)) => self.output.listening.push(a),
+                Ok(RunLine::Log(l)) => self.output.log.push(l),
+                Ok(RunLine::Closed) => {
+                    closed += 1;
+                    self.output.closed = closed == 2;
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "{}: no {what} within {within:?}; its log is above",
+                        self.label
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Waits until the process catches SIGTERM (the `SigCgt` mask of `/proc/PID/status`):
+    /// `cairn run` installs its handler only after its listeners and workers are up, and a
+    /// SIGTERM before that ends it by the signal's default action.
+    pub fn wait_catches_sigterm(&self, within: Duration) -> Result<(), String> {
+        const SIGTERM_BIT: u64 = 1 << (15 - 1);
+        let status = format!("/proc/{}/status", self.child.id());
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let text = std::fs::read_to_string(&status).unwrap_or_default();
+            let caught = text
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok());
+            if caught.is_some_and(|m| m & SIGTERM_BIT != 0) {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{}: SIGTERM not caught within {within:?} ({status}: {caught:?})",
+                    self.label
+                ));
+            }
+            // A state in /proc, polled: no event tells when a handler is installed.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGTERM once the process catches it, then the exit status, or an error if it takes
+    /// longer than `within` (then SIGKILL).
+    pub fn terminate(mut self, within: Duration) -> Result<std::process::ExitStatus, String> {
+        self.wait_catches_sigterm(within)?;
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .map_err(|e| format!("kill -TERM: {e}"))?;
+        // Both output streams close when the process is gone.
+        let drained = self.wait_until("exit after SIGTERM", within, |o| o.closed);
+        let status = match drained {
+            Ok(()) => self.child.wait().map_err(|e| e.to_string()),
+            Err(e) => {
+                let _ = self.child.kill();
+                Err(e)
+            }
+        };
+        let _ = self.child.wait();
+        status
+    }
+}
+
+impl Drop for CairnRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
