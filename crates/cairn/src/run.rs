@@ -129,6 +129,9 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
         schedulers.insert(n.name.clone(), p);
     }
+    // Installed before any listener starts: a stop signal sent as soon as a listener is
+    // announced drains like any other, instead of killing the process.
+    let mut stop = StopSignals::install().context("installing signal handlers")?;
     let shutdown = CancellationToken::new();
     // Before the listeners: they trace requests only if OTLP trace export is on.
     let otlp = cairn_server::otlp::start(metrics.clone());
@@ -183,9 +186,7 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    wait_for_signal()
-        .await
-        .context("installing signal handlers")?;
+    stop.wait().await;
     tracing::info!("stop signal: no new connections; draining in-flight requests");
     // Listeners stop accepting and local workers stop taking actions at once; running actions
     // finish (their Execute streams get the results) within the drain deadline.
@@ -213,13 +214,25 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
     Ok(())
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
+    }
 }

@@ -333,3 +333,44 @@ fn bad_worker_key_values_are_refused_by_key_path() {
         }
     }
 }
+
+/// A stop signal sent the moment the first listener is announced (while local workers are
+/// still starting) drains and exits 0, rather than killing the process.
+#[test]
+fn sigterm_right_after_the_first_listener_drains_cleanly() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.json5");
+    let waddr = common::free_addr();
+    std::fs::write(
+        &f,
+        format!(
+            r#"{{ stores: {{ CAS: {{ memory: {{}} }}, WCAS: {{ fast_slow: {{ fast: {{ filesystem: {{ content_path: "{d}/c", temp_path: "{d}/t" }} }}, slow: {{ ref_store: {{ name: "CAS" }} }} }} }} }},
+                 schedulers: {{ MAIN: {{ simple: {{}} }} }},
+                 servers: [{{ listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }}, services: {{ cas: [{{ cas_store: "CAS" }}] }} }},
+                           {{ listener: {{ http: {{ socket_address: "{waddr}" }} }}, services: {{ worker_api: {{ scheduler: "MAIN" }} }} }}],
+                 workers: [{{ local: {{ worker_api_endpoint: {{ uri: "grpc://{waddr}" }}, cas_fast_slow_store: "WCAS", work_directory: "{d}/w" }} }}] }}"#,
+            d = dir.path().display()
+        ),
+    )
+    .unwrap();
+    let mut child = cairn()
+        .arg("run")
+        .arg(&f)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("exited before listening").unwrap();
+        if line.contains(" listening on ") {
+            break;
+        }
+    }
+    // SAFETY: kill(2) with the child's pid, which is not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    std::thread::spawn(move || for _ in lines {});
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}

@@ -218,7 +218,7 @@ const PENDING_STORES: &[(&str, Verdict)] = &[
 // ---------------------------------------------------------------------------------------
 // KNOWN GAPS: NativeLink 1.6.6 keys that Cairn refuses or mis-resolves, outside the
 // refusals above. Each is checked to still be a gap (a test fails once it is closed, so that
-// the entry moves out of here). The worker's fast_slow gap is `FAST_SLOW_NOOP_GAP` below.
+// the entry moves out of here).
 // ---------------------------------------------------------------------------------------
 
 /// (fixture that carries the key, a store of our own with the key, the key path Cairn
@@ -305,20 +305,7 @@ enum Action {
     None,
     /// Through listener `.0` on instance `.1`: it runs, and its output is in the CAS.
     Runs(usize, &'static str),
-    /// KNOWN GAP, through listener `.0` on instance `.1`: the action fails with a message
-    /// containing `.2` where NativeLink runs it. Switch to `Runs` when it is fixed (the test
-    /// fails once the action succeeds).
-    KnownGap(usize, &'static str, &'static str),
 }
-
-/// KNOWN GAP (worker, `crates/cairn/src/workers.rs` and `crates/worker`): a local worker whose
-/// `cas_fast_slow_store` is `fast_slow { fast: filesystem, slow: X }` reads the Action,
-/// Command and input Directories from X alone, and uploads its outputs to X alone. NativeLink
-/// 1.6.6 reads and writes through the whole fast_slow store (fast tier first), so its most
-/// basic example (`basic_cas`: the CAS that clients use is `fast_slow { filesystem, noop }`,
-/// shared by the server and the worker) runs actions; Cairn answers FAILED_PRECONDITION
-/// because every blob is "missing" from the `noop` tier.
-const FAST_SLOW_NOOP_GAP: &str = "blob(s) the action needs are missing from the CAS";
 
 const fn plain(capabilities: &'static [(&'static str, bool)], health: bool) -> Listener {
     Listener {
@@ -406,13 +393,13 @@ const SERVES: &[Serves] = &[
         fixture: "integration_tests__buck2__buck2_cas.json5",
         listeners: &[plain(&[("buck", true)], false), WORKER_API],
         workers: 1,
-        action: Action::KnownGap(0, "buck", FAST_SLOW_NOOP_GAP),
+        action: Action::Runs(0, "buck"),
     },
     Serves {
         fixture: "integration_tests__buildstream__buildstream_cas.json5",
         listeners: &[plain(&[("", true)], false), WORKER_API],
         workers: 1,
-        action: Action::KnownGap(0, "", FAST_SLOW_NOOP_GAP),
+        action: Action::Runs(0, ""),
     },
     Serves {
         fixture: "kubernetes__components__worker__worker.json5",
@@ -438,13 +425,13 @@ const SERVES: &[Serves] = &[
         fixture: "nativelink-config__examples__advanced_http.json5",
         listeners: &[plain(&[("", true), ("ci", true)], false), WORKER_API],
         workers: 1,
-        action: Action::KnownGap(0, "ci", FAST_SLOW_NOOP_GAP),
+        action: Action::Runs(0, "ci"),
     },
     Serves {
         fixture: "nativelink-config__examples__basic_cas.json5",
         listeners: &[plain(&[("", true), ("ci", true)], false), WORKER_API],
         workers: 1,
-        action: Action::KnownGap(0, "", FAST_SLOW_NOOP_GAP),
+        action: Action::Runs(0, ""),
     },
     Serves {
         fixture: "nativelink-config__examples__chunking_cas.json5",
@@ -468,13 +455,13 @@ const SERVES: &[Serves] = &[
         fixture: "nativelink-config__examples__tmpfs-worker.json5",
         listeners: &[plain(&[("ram", true)], false), WORKER_API],
         workers: 1,
-        action: Action::KnownGap(0, "ram", FAST_SLOW_NOOP_GAP),
+        action: Action::Runs(0, "ram"),
     },
     Serves {
         fixture: "toolchain-examples__nativelink-config.json5",
         listeners: &[plain(&[("", true)], false), WORKER_API],
         workers: 1,
-        action: Action::KnownGap(0, "", FAST_SLOW_NOOP_GAP),
+        action: Action::Runs(0, ""),
     },
 ];
 
@@ -1036,19 +1023,6 @@ fn serve_text(case: &Serves, text: &str) -> Result<(), String> {
                 run_action(ch, instance, case.fixture)
                     .await
                     .map_err(|e| format!("action on {instance:?}: {e}"))?;
-            }
-            Action::KnownGap(i, instance, because) => {
-                let ch = channel(addrs[i], None).await?;
-                match run_action(ch, instance, case.fixture).await {
-                    Err(e) if e.contains(because) => {}
-                    Err(e) => return Err(format!("action on {instance:?}: {e}")),
-                    Ok(()) => {
-                        return Err(format!(
-                            "the action on {instance:?} runs now: the known gap is fixed, \
-                             switch this fixture to Action::Runs"
-                        ))
-                    }
-                }
             }
         }
         Ok(())
