@@ -132,12 +132,17 @@ pub fn check(
     if let Some(ms) = cfg.max_cleanup_backoff_ms.filter(|ms| *ms > 0) {
         rc.cleanup.max_backoff = Duration::from_millis(ms);
     }
-    if cfg.directory_cache.is_some() {
-        bail!(
-            "{at}.directory_cache: a cache of materialized input roots is not built yet in this \
-             version of Cairn (inputs are copied, reflinked where the file system can, from the \
-             worker's filesystem store); remove it to start"
-        );
+    if let Some(dc) = &cfg.directory_cache {
+        if dc.max_concurrent_fetches == Some(0) {
+            bail!("{at}.directory_cache.max_concurrent_fetches: expected a number above 0");
+        }
+        // The root is settled where the work directory is known (`start`).
+        rc.directory_cache = Some(cairn_worker::DirectoryCacheConfig {
+            root: dc.cache_root.clone().map(PathBuf::from).unwrap_or_default(),
+            max_entries: dc.max_entries.filter(|n| *n > 0).unwrap_or(1000) as usize,
+            max_bytes: dc.max_size_bytes.map_or(10 << 30, |b| b.get()),
+            max_concurrent_fetches: dc.max_concurrent_fetches.unwrap_or(64) as usize,
+        });
     }
     if let Some(script) = &cfg.experimental_precondition_script {
         let argv = shlex::split(script)
@@ -291,6 +296,37 @@ pub async fn start(
                 )
             })?;
     }
+    if let Some(dc) = rc.directory_cache.as_mut() {
+        if dc.root.as_os_str().is_empty() {
+            // NativeLink's default: beside the work directory.
+            dc.root = work_root.parent().map_or_else(
+                || PathBuf::from("directory_cache"),
+                |p| p.join("directory_cache"),
+            );
+        }
+        if dc.root.starts_with(&work_root) {
+            bail!(
+                "{at}.directory_cache.cache_root: {} is inside work_directory {}, which is emptied at start; put it beside",
+                dc.root.display(),
+                work_root.display()
+            );
+        }
+        let flags = cfg.directory_cache.as_ref();
+        for (key, on) in [
+            (
+                "experimental_subtree_caching",
+                flags.is_some_and(|d| d.experimental_subtree_caching),
+            ),
+            (
+                "experimental_get_tree_prefetch",
+                flags.is_some_and(|d| d.experimental_get_tree_prefetch),
+            ),
+        ] {
+            if on {
+                tracing::warn!("{at}.directory_cache.{key}: accepted; Cairn keeps whole input roots and reads Directory messages from the worker's own store, so it changes nothing");
+            }
+        }
+    }
     rc.work_root = work_root.clone();
     rc.worker_name = name.clone();
     // A directory ready for each slot (at most 16): a run never waits for a mkdir.
@@ -302,6 +338,10 @@ pub async fn start(
     if let Some(h) = &checked.historical_store {
         runner = runner.with_historical_store(store(h)?);
     }
+    let runner = runner
+        .open_directory_cache()
+        .await
+        .map_err(|e| anyhow!("{at}.directory_cache: {e}"))?;
     let runner = Arc::new(runner);
     runner
         .clean_work_root()

@@ -314,8 +314,8 @@ fn bad_worker_key_values_are_refused_by_key_path() {
             "workers[0].local.directory_cache.colour",
         ),
         (
-            r#"directory_cache: { max_entries: 10 }"#,
-            "workers[0].local.directory_cache: a cache of materialized input roots is not built yet",
+            r#"directory_cache: { max_concurrent_fetches: 0 }"#,
+            "workers[0].local.directory_cache.max_concurrent_fetches: expected a number above 0",
         ),
     ] {
         let f = dir.path().join("c.json5");

@@ -73,8 +73,8 @@ pub struct LocalWorker {
     /// variables. Default: none.
     #[serde(default)]
     pub experimental_precondition_script: Option<String>,
-    /// Cache of materialized input roots (NativeLink's `directory_cache`): parsed, and refused
-    /// at start until built. Default: none.
+    /// Cache of materialized input roots (NativeLink's `directory_cache`): an action whose
+    /// input root was seen before gets a copy of it. Default: none.
     #[serde(default)]
     pub directory_cache: Option<DirectoryCache>,
     /// NativeLink's: keep inputs from being evicted from the worker's filesystem tier while an

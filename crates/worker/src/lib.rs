@@ -28,6 +28,7 @@
 
 mod collect;
 mod contain;
+mod dircache;
 mod environment;
 mod error;
 mod execute;
@@ -55,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use cairn_config::workers::{EnvironmentSource, UploadStrategy};
+pub use dircache::DirectoryCacheConfig;
 pub use error::{
     missing_blobs_detail, ActionError, PreconditionFailure, Violation,
     PRECONDITION_FAILURE_TYPE_URL,
@@ -133,6 +135,9 @@ pub struct RunnerConfig {
     /// RESOURCE_EXHAUSTED as an `Err`, so that the action goes back to the scheduler. Default
     /// none.
     pub precondition: Option<Vec<String>>,
+    /// Materialized input roots kept for reuse (NativeLink's `directory_cache`); opened by
+    /// [`ActionRunner::open_directory_cache`]. Default none.
+    pub directory_cache: Option<DirectoryCacheConfig>,
 }
 
 impl RunnerConfig {
@@ -158,6 +163,7 @@ impl RunnerConfig {
             upload_timeout: Duration::from_secs(600),
             cleanup: Cleanup::default(),
             precondition: None,
+            directory_cache: None,
         }
     }
 }
@@ -219,6 +225,8 @@ pub struct ActionRunner {
     local_files: Option<Arc<FilesystemStore>>,
     /// `local_files` is the fast tier of `cas` (a `fast_slow`): a read through `cas` fills it.
     local_is_fast_tier: bool,
+    /// The directory cache, once opened.
+    dircache: Option<Arc<dircache::DirCache>>,
     dirs: Arc<WorkDirs>,
     cfg: RunnerConfig,
 }
@@ -232,6 +240,14 @@ impl ActionDir {
     pub async fn remove(self) {
         self.0.remove().await
     }
+}
+
+/// Where an action's input root comes from.
+enum Inputs {
+    /// The directory cache's copy.
+    Cached(dircache::Lease),
+    /// The tree read from the CAS, to materialize.
+    Fresh(InputTree),
 }
 
 /// What the steps produced: the result (possibly with an error, for a timeout), and the
@@ -258,6 +274,7 @@ impl ActionRunner {
             ac,
             local_files,
             local_is_fast_tier: false,
+            dircache: None,
             dirs: Arc::new(WorkDirs::new(
                 cfg.work_root.clone(),
                 cfg.dirs_ahead,
@@ -273,6 +290,15 @@ impl ActionRunner {
     pub fn with_local_fast_tier(mut self) -> ActionRunner {
         self.local_is_fast_tier = true;
         self
+    }
+
+    /// Opens the directory cache of [`RunnerConfig::directory_cache`], if any: its root is
+    /// created, unfinished entries from a crash are deleted and the finished ones indexed.
+    pub async fn open_directory_cache(mut self) -> Result<ActionRunner, Error> {
+        if let Some(cfg) = self.cfg.directory_cache.clone() {
+            self.dircache = Some(dircache::DirCache::open(cfg).await?);
+        }
+        Ok(self)
     }
 
     /// Writes `HistoricalExecuteResponse`s to `store` instead of the CAS.
@@ -467,21 +493,48 @@ impl ActionRunner {
         let function = req.action_digest.function();
 
         meta.input_fetch_start_timestamp = Some(report::timestamp(SystemTime::now()));
-        let (action, command, tree) = until_cancelled(cancel, self.load(req.action_digest)).await?;
+        let (action, command, inputs) =
+            until_cancelled(cancel, self.load(req.action_digest)).await?;
         let exec_root = dir.exec_root();
         until_cancelled(cancel, async {
-            prepare::materialize(
-                &*self.cas,
-                self.local_files.as_ref(),
-                self.local_is_fast_tier,
-                &tree,
-                &exec_root,
-            )
-            .await?;
+            match inputs {
+                Inputs::Cached(lease) => {
+                    let (from, to) = (lease.path.clone(), exec_root.clone());
+                    prepare::blocking(move || {
+                        dircache::copy_contents(&from, &to)
+                            .map(|_| ())
+                            .map_err(|e| {
+                                ActionError::from(Error::io(
+                                    format!("copying the input root from {}", from.display()),
+                                    e,
+                                ))
+                            })
+                    })
+                    .await?;
+                    drop(lease);
+                }
+                Inputs::Fresh(tree) => {
+                    prepare::materialize(
+                        &*self.cas,
+                        self.local_files.as_ref(),
+                        self.local_is_fast_tier,
+                        self.dircache.as_ref().map(|c| &c.fetches),
+                        &tree,
+                        &exec_root,
+                    )
+                    .await?;
+                    drop(tree);
+                    if let Some(cache) = &self.dircache {
+                        // Before the command can touch it. A failure costs the reuse only.
+                        if let Err(e) = cache.insert(action.input_root, exec_root.clone()).await {
+                            tracing::warn!(error = %e, "could not keep an input root in the directory cache");
+                        }
+                    }
+                }
+            }
             prepare::create_output_parents(&exec_root, &command).await
         })
         .await?;
-        drop(tree);
         meta.input_fetch_completed_timestamp = Some(report::timestamp(SystemTime::now()));
 
         let platform = req
@@ -589,7 +642,7 @@ impl ActionRunner {
     async fn load(
         &self,
         action_digest: Digest,
-    ) -> Result<(ActionParts, CommandSpec, InputTree), ActionError> {
+    ) -> Result<(ActionParts, CommandSpec, Inputs), ActionError> {
         let cas = &*self.cas;
         let Some(action) = fetch_proto::<re::Action>(cas, action_digest, "Action").await? else {
             return Err(ActionError::MissingBlobs(vec![action_digest]));
@@ -607,6 +660,19 @@ impl ActionRunner {
             self.cfg.default_timeout.min(self.cfg.max_timeout),
             max,
         )?;
+        // An input root in the directory cache needs neither its tree nor its blobs.
+        if let Some(lease) = self
+            .dircache
+            .as_ref()
+            .and_then(|c| c.lease(&parts.input_root))
+        {
+            let command = fetch_proto::<re::Command>(cas, parts.command, "Command").await?;
+            let command = command.as_ref().map(spec::check_command).transpose()?;
+            return match command {
+                Some(command) => Ok((parts, command, Inputs::Cached(lease))),
+                None => Err(ActionError::MissingBlobs(vec![parts.command])),
+            };
+        }
         let (command, tree) = tokio::join!(
             fetch_proto::<re::Command>(cas, parts.command, "Command"),
             input_tree::fetch_tree(cas, parts.input_root),
@@ -621,7 +687,7 @@ impl ActionRunner {
         let local = self.local_files.as_deref();
         missing.extend(input_tree::find_missing_files(cas, local, &tree.files).await?);
         match command {
-            Some(command) if missing.is_empty() => Ok((parts, command, tree)),
+            Some(command) if missing.is_empty() => Ok((parts, command, Inputs::Fresh(tree))),
             _ => Err(ActionError::MissingBlobs(missing)),
         }
     }

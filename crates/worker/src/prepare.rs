@@ -46,6 +46,7 @@ pub(crate) async fn materialize(
     cas: &dyn Store,
     local: Option<&Arc<FilesystemStore>>,
     local_is_fast_tier: bool,
+    fetch_limit: Option<&Arc<tokio::sync::Semaphore>>,
     tree: &InputTree,
     exec_root: &Path,
 ) -> Result<(), ActionError> {
@@ -77,11 +78,14 @@ pub(crate) async fn materialize(
         })
         .collect();
     let streamed = match local {
-        Some(local) => link_from_local(cas, local, local_is_fast_tier, files).await?,
+        Some(local) => link_from_local(cas, local, local_is_fast_tier, fetch_limit, files).await?,
         None => files,
     };
     futures::stream::iter(streamed)
-        .map(|p| stream_to_file(cas, p))
+        .map(|p| async move {
+            let _permit = fetch_permit(fetch_limit).await;
+            stream_to_file(cas, p).await
+        })
         .buffer_unordered(FETCH_CONCURRENCY)
         .try_collect::<()>()
         .await
@@ -131,6 +135,7 @@ async fn link_from_local(
     cas: &dyn Store,
     local: &Arc<FilesystemStore>,
     local_is_fast_tier: bool,
+    fetch_limit: Option<&Arc<tokio::sync::Semaphore>>,
     files: Vec<Placement>,
 ) -> Result<Vec<Placement>, ActionError> {
     let absent: Vec<Digest> = files
@@ -142,6 +147,7 @@ async fn link_from_local(
         .collect();
     futures::stream::iter(absent)
         .map(|d| async move {
+            let _permit = fetch_permit(fetch_limit).await;
             let body = open_in_cas(cas, d).await?;
             let mut body = cairn_core::stream::verified(body, d, true);
             if local_is_fast_tier {
@@ -181,6 +187,17 @@ async fn link_from_local(
     .await?;
     streamed.extend(evicted);
     Ok(streamed)
+}
+
+/// A permit of the worker-wide fetch limit (the directory cache's `max_concurrent_fetches`),
+/// when there is one.
+async fn fetch_permit(
+    limit: Option<&Arc<tokio::sync::Semaphore>>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match limit {
+        Some(s) => s.clone().acquire_owned().await.ok(),
+        None => None,
+    }
 }
 
 /// Copies `src` to a new file `dest`, read-only (and executable when asked): a reflink where

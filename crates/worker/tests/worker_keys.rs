@@ -568,3 +568,99 @@ async fn an_upload_past_its_timeout_gives_the_action_back() {
         "a result was cached"
     );
 }
+
+/// `directory_cache`: an input root seen before is copied from the cache (kept across a
+/// restart of the worker): the second worker here has none of the input blobs or Directory
+/// messages in its CAS and still runs the action, on the input as it was before the first run
+/// changed it.
+#[tokio::test]
+async fn the_directory_cache_serves_an_input_root_seen_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = cairn_worker::DirectoryCacheConfig {
+        root: tmp.path().join("directory_cache"),
+        max_entries: 10,
+        max_bytes: 0,
+        max_concurrent_fetches: 2,
+    };
+    let runner = |cas: Arc<MemoryStore>, cached: bool, work: &str| {
+        let mut cfg = config(tmp.path());
+        cfg.work_root = tmp.path().join(work);
+        if cached {
+            cfg.directory_cache = Some(cache.clone());
+        }
+        ActionRunner::new(cas as StoreRef, None, None, cfg)
+    };
+    let put = |cas: &Arc<MemoryStore>, bytes: Vec<u8>| {
+        let cas = cas.clone();
+        async move {
+            let d = F.compute(&bytes);
+            cas.put_bytes(&d, bytes.into()).await.unwrap();
+            d
+        }
+    };
+    let full = Arc::new(MemoryStore::new(&Default::default()));
+    let input = put(&full, b"hello\n".to_vec()).await;
+    let data = put(
+        &full,
+        re::Directory {
+            files: vec![file("in.txt", input, false)],
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+    .await;
+    let root = put(
+        &full,
+        re::Directory {
+            directories: vec![dir("data", data)],
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    )
+    .await;
+    let command =
+        sh("cat data/in.txt; chmod u+w data/in.txt; echo changed > data/in.txt").encode_to_vec();
+    let action = |cd: Digest| {
+        re::Action {
+            command_digest: Some(cd.to_proto()),
+            input_root_digest: Some(root.to_proto()),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let cd = put(&full, command.clone()).await;
+    let ad = put(&full, action(cd)).await;
+
+    let first = runner(full.clone(), true, "work1")
+        .open_directory_cache()
+        .await
+        .unwrap();
+    let r = first.run(ad, true, CancellationToken::new()).await.unwrap();
+    let out = ok(&r).stdout_digest.clone().unwrap();
+    let d = Digest::from_proto_with(F, &out).unwrap();
+    assert_eq!(full.get_all(&d, 1024).await.unwrap(), &b"hello\n"[..]);
+    drop(first);
+
+    // A CAS with the Command and the Action only.
+    let bare = Arc::new(MemoryStore::new(&Default::default()));
+    assert_eq!(put(&bare, command).await, cd);
+    assert_eq!(put(&bare, action(cd)).await, ad);
+    let uncached = runner(bare.clone(), false, "work2");
+    let r = uncached
+        .run(ad, true, CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(code(&r), Code::FailedPrecondition.rpc_code(), "{r:?}");
+
+    let second = runner(bare.clone(), true, "work3")
+        .open_directory_cache()
+        .await
+        .unwrap();
+    let r = second
+        .run(ad, true, CancellationToken::new())
+        .await
+        .unwrap();
+    let out = ok(&r).stdout_digest.clone().unwrap();
+    let d = Digest::from_proto_with(F, &out).unwrap();
+    assert_eq!(bare.get_all(&d, 1024).await.unwrap(), &b"hello\n"[..]);
+}
