@@ -384,7 +384,10 @@ async fn request_spans_arrive_at_a_real_otlp_receiver_with_status_and_parent() {
     assert_eq!(int_attr(&gar, "rpc.grpc.status_code"), Some(5));
     // A cache miss is not a server error: OpenTelemetry's gRPC server convention leaves the
     // status unset for NOT_FOUND (the code is in rpc.grpc.status_code).
-    assert_eq!(gar.status, None);
+    assert!(gar
+        .status
+        .as_ref()
+        .is_none_or(|s| s.code == StatusCode::Unset as i32));
     assert_eq!(gar.trace_id.len(), 16, "a new trace");
     assert_ne!(hex(&gar.trace_id), trace_id);
     assert!(gar.parent_span_id.is_empty());
@@ -435,20 +438,23 @@ async fn a_collector_that_never_answers_costs_spans_not_requests() {
             .unwrap();
         assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
     }
-    // The exporter is stuck on its first batch (1 s timeout): two spans wait, the rest are
-    // dropped and counted.
-    let (code, text) = common::http_get(addr, "/metrics").await;
-    assert_eq!(code, 200);
-    let dropped: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("nativelink_otlp_spans_dropped_total "))
-        .expect("the dropped-spans counter")
-        .trim()
-        .parse()
+    // The exporter is stuck on its batch (1 s timeout); the SDK's queue holds two spans and
+    // drops the rest. Serving goes on, and stopping is not held up past the flush deadline.
+    drop(cas);
+    let stop = std::time::Instant::now();
+    sigterm(&child);
+    // Waited for off the test's runtime, which must keep driving the client's connection
+    // (it answers the server's GOAWAY).
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
         .unwrap();
-    assert!(dropped >= 40.0, "{dropped} spans dropped\n{text}");
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stop.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stop.elapsed()
+    );
 }
 
 /// What an OTLP/HTTP receiver got in one POST.
@@ -645,7 +651,10 @@ async fn http_protobuf_export(compression: &str) {
         .find(|s| s.name.ends_with("/GetActionResult"))
         .unwrap();
     assert_eq!(int_attr(gar, "rpc.grpc.status_code"), Some(5));
-    assert_eq!(gar.status, None);
+    assert!(gar
+        .status
+        .as_ref()
+        .is_none_or(|s| s.code == StatusCode::Unset as i32));
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -658,6 +667,13 @@ async fn http_protobuf_export_with_gzip_reaches_a_real_http_receiver() {
 #[tokio::test]
 async fn http_protobuf_export_uncompressed_reaches_a_real_http_receiver() {
     http_protobuf_export("none").await;
+}
+
+/// Asks `child` to stop as an operator would (SIGTERM).
+fn sigterm(child: &std::process::Child) {
+    let pid = child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
 }
 
 fn hex(b: &[u8]) -> String {
