@@ -58,6 +58,18 @@ pub fn inject_headers(headers: &mut http::HeaderMap) {
     }
 }
 
+/// Adds the current span's trace context to an outgoing gRPC request's metadata.
+pub fn inject_metadata(metadata: &mut tonic::metadata::MetadataMap) {
+    for (k, v) in inject(&tracing::Span::current()) {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(k.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(v.as_str()),
+        ) {
+            metadata.insert(k, v);
+        }
+    }
+}
+
 struct Pairs(Vec<(String, String)>);
 
 impl Injector for Pairs {

@@ -339,14 +339,16 @@ impl ActionRunner {
         let function = req.action_digest.function();
 
         meta.input_fetch_start_timestamp = Some(report::timestamp(SystemTime::now()));
-        let (action, command, tree) = until_cancelled(cancel, self.load(req.action_digest)).await?;
         let exec_root = dir.exec_root();
-        until_cancelled(cancel, async {
+        let fetch = tracing::debug_span!(target: "cairn_worker::steps", "worker.fetch_inputs");
+        let (action, command) = until_cancelled(cancel, async {
+            let (action, command, tree) = self.load(req.action_digest).await?;
             prepare::materialize(&*self.cas, self.local_files.as_ref(), &tree, &exec_root).await?;
-            prepare::create_output_parents(&exec_root, &command).await
+            prepare::create_output_parents(&exec_root, &command).await?;
+            Ok((action, command))
         })
+        .instrument(fetch)
         .await?;
-        drop(tree);
         meta.input_fetch_completed_timestamp = Some(report::timestamp(SystemTime::now()));
 
         let platform = req
@@ -392,6 +394,11 @@ impl ActionRunner {
             },
             cancel,
         )
+        .instrument(tracing::debug_span!(
+            target: "cairn_worker::steps",
+            "worker.run",
+            program = arguments.first().map_or("", String::as_str),
+        ))
         .await?;
         meta.execution_start_timestamp = Some(report::timestamp(exec.started));
         meta.execution_completed_timestamp = Some(report::timestamp(exec.finished));
@@ -418,6 +425,7 @@ impl ActionRunner {
             cancel,
             self.collect(dir, &command, function, !timed_out, captured),
         )
+        .instrument(tracing::debug_span!(target: "cairn_worker::steps", "worker.upload_outputs"))
         .await?;
         meta.output_upload_completed_timestamp = Some(report::timestamp(SystemTime::now()));
 
@@ -434,6 +442,7 @@ impl ActionRunner {
         let (headline, failures) = until_cancelled(cancel, async {
             Ok(report::publish(targets, &req.action_digest, &result, error.as_ref()).await)
         })
+        .instrument(tracing::debug_span!(target: "cairn_worker::steps", "worker.report"))
         .await?;
         notes.extend(failures);
         Ok(Finished {

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::trace_context;
 use cairn_core::{Digest, Error};
 use cairn_proto::worker::v1 as wapi;
 use cairn_scheduler::{
@@ -26,6 +27,8 @@ pub struct ActionPayload {
     pub queued_at_unix_ms: i64,
     /// The platform properties the action is matched with (after `property_modifier`).
     pub platform: Vec<(String, String)>,
+    /// W3C trace context of the Execute call that queued it (empty when not traced).
+    pub trace_context: Vec<(String, String)>,
 }
 
 /// A snapshot of one operation, sent to its watchers at every stage change.
@@ -426,6 +429,16 @@ impl Driver {
                         .retain(|op, _| core.operation(&OperationId(op.clone())).is_some());
                     self.sweep_at = (self.digests.len() * 2).max(1024);
                 }
+                let span = tracing::debug_span!(
+                    target: "cairn_server::scheduler",
+                    "scheduler.queue",
+                    operation = %op_id,
+                    action = %digest,
+                    priority = request.priority,
+                    cacheable = request.cacheable,
+                );
+                trace_context::set_parent(&span, pairs(&request.payload.trace_context));
+                let _in = span.enter();
                 if self.digests.len() >= MAX_OPERATIONS {
                     let _ = reply.send(Err(Error::resource_exhausted(format!(
                         "the scheduler holds {} operations, its limit; retry when some have completed",
@@ -653,6 +666,18 @@ impl Driver {
                         payload,
                         ..
                     } => {
+                        // The match of an action to a worker, in the trace of the Execute
+                        // call; the worker's spans are its children.
+                        let span = tracing::debug_span!(
+                            target: "cairn_server::scheduler",
+                            "scheduler.start_action",
+                            worker = %worker_id.0,
+                            attempt = %attempt_id.0,
+                            action = %payload.digest,
+                            instance = %payload.instance,
+                        );
+                        trace_context::set_parent(&span, pairs(&payload.trace_context));
+                        let _in = span.enter();
                         let msg = wapi::SchedulerMessage {
                             message: Some(wapi::scheduler_message::Message::StartAction(
                                 wapi::StartAction {
@@ -672,10 +697,15 @@ impl Driver {
                                             value: value.clone(),
                                         })
                                         .collect(),
+                                    trace_context: trace_context::inject(&span)
+                                        .into_iter()
+                                        .map(|(name, value)| wapi::Property { name, value })
+                                        .collect(),
                                 },
                             )),
                         };
                         if !self.send_worker(&worker_id.0, msg) {
+                            tracing::warn!(worker = %worker_id.0, "the worker's stream cannot take the action; dropping the worker");
                             next.extend(self.drop_worker(&worker_id.0));
                         }
                     }
@@ -683,6 +713,12 @@ impl Driver {
                         worker_id,
                         attempt_id,
                     } => {
+                        tracing::debug!(
+                            target: "cairn_server::scheduler",
+                            worker = %worker_id.0,
+                            attempt = %attempt_id.0,
+                            "scheduler.kill_action"
+                        );
                         let msg = wapi::SchedulerMessage {
                             message: Some(wapi::scheduler_message::Message::KillAction(
                                 wapi::KillAction {
@@ -809,6 +845,11 @@ impl Driver {
 }
 
 /// Milliseconds since the Unix epoch, for queued timestamps.
+/// Borrowed (name, value) pairs of a trace context.
+fn pairs(v: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
+    v.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+}
+
 pub fn unix_ms_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
