@@ -841,7 +841,8 @@ async fn execute_spans_of_server_scheduler_and_worker_join_the_clients_trace() {
             "OTEL_EXPORTER_OTLP_ENDPOINT",
             &format!("http://{otlp_addr}"),
         )],
-        &[],
+        // No protocol named: gRPC, Cairn's default.
+        &[("OTEL_EXPORTER_OTLP_PROTOCOL", "")],
     );
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()

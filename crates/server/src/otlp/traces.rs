@@ -100,7 +100,21 @@ where
     if !wanted(|k| std::env::var(k).ok()) {
         return None;
     }
-    let exporter = match opentelemetry_otlp::SpanExporter::builder().build() {
+    // Cairn's default protocol is gRPC, as the guides' collectors expect (port 4317); the
+    // SDK's own default would be http/protobuf. A protocol that is set is the SDK's to read.
+    let protocol_set = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .iter()
+    .any(|k| std::env::var(k).is_ok_and(|v| !v.trim().is_empty()));
+    let builder = opentelemetry_otlp::SpanExporter::builder();
+    let built = if protocol_set {
+        builder.build()
+    } else {
+        builder.with_tonic().build()
+    };
+    let exporter = match built {
         Ok(e) => e,
         Err(e) => {
             eprintln!("cairn: OTLP trace export is off: {e}");
