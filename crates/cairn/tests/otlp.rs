@@ -283,19 +283,27 @@ async fn request_spans_arrive_at_a_real_otlp_receiver_with_status_and_parent() {
         format!("00-{trace_id}-{parent_id}-01").parse().unwrap(),
     );
     cas.find_missing_blobs(request).await.unwrap();
-    // ... and a GetActionResult miss, without one.
+    // ... and a GetActionResult miss whose `traceparent` is garbage: served as usual, traced
+    // as a new root.
     let mut ac = re::action_cache_client::ActionCacheClient::new(ch.clone());
     let missing = re::Digest {
         hash: "ab".repeat(32),
         size_bytes: 12,
     };
-    let miss = ac
-        .get_action_result(re::GetActionResultRequest {
-            action_digest: Some(missing),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let mut request = tonic::Request::new(re::GetActionResultRequest {
+        action_digest: Some(missing),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{}-{parent_id}-01", "zz".repeat(16))
+            .parse()
+            .unwrap(),
+    );
+    request
+        .metadata_mut()
+        .insert("tracestate", "x".repeat(8000).parse().unwrap());
+    let miss = ac.get_action_result(request).await.unwrap_err();
     assert_eq!(miss.code(), tonic::Code::NotFound);
     // Streams pass through the layer that reads `traceparent` untouched: a ByteStream write
     // in three messages and the read of it.

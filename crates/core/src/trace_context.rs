@@ -92,3 +92,73 @@ impl Extractor for Found<'_> {
         self.0.iter().map(|(k, _)| *k).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    /// Runs `f` under a subscriber with the OpenTelemetry layer (spans get ids, nothing is
+    /// exported).
+    fn traced<T>(f: impl FnOnce() -> T) -> T {
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, f)
+    }
+
+    fn traceparent(pairs: &[(String, String)]) -> Option<&str> {
+        pairs
+            .iter()
+            .find(|(k, _)| k == "traceparent")
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn a_parent_passes_through_a_span_to_the_next_hop() {
+        let out = traced(|| {
+            let span = tracing::info_span!("hop");
+            set_parent(&span, [("traceparent", PARENT), ("tracestate", "vendor=1")]);
+            inject(&span)
+        });
+        let tp = traceparent(&out).expect("a traceparent");
+        let parts: Vec<&str> = tp.split('-').collect();
+        assert_eq!(parts[1], "4bf92f3577b34da6a3ce929d0e0e4736", "same trace");
+        assert_ne!(parts[2], "00f067aa0ba902b7", "our own span, not the parent");
+        assert!(out.contains(&("tracestate".into(), "vendor=1".into())));
+    }
+
+    #[test]
+    fn garbage_leaves_a_new_root_and_never_panics() {
+        for bad in [
+            "",
+            "00-zzf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736",
+            "\u{1F600}-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            &"a".repeat(100_000),
+        ] {
+            let out = traced(|| {
+                let span = tracing::info_span!("hop");
+                set_parent(&span, [("traceparent", bad)]);
+                inject(&span)
+            });
+            let tp = traceparent(&out).expect("a fresh trace");
+            assert!(!tp.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn without_the_layer_nothing_is_injected() {
+        let span = tracing::info_span!("untraced");
+        set_parent(&span, [("traceparent", PARENT)]);
+        assert!(inject(&span).is_empty());
+        let mut headers = http::HeaderMap::new();
+        inject_headers(&mut headers);
+        assert!(headers.is_empty());
+    }
+}
