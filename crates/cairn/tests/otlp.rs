@@ -64,7 +64,7 @@ fn start_cairn(
     dir: &std::path::Path,
     otel_endpoint: &str,
     extra_env: &[(&str, &str)],
-) -> (std::process::Child, SocketAddr) {
+) -> (Reaped, SocketAddr) {
     let config = common::MEMORY_CONFIG.replace("@ADDR@", "127.0.0.1:0");
     start_cairn_with(
         dir,
@@ -81,7 +81,7 @@ fn start_cairn_with(
     config_text: &str,
     endpoint_env: &[(&str, &str)],
     extra_env: &[(&str, &str)],
-) -> (std::process::Child, SocketAddr) {
+) -> (Reaped, SocketAddr) {
     let config = dir.join("c.json5");
     std::fs::write(&config, config_text).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
@@ -113,7 +113,30 @@ fn start_cairn_with(
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    (child, addr)
+    (Reaped(child), addr)
+}
+
+/// A Cairn child process that is killed when dropped, so that a failing test leaves none.
+struct Reaped(std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::test]
@@ -869,6 +892,7 @@ async fn execute_spans_of_server_scheduler_and_worker_join_the_clients_trace() {
         execute,
         "scheduler.queue",
         "scheduler.start_action",
+        "scheduler.complete",
         "worker.action",
         "worker.fetch_inputs",
         "worker.run",
@@ -930,6 +954,12 @@ async fn execute_spans_of_server_scheduler_and_worker_join_the_clients_trace() {
         start.parent_span_id, server.span_id,
         "dispatched under Execute"
     );
+    let complete = one("scheduler.complete");
+    assert_eq!(
+        complete.parent_span_id, server.span_id,
+        "completed under Execute"
+    );
+    assert_eq!(string_attr(&complete, "result").as_deref(), Some("success"));
     let worker = one("worker.action");
     assert_eq!(
         worker.parent_span_id, start.span_id,

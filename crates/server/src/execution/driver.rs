@@ -155,6 +155,7 @@ impl SchedulerHandle {
             start: Instant::now(),
             watchers: HashMap::new(),
             digests: HashMap::new(),
+            traces: HashMap::new(),
             sweep_at: 1024,
             workers: HashMap::new(),
             next_watcher: 1,
@@ -324,6 +325,8 @@ struct Driver {
     start: Instant,
     watchers: HashMap<String, Vec<(u64, mpsc::Sender<OpUpdate>)>>,
     digests: HashMap<String, Digest>,
+    /// Trace context of the traced operations not yet completed, for the span of their end.
+    traces: HashMap<String, Vec<(String, String)>>,
     /// Size of `digests` at which it is next swept of operations the core has forgotten.
     sweep_at: usize,
     workers: HashMap<String, mpsc::Sender<Result<wapi::SchedulerMessage, tonic::Status>>>,
@@ -427,6 +430,8 @@ impl Driver {
                     let core = &self.core;
                     self.digests
                         .retain(|op, _| core.operation(&OperationId(op.clone())).is_some());
+                    self.traces
+                        .retain(|op, _| core.operation(&OperationId(op.clone())).is_some());
                     self.sweep_at = (self.digests.len() * 2).max(1024);
                 }
                 let span = tracing::debug_span!(
@@ -449,6 +454,10 @@ impl Driver {
                 let no = self.next_watcher;
                 self.next_watcher += 1;
                 self.digests.insert(op_id.clone(), digest);
+                if !request.payload.trace_context.is_empty() {
+                    self.traces
+                        .insert(op_id.clone(), request.payload.trace_context.clone());
+                }
                 self.watchers
                     .entry(op_id.clone())
                     .or_default()
@@ -464,6 +473,7 @@ impl Driver {
                     Err(e) => {
                         self.watchers.remove(&op_id);
                         self.digests.remove(&op_id);
+                        self.traces.remove(&op_id);
                         let _ = reply.send(Err(event_error(e)));
                     }
                 }
@@ -526,6 +536,7 @@ impl Driver {
                 match self.core.delete_operation(&OperationId(op_id.clone())) {
                     Ok(()) => {
                         self.digests.remove(&op_id);
+                        self.traces.remove(&op_id);
                         self.watchers.remove(&op_id);
                         let _ = reply.send(Ok(()));
                     }
@@ -739,6 +750,20 @@ impl Driver {
                             (&status, &self.metrics)
                         {
                             m.execution_completed(result_kind(outcome));
+                        }
+                        let trace = done.then(|| self.traces.remove(&op_id.0)).flatten();
+                        if let (OperationStatus::Completed(outcome), Some(trace)) = (&status, trace)
+                        {
+                            // The end of the operation (success, failure, timeout, ...) in
+                            // its client's trace.
+                            let span = tracing::debug_span!(
+                                target: "cairn_server::scheduler",
+                                "scheduler.complete",
+                                operation = %op_id.0,
+                                result = result_kind(outcome),
+                            );
+                            trace_context::set_parent(&span, pairs(&trace));
+                            drop(span.enter());
                         }
                         if let Some(digest) = self.digests.get(&op_id.0).copied() {
                             let update = OpUpdate {
