@@ -400,6 +400,16 @@ async fn request_spans_arrive_at_a_real_otlp_receiver_with_status_and_parent() {
         .unwrap()
         .as_nanos() as u64;
 
+    // What was served is on the span: ByteStream names its blob.
+    for method in ["Write", "Read"] {
+        let s = want(&spans, &format!("google.bytestream.ByteStream/{method}")).unwrap();
+        assert!(
+            string_attr(&s, "digest").is_some_and(|d| d.contains(&digest.hash_hex())),
+            "{method}: {:?}",
+            s.attributes
+        );
+    }
+
     let fmb = want(&spans, &format!("{cas_service}/FindMissingBlobs")).unwrap();
     assert_eq!(fmb.kind, SpanKind::Server as i32);
     let attrs = string_attrs(&fmb.attributes);
