@@ -18,7 +18,21 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 const OTLP_FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
 pub fn main(config: Option<&Path>) -> ExitCode {
-    init_logging();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Trace export (when the environment asks for it) runs on the runtime.
+    let traces = {
+        let _in_runtime = rt.enter();
+        init_logging()
+    };
     let loaded = match config {
         Some(p) => CairnConfig::load(p),
         None => cairn_config::parse_str("<built-in default config>", DEFAULT_CONFIG),
@@ -50,17 +64,7 @@ pub fn main(config: Option<&Path>) -> ExitCode {
             }
         }
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(serve(&file, cfg, config.is_none())) {
+    match rt.block_on(serve(&file, cfg, config.is_none(), traces)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -69,16 +73,39 @@ pub fn main(config: Option<&Path>) -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr as `RUST_LOG` says and, when the `OTEL_*` variables ask for trace export,
+/// spans to the collector (their own filter: Cairn's spans whatever `RUST_LOG` says). Call it
+/// inside the runtime.
+fn init_logging() -> Option<cairn_server::otlp::traces::TraceExport> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_filter(filter);
+    match cairn_server::otlp::traces::layer() {
+        Some((export, otel)) => {
+            let _ = tracing_subscriber::registry()
+                .with(fmt)
+                .with(otel)
+                .try_init();
+            Some(export)
+        }
+        None => {
+            let _ = tracing_subscriber::registry().with(fmt).try_init();
+            None
+        }
+    }
 }
 
-async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result<()> {
+async fn serve(
+    file: &str,
+    cfg: CairnConfig,
+    is_default: bool,
+    traces: Option<cairn_server::otlp::traces::TraceExport>,
+) -> anyhow::Result<()> {
     // Refused worker keys stop the start before any store or listener is opened.
     for (i, w) in cfg.local_workers().into_iter().enumerate() {
         crate::workers::check(file, i, w, &|name| cfg.stores.get(name).is_some())?;
@@ -133,7 +160,6 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
     // announced drains like any other, instead of killing the process.
     let mut stop = StopSignals::install().context("installing signal handlers")?;
     let shutdown = CancellationToken::new();
-    // Before the listeners: they trace requests only if OTLP trace export is on.
     let otlp = cairn_server::otlp::start(metrics.clone());
     let mut running = Vec::new();
     for (i, s) in cfg.servers.iter().enumerate() {
@@ -206,9 +232,12 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
     {
         tracing::warn!("drain deadline passed; exiting with work still in flight");
     }
+    // The last metrics and the spans of the drained requests.
     if let Some(otlp) = otlp {
-        // The last metrics and the spans of the drained requests.
         otlp.stop(OTLP_FLUSH_DEADLINE).await;
+    }
+    if let Some(traces) = traces {
+        traces.stop(OTLP_FLUSH_DEADLINE).await;
     }
     tracing::info!("stopped");
     Ok(())

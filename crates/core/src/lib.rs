@@ -6,6 +6,7 @@ pub mod digest;
 pub mod error;
 pub mod precondition;
 pub mod stream;
+pub mod trace_context;
 
 pub use digest::{Digest, DigestFunction, Hasher};
 pub use error::{Code, Error, Result};

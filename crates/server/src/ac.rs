@@ -48,6 +48,7 @@ impl ActionCache for AcService {
                 Error::invalid_argument("GetActionResult: action_digest is missing")
             })?;
             let key = Digest::from_proto(req.digest_function, wire)?;
+            crate::otlp::traces::record_request(&req.instance_name, Some(&key));
             let data = inst
                 .store
                 .get_all(&key, MAX_ACTION_RESULT)
@@ -96,6 +97,7 @@ impl ActionCache for AcService {
                 .as_ref()
                 .ok_or_else(|| Error::invalid_argument("UpdateActionResult: action_digest is missing"))?;
             let key = Digest::from_proto(req.digest_function, wire)?;
+            crate::otlp::traces::record_request(&req.instance_name, Some(&key));
             let result = req
                 .action_result
                 .ok_or_else(|| Error::invalid_argument("UpdateActionResult: action_result is missing"))?;

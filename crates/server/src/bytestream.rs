@@ -126,6 +126,7 @@ impl ByteStreamService {
         let res = resource::parse(&first.resource_name, true, Self::default_function())?;
         let store = self.instances.get(&res.instance)?.clone();
         let digest = res.digest;
+        crate::otlp::traces::record_request(&res.instance, Some(&digest));
         let key = format!(
             "{}\u{0}{}\u{0}{}",
             res.instance,
@@ -344,6 +345,7 @@ impl ByteStreamService {
         let res = resource::parse(&req.resource_name, false, Self::default_function())?;
         let store = self.instances.get(&res.instance)?.clone();
         let d = res.digest;
+        crate::otlp::traces::record_request(&res.instance, Some(&d));
         if req.read_offset < 0 {
             return Err(Error::invalid_argument(format!(
                 "Read {d}: read_offset {} is negative",

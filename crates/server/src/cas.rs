@@ -176,6 +176,7 @@ impl ContentAddressableStorage for CasService {
         let timer = self.metrics.rpc("cas", "FindMissingBlobs");
         let r = async {
             let req = request.into_inner();
+            crate::otlp::traces::record_request(&req.instance_name, None);
             let store = self.store(&req.instance_name)?;
             let mut digests = Vec::with_capacity(req.blob_digests.len());
             for d in &req.blob_digests {

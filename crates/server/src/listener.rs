@@ -473,11 +473,9 @@ pub async fn serve(
             },
         ));
     }
-    if metrics.traces_enabled() {
-        // Incoming `traceparent` headers become the parents of request spans.
-        grpc = grpc.layer(axum::middleware::from_fn(
-            crate::otlp::traces::with_incoming_parent,
-        ));
+    if crate::otlp::traces::exporting() {
+        // Each request runs in its span; an incoming `traceparent` becomes its parent.
+        grpc = grpc.layer(axum::middleware::from_fn(crate::otlp::traces::request_span));
     }
     let mut app = grpc.merge(http::router(
         state,

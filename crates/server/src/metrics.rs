@@ -5,8 +5,8 @@
 //! methods, codes, configured store and scheduler names, fixed enumerations).
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::otlp::traces::{self, RpcSpan, SpanSink, TraceParent};
+use crate::otlp::traces;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
@@ -149,10 +149,6 @@ pub struct Metrics {
     pub cache_operations: Family<CacheOpLabels, Counter>,
     pub cache_size: Family<CacheTypeLabels, Gauge>,
     pub cache_operation_duration: HistogramFamily<CacheOpDurationLabels>,
-    /// Request spans dropped because the OTLP export queue was full.
-    pub otlp_spans_dropped: Counter,
-    /// Where finished RPCs go as spans; set once, only when traces are exported.
-    spans: OnceLock<SpanSink>,
     /// `global.disable_metrics`: no `/metrics` route and no OTLP metric export.
     disabled: std::sync::atomic::AtomicBool,
 }
@@ -192,8 +188,6 @@ impl Metrics {
             cache_operation_duration: HistogramFamily::new_with_constructor(
                 duration_histogram as fn() -> Histogram,
             ),
-            otlp_spans_dropped: Default::default(),
-            spans: OnceLock::new(),
             disabled: Default::default(),
         };
         r.register(
@@ -296,19 +290,8 @@ impl Metrics {
             "Store operation latency by cache_type and operation",
             m.cache_operation_duration.clone(),
         );
-        r.register(
-            "otlp_spans_dropped",
-            "Request spans dropped because the OTLP trace export queue was full",
-            m.otlp_spans_dropped.clone(),
-        );
         *m.registry.lock() = r;
         Arc::new(m)
-    }
-
-    /// From now on every finished RPC is also handed to `sink` as a span. Only the first
-    /// call has an effect.
-    pub fn record_spans(&self, sink: SpanSink) {
-        let _ = self.spans.set(sink);
     }
 
     /// Turns metrics off (`global.disable_metrics`), before any listener starts.
@@ -322,31 +305,15 @@ impl Metrics {
         !self.disabled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether finished RPCs become spans (OTLP trace export is on).
-    pub fn traces_enabled(&self) -> bool {
-        self.spans.get().is_some()
-    }
-
     /// Starts timing one RPC. This is the one place that observes requests: the timer feeds
-    /// the request metrics and, when traces are exported, the request's span.
+    /// the request metrics and, when traces are exported, records the outcome on the
+    /// request's span (the current one: call it inside the handler).
     pub fn rpc(self: &Arc<Self>, service: &'static str, method: &'static str) -> RpcTimer {
-        let span = match self.spans.get() {
-            None => None,
-            Some(_) => {
-                let parent = traces::incoming_parent();
-                RpcSpan::sampled(parent.as_ref()).then(|| SpanStart {
-                    unix_nanos: SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_nanos() as u64),
-                    parent,
-                })
-            }
-        };
         RpcTimer {
             metrics: self.clone(),
             labels: RpcLabels { service, method },
             start: Instant::now(),
-            span,
+            span: traces::exporting().then(tracing::Span::current),
         }
     }
 
@@ -459,18 +426,13 @@ impl Metrics {
     }
 }
 
-/// When and under which parent a traced RPC started.
-struct SpanStart {
-    unix_nanos: u64,
-    parent: Option<TraceParent>,
-}
-
-/// Records one RPC's count, duration and outcome (and its span, when traces are exported).
+/// Records one RPC's count, duration and outcome (and its status on its span, when traces
+/// are exported; holding the span keeps it open until a streamed answer ends).
 pub struct RpcTimer {
     metrics: Arc<Metrics>,
     labels: RpcLabels,
     start: Instant,
-    span: Option<SpanStart>,
+    span: Option<tracing::Span>,
 }
 
 impl RpcTimer {
@@ -503,16 +465,8 @@ impl RpcTimer {
                 })
                 .inc();
         }
-        if let (Some(start), Some(sink)) = (self.span, m.spans.get()) {
-            sink.record(RpcSpan {
-                service: self.labels.service,
-                method: self.labels.method,
-                code: status.map_or(tonic::Code::Ok, |s| s.code()),
-                message: status.map_or_else(String::new, |s| traces::span_message(s.message())),
-                start_unix_nanos: start.unix_nanos,
-                end_unix_nanos: start.unix_nanos + elapsed.as_nanos() as u64,
-                parent: start.parent,
-            });
+        if let Some(span) = &self.span {
+            traces::record_status(span, status);
         }
     }
 }

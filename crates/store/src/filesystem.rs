@@ -240,10 +240,12 @@ fn rebuild(content: &Path, temp: &Path, index: &EvictionMap<()>) -> Result<Vec<D
 
 #[async_trait]
 impl Store for FilesystemStore {
+    #[tracing::instrument(level = "debug", name = "store.has", skip_all, fields(store = "filesystem", keys = keys.len()))]
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
         Ok(keys.iter().map(|k| self.index.size_of(k)).collect())
     }
 
+    #[tracing::instrument(level = "debug", name = "store.get", skip_all, fields(store = "filesystem", digest = %key, offset = offset, length = ?length))]
     async fn get(
         &self,
         key: &Digest,
@@ -280,6 +282,7 @@ impl Store for FilesystemStore {
         Ok(stream.boxed())
     }
 
+    #[tracing::instrument(level = "debug", name = "store.put", skip_all, fields(store = "filesystem", digest = %key, bytes = key.size()))]
     async fn put(&self, key: &Digest, mut body: BlobStream) -> Result<(), Error> {
         let _turn = match &self.writes {
             Some(s) => Some(

@@ -182,6 +182,15 @@ pub fn check(cfg: &GrpcConfig) -> Result<(Kind, Vec<tonic::transport::Endpoint>)
     Ok((kind, endpoints))
 }
 
+/// Adds the caller's W3C trace context to each outgoing request.
+type Inject = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+type Traced = tonic::service::interceptor::InterceptedService<Channel, Inject>;
+
+fn traced(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    cairn_core::trace_context::inject_metadata(request.metadata_mut());
+    Ok(request)
+}
+
 impl GrpcStore {
     pub fn new(cfg: &GrpcConfig) -> Result<GrpcStore, Error> {
         let (kind, endpoints) = check(cfg)?;
@@ -228,20 +237,26 @@ impl GrpcStore {
 
     fn cas(
         &self,
-    ) -> re::content_addressable_storage_client::ContentAddressableStorageClient<Channel> {
-        re::content_addressable_storage_client::ContentAddressableStorageClient::new(self.channel())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
+    ) -> re::content_addressable_storage_client::ContentAddressableStorageClient<Traced> {
+        re::content_addressable_storage_client::ContentAddressableStorageClient::with_interceptor(
+            self.channel(),
+            traced as Inject,
+        )
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    fn ac(&self) -> re::action_cache_client::ActionCacheClient<Channel> {
-        re::action_cache_client::ActionCacheClient::new(self.channel())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
+    fn ac(&self) -> re::action_cache_client::ActionCacheClient<Traced> {
+        re::action_cache_client::ActionCacheClient::with_interceptor(
+            self.channel(),
+            traced as Inject,
+        )
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    fn bytestream(&self) -> ByteStreamClient<Channel> {
-        ByteStreamClient::new(self.channel())
+    fn bytestream(&self) -> ByteStreamClient<Traced> {
+        ByteStreamClient::with_interceptor(self.channel(), traced as Inject)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
     }
@@ -297,6 +312,7 @@ impl GrpcStore {
 
 #[async_trait]
 impl Store for GrpcStore {
+    #[tracing::instrument(level = "debug", name = "store.has", skip_all, fields(store = "grpc", keys = keys.len()))]
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
         if keys.is_empty() {
             return Ok(vec![]);
@@ -355,6 +371,7 @@ impl Store for GrpcStore {
         }
     }
 
+    #[tracing::instrument(level = "debug", name = "store.get", skip_all, fields(store = "grpc", digest = %key, offset = offset, length = ?length))]
     async fn get(
         &self,
         key: &Digest,
@@ -397,6 +414,7 @@ impl Store for GrpcStore {
             .boxed())
     }
 
+    #[tracing::instrument(level = "debug", name = "store.put", skip_all, fields(store = "grpc", digest = %key, bytes = key.size()))]
     async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
         if self.kind == Kind::Ac {
             let data = stream::collect(body, MAX_MESSAGE).await?;
@@ -550,7 +568,7 @@ async fn write_step(mut f: Feed) -> Option<(WriteRequest, Feed)> {
 /// Sends one upload's messages. The body is pumped into a bounded channel by a task of its
 /// own: tonic needs a request stream it can share between threads, which a body stream is not.
 async fn upload(
-    mut client: ByteStreamClient<Channel>,
+    mut client: ByteStreamClient<Traced>,
     feed: Feed,
 ) -> Result<tonic::Response<cairn_core::proto::google::bytestream::WriteResponse>, tonic::Status> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);

@@ -493,10 +493,10 @@ impl ActionRunner {
         let function = req.action_digest.function();
 
         meta.input_fetch_start_timestamp = Some(report::timestamp(SystemTime::now()));
-        let (action, command, inputs) =
-            until_cancelled(cancel, self.load(req.action_digest)).await?;
         let exec_root = dir.exec_root();
-        until_cancelled(cancel, async {
+        let fetch = tracing::debug_span!(target: "cairn_worker::steps", "worker.fetch_inputs");
+        let (action, command) = until_cancelled(cancel, async {
+            let (action, command, inputs) = self.load(req.action_digest).await?;
             match inputs {
                 Inputs::Cached(lease) => {
                     let (from, to) = (lease.path.clone(), exec_root.clone());
@@ -532,8 +532,10 @@ impl ActionRunner {
                     }
                 }
             }
-            prepare::create_output_parents(&exec_root, &command).await
+            prepare::create_output_parents(&exec_root, &command).await?;
+            Ok((action, command))
         })
+        .instrument(fetch)
         .await?;
         meta.input_fetch_completed_timestamp = Some(report::timestamp(SystemTime::now()));
 
@@ -581,6 +583,11 @@ impl ActionRunner {
             },
             cancel,
         )
+        .instrument(tracing::debug_span!(
+            target: "cairn_worker::steps",
+            "worker.run",
+            program = arguments.first().map_or("", String::as_str),
+        ))
         .await?;
         meta.execution_start_timestamp = Some(report::timestamp(exec.started));
         meta.execution_completed_timestamp = Some(report::timestamp(exec.finished));
@@ -612,6 +619,7 @@ impl ActionRunner {
             .await
             .map_err(|_| ActionError::UploadTimedOut(limit))?
         })
+        .instrument(tracing::debug_span!(target: "cairn_worker::steps", "worker.upload_outputs"))
         .await?;
         meta.output_upload_completed_timestamp = Some(report::timestamp(SystemTime::now()));
 
@@ -628,6 +636,7 @@ impl ActionRunner {
         let (headline, failures) = until_cancelled(cancel, async {
             Ok(report::publish(targets, &req.action_digest, &result, error.as_ref()).await)
         })
+        .instrument(tracing::debug_span!(target: "cairn_worker::steps", "worker.report"))
         .await?;
         notes.extend(failures);
         Ok(Finished {

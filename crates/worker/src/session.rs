@@ -239,7 +239,20 @@ fn start(
 ) {
     let cancel = session_done.child_token();
     running.lock().insert(s.action_id.clone(), cancel.clone());
-    tokio::spawn(async move {
+    // The worker's part of the client's trace: a child of the scheduler's dispatch.
+    let span = tracing::debug_span!(
+        target: "cairn_worker::session",
+        "worker.action",
+        attempt = %s.action_id,
+        instance = %s.instance_name,
+    );
+    cairn_core::trace_context::set_parent(
+        &span,
+        s.trace_context
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.as_str())),
+    );
+    let run = async move {
         let mut dir = None;
         let done = match parse_digest(&s) {
             Err(e) => wapi::ActionDone {
@@ -293,7 +306,8 @@ fn start(
         }
         running.lock().remove(&s.action_id);
         finished.notify_one();
-    });
+    };
+    tokio::spawn(tracing::Instrument::instrument(run, span));
 }
 
 fn parse_digest(s: &wapi::StartAction) -> Result<Digest, Error> {

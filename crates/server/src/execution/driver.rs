@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::trace_context;
 use cairn_core::{Digest, Error};
 use cairn_proto::worker::v1 as wapi;
 use cairn_scheduler::{
@@ -26,6 +27,8 @@ pub struct ActionPayload {
     pub queued_at_unix_ms: i64,
     /// The platform properties the action is matched with (after `property_modifier`).
     pub platform: Vec<(String, String)>,
+    /// W3C trace context of the Execute call that queued it (empty when not traced).
+    pub trace_context: Vec<(String, String)>,
 }
 
 /// A snapshot of one operation, sent to its watchers at every stage change.
@@ -157,6 +160,7 @@ impl SchedulerHandle {
             start: Instant::now(),
             watchers: HashMap::new(),
             digests: HashMap::new(),
+            traces: HashMap::new(),
             sweep_at: 1024,
             workers: HashMap::new(),
             next_watcher: 1,
@@ -340,6 +344,8 @@ struct Driver {
     start: Instant,
     watchers: HashMap<String, Vec<(u64, mpsc::Sender<OpUpdate>)>>,
     digests: HashMap<String, Digest>,
+    /// Trace context of the traced operations not yet completed, for the span of their end.
+    traces: HashMap<String, Vec<(String, String)>>,
     /// Size of `digests` at which it is next swept of operations the core has forgotten.
     sweep_at: usize,
     workers: HashMap<String, mpsc::Sender<Result<wapi::SchedulerMessage, tonic::Status>>>,
@@ -452,8 +458,20 @@ impl Driver {
                     let core = &self.core;
                     self.digests
                         .retain(|op, _| core.operation(&OperationId(op.clone())).is_some());
+                    self.traces
+                        .retain(|op, _| core.operation(&OperationId(op.clone())).is_some());
                     self.sweep_at = (self.digests.len() * 2).max(1024);
                 }
+                let span = tracing::debug_span!(
+                    target: "cairn_server::scheduler",
+                    "scheduler.queue",
+                    operation = %op_id,
+                    action = %digest,
+                    priority = request.priority,
+                    cacheable = request.cacheable,
+                );
+                trace_context::set_parent(&span, pairs(&request.payload.trace_context));
+                let _in = span.enter();
                 if self.digests.len() >= MAX_OPERATIONS {
                     let _ = reply.send(Err(Error::resource_exhausted(format!(
                         "the scheduler holds {} operations, its limit; retry when some have completed",
@@ -464,6 +482,10 @@ impl Driver {
                 let no = self.next_watcher;
                 self.next_watcher += 1;
                 self.digests.insert(op_id.clone(), digest);
+                if !request.payload.trace_context.is_empty() {
+                    self.traces
+                        .insert(op_id.clone(), request.payload.trace_context.clone());
+                }
                 self.watchers
                     .entry(op_id.clone())
                     .or_default()
@@ -479,6 +501,7 @@ impl Driver {
                     Err(e) => {
                         self.watchers.remove(&op_id);
                         self.digests.remove(&op_id);
+                        self.traces.remove(&op_id);
                         let _ = reply.send(Err(event_error(e)));
                     }
                 }
@@ -541,6 +564,7 @@ impl Driver {
                 match self.core.delete_operation(&OperationId(op_id.clone())) {
                     Ok(()) => {
                         self.digests.remove(&op_id);
+                        self.traces.remove(&op_id);
                         self.watchers.remove(&op_id);
                         let _ = reply.send(Ok(()));
                     }
@@ -681,6 +705,18 @@ impl Driver {
                         payload,
                         ..
                     } => {
+                        // The match of an action to a worker, in the trace of the Execute
+                        // call; the worker's spans are its children.
+                        let span = tracing::debug_span!(
+                            target: "cairn_server::scheduler",
+                            "scheduler.start_action",
+                            worker = %worker_id.0,
+                            attempt = %attempt_id.0,
+                            action = %payload.digest,
+                            instance = %payload.instance,
+                        );
+                        trace_context::set_parent(&span, pairs(&payload.trace_context));
+                        let _in = span.enter();
                         let msg = wapi::SchedulerMessage {
                             message: Some(wapi::scheduler_message::Message::StartAction(
                                 wapi::StartAction {
@@ -700,10 +736,15 @@ impl Driver {
                                             value: value.clone(),
                                         })
                                         .collect(),
+                                    trace_context: trace_context::inject(&span)
+                                        .into_iter()
+                                        .map(|(name, value)| wapi::Property { name, value })
+                                        .collect(),
                                 },
                             )),
                         };
                         if !self.send_worker(&worker_id.0, msg) {
+                            tracing::warn!(worker = %worker_id.0, "the worker's stream cannot take the action; dropping the worker");
                             next.extend(self.drop_worker(&worker_id.0));
                         }
                     }
@@ -711,6 +752,12 @@ impl Driver {
                         worker_id,
                         attempt_id,
                     } => {
+                        tracing::debug!(
+                            target: "cairn_server::scheduler",
+                            worker = %worker_id.0,
+                            attempt = %attempt_id.0,
+                            "scheduler.kill_action"
+                        );
                         let msg = wapi::SchedulerMessage {
                             message: Some(wapi::scheduler_message::Message::KillAction(
                                 wapi::KillAction {
@@ -731,6 +778,20 @@ impl Driver {
                             (&status, &self.metrics)
                         {
                             m.execution_completed(result_kind(outcome));
+                        }
+                        let trace = done.then(|| self.traces.remove(&op_id.0)).flatten();
+                        if let (OperationStatus::Completed(outcome), Some(trace)) = (&status, trace)
+                        {
+                            // The end of the operation (success, failure, timeout, ...) in
+                            // its client's trace.
+                            let span = tracing::debug_span!(
+                                target: "cairn_server::scheduler",
+                                "scheduler.complete",
+                                operation = %op_id.0,
+                                result = result_kind(outcome),
+                            );
+                            trace_context::set_parent(&span, pairs(&trace));
+                            drop(span.enter());
                         }
                         if let Some(digest) = self.digests.get(&op_id.0).copied() {
                             let update = OpUpdate {
@@ -837,6 +898,11 @@ impl Driver {
 }
 
 /// Milliseconds since the Unix epoch, for queued timestamps.
+/// Borrowed (name, value) pairs of a trace context.
+fn pairs(v: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
+    v.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+}
+
 pub fn unix_ms_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -284,6 +284,7 @@ impl ExecutionService {
             .as_ref()
             .ok_or_else(|| Error::invalid_argument("Execute: action_digest is missing"))?;
         let digest = Digest::from_proto(req.digest_function, wire)?;
+        crate::otlp::traces::record_request(&req.instance_name, Some(&digest));
         let priority = req.execution_policy.as_ref().map_or(0, |p| p.priority);
 
         // The Action (and, for clients that put the platform there, the Command).
@@ -384,6 +385,7 @@ impl ExecutionService {
                 timeout,
                 queued_at_unix_ms: unix_ms_now(),
                 platform,
+                trace_context: cairn_core::trace_context::inject(&tracing::Span::current()),
             },
         };
         let handle = match &inst.pipeline.backend {

@@ -1,23 +1,25 @@
-//! OpenTelemetry export over OTLP: the metrics of [`Metrics`] ([`metrics`]) and one span per gRPC
-//! request served ([`traces`]), configured by the standard variables:
+//! OpenTelemetry export over OTLP.
 //!
-//! - `OTEL_EXPORTER_OTLP_ENDPOINT`: the collector; `/v1/metrics` and `/v1/traces` are appended
-//!   for `http/protobuf`. `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` and `..._TRACES_ENDPOINT`
-//!   override it for one signal and are used as given. No endpoint for a signal: no export,
-//!   and for traces no span is recorded at all.
+//! - Traces ([`traces`]): `tracing` spans of every layer, exported by the OpenTelemetry SDK
+//!   (`tracing-opentelemetry`, the SDK's batch span processor, `opentelemetry-otlp`), which
+//!   reads the standard `OTEL_*` variables itself.
+//! - Metrics ([`metrics`]): the registry of [`crate::Metrics`], exported by our own code. The
+//!   SDK's OTLP metric exporter only accepts the SDK's own `ResourceMetrics` (its fields are
+//!   private to the SDK), so it could only export metrics declared a second time as SDK
+//!   instruments; ARCHITECTURE.md has the reasoning. Variables honoured for metrics:
+//!
+//! - `OTEL_EXPORTER_OTLP_ENDPOINT`: the collector; `/v1/metrics` is appended for
+//!   `http/protobuf`. `OTEL_EXPORTER_OTLP_METRICS_ENDPOINT` overrides it and is used as given.
+//!   No endpoint: no export.
 //! - `OTEL_EXPORTER_OTLP_PROTOCOL` (`grpc`, default, or `http/protobuf`),
-//!   `OTEL_EXPORTER_OTLP_COMPRESSION` (`gzip`, `zstd` over gRPC only, `none`) and
-//!   `OTEL_EXPORTER_OTLP_TIMEOUT` (ms), each also per signal (`..._METRICS_PROTOCOL`, ...).
-//! - `OTEL_SERVICE_NAME` (default `cairn`) and `OTEL_RESOURCE_ATTRIBUTES` (`k=v,k2=v2`): the
-//!   resource of both signals.
-//! - `OTEL_METRIC_EXPORT_INTERVAL` (ms, default 60000); `OTEL_BSP_SCHEDULE_DELAY` (ms, default
-//!   5000), `OTEL_BSP_MAX_QUEUE_SIZE` (2048) and `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` (512) for spans.
-//! - `OTEL_METRICS_EXPORTER=none`, `OTEL_TRACES_EXPORTER=none` or `OTEL_SDK_DISABLED=true`
-//!   turn a signal (or both) off.
+//!   `OTEL_EXPORTER_OTLP_COMPRESSION` (`gzip`, `zstd`, `none`) and
+//!   `OTEL_EXPORTER_OTLP_TIMEOUT` (ms), each also as `..._METRICS_...`.
+//! - `OTEL_SERVICE_NAME` (default `cairn`) and `OTEL_RESOURCE_ATTRIBUTES` (`k=v,k2=v2`).
+//! - `OTEL_METRIC_EXPORT_INTERVAL` (ms, default 60000).
+//! - `OTEL_METRICS_EXPORTER=none` or `OTEL_SDK_DISABLED=true` turn it off.
 //!
-//! Each signal is exported by its own task with a timeout: an unreachable collector costs a
-//! log line, never a request. Spans wait in a bounded queue; when it is full new spans are
-//! dropped and counted (`otlp_spans_dropped_total`).
+//! Export runs in its own task with a timeout: an unreachable collector costs a log line,
+//! never a request.
 
 pub mod metrics;
 pub mod traces;
@@ -30,7 +32,7 @@ use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, Instrumentatio
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use tokio_util::sync::CancellationToken;
 
-/// Where and how one signal (metrics or traces) is sent.
+/// Where and how metrics are sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignalConfig {
     /// The gRPC endpoint, or for `http/protobuf` the full URL the request is POSTed to.
@@ -46,22 +48,15 @@ pub struct SignalConfig {
 /// Export settings read from the environment.
 #[derive(Debug, Clone)]
 pub struct OtlpConfig {
-    pub metrics: Option<SignalConfig>,
-    pub traces: Option<SignalConfig>,
+    pub metrics: SignalConfig,
     pub service_name: String,
     pub attributes: Vec<(String, String)>,
     /// Time between two metric exports.
     pub metric_interval: Duration,
-    /// Longest a finished span waits before it is exported.
-    pub span_delay: Duration,
-    /// Spans waiting for export at most; more are dropped and counted.
-    pub span_queue: usize,
-    /// Spans in one export request at most.
-    pub span_batch: usize,
 }
 
 impl OtlpConfig {
-    /// `None` when neither signal has an endpoint.
+    /// `None` when metrics have no endpoint or are turned off.
     pub fn from_env() -> Option<OtlpConfig> {
         OtlpConfig::from_vars(|k| std::env::var(k).ok())
     }
@@ -110,21 +105,9 @@ impl OtlpConfig {
                 timeout: millis(own("TIMEOUT"), 10_000),
             })
         };
-        let metrics = signal("METRICS", "v1/metrics");
-        let traces = signal("TRACES", "v1/traces");
-        if metrics.is_none() && traces.is_none() {
-            return None;
-        }
-        let count = |k: &str, default: usize| {
-            var(k)
-                .and_then(|v| v.parse().ok())
-                .filter(|n| *n > 0)
-                .unwrap_or(default)
-        };
-        let span_queue = count("OTEL_BSP_MAX_QUEUE_SIZE", 2048);
+        let metrics = signal("METRICS", "v1/metrics")?;
         Some(OtlpConfig {
             metrics,
-            traces,
             service_name: var("OTEL_SERVICE_NAME").unwrap_or_else(|| "cairn".into()),
             attributes: var("OTEL_RESOURCE_ATTRIBUTES")
                 .map(|a| {
@@ -136,14 +119,10 @@ impl OtlpConfig {
                 .unwrap_or_default(),
             metric_interval: millis(var("OTEL_METRIC_EXPORT_INTERVAL"), 60_000)
                 .max(Duration::from_millis(50)),
-            span_delay: millis(var("OTEL_BSP_SCHEDULE_DELAY"), 5_000)
-                .max(Duration::from_millis(10)),
-            span_queue,
-            span_batch: count("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512).min(span_queue),
         })
     }
 
-    /// The resource both signals carry: `service.name` and `OTEL_RESOURCE_ATTRIBUTES`.
+    /// The resource metrics carry: `service.name` and `OTEL_RESOURCE_ATTRIBUTES`.
     pub fn resource(&self) -> Resource {
         let mut attributes = vec![kv("service.name", &self.service_name)];
         attributes.extend(
@@ -159,49 +138,34 @@ impl OtlpConfig {
     }
 }
 
-/// The export tasks; [`OtlpExport::stop`] flushes what is pending and ends them.
+/// The metrics export task; [`OtlpExport::stop`] sends the last export and ends it.
 pub struct OtlpExport {
     stop: CancellationToken,
-    tasks: tokio::task::JoinSet<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl OtlpExport {
-    /// Sends what is pending (one last metric export, the queued spans) and waits at most
-    /// `deadline` for it.
-    pub async fn stop(mut self, deadline: Duration) {
+    /// Sends one last metric export and waits at most `deadline` for it.
+    pub async fn stop(self, deadline: Duration) {
         self.stop.cancel();
-        let _ = tokio::time::timeout(deadline, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
-        self.tasks.abort_all();
+        let abort = self.task.abort_handle();
+        if tokio::time::timeout(deadline, self.task).await.is_err() {
+            abort.abort();
+        }
     }
 }
 
-/// Starts the export tasks the environment asks for. Spans of requests are recorded from now
-/// on (through `metrics`) only if traces are exported. Call it before the listeners start, so
-/// that they honour incoming `traceparent` headers.
+/// Starts exporting metrics if the environment asks for it (traces: [`traces::layer`]).
 pub fn start(metrics: Arc<crate::Metrics>) -> Option<OtlpExport> {
     let cfg = OtlpConfig::from_env()?;
+    if !metrics.enabled() {
+        return None;
+    }
     let stop = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    if let Some(signal) = cfg.metrics.clone().filter(|_| metrics.enabled()) {
-        tracing::info!(endpoint = %signal.endpoint, http = signal.http, "exporting metrics over OTLP");
-        tasks.spawn(metrics::run(
-            cfg.clone(),
-            signal,
-            metrics.clone(),
-            stop.clone(),
-        ));
-    }
-    if let Some(signal) = cfg.traces.clone() {
-        tracing::info!(endpoint = %signal.endpoint, http = signal.http, "exporting request spans over OTLP");
-        let (sink, queue) =
-            traces::SpanSink::new(cfg.span_queue, metrics.otlp_spans_dropped.clone());
-        metrics.record_spans(sink);
-        tasks.spawn(traces::run(cfg, signal, queue, stop.clone()));
-    }
-    Some(OtlpExport { stop, tasks })
+    let signal = cfg.metrics.clone();
+    tracing::info!(endpoint = %signal.endpoint, http = signal.http, "exporting metrics over OTLP");
+    let task = tokio::spawn(metrics::run(cfg, signal, metrics, stop.clone()));
+    Some(OtlpExport { stop, task })
 }
 
 /// The instrumentation scope of everything Cairn exports.
@@ -225,6 +189,7 @@ fn kv(k: &str, v: &str) -> KeyValue {
         value: Some(AnyValue {
             value: Some(any_value::Value::StringValue(v.to_string())),
         }),
+        ..Default::default()
     }
 }
 
@@ -246,45 +211,44 @@ mod tests {
         assert!(cfg(&[("OTEL_SERVICE_NAME", "x")]).is_none());
         assert!(cfg(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_METRICS_EXPORTER", "none")
+        ])
+        .is_none());
+        assert!(cfg(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
             ("OTEL_SDK_DISABLED", "true")
         ])
         .is_none());
     }
 
     #[test]
-    fn one_endpoint_serves_both_signals_with_their_paths_over_http() {
+    fn the_general_endpoint_gets_the_metrics_path_over_http() {
         let c = cfg(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/"),
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
         ])
         .unwrap();
-        let m = c.metrics.unwrap();
-        let t = c.traces.unwrap();
+        let m = c.metrics;
         assert_eq!(m.endpoint, "http://c:4318/v1/metrics");
-        assert_eq!(t.endpoint, "http://c:4318/v1/traces");
-        assert!(m.http && t.http);
-        assert_eq!(t.compression.as_deref(), Some("gzip"));
+        assert!(m.http);
+        assert_eq!(m.compression.as_deref(), Some("gzip"));
     }
 
     #[test]
     fn signal_variables_override_the_general_ones() {
         let c = cfg(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
-            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4318/x"),
-            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://m:4318/x"),
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf"),
             ("OTEL_EXPORTER_OTLP_COMPRESSION", "none"),
-            ("OTEL_METRICS_EXPORTER", "none"),
-            ("OTEL_BSP_MAX_QUEUE_SIZE", "10"),
         ])
         .unwrap();
-        assert!(c.metrics.is_none());
-        let t = c.traces.unwrap();
-        assert_eq!(t.endpoint, "http://t:4318/x");
-        assert!(t.http);
-        assert_eq!(t.compression, None);
-        assert_eq!((c.span_queue, c.span_batch), (10, 10));
+        let m = c.metrics;
+        assert_eq!(m.endpoint, "http://m:4318/x");
+        assert!(m.http);
+        assert_eq!(m.compression, None);
         let grpc = cfg(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")]).unwrap();
-        assert_eq!(grpc.traces.unwrap().endpoint, "http://c:4317");
+        assert_eq!(grpc.metrics.endpoint, "http://c:4317");
     }
 }

@@ -1,4 +1,4 @@
-//! Sending one OTLP export request to the collector, over gRPC (a channel kept between exports,
+//! Sending one OTLP metrics export request to the collector, over gRPC (a channel kept between exports,
 //! reconnected when needed) or `http/protobuf` (one POST per export, HTTP/1.1 over plain TCP).
 //! Nothing here waits without a deadline: every call is bounded by the signal's timeout.
 
@@ -9,9 +9,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     metrics_service_client::MetricsServiceClient, ExportMetricsServiceRequest,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    trace_service_client::TraceServiceClient, ExportTraceServiceRequest,
 };
 use prost::Message;
 use tonic::codec::CompressionEncoding;
@@ -52,26 +49,6 @@ impl Transport {
                 None => self.post(request.encode_to_vec()).await,
                 Some(channel) => {
                     let mut client = MetricsServiceClient::new(channel.clone());
-                    if let Some(c) = self.grpc_compression() {
-                        client = client.send_compressed(c);
-                    }
-                    client.export(request).await.map_err(|e| e.to_string())?;
-                    Ok(())
-                }
-            }
-        })
-        .await
-    }
-
-    pub(super) async fn export_traces(
-        &self,
-        request: ExportTraceServiceRequest,
-    ) -> Result<(), String> {
-        self.bounded(async {
-            match &self.channel {
-                None => self.post(request.encode_to_vec()).await,
-                Some(channel) => {
-                    let mut client = TraceServiceClient::new(channel.clone());
                     if let Some(c) = self.grpc_compression() {
                         client = client.send_compressed(c);
                     }
