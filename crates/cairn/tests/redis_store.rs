@@ -1,0 +1,552 @@
+//! The `redis_store` against real Redis processes (Debian's `redis-server`, `redis-sentinel`):
+//! the store on its own (contract, large blobs, atomic publication, TTL, NativeLink's keys),
+//! Cairn serving gRPC with it as CAS and AC, two Cairns sharing one Redis, Redis going away
+//! and coming back, a sentinel failover and a cluster master loss.
+
+mod common;
+#[path = "common/redis.rs"]
+mod redis_kit;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::{Code, DigestFunction, Error};
+use cairn_store::{Store, StoreExt, StoreRef};
+use common::{data, http_get, Cairn};
+use futures::StreamExt;
+use re::content_addressable_storage_client::ContentAddressableStorageClient as CasClient;
+use redis_kit::{Cluster, RedisServer, SentinelSet};
+
+async fn build(config_body: &str) -> StoreRef {
+    let cfg = cairn_config::parse_str(
+        "t.json5",
+        &format!("{{stores: {{R: {{redis_store: {config_body}}}}}}}"),
+    )
+    .unwrap();
+    cairn_store::build_stores(&cfg.stores)
+        .await
+        .unwrap()
+        .remove("R")
+        .unwrap()
+}
+
+async fn read_all(s: &dyn Store, d: &cairn_core::Digest, off: u64, len: Option<u64>) -> Bytes {
+    cairn_core::stream::collect(s.get(d, off, len).await.unwrap(), usize::MAX)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn standard_mode_keeps_the_store_contract_under_nativelink_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let store = build(&format!(
+        r#"{{addresses: ["{}/"], key_prefix: "cas:", read_chunk_size: 1000, max_chunk_uploads_per_update: 3}}"#,
+        redis.url()
+    ))
+    .await;
+    let f = DigestFunction::Sha256;
+    let small = Bytes::from(data(1000, 1));
+    let big = Bytes::from(data(300_000, 2));
+    let ds = f.compute(&small);
+    let db = f.compute(&big);
+    let missing = f.compute(b"missing");
+
+    store.put_bytes(&ds, small.clone()).await.unwrap();
+    // Many body chunks of odd sizes: 300 GETRANGE pieces on the way back.
+    let body = futures::stream::iter(
+        big.chunks(7_777)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect::<Vec<_>>(),
+    )
+    .boxed();
+    store.put(&db, body).await.unwrap();
+    assert_eq!(
+        store.has_many(&[ds, missing, db]).await.unwrap(),
+        vec![Some(1000), None, Some(300_000)]
+    );
+    assert_eq!(read_all(&*store, &ds, 0, None).await, small);
+    assert_eq!(read_all(&*store, &db, 0, None).await, big);
+    assert_eq!(
+        read_all(&*store, &db, 100_000, Some(70_001)).await,
+        big.slice(100_000..170_001)
+    );
+    assert_eq!(
+        read_all(&*store, &db, 299_990, None).await,
+        big.slice(299_990..)
+    );
+    assert!(read_all(&*store, &db, 300_000, None).await.is_empty());
+    let e = store.get(&db, 300_001, None).await.err().unwrap();
+    assert_eq!(e.code, Code::OutOfRange, "{e}");
+    let e = store.get(&missing, 0, None).await.err().unwrap();
+    assert_eq!(e.code, Code::NotFound, "{e}");
+    assert!(e.message.contains("stores.R"), "{e}");
+
+    // NativeLink's key form, and nothing left but the two values.
+    let key = format!("cas:{}-{}", db.hash_hex(), db.size());
+    assert_eq!(redis.cli(&["STRLEN", &key]).trim(), "300000");
+    let mut keys: Vec<String> = redis
+        .cli(&["KEYS", "*"])
+        .lines()
+        .map(String::from)
+        .collect();
+    keys.sort();
+    let mut want = vec![key, format!("cas:{}-1000", ds.hash_hex())];
+    want.sort();
+    assert_eq!(keys, want);
+    assert_eq!(redis.cli(&["TTL", &want[0]]).trim(), "-1");
+
+    // A body that fails midway leaves nothing visible, and its temporary key goes away.
+    let aborted = f.compute(b"aborted-body");
+    let body = futures::stream::iter(vec![
+        Ok(Bytes::from(data(5000, 3))),
+        Err(Error::cancelled("client went away")),
+    ])
+    .boxed();
+    assert!(store.put(&aborted, body).await.is_err());
+    assert_eq!(store.has(&aborted).await.unwrap(), None);
+    redis_kit::wait_until(
+        "the aborted temp key is deleted",
+        Duration::from_secs(10),
+        || !redis.cli(&["KEYS", "temp-*"]).contains("temp-"),
+    );
+
+    // The empty blob is always there; an empty value under another name is stored.
+    let empty = f.empty_digest();
+    assert_eq!(store.has(&empty).await.unwrap(), Some(0));
+    store.put_bytes(&empty, Bytes::new()).await.unwrap();
+    assert!(read_all(&*store, &empty, 0, None).await.is_empty());
+    let empty_named = f.compute(b"an action").with_size(9);
+    store.put_bytes(&empty_named, Bytes::new()).await.unwrap();
+    assert_eq!(store.has(&empty_named).await.unwrap(), Some(0));
+
+    // FindMissing-sized lookups are pipelined: 5,000 keys in one call.
+    let many: Vec<_> = (0..5000u32)
+        .map(|i| f.compute(&i.to_le_bytes()))
+        .chain([ds, db])
+        .collect();
+    let t = std::time::Instant::now();
+    let sizes = store.has_many(&many).await.unwrap();
+    eprintln!("has_many of {} keys: {:?}", many.len(), t.elapsed());
+    assert_eq!(sizes.iter().filter(|s| s.is_some()).count(), 2);
+    assert_eq!(sizes[5000], Some(1000));
+}
+
+#[tokio::test]
+async fn key_ttl_applies_to_published_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let store = build(&format!(
+        r#"{{addresses: ["{}"], key_ttl_s: 1000}}"#,
+        redis.url()
+    ))
+    .await;
+    let blob = Bytes::from(data(10_000, 4));
+    let d = DigestFunction::Sha256.compute(&blob);
+    store.put_bytes(&d, blob).await.unwrap();
+    let ttl: i64 = redis
+        .cli(&["TTL", &format!("{}-{}", d.hash_hex(), d.size())])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((990..=1000).contains(&ttl), "ttl {ttl}");
+}
+
+#[tokio::test]
+async fn a_reader_never_sees_an_upload_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let store = build(&format!(
+        r#"{{addresses: ["{}"], read_chunk_size: 4096, max_chunk_uploads_per_update: 1}}"#,
+        redis.url()
+    ))
+    .await;
+    let blob = Bytes::from(data(200_000, 5));
+    let d = DigestFunction::Sha256.compute(&blob);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Error>>(1);
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move { store.put(&d, tokio_stream_from(rx)).await })
+    };
+    // Feed the body slowly; between pieces, the value is absent to every reader.
+    for (i, c) in blob.chunks(10_000).enumerate() {
+        tx.send(Ok(Bytes::copy_from_slice(c))).await.unwrap();
+        if i > 0 {
+            // The previous piece has been taken by the store (the channel holds one).
+            assert_eq!(store.has(&d).await.unwrap(), None, "after piece {i}");
+            let e = store.get(&d, 0, None).await.err().unwrap();
+            assert_eq!(e.code, Code::NotFound);
+        }
+    }
+    assert!(redis.cli(&["KEYS", "temp-*"]).contains("temp-"));
+    drop(tx);
+    writer.await.unwrap().unwrap();
+    assert_eq!(store.has(&d).await.unwrap(), Some(200_000));
+    assert_eq!(read_all(&*store, &d, 0, None).await, blob);
+    assert!(!redis.cli(&["KEYS", "temp-*"]).contains("temp-"));
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, Error>>,
+) -> cairn_core::BlobStream {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+#[tokio::test]
+async fn a_value_that_shrinks_under_a_reader_ends_the_read_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let store = build(&format!(
+        r#"{{addresses: ["{}"], read_chunk_size: 1000}}"#,
+        redis.url()
+    ))
+    .await;
+    let blob = Bytes::from(data(50_000, 6));
+    let d = DigestFunction::Sha256.compute(&blob);
+    store.put_bytes(&d, blob.clone()).await.unwrap();
+    let mut body = store.get(&d, 0, None).await.unwrap();
+    let first = body.next().await.unwrap().unwrap();
+    assert_eq!(first, blob.slice(0..1000));
+    // Someone (a hostile or broken writer) replaces the value with a shorter one.
+    redis.cli(&["SET", &format!("{}-{}", d.hash_hex(), d.size()), "short"]);
+    let mut total = first.len();
+    let mut failed = None;
+    while let Some(r) = body.next().await {
+        match r {
+            Ok(c) => total += c.len(),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    let e = failed.expect("the read must fail, not end short");
+    assert_eq!(e.code, Code::Unavailable, "{e}");
+    assert!(e.message.contains("changed"), "{e}");
+    assert!(total < blob.len());
+}
+
+const SERVER: &str = r#"{
+  stores: {
+    CAS: { redis_store: { addresses: ["@REDIS@"], key_prefix: "cas:", retry: { max_retries: 2, delay: 0.05 }, command_timeout_ms: 2000, connection_timeout_ms: 1000 } },
+    AC: { completeness_checking: { backend: { redis_store: { addresses: ["@REDIS@"], key_prefix: "ac:" } }, cas_store: { ref_store: { name: "CAS" } } } },
+    TIERED: { fast_slow: { fast: { memory: {} }, slow: { redis_store: { addresses: ["@REDIS@"], key_prefix: "tiered:" } } } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "@ADDR@" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }, { instance_name: "tiered", cas_store: "TIERED" }],
+      ac: [{ instance_name: "", ac_store: "AC" }],
+      bytestream: [{ instance_name: "", cas_store: "CAS" }, { instance_name: "tiered", cas_store: "TIERED" }],
+      capabilities: [{ instance_name: "" }],
+      health: {},
+    },
+  }],
+}"#;
+
+async fn upload(cas: &mut CasClient<tonic::transport::Channel>, instance: &str, blobs: &[Vec<u8>]) {
+    let r = cas
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            instance_name: instance.into(),
+            requests: blobs
+                .iter()
+                .map(|b| re::batch_update_blobs_request::Request {
+                    digest: Some(DigestFunction::Sha256.compute(b).to_proto()),
+                    data: b.clone(),
+                    compressor: 0,
+                })
+                .collect(),
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for r in r.responses {
+        assert_eq!(r.status.unwrap_or_default().code, 0);
+    }
+}
+
+async fn missing(
+    cas: &mut CasClient<tonic::transport::Channel>,
+    instance: &str,
+    blobs: &[Vec<u8>],
+) -> Result<usize, tonic::Status> {
+    Ok(cas
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            instance_name: instance.into(),
+            blob_digests: blobs
+                .iter()
+                .map(|b| DigestFunction::Sha256.compute(b).to_proto())
+                .collect(),
+            digest_function: 0,
+        })
+        .await?
+        .into_inner()
+        .missing_blob_digests
+        .len())
+}
+
+async fn read_back(
+    cas: &mut CasClient<tonic::transport::Channel>,
+    instance: &str,
+    blob: &[u8],
+) -> Vec<u8> {
+    let r = cas
+        .batch_read_blobs(re::BatchReadBlobsRequest {
+            instance_name: instance.into(),
+            digests: vec![DigestFunction::Sha256.compute(blob).to_proto()],
+            acceptable_compressors: vec![],
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = &r.responses[0];
+    assert_eq!(
+        r.status.clone().unwrap_or_default().code,
+        0,
+        "{:?}",
+        r.status
+    );
+    r.data.clone()
+}
+
+#[tokio::test]
+async fn cairn_serves_cas_and_ac_from_redis_and_two_cairns_share_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let config = SERVER.replace("@REDIS@", &redis.url());
+    let d1 = tempfile::tempdir().unwrap();
+    let d2 = tempfile::tempdir().unwrap();
+    let a = Cairn::start_with(d1.path(), &config, None);
+    let b = Cairn::start_with(d2.path(), &config, None);
+    let mut ca = CasClient::new(a.channel().await);
+    let mut cb = CasClient::new(b.channel().await);
+
+    let blobs: Vec<Vec<u8>> = (0..20).map(|i| data(1000 + i * 5000, i as u64)).collect();
+    for instance in ["", "tiered"] {
+        assert_eq!(missing(&mut cb, instance, &blobs).await.unwrap(), 20);
+        upload(&mut ca, instance, &blobs).await;
+        // The other process sees them through the shared Redis.
+        assert_eq!(missing(&mut cb, instance, &blobs).await.unwrap(), 0);
+        for blob in &blobs {
+            assert_eq!(&read_back(&mut cb, instance, blob).await, blob);
+        }
+    }
+    assert!(redis.cli(&["KEYS", "tiered:*"]).lines().count() >= 20);
+
+    // An ActionResult written through one is read through the other.
+    let out = &blobs[3];
+    let result = re::ActionResult {
+        output_files: vec![re::OutputFile {
+            path: "out".into(),
+            digest: Some(DigestFunction::Sha256.compute(out).to_proto()),
+            ..Default::default()
+        }],
+        exit_code: 0,
+        ..Default::default()
+    };
+    let action = DigestFunction::Sha256.compute(b"an action");
+    let mut aca = re::action_cache_client::ActionCacheClient::new(a.channel().await);
+    let mut acb = re::action_cache_client::ActionCacheClient::new(b.channel().await);
+    aca.update_action_result(re::UpdateActionResultRequest {
+        instance_name: String::new(),
+        action_digest: Some(action.to_proto()),
+        action_result: Some(result.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let got = acb
+        .get_action_result(re::GetActionResultRequest {
+            instance_name: String::new(),
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.output_files, result.output_files);
+
+    // Hostile: garbage planted under the AC key is never served as a result.
+    let key = format!("ac:{}-{}", action.hash_hex(), action.size());
+    redis.cli(&["SET", &key, "\u{1}\u{2}garbage that is no ActionResult"]);
+    let e = acb
+        .get_action_result(re::GetActionResultRequest {
+            instance_name: String::new(),
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("garbage must not be served");
+    assert_ne!(e.code(), tonic::Code::Ok);
+    // The server is still up.
+    assert_eq!(missing(&mut ca, "", &blobs).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_naming_the_store_and_recovery_needs_no_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(dir.path());
+    let config = SERVER.replace("@REDIS@", &redis.url());
+    let d1 = tempfile::tempdir().unwrap();
+    let cairn = Cairn::start_with(d1.path(), &config, None);
+    let mut cas = CasClient::new(cairn.channel().await);
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| data(2000, 100 + i)).collect();
+    upload(&mut cas, "", &blobs).await;
+    let (code, _) = http_get(cairn.addr, "/status").await;
+    assert_eq!(code, 200);
+
+    redis.kill();
+    let t = std::time::Instant::now();
+    let e = missing(&mut cas, "", &blobs)
+        .await
+        .expect_err("redis is down");
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("redis_store stores.CAS"), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    let (code, body) = http_get(cairn.addr, "/status").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("stores/CAS") && body.contains("redis_store"),
+        "{body}"
+    );
+
+    redis.restart();
+    // Redis restarted empty (nothing saved): the blobs are missing, and the server answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while missing(&mut cas, "", &blobs).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store never answered again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    upload(&mut cas, "", &blobs).await;
+    assert_eq!(missing(&mut cas, "", &blobs).await.unwrap(), 0);
+    let (code, body) = http_get(cairn.addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_keeps_the_store_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut set = SentinelSet::start(dir.path());
+    let urls: Vec<String> = set.urls().iter().map(|u| format!("{u:?}")).collect();
+    let store = build(&format!(
+        r#"{{addresses: [{}], mode: "sentinel", retry: {{max_retries: 12, delay: 0.1, jitter: 0.2}}, command_timeout_ms: 1000, connection_timeout_ms: 1000}}"#,
+        urls.join(", ")
+    ))
+    .await;
+    let blobs: Vec<Bytes> = (0..10)
+        .map(|i| Bytes::from(data(30_000, 200 + i)))
+        .collect();
+    let f = DigestFunction::Sha256;
+    for b in &blobs {
+        store.put_bytes(&f.compute(b), b.clone()).await.unwrap();
+    }
+    // Let the replica catch up, so the failover loses nothing already written.
+    let offset_of = |info: String, key: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    redis_kit::wait_until(
+        "the replica has every write",
+        Duration::from_secs(10),
+        || {
+            let m = offset_of(
+                set.master.cli(&["INFO", "replication"]),
+                "master_repl_offset:",
+            );
+            let r = offset_of(
+                set.replica.cli(&["INFO", "replication"]),
+                "slave_repl_offset:",
+            );
+            !m.is_empty() && m == r
+        },
+    );
+    let old_master = set.master.port;
+    set.master.kill();
+    let t = std::time::Instant::now();
+    // Through the failover: every read and a new write succeed within the retry budget.
+    for b in &blobs {
+        assert_eq!(read_all(&*store, &f.compute(b), 0, None).await, *b);
+    }
+    let fresh = Bytes::from(data(40_000, 299));
+    store
+        .put_bytes(&f.compute(&fresh), fresh.clone())
+        .await
+        .unwrap();
+    assert_eq!(read_all(&*store, &f.compute(&fresh), 0, None).await, fresh);
+    eprintln!("served through the sentinel failover in {:?}", t.elapsed());
+    assert_eq!(set.master_port(), Some(set.replica.port));
+    assert_ne!(set.master_port(), Some(old_master));
+    assert_eq!(set.replica.role(), "master");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_spreads_keys_and_survives_a_master_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(dir.path());
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
+    let store = build(&format!(
+        r#"{{addresses: [{}], mode: "cluster", key_prefix: "c:", retry: {{max_retries: 15, delay: 0.1}}, command_timeout_ms: 1000, connection_timeout_ms: 1000}}"#,
+        urls.join(", ")
+    ))
+    .await;
+    let f = DigestFunction::Sha256;
+    let blobs: Vec<Bytes> = (0..30)
+        .map(|i| Bytes::from(data(20_000, 300 + i)))
+        .collect();
+    for b in &blobs {
+        store.put_bytes(&f.compute(b), b.clone()).await.unwrap();
+    }
+    let digests: Vec<_> = blobs.iter().map(|b| f.compute(b)).collect();
+    assert!(store
+        .has_many(&digests)
+        .await
+        .unwrap()
+        .iter()
+        .all(|s| s.is_some()));
+    // Spread over the three masters.
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3);
+    for &m in &masters {
+        let n: u64 = cluster.nodes[m].cli(&["DBSIZE"]).trim().parse().unwrap();
+        assert!(n > 0, "master {m} holds no key");
+    }
+    // Wait for the replicas to hold every key, then lose one master.
+    redis_kit::wait_until("replicas hold every key", Duration::from_secs(10), || {
+        let total = |role: &str| -> u64 {
+            cluster
+                .nodes
+                .iter()
+                .filter(|n| n.role() == role)
+                .map(|n| n.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap_or(0))
+                .sum()
+        };
+        total("slave") == 30 && total("master") == 30
+    });
+    let victim = masters[0];
+    cluster.nodes[victim].kill();
+    let t = std::time::Instant::now();
+    for (b, d) in blobs.iter().zip(&digests) {
+        assert_eq!(read_all(&*store, d, 0, None).await, *b);
+    }
+    assert!(store
+        .has_many(&digests)
+        .await
+        .unwrap()
+        .iter()
+        .all(|s| s.is_some()));
+    let fresh: Vec<Bytes> = (0..10).map(|i| Bytes::from(data(5_000, 400 + i))).collect();
+    for b in &fresh {
+        store.put_bytes(&f.compute(b), b.clone()).await.unwrap();
+        assert_eq!(read_all(&*store, &f.compute(b), 0, None).await, *b);
+    }
+    eprintln!("served through the cluster failover in {:?}", t.elapsed());
+    cluster.wait_ok();
+    assert_eq!(cluster.masters().len(), 3, "a replica was promoted");
+}
