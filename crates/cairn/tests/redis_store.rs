@@ -550,3 +550,99 @@ async fn cluster_spreads_keys_and_survives_a_master_loss() {
     cluster.wait_ok();
     assert_eq!(cluster.masters().len(), 3, "a replica was promoted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A Redis that stops answering (DEBUG SLEEP): the command's deadline, then the reconnect's,
+/// both named in an error that names the store, well before the sleep ends.
+async fn a_hung_redis_fails_within_its_deadlines_naming_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_args(
+        dir.path(),
+        common::free_addr().port(),
+        &["--enable-debug-command", "yes"],
+    );
+    let store = build(&format!(
+        r#"{{addresses: ["{}"], command_timeout_ms: 300, connection_timeout_ms: 300, retry: {{max_retries: 1, delay: 0.01}}}}"#,
+        redis.url()
+    ))
+    .await;
+    let d = DigestFunction::Sha256.compute(b"x");
+    assert_eq!(store.has(&d).await.unwrap(), None);
+    let port = redis.port;
+    let sleeper = std::thread::spawn(move || redis_kit::cli(port, &["DEBUG", "SLEEP", "2"]));
+    redis_kit::wait_until("DEBUG SLEEP has started", Duration::from_secs(5), || {
+        // Asleep: a PING gets no answer within 100 ms.
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        c.write_all(b"PING\r\n").unwrap();
+        c.read(&mut [0u8; 16]).is_err()
+    });
+    let t = std::time::Instant::now();
+    let e = store.has(&d).await.expect_err("Redis is asleep");
+    // The command timed out, then the reconnect did too.
+    assert_eq!(e.code, Code::Unavailable, "{e}");
+    assert!(
+        e.message.contains("redis_store stores.R")
+            && e.message.contains("connection_timeout_ms")
+            && e.message
+                .contains("the first failed with: no answer within 300ms (command_timeout_ms)"),
+        "{e}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    sleeper.join().unwrap();
+    // Awake again: served, without a restart.
+    assert_eq!(store.has(&d).await.unwrap(), None);
+}
+
+/// 20% of what the client sends makes the proxy cut the connection: the retry budget hides
+/// every fault, and nothing wrong is ever stored or served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_connections_are_retried_and_never_store_a_wrong_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let proxy = redis_kit::FaultyProxy::start(redis.port, 200).await;
+    let store = build(&format!(
+        r#"{{addresses: ["{}"], read_chunk_size: 8192, max_chunk_uploads_per_update: 2, retry: {{max_retries: 20, delay: 0.005, jitter: 0.5}}, command_timeout_ms: 2000}}"#,
+        proxy.url()
+    ))
+    .await;
+    let f = DigestFunction::Sha256;
+    let blobs: Vec<Bytes> = (0..40)
+        .map(|i| Bytes::from(data(1000 + i * 3000, 500 + i as u64)))
+        .collect();
+    let digests: Vec<_> = blobs.iter().map(|b| f.compute(b)).collect();
+    let mut failed_puts = 0;
+    for (b, d) in blobs.iter().zip(&digests) {
+        if let Err(e) = store.put_bytes(d, b.clone()).await {
+            // Only a retry budget spent entirely on faults may fail a put, and then loudly.
+            assert_eq!(e.code, Code::Unavailable, "{e}");
+            failed_puts += 1;
+        }
+    }
+    assert!(failed_puts <= 2, "{failed_puts} puts failed");
+    let sizes = store.has_many(&digests).await.unwrap();
+    for ((b, d), size) in blobs.iter().zip(&digests).zip(sizes) {
+        if let Some(size) = size {
+            assert_eq!(size, b.len() as u64);
+            let got = cairn_core::stream::collect(store.get(d, 0, None).await.unwrap(), usize::MAX)
+                .await
+                .unwrap();
+            assert_eq!(got, *b, "{d}");
+        }
+    }
+    // What Redis holds is exactly the blobs (checked around the proxy), and no temp key.
+    for (b, d) in blobs.iter().zip(&digests) {
+        let len = redis.cli(&["STRLEN", &format!("{}-{}", d.hash_hex(), d.size())]);
+        let len: usize = len.trim().parse().unwrap();
+        assert!(len == 0 || len == b.len(), "{d}: {len}");
+    }
+    let broken = proxy.broken.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("proxy broke {broken} connections; {failed_puts} puts failed");
+    assert!(broken > 10, "the proxy broke only {broken} connections");
+}

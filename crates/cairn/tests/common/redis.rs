@@ -324,3 +324,73 @@ impl Cluster {
             .collect()
     }
 }
+
+/// A TCP proxy on a free loopback port in front of `upstream` that breaks connections: each
+/// chunk a client sends is, with probability `drop_per_mille / 1000`, answered by closing the
+/// connection both ways instead of being forwarded. Runs on the caller's tokio runtime until
+/// dropped. Counts the connections it broke.
+pub struct FaultyProxy {
+    pub port: u16,
+    pub broken: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultyProxy {
+    pub async fn start(upstream: u16, drop_per_mille: u32) -> FaultyProxy {
+        use rand::Rng;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let broken = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = broken.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let counter = counter.clone();
+                conns.spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let down = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if rand::thread_rng().gen_range(0..1000) < drop_per_mille {
+                                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                return;
+                            }
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    let up = async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    };
+                    // Either side ending ends both (dropping the halves closes the sockets).
+                    tokio::select! {
+                        _ = down => {}
+                        _ = up => {}
+                    }
+                });
+            }
+        });
+        FaultyProxy { port, broken, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FaultyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -278,7 +278,14 @@ impl Connector {
                 reconnect: false,
             })?
             .map_err(|e| {
+                let timed_out = e.is_timeout();
                 let mut f = classify(e);
+                if timed_out {
+                    f.error = Error::unavailable(format!(
+                        "connecting took longer than {:?} (connection_timeout_ms)",
+                        self.connection_timeout
+                    ));
+                }
                 f.error = f.error.context("connecting");
                 // A refused or failed connect is worth another try after a wait.
                 f.retry = f.retry || f.error.code == Code::Unavailable;
@@ -328,6 +335,7 @@ impl Connector {
             .await
             .map_err(|_| Error::unavailable(format!("redis_store {}: closed", self.name)))?;
         let mut attempt = 0u32;
+        let mut first: Option<Error> = None;
         loop {
             let failure = match self.connection().await {
                 Err(f) => f,
@@ -335,7 +343,10 @@ impl Connector {
                     match tokio::time::timeout(self.command_timeout, op(conn)).await {
                         Ok(Ok(v)) => return Ok(v),
                         Ok(Err(e)) => {
-                            let f = classify(e);
+                            let mut f = classify(e);
+                            if f.error.code == Code::DeadlineExceeded {
+                                f.error = self.command_deadline_error();
+                            }
                             if f.reconnect {
                                 self.invalidate(generation);
                             }
@@ -345,13 +356,7 @@ impl Connector {
                             // The connection may be wedged: make a new one for the next try.
                             self.invalidate(generation);
                             Failure {
-                                error: Error::new(
-                                    Code::DeadlineExceeded,
-                                    format!(
-                                        "no answer within {:?} (command_timeout_ms)",
-                                        self.command_timeout
-                                    ),
-                                ),
+                                error: self.command_deadline_error(),
                                 retry: true,
                                 reconnect: true,
                             }
@@ -360,20 +365,37 @@ impl Connector {
                 }
             };
             if !failure.retry || attempt >= self.retry.max_retries {
-                let tries = if failure.retry {
-                    format!(" (after {} attempts)", attempt + 1)
-                } else {
-                    String::new()
+                let tries = match (&first, failure.retry) {
+                    (_, false) => String::new(),
+                    (Some(f), true) if f.message != failure.error.message => format!(
+                        " (after {} attempts; the first failed with: {})",
+                        attempt + 1,
+                        f.message
+                    ),
+                    _ => format!(" (after {} attempts)", attempt + 1),
                 };
                 return Err(failure
                     .error
                     .context(format!("redis_store {}: {what}{tries}", self.name)));
+            }
+            if first.is_none() {
+                first = Some(failure.error.clone());
             }
             attempt += 1;
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(store = %self.name, attempt, error = %failure.error, "redis: retrying");
             tokio::time::sleep(self.retry.backoff(attempt)).await;
         }
+    }
+
+    fn command_deadline_error(&self) -> Error {
+        Error::new(
+            Code::DeadlineExceeded,
+            format!(
+                "no answer within {:?} (command_timeout_ms)",
+                self.command_timeout
+            ),
+        )
     }
 
     /// One PING within `health_check_timeout_ms`, no retries.
@@ -432,6 +454,13 @@ fn classify(e: RedisError) -> Failure {
     use redis::ServerErrorKind as S;
     let text = e.to_string();
     let server_kind = e.kind();
+    if e.is_timeout() {
+        return Failure {
+            error: Error::new(Code::DeadlineExceeded, text),
+            retry: true,
+            reconnect: true,
+        };
+    }
     let (code, retry, reconnect) = match e.retry_method() {
         RetryMethod::NoRetry => {
             if text.contains("OOM") {
