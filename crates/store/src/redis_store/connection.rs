@@ -7,6 +7,12 @@
 //! Every command goes through [`Connector::run`]: a permit from `max_client_permits`, a
 //! deadline of `command_timeout_ms`, and retries with exponential backoff and jitter (the
 //! `retry` block) for the errors a reconnect or a wait can cure. Errors name the store.
+//!
+//! Other Redis users in Cairn (the shared scheduler state) build a [`Connector`] from the
+//! same config block, or take the one of a built store ([`super::RedisStore::connector`]),
+//! and send their own commands, pipelines and scripts through [`Connector::run`]; the client
+//! crate is re-exported as `cairn_store::redis_store::redis` so it stays out of other
+//! crates' dependencies.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -39,7 +45,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A live connection of either shape; cheap to clone (both multiplex one socket per node).
 #[derive(Clone)]
-pub(crate) enum Conn {
+pub enum Conn {
     Single(MultiplexedConnection),
     Cluster(ClusterConnection),
 }
@@ -81,7 +87,7 @@ enum Target {
 
 /// Retry budget from the `retry` block.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RetryPolicy {
+pub struct RetryPolicy {
     pub max_retries: u32,
     pub delay: Duration,
     pub jitter: f64,
@@ -120,12 +126,12 @@ impl RetryPolicy {
 
 /// Counts what the connector did, for metrics and tests.
 #[derive(Default)]
-pub(crate) struct Counters {
+pub struct Counters {
     pub retries: AtomicU64,
     pub connects: AtomicU64,
 }
 
-pub(crate) struct Connector {
+pub struct Connector {
     /// The store's key path, for messages.
     pub name: String,
     target: Target,
@@ -494,7 +500,7 @@ fn classify(e: RedisError) -> Failure {
 }
 
 /// Runs one command built by `cmd` (for [`Connector::run`]).
-pub(crate) fn query<T: FromRedisValue + Send + 'static>(
+pub fn query<T: FromRedisValue + Send + 'static>(
     cmd: Cmd,
 ) -> impl Fn(Conn) -> futures::future::BoxFuture<'static, Result<T, RedisError>> {
     move |mut conn| {

@@ -19,7 +19,9 @@
 //!   UNAVAILABLE, a command past `command_timeout_ms` is DEADLINE_EXCEEDED, both after the
 //!   `retry` budget.
 
-mod connection;
+pub mod connection;
+
+pub use redis;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,7 +33,7 @@ use cairn_core::{BlobStream, Digest, Error};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 
 use crate::{check_range, Health, Store, StoreInfo};
-use connection::{query, Connector};
+pub use connection::{query, Conn, Connector};
 
 const DEFAULT_READ_CHUNK_SIZE: u64 = 64 * 1024;
 const DEFAULT_MAX_CHUNK_UPLOADS_PER_UPDATE: u64 = 10;
@@ -139,6 +141,12 @@ impl RedisStore {
     /// The Redis key of a digest: `<key_prefix><hash>-<size>`, as NativeLink writes it.
     pub fn key(&self, d: &Digest) -> String {
         format!("{}{}-{}", self.key_prefix, d.hash_hex(), d.size())
+    }
+
+    /// The store's connection, for other users of the same Redis (one connection, one set of
+    /// permits).
+    pub fn connector(&self) -> Arc<Connector> {
+        self.conn.clone()
     }
 
     /// Retries made since start (for tests and metrics).
@@ -301,7 +309,7 @@ impl RedisStore {
 }
 
 /// Runs a pipeline (for [`Connector::run`]).
-fn pipeline<T: redis::FromRedisValue + Send + 'static>(
+pub fn pipeline<T: redis::FromRedisValue + Send + 'static>(
     p: redis::Pipeline,
 ) -> impl Fn(connection::Conn) -> futures::future::BoxFuture<'static, Result<T, redis::RedisError>>
 {
