@@ -121,7 +121,23 @@ async fn standard_mode_keeps_the_store_contract_under_nativelink_keys() {
     store.put_bytes(&empty_named, Bytes::new()).await.unwrap();
     assert_eq!(store.has(&empty_named).await.unwrap(), Some(0));
 
-    // FindMissing-sized lookups are pipelined: 5,000 keys in one call.
+    // Hostile: a key of another type under a blob's name reads as absent, in a batch too,
+    // and an upload replaces it.
+    let odd = f.compute(b"odd");
+    redis.cli(&["HSET", &format!("cas:{}-3", odd.hash_hex()), "f", "v"]);
+    assert_eq!(
+        store.has_many(&[ds, odd]).await.unwrap(),
+        vec![Some(1000), None]
+    );
+    let e = store.get(&odd, 0, None).await.err().unwrap();
+    assert_eq!(e.code, Code::NotFound, "{e}");
+    store
+        .put_bytes(&odd, Bytes::from_static(b"odd"))
+        .await
+        .unwrap();
+    assert_eq!(read_all(&*store, &odd, 0, None).await, "odd");
+
+    // FindMissing-sized lookups are batched: 5,000 keys in one call.
     let many: Vec<_> = (0..5000u32)
         .map(|i| f.compute(&i.to_le_bytes()))
         .chain([ds, db])

@@ -13,8 +13,10 @@
 //!   nothing for long.
 //! - **Reads stream** in GETRANGEs of `read_chunk_size`; a value that changes length under a
 //!   reader ends the stream with an error, never a short body that looks complete.
-//! - **Bounded work**: `max_client_permits` commands in flight at once, `has_many` pipelined in
-//!   batches, an upload holds `read_chunk_size * max_chunk_uploads_per_update` bytes at most.
+//! - **Bounded work**: `max_client_permits` commands in flight at once, `has_many` asks 128
+//!   keys per script call, an upload holds `read_chunk_size * max_chunk_uploads_per_update` bytes at most.
+//! - A key that holds another type than a string (not written by this store) reads as absent
+//!   and is replaced by the next upload under its name.
 //! - Errors name the store (`redis_store stores.CAS: ...`); connection failures are
 //!   UNAVAILABLE, a command past `command_timeout_ms` is DEADLINE_EXCEEDED, both after the
 //!   `retry` budget.
@@ -39,10 +41,24 @@ const DEFAULT_READ_CHUNK_SIZE: u64 = 64 * 1024;
 const DEFAULT_MAX_CHUNK_UPLOADS_PER_UPDATE: u64 = 10;
 /// A temporary key with no `key_ttl_s` expires after this long without a new piece.
 const TEMP_KEY_IDLE_TTL_S: u64 = 3600;
-/// `has_many` asks this many keys per pipeline (standard and sentinel modes)...
+/// `has_many` asks this many keys per script call (standard and sentinel modes)...
 const HAS_BATCH: usize = 128;
-/// ...with this many pipelines (or, in cluster mode, single commands) in flight.
+/// ...with this many calls (in cluster mode, of one key each) in flight.
 const HAS_CONCURRENCY: usize = 16;
+
+/// The length of each string value in KEYS, -1 for a key that is absent or holds another type
+/// (not something this store wrote: treated as absent, and replaced by the next upload).
+const SIZES: &str = r"
+local out = {}
+for i, k in ipairs(KEYS) do
+  if redis.call('TYPE', k)['ok'] == 'string' then
+    out[i] = redis.call('STRLEN', k)
+  else
+    out[i] = -1
+  end
+end
+return out
+";
 
 /// Appends ARGV[2] to KEYS[1] if its length is ARGV[1]; an already applied piece (a retry
 /// after a lost answer) is left alone. Returns the length after, or -1 - length when the
@@ -156,13 +172,13 @@ impl RedisStore {
 
     /// Length of the value at `key`, `None` when absent.
     async fn value_len(&self, key: &str, d: &Digest) -> Result<Option<u64>, Error> {
-        let mut p = redis::pipe();
-        p.cmd("EXISTS").arg(key).cmd("STRLEN").arg(key);
-        let (exists, len): (bool, u64) = self
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SIZES).arg(1).arg(key);
+        let lens: Vec<i64> = self
             .conn
-            .run(&format!("looking up {d}"), pipeline(p))
+            .run(&format!("looking up {d}"), query(cmd))
             .await?;
-        Ok(exists.then_some(len))
+        Ok(lens.first().and_then(|&n| u64::try_from(n).ok()))
     }
 
     /// Writes `body` to a fresh temporary key and publishes it as `key` (see the module doc).
@@ -285,13 +301,13 @@ impl RedisStore {
 impl RedisStore {
     /// Sizes of a batch of keys in one pipeline.
     async fn lookup(&self, ds: Vec<Digest>) -> Result<Vec<Option<u64>>, Error> {
-        let mut p = redis::pipe();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SIZES).arg(ds.len());
         for d in &ds {
-            let k = self.key(d);
-            p.cmd("EXISTS").arg(&k).cmd("STRLEN").arg(&k);
+            cmd.arg(self.key(d));
         }
         let what = format!("looking up {} keys from {}", ds.len(), ds[0]);
-        let r: Vec<(bool, u64)> = self.conn.run(&what, pipeline(p)).await?;
+        let r: Vec<i64> = self.conn.run(&what, query(cmd)).await?;
         if r.len() != ds.len() {
             return Err(Error::internal(format!(
                 "redis_store {}: {what}: {} answers for {} keys",
@@ -303,7 +319,10 @@ impl RedisStore {
         Ok(ds
             .iter()
             .zip(r)
-            .map(|(d, (exists, len))| (exists || d.is_empty_blob()).then_some(len))
+            .map(|(d, len)| match u64::try_from(len) {
+                Ok(len) => Some(len),
+                Err(_) => d.is_empty_blob().then_some(0),
+            })
             .collect())
     }
 }
