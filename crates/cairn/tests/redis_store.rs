@@ -752,3 +752,70 @@ async fn a_large_blob_streams_through_in_bounded_memory() {
 fn hex_of(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// The guide's tiers with Redis: CAS = verify over fast_slow(memory, redis), AC =
+/// completeness_checking over redis; Cairn reaches Redis through a proxy that cuts the
+/// connection on 20% of what Cairn sends.
+const BAZEL_LAYOUT: &str = r#"{
+  stores: {
+    CAS: { verify: { verify_size: true, verify_hash: true, backend: { fast_slow: {
+      fast: { memory: { eviction_policy: { max_bytes: "64mb" } } },
+      slow: { redis_store: { addresses: ["@REDIS@"], key_prefix: "cas:", retry: { max_retries: 20, delay: 0.005, jitter: 0.5 } } },
+    } } } },
+    AC: { completeness_checking: {
+      backend: { redis_store: { addresses: ["@REDIS@"], key_prefix: "ac:", retry: { max_retries: 20, delay: 0.005, jitter: 0.5 } } },
+      cas_store: { ref_store: { name: "CAS" } },
+    } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "@ADDR@" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      ac: [{ instance_name: "", ac_store: "AC" }],
+      bytestream: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+    },
+  }],
+}"#;
+
+/// Bazel builds, cleans and rebuilds with every action from the cache, through a Cairn whose
+/// stores are in Redis behind a proxy that breaks 20% of connections, and a second Cairn
+/// (fresh memory tier, same Redis) serves the rebuild too.
+#[test]
+fn bazel_builds_through_redis_tiers_with_broken_connections() {
+    let Some(program) = common::bazel::find_or_skip("redis_store") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(tmp.path());
+    let proxy = rt.block_on(redis_kit::FaultyProxy::start(redis.port, 200));
+    let config = BAZEL_LAYOUT.replace("@REDIS@", &proxy.url());
+    let d1 = tmp.path().join("cairn1");
+    let d2 = tmp.path().join("cairn2");
+    std::fs::create_dir_all(&d1).unwrap();
+    std::fs::create_dir_all(&d2).unwrap();
+    let first_cairn = Cairn::start_with(&d1, &config, None);
+    let bazel = common::bazel::Bazel::new(program, &tmp.path().join("bazel"), "bazel-workspace");
+    let mut args = bazel.cache_flags(first_cairn.addr);
+    args.push("//...".to_string());
+    let first = bazel.run("build", &args);
+    let executed = first.all_processes_were("local");
+    first.assert_no_remote_cache_warning();
+
+    // A second Cairn on the same Redis, its memory tier empty.
+    let second_cairn = Cairn::start_with(&d2, &config, None);
+    drop(first_cairn);
+    bazel.run("clean", &[]);
+    let mut args = bazel.cache_flags(second_cairn.addr);
+    args.push("//...".to_string());
+    let second = bazel.run("build", &args);
+    assert_eq!(second.all_processes_were("remote cache hit"), executed);
+    second.assert_no_remote_cache_warning();
+    let report = std::fs::read_to_string(bazel.bin("report.txt")).unwrap();
+    assert_eq!(report, "A CACHE THAT REMEMBERS\n23\nhello, cairn\n");
+    let broken = proxy.broken.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("bazel through Redis: {executed} actions, {broken} connections cut by the proxy");
+    assert!(broken > 0);
+    drop(bazel);
+}
