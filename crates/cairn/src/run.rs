@@ -103,6 +103,13 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
             },
         ));
     }
+    {
+        // Leaf stores' backend requests (Redis, object storage) too.
+        let metrics = metrics.clone();
+        cairn_store::backend_metrics::set_observer(std::sync::Arc::new(move |event| {
+            metrics.backend_event(event)
+        }));
+    }
     if global.disable_metrics {
         metrics.disable();
     }

@@ -414,6 +414,36 @@ async fn redis_down_is_unavailable_naming_the_store_and_recovery_needs_no_restar
     let (code, _) = http_get(cairn.addr, "/status").await;
     assert_eq!(code, 200);
 
+    let (_, metrics) = http_get(cairn.addr, "/metrics").await;
+    let series = |text: &str, name: &str, operation: &str| -> u64 {
+        let head = format!(
+            "nativelink_{name}{{store=\"CAS\",backend=\"redis_store\",operation=\"{operation}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&head))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    };
+    assert!(
+        series(&metrics, "store_backend_requests_total", "write") >= 1,
+        "{metrics}"
+    );
+    assert!(
+        series(&metrics, "store_backend_requests_total", "publish") >= 3,
+        "{metrics}"
+    );
+    assert!(
+        series(
+            &metrics,
+            "store_backend_request_duration_seconds_count",
+            "write"
+        ) >= 1,
+        "{metrics}"
+    );
+    assert_eq!(
+        series(&metrics, "store_backend_request_errors_total", "lookup"),
+        0
+    );
+
     redis.kill();
     let t = std::time::Instant::now();
     let e = missing(&mut cas, "", &blobs)
@@ -428,6 +458,15 @@ async fn redis_down_is_unavailable_naming_the_store_and_recovery_needs_no_restar
         body.contains("stores/CAS") && body.contains("redis_store"),
         "{body}"
     );
+    // The failed attempts and the retries are counted (max_retries: 2 for this store).
+    let (_, metrics) = http_get(cairn.addr, "/metrics").await;
+    assert_eq!(
+        series(&metrics, "store_backend_request_errors_total", "lookup"),
+        3,
+        "{metrics}"
+    );
+    assert_eq!(series(&metrics, "store_backend_retries_total", "lookup"), 2);
+    assert!(series(&metrics, "store_backend_request_errors_total", "ping") >= 1);
 
     redis.restart();
     // Redis restarted empty (nothing saved): the blobs are missing, and the server answers.

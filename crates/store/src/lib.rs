@@ -9,6 +9,7 @@
 //! Contract of every store: a `put` becomes visible only when complete (readers never see half
 //! a blob); `get` of a missing key is NOT_FOUND; bodies are streamed in bounded chunks.
 
+pub mod backend_metrics;
 pub mod cache_metrics;
 pub mod channel;
 pub mod completeness_checking;

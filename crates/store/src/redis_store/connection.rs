@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cairn_config::stores::{RedisMode, RedisStore as RedisConfig};
 use cairn_core::{Code, Error};
@@ -31,6 +31,11 @@ use redis::{
     RedisFuture, RetryMethod, Value,
 };
 use tokio::sync::Semaphore;
+
+use crate::backend_metrics::{self, BackendEvent};
+
+/// The `backend` label of this store's metrics.
+const BACKEND: &str = "redis_store";
 
 /// NativeLink's defaults.
 const DEFAULT_COMMAND_TIMEOUT_MS: u64 = 10_000;
@@ -330,8 +335,9 @@ impl Connector {
     }
 
     /// Runs `op` on a connection with a permit, the command deadline and the retry budget.
-    /// `what` says what the store was doing, for the error message.
-    pub async fn run<T, F>(&self, what: &str, op: F) -> Result<T, Error>
+    /// `operation` is the metric label (a fixed word: `lookup`, `read`, `write`...); `what`
+    /// says what the store was doing, for the error message.
+    pub async fn run<T, F>(&self, operation: &'static str, what: &str, op: F) -> Result<T, Error>
     where
         F: Fn(Conn) -> futures::future::BoxFuture<'static, Result<T, RedisError>>,
     {
@@ -343,11 +349,15 @@ impl Connector {
         let mut attempt = 0u32;
         let mut first: Option<Error> = None;
         loop {
+            let started = Instant::now();
             let failure = match self.connection().await {
                 Err(f) => f,
                 Ok((generation, conn)) => {
                     match tokio::time::timeout(self.command_timeout, op(conn)).await {
-                        Ok(Ok(v)) => return Ok(v),
+                        Ok(Ok(v)) => {
+                            self.record(operation, true, started);
+                            return Ok(v);
+                        }
                         Ok(Err(e)) => {
                             let mut f = classify(e);
                             if f.error.code == Code::DeadlineExceeded {
@@ -370,6 +380,7 @@ impl Connector {
                     }
                 }
             };
+            self.record(operation, false, started);
             if !failure.retry || attempt >= self.retry.max_retries {
                 let tries = match (&first, failure.retry) {
                     (_, false) => String::new(),
@@ -389,9 +400,24 @@ impl Connector {
             }
             attempt += 1;
             self.counters.retries.fetch_add(1, Ordering::Relaxed);
+            backend_metrics::record(BackendEvent::Retry {
+                store: backend_metrics::store_label(&self.name),
+                backend: BACKEND,
+                operation,
+            });
             tracing::debug!(store = %self.name, attempt, error = %failure.error, "redis: retrying");
             tokio::time::sleep(self.retry.backoff(attempt)).await;
         }
+    }
+
+    fn record(&self, operation: &'static str, ok: bool, started: Instant) {
+        backend_metrics::record(BackendEvent::Request {
+            store: backend_metrics::store_label(&self.name),
+            backend: BACKEND,
+            operation,
+            ok,
+            seconds: started.elapsed().as_secs_f64(),
+        });
     }
 
     fn command_deadline_error(&self) -> Error {
@@ -406,6 +432,7 @@ impl Connector {
 
     /// One PING within `health_check_timeout_ms`, no retries.
     pub async fn ping(&self) -> Result<(), Error> {
+        let started = Instant::now();
         let check = async {
             let (generation, mut conn) = self.connection().await.map_err(|f| f.error)?;
             let r: Result<String, RedisError> = redis::cmd("PING").query_async(&mut conn).await;
@@ -417,7 +444,7 @@ impl Connector {
                 f.error
             })
         };
-        match tokio::time::timeout(self.health_timeout, check).await {
+        let r = match tokio::time::timeout(self.health_timeout, check).await {
             Ok(r) => r,
             Err(_) => Err(Error::new(
                 Code::DeadlineExceeded,
@@ -426,8 +453,9 @@ impl Connector {
                     self.health_timeout
                 ),
             )),
-        }
-        .map_err(|e| e.context(format!("redis_store {}", self.name)))
+        };
+        self.record("ping", r.is_ok(), started);
+        r.map_err(|e| e.context(format!("redis_store {}", self.name)))
     }
 }
 

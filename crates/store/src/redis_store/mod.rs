@@ -176,7 +176,7 @@ impl RedisStore {
         cmd.arg(SIZES).arg(1).arg(key);
         let lens: Vec<i64> = self
             .conn
-            .run(&format!("looking up {d}"), query(cmd))
+            .run("lookup", &format!("looking up {d}"), query(cmd))
             .await?;
         Ok(lens.first().and_then(|&n| u64::try_from(n).ok()))
     }
@@ -234,7 +234,7 @@ impl RedisStore {
         };
         let r: i64 = self
             .conn
-            .run(&format!("publishing {d}"), query(commit))
+            .run("publish", &format!("publishing {d}"), query(commit))
             .await?;
         if r == offset as i64 {
             attempt_committed = true;
@@ -279,7 +279,11 @@ impl RedisStore {
         }
         let lens: Vec<i64> = self
             .conn
-            .run(&format!("writing {d} at offset {offset}"), pipeline(p))
+            .run(
+                "write",
+                &format!("writing {d} at offset {offset}"),
+                pipeline(p),
+            )
             .await?;
         let mut want = offset;
         for (piece, got) in pieces.iter().zip(&lens) {
@@ -307,7 +311,7 @@ impl RedisStore {
             cmd.arg(self.key(d));
         }
         let what = format!("looking up {} keys from {}", ds.len(), ds[0]);
-        let r: Vec<i64> = self.conn.run(&what, query(cmd)).await?;
+        let r: Vec<i64> = self.conn.run("lookup", &what, query(cmd)).await?;
         if r.len() != ds.len() {
             return Err(Error::internal(format!(
                 "redis_store {}: {what}: {} answers for {} keys",
@@ -386,7 +390,7 @@ impl Store for RedisStore {
                 let mut cmd = redis::cmd("GETRANGE");
                 cmd.arg(&k).arg(pos).arg(last);
                 let data: Vec<u8> = conn
-                    .run(&format!("reading {digest} at {pos}"), query(cmd))
+                    .run("read", &format!("reading {digest} at {pos}"), query(cmd))
                     .await?;
                 let want = (last + 1 - pos) as usize;
                 if data.len() != want {
@@ -422,7 +426,7 @@ impl Store for RedisStore {
             let conn = self.conn.clone();
             tokio::spawn(async move {
                 let _ = conn
-                    .run("deleting an aborted upload", query::<i64>(del))
+                    .run("delete", "deleting an aborted upload", query::<i64>(del))
                     .await;
             });
         }
