@@ -150,6 +150,42 @@ async fn standard_mode_keeps_the_store_contract_under_nativelink_keys() {
 }
 
 #[tokio::test]
+async fn credentials_in_the_url_are_used_and_a_wrong_password_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_args(
+        dir.path(),
+        common::free_addr().port(),
+        &["--requirepass", "s3cret"],
+    );
+    let blob = Bytes::from(data(5000, 8));
+    let d = DigestFunction::Sha256.compute(&blob);
+    let good = build(&format!(
+        r#"{{addresses: ["redis://:s3cret@127.0.0.1:{}/3"]}}"#,
+        redis.port
+    ))
+    .await;
+    good.put_bytes(&d, blob.clone()).await.unwrap();
+    assert_eq!(read_all(&*good, &d, 0, None).await, blob);
+    // Database 3, as the URL says.
+    let key = format!("{}-{}", d.hash_hex(), d.size());
+    assert_eq!(
+        redis
+            .cli(&["-a", "s3cret", "-n", "3", "STRLEN", &key])
+            .trim(),
+        "5000"
+    );
+    let bad = build(&format!(
+        r#"{{addresses: ["redis://:wrong@127.0.0.1:{}"]}}"#,
+        redis.port
+    ))
+    .await;
+    let e = bad.has(&d).await.expect_err("wrong password");
+    assert_eq!(e.code, Code::PermissionDenied, "{e}");
+    assert!(e.message.contains("redis_store stores.R"), "{e}");
+    assert!(!e.message.contains("wrong"), "the password leaked: {e}");
+}
+
+#[tokio::test]
 async fn key_ttl_applies_to_published_values() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path());

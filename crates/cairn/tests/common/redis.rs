@@ -111,7 +111,11 @@ impl RedisServer {
         wait_until(
             &format!("{program} on port {port} answers PING"),
             Duration::from_secs(20),
-            || cli(port, &["PING"]).trim() == "PONG",
+            || {
+                // A server with a password answers NOAUTH: it is up too.
+                let out = cli(port, &["PING"]);
+                out.trim() == "PONG" || out.contains("NOAUTH")
+            },
         );
     }
 

@@ -495,6 +495,17 @@ fn classify(e: RedisError) -> Failure {
             reconnect: true,
         };
     }
+    if matches!(
+        server_kind,
+        redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::Server(S::NoPerm)
+    ) {
+        // A wrong password or missing ACL permission: no retry will cure it.
+        return Failure {
+            error: Error::new(Code::PermissionDenied, text),
+            retry: false,
+            reconnect: true,
+        };
+    }
     let (code, retry, reconnect) = match e.retry_method() {
         RetryMethod::NoRetry => {
             if text.contains("OOM") {
@@ -502,11 +513,6 @@ fn classify(e: RedisError) -> Failure {
             } else if matches!(server_kind, redis::ErrorKind::Server(S::ReadOnly)) {
                 // A demoted master (sentinel failover): find the new one.
                 (Code::Unavailable, true, true)
-            } else if matches!(
-                server_kind,
-                redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::Server(S::NoPerm)
-            ) {
-                (Code::PermissionDenied, false, false)
             } else {
                 (Code::Internal, false, false)
             }
