@@ -3,7 +3,9 @@
 //! other.
 //!
 //! Guarantees:
-//! - **A reader never sees part of a value.** An upload appends to a temporary key
+//! - **A reader never sees part of a value.** A body of at most one round trip's worth
+//!   (`read_chunk_size * max_chunk_uploads_per_update`, 640 KiB by default) is stored with
+//!   one SET. A larger upload appends to a temporary key
 //!   (`temp-<uuid>-{<key>}`: the braces put it in the final key's cluster slot), each piece
 //!   with a script that appends only at the offset it expects, so a piece lost in a failover
 //!   leaves a hole that is detected rather than filled with zeros; then one script checks the
@@ -74,6 +76,21 @@ elseif n < off + len then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return n
+";
+
+/// Sets KEYS[1] to ARGV[1] with the expiry ARGV[2] (0 for none) and publishes its name to
+/// ARGV[3] (empty for none). Returns the length stored.
+const SET_WHOLE: &str = r"
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+if ARGV[3] ~= '' then
+  redis.call('PUBLISH', ARGV[3], KEYS[1])
+end
+return string.len(ARGV[1])
 ";
 
 /// Publishes KEYS[1] (the temporary key) as KEYS[2] if it holds exactly ARGV[1] bytes, then
@@ -217,6 +234,10 @@ impl RedisStore {
                 break;
             }
         }
+        if offset == 0 {
+            // The whole body fit in one round trip's worth: one SET, atomic by itself.
+            return self.set_whole(d, key, &batch).await;
+        }
         if !batch.is_empty() {
             offset = self.append(d, temp, offset, &batch, temp_ttl).await?;
         }
@@ -254,6 +275,40 @@ impl RedisStore {
             self.conn.name,
             -1 - r
         )))
+    }
+
+    /// Publishes a body held whole (at most one round trip's worth of pieces) with one SET.
+    async fn set_whole(&self, d: &Digest, key: &str, pieces: &[Bytes]) -> Result<(), Error> {
+        let value: Bytes = match pieces {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => {
+                let mut v = bytes::BytesMut::with_capacity(many.iter().map(Bytes::len).sum());
+                for p in many {
+                    v.extend_from_slice(p);
+                }
+                v.freeze()
+            }
+        };
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(SET_WHOLE)
+            .arg(1)
+            .arg(key)
+            .arg(value.as_ref())
+            .arg(self.key_ttl_s)
+            .arg(&self.pub_sub_channel);
+        let n: i64 = self
+            .conn
+            .run("write", &format!("writing {d}"), query(cmd))
+            .await?;
+        if n != value.len() as i64 {
+            return Err(Error::internal(format!(
+                "redis_store {}: writing {d}: Redis stored {n} bytes of {}",
+                self.conn.name,
+                value.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Appends `pieces` at `offset` in one pipeline; returns the new length.
