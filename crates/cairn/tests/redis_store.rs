@@ -185,6 +185,58 @@ async fn credentials_in_the_url_are_used_and_a_wrong_password_is_refused() {
     assert!(!e.message.contains("wrong"), "the password leaked: {e}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_writes_are_published_to_the_pub_sub_channel() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start(dir.path());
+    let store = build(&format!(
+        r#"{{addresses: ["{}"], key_prefix: "p:", experimental_pub_sub_channel: "cairn-writes", read_chunk_size: 1000, max_chunk_uploads_per_update: 2}}"#,
+        redis.url()
+    ))
+    .await;
+    let mut sub = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "SUBSCRIBE", "cairn-writes"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = sub.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The subscription is live once redis-cli printed its confirmation (three lines).
+    for _ in 0..3 {
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    let mut want = Vec::new();
+    for size in [1500, 10_000] {
+        let blob = Bytes::from(data(size, 9));
+        let d = DigestFunction::Sha256.compute(&blob);
+        store.put_bytes(&d, blob).await.unwrap();
+        want.push(format!("p:{}-{size}", d.hash_hex()));
+    }
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a published key");
+        if line.starts_with("p:") {
+            got.push(line);
+        }
+    }
+    let _ = sub.kill();
+    let _ = sub.wait();
+    assert_eq!(got, want);
+}
+
 #[tokio::test]
 async fn key_ttl_applies_to_published_values() {
     let dir = tempfile::tempdir().unwrap();
