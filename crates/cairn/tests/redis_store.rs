@@ -37,7 +37,7 @@ async fn read_all(s: &dyn Store, d: &cairn_core::Digest, off: u64, len: Option<u
         .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standard_mode_keeps_the_store_contract_under_nativelink_keys() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start(dir.path());
@@ -235,6 +235,79 @@ async fn completed_writes_are_published_to_the_pub_sub_channel() {
     let _ = sub.kill();
     let _ = sub.wait();
     assert_eq!(got, want);
+}
+
+/// A Redis out of memory with `noeviction` refuses writes: RESOURCE_EXHAUSTED naming the
+/// store, nothing half-written left; with `allkeys-lru` (what docs/operations.md advises for a
+/// cache) writes go on and old values are evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_refuses_writes_clearly_or_evicts_with_lru() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisServer::start_args(
+        dir.path(),
+        common::free_addr().port(),
+        &["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"],
+    );
+    let config = format!(
+        r#"{{addresses: ["{}"], read_chunk_size: 65536, max_chunk_uploads_per_update: 4}}"#,
+        redis.url()
+    );
+    let store = build(&config).await;
+    let f = DigestFunction::Sha256;
+    let mut refused = None;
+    for i in 0..40u64 {
+        let blob = Bytes::from(data(500_000, 600 + i));
+        if let Err(e) = store.put_bytes(&f.compute(&blob), blob).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("a 4 MB Redis took 20 MB");
+    assert_eq!(e.code, Code::ResourceExhausted, "{e}");
+    assert!(
+        e.message.contains("redis_store stores.R") && e.message.contains("OOM"),
+        "{e}"
+    );
+    redis_kit::wait_until(
+        "the refused upload's temp key is deleted",
+        Duration::from_secs(10),
+        || !redis.cli(&["KEYS", "temp-*"]).contains("temp-"),
+    );
+
+    // With LRU, Redis evicts to make room; an upload whose own temporary key is evicted
+    // under it fails cleanly (the hole is detected), never stores a torn value.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "16mb"]);
+    redis.cli(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"]);
+    let mut stored = Vec::new();
+    for i in 0..60u64 {
+        let blob = Bytes::from(data(500_000, 700 + i));
+        let d = f.compute(&blob);
+        match store.put_bytes(&d, blob.clone()).await {
+            Ok(()) => stored.push((d, blob)),
+            Err(e) => {
+                assert_eq!(e.code, Code::Unavailable, "{e}");
+                assert!(e.message.contains("evicted"), "{e}");
+            }
+        }
+    }
+    eprintln!("allkeys-lru: {} of 60 uploads stored", stored.len());
+    assert!(
+        stored.len() >= 45,
+        "only {} of 60 uploads succeeded",
+        stored.len()
+    );
+    let mut present = 0;
+    for (d, blob) in &stored {
+        if store.has(d).await.unwrap().is_some() {
+            assert_eq!(read_all(&*store, d, 0, None).await, *blob);
+            present += 1;
+        }
+    }
+    assert!(
+        present > 0 && present < stored.len(),
+        "{present} of {} present",
+        stored.len()
+    );
 }
 
 #[tokio::test]

@@ -146,6 +146,7 @@ pub struct Connector {
     pub health_timeout: Duration,
     pub retry: RetryPolicy,
     permits: Semaphore,
+    max_permits: usize,
     /// The current connection and its generation (bumped on each connect).
     slot: Mutex<Option<(u64, Conn)>>,
     generation: AtomicU64,
@@ -259,6 +260,7 @@ impl Connector {
             health_timeout,
             retry: RetryPolicy::from_config(c),
             permits: Semaphore::new(permits),
+            max_permits: permits,
             slot: Mutex::new(None),
             generation: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
@@ -341,11 +343,26 @@ impl Connector {
     where
         F: Fn(Conn) -> futures::future::BoxFuture<'static, Result<T, RedisError>>,
     {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| Error::unavailable(format!("redis_store {}: closed", self.name)))?;
+        // Waiting for a permit is bounded like a command: a store whose every permit is held
+        // (a Redis that is down, each holder in its retry budget) answers, it does not queue
+        // without end.
+        let _permit = match tokio::time::timeout(self.command_timeout, self.permits.acquire()).await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => {
+                return Err(Error::unavailable(format!(
+                    "redis_store {}: closed",
+                    self.name
+                )))
+            }
+            Err(_) => {
+                return Err(Error::unavailable(format!(
+                    "redis_store {}: {what}: all {} permits (max_client_permits) stayed busy for \
+                     {:?} (command_timeout_ms)",
+                    self.name, self.max_permits, self.command_timeout
+                )))
+            }
+        };
         let mut attempt = 0u32;
         let mut first: Option<Error> = None;
         loop {

@@ -271,7 +271,8 @@ impl RedisStore {
         }
         Err(Error::unavailable(format!(
             "redis_store {}: writing {d}: Redis held {} bytes of the {offset} written when the \
-             upload was published (a failover lost some); nothing was stored, retry the upload",
+             upload was published (the temporary key was evicted by the memory policy, or lost \
+             in a failover); nothing was stored, retry the upload",
             self.conn.name,
             -1 - r
         )))
@@ -346,7 +347,8 @@ impl RedisStore {
             if *got < 0 {
                 return Err(Error::unavailable(format!(
                     "redis_store {}: writing {d}: Redis held {} bytes where {} were written \
-                     before (a failover lost some); nothing was stored, retry the upload",
+                     before (the upload's temporary key was evicted by the memory policy, or \
+                     lost in a failover); nothing was stored, retry the upload",
                     self.conn.name,
                     -1 - got,
                     want - piece.len() as u64
