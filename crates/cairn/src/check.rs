@@ -300,11 +300,33 @@ fn store_tree(out: &mut String, label: &str, spec: &StoreSpec, depth: usize) {
             c.bucket.as_deref().unwrap_or("?"),
             c.key_prefix.as_deref().unwrap_or("")
         ),
+        StoreSpec::RedisStore(r) => format!(
+            " mode={} addresses={} key_prefix={}",
+            match r.mode {
+                cairn_config::stores::RedisMode::Standard => "standard",
+                cairn_config::stores::RedisMode::Sentinel => "sentinel",
+                cairn_config::stores::RedisMode::Cluster => "cluster",
+            },
+            r.addresses
+                .iter()
+                .map(|a| redact_userinfo(a))
+                .collect::<Vec<_>>()
+                .join(","),
+            r.key_prefix.as_deref().unwrap_or("")
+        ),
         _ => String::new(),
     };
     out.push_str(&format!("{pad}{label}: {}{detail}\n", spec.kind()));
     for (key, child) in spec.children() {
         store_tree(out, key, child, depth + 1);
+    }
+}
+
+/// `redis://user:secret@host` -> `redis://***@host`: passwords stay out of printed trees.
+fn redact_userinfo(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_string(),
     }
 }
 

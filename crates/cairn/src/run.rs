@@ -130,6 +130,13 @@ async fn serve(
             },
         ));
     }
+    {
+        // Leaf stores' backend requests (Redis, object storage) too.
+        let metrics = metrics.clone();
+        cairn_store::backend_metrics::set_observer(std::sync::Arc::new(move |event| {
+            metrics.backend_event(event)
+        }));
+    }
     if global.disable_metrics {
         metrics.disable();
     }

@@ -374,3 +374,61 @@ fn sigterm_right_after_the_first_listener_drains_cleanly() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
+
+/// A `redis_store` is checked without connecting: check-config prints it (passwords hidden)
+/// and refuses a bad one by key path, like `run`.
+#[test]
+fn redis_store_is_checked_by_key_path_without_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.json5");
+    std::fs::write(
+        &f,
+        r#"{ stores: { CAS: { redis_store: { addresses: ["redis://cairn:s3cret@127.0.0.1:1/2"], mode: "standard", key_prefix: "cas:", max_client_permits: 1000 } } } }"#,
+    )
+    .unwrap();
+    let out = cairn().arg("check-config").arg(&f).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "CAS: redis_store mode=standard addresses=redis://***@127.0.0.1:1/2 key_prefix=cas:"
+        ),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+    for (text, key) in [
+        (
+            r#"{ stores: { CAS: { fast_slow: { fast: { memory: {} }, slow: { redis_store: { addresses: ["http://x"] } } } } } }"#,
+            "stores.CAS.fast_slow.slow.redis_store.addresses[0]",
+        ),
+        (
+            r#"{ stores: { R: { redis_store: { addresses: [] } } } }"#,
+            "stores.R.redis_store.addresses",
+        ),
+        (
+            r#"{ stores: { R: { redis_store: { addresses: ["redis://a:1", "redis://b:1"] } } } }"#,
+            "stores.R.redis_store.addresses: mode standard takes exactly one URL",
+        ),
+        (
+            r#"{ stores: { R: { redis_store: { addresses: ["redis://a:1"], mode: "galaxy" } } } }"#,
+            "stores.R.redis_store.mode",
+        ),
+    ] {
+        std::fs::write(&f, text).unwrap();
+        for verb in ["run", "check-config"] {
+            let out = cairn()
+                .arg(verb)
+                .arg(&f)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{verb} accepted {text}");
+            assert!(err.contains(key), "{verb} {text}: {err}");
+        }
+    }
+}

@@ -303,28 +303,126 @@ pub struct CloudObjectStore {
     pub disable_http2: bool,
 }
 
-/// Redis store (built in a later issue; parses now).
+/// `redis_store`: blobs as Redis string values under `<key_prefix><hash>-<size>` (NativeLink
+/// 1.6.6's keys and defaults; a zero or absent number means its default).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisStore {
+    /// `redis://[user:password@]host:port[/db]` URLs: one server (`standard`), the sentinels
+    /// (`sentinel`; the master's name from `?sentinelServiceName=`, default `master`), or
+    /// the cluster's seed nodes (`cluster`).
     #[serde(default)]
     pub addresses: Vec<String>,
-    #[serde(default)]
-    pub key_prefix: Option<String>,
-    #[serde(default)]
-    pub mode: Option<String>,
+    /// Deprecated in NativeLink and ignored (`command_timeout_ms` replaces it).
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub response_timeout_s: Option<u64>,
+    /// Deprecated: `connection_timeout_ms` in seconds; setting both is an error.
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub connection_timeout_s: Option<u64>,
+    /// Channel to which the name of every key written is published.
     #[serde(default)]
     pub experimental_pub_sub_channel: Option<String>,
+    /// Prepended to every key. Default: empty.
+    #[serde(default)]
+    pub key_prefix: Option<String>,
+    /// `standard` (default), `sentinel` or `cluster`.
+    #[serde(default)]
+    pub mode: RedisMode,
+    /// Deprecated in NativeLink and ignored.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub broadcast_channel_capacity: Option<u64>,
+    /// Time allowed for one command. Default: 10000.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub command_timeout_ms: Option<u64>,
+    /// Time allowed for connecting. Default: 3000.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub connection_timeout_ms: Option<u64>,
+    /// Time allowed for the health check's PING. Default: 4000.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub health_check_timeout_ms: Option<u64>,
+    /// Bytes per GETRANGE of a read, and per piece of an upload. Default: 64 KiB.
     #[serde(default)]
     pub read_chunk_size: Option<ByteSize>,
+    /// Connections kept open. Default: 3.
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub connection_pool_size: Option<u64>,
+    /// Expire written keys after this many seconds. Default: 0 (never).
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub key_ttl_s: Option<u64>,
+    /// Upload pieces sent per round trip. Default: 10.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_chunk_uploads_per_update: Option<u64>,
+    /// COUNT of SCAN calls. Default: 10000.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub scan_count: Option<u64>,
     #[serde(default)]
     pub retry: Option<Retry>,
+    /// Commands in flight at once. Default: 500.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_client_permits: Option<u64>,
+    /// Items per cursor of the scheduler's search indexes. Default: 1500.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_count_per_cursor: Option<u64>,
+}
+
+/// How a `redis_store` reaches Redis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    #[default]
+    Standard,
+    Sentinel,
+    Cluster,
+}
+
+#[cfg(test)]
+mod redis_store_tests {
+    use super::*;
+
+    /// Every key of NativeLink 1.6.6's `redis_store`, numbers as numbers or strings.
+    #[test]
+    fn every_nativelink_key_parses() {
+        let cfg = crate::parse_str(
+            "r.json5",
+            r#"{stores: {R: {redis_store: {
+                addresses: ["redis+sentinel://127.0.0.1:26379/?sentinelServiceName=cache"],
+                response_timeout_s: 10, connection_timeout_s: 0,
+                experimental_pub_sub_channel: "writes", key_prefix: "cas:",
+                mode: "sentinel", broadcast_channel_capacity: 4096,
+                command_timeout_ms: "5000", connection_timeout_ms: 2000,
+                health_check_timeout_ms: 1000, read_chunk_size: "128KiB",
+                connection_pool_size: 3, key_ttl_s: 86400,
+                max_chunk_uploads_per_update: 10, scan_count: 10000,
+                retry: {max_retries: 6, delay: 0.3, jitter: 0.5},
+                max_client_permits: 1000, max_count_per_cursor: 1500,
+            }}}}"#,
+        )
+        .unwrap();
+        let StoreSpec::RedisStore(r) = cfg.stores.get("R").unwrap() else {
+            panic!("redis_store expected")
+        };
+        assert_eq!(r.mode, RedisMode::Sentinel);
+        assert_eq!(r.command_timeout_ms, Some(5000));
+        assert_eq!(r.read_chunk_size.unwrap().get(), 128 * 1024);
+        assert_eq!(r.key_ttl_s, Some(86400));
+        assert_eq!(r.key_prefix.as_deref(), Some("cas:"));
+        let e = crate::parse_str(
+            "r.json5",
+            r#"{stores: {R: {redis_store: {addresses: ["redis://h"], mode: "replicated"}}}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("stores.R.redis_store.mode"), "{e}");
+        let cfg = crate::parse_str(
+            "r.json5",
+            r#"{stores: {R: {redis_store: {addresses: ["redis://h"]}}}}"#,
+        )
+        .unwrap();
+        let StoreSpec::RedisStore(r) = cfg.stores.get("R").unwrap() else {
+            panic!("redis_store expected")
+        };
+        assert_eq!(r.mode, RedisMode::Standard);
+    }
 }
 
 /// A remote REAPI CAS or AC (built in a later issue; parses now).

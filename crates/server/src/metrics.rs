@@ -73,6 +73,17 @@ pub struct CacheOpDurationLabels {
     pub cache_operation_name: &'static str,
 }
 
+/// A request to a remote backend of a leaf store (`cairn_store::backend_metrics`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// The store's key path without `stores.` (`CAS`, `CAS.fast_slow.slow`).
+    pub store: String,
+    /// The store kind (`redis_store`, ...).
+    pub backend: &'static str,
+    /// A fixed word per backend (`lookup`, `read`, `write`, ...).
+    pub operation: &'static str,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -149,6 +160,10 @@ pub struct Metrics {
     pub cache_operations: Family<CacheOpLabels, Counter>,
     pub cache_size: Family<CacheTypeLabels, Gauge>,
     pub cache_operation_duration: HistogramFamily<CacheOpDurationLabels>,
+    pub backend_requests: Family<BackendLabels, Counter>,
+    pub backend_request_errors: Family<BackendLabels, Counter>,
+    pub backend_retries: Family<BackendLabels, Counter>,
+    pub backend_request_duration: HistogramFamily<BackendLabels>,
     /// `global.disable_metrics`: no `/metrics` route and no OTLP metric export.
     disabled: std::sync::atomic::AtomicBool,
 }
@@ -186,6 +201,12 @@ impl Metrics {
             cache_operations: Default::default(),
             cache_size: Default::default(),
             cache_operation_duration: HistogramFamily::new_with_constructor(
+                duration_histogram as fn() -> Histogram,
+            ),
+            backend_requests: Default::default(),
+            backend_request_errors: Default::default(),
+            backend_retries: Default::default(),
+            backend_request_duration: HistogramFamily::new_with_constructor(
                 duration_histogram as fn() -> Histogram,
             ),
             disabled: Default::default(),
@@ -289,6 +310,26 @@ impl Metrics {
             "cache_operation_duration_seconds",
             "Store operation latency by cache_type and operation",
             m.cache_operation_duration.clone(),
+        );
+        r.register(
+            "store_backend_requests",
+            "Request attempts from leaf stores to their backends (Redis, object storage), by store, backend and operation",
+            m.backend_requests.clone(),
+        );
+        r.register(
+            "store_backend_request_errors",
+            "Backend request attempts that failed (each retried attempt counts), by store, backend and operation",
+            m.backend_request_errors.clone(),
+        );
+        r.register(
+            "store_backend_retries",
+            "Backend requests tried again after a failure, by store, backend and operation",
+            m.backend_retries.clone(),
+        );
+        r.register(
+            "store_backend_request_duration_seconds",
+            "Backend request attempt latency, by store, backend and operation",
+            m.backend_request_duration.clone(),
         );
         *m.registry.lock() = r;
         Arc::new(m)
@@ -402,6 +443,46 @@ impl Metrics {
                 cache_operation_name: name,
             })
             .observe(seconds);
+    }
+
+    /// Counts one event of a store's backend client.
+    pub fn backend_event(&self, event: &cairn_store::backend_metrics::BackendEvent<'_>) {
+        use cairn_store::backend_metrics::BackendEvent;
+        match *event {
+            BackendEvent::Request {
+                store,
+                backend,
+                operation,
+                ok,
+                seconds,
+            } => {
+                let labels = BackendLabels {
+                    store: store.to_string(),
+                    backend,
+                    operation,
+                };
+                self.backend_requests.get_or_create(&labels).inc();
+                if !ok {
+                    self.backend_request_errors.get_or_create(&labels).inc();
+                }
+                self.backend_request_duration
+                    .get_or_create(&labels)
+                    .observe(seconds);
+            }
+            BackendEvent::Retry {
+                store,
+                backend,
+                operation,
+            } => {
+                self.backend_retries
+                    .get_or_create(&BackendLabels {
+                        store: store.to_string(),
+                        backend,
+                        operation,
+                    })
+                    .inc();
+            }
+        }
     }
 
     /// Counts one answered execution.

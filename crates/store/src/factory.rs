@@ -15,7 +15,7 @@ use cairn_core::Error;
 
 use crate::{
     completeness_checking, compression, dedup, existence_cache, fast_slow, filesystem, grpc,
-    memory, noop, ref_store, shard, size_partitioning, verify, StoreRef,
+    memory, noop, redis_store, ref_store, shard, size_partitioning, verify, StoreRef,
 };
 
 /// Top-level stores by name.
@@ -42,7 +42,6 @@ pub struct StoreTree {
 pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
     match spec {
         StoreSpec::ExperimentalCloudObjectStore(_)
-        | StoreSpec::RedisStore(_)
         | StoreSpec::OntapS3ExistenceCache(_)
         | StoreSpec::ExperimentalMongo(_) => {
             return Err(Error::unimplemented(format!(
@@ -53,6 +52,9 @@ pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
         }
         StoreSpec::Grpc(c) => {
             grpc::check(c).map_err(|e| e.context(path))?;
+        }
+        StoreSpec::RedisStore(c) => {
+            redis_store::RedisStore::new(path, c)?;
         }
         _ => {}
     }
@@ -222,8 +224,8 @@ impl<'a> Builder<'a> {
                 StoreSpec::Grpc(c) => {
                     Arc::new(grpc::GrpcStore::new(c).map_err(|e| e.context(&path))?)
                 }
+                StoreSpec::RedisStore(c) => Arc::new(redis_store::RedisStore::new(&path, c)?),
                 StoreSpec::ExperimentalCloudObjectStore(_)
-                | StoreSpec::RedisStore(_)
                 | StoreSpec::OntapS3ExistenceCache(_)
                 | StoreSpec::ExperimentalMongo(_) => {
                     return Err(check_spec(spec, &path).err().unwrap_or_else(|| {

@@ -1,6 +1,6 @@
 //! The [`Store`] trait and one module per store kind, named as its config key.
 //!
-//! A leaf store (memory, filesystem, noop) does I/O; a wrapper store (fast_slow, verify,
+//! A leaf store (memory, filesystem, noop, grpc, redis_store) does I/O; a wrapper store (fast_slow, verify,
 //! compression, dedup, size_partitioning, shard, existence_cache, completeness_checking,
 //! ref_store) holds other stores and adds one behaviour. [`factory::build_stores`] turns the
 //! config's `stores` into a name -> store map; it and the config enum are the only places that
@@ -9,6 +9,7 @@
 //! Contract of every store: a `put` becomes visible only when complete (readers never see half
 //! a blob); `get` of a missing key is NOT_FOUND; bodies are streamed in bounded chunks.
 
+pub mod backend_metrics;
 pub mod cache_metrics;
 pub mod channel;
 pub mod completeness_checking;
@@ -22,6 +23,7 @@ pub mod filesystem;
 pub mod grpc;
 pub mod memory;
 pub mod noop;
+pub mod redis_store;
 pub mod ref_store;
 pub mod shard;
 pub mod size_partitioning;
