@@ -14,8 +14,8 @@ use cairn_config::NamedList;
 use cairn_core::Error;
 
 use crate::{
-    completeness_checking, compression, dedup, existence_cache, fast_slow, filesystem, grpc,
-    memory, noop, ref_store, shard, size_partitioning, verify, StoreRef,
+    cloud_object_store, completeness_checking, compression, dedup, existence_cache, fast_slow,
+    filesystem, grpc, memory, noop, ref_store, shard, size_partitioning, verify, StoreRef,
 };
 
 /// Top-level stores by name.
@@ -41,8 +41,8 @@ pub struct StoreTree {
 /// Building calls it first, and `cairn check-config` calls it, so both give the same verdict.
 pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
     match spec {
-        StoreSpec::ExperimentalCloudObjectStore(_)
-        | StoreSpec::RedisStore(_)
+        StoreSpec::ExperimentalCloudObjectStore(c) => cloud_object_store::check(c, path)?,
+        StoreSpec::RedisStore(_)
         | StoreSpec::OntapS3ExistenceCache(_)
         | StoreSpec::ExperimentalMongo(_) => {
             return Err(Error::unimplemented(format!(
@@ -222,8 +222,10 @@ impl<'a> Builder<'a> {
                 StoreSpec::Grpc(c) => {
                     Arc::new(grpc::GrpcStore::new(c).map_err(|e| e.context(&path))?)
                 }
-                StoreSpec::ExperimentalCloudObjectStore(_)
-                | StoreSpec::RedisStore(_)
+                StoreSpec::ExperimentalCloudObjectStore(c) => {
+                    Arc::new(cloud_object_store::CloudObjectStore::new(c, &path)?)
+                }
+                StoreSpec::RedisStore(_)
                 | StoreSpec::OntapS3ExistenceCache(_)
                 | StoreSpec::ExperimentalMongo(_) => {
                     return Err(check_spec(spec, &path).err().unwrap_or_else(|| {
@@ -269,7 +271,7 @@ mod tests {
         assert!(e.message.contains("cycle"), "{e}");
         let cfg = cairn_config::parse_str(
             "t.json5",
-            r#"{stores: {S3: {experimental_cloud_object_store: {provider: "aws"}}}}"#,
+            r#"{stores: {S3: {redis_store: {addresses: ["redis://127.0.0.1:1"]}}}}"#,
         )
         .unwrap();
         let e = build_stores(&cfg.stores).await.err().unwrap();

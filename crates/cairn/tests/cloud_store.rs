@@ -1,0 +1,416 @@
+//! `experimental_cloud_object_store` end to end: the real binary over a real S3 API server
+//! (`moto_server`), reached through `AWS_ENDPOINT_URL` as NativeLink reads it, serving
+//! ByteStream, the CAS and the AC over gRPC; two processes sharing a bucket; and a
+//! fault-injecting proxy between Cairn and the server (failures retried away, a dead backend
+//! reported as UNAVAILABLE and by `/status`, recovery without a restart).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::bytestream::byte_stream_client::ByteStreamClient;
+use cairn_core::proto::google::bytestream::{ReadRequest, WriteRequest};
+use cairn_core::{Digest, DigestFunction};
+use common::emulators::Moto;
+use common::fault_proxy::FaultProxy;
+use common::{data, Cairn};
+use futures::StreamExt;
+use re::action_cache_client::ActionCacheClient;
+use re::content_addressable_storage_client::ContentAddressableStorageClient;
+use tonic::transport::Channel;
+
+fn sha(d: &[u8]) -> Digest {
+    DigestFunction::Sha256.compute(d)
+}
+
+/// CAS: verify over fast_slow (memory over S3); AC: S3 under its own prefix.
+const CONFIG: &str = r#"{
+  stores: {
+    CAS: { verify: { verify_size: true, verify_hash: true, backend: { fast_slow: {
+      fast: @FAST@,
+      slow: { experimental_cloud_object_store: {
+        provider: "aws", region: "us-east-1", bucket: "cas", key_prefix: "cas/",
+        insecure_allow_http: true, multipart_max_concurrent_uploads: 2,
+        retry: { max_retries: @RETRIES@, delay: 0.02, jitter: 0.5 },
+      } },
+    } } } },
+    AC: { experimental_cloud_object_store: {
+      provider: "aws", region: "us-east-1", bucket: "cas", key_prefix: "ac/",
+      insecure_allow_http: true,
+      retry: { max_retries: @RETRIES@, delay: 0.02, jitter: 0.5 },
+    } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "127.0.0.1:0" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      ac: [{ instance_name: "", ac_store: "AC" }],
+      bytestream: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+      health: {},
+    },
+  }],
+}"#;
+
+/// A memory fast tier.
+const MEMORY: &str = r#"{ memory: { eviction_policy: { max_bytes: "64mb" } } }"#;
+/// A fast tier that keeps nothing: every read goes to S3.
+const NONE: &str = "{ noop: {} }";
+
+/// Starts Cairn in `dir` with the S3 API at `endpoint` and `fast` as the CAS's fast tier.
+fn start(dir: &Path, moto: &Moto, endpoint: &str, fast: &str, retries: u32) -> Cairn {
+    let config = dir.join("cloud.json5");
+    let text = CONFIG
+        .replace("@FAST@", fast)
+        .replace("@RETRIES@", &retries.to_string());
+    std::fs::write(&config, text).unwrap();
+    Cairn::start_config_env(dir, &config, &moto.aws_env(endpoint))
+}
+
+struct Clients {
+    cas: ContentAddressableStorageClient<Channel>,
+    ac: ActionCacheClient<Channel>,
+    bs: ByteStreamClient<Channel>,
+}
+
+async fn clients(c: &Cairn) -> Clients {
+    let ch = c.channel().await;
+    Clients {
+        cas: ContentAddressableStorageClient::new(ch.clone()).max_decoding_message_size(64 << 20),
+        ac: ActionCacheClient::new(ch.clone()),
+        bs: ByteStreamClient::new(ch).max_decoding_message_size(64 << 20),
+    }
+}
+
+async fn write(bs: &mut ByteStreamClient<Channel>, blob: &[u8]) -> Result<i64, tonic::Status> {
+    let d = sha(blob);
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
+    let chunk = 1 << 20;
+    let mut msgs: Vec<WriteRequest> = blob
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i * chunk) as i64,
+            finish_write: false,
+            data: c.to_vec(),
+        })
+        .collect();
+    msgs.last_mut().unwrap().finish_write = true;
+    bs.write(futures::stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner().committed_size)
+}
+
+async fn read(
+    bs: &mut ByteStreamClient<Channel>,
+    d: &Digest,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut s = bs
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash_hex(), d.size()),
+            read_offset: offset,
+            read_limit: limit,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.next().await {
+        out.extend_from_slice(&m?.data);
+    }
+    Ok(out)
+}
+
+async fn missing(cas: &mut ContentAddressableStorageClient<Channel>, ds: &[Digest]) -> Vec<Digest> {
+    let r = cas
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            blob_digests: ds.iter().map(|d| d.to_proto()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.missing_blob_digests
+        .iter()
+        .map(|d| Digest::from_proto_with(DigestFunction::Sha256, d).unwrap())
+        .collect()
+}
+
+async fn batch_put(cas: &mut ContentAddressableStorageClient<Channel>, blobs: &[Vec<u8>]) {
+    let requests = blobs
+        .iter()
+        .map(|b| re::batch_update_blobs_request::Request {
+            digest: Some(sha(b).to_proto()),
+            data: b.clone(),
+            compressor: 0,
+        })
+        .collect();
+    let r = cas
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for resp in r.responses {
+        let status = resp.status.unwrap();
+        assert_eq!(status.code, 0, "{}", status.message);
+    }
+}
+
+fn action_result(marker: &[u8]) -> re::ActionResult {
+    re::ActionResult {
+        exit_code: 3,
+        stdout_raw: marker.to_vec(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn bytestream_cas_and_ac_through_verify_and_fast_slow_over_s3() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Every read comes from S3.
+    let c = start(dir.path(), &moto, &moto.endpoint(), NONE, 3);
+    let mut cl = clients(&c).await;
+
+    // A blob of several multipart parts (5 MiB each), through ByteStream.
+    let big = data(11 << 20, 1);
+    let db = sha(&big);
+    assert_eq!(write(&mut cl.bs, &big).await.unwrap(), big.len() as i64);
+    assert!(read(&mut cl.bs, &db, 0, 0).await.unwrap() == big);
+    let part = read(&mut cl.bs, &db, (5 << 20) - 7, 1000).await.unwrap();
+    assert_eq!(part, big[(5 << 20) - 7..(5 << 20) - 7 + 1000]);
+    let tail = read(&mut cl.bs, &db, big.len() as i64 - 5, 0)
+        .await
+        .unwrap();
+    assert_eq!(tail, big[big.len() - 5..]);
+    let e = read(&mut cl.bs, &db, big.len() as i64 + 1, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    // It is in the bucket under the prefix, named as NativeLink names it.
+    let object = format!("/cas/cas/{}-{}", db.hash_hex(), db.size());
+    assert_eq!(moto.request("HEAD", &object).await.unwrap(), 200);
+
+    // Small blobs through BatchUpdateBlobs; FindMissingBlobs over present and absent ones.
+    let small: Vec<Vec<u8>> = (0..20).map(|i| data(100 + i, 100 + i as u64)).collect();
+    batch_put(&mut cl.cas, &small).await;
+    let mut ds: Vec<Digest> = small.iter().map(|b| sha(b)).collect();
+    let absent: Vec<Digest> = (0..200)
+        .map(|i| sha(format!("absent {i}").as_bytes()))
+        .collect();
+    ds.extend(absent.iter().cloned());
+    ds.push(db);
+    let mut got = missing(&mut cl.cas, &ds).await;
+    got.sort_by_key(|d| d.hash_hex());
+    let mut want = absent.clone();
+    want.sort_by_key(|d| d.hash_hex());
+    assert_eq!(got, want);
+
+    // A write whose data does not match its digest stores nothing, here or in S3.
+    let liar = data(6 << 20, 9);
+    let claimed = sha(&data(6 << 20, 10));
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        claimed.hash_hex(),
+        claimed.size()
+    );
+    let msgs: Vec<WriteRequest> = liar
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, ch)| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i << 20) as i64,
+            finish_write: i == 5,
+            data: ch.to_vec(),
+        })
+        .collect();
+    let e = cl.bs.write(futures::stream::iter(msgs)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(missing(&mut cl.cas, &[claimed]).await, vec![claimed]);
+    let object = format!("/cas/cas/{}-{}", claimed.hash_hex(), claimed.size());
+    assert_eq!(moto.request("HEAD", &object).await.unwrap(), 404);
+
+    // The action cache in the same bucket under its own prefix.
+    let action = sha(b"an action");
+    let result = action_result(b"from s3");
+    cl.ac
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let back = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.stdout_raw, result.stdout_raw);
+    let e = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(sha(b"never run").to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
+}
+
+#[tokio::test]
+async fn two_processes_sharing_a_bucket_see_each_others_blobs() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), &moto, &moto.endpoint(), MEMORY, 3);
+    let b = start(db.path(), &moto, &moto.endpoint(), MEMORY, 3);
+    let (mut ca, mut cb) = (clients(&a).await, clients(&b).await);
+
+    let blob = data(7 << 20, 5);
+    let d = sha(&blob);
+    assert_eq!(missing(&mut cb.cas, &[d]).await, vec![d]);
+    write(&mut ca.bs, &blob).await.unwrap();
+    assert!(missing(&mut cb.cas, &[d]).await.is_empty());
+    assert!(read(&mut cb.bs, &d, 0, 0).await.unwrap() == blob);
+
+    let small = vec![data(300, 6)];
+    batch_put(&mut cb.cas, &small).await;
+    let r = ca
+        .cas
+        .batch_read_blobs(re::BatchReadBlobsRequest {
+            digests: vec![sha(&small[0]).to_proto()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.responses[0].data, small[0]);
+
+    let action = sha(b"shared action");
+    cb.ac
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(action_result(b"b wrote this")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = ca
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stdout_raw, b"b wrote this");
+}
+
+#[tokio::test]
+async fn uploads_and_reads_succeed_when_a_fifth_of_backend_requests_fail() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Every read goes to S3 through the proxy.
+    let c = start(dir.path(), &moto, &proxy.endpoint(), NONE, 10);
+    let mut cl = clients(&c).await;
+    proxy.set_failure_percent(20);
+
+    let big = data(12 << 20, 21);
+    let small: Vec<Vec<u8>> = (0..30).map(|i| data(2000 + i, 200 + i as u64)).collect();
+    write(&mut cl.bs, &big).await.unwrap();
+    batch_put(&mut cl.cas, &small).await;
+    let mut ds: Vec<Digest> = small.iter().map(|b| sha(b)).collect();
+    ds.push(sha(&big));
+    for _ in 0..3 {
+        assert!(missing(&mut cl.cas, &ds).await.is_empty());
+        assert!(read(&mut cl.bs, &sha(&big), 0, 0).await.unwrap() == big);
+        for b in &small[..10] {
+            assert_eq!(&read(&mut cl.bs, &sha(b), 0, 0).await.unwrap(), b);
+        }
+    }
+    let (requests, faults) = proxy.counts();
+    eprintln!("fault proxy: {faults} of {requests} backend requests failed");
+    assert!(
+        requests > 100 && faults * 100 >= requests * 10,
+        "{faults} of {requests}"
+    );
+    // What S3 holds is exactly what was written.
+    proxy.set_failure_percent(0);
+    let object = format!("/cas/cas/{}-{}", sha(&big).hash_hex(), big.len());
+    assert_eq!(moto.request("HEAD", &object).await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn a_dead_backend_is_unavailable_naming_the_store_until_it_returns() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &moto, &proxy.endpoint(), NONE, 2);
+    let mut cl = clients(&c).await;
+    let blob = data(5000, 31);
+    batch_put(&mut cl.cas, std::slice::from_ref(&blob)).await;
+
+    proxy.set_down(true);
+    let e = read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("stores.CAS"), "{e:?}");
+    let e = cl
+        .cas
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            blob_digests: vec![sha(&blob).to_proto()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("experimental_cloud_object_store")
+            || e.message().contains("stores.CAS"),
+        "{e:?}"
+    );
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("stores/CAS") && body.contains("stores.CAS"),
+        "{body}"
+    );
+
+    // Back up: the server recovers by itself.
+    proxy.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = common::http_get(c.addr, "/status").await;
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still unhealthy: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
+}

@@ -1,0 +1,592 @@
+//! `experimental_cloud_object_store`: blobs as objects in a bucket (S3 and the S3-compatible
+//! ONTAP, R2 and OCI; GCS; Azure Blob), one object per key, named `{key_prefix}{hash}-{size}`
+//! as NativeLink names them, so that NativeLink and Cairn can share a bucket.
+//!
+//! Built on the `object_store` crate's clients, one file per provider turning the config into
+//! a client ([`aws`], [`ontap`], [`r2`], [`oci`]); this module holds what every provider
+//! shares:
+//! - **Reads stream.** A GET with a range, its body passed on chunk by chunk. A body that
+//!   breaks is resumed at the next unread byte (same object version: `If-Match` on its ETag),
+//!   so a reader never receives a byte twice or a byte of another version.
+//! - **Uploads are never visible in part.** A body shorter than one part is one PUT; a longer
+//!   one is a multipart upload, completed only after the body ended cleanly (services end a
+//!   body with an error when its size or hash is wrong), and aborted otherwise. Memory is at
+//!   most `multipart_max_concurrent_uploads + 1` parts per upload whatever the blob size.
+//! - **Retries** ([`retry`]) repeat one request from data the store still holds: a part's
+//!   buffer, the next unread offset, a PUT body up to `max_retry_buffer_per_request`.
+//! - **Existence** (`has_many`) is a HEAD per key, at most [`HAS_CONCURRENCY`] at once; an
+//!   object older than `consider_expired_after_s` counts as missing (the client uploads it
+//!   again, which refreshes it), as in NativeLink.
+//! - Every error names the store's key path and the object, with a gRPC code: UNAVAILABLE when
+//!   the backend could not be reached or failed.
+
+pub mod aws;
+pub mod metrics;
+pub mod ontap;
+pub mod r2;
+pub mod retry;
+pub mod transport;
+
+pub mod oci;
+mod upload;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cairn_config::stores::CloudObjectStore as Spec;
+use cairn_core::{BlobStream, Code, Digest, Error};
+use futures::{StreamExt, TryStreamExt};
+use object_store::multipart::MultipartStore;
+use object_store::path::Path;
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, RetryConfig};
+
+use crate::{check_range, Health, Store, StoreInfo};
+use metrics::{BackendCounts, BackendEvents};
+use retry::RetryPolicy;
+use transport::{classify, CountingConnector};
+
+/// HEAD requests of one `has_many` in flight at once.
+pub const HAS_CONCURRENCY: usize = 64;
+/// Default of `max_retry_buffer_per_request` (NativeLink's).
+const DEFAULT_MAX_RETRY_BUFFER: u64 = 5 * 1024 * 1024;
+/// Default of `multipart_max_concurrent_uploads` (NativeLink's).
+const DEFAULT_MAX_CONCURRENT_PARTS: u64 = 10;
+/// A request that is not a streamed body must answer within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A streamed body (a GET's, a part's) may go this long without progress.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A health check gets one attempt of at most this.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The providers and the keys each takes beside the common ones.
+const PROVIDERS: &[(&str, &[&str])] = &[
+    ("aws", &["region", "bucket"]),
+    (
+        "gcs",
+        &[
+            "bucket",
+            "resumable_chunk_size",
+            "authentication_required",
+            "connection_timeout_s",
+            "read_timeout_s",
+        ],
+    ),
+    (
+        "azure",
+        &["account_name", "container", "endpoint", "sas_url"],
+    ),
+    (
+        "ontap",
+        &["endpoint", "vserver_name", "bucket", "root_certificates"],
+    ),
+    (
+        "r2",
+        &["account_id", "bucket", "access_key_id", "secret_access_key"],
+    ),
+    (
+        "oci",
+        &[
+            "namespace",
+            "region",
+            "bucket",
+            "access_key_id",
+            "secret_access_key",
+        ],
+    ),
+];
+
+/// The provider-specific keys present in a spec, by name.
+fn present_keys(s: &Spec) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    let mut note = |name: &'static str, set: bool| {
+        if set {
+            keys.push(name)
+        }
+    };
+    note("region", s.region.is_some());
+    note("bucket", s.bucket.is_some());
+    note("resumable_chunk_size", s.resumable_chunk_size.is_some());
+    note(
+        "authentication_required",
+        s.authentication_required.is_some(),
+    );
+    note("connection_timeout_s", s.connection_timeout_s.is_some());
+    note("read_timeout_s", s.read_timeout_s.is_some());
+    note("account_name", s.account_name.is_some());
+    note("container", s.container.is_some());
+    note("endpoint", s.endpoint.is_some());
+    note("sas_url", s.sas_url.is_some());
+    note("vserver_name", s.vserver_name.is_some());
+    note("root_certificates", s.root_certificates.is_some());
+    note("account_id", s.account_id.is_some());
+    note("access_key_id", s.access_key_id.is_some());
+    note("secret_access_key", s.secret_access_key.is_some());
+    note("namespace", s.namespace.is_some());
+    keys
+}
+
+/// A required string key: present and not empty.
+pub(crate) fn required<'a>(
+    value: &'a Option<String>,
+    key: &str,
+    at: &str,
+) -> Result<&'a str, Error> {
+    match value.as_deref() {
+        Some(v) if !v.trim().is_empty() => Ok(v),
+        _ => Err(Error::invalid_argument(format!(
+            "{at}.{key}: required for this provider"
+        ))),
+    }
+}
+
+/// Every check of the spec that needs no network: a known provider, only its keys, its
+/// required keys, and values in range. `path` is the store's key path (`stores.CAS`).
+pub fn check(spec: &Spec, path: &str) -> Result<(), Error> {
+    let at = format!("{path}.experimental_cloud_object_store");
+    let names: Vec<&str> = PROVIDERS.iter().map(|(p, _)| *p).collect();
+    let provider = spec.provider.as_deref().ok_or_else(|| {
+        Error::invalid_argument(format!(
+            "{at}.provider: required (one of {})",
+            names.join(", ")
+        ))
+    })?;
+    let Some((provider, allowed)) = PROVIDERS.iter().find(|(p, _)| *p == provider) else {
+        return Err(Error::invalid_argument(format!(
+            "{at}.provider: unknown provider {provider:?} (expected one of {})",
+            names.join(", ")
+        )));
+    };
+    for key in present_keys(spec) {
+        if !allowed.contains(&key) {
+            let owners: Vec<&str> = PROVIDERS
+                .iter()
+                .filter(|(_, keys)| keys.contains(&key))
+                .map(|(p, _)| *p)
+                .collect();
+            let hint = if key == "endpoint" && *provider == "aws" {
+                "; for an S3-compatible endpoint set AWS_ENDPOINT_URL in the environment".into()
+            } else {
+                String::new()
+            };
+            return Err(Error::invalid_argument(format!(
+                "{at}.{key}: not a key of provider `{provider}` (it belongs to {}){hint}",
+                owners.join(", ")
+            )));
+        }
+    }
+    RetryPolicy::from_config(spec.retry.as_ref(), &format!("{at}.retry"))?;
+    if spec.multipart_max_concurrent_uploads == Some(0) {
+        return Err(Error::invalid_argument(format!(
+            "{at}.multipart_max_concurrent_uploads: must be at least 1"
+        )));
+    }
+    match *provider {
+        "aws" => aws::check(spec, &at),
+        "ontap" => ontap::check(spec, &at),
+        "r2" => r2::check(spec, &at),
+        "oci" => oci::check(spec, &at),
+        other => Err(Error::unimplemented(format!(
+            "{at}.provider: `{other}` parses but is not built yet in this version of Cairn \
+             (aws, ontap, r2 and oci are)"
+        ))),
+    }
+}
+
+/// What a provider file hands back: one client seen through both of its interfaces.
+pub struct Client {
+    pub objects: Arc<dyn ObjectStore>,
+    pub multipart: Arc<dyn MultipartStore>,
+    /// For messages and `check-config`: `bucket "b"`, `container "c"`.
+    pub location: String,
+}
+
+/// Client options every provider shares: HTTP/2 allowed unless `disable_http2`, plain HTTP
+/// only with `insecure_allow_http`, a connect timeout; whole-request timeouts are the store's.
+pub(crate) fn client_options(spec: &Spec) -> ClientOptions {
+    let options = ClientOptions::new()
+        .with_allow_http(spec.insecure_allow_http)
+        .with_connect_timeout(Duration::from_secs(15))
+        .with_timeout_disabled();
+    if spec.disable_http2 {
+        options.with_http1_only()
+    } else {
+        options.with_allow_http2()
+    }
+}
+
+/// `object_store`'s own retries are off: the store retries, and counts, each operation.
+pub(crate) fn no_client_retries() -> RetryConfig {
+    RetryConfig {
+        max_retries: 0,
+        ..RetryConfig::default()
+    }
+}
+
+/// The store; clones share one client.
+#[derive(Clone)]
+pub struct CloudObjectStore(Arc<Inner>);
+
+pub(crate) struct Inner {
+    /// Key path and location, the prefix of every message.
+    name: String,
+    client: Client,
+    key_prefix: String,
+    retry: RetryPolicy,
+    expire_after_s: u64,
+    max_retry_buffer: u64,
+    max_concurrent_parts: usize,
+    events: Arc<BackendEvents>,
+}
+
+impl CloudObjectStore {
+    /// Builds the client of the spec's provider. `path` is the store's key path.
+    pub fn new(spec: &Spec, path: &str) -> Result<CloudObjectStore, Error> {
+        check(spec, path)?;
+        let at = format!("{path}.experimental_cloud_object_store");
+        let provider: &'static str = PROVIDERS
+            .iter()
+            .map(|(p, _)| *p)
+            .find(|p| Some(*p) == spec.provider.as_deref())
+            .unwrap_or("aws"); // checked above
+        let events = Arc::new(BackendEvents::new(path, provider));
+        let connector = CountingConnector {
+            events: events.clone(),
+        };
+        let client = match provider {
+            "aws" => aws::client(spec, &at, connector)?,
+            "ontap" => ontap::client(spec, &at, connector)?,
+            "r2" => r2::client(spec, &at, connector)?,
+            "oci" => oci::client(spec, &at, connector)?,
+            other => {
+                return Err(Error::unimplemented(format!(
+                    "{at}.provider: `{other}` is not built yet"
+                )))
+            }
+        };
+        CloudObjectStore::with_client(spec, path, events, client)
+    }
+
+    /// A store over a client already built (the provider files' or a test's).
+    pub(crate) fn with_client(
+        spec: &Spec,
+        path: &str,
+        events: Arc<BackendEvents>,
+        client: Client,
+    ) -> Result<CloudObjectStore, Error> {
+        let at = format!("{path}.experimental_cloud_object_store");
+        Ok(CloudObjectStore(Arc::new(Inner {
+            name: format!("{path} ({} {})", events.provider(), client.location),
+            client,
+            key_prefix: spec.key_prefix.clone().unwrap_or_default(),
+            retry: RetryPolicy::from_config(spec.retry.as_ref(), &format!("{at}.retry"))?,
+            expire_after_s: spec.consider_expired_after_s.unwrap_or(0),
+            max_retry_buffer: spec
+                .max_retry_buffer_per_request
+                .map_or(DEFAULT_MAX_RETRY_BUFFER, |b| b.0),
+            max_concurrent_parts: usize::try_from(
+                spec.multipart_max_concurrent_uploads
+                    .unwrap_or(DEFAULT_MAX_CONCURRENT_PARTS),
+            )
+            .unwrap_or(usize::MAX),
+            events,
+        })))
+    }
+
+    /// Requests, errors and retries so far.
+    pub fn backend_counts(&self) -> BackendCounts {
+        self.0.events.counts()
+    }
+}
+
+impl Inner {
+    /// The object name of a key: NativeLink's `{key_prefix}{hash}-{size}`.
+    fn path(&self, key: &Digest) -> Path {
+        Path::from(format!(
+            "{}{}-{}",
+            self.key_prefix,
+            key.hash_hex(),
+            key.size()
+        ))
+    }
+
+    /// An error of this store about `object`, with the backend's reason.
+    fn error(&self, op: &str, object: &Path, e: &object_store::Error) -> Error {
+        Error::new(classify(e), format!("{}: {op} {object}: {e}", self.name))
+    }
+
+    /// Runs `f` until it succeeds, fails with an error not worth retrying, or the retry budget
+    /// is spent; each attempt gets `timeout`. `retry_allowed` false means one attempt whatever
+    /// the policy.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        op: &'static str,
+        object: &Path,
+        retry_allowed: bool,
+        timeout: Duration,
+        mut f: F,
+    ) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, object_store::Error>>,
+    {
+        let mut retries = 0u32;
+        loop {
+            let err = match tokio::time::timeout(timeout, f()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => self.error(op, object, &e),
+                Err(_) => Error::new(
+                    Code::DeadlineExceeded,
+                    format!("{}: {op} {object}: no answer within {timeout:?}", self.name),
+                ),
+            };
+            if !retry_allowed || retries >= self.retry.max_retries || !self.retry.retries(err.code)
+            {
+                return Err(if retries > 0 {
+                    err.context(format_args!("after {retries} retries"))
+                } else {
+                    err
+                });
+            }
+            retries += 1;
+            self.events.retry(op);
+            tracing::debug!(store = %self.name, op, %object, retry = retries, error = %err, "retrying");
+            tokio::time::sleep(self.retry.wait(retries)).await;
+        }
+    }
+
+    /// The size of the object of `key`, or `None` when it is missing or expired.
+    async fn head(&self, key: &Digest) -> Result<Option<u64>, Error> {
+        let path = self.path(key);
+        let objects = &self.client.objects;
+        let meta = self
+            .with_retries("head", &path, true, REQUEST_TIMEOUT, || {
+                let opts = GetOptions {
+                    head: true,
+                    ..GetOptions::default()
+                };
+                async { objects.get_opts(&path, opts).await.map(|r| r.meta) }
+            })
+            .await;
+        match meta {
+            Ok(meta) if self.expired(meta.last_modified.timestamp()) => Ok(None),
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether an object last modified at `modified` (Unix seconds) counts as missing.
+    fn expired(&self, modified: i64) -> bool {
+        if self.expire_after_s == 0 {
+            return false;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let modified = u64::try_from(modified).unwrap_or(0);
+        now.saturating_sub(modified) >= self.expire_after_s
+    }
+}
+
+#[async_trait]
+impl Store for CloudObjectStore {
+    async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
+        let heads = keys.iter().copied().map(|k| {
+            let inner = self.0.clone();
+            async move {
+                if k.is_empty_blob() {
+                    return Ok(Some(0));
+                }
+                inner.head(&k).await
+            }
+        });
+        futures::stream::iter(heads)
+            .buffered(HAS_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
+        let path = self.0.path(key);
+        if length == Some(0) {
+            let size = self.0.head(key).await?.ok_or_else(|| {
+                Error::not_found(format!("{}: {path}: no such object", self.0.name))
+            })?;
+            check_range(key, size, offset, length)?;
+            return Ok(cairn_core::stream::empty());
+        }
+        let end = match length {
+            Some(l) => Some(offset.checked_add(l).ok_or_else(|| {
+                Error::out_of_range(format!(
+                    "read of {key}: offset {offset} + length {l} overflows"
+                ))
+            })?),
+            None => None,
+        };
+        let first = self.0.open(&path, offset, end, None).await;
+        let first = match first {
+            Ok(r) => r,
+            Err(e) if e.code == Code::OutOfRange => {
+                // Past the end, or exactly at it (an empty read that a range cannot express).
+                let size = self.0.head(key).await?.ok_or_else(|| {
+                    Error::not_found(format!("{}: {path}: no such object", self.0.name))
+                })?;
+                check_range(key, size, offset, length)?;
+                return Ok(cairn_core::stream::empty());
+            }
+            Err(e) if e.is_not_found() => {
+                return Err(Error::not_found(format!(
+                    "{}: {path}: no such object",
+                    self.0.name
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(resuming_body(self.0.clone(), path, first))
+    }
+
+    async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
+        upload::put(&self.0, key, body).await
+    }
+
+    fn info(&self) -> StoreInfo {
+        StoreInfo::leaf("experimental_cloud_object_store")
+    }
+
+    async fn health(&self) -> Health {
+        let probe = Path::from(format!("{}.cairn-health-probe", self.0.key_prefix));
+        let opts = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        match tokio::time::timeout(HEALTH_TIMEOUT, self.0.client.objects.get_opts(&probe, opts))
+            .await
+        {
+            Ok(Ok(_)) => Health::Ok,
+            Ok(Err(e)) if classify(&e) == Code::NotFound => Health::Ok,
+            Ok(Err(e)) => Health::Failed(self.0.error("health check", &probe, &e).message),
+            Err(_) => Health::Failed(format!(
+                "{}: health check: no answer within {HEALTH_TIMEOUT:?}",
+                self.0.name
+            )),
+        }
+    }
+}
+
+/// One open GET: its body and where it stands.
+struct OpenRead {
+    body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    /// Next byte expected, and the end (exclusive) of the range.
+    next: u64,
+    end: u64,
+    e_tag: Option<String>,
+}
+
+impl Inner {
+    /// Starts a GET of `[offset, end)` (to the object's end when `end` is `None`), with
+    /// retries; `e_tag` pins the version when resuming.
+    async fn open(
+        &self,
+        path: &Path,
+        offset: u64,
+        end: Option<u64>,
+        e_tag: Option<String>,
+    ) -> Result<OpenRead, Error> {
+        let objects = &self.client.objects;
+        let range = match (offset, end) {
+            (0, None) => None,
+            (o, None) => Some(GetRange::Offset(o)),
+            (o, Some(e)) => Some(GetRange::Bounded(o..e)),
+        };
+        let r = self
+            .with_retries("get", path, true, REQUEST_TIMEOUT, || {
+                let opts = GetOptions {
+                    range: range.clone(),
+                    if_match: e_tag.clone(),
+                    ..GetOptions::default()
+                };
+                async { objects.get_opts(path, opts).await }
+            })
+            .await?;
+        Ok(OpenRead {
+            next: r.range.start,
+            end: r.range.end,
+            e_tag: r.meta.e_tag.clone(),
+            body: r.into_stream(),
+        })
+    }
+}
+
+/// The body of a GET, resumed from the next unread byte when it breaks.
+fn resuming_body(store: Arc<Inner>, path: Path, first: OpenRead) -> BlobStream {
+    futures::stream::unfold(
+        (store, path, Some(first), 0u32),
+        |(store, path, read, mut retries)| async move {
+            let mut read = read?;
+            loop {
+                if read.next >= read.end {
+                    return None;
+                }
+                let why = match tokio::time::timeout(BODY_IDLE_TIMEOUT, read.body.next()).await {
+                    Ok(Some(Ok(chunk))) => {
+                        let room = read.end - read.next;
+                        let chunk = if chunk.len() as u64 > room {
+                            chunk.slice(..room as usize)
+                        } else {
+                            chunk
+                        };
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                        read.next += chunk.len() as u64;
+                        return Some((Ok(chunk), (store, path, Some(read), retries)));
+                    }
+                    Ok(Some(Err(e))) => store.error("reading", &path, &e),
+                    Ok(None) => Error::unavailable(format!(
+                        "{}: reading {path}: the body ended at byte {} of {}",
+                        store.name, read.next, read.end
+                    )),
+                    Err(_) => Error::new(
+                        Code::DeadlineExceeded,
+                        format!(
+                            "{}: reading {path}: no data for {BODY_IDLE_TIMEOUT:?}",
+                            store.name
+                        ),
+                    ),
+                };
+                if retries >= store.retry.max_retries || !store.retry.retries(why.code) {
+                    return Some((Err(why), (store, path, None, retries)));
+                }
+                retries += 1;
+                store.events.retry("get");
+                tokio::time::sleep(store.retry.wait(retries)).await;
+                match store
+                    .open(&path, read.next, Some(read.end), read.e_tag.clone())
+                    .await
+                {
+                    Ok(r) if r.next == read.next && r.end == read.end => read.body = r.body,
+                    Ok(r) => {
+                        let e = Error::unavailable(format!(
+                            "{}: resuming {path}: asked bytes {}..{}, got {}..{}",
+                            store.name, read.next, read.end, r.next, r.end
+                        ));
+                        return Some((Err(e), (store, path, None, retries)));
+                    }
+                    Err(e) => return Some((Err(e), (store, path, None, retries))),
+                }
+            }
+        },
+    )
+    .boxed()
+}

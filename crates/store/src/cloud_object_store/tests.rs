@@ -1,0 +1,344 @@
+//! The store against a real S3 API server: `moto_server` from `.ci/venv` (installed by
+//! `scripts/test`), started on a free loopback port per test.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cairn_config::stores::{CloudObjectStore as Spec, Retry};
+use cairn_core::{stream, Code, DigestFunction, Error};
+use futures::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::metrics::BackendEvents;
+use super::transport::CountingConnector;
+use super::upload::MIN_PART_SIZE;
+use super::{check, client_options, no_client_retries, Client, CloudObjectStore};
+use crate::testutil::{check_store_contract, data};
+use crate::{Store, StoreExt};
+
+/// A `moto_server` child, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn moto_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.ci/venv/bin/moto_server")
+}
+
+impl Moto {
+    /// Starts moto on a free port and waits until it answers HTTP.
+    pub async fn start() -> Moto {
+        let bin = moto_bin();
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/test once (it installs moto[server] into .ci/venv)",
+            bin.display()
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let moto = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(status) = moto.raw("GET", "/", b"").await {
+                if status > 0 {
+                    return moto;
+                }
+            }
+            assert!(Instant::now() < deadline, "moto_server did not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// One HTTP/1.1 request; the answer's status.
+    async fn raw(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<u16> {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await?;
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body).await?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await?;
+        let text = String::from_utf8_lossy(&answer);
+        Ok(text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0))
+    }
+
+    pub async fn create_bucket(&self, bucket: &str) {
+        let status = self.raw("PUT", &format!("/{bucket}"), b"").await.unwrap();
+        assert_eq!(status, 200, "creating bucket {bucket}");
+    }
+}
+
+fn spec(bucket: &str, retries: u64) -> Spec {
+    Spec {
+        provider: Some("aws".into()),
+        bucket: Some(bucket.into()),
+        region: Some("us-east-1".into()),
+        insecure_allow_http: true,
+        retry: Some(Retry {
+            max_retries: Some(retries),
+            delay: Some(0.01),
+            jitter: Some(0.5),
+            retry_on_errors: None,
+        }),
+        ..Spec::default()
+    }
+}
+
+/// A store on `endpoint` with the test's credentials (the environment is left alone).
+fn store_at(endpoint: &str, spec: &Spec) -> CloudObjectStore {
+    check(spec, "stores.S3").unwrap();
+    let events = Arc::new(BackendEvents::new("stores.S3", "aws"));
+    let s3 = AmazonS3Builder::new()
+        .with_endpoint(endpoint)
+        .with_region("us-east-1")
+        .with_bucket_name(spec.bucket.clone().unwrap())
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .with_client_options(client_options(spec))
+        .with_retry(no_client_retries())
+        .with_http_connector(CountingConnector {
+            events: events.clone(),
+        })
+        .build()
+        .unwrap();
+    let s3 = Arc::new(s3);
+    let client = Client {
+        objects: s3.clone(),
+        multipart: s3,
+        location: format!("bucket {:?}", spec.bucket.as_deref().unwrap()),
+    };
+    CloudObjectStore::with_client(spec, "stores.S3", events, client).unwrap()
+}
+
+#[tokio::test]
+async fn meets_the_store_contract_on_moto() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let store = store_at(&moto.endpoint(), &spec("cas", 2));
+    check_store_contract(&store).await;
+    assert_eq!(store.health().await, crate::Health::Ok);
+    let counts = store.backend_counts();
+    assert!(counts.requests > 10, "{counts:?}");
+}
+
+#[tokio::test]
+async fn a_blob_of_several_parts_round_trips_and_reads_in_ranges() {
+    let moto = Moto::start().await;
+    moto.create_bucket("big").await;
+    let mut s = spec("big", 2);
+    s.key_prefix = Some("prefix/".into());
+    s.multipart_max_concurrent_uploads = Some(2);
+    let store = store_at(&moto.endpoint(), &s);
+    let len = 3 * MIN_PART_SIZE as usize + 12_345;
+    let blob = data(len, 7);
+    let d = DigestFunction::Sha256.compute(&blob);
+    // Sent in odd chunks, so parts are cut inside chunks.
+    store
+        .put(&d, stream::once_chunked(blob.clone(), 1_000_003))
+        .await
+        .unwrap();
+    assert_eq!(store.has(&d).await.unwrap(), Some(len as u64));
+    let back = store.get_all(&d, usize::MAX).await.unwrap();
+    assert!(back == blob, "the blob read back differs");
+    let start = MIN_PART_SIZE - 10;
+    let part = stream::collect(store.get(&d, start, Some(20)).await.unwrap(), 100)
+        .await
+        .unwrap();
+    assert_eq!(part, blob.slice(start as usize..start as usize + 20));
+    // The object is named as NativeLink names it, under the prefix.
+    let name = format!("/big/prefix/{}-{}", d.hash_hex(), d.size());
+    assert_eq!(moto.raw("HEAD", &name, b"").await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn a_body_that_fails_after_several_parts_leaves_nothing() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let store = store_at(&moto.endpoint(), &spec("cas", 0));
+    let blob = data(2 * MIN_PART_SIZE as usize + 5, 3);
+    let d = DigestFunction::Sha256.compute(&blob);
+    let body = futures::stream::iter(vec![
+        Ok(blob.slice(..MIN_PART_SIZE as usize + 100)),
+        Ok(blob.slice(MIN_PART_SIZE as usize + 100..2 * MIN_PART_SIZE as usize + 1)),
+        Err(Error::invalid_argument("hash mismatch")),
+    ])
+    .boxed();
+    let e = store.put(&d, body).await.unwrap_err();
+    assert_eq!(e.code, Code::InvalidArgument, "{e}");
+    assert_eq!(store.has(&d).await.unwrap(), None);
+    assert_eq!(
+        store.get(&d, 0, None).await.err().unwrap().code,
+        Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn objects_older_than_consider_expired_after_s_are_missing() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let mut s = spec("cas", 0);
+    s.consider_expired_after_s = Some(1);
+    let store = store_at(&moto.endpoint(), &s);
+    let d = DigestFunction::Sha256.compute(b"ages");
+    store
+        .put_bytes(&d, Bytes::from_static(b"ages"))
+        .await
+        .unwrap();
+    assert_eq!(store.has(&d).await.unwrap(), Some(4));
+    // S3 times have whole seconds: two seconds later it is at least one second old.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(store.has(&d).await.unwrap(), None);
+    // Uploading it again refreshes it.
+    store
+        .put_bytes(&d, Bytes::from_static(b"ages"))
+        .await
+        .unwrap();
+    assert_eq!(store.has(&d).await.unwrap(), Some(4));
+}
+
+#[tokio::test]
+async fn many_digests_are_checked_with_bounded_concurrency() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let store = store_at(&moto.endpoint(), &spec("cas", 1));
+    let f = DigestFunction::Sha256;
+    let present: Vec<_> = (0..20u32).map(|i| f.compute(&i.to_le_bytes())).collect();
+    for (i, d) in present.iter().enumerate() {
+        let body = Bytes::from((i as u32).to_le_bytes().to_vec());
+        store.put_bytes(d, body).await.unwrap();
+    }
+    let mut keys = present.clone();
+    keys.extend((0..1000u32).map(|i| f.compute(format!("absent {i}").as_bytes())));
+    let start = Instant::now();
+    let sizes = store.has_many(&keys).await.unwrap();
+    assert!(sizes[..20].iter().all(|s| *s == Some(4)));
+    assert!(sizes[20..].iter().all(|s| s.is_none()));
+    eprintln!(
+        "has_many of {} keys on moto: {:?}",
+        keys.len(),
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_backend_is_unavailable_naming_the_store() {
+    // A port nothing listens on.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let store = store_at(&format!("http://127.0.0.1:{port}"), &spec("cas", 2));
+    let d = DigestFunction::Sha256.compute(b"x");
+    let e = store.has(&d).await.unwrap_err();
+    assert_eq!(e.code, Code::Unavailable, "{e}");
+    assert!(e.message.contains("stores.S3"), "{e}");
+    assert!(e.message.contains("after 2 retries"), "{e}");
+    let e = store
+        .put_bytes(&d, Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, Code::Unavailable, "{e}");
+    let crate::Health::Failed(why) = store.health().await else {
+        panic!("healthy without a backend")
+    };
+    assert!(why.contains("stores.S3"), "{why}");
+    assert_eq!(store.backend_counts().retries, 4);
+}
+
+#[test]
+fn keys_of_another_provider_and_missing_keys_are_refused_by_path() {
+    let cases: &[(&str, &str)] = &[
+        (
+            r#"{provider: "aws"}"#,
+            "stores.S3.experimental_cloud_object_store.bucket: required",
+        ),
+        (
+            r#"{bucket: "b"}"#,
+            "stores.S3.experimental_cloud_object_store.provider: required",
+        ),
+        (
+            r#"{provider: "s4", bucket: "b"}"#,
+            "unknown provider \"s4\"",
+        ),
+        (
+            r#"{provider: "aws", bucket: "b", account_name: "a"}"#,
+            ".account_name: not a key of provider `aws` (it belongs to azure)",
+        ),
+        (
+            r#"{provider: "aws", bucket: "b", endpoint: "http://x"}"#,
+            "AWS_ENDPOINT_URL",
+        ),
+        (
+            r#"{provider: "r2", bucket: "b", account_id: "a", access_key_id: "k", region: "x"}"#,
+            ".region: not a key of provider `r2`",
+        ),
+        (
+            r#"{provider: "oci", bucket: "b", region: "r"}"#,
+            ".namespace: required",
+        ),
+        (
+            r#"{provider: "ontap", bucket: "b", endpoint: "https://o"}"#,
+            ".vserver_name: required",
+        ),
+        (
+            r#"{provider: "aws", bucket: "b", multipart_max_concurrent_uploads: 0}"#,
+            ".multipart_max_concurrent_uploads: must be at least 1",
+        ),
+        (
+            r#"{provider: "aws", bucket: "b", retry: {retry_on_errors: ["Often"]}}"#,
+            ".retry.retry_on_errors[0]",
+        ),
+    ];
+    for (body, want) in cases {
+        let text = format!("{{stores: {{S3: {{experimental_cloud_object_store: {body}}}}}}}");
+        let cfg = cairn_config::parse_str("t.json5", &text).unwrap();
+        let e = crate::check_spec(cfg.stores.get("S3").unwrap(), "stores.S3").unwrap_err();
+        assert!(e.message.contains(want), "{body}: {e}");
+    }
+    for body in [
+        r#"{provider: "aws", bucket: "b", region: "eu-west-1", key_prefix: "p/", retry: {max_retries: 6, delay: 0.3, jitter: 0.5}, consider_expired_after_s: 86400, max_retry_buffer_per_request: "5mb", multipart_max_concurrent_uploads: 4, insecure_allow_http: true, disable_http2: true}"#,
+        r#"{provider: "r2", account_id: "acc", bucket: "b", access_key_id: "k", secret_access_key: "s"}"#,
+        r#"{provider: "oci", namespace: "ns", region: "us-phoenix-1", bucket: "b"}"#,
+        r#"{provider: "ontap", endpoint: "https://o", vserver_name: "svm", bucket: "b"}"#,
+    ] {
+        let text = format!("{{stores: {{S3: {{experimental_cloud_object_store: {body}}}}}}}");
+        let cfg = cairn_config::parse_str("t.json5", &text).unwrap();
+        crate::check_spec(cfg.stores.get("S3").unwrap(), "stores.S3")
+            .unwrap_or_else(|e| panic!("{body}: {e}"));
+    }
+}
