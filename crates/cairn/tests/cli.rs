@@ -122,13 +122,13 @@ fn missing_tls_files_are_refused_at_start_with_the_key_path() {
 #[test]
 fn features_not_built_yet_are_refused_at_start_with_the_key_path() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("azure.json5");
+    let file = dir.path().join("gcs.json5");
     std::fs::write(
         &file,
-        r#"{ stores: { BLOBS: { experimental_cloud_object_store: { provider: "azure", account_name: "a", container: "c" } } } }"#,
+        r#"{ stores: { BLOBS: { experimental_cloud_object_store: { provider: "gcs", bucket: "b" } } } }"#,
     )
     .unwrap();
-    let key = "stores.BLOBS.experimental_cloud_object_store.provider: `azure`";
+    let key = "stores.BLOBS.experimental_cloud_object_store.provider: `gcs`";
     // `run` and `check-config` give the same verdict.
     for verb in ["run", "check-config"] {
         let out = cairn()

@@ -1,5 +1,6 @@
 //! `experimental_cloud_object_store` end to end: the real binary over a real S3 API server
-//! (`moto_server`), reached through `AWS_ENDPOINT_URL` as NativeLink reads it, serving
+//! (`moto_server`), reached through `AWS_ENDPOINT_URL` as NativeLink reads it, and over
+//! Azurite (provider `azure`, NativeLink's `endpoint` key), serving
 //! ByteStream, the CAS and the AC over gRPC; two processes sharing a bucket; and a
 //! fault-injecting proxy between Cairn and the server (failures retried away, a dead backend
 //! reported as UNAVAILABLE and by `/status`, recovery without a restart).
@@ -13,7 +14,7 @@ use cairn_core::proto::build::bazel::remote::execution::v2 as re;
 use cairn_core::proto::google::bytestream::byte_stream_client::ByteStreamClient;
 use cairn_core::proto::google::bytestream::{ReadRequest, WriteRequest};
 use cairn_core::{Digest, DigestFunction};
-use common::emulators::Moto;
+use common::emulators::{Azurite, Moto};
 use common::fault_proxy::FaultProxy;
 use common::{data, Cairn};
 use futures::StreamExt;
@@ -413,4 +414,76 @@ async fn a_dead_backend_is_unavailable_naming_the_store_until_it_returns() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
+}
+
+#[tokio::test]
+async fn azure_provider_serves_the_cas_and_ac_over_azurite() {
+    let azurite = Azurite::start().await;
+    azurite.create_container("cas");
+    let dir = tempfile::tempdir().unwrap();
+    let store = |prefix: &str| {
+        format!(
+            r#"{{ experimental_cloud_object_store: {{
+              provider: "azure", account_name: "devstoreaccount1", container: "cas",
+              endpoint: "{}", key_prefix: "{prefix}", insecure_allow_http: true,
+              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#,
+            azurite.endpoint()
+        )
+    };
+    let config = format!(
+        r#"{{
+  stores: {{
+    CAS: {{ verify: {{ verify_size: true, verify_hash: true, backend: {} }} }},
+    AC: {},
+  }},
+  servers: [{{
+    listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
+    services: {{
+      cas: [{{ instance_name: "", cas_store: "CAS" }}],
+      ac: [{{ instance_name: "", ac_store: "AC" }}],
+      bytestream: [{{ instance_name: "", cas_store: "CAS" }}],
+      health: {{}},
+    }},
+  }}],
+}}"#,
+        store("cas/"),
+        store("ac/")
+    );
+    let path = dir.path().join("azure.json5");
+    std::fs::write(&path, config).unwrap();
+    let c = Cairn::start_config_env(dir.path(), &path, &azurite.azure_env());
+    let mut cl = clients(&c).await;
+
+    let big = data(11 << 20, 41);
+    let d = sha(&big);
+    assert_eq!(missing(&mut cl.cas, &[d]).await, vec![d]);
+    write(&mut cl.bs, &big).await.unwrap();
+    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
+    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == big);
+    let part = read(&mut cl.bs, &d, 6 << 20, 100).await.unwrap();
+    assert_eq!(part, big[6 << 20..(6 << 20) + 100]);
+    let end = read(&mut cl.bs, &d, big.len() as i64, 0).await.unwrap();
+    assert!(end.is_empty());
+
+    let action = sha(b"azure action");
+    cl.ac
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(action_result(b"in azure")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stdout_raw, b"in azure");
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
 }

@@ -92,3 +92,97 @@ impl Moto {
         ]
     }
 }
+
+/// An `azurite-blob` child from `.ci/azurite` (npm, installed by `scripts/test`): the Azure
+/// Blob API on `127.0.0.1:port`, in memory.
+pub struct Azurite {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Azurite's well-known development account and key (public, in Microsoft's docs).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Creates a container with a Shared Key signed request (node's crypto signs it).
+const MAKE_CONTAINER_JS: &str = r#"
+const http = require('http'), crypto = require('crypto');
+const [port, container, account, key64] = process.argv.slice(-4);
+const key = Buffer.from(key64, 'base64');
+const date = new Date().toUTCString(), version = '2021-08-06';
+const sign = ['PUT', '', '', '', '', '', '', '', '', '', '', '',
+  `x-ms-date:${date}\nx-ms-version:${version}`,
+  `/${account}/${account}/${container}\nrestype:container`].join('\n');
+const sig = crypto.createHmac('sha256', key).update(sign, 'utf8').digest('base64');
+const req = http.request({ host: '127.0.0.1', port, method: 'PUT',
+  path: `/${account}/${container}?restype=container`,
+  headers: { 'x-ms-date': date, 'x-ms-version': version, 'Content-Length': 0,
+             Authorization: `SharedKey ${account}:${sig}` } },
+  res => { console.log(res.statusCode); process.exit(res.statusCode === 201 ? 0 : 1); });
+req.on('error', e => { console.log(String(e)); process.exit(2); });
+req.end();
+"#;
+
+impl Azurite {
+    /// Starts azurite's blob service on a free port and waits until it accepts connections.
+    pub async fn start() -> Azurite {
+        let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../.ci/azurite/node_modules/.bin/azurite-blob");
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/test once (it installs azurite into .ci/azurite)",
+            bin.display()
+        );
+        let port = super::free_addr().port();
+        let child = Command::new(bin)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args(["--inMemoryPersistence", "--silent", "--skipApiVersionCheck"])
+            .args(["--loose", "--disableTelemetry"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start azurite-blob");
+        let azurite = Azurite { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "azurite did not listen in 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        azurite
+    }
+
+    /// The account URL, NativeLink's `endpoint` key for Azurite.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
+    }
+
+    pub fn create_container(&self, name: &str) {
+        let out = Command::new("node")
+            .args(["-e", MAKE_CONTAINER_JS, "--"])
+            .args([&self.port.to_string(), name, AZURITE_ACCOUNT, AZURITE_KEY])
+            .output()
+            .expect("run node");
+        assert!(
+            out.status.success(),
+            "creating container {name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    /// The environment a Cairn child needs for the account key.
+    pub fn azure_env(&self) -> Vec<(&'static str, String)> {
+        vec![("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY.to_string())]
+    }
+}

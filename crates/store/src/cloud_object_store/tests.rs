@@ -342,3 +342,188 @@ fn keys_of_another_provider_and_missing_keys_are_refused_by_path() {
             .unwrap_or_else(|e| panic!("{body}: {e}"));
     }
 }
+
+/// An `azurite-blob` child from `.ci/azurite` (npm, installed by `scripts/test`), with a
+/// container made through its REST API; killed on drop.
+pub struct Azurite {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Azurite's well-known development account and key (public, in Microsoft's docs).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Creates a container with a Shared Key signed request (node's crypto signs it).
+const MAKE_CONTAINER_JS: &str = r#"
+const http = require('http'), crypto = require('crypto');
+const [port, container, account, key64] = process.argv.slice(-4);
+const key = Buffer.from(key64, 'base64');
+const date = new Date().toUTCString(), version = '2021-08-06';
+const sign = ['PUT', '', '', '', '', '', '', '', '', '', '', '',
+  `x-ms-date:${date}\nx-ms-version:${version}`,
+  `/${account}/${account}/${container}\nrestype:container`].join('\n');
+const sig = crypto.createHmac('sha256', key).update(sign, 'utf8').digest('base64');
+const req = http.request({ host: '127.0.0.1', port, method: 'PUT',
+  path: `/${account}/${container}?restype=container`,
+  headers: { 'x-ms-date': date, 'x-ms-version': version, 'Content-Length': 0,
+             Authorization: `SharedKey ${account}:${sig}` } },
+  res => { console.log(res.statusCode); process.exit(res.statusCode === 201 ? 0 : 1); });
+req.on('error', e => { console.log(String(e)); process.exit(2); });
+req.end();
+"#;
+
+impl Azurite {
+    pub async fn start() -> Azurite {
+        let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../.ci/azurite/node_modules/.bin/azurite-blob");
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/test once (it installs azurite into .ci/azurite)",
+            bin.display()
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(bin)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args(["--inMemoryPersistence", "--silent", "--skipApiVersionCheck"])
+            .args(["--loose", "--disableTelemetry"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let azurite = Azurite { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "azurite did not listen in 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        azurite
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
+    }
+
+    pub fn create_container(&self, name: &str) {
+        let out = Command::new("node")
+            .args(["-e", MAKE_CONTAINER_JS, "--"])
+            .args([&self.port.to_string(), name, AZURITE_ACCOUNT, AZURITE_KEY])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "creating container {name}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+fn azure_spec(container: &str) -> Spec {
+    Spec {
+        provider: Some("azure".into()),
+        account_name: Some(AZURITE_ACCOUNT.into()),
+        container: Some(container.into()),
+        insecure_allow_http: true,
+        retry: Some(Retry {
+            max_retries: Some(2),
+            delay: Some(0.01),
+            jitter: Some(0.5),
+            retry_on_errors: None,
+        }),
+        ..Spec::default()
+    }
+}
+
+/// An azure store on Azurite, through the provider's own builder (endpoint from the spec,
+/// the account key as the environment would give it).
+fn azure_store(azurite: &Azurite, spec: &mut Spec) -> CloudObjectStore {
+    spec.endpoint = Some(azurite.endpoint());
+    check(spec, "stores.AZ").unwrap();
+    let events = Arc::new(BackendEvents::new("stores.AZ", "azure"));
+    let azure = object_store::azure::MicrosoftAzureBuilder::new()
+        .with_account(AZURITE_ACCOUNT)
+        .with_access_key(AZURITE_KEY)
+        .with_endpoint(azurite.endpoint())
+        .with_container_name(spec.container.clone().unwrap())
+        .with_client_options(client_options(spec))
+        .with_retry(no_client_retries())
+        .with_http_connector(CountingConnector {
+            events: events.clone(),
+        })
+        .build()
+        .unwrap();
+    let azure = Arc::new(azure);
+    let client = Client {
+        objects: azure.clone(),
+        multipart: azure,
+        location: "container".into(),
+    };
+    CloudObjectStore::with_client(spec, "stores.AZ", events, client).unwrap()
+}
+
+#[tokio::test]
+async fn azure_meets_the_store_contract_on_azurite_with_multipart_blobs() {
+    let azurite = Azurite::start().await;
+    azurite.create_container("cas");
+    let mut s = azure_spec("cas");
+    s.key_prefix = Some("p/".into());
+    let store = azure_store(&azurite, &mut s);
+    check_store_contract(&store).await;
+    assert_eq!(store.health().await, crate::Health::Ok);
+    let len = 2 * MIN_PART_SIZE as usize + 999;
+    let blob = data(len, 11);
+    let d = DigestFunction::Sha256.compute(&blob);
+    store
+        .put(&d, stream::once_chunked(blob.clone(), 777_777))
+        .await
+        .unwrap();
+    assert_eq!(store.has(&d).await.unwrap(), Some(len as u64));
+    assert!(store.get_all(&d, usize::MAX).await.unwrap() == blob);
+    let at = MIN_PART_SIZE + 3;
+    let part = stream::collect(store.get(&d, at, Some(10)).await.unwrap(), 100)
+        .await
+        .unwrap();
+    assert_eq!(part, blob.slice(at as usize..at as usize + 10));
+    // A multipart body that fails leaves nothing.
+    let other = DigestFunction::Sha256.compute(b"other");
+    let body = futures::stream::iter(vec![
+        Ok(blob.slice(..MIN_PART_SIZE as usize + 1)),
+        Err(Error::invalid_argument("hash mismatch")),
+    ])
+    .boxed();
+    assert!(store.put(&other, body).await.is_err());
+    assert_eq!(store.has(&other).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn azure_provider_builds_from_the_spec_and_the_environment_keys() {
+    let azurite = Azurite::start().await;
+    azurite.create_container("built");
+    // The provider's own client: endpoint from the spec, the key from the environment of a
+    // process. Without a key the emulator refuses, which must be PERMISSION_DENIED or
+    // UNAVAILABLE with the store named, not a panic.
+    let mut s = azure_spec("built");
+    s.endpoint = Some(azurite.endpoint());
+    let store = CloudObjectStore::new(&s, "stores.AZ").unwrap();
+    let d = DigestFunction::Sha256.compute(b"x");
+    if std::env::var_os("AZURE_STORAGE_ACCOUNT_KEY").is_none() {
+        let e = store.has(&d).await.unwrap_err();
+        assert!(e.message.contains("stores.AZ"), "{e}");
+    }
+}
