@@ -487,3 +487,34 @@ async fn azure_provider_serves_the_cas_and_ac_over_azurite() {
     let (code, body) = common::http_get(c.addr, "/status").await;
     assert_eq!(code, 200, "{body}");
 }
+
+#[tokio::test]
+async fn find_missing_blobs_of_ten_thousand_digests_answers_within_a_minute() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &moto, &moto.endpoint(), NONE, 3);
+    let mut cl = clients(&c).await;
+    let present: Vec<Vec<u8>> = (0..50).map(|i| data(64, 500 + i)).collect();
+    batch_put(&mut cl.cas, &present).await;
+    let mut ds: Vec<Digest> = present.iter().map(|b| sha(b)).collect();
+    ds.extend((0..9_950).map(|i| sha(format!("never stored {i}").as_bytes())));
+    let mut request = tonic::Request::new(re::FindMissingBlobsRequest {
+        blob_digests: ds.iter().map(|d| d.to_proto()).collect(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(60));
+    let start = Instant::now();
+    let r = cl
+        .cas
+        .find_missing_blobs(request)
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!(
+        "FindMissingBlobs of {} digests over moto: {:?}",
+        ds.len(),
+        start.elapsed()
+    );
+    assert_eq!(r.missing_blob_digests.len(), 9_950);
+}

@@ -96,6 +96,34 @@ impl Moto {
             .unwrap_or(0))
     }
 
+    /// `METHOD path`: status and body.
+    async fn fetch(&self, method: &str, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+        let text = String::from_utf8_lossy(&answer).to_string();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    }
+
+    /// Multipart uploads started and neither completed nor aborted in `bucket`.
+    pub async fn open_uploads(&self, bucket: &str) -> usize {
+        let (status, body) = self.fetch("GET", &format!("/{bucket}?uploads")).await;
+        assert_eq!(status, 200, "{body}");
+        body.matches("<UploadId>").count()
+    }
+
     pub async fn create_bucket(&self, bucket: &str) {
         let status = self.raw("PUT", &format!("/{bucket}"), b"").await.unwrap();
         assert_eq!(status, 200, "creating bucket {bucket}");
@@ -204,6 +232,43 @@ async fn a_body_that_fails_after_several_parts_leaves_nothing() {
         store.get(&d, 0, None).await.err().unwrap().code,
         Code::NotFound
     );
+}
+
+#[tokio::test]
+async fn an_upload_dropped_midway_is_aborted_in_the_bucket() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let store = store_at(&moto.endpoint(), &spec("cas", 0));
+    let blob = data(2 * MIN_PART_SIZE as usize + 10, 4);
+    let d = DigestFunction::Sha256.compute(&blob);
+    // Two parts' worth, then a body that never ends: the caller gives up (drops the put).
+    let stalled = futures::stream::iter(vec![Ok(blob.slice(..2 * MIN_PART_SIZE as usize))])
+        .chain(futures::stream::pending())
+        .boxed();
+    let started = Instant::now();
+    let put = tokio::time::timeout(Duration::from_secs(2), store.put(&d, stalled)).await;
+    assert!(put.is_err(), "a body that never ends finished");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while moto.open_uploads("cas").await > 0 {
+        assert!(Instant::now() < deadline, "the upload was never aborted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.has(&d).await.unwrap(), None);
+    // A body that fails is aborted too.
+    let failing = futures::stream::iter(vec![
+        Ok(blob.slice(..MIN_PART_SIZE as usize + 1)),
+        Err(Error::invalid_argument("lied about its size")),
+    ])
+    .boxed();
+    assert!(store.put(&d, failing).await.is_err());
+    while moto.open_uploads("cas").await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the failed upload was never aborted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("aborted within {:?}", started.elapsed());
 }
 
 #[tokio::test]

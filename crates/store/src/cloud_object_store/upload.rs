@@ -137,16 +137,49 @@ pub(super) async fn put(store: &Arc<Inner>, key: &Digest, body: BlobStream) -> R
             mp.create_multipart(&path)
         })
         .await?;
-    let result = upload_parts(store, &path, &id, size, first, parts).await;
-    if let Err(e) = result {
-        // Best effort: a lifecycle rule on incomplete uploads cleans up what this leaves.
-        let abort = tokio::time::timeout(REQUEST_TIMEOUT, mp.abort_multipart(&path, &id)).await;
-        if !matches!(abort, Ok(Ok(()))) {
-            tracing::warn!(store = %store.name, %path, "could not abort multipart upload {id}");
-        }
-        return Err(e);
+    // Aborted unless completed: on an error, and when this call is dropped (the client went
+    // away), so that no parts are left behind to be billed.
+    let mut guard = AbortOnDrop {
+        store: store.clone(),
+        path: path.clone(),
+        id,
+        armed: true,
+    };
+    let result = upload_parts(store, &path, &guard.id, size, first, parts).await;
+    if result.is_ok() {
+        guard.armed = false;
     }
-    Ok(())
+    result
+}
+
+/// Aborts a multipart upload when dropped armed, in a task of its own (at most
+/// [`REQUEST_TIMEOUT`]): parts never completed are deleted rather than left to a lifecycle
+/// rule.
+struct AbortOnDrop {
+    store: Arc<Inner>,
+    path: Path,
+    id: String,
+    armed: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, path, id) = (self.store.clone(), self.path.clone(), self.id.clone());
+        runtime.spawn(async move {
+            let mp = &store.client.multipart;
+            let abort = tokio::time::timeout(REQUEST_TIMEOUT, mp.abort_multipart(&path, &id)).await;
+            if !matches!(abort, Ok(Ok(()))) {
+                // A lifecycle rule on incomplete uploads cleans up what this leaves.
+                tracing::warn!(store = %store.name, %path, "could not abort multipart upload {id}");
+            }
+        });
+    }
 }
 
 async fn upload_parts(
