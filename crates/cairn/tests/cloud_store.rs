@@ -518,3 +518,51 @@ async fn find_missing_blobs_of_ten_thousand_digests_answers_within_a_minute() {
     );
     assert_eq!(r.missing_blob_digests.len(), 9_950);
 }
+
+#[tokio::test]
+async fn a_backend_that_never_answers_fails_status_in_time_and_the_server_stays_up() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &moto, &proxy.endpoint(), NONE, 2);
+    let mut cl = clients(&c).await;
+    let blob = data(3000, 51);
+    batch_put(&mut cl.cas, std::slice::from_ref(&blob)).await;
+
+    proxy.set_stalled(true);
+    let started = Instant::now();
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("stores.CAS"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    // A client with a deadline is answered by then (tonic's client reports its own timeout as
+    // CANCELLED "Timeout expired" when it fires first), and the server keeps serving.
+    let mut request = tonic::Request::new(re::FindMissingBlobsRequest {
+        blob_digests: vec![sha(&blob).to_proto()],
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(2));
+    let started = Instant::now();
+    let e = cl.cas.find_missing_blobs(request).await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{e:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    proxy.set_stalled(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http_get(c.addr, "/status").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never healthy again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
+}

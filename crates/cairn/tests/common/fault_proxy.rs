@@ -8,7 +8,8 @@
 //! - cut: forwarded, but the answer is cut off after its first few hundred bytes.
 //!
 //! `set_failure_percent` sets how many requests meet one of the faults (spread over them in
-//! turn); `set_down(true)` makes every connection close at once, as a dead backend would.
+//! turn); `set_down(true)` makes every connection close at once, as a dead backend would;
+//! `set_stalled(true)` makes the proxy read requests and never answer them.
 //! Request bodies must have a `Content-Length` (object-store clients send one).
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 struct State {
     failure_percent: AtomicU64,
     down: AtomicBool,
+    stalled: AtomicBool,
     requests: AtomicU64,
     faults: AtomicU64,
 }
@@ -89,6 +91,10 @@ impl FaultProxy {
         self.state.down.store(down, Ordering::SeqCst);
     }
 
+    pub fn set_stalled(&self, stalled: bool) {
+        self.state.stalled.store(stalled, Ordering::SeqCst);
+    }
+
     /// Requests seen, and how many of them met a fault.
     pub fn counts(&self) -> (u64, u64) {
         (
@@ -147,6 +153,11 @@ async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+    if s.stalled.load(Ordering::SeqCst) {
+        // Holds the connection without a word until the client gives up.
+        let _ = client.read(&mut [0u8; 1]).await;
+        return Ok(());
     }
     let n = s.requests.fetch_add(1, Ordering::SeqCst);
     let fault = fate(n, s.failure_percent.load(Ordering::SeqCst));
