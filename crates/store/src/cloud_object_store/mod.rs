@@ -1,14 +1,15 @@
 //! `experimental_cloud_object_store`: blobs as objects in a bucket (S3 and the S3-compatible
-//! ONTAP, R2 and OCI; Azure Blob; GCS is refused until built), one object per key, named `{key_prefix}{hash}-{size}`
-//! as NativeLink names them, so that NativeLink and Cairn can share a bucket.
+//! ONTAP, R2 and OCI; Azure Blob; GCS is refused until built), one object per key, named
+//! `{key_prefix}{hash}-{size}` as NativeLink names them, so that NativeLink and Cairn can
+//! share a bucket.
 //!
 //! Built on the `object_store` crate's clients, one file per provider turning the config into
-//! a client ([`aws`], [`azure`], [`ontap`], [`r2`], [`oci`]); this module holds what every provider
-//! shares:
-//! - **Reads stream.** A GET with a range, its body passed on chunk by chunk. A body that
-//!   breaks is resumed at the next unread byte (same object version: `If-Match` on its ETag),
-//!   so a reader never receives a byte twice or a byte of another version.
-//! - **Uploads are never visible in part.** A body shorter than one part is one PUT; a longer
+//! a client ([`aws`], [`azure`], [`ontap`], [`r2`], [`oci`]); `spec.rs` checks the config;
+//! this module holds what every provider shares:
+//! - **Reads stream** (`read.rs`). A GET with a range, its body passed on chunk by chunk. A
+//!   body that breaks is resumed at the next unread byte (same object version: `If-Match` on
+//!   its ETag), so a reader never receives a byte twice or a byte of another version.
+//! - **Uploads are never visible in part** (`upload.rs`). A body shorter than one part is one PUT; a longer
 //!   one is a multipart upload, completed only after the body ended cleanly (services end a
 //!   body with an error when its size or hash is wrong), and aborted otherwise. Memory is at
 //!   most `multipart_max_concurrent_uploads + 1` parts per upload whatever the blob size.
@@ -29,6 +30,8 @@ pub mod retry;
 pub mod transport;
 
 pub mod oci;
+mod read;
+mod spec;
 mod upload;
 
 #[cfg(test)]
@@ -39,17 +42,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use cairn_config::stores::CloudObjectStore as Spec;
 use cairn_core::{BlobStream, Code, Digest, Error};
 use futures::{StreamExt, TryStreamExt};
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
-use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, RetryConfig};
+use object_store::{ClientOptions, GetOptions, ObjectStore, RetryConfig};
 
 use crate::{check_range, Health, Store, StoreInfo};
 use metrics::{BackendCounts, BackendEvents};
+use read::resuming_body;
 use retry::RetryPolicy;
+pub use spec::check;
+pub(crate) use spec::required;
+use spec::PROVIDERS;
 use transport::{classify, CountingConnector};
 
 /// HEAD requests of one `has_many` in flight at once.
@@ -64,141 +70,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A health check gets one attempt of at most this.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The providers and the keys each takes beside the common ones.
-const PROVIDERS: &[(&str, &[&str])] = &[
-    ("aws", &["region", "bucket"]),
-    (
-        "gcs",
-        &[
-            "bucket",
-            "resumable_chunk_size",
-            "authentication_required",
-            "connection_timeout_s",
-            "read_timeout_s",
-        ],
-    ),
-    (
-        "azure",
-        &["account_name", "container", "endpoint", "sas_url"],
-    ),
-    (
-        "ontap",
-        &["endpoint", "vserver_name", "bucket", "root_certificates"],
-    ),
-    (
-        "r2",
-        &["account_id", "bucket", "access_key_id", "secret_access_key"],
-    ),
-    (
-        "oci",
-        &[
-            "namespace",
-            "region",
-            "bucket",
-            "access_key_id",
-            "secret_access_key",
-        ],
-    ),
-];
-
-/// The provider-specific keys present in a spec, by name.
-fn present_keys(s: &Spec) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    let mut note = |name: &'static str, set: bool| {
-        if set {
-            keys.push(name)
-        }
-    };
-    note("region", s.region.is_some());
-    note("bucket", s.bucket.is_some());
-    note("resumable_chunk_size", s.resumable_chunk_size.is_some());
-    note(
-        "authentication_required",
-        s.authentication_required.is_some(),
-    );
-    note("connection_timeout_s", s.connection_timeout_s.is_some());
-    note("read_timeout_s", s.read_timeout_s.is_some());
-    note("account_name", s.account_name.is_some());
-    note("container", s.container.is_some());
-    note("endpoint", s.endpoint.is_some());
-    note("sas_url", s.sas_url.is_some());
-    note("vserver_name", s.vserver_name.is_some());
-    note("root_certificates", s.root_certificates.is_some());
-    note("account_id", s.account_id.is_some());
-    note("access_key_id", s.access_key_id.is_some());
-    note("secret_access_key", s.secret_access_key.is_some());
-    note("namespace", s.namespace.is_some());
-    keys
-}
-
-/// A required string key: present and not empty.
-pub(crate) fn required<'a>(
-    value: &'a Option<String>,
-    key: &str,
-    at: &str,
-) -> Result<&'a str, Error> {
-    match value.as_deref() {
-        Some(v) if !v.trim().is_empty() => Ok(v),
-        _ => Err(Error::invalid_argument(format!(
-            "{at}.{key}: required for this provider"
-        ))),
-    }
-}
-
-/// Every check of the spec that needs no network: a known provider, only its keys, its
-/// required keys, and values in range. `path` is the store's key path (`stores.CAS`).
-pub fn check(spec: &Spec, path: &str) -> Result<(), Error> {
-    let at = format!("{path}.experimental_cloud_object_store");
-    let names: Vec<&str> = PROVIDERS.iter().map(|(p, _)| *p).collect();
-    let provider = spec.provider.as_deref().ok_or_else(|| {
-        Error::invalid_argument(format!(
-            "{at}.provider: required (one of {})",
-            names.join(", ")
-        ))
-    })?;
-    let Some((provider, allowed)) = PROVIDERS.iter().find(|(p, _)| *p == provider) else {
-        return Err(Error::invalid_argument(format!(
-            "{at}.provider: unknown provider {provider:?} (expected one of {})",
-            names.join(", ")
-        )));
-    };
-    for key in present_keys(spec) {
-        if !allowed.contains(&key) {
-            let owners: Vec<&str> = PROVIDERS
-                .iter()
-                .filter(|(_, keys)| keys.contains(&key))
-                .map(|(p, _)| *p)
-                .collect();
-            let hint = if key == "endpoint" && *provider == "aws" {
-                "; for an S3-compatible endpoint set AWS_ENDPOINT_URL in the environment".into()
-            } else {
-                String::new()
-            };
-            return Err(Error::invalid_argument(format!(
-                "{at}.{key}: not a key of provider `{provider}` (it belongs to {}){hint}",
-                owners.join(", ")
-            )));
-        }
-    }
-    RetryPolicy::from_config(spec.retry.as_ref(), &format!("{at}.retry"))?;
-    if spec.multipart_max_concurrent_uploads == Some(0) {
-        return Err(Error::invalid_argument(format!(
-            "{at}.multipart_max_concurrent_uploads: must be at least 1"
-        )));
-    }
-    match *provider {
-        "aws" => aws::check(spec, &at),
-        "azure" => azure::check(spec, &at),
-        "ontap" => ontap::check(spec, &at),
-        "r2" => r2::check(spec, &at),
-        "oci" => oci::check(spec, &at),
-        other => Err(Error::unimplemented(format!(
-            "{at}.provider: `{other}` parses but is not built yet in this version of Cairn \
-             (aws, azure, ontap, r2 and oci are)"
-        ))),
-    }
-}
 
 /// What a provider file hands back: one client seen through both of its interfaces.
 pub struct Client {
@@ -485,127 +356,4 @@ impl Store for CloudObjectStore {
             )),
         }
     }
-}
-
-/// `object_store` checks a ranged answer against the object's length itself (Azure answers a
-/// range starting at the end with the whole object) and reports a range past the end with a
-/// private error type; its text (pinned by the Azurite tests) is turned into the 416 that S3
-/// sends, so both read as OUT_OF_RANGE.
-fn range_past_end(e: object_store::Error) -> object_store::Error {
-    if e.to_string().contains("Wanted range starting at") {
-        return object_store::Error::Generic {
-            store: "range",
-            source: Box::new(transport::BackendStatus(
-                http::StatusCode::RANGE_NOT_SATISFIABLE,
-            )),
-        };
-    }
-    e
-}
-
-/// One open GET: its body and where it stands.
-struct OpenRead {
-    body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
-    /// Next byte expected, and the end (exclusive) of the range.
-    next: u64,
-    end: u64,
-    e_tag: Option<String>,
-}
-
-impl Inner {
-    /// Starts a GET of `[offset, end)` (to the object's end when `end` is `None`), with
-    /// retries; `e_tag` pins the version when resuming.
-    async fn open(
-        &self,
-        path: &Path,
-        offset: u64,
-        end: Option<u64>,
-        e_tag: Option<String>,
-    ) -> Result<OpenRead, Error> {
-        let objects = &self.client.objects;
-        let range = match (offset, end) {
-            (0, None) => None,
-            (o, None) => Some(GetRange::Offset(o)),
-            (o, Some(e)) => Some(GetRange::Bounded(o..e)),
-        };
-        let r = self
-            .with_retries("get", path, true, REQUEST_TIMEOUT, || {
-                let opts = GetOptions {
-                    range: range.clone(),
-                    if_match: e_tag.clone(),
-                    ..GetOptions::default()
-                };
-                async { objects.get_opts(path, opts).await.map_err(range_past_end) }
-            })
-            .await?;
-        Ok(OpenRead {
-            next: r.range.start,
-            end: r.range.end,
-            e_tag: r.meta.e_tag.clone(),
-            body: r.into_stream(),
-        })
-    }
-}
-
-/// The body of a GET, resumed from the next unread byte when it breaks.
-fn resuming_body(store: Arc<Inner>, path: Path, first: OpenRead) -> BlobStream {
-    futures::stream::unfold(
-        (store, path, Some(first), 0u32),
-        |(store, path, read, mut retries)| async move {
-            let mut read = read?;
-            loop {
-                if read.next >= read.end {
-                    return None;
-                }
-                let why = match tokio::time::timeout(BODY_IDLE_TIMEOUT, read.body.next()).await {
-                    Ok(Some(Ok(chunk))) => {
-                        let room = read.end - read.next;
-                        let chunk = if chunk.len() as u64 > room {
-                            chunk.slice(..room as usize)
-                        } else {
-                            chunk
-                        };
-                        if chunk.is_empty() {
-                            continue;
-                        }
-                        read.next += chunk.len() as u64;
-                        return Some((Ok(chunk), (store, path, Some(read), retries)));
-                    }
-                    Ok(Some(Err(e))) => store.error("reading", &path, &e),
-                    Ok(None) => Error::unavailable(format!(
-                        "{}: reading {path}: the body ended at byte {} of {}",
-                        store.name, read.next, read.end
-                    )),
-                    Err(_) => Error::new(
-                        Code::DeadlineExceeded,
-                        format!(
-                            "{}: reading {path}: no data for {BODY_IDLE_TIMEOUT:?}",
-                            store.name
-                        ),
-                    ),
-                };
-                if retries >= store.retry.max_retries || !store.retry.retries(why.code) {
-                    return Some((Err(why), (store, path, None, retries)));
-                }
-                retries += 1;
-                store.events.retry("get");
-                tokio::time::sleep(store.retry.wait(retries)).await;
-                match store
-                    .open(&path, read.next, Some(read.end), read.e_tag.clone())
-                    .await
-                {
-                    Ok(r) if r.next == read.next && r.end == read.end => read.body = r.body,
-                    Ok(r) => {
-                        let e = Error::unavailable(format!(
-                            "{}: resuming {path}: asked bytes {}..{}, got {}..{}",
-                            store.name, read.next, read.end, r.next, r.end
-                        ));
-                        return Some((Err(e), (store, path, None, retries)));
-                    }
-                    Err(e) => return Some((Err(e), (store, path, None, retries))),
-                }
-            }
-        },
-    )
-    .boxed()
 }
