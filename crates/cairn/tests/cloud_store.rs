@@ -566,3 +566,89 @@ async fn a_backend_that_never_answers_fails_status_in_time_and_the_server_stays_
     }
     assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
 }
+
+/// A process's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test]
+async fn a_large_upload_and_read_use_memory_bounded_by_parts_not_blob_size() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &moto, &moto.endpoint(), NONE, 3);
+    let mut cl = clients(&c).await;
+    let warm = data(1000, 60);
+    batch_put(&mut cl.cas, std::slice::from_ref(&warm)).await;
+    let before = peak_rss(c.child.id());
+
+    let len = 256 << 20;
+    let big = data(len, 61);
+    let d = sha(&big);
+    let started = Instant::now();
+    // Streamed in 1 MiB messages, without holding them all at once.
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
+    let blob = big.clone();
+    let msgs = futures::stream::iter((0..len).step_by(1 << 20).map(move |off| {
+        let end = (off + (1 << 20)).min(len);
+        WriteRequest {
+            resource_name: if off == 0 {
+                name.clone()
+            } else {
+                String::new()
+            },
+            write_offset: off as i64,
+            finish_write: end == len,
+            data: blob[off..end].to_vec(),
+        }
+    }));
+    cl.bs.write(msgs).await.unwrap();
+    let upload = started.elapsed();
+    let after_upload = peak_rss(c.child.id());
+    let started = Instant::now();
+    let mut s = cl
+        .bs
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash_hex(), d.size()),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut hasher = DigestFunction::Sha256.hasher();
+    let mut got = 0u64;
+    while let Some(m) = s.next().await {
+        let m = m.unwrap();
+        hasher.update(&m.data);
+        got += m.data.len() as u64;
+    }
+    assert_eq!(hasher.finish_with_size(got), d);
+    let read = started.elapsed();
+    let after = peak_rss(c.child.id());
+    eprintln!(
+        "256 MiB through Cairn over moto: upload {upload:?}, read {read:?}; Cairn peak RSS {} MiB before, {} MiB after the upload, {} MiB after the read",
+        before >> 20,
+        after_upload >> 20,
+        after >> 20
+    );
+    // Parts in flight (2 + 1 of 5 MiB), the service's buffers and the read's chunks: half
+    // the blob's size at most (buffering it whole would take all of it).
+    assert!(
+        after - before < 128 << 20,
+        "peak RSS grew by {} MiB for a 256 MiB blob",
+        (after - before) >> 20
+    );
+}
