@@ -338,17 +338,30 @@ impl Store for CloudObjectStore {
         StoreInfo::leaf("experimental_cloud_object_store")
     }
 
+    /// A GET of an object that is never written: "no such object" is healthy; "no such bucket"
+    /// (or container), a refusal, an error status or no answer within [`HEALTH_TIMEOUT`] is
+    /// not. A GET rather than a HEAD, because only a GET's answer says which of the two is
+    /// missing.
     async fn health(&self) -> Health {
         let probe = Path::from(format!("{}.cairn-health-probe", self.0.key_prefix));
-        let opts = GetOptions {
-            head: true,
-            ..GetOptions::default()
-        };
-        match tokio::time::timeout(HEALTH_TIMEOUT, self.0.client.objects.get_opts(&probe, opts))
-            .await
-        {
+        let get = self
+            .0
+            .client
+            .objects
+            .get_opts(&probe, GetOptions::default());
+        match tokio::time::timeout(HEALTH_TIMEOUT, get).await {
             Ok(Ok(_)) => Health::Ok,
-            Ok(Err(e)) if classify(&e) == Code::NotFound => Health::Ok,
+            Ok(Err(e)) if classify(&e) == Code::NotFound => {
+                let why = e.to_string();
+                if why.contains("NoSuchBucket") || why.contains("ContainerNotFound") {
+                    Health::Failed(format!(
+                        "{}: the {} does not exist",
+                        self.0.name, self.0.client.location
+                    ))
+                } else {
+                    Health::Ok
+                }
+            }
             Ok(Err(e)) => Health::Failed(self.0.error("health check", &probe, &e).message),
             Err(_) => Health::Failed(format!(
                 "{}: health check: no answer within {HEALTH_TIMEOUT:?}",

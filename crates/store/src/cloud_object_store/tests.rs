@@ -320,6 +320,30 @@ async fn many_digests_are_checked_with_bounded_concurrency() {
 }
 
 #[tokio::test]
+async fn a_missing_bucket_or_container_is_unhealthy_naming_it() {
+    let moto = Moto::start().await;
+    let store = store_at(&moto.endpoint(), &spec("never-made", 0));
+    let crate::Health::Failed(why) = store.health().await else {
+        panic!("healthy without its bucket")
+    };
+    assert!(
+        why.contains("stores.S3") && why.contains("bucket \"never-made\" does not exist"),
+        "{why}"
+    );
+    moto.create_bucket("never-made").await;
+    assert_eq!(store.health().await, crate::Health::Ok);
+
+    let azurite = Azurite::start().await;
+    let store = azure_store(&azurite, &mut azure_spec("absent"));
+    let crate::Health::Failed(why) = store.health().await else {
+        panic!("healthy without its container")
+    };
+    assert!(why.contains("does not exist"), "{why}");
+    azurite.create_container("absent");
+    assert_eq!(store.health().await, crate::Health::Ok);
+}
+
+#[tokio::test]
 async fn an_unreachable_backend_is_unavailable_naming_the_store() {
     // A port nothing listens on.
     let port = TcpListener::bind("127.0.0.1:0")
