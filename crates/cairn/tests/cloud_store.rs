@@ -652,3 +652,41 @@ async fn a_large_upload_and_read_use_memory_bounded_by_parts_not_blob_size() {
         (after - before) >> 20
     );
 }
+
+/// Bazel 4.2.3 (Debian's `bazel-bootstrap`, offline) builds with its remote cache on Cairn,
+/// whose CAS (verify over fast_slow of memory over S3) and AC live in moto behind the fault
+/// proxy failing a fifth of the requests: the build, and a clean rebuild served wholly from
+/// the cache, see no error.
+#[test]
+fn bazel_builds_and_rebuilds_from_s3_with_a_fifth_of_backend_requests_failing() {
+    let Some(program) = common::bazel::find_or_skip("cloud_store") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let moto = rt.block_on(Moto::start());
+    rt.block_on(moto.create_bucket("cas"));
+    let proxy = rt.block_on(FaultProxy::start(([127, 0, 0, 1], moto.port).into()));
+    proxy.set_failure_percent(20);
+    let tmp = tempfile::tempdir().unwrap();
+    let cairn_dir = tmp.path().join("cairn");
+    std::fs::create_dir(&cairn_dir).unwrap();
+    let cairn = start(&cairn_dir, &moto, &proxy.endpoint(), MEMORY, 10);
+    let bazel = common::bazel::Bazel::new(program, &tmp.path().join("bazel"), "bazel-workspace");
+    let mut args = bazel.cache_flags(cairn.addr);
+    args.push("//...".to_string());
+
+    let first = bazel.run("build", &args);
+    let executed = first.all_processes_were("local");
+    first.assert_no_remote_cache_warning();
+    bazel.run("clean", &[]);
+    let second = bazel.run("build", &args);
+    assert_eq!(executed, second.all_processes_were("remote cache hit"));
+    second.assert_no_remote_cache_warning();
+    let report = std::fs::read_to_string(bazel.bin("report.txt")).unwrap();
+    assert_eq!(report, "A CACHE THAT REMEMBERS\n23\nhello, cairn\n");
+    let (requests, faults) = proxy.counts();
+    eprintln!("Bazel over S3: {faults} of {requests} backend requests failed");
+    assert!(faults > 0, "no fault was injected");
+    drop(bazel);
+    cairn.kill9();
+}
