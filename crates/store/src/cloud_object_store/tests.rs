@@ -401,6 +401,18 @@ fn keys_of_another_provider_and_missing_keys_are_refused_by_path() {
             ".namespace: required",
         ),
         (
+            r#"{provider: "azure", account_name: "a"}"#,
+            ".container: required",
+        ),
+        (
+            r#"{provider: "azure", sas_url: "https://a.blob.core.windows.net/c"}"#,
+            ".sas_url: no SAS token",
+        ),
+        (
+            r#"{provider: "gcs", bucket: "b"}"#,
+            "`gcs` parses but is not built yet",
+        ),
+        (
             r#"{provider: "ontap", bucket: "b", endpoint: "https://o"}"#,
             ".vserver_name: required",
         ),
@@ -424,6 +436,8 @@ fn keys_of_another_provider_and_missing_keys_are_refused_by_path() {
         r#"{provider: "r2", account_id: "acc", bucket: "b", access_key_id: "k", secret_access_key: "s"}"#,
         r#"{provider: "oci", namespace: "ns", region: "us-phoenix-1", bucket: "b"}"#,
         r#"{provider: "ontap", endpoint: "https://o", vserver_name: "svm", bucket: "b"}"#,
+        r#"{provider: "azure", account_name: "a", container: "c", endpoint: "http://127.0.0.1:10000/a"}"#,
+        r#"{provider: "azure", sas_url: "https://a.blob.core.windows.net/c?sv=1&sig=x"}"#,
     ] {
         let text = format!("{{stores: {{S3: {{experimental_cloud_object_store: {body}}}}}}}");
         let cfg = cairn_config::parse_str("t.json5", &text).unwrap();
