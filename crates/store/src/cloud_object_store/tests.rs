@@ -831,3 +831,37 @@ async fn gcs_meets_the_store_contract_on_fake_gcs_server_with_composed_blobs() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn gcs_composes_more_than_32_parts_in_rounds() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let spec = Spec {
+        provider: Some("gcs".into()),
+        bucket: Some("cas".into()),
+        ..Spec::default()
+    };
+    let events = Arc::new(BackendEvents::new("stores.GCS", "gcs"));
+    let mut client = super::gcs::client_for(
+        &spec,
+        "stores.GCS.experimental_cloud_object_store",
+        CountingConnector {
+            events: events.clone(),
+        },
+        Some(gcs.host()),
+    )
+    .unwrap();
+    // 1 MiB parts (the tests' choice; the provider's floor is 5 MiB): 40 of them.
+    client.min_part_size = 1 << 20;
+    let store = CloudObjectStore::with_client(&spec, "stores.GCS", events, client).unwrap();
+    let len = (40 << 20) - 77;
+    let blob = data(len, 13);
+    let d = DigestFunction::Sha256.compute(&blob);
+    store
+        .put(&d, stream::once_chunked(blob.clone(), 1 << 20))
+        .await
+        .unwrap();
+    assert!(store.get_all(&d, usize::MAX).await.unwrap() == blob);
+    let names = gcs.object_names("cas").await;
+    assert_eq!(names, vec![format!("{}-{}", d.hash_hex(), d.size())]);
+}
