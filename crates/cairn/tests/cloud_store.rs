@@ -431,25 +431,7 @@ async fn azure_provider_serves_the_cas_and_ac_over_azurite() {
             azurite.endpoint()
         )
     };
-    let config = format!(
-        r#"{{
-  stores: {{
-    CAS: {{ verify: {{ verify_size: true, verify_hash: true, backend: {} }} }},
-    AC: {},
-  }},
-  servers: [{{
-    listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
-    services: {{
-      cas: [{{ instance_name: "", cas_store: "CAS" }}],
-      ac: [{{ instance_name: "", ac_store: "AC" }}],
-      bytestream: [{{ instance_name: "", cas_store: "CAS" }}],
-      health: {{}},
-    }},
-  }}],
-}}"#,
-        store("cas/"),
-        store("ac/")
-    );
+    let config = cloud_config(&store);
     let path = dir.path().join("azure.json5");
     std::fs::write(&path, config).unwrap();
     let c = Cairn::start_config_env(dir.path(), &path, &azurite.azure_env());
@@ -704,25 +686,7 @@ async fn gcs_provider_serves_the_cas_and_ac_over_fake_gcs_server() {
               retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#
         )
     };
-    let config = format!(
-        r#"{{
-  stores: {{
-    CAS: {{ verify: {{ verify_size: true, verify_hash: true, backend: {} }} }},
-    AC: {},
-  }},
-  servers: [{{
-    listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
-    services: {{
-      cas: [{{ instance_name: "", cas_store: "CAS" }}],
-      ac: [{{ instance_name: "", ac_store: "AC" }}],
-      bytestream: [{{ instance_name: "", cas_store: "CAS" }}],
-      health: {{}},
-    }},
-  }}],
-}}"#,
-        store("cas/"),
-        store("ac/")
-    );
+    let config = cloud_config(&store);
     let path = dir.path().join("gcs.json5");
     std::fs::write(&path, config).unwrap();
     let c = Cairn::start_config_env(dir.path(), &path, &[("STORAGE_EMULATOR_HOST", gcs.host())]);
@@ -760,4 +724,107 @@ async fn gcs_provider_serves_the_cas_and_ac_over_fake_gcs_server() {
     assert_eq!(got.stdout_raw, b"in gcs");
     let (code, body) = common::http_get(c.addr, "/status").await;
     assert_eq!(code, 200, "{body}");
+}
+
+/// A CAS (verify over the cloud store) and an AC on `store(prefix)`, on a free port.
+fn cloud_config(store: &dyn Fn(&str) -> String) -> String {
+    format!(
+        r#"{{
+  stores: {{
+    CAS: {{ verify: {{ verify_size: true, verify_hash: true, backend: {} }} }},
+    AC: {},
+  }},
+  servers: [{{
+    listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
+    services: {{
+      cas: [{{ instance_name: "", cas_store: "CAS" }}],
+      ac: [{{ instance_name: "", ac_store: "AC" }}],
+      bytestream: [{{ instance_name: "", cas_store: "CAS" }}],
+      health: {{}},
+    }},
+  }}],
+}}"#,
+        store("cas/"),
+        store("ac/")
+    )
+}
+
+/// Uploads a multipart blob and small ones, then reads and finds them all, three times.
+async fn round_trips_under_faults(c: &Cairn) {
+    let mut cl = clients(c).await;
+    let big = data(11 << 20, 81);
+    let small: Vec<Vec<u8>> = (0..15).map(|i| data(3000 + i, 800 + i as u64)).collect();
+    write(&mut cl.bs, &big).await.unwrap();
+    batch_put(&mut cl.cas, &small).await;
+    let mut ds: Vec<Digest> = small.iter().map(|b| sha(b)).collect();
+    ds.push(sha(&big));
+    for _ in 0..3 {
+        assert!(missing(&mut cl.cas, &ds).await.is_empty());
+        assert!(read(&mut cl.bs, &sha(&big), 0, 0).await.unwrap() == big);
+        for b in &small[..5] {
+            assert_eq!(&read(&mut cl.bs, &sha(b), 0, 0).await.unwrap(), b);
+        }
+    }
+}
+
+#[tokio::test]
+async fn gcs_and_azure_ride_out_a_fifth_of_backend_requests_failing() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let gcs_proxy = FaultProxy::start(([127, 0, 0, 1], gcs.port).into()).await;
+    let azurite = Azurite::start().await;
+    azurite.create_container("cas");
+    let az_proxy = FaultProxy::start(([127, 0, 0, 1], azurite.port).into()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let gcs_dir = dir.path().join("gcs");
+    std::fs::create_dir(&gcs_dir).unwrap();
+    let path = gcs_dir.join("cairn.json5");
+    std::fs::write(
+        &path,
+        cloud_config(&|prefix| {
+            format!(
+                r#"{{ experimental_cloud_object_store: {{ provider: "gcs", bucket: "cas",
+                  key_prefix: "{prefix}", retry: {{ max_retries: 10, delay: 0.02, jitter: 0.5 }} }} }}"#
+            )
+        }),
+    )
+    .unwrap();
+    let gcs_host = gcs_proxy.addr.to_string();
+    let on_gcs = Cairn::start_config_env(&gcs_dir, &path, &[("STORAGE_EMULATOR_HOST", gcs_host)]);
+
+    let az_dir = dir.path().join("azure");
+    std::fs::create_dir(&az_dir).unwrap();
+    let path = az_dir.join("cairn.json5");
+    let endpoint = format!(
+        "{}/{}",
+        az_proxy.endpoint(),
+        common::emulators::AZURITE_ACCOUNT
+    );
+    std::fs::write(
+        &path,
+        cloud_config(&|prefix| {
+            format!(
+                r#"{{ experimental_cloud_object_store: {{ provider: "azure",
+                  account_name: "devstoreaccount1", container: "cas", endpoint: "{endpoint}",
+                  key_prefix: "{prefix}", insecure_allow_http: true,
+                  retry: {{ max_retries: 10, delay: 0.02, jitter: 0.5 }} }} }}"#
+            )
+        }),
+    )
+    .unwrap();
+    let on_azure = Cairn::start_config_env(&az_dir, &path, &azurite.azure_env());
+
+    gcs_proxy.set_failure_percent(20);
+    az_proxy.set_failure_percent(20);
+    round_trips_under_faults(&on_gcs).await;
+    round_trips_under_faults(&on_azure).await;
+    for (name, proxy) in [("gcs", &gcs_proxy), ("azure", &az_proxy)] {
+        let (requests, faults) = proxy.counts();
+        eprintln!("{name}: {faults} of {requests} backend requests failed");
+        assert!(
+            faults * 100 >= requests * 10,
+            "{name}: {faults} of {requests}"
+        );
+    }
 }
