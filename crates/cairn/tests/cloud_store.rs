@@ -828,3 +828,45 @@ async fn gcs_and_azure_ride_out_a_fifth_of_backend_requests_failing() {
         );
     }
 }
+
+#[tokio::test]
+async fn gcs_read_timeout_s_bounds_a_body_that_stops_coming() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], gcs.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cairn.json5");
+    std::fs::write(
+        &path,
+        cloud_config(&|prefix| {
+            format!(
+                r#"{{ experimental_cloud_object_store: {{ provider: "gcs", bucket: "cas",
+                  key_prefix: "{prefix}", read_timeout_s: 1,
+                  retry: {{ max_retries: 1, delay: 0.02, jitter: 0.5 }} }} }}"#
+            )
+        }),
+    )
+    .unwrap();
+    let c = Cairn::start_config_env(
+        dir.path(),
+        &path,
+        &[("STORAGE_EMULATOR_HOST", proxy.addr.to_string())],
+    );
+    let mut cl = clients(&c).await;
+    let blob = data(300_000, 91);
+    write(&mut cl.bs, &blob).await.unwrap();
+
+    proxy.set_stall_bodies(true);
+    let started = Instant::now();
+    let e = read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("no data for 1s"), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    proxy.set_stall_bodies(false);
+    assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
+}

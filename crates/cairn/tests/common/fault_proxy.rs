@@ -9,7 +9,8 @@
 //!
 //! `set_failure_percent` sets how many requests meet one of the faults (spread over them in
 //! turn); `set_down(true)` makes every connection close at once, as a dead backend would;
-//! `set_stalled(true)` makes the proxy read requests and never answer them.
+//! `set_stalled(true)` makes the proxy read requests and never answer them;
+//! `set_stall_bodies(true)` passes on the head of each answer and 100 bytes, then holds it.
 //! Request bodies must have a `Content-Length` (object-store clients send one).
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ struct State {
     failure_percent: AtomicU64,
     down: AtomicBool,
     stalled: AtomicBool,
+    stall_bodies: AtomicBool,
     requests: AtomicU64,
     faults: AtomicU64,
 }
@@ -89,6 +91,10 @@ impl FaultProxy {
 
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    pub fn set_stall_bodies(&self, stall: bool) {
+        self.state.stall_bodies.store(stall, Ordering::SeqCst);
     }
 
     pub fn set_stalled(&self, stalled: bool) {
@@ -221,7 +227,14 @@ async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io
     out.extend_from_slice(&answer[head_end..]);
     let mut rest = out;
     let mut sent = 0;
+    let stall = s.stall_bodies.load(Ordering::SeqCst);
     loop {
+        if stall && sent + rest.len() > cut_at {
+            client.write_all(&rest[..cut_at - sent]).await?;
+            // Holds the rest until the client gives up.
+            let _ = client.read(&mut [0u8; 1]).await;
+            return Ok(());
+        }
         if matches!(fault, Some(Fault::Cut)) && sent + rest.len() > cut_at {
             client.write_all(&rest[..cut_at - sent]).await?;
             return Ok(()); // cut mid-answer

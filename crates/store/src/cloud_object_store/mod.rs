@@ -67,7 +67,7 @@ const DEFAULT_MAX_RETRY_BUFFER: u64 = 5 * 1024 * 1024;
 const DEFAULT_MAX_CONCURRENT_PARTS: u64 = 10;
 /// A request that is not a streamed body must answer within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// A streamed body (a GET's, a part's) may go this long without progress.
+/// A GET's body may go this long without progress (gcs: `read_timeout_s` when set).
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A health check gets one attempt of at most this.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,6 +119,8 @@ pub(crate) struct Inner {
     expire_after_s: u64,
     max_retry_buffer: u64,
     max_concurrent_parts: usize,
+    /// How long a GET's body may go without progress.
+    body_idle_timeout: Duration,
     events: Arc<BackendEvents>,
 }
 
@@ -174,6 +176,10 @@ impl CloudObjectStore {
                     .unwrap_or(DEFAULT_MAX_CONCURRENT_PARTS),
             )
             .unwrap_or(usize::MAX),
+            body_idle_timeout: spec
+                .read_timeout_s
+                .filter(|s| *s > 0)
+                .map_or(BODY_IDLE_TIMEOUT, Duration::from_secs),
             events,
         })))
     }

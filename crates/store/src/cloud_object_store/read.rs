@@ -1,6 +1,7 @@
 //! Reads: a ranged GET whose body is passed on chunk by chunk and, when it breaks, resumed
 //! from the next unread byte of the same object version (`If-Match` on its ETag), within the
-//! retry budget; a body that makes no progress for [`BODY_IDLE_TIMEOUT`] counts as broken.
+//! retry budget; a body that makes no progress for the store's idle timeout (60 s, or gcs's
+//! `read_timeout_s`) counts as broken.
 
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{GetOptions, GetRange};
 
-use super::{transport, Inner, BODY_IDLE_TIMEOUT, REQUEST_TIMEOUT};
+use super::{transport, Inner, REQUEST_TIMEOUT};
 
 /// `object_store` checks a ranged answer against the object's length itself (Azure answers a
 /// range starting at the end with the whole object) and reports a range past the end with a
@@ -82,7 +83,8 @@ pub(super) fn resuming_body(store: Arc<Inner>, path: Path, first: OpenRead) -> B
                 if read.next >= read.end {
                     return None;
                 }
-                let why = match tokio::time::timeout(BODY_IDLE_TIMEOUT, read.body.next()).await {
+                let idle = store.body_idle_timeout;
+                let why = match tokio::time::timeout(idle, read.body.next()).await {
                     Ok(Some(Ok(chunk))) => {
                         let room = read.end - read.next;
                         let chunk = if chunk.len() as u64 > room {
@@ -103,10 +105,7 @@ pub(super) fn resuming_body(store: Arc<Inner>, path: Path, first: OpenRead) -> B
                     )),
                     Err(_) => Error::new(
                         Code::DeadlineExceeded,
-                        format!(
-                            "{}: reading {path}: no data for {BODY_IDLE_TIMEOUT:?}",
-                            store.name
-                        ),
+                        format!("{}: reading {path}: no data for {idle:?}", store.name),
                     ),
                 };
                 if retries >= store.retry.max_retries || !store.retry.retries(why.code) {
