@@ -15,7 +15,8 @@
 //!   most `multipart_max_concurrent_uploads + 1` parts per upload whatever the blob size.
 //! - **Retries** ([`retry`]) repeat one request from data the store still holds: a part's
 //!   buffer, the next unread offset, a PUT body up to `max_retry_buffer_per_request`.
-//! - **Existence** (`has_many`) is a HEAD per key, at most [`HAS_CONCURRENCY`] at once; an
+//! - **Existence** (`has_many`) is a HEAD per key, at most [`HAS_CONCURRENCY`] at once per
+//!   call and [`STORE_HEAD_CONCURRENCY`] for the whole store; an
 //!   object older than `consider_expired_after_s` counts as missing (the client uploads it
 //!   again, which refreshes it), as in NativeLink.
 //! - Every error names the store's key path and the object, with a gRPC code: UNAVAILABLE when
@@ -61,6 +62,8 @@ use transport::{classify, CountingConnector};
 
 /// HEAD requests of one `has_many` in flight at once.
 pub const HAS_CONCURRENCY: usize = 64;
+/// HEAD requests of the whole store in flight at once, whatever the number of callers.
+pub const STORE_HEAD_CONCURRENCY: usize = 256;
 /// Default of `max_retry_buffer_per_request` (NativeLink's).
 const DEFAULT_MAX_RETRY_BUFFER: u64 = 5 * 1024 * 1024;
 /// Default of `multipart_max_concurrent_uploads` (NativeLink's).
@@ -121,6 +124,8 @@ pub(crate) struct Inner {
     max_concurrent_parts: usize,
     /// How long a GET's body may go without progress.
     body_idle_timeout: Duration,
+    /// Bounds the HEADs of all callers together ([`STORE_HEAD_CONCURRENCY`]).
+    heads: tokio::sync::Semaphore,
     events: Arc<BackendEvents>,
 }
 
@@ -180,6 +185,7 @@ impl CloudObjectStore {
                 .read_timeout_s
                 .filter(|s| *s > 0)
                 .map_or(BODY_IDLE_TIMEOUT, Duration::from_secs),
+            heads: tokio::sync::Semaphore::new(STORE_HEAD_CONCURRENCY),
             events,
         })))
     }
@@ -248,6 +254,8 @@ impl Inner {
 
     /// The size of the object of `key`, or `None` when it is missing or expired.
     async fn head(&self, key: &Digest) -> Result<Option<u64>, Error> {
+        // Never closed: the semaphore lives as long as the store.
+        let _permit = self.heads.acquire().await.ok();
         let path = self.path(key);
         let objects = &self.client.objects;
         let meta = self
