@@ -295,9 +295,17 @@ fn store_tree(out: &mut String, label: &str, spec: &StoreSpec, depth: usize) {
         StoreSpec::SizePartitioning(s) => format!(" size={}", s.size.0),
         StoreSpec::RefStore(r) => format!(" -> {}", r.name),
         StoreSpec::ExperimentalCloudObjectStore(c) => format!(
-            " provider={} bucket={} key_prefix={}",
+            " provider={} {}={} key_prefix={}",
             c.provider.as_deref().unwrap_or("?"),
-            c.bucket.as_deref().unwrap_or("?"),
+            if c.container.is_some() {
+                "container"
+            } else {
+                "bucket"
+            },
+            c.bucket
+                .as_deref()
+                .or(c.container.as_deref())
+                .unwrap_or("?"),
             c.key_prefix.as_deref().unwrap_or("")
         ),
         StoreSpec::RedisStore(r) => format!(

@@ -25,7 +25,7 @@ pub enum StoreSpec {
     /// store, labelled `cache_type` (NativeLink's wrapper).
     CacheMetrics(Box<CacheMetricsStore>),
     // Kinds whose behaviour a later issue builds: they parse, and starting them is an error.
-    ExperimentalCloudObjectStore(CloudObjectStore),
+    ExperimentalCloudObjectStore(Box<CloudObjectStore>),
     /// NetApp ONTAP S3 with a local existence index (NativeLink's); its body is kept as
     /// written until the store is built.
     OntapS3ExistenceCache(serde_json::Value),
@@ -274,29 +274,80 @@ pub struct Retry {
     pub retry_on_errors: Option<Vec<String>>,
 }
 
-/// S3 / GCS object storage (built in a later issue; parses now).
+/// NativeLink's `experimental_cloud_object_store`: one flat struct holding the keys of every
+/// provider (`aws`, `gcs`, `azure`, `ontap`, `r2`, `oci`), so that a file parses whatever the
+/// provider and the store's check can name a key that does not belong to the chosen provider
+/// (or one that is missing) by its path. Which keys each provider takes: `docs/operations.md`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudObjectStore {
-    /// `aws` or `gcs`.
+    /// `aws`, `gcs`, `azure`, `ontap`, `r2` or `oci` (required; checked when the store is
+    /// built, so that the guides' fragments without it still parse).
     #[serde(default)]
     pub provider: Option<String>,
+    /// aws, oci: the region (oci: also part of the endpoint host).
     #[serde(default)]
     pub region: Option<String>,
+    /// aws, gcs, ontap, r2, oci: the bucket.
     #[serde(default)]
     pub bucket: Option<String>,
+    /// gcs: chunk size of resumable uploads (default 2MB).
+    #[serde(default)]
+    pub resumable_chunk_size: Option<ByteSize>,
+    /// gcs: fail when no credentials are found.
+    #[serde(default)]
+    pub authentication_required: Option<bool>,
+    /// gcs: connect timeout in seconds.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub connection_timeout_s: Option<u64>,
+    /// gcs: read timeout in seconds.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub read_timeout_s: Option<u64>,
+    /// azure: the storage account.
+    #[serde(default)]
+    pub account_name: Option<String>,
+    /// azure: the container.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// azure: blob endpoint override (an Azurite URL, say); ontap: the S3 endpoint (required).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// azure: a container URL with a SAS token in it; replaces account, container, endpoint.
+    #[serde(default)]
+    pub sas_url: Option<String>,
+    /// ontap: the SVM name.
+    #[serde(default)]
+    pub vserver_name: Option<String>,
+    /// ontap: a PEM file of CA certificates to trust for `endpoint`.
+    #[serde(default)]
+    pub root_certificates: Option<String>,
+    /// r2: the Cloudflare account (the endpoint is `https://{account_id}.r2.cloudflarestorage.com`).
+    #[serde(default)]
+    pub account_id: Option<String>,
+    /// r2, oci: access key (with `secret_access_key`); else the environment's credentials.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// r2, oci: secret key.
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    /// oci: the Object Storage namespace (part of the endpoint host).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Prefix of every object name.
     #[serde(default)]
     pub key_prefix: Option<String>,
     #[serde(default)]
-    pub endpoint: Option<String>,
-    #[serde(default)]
     pub retry: Option<Retry>,
+    /// Objects last modified longer ago than this count as missing (0: never).
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub consider_expired_after_s: Option<u64>,
+    /// Largest single-request upload kept in memory to be sent again on a retryable error
+    /// (default 5MiB; 0: such uploads are not retried).
     #[serde(default)]
     pub max_retry_buffer_per_request: Option<ByteSize>,
-    #[serde(default)]
-    pub multipart_max_concurrent_uploads: Option<ByteSize>,
+    /// Parts of one multipart upload in flight at once (default 10).
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub multipart_max_concurrent_uploads: Option<u64>,
     #[serde(default)]
     pub insecure_allow_http: bool,
     #[serde(default)]

@@ -379,3 +379,62 @@ fn nativelink_scheduler_forms_parse() {
     .unwrap_err();
     assert!(e.to_string().contains("cache_lookup.ac_store"), "{e}");
 }
+
+/// Every provider of NativeLink's `experimental_cloud_object_store` with its own keys parses
+/// (which keys belong to which provider is the store's check, in cairn-store).
+#[test]
+fn cloud_object_store_providers_parse_with_their_nativelink_keys() {
+    let cfg = parse_str(
+        "cloud.json5",
+        r#"{ stores: {
+          AWS: { experimental_cloud_object_store: { provider: "aws", region: "us-east-1", bucket: "b",
+            key_prefix: "cas/", retry: { max_retries: 6, delay: 0.3, jitter: 0.5 },
+            consider_expired_after_s: 86400, max_retry_buffer_per_request: "5mb",
+            multipart_max_concurrent_uploads: "4", insecure_allow_http: false, disable_http2: true } },
+          GCS: { experimental_cloud_object_store: { provider: "gcs", bucket: "b", resumable_chunk_size: "2mb",
+            authentication_required: true, connection_timeout_s: 3, read_timeout_s: 3 } },
+          AZ: { experimental_cloud_object_store: { provider: "azure", account_name: "a", container: "c",
+            endpoint: "http://127.0.0.1:10000/devstoreaccount1", sas_url: "https://a.blob.core.windows.net/c?sig=x" } },
+          ONTAP: { experimental_cloud_object_store: { provider: "ontap", endpoint: "https://ontap:443",
+            vserver_name: "svm", bucket: "b", root_certificates: "/etc/ssl/ontap.pem" } },
+          R2: { experimental_cloud_object_store: { provider: "r2", account_id: "acc", bucket: "b",
+            access_key_id: "k", secret_access_key: "s" } },
+          OCI: { experimental_cloud_object_store: { provider: "oci", namespace: "ns", region: "us-phoenix-1",
+            bucket: "b", access_key_id: "k", secret_access_key: "s" } },
+        } }"#,
+    )
+    .unwrap();
+    let cloud = |name: &str| match cfg.stores.get(name).unwrap() {
+        StoreSpec::ExperimentalCloudObjectStore(c) => c.clone(),
+        other => panic!("{name}: {other:?}"),
+    };
+    let aws = cloud("AWS");
+    assert_eq!(aws.multipart_max_concurrent_uploads, Some(4));
+    assert_eq!(
+        aws.max_retry_buffer_per_request.map(|b| b.0),
+        Some(5_000_000)
+    );
+    assert_eq!(aws.consider_expired_after_s, Some(86400));
+    assert_eq!(
+        cloud("GCS").resumable_chunk_size.map(|b| b.0),
+        Some(2_000_000)
+    );
+    assert_eq!(cloud("AZ").account_name.as_deref(), Some("a"));
+    assert_eq!(
+        cloud("ONTAP").root_certificates.as_deref(),
+        Some("/etc/ssl/ontap.pem")
+    );
+    assert_eq!(cloud("R2").access_key_id.as_deref(), Some("k"));
+    assert_eq!(cloud("OCI").namespace.as_deref(), Some("ns"));
+    // A key no provider has is an error at its path.
+    let e = parse_str(
+        "cloud.json5",
+        r#"{ stores: { S: { experimental_cloud_object_store: { provider: "aws", bukket: "b" } } } }"#,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("stores.S.experimental_cloud_object_store"),
+        "{e}"
+    );
+}

@@ -14,8 +14,9 @@ use cairn_config::NamedList;
 use cairn_core::Error;
 
 use crate::{
-    completeness_checking, compression, dedup, existence_cache, fast_slow, filesystem, grpc,
-    memory, noop, redis_store, ref_store, shard, size_partitioning, verify, StoreRef,
+    cloud_object_store, completeness_checking, compression, dedup, existence_cache, fast_slow,
+    filesystem, grpc, memory, noop, redis_store, ref_store, shard, size_partitioning, verify,
+    StoreRef,
 };
 
 /// Top-level stores by name.
@@ -41,9 +42,8 @@ pub struct StoreTree {
 /// Building calls it first, and `cairn check-config` calls it, so both give the same verdict.
 pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
     match spec {
-        StoreSpec::ExperimentalCloudObjectStore(_)
-        | StoreSpec::OntapS3ExistenceCache(_)
-        | StoreSpec::ExperimentalMongo(_) => {
+        StoreSpec::ExperimentalCloudObjectStore(c) => cloud_object_store::check(c, path)?,
+        StoreSpec::OntapS3ExistenceCache(_) | StoreSpec::ExperimentalMongo(_) => {
             return Err(Error::unimplemented(format!(
                 "{path}: store kind `{}` parses but is not built yet in this version of Cairn; \
                  use memory, filesystem or the wrapper stores for now",
@@ -225,9 +225,10 @@ impl<'a> Builder<'a> {
                     Arc::new(grpc::GrpcStore::new(c).map_err(|e| e.context(&path))?)
                 }
                 StoreSpec::RedisStore(c) => Arc::new(redis_store::RedisStore::new(&path, c)?),
-                StoreSpec::ExperimentalCloudObjectStore(_)
-                | StoreSpec::OntapS3ExistenceCache(_)
-                | StoreSpec::ExperimentalMongo(_) => {
+                StoreSpec::ExperimentalCloudObjectStore(c) => {
+                    Arc::new(cloud_object_store::CloudObjectStore::new(c, &path)?)
+                }
+                StoreSpec::OntapS3ExistenceCache(_) | StoreSpec::ExperimentalMongo(_) => {
                     return Err(check_spec(spec, &path).err().unwrap_or_else(|| {
                         Error::internal(format!("{path}: {} is not built", spec.kind()))
                     }))
@@ -271,7 +272,7 @@ mod tests {
         assert!(e.message.contains("cycle"), "{e}");
         let cfg = cairn_config::parse_str(
             "t.json5",
-            r#"{stores: {S3: {experimental_cloud_object_store: {provider: "aws"}}}}"#,
+            r#"{stores: {S3: {redis_store: {addresses: ["redis://127.0.0.1:1"]}}}}"#,
         )
         .unwrap();
         let e = build_stores(&cfg.stores).await.err().unwrap();

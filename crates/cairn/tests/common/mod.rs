@@ -6,6 +6,8 @@
 pub mod actions;
 pub mod bazel;
 pub mod certs;
+pub mod emulators;
+pub mod fault_proxy;
 pub mod tools;
 
 use std::io::{BufRead, BufReader};

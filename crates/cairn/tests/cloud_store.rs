@@ -1,0 +1,908 @@
+//! `experimental_cloud_object_store` end to end: the real binary over a real S3 API server
+//! (`moto_server`), reached through `AWS_ENDPOINT_URL` as NativeLink reads it, and over
+//! Azurite (provider `azure`, NativeLink's `endpoint` key) and fake-gcs-server (provider
+//! `gcs`, `STORAGE_EMULATOR_HOST`), serving
+//! ByteStream, the CAS and the AC over gRPC; two processes sharing a bucket; and a
+//! fault-injecting proxy between Cairn and the server (failures retried away, a dead backend
+//! reported as UNAVAILABLE and by `/status`, recovery without a restart).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::bytestream::byte_stream_client::ByteStreamClient;
+use cairn_core::proto::google::bytestream::{ReadRequest, WriteRequest};
+use cairn_core::{Digest, DigestFunction};
+use common::emulators::{Azurite, FakeGcs, Moto};
+use common::fault_proxy::FaultProxy;
+use common::{data, Cairn};
+use futures::StreamExt;
+use re::action_cache_client::ActionCacheClient;
+use re::content_addressable_storage_client::ContentAddressableStorageClient;
+use tonic::transport::Channel;
+
+fn sha(d: &[u8]) -> Digest {
+    DigestFunction::Sha256.compute(d)
+}
+
+/// CAS: verify over fast_slow (memory over S3); AC: S3 under its own prefix.
+const CONFIG: &str = r#"{
+  stores: {
+    CAS: { verify: { verify_size: true, verify_hash: true, backend: { fast_slow: {
+      fast: @FAST@,
+      slow: { experimental_cloud_object_store: {
+        provider: "aws", region: "us-east-1", bucket: "cas", key_prefix: "cas/",
+        insecure_allow_http: true, multipart_max_concurrent_uploads: 2,
+        retry: { max_retries: @RETRIES@, delay: 0.02, jitter: 0.5 },
+      } },
+    } } } },
+    AC: { experimental_cloud_object_store: {
+      provider: "aws", region: "us-east-1", bucket: "cas", key_prefix: "ac/",
+      insecure_allow_http: true,
+      retry: { max_retries: @RETRIES@, delay: 0.02, jitter: 0.5 },
+    } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "127.0.0.1:0" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      ac: [{ instance_name: "", ac_store: "AC" }],
+      bytestream: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+      health: {},
+    },
+  }],
+}"#;
+
+/// A memory fast tier.
+const MEMORY: &str = r#"{ memory: { eviction_policy: { max_bytes: "64mb" } } }"#;
+/// A fast tier that keeps nothing: every read goes to S3.
+const NONE: &str = "{ noop: {} }";
+
+/// Starts Cairn in `dir` with the S3 API at `endpoint` and `fast` as the CAS's fast tier.
+fn start(dir: &Path, moto: &Moto, endpoint: &str, fast: &str, retries: u32) -> Cairn {
+    let config = dir.join("cloud.json5");
+    let text = CONFIG
+        .replace("@FAST@", fast)
+        .replace("@RETRIES@", &retries.to_string());
+    std::fs::write(&config, text).unwrap();
+    Cairn::start_config_env(dir, &config, &moto.aws_env(endpoint))
+}
+
+struct Clients {
+    cas: ContentAddressableStorageClient<Channel>,
+    ac: ActionCacheClient<Channel>,
+    bs: ByteStreamClient<Channel>,
+}
+
+async fn clients(c: &Cairn) -> Clients {
+    let ch = c.channel().await;
+    Clients {
+        cas: ContentAddressableStorageClient::new(ch.clone()).max_decoding_message_size(64 << 20),
+        ac: ActionCacheClient::new(ch.clone()),
+        bs: ByteStreamClient::new(ch).max_decoding_message_size(64 << 20),
+    }
+}
+
+async fn write(bs: &mut ByteStreamClient<Channel>, blob: &[u8]) -> Result<i64, tonic::Status> {
+    let d = sha(blob);
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
+    let chunk = 1 << 20;
+    let mut msgs: Vec<WriteRequest> = blob
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i * chunk) as i64,
+            finish_write: false,
+            data: c.to_vec(),
+        })
+        .collect();
+    msgs.last_mut().unwrap().finish_write = true;
+    bs.write(futures::stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner().committed_size)
+}
+
+async fn read(
+    bs: &mut ByteStreamClient<Channel>,
+    d: &Digest,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut s = bs
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash_hex(), d.size()),
+            read_offset: offset,
+            read_limit: limit,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.next().await {
+        out.extend_from_slice(&m?.data);
+    }
+    Ok(out)
+}
+
+async fn missing(cas: &mut ContentAddressableStorageClient<Channel>, ds: &[Digest]) -> Vec<Digest> {
+    let r = cas
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            blob_digests: ds.iter().map(|d| d.to_proto()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.missing_blob_digests
+        .iter()
+        .map(|d| Digest::from_proto_with(DigestFunction::Sha256, d).unwrap())
+        .collect()
+}
+
+async fn batch_put(cas: &mut ContentAddressableStorageClient<Channel>, blobs: &[Vec<u8>]) {
+    let requests = blobs
+        .iter()
+        .map(|b| re::batch_update_blobs_request::Request {
+            digest: Some(sha(b).to_proto()),
+            data: b.clone(),
+            compressor: 0,
+        })
+        .collect();
+    let r = cas
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for resp in r.responses {
+        let status = resp.status.unwrap();
+        assert_eq!(status.code, 0, "{}", status.message);
+    }
+}
+
+fn action_result(marker: &[u8]) -> re::ActionResult {
+    re::ActionResult {
+        exit_code: 3,
+        stdout_raw: marker.to_vec(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn bytestream_cas_and_ac_through_verify_and_fast_slow_over_s3() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Every read comes from S3.
+    let c = start(dir.path(), &moto, &moto.endpoint(), NONE, 3);
+    let mut cl = clients(&c).await;
+
+    // A blob of several multipart parts (5 MiB each), through ByteStream.
+    let big = data(11 << 20, 1);
+    let db = sha(&big);
+    assert_eq!(write(&mut cl.bs, &big).await.unwrap(), big.len() as i64);
+    assert!(read(&mut cl.bs, &db, 0, 0).await.unwrap() == big);
+    let part = read(&mut cl.bs, &db, (5 << 20) - 7, 1000).await.unwrap();
+    assert_eq!(part, big[(5 << 20) - 7..(5 << 20) - 7 + 1000]);
+    let tail = read(&mut cl.bs, &db, big.len() as i64 - 5, 0)
+        .await
+        .unwrap();
+    assert_eq!(tail, big[big.len() - 5..]);
+    let e = read(&mut cl.bs, &db, big.len() as i64 + 1, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+    // It is in the bucket under the prefix, named as NativeLink names it.
+    let object = format!("/cas/cas/{}-{}", db.hash_hex(), db.size());
+    assert_eq!(moto.request("HEAD", &object).await.unwrap(), 200);
+
+    // Small blobs through BatchUpdateBlobs; FindMissingBlobs over present and absent ones.
+    let small: Vec<Vec<u8>> = (0..20).map(|i| data(100 + i, 100 + i as u64)).collect();
+    batch_put(&mut cl.cas, &small).await;
+    let mut ds: Vec<Digest> = small.iter().map(|b| sha(b)).collect();
+    let absent: Vec<Digest> = (0..200)
+        .map(|i| sha(format!("absent {i}").as_bytes()))
+        .collect();
+    ds.extend(absent.iter().cloned());
+    ds.push(db);
+    let mut got = missing(&mut cl.cas, &ds).await;
+    got.sort_by_key(|d| d.hash_hex());
+    let mut want = absent.clone();
+    want.sort_by_key(|d| d.hash_hex());
+    assert_eq!(got, want);
+
+    // A write whose data does not match its digest stores nothing, here or in S3.
+    let liar = data(6 << 20, 9);
+    let claimed = sha(&data(6 << 20, 10));
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        claimed.hash_hex(),
+        claimed.size()
+    );
+    let msgs: Vec<WriteRequest> = liar
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, ch)| WriteRequest {
+            resource_name: if i == 0 { name.clone() } else { String::new() },
+            write_offset: (i << 20) as i64,
+            finish_write: i == 5,
+            data: ch.to_vec(),
+        })
+        .collect();
+    let e = cl.bs.write(futures::stream::iter(msgs)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(missing(&mut cl.cas, &[claimed]).await, vec![claimed]);
+    let object = format!("/cas/cas/{}-{}", claimed.hash_hex(), claimed.size());
+    assert_eq!(moto.request("HEAD", &object).await.unwrap(), 404);
+
+    // The action cache in the same bucket under its own prefix.
+    let action = sha(b"an action");
+    let result = action_result(b"from s3");
+    cl.ac
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let back = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.stdout_raw, result.stdout_raw);
+    let e = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(sha(b"never run").to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
+}
+
+#[tokio::test]
+async fn two_processes_sharing_a_bucket_see_each_others_blobs() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), &moto, &moto.endpoint(), MEMORY, 3);
+    let b = start(db.path(), &moto, &moto.endpoint(), MEMORY, 3);
+    let (mut ca, mut cb) = (clients(&a).await, clients(&b).await);
+
+    let blob = data(7 << 20, 5);
+    let d = sha(&blob);
+    assert_eq!(missing(&mut cb.cas, &[d]).await, vec![d]);
+    write(&mut ca.bs, &blob).await.unwrap();
+    assert!(missing(&mut cb.cas, &[d]).await.is_empty());
+    assert!(read(&mut cb.bs, &d, 0, 0).await.unwrap() == blob);
+
+    let small = vec![data(300, 6)];
+    batch_put(&mut cb.cas, &small).await;
+    let r = ca
+        .cas
+        .batch_read_blobs(re::BatchReadBlobsRequest {
+            digests: vec![sha(&small[0]).to_proto()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.responses[0].data, small[0]);
+
+    let action = sha(b"shared action");
+    cb.ac
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(action_result(b"b wrote this")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = ca
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stdout_raw, b"b wrote this");
+}
+
+#[tokio::test]
+async fn uploads_and_reads_succeed_when_a_fifth_of_backend_requests_fail() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Every read goes to S3 through the proxy.
+    let c = start(dir.path(), &moto, &proxy.endpoint(), NONE, 10);
+    let mut cl = clients(&c).await;
+    proxy.set_failure_percent(20);
+
+    let big = data(12 << 20, 21);
+    let small: Vec<Vec<u8>> = (0..30).map(|i| data(2000 + i, 200 + i as u64)).collect();
+    write(&mut cl.bs, &big).await.unwrap();
+    batch_put(&mut cl.cas, &small).await;
+    let mut ds: Vec<Digest> = small.iter().map(|b| sha(b)).collect();
+    ds.push(sha(&big));
+    for _ in 0..3 {
+        assert!(missing(&mut cl.cas, &ds).await.is_empty());
+        assert!(read(&mut cl.bs, &sha(&big), 0, 0).await.unwrap() == big);
+        for b in &small[..10] {
+            assert_eq!(&read(&mut cl.bs, &sha(b), 0, 0).await.unwrap(), b);
+        }
+    }
+    let (requests, faults) = proxy.counts();
+    eprintln!("fault proxy: {faults} of {requests} backend requests failed");
+    assert!(
+        requests > 100 && faults * 100 >= requests * 10,
+        "{faults} of {requests}"
+    );
+    // What S3 holds is exactly what was written.
+    proxy.set_failure_percent(0);
+    let object = format!("/cas/cas/{}-{}", sha(&big).hash_hex(), big.len());
+    assert_eq!(moto.request("HEAD", &object).await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn a_dead_backend_is_unavailable_naming_the_store_until_it_returns() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &moto, &proxy.endpoint(), NONE, 2);
+    let mut cl = clients(&c).await;
+    let blob = data(5000, 31);
+    batch_put(&mut cl.cas, std::slice::from_ref(&blob)).await;
+
+    proxy.set_down(true);
+    let e = read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("stores.CAS"), "{e:?}");
+    let e = cl
+        .cas
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            blob_digests: vec![sha(&blob).to_proto()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("experimental_cloud_object_store")
+            || e.message().contains("stores.CAS"),
+        "{e:?}"
+    );
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("stores/CAS") && body.contains("stores.CAS"),
+        "{body}"
+    );
+
+    // Back up: the server recovers by itself.
+    proxy.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, body) = common::http_get(c.addr, "/status").await;
+        if code == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still unhealthy: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
+}
+
+#[tokio::test]
+async fn azure_provider_serves_the_cas_and_ac_over_azurite() {
+    let azurite = Azurite::start().await;
+    azurite.create_container("cas");
+    let dir = tempfile::tempdir().unwrap();
+    let store = |prefix: &str| {
+        format!(
+            r#"{{ experimental_cloud_object_store: {{
+              provider: "azure", account_name: "devstoreaccount1", container: "cas",
+              endpoint: "{}", key_prefix: "{prefix}", insecure_allow_http: true,
+              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#,
+            azurite.endpoint()
+        )
+    };
+    let config = cloud_config(&store);
+    let path = dir.path().join("azure.json5");
+    std::fs::write(&path, config).unwrap();
+    let c = Cairn::start_config_env(dir.path(), &path, &azurite.azure_env());
+    let mut cl = clients(&c).await;
+
+    let big = data(11 << 20, 41);
+    let d = sha(&big);
+    assert_eq!(missing(&mut cl.cas, &[d]).await, vec![d]);
+    write(&mut cl.bs, &big).await.unwrap();
+    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
+    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == big);
+    let part = read(&mut cl.bs, &d, 6 << 20, 100).await.unwrap();
+    assert_eq!(part, big[6 << 20..(6 << 20) + 100]);
+    let end = read(&mut cl.bs, &d, big.len() as i64, 0).await.unwrap();
+    assert!(end.is_empty());
+
+    let action = sha(b"azure action");
+    cl.ac
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(action_result(b"in azure")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stdout_raw, b"in azure");
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
+}
+
+#[tokio::test]
+async fn find_missing_blobs_of_ten_thousand_digests_answers_within_a_minute() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &moto, &moto.endpoint(), NONE, 3);
+    let mut cl = clients(&c).await;
+    let present: Vec<Vec<u8>> = (0..50).map(|i| data(64, 500 + i)).collect();
+    batch_put(&mut cl.cas, &present).await;
+    let mut ds: Vec<Digest> = present.iter().map(|b| sha(b)).collect();
+    ds.extend((0..9_950).map(|i| sha(format!("never stored {i}").as_bytes())));
+    let mut request = tonic::Request::new(re::FindMissingBlobsRequest {
+        blob_digests: ds.iter().map(|d| d.to_proto()).collect(),
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(60));
+    let start = Instant::now();
+    let r = cl
+        .cas
+        .find_missing_blobs(request)
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!(
+        "FindMissingBlobs of {} digests over moto: {:?}",
+        ds.len(),
+        start.elapsed()
+    );
+    assert_eq!(r.missing_blob_digests.len(), 9_950);
+}
+
+#[tokio::test]
+async fn a_backend_that_never_answers_fails_status_in_time_and_the_server_stays_up() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &moto, &proxy.endpoint(), NONE, 2);
+    let mut cl = clients(&c).await;
+    let blob = data(3000, 51);
+    batch_put(&mut cl.cas, std::slice::from_ref(&blob)).await;
+
+    proxy.set_stalled(true);
+    let started = Instant::now();
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("stores.CAS"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    // A client with a deadline is answered by then (tonic's client reports its own timeout as
+    // CANCELLED "Timeout expired" when it fires first), and the server keeps serving.
+    let mut request = tonic::Request::new(re::FindMissingBlobsRequest {
+        blob_digests: vec![sha(&blob).to_proto()],
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_secs(2));
+    let started = Instant::now();
+    let e = cl.cas.find_missing_blobs(request).await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{e:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    proxy.set_stalled(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::http_get(c.addr, "/status").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never healthy again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
+}
+
+/// A process's peak resident memory (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test]
+async fn a_large_upload_and_read_use_memory_bounded_by_parts_not_blob_size() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &moto, &moto.endpoint(), NONE, 3);
+    let mut cl = clients(&c).await;
+    let warm = data(1000, 60);
+    batch_put(&mut cl.cas, std::slice::from_ref(&warm)).await;
+    let before = peak_rss(c.child.id());
+
+    let len = 256 << 20;
+    let big = data(len, 61);
+    let d = sha(&big);
+    let started = Instant::now();
+    // Streamed in 1 MiB messages, without holding them all at once.
+    let name = format!(
+        "uploads/{}/blobs/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
+    let blob = big.clone();
+    let msgs = futures::stream::iter((0..len).step_by(1 << 20).map(move |off| {
+        let end = (off + (1 << 20)).min(len);
+        WriteRequest {
+            resource_name: if off == 0 {
+                name.clone()
+            } else {
+                String::new()
+            },
+            write_offset: off as i64,
+            finish_write: end == len,
+            data: blob[off..end].to_vec(),
+        }
+    }));
+    cl.bs.write(msgs).await.unwrap();
+    let upload = started.elapsed();
+    let after_upload = peak_rss(c.child.id());
+    let started = Instant::now();
+    let mut s = cl
+        .bs
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash_hex(), d.size()),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut hasher = DigestFunction::Sha256.hasher();
+    let mut got = 0u64;
+    while let Some(m) = s.next().await {
+        let m = m.unwrap();
+        hasher.update(&m.data);
+        got += m.data.len() as u64;
+    }
+    assert_eq!(hasher.finish_with_size(got), d);
+    let read = started.elapsed();
+    let after = peak_rss(c.child.id());
+    eprintln!(
+        "256 MiB through Cairn over moto: upload {upload:?}, read {read:?}; Cairn peak RSS {} MiB before, {} MiB after the upload, {} MiB after the read",
+        before >> 20,
+        after_upload >> 20,
+        after >> 20
+    );
+    // Parts in flight (2 + 1 of 5 MiB), the service's buffers and the read's chunks: half
+    // the blob's size at most (buffering it whole would take all of it).
+    assert!(
+        after - before < 128 << 20,
+        "peak RSS grew by {} MiB for a 256 MiB blob",
+        (after - before) >> 20
+    );
+}
+
+/// Bazel 4.2.3 (Debian's `bazel-bootstrap`, offline) builds with its remote cache on Cairn,
+/// whose CAS (verify over fast_slow of memory over S3) and AC live in moto behind the fault
+/// proxy failing a fifth of the requests: the build, and a clean rebuild served wholly from
+/// the cache, see no error.
+#[test]
+fn bazel_builds_and_rebuilds_from_s3_with_a_fifth_of_backend_requests_failing() {
+    let Some(program) = common::bazel::find_or_skip("cloud_store") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let moto = rt.block_on(Moto::start());
+    rt.block_on(moto.create_bucket("cas"));
+    let proxy = rt.block_on(FaultProxy::start(([127, 0, 0, 1], moto.port).into()));
+    proxy.set_failure_percent(20);
+    let tmp = tempfile::tempdir().unwrap();
+    let cairn_dir = tmp.path().join("cairn");
+    std::fs::create_dir(&cairn_dir).unwrap();
+    let cairn = start(&cairn_dir, &moto, &proxy.endpoint(), MEMORY, 10);
+    let bazel = common::bazel::Bazel::new(program, &tmp.path().join("bazel"), "bazel-workspace");
+    let mut args = bazel.cache_flags(cairn.addr);
+    args.push("//...".to_string());
+
+    let first = bazel.run("build", &args);
+    let executed = first.all_processes_were("local");
+    first.assert_no_remote_cache_warning();
+    bazel.run("clean", &[]);
+    let second = bazel.run("build", &args);
+    assert_eq!(executed, second.all_processes_were("remote cache hit"));
+    second.assert_no_remote_cache_warning();
+    let report = std::fs::read_to_string(bazel.bin("report.txt")).unwrap();
+    assert_eq!(report, "A CACHE THAT REMEMBERS\n23\nhello, cairn\n");
+    let (requests, faults) = proxy.counts();
+    eprintln!("Bazel over S3: {faults} of {requests} backend requests failed");
+    assert!(faults > 0, "no fault was injected");
+    drop(bazel);
+    cairn.kill9();
+}
+
+#[tokio::test]
+async fn gcs_provider_serves_the_cas_and_ac_over_fake_gcs_server() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = |prefix: &str| {
+        format!(
+            r#"{{ experimental_cloud_object_store: {{
+              provider: "gcs", bucket: "cas", key_prefix: "{prefix}",
+              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#
+        )
+    };
+    let config = cloud_config(&store);
+    let path = dir.path().join("gcs.json5");
+    std::fs::write(&path, config).unwrap();
+    let c = Cairn::start_config_env(dir.path(), &path, &[("STORAGE_EMULATOR_HOST", gcs.host())]);
+    let mut cl = clients(&c).await;
+
+    let big = data(12 << 20, 71);
+    let d = sha(&big);
+    assert_eq!(missing(&mut cl.cas, &[d]).await, vec![d]);
+    write(&mut cl.bs, &big).await.unwrap();
+    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
+    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == big);
+    let part = read(&mut cl.bs, &d, (5 << 20) + 3, 100).await.unwrap();
+    assert_eq!(part, big[(5 << 20) + 3..(5 << 20) + 103]);
+    let end = read(&mut cl.bs, &d, big.len() as i64, 0).await.unwrap();
+    assert!(end.is_empty());
+
+    let action = sha(b"gcs action");
+    cl.ac
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(action_result(b"in gcs")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stdout_raw, b"in gcs");
+    let (code, body) = common::http_get(c.addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
+}
+
+/// A CAS (verify over the cloud store) and an AC on `store(prefix)`, on a free port.
+fn cloud_config(store: &dyn Fn(&str) -> String) -> String {
+    format!(
+        r#"{{
+  stores: {{
+    CAS: {{ verify: {{ verify_size: true, verify_hash: true, backend: {} }} }},
+    AC: {},
+  }},
+  servers: [{{
+    listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
+    services: {{
+      cas: [{{ instance_name: "", cas_store: "CAS" }}],
+      ac: [{{ instance_name: "", ac_store: "AC" }}],
+      bytestream: [{{ instance_name: "", cas_store: "CAS" }}],
+      health: {{}},
+    }},
+  }}],
+}}"#,
+        store("cas/"),
+        store("ac/")
+    )
+}
+
+/// Uploads a multipart blob and small ones, then reads and finds them all, three times.
+async fn round_trips_under_faults(c: &Cairn) {
+    let mut cl = clients(c).await;
+    let big = data(11 << 20, 81);
+    let small: Vec<Vec<u8>> = (0..15).map(|i| data(3000 + i, 800 + i as u64)).collect();
+    write(&mut cl.bs, &big).await.unwrap();
+    batch_put(&mut cl.cas, &small).await;
+    let mut ds: Vec<Digest> = small.iter().map(|b| sha(b)).collect();
+    ds.push(sha(&big));
+    for _ in 0..3 {
+        assert!(missing(&mut cl.cas, &ds).await.is_empty());
+        assert!(read(&mut cl.bs, &sha(&big), 0, 0).await.unwrap() == big);
+        for b in &small[..5] {
+            assert_eq!(&read(&mut cl.bs, &sha(b), 0, 0).await.unwrap(), b);
+        }
+    }
+}
+
+#[tokio::test]
+async fn gcs_and_azure_ride_out_a_fifth_of_backend_requests_failing() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let gcs_proxy = FaultProxy::start(([127, 0, 0, 1], gcs.port).into()).await;
+    let azurite = Azurite::start().await;
+    azurite.create_container("cas");
+    let az_proxy = FaultProxy::start(([127, 0, 0, 1], azurite.port).into()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let gcs_dir = dir.path().join("gcs");
+    std::fs::create_dir(&gcs_dir).unwrap();
+    let path = gcs_dir.join("cairn.json5");
+    std::fs::write(
+        &path,
+        cloud_config(&|prefix| {
+            format!(
+                r#"{{ experimental_cloud_object_store: {{ provider: "gcs", bucket: "cas",
+                  key_prefix: "{prefix}", retry: {{ max_retries: 10, delay: 0.02, jitter: 0.5 }} }} }}"#
+            )
+        }),
+    )
+    .unwrap();
+    let gcs_host = gcs_proxy.addr.to_string();
+    let on_gcs = Cairn::start_config_env(&gcs_dir, &path, &[("STORAGE_EMULATOR_HOST", gcs_host)]);
+
+    let az_dir = dir.path().join("azure");
+    std::fs::create_dir(&az_dir).unwrap();
+    let path = az_dir.join("cairn.json5");
+    let endpoint = format!(
+        "{}/{}",
+        az_proxy.endpoint(),
+        common::emulators::AZURITE_ACCOUNT
+    );
+    std::fs::write(
+        &path,
+        cloud_config(&|prefix| {
+            format!(
+                r#"{{ experimental_cloud_object_store: {{ provider: "azure",
+                  account_name: "devstoreaccount1", container: "cas", endpoint: "{endpoint}",
+                  key_prefix: "{prefix}", insecure_allow_http: true,
+                  retry: {{ max_retries: 10, delay: 0.02, jitter: 0.5 }} }} }}"#
+            )
+        }),
+    )
+    .unwrap();
+    let on_azure = Cairn::start_config_env(&az_dir, &path, &azurite.azure_env());
+
+    gcs_proxy.set_failure_percent(20);
+    az_proxy.set_failure_percent(20);
+    round_trips_under_faults(&on_gcs).await;
+    round_trips_under_faults(&on_azure).await;
+    for (name, proxy) in [("gcs", &gcs_proxy), ("azure", &az_proxy)] {
+        let (requests, faults) = proxy.counts();
+        eprintln!("{name}: {faults} of {requests} backend requests failed");
+        assert!(
+            faults * 100 >= requests * 10,
+            "{name}: {faults} of {requests}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn gcs_read_timeout_s_bounds_a_body_that_stops_coming() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], gcs.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cairn.json5");
+    std::fs::write(
+        &path,
+        cloud_config(&|prefix| {
+            format!(
+                r#"{{ experimental_cloud_object_store: {{ provider: "gcs", bucket: "cas",
+                  key_prefix: "{prefix}", read_timeout_s: 1,
+                  retry: {{ max_retries: 1, delay: 0.02, jitter: 0.5 }} }} }}"#
+            )
+        }),
+    )
+    .unwrap();
+    let c = Cairn::start_config_env(
+        dir.path(),
+        &path,
+        &[("STORAGE_EMULATOR_HOST", proxy.addr.to_string())],
+    );
+    let mut cl = clients(&c).await;
+    let blob = data(300_000, 91);
+    write(&mut cl.bs, &blob).await.unwrap();
+
+    proxy.set_stall_bodies(true);
+    let started = Instant::now();
+    let e = read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("no data for 1s"), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    proxy.set_stall_bodies(false);
+    assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
+}
+
+/// The per-backend metrics: every request to the bucket, its errors and the retries, labelled
+/// with the store's key path and the provider, as `/metrics` exports them.
+#[tokio::test]
+async fn backend_requests_errors_and_retries_are_exported_by_store() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = start(dir.path(), &moto, &proxy.endpoint(), NONE, 10);
+    let mut cl = clients(&c).await;
+    proxy.set_failure_percent(30);
+    let blobs: Vec<Vec<u8>> = (0..20).map(|i| data(1000, 700 + i)).collect();
+    batch_put(&mut cl.cas, &blobs).await;
+    let (code, text) = common::http_get(c.addr, "/metrics").await;
+    assert_eq!(code, 200);
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with(prefix)
+                    && l.contains("store=\"CAS.verify.backend.fast_slow.slow\"")
+                    && l.contains("backend=\"aws\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let requests = value("nativelink_store_backend_requests_total{");
+    let errors = value("nativelink_store_backend_request_errors_total{");
+    let retries = value("nativelink_store_backend_retries_total{");
+    let timed = value("nativelink_store_backend_request_duration_seconds_count{");
+    assert!(
+        requests >= 20.0 && errors >= 1.0 && retries >= 1.0,
+        "requests {requests}, errors {errors}, retries {retries}\n{text}"
+    );
+    assert_eq!(requests, timed, "{text}");
+}

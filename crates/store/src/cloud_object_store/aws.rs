@@ -1,0 +1,93 @@
+//! Provider `aws`: Amazon S3, or any S3-compatible server named by `AWS_ENDPOINT_URL` (as the
+//! AWS SDK that NativeLink uses reads it). Credentials and the rest come from the standard
+//! environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+//! `AWS_REGION`, web identity / IRSA, ECS and EC2 instance metadata), through
+//! `object_store`'s `AmazonS3Builder::from_env`. The ONTAP, R2 and OCI providers reuse
+//! [`s3_compatible`] with their own endpoint and keys.
+
+use std::sync::Arc;
+
+use cairn_config::stores::CloudObjectStore as Spec;
+use cairn_core::Error;
+use object_store::aws::AmazonS3Builder;
+use object_store::ClientOptions;
+
+use super::transport::CountingConnector;
+use super::{client_options, no_client_retries, required, Client};
+
+pub fn check(spec: &Spec, at: &str) -> Result<(), Error> {
+    required(&spec.bucket, "bucket", at)?;
+    Ok(())
+}
+
+pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Client, Error> {
+    let bucket = required(&spec.bucket, "bucket", at)?;
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Some(region) = spec.region.as_deref().filter(|r| !r.is_empty()) {
+        b = b.with_region(region);
+    }
+    finish(b, client_options(spec), connector, at, bucket)
+}
+
+/// Explicit settings of an S3-compatible provider.
+pub struct S3Compatible<'a> {
+    pub endpoint: String,
+    pub region: &'a str,
+    pub bucket: &'a str,
+    pub access_key_id: Option<&'a str>,
+    pub secret_access_key: Option<&'a str>,
+}
+
+/// A client of an S3-compatible service: credentials from the keys when given, else from the
+/// environment as for `aws`.
+pub fn s3_compatible(
+    s: S3Compatible<'_>,
+    options: ClientOptions,
+    connector: CountingConnector,
+    at: &str,
+) -> Result<Client, Error> {
+    let mut b = AmazonS3Builder::from_env()
+        .with_endpoint(s.endpoint)
+        .with_region(s.region)
+        .with_bucket_name(s.bucket);
+    match (s.access_key_id, s.secret_access_key) {
+        (Some(id), Some(secret)) => {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(Error::invalid_argument(format!(
+                "{at}.secret_access_key: required with access_key_id"
+            )))
+        }
+        (None, Some(_)) => {
+            return Err(Error::invalid_argument(format!(
+                "{at}.access_key_id: required with secret_access_key"
+            )))
+        }
+    }
+    finish(b, options, connector, at, s.bucket)
+}
+
+fn finish(
+    b: AmazonS3Builder,
+    options: ClientOptions,
+    connector: CountingConnector,
+    at: &str,
+    bucket: &str,
+) -> Result<Client, Error> {
+    let s3 = b
+        .with_client_options(options)
+        .with_retry(no_client_retries())
+        .with_http_connector(connector)
+        .build()
+        .map_err(|e| Error::invalid_argument(format!("{at}: {e}")))?;
+    let s3 = Arc::new(s3);
+    Ok(Client {
+        objects: s3.clone(),
+        multipart: s3,
+        location: format!("bucket {bucket:?}"),
+        min_part_size: super::upload::MIN_PART_SIZE,
+        max_parts: super::upload::MAX_PARTS,
+    })
+}
