@@ -66,6 +66,42 @@ pub struct CairnConfig {
     pub worker: Option<workers::LocalWorker>,
     #[serde(default)]
     pub global: Option<GlobalConfig>,
+    /// Events about the requests this process serves, published to a store for an outside
+    /// service to process (NativeLink's key).
+    #[serde(default)]
+    pub experimental_origin_events: Option<OriginEvents>,
+}
+
+/// `experimental_origin_events`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginEvents {
+    pub publisher: OriginEventsPublisher,
+    /// Events waiting to be stored; when it is full, requests wait for room (which slows
+    /// every client). 0 or unset: 65536.
+    #[serde(default, deserialize_with = "num::u64")]
+    pub max_event_queue_size: u64,
+}
+
+impl OriginEvents {
+    pub const DEFAULT_MAX_EVENT_QUEUE_SIZE: u64 = 65_536;
+
+    /// `max_event_queue_size` with its default.
+    pub fn queue_size(&self) -> u64 {
+        if self.max_event_queue_size == 0 {
+            Self::DEFAULT_MAX_EVENT_QUEUE_SIZE
+        } else {
+            self.max_event_queue_size
+        }
+    }
+}
+
+/// `experimental_origin_events.publisher`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginEventsPublisher {
+    /// The store (by name) events are written to.
+    pub store: String,
 }
 
 /// Process-wide settings.

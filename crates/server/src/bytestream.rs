@@ -89,7 +89,8 @@ impl ByteStreamService {
         })
         .boxed();
         let body = blob_stream::verified(body, digest, true);
-        tokio::spawn(async move {
+        // The put carries the client's headers (a `grpc` store's `forward_headers`).
+        cairn_store::client_headers::spawn(async move {
             let _ = done_tx.send(store.put(&digest, body).await);
         });
         Ok(Upload {

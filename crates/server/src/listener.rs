@@ -94,6 +94,13 @@ pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked
             }
         }
     }
+    if let Some(w) = &services.worker_api {
+        if w.disable_kill_revoked_operations || w.kill_revoked_operations_interval_s != 0 {
+            return Err(Error::unimplemented(format!(
+                "{sp}.worker_api: disable_kill_revoked_operations and kill_revoked_operations_interval_s are not built yet in this version of Cairn (actions dropped by the scheduler are killed on their workers at once); leave them out"
+            )));
+        }
+    }
     let (send_zstd, accept) = compression(&path, http_cfg)?;
     let addr: SocketAddr = http_cfg.socket_address.parse().map_err(|e| {
         Error::invalid_argument(format!(
@@ -465,6 +472,15 @@ pub async fn serve(
             },
         ));
     }
+    if cairn_store::client_headers::wanted() {
+        // A `grpc` store forwards headers of the request it serves.
+        grpc = grpc.layer(axum::middleware::from_fn(
+            |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+                cairn_store::client_headers::scope(Arc::new(md), next.run(req)).await
+            },
+        ));
+    }
     if metrics.traces_enabled() {
         // Incoming `traceparent` headers become the parents of request spans.
         grpc = grpc.layer(axum::middleware::from_fn(
@@ -481,8 +497,7 @@ pub async fn serve(
         app = app.merge(http::admin_router(path, schedulers.clone()));
     }
 
-    let listener = TcpListener::bind(addr)
-        .await
+    let listener = bind(addr, http_cfg.freebind)
         .map_err(|e| Error::io(format!("{path}: binding {addr}"), e))?;
     let local_addr = listener
         .local_addr()
@@ -681,6 +696,38 @@ fn identity_header(
             "{path}.experimental_identity_header.header_name: {name:?} is not a header name ({e})"
         ))
     })
+}
+
+/// Binds `addr` as `TcpListener::bind` does (SO_REUSEADDR, backlog 1024), with
+/// `IP_FREEBIND` first when `freebind` (`listener.http.freebind`): the address need not be
+/// assigned to this machine yet.
+fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if freebind {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: an open socket, and a pointer to a c_int of the size passed, valid for the
+        // call. IP_FREEBIND at SOL_IP sets the flag IPv6 sockets use too.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_FREEBIND,
+                std::ptr::addr_of!(on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// `experimental_identity_header`: logs who sent each gRPC request; refuses one without the

@@ -9,6 +9,12 @@
 //! retries what can be sent again whole (FindMissingBlobs, GetActionResult,
 //! UpdateActionResult, and opening a read) on the codes of `retry_on_errors`, with exponential
 //! backoff and jitter; an upload is never retried, since its body streams once.
+//!
+//! Each endpoint's connections follow its `connect_timeout_s`, `tcp_keepalive_s` and
+//! `http2_keepalive_*` keys; `rpc_timeout_s` bounds each call, a read's stream included.
+//! Every call carries the static `headers` and the `forward_headers` of the client request
+//! being served (`client_headers`). Blob names carry the digest function unless
+//! `use_legacy_resource_names`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,6 +31,8 @@ use prost::Message;
 use tonic::transport::Channel;
 
 use crate::{Health, Store, StoreInfo};
+
+mod read_batching;
 
 /// Largest message sent or accepted.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -46,6 +54,94 @@ pub struct GrpcStore {
     retry: RetryPolicy,
     /// `max_concurrent_requests`.
     permits: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    /// `use_legacy_resource_names`.
+    legacy_names: bool,
+    /// `rpc_timeout_s`, when set.
+    rpc_timeout: Option<std::time::Duration>,
+    /// `headers` and `forward_headers`.
+    headers: CallHeaders,
+}
+
+/// The headers every call carries: the static ones, and those copied from the client request.
+#[derive(Debug, Clone, Default)]
+struct CallHeaders {
+    fixed: tonic::metadata::MetadataMap,
+    forward: Vec<String>,
+}
+
+impl CallHeaders {
+    fn from_config(cfg: &GrpcConfig) -> Result<CallHeaders, Error> {
+        use tonic::metadata::{AsciiMetadataKey, BinaryMetadataKey, MetadataValue};
+        let mut fixed = tonic::metadata::MetadataMap::new();
+        for (name, value) in &cfg.headers {
+            let at = format!("grpc.headers.{name}");
+            let bad = |e: &dyn std::fmt::Display| Error::invalid_argument(format!("{at}: {e}"));
+            if name.ends_with("-bin") {
+                let key = BinaryMetadataKey::from_bytes(name.as_bytes()).map_err(|e| bad(&e))?;
+                fixed.insert_bin(key, MetadataValue::from_bytes(value.as_bytes()));
+            } else {
+                let key = AsciiMetadataKey::from_bytes(name.as_bytes()).map_err(|e| bad(&e))?;
+                let v = value
+                    .parse()
+                    .map_err(|_| bad(&"the value is not printable ASCII"))?;
+                fixed.insert(key, v);
+            }
+        }
+        let mut forward = Vec::new();
+        for (i, name) in cfg.forward_headers.iter().enumerate() {
+            let lower = name.to_ascii_lowercase();
+            let valid = if lower.ends_with("-bin") {
+                tonic::metadata::BinaryMetadataKey::from_bytes(lower.as_bytes()).is_ok()
+            } else {
+                tonic::metadata::AsciiMetadataKey::from_bytes(lower.as_bytes()).is_ok()
+            };
+            if !valid {
+                return Err(Error::invalid_argument(format!(
+                    "grpc.forward_headers[{i}]: {name:?} is not a header name"
+                )));
+            }
+            forward.push(lower);
+        }
+        Ok(CallHeaders { fixed, forward })
+    }
+
+    /// Adds the headers to a request.
+    fn apply(&self, md: &mut tonic::metadata::MetadataMap) {
+        use tonic::metadata::KeyAndValueRef;
+        for kv in self.fixed.iter() {
+            match kv {
+                KeyAndValueRef::Ascii(k, v) => {
+                    md.insert(k.clone(), v.clone());
+                }
+                KeyAndValueRef::Binary(k, v) => {
+                    md.insert_bin(k.clone(), v.clone());
+                }
+            }
+        }
+        if self.forward.is_empty() {
+            return;
+        }
+        let Some(client) = crate::client_headers::current() else {
+            return;
+        };
+        for name in &self.forward {
+            if name.ends_with("-bin") {
+                let Ok(k) = tonic::metadata::BinaryMetadataKey::from_bytes(name.as_bytes()) else {
+                    continue;
+                };
+                for v in client.get_all_bin(name.as_str()) {
+                    md.append_bin(k.clone(), v.clone());
+                }
+            } else {
+                let Ok(k) = tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes()) else {
+                    continue;
+                };
+                for v in client.get_all(name.as_str()) {
+                    md.append(k.clone(), v.clone());
+                }
+            }
+        }
+    }
 }
 
 /// `retry` of the config, checked.
@@ -174,6 +270,20 @@ pub fn check(cfg: &GrpcConfig) -> Result<(Kind, Vec<tonic::transport::Endpoint>)
             )));
         }
     }
+    CallHeaders::from_config(cfg)?;
+    if let Some(b) = &cfg.experimental_read_batching {
+        if !cfg.forward_headers.is_empty() {
+            return Err(Error::invalid_argument(
+                "grpc.experimental_read_batching: cannot be used with forward_headers (one batch serves many clients, whose headers differ)",
+            ));
+        }
+        read_batching::check(b)?;
+    }
+    if cfg.experimental_remote_cache_compression == Some(true) {
+        return Err(Error::unimplemented(
+            "grpc.experimental_remote_cache_compression: zstd transfers from a grpc store are not built yet in this version of Cairn; leave it out or set it to false",
+        ));
+    }
     Ok((kind, endpoints))
 }
 
@@ -182,15 +292,28 @@ impl GrpcStore {
         let (kind, endpoints) = check(cfg)?;
         let mut channels = Vec::new();
         let mut addresses = Vec::new();
+        let rpc_timeout =
+            (cfg.rpc_timeout_s > 0).then(|| std::time::Duration::from_secs(cfg.rpc_timeout_s));
         for (ep, e) in endpoints.into_iter().zip(&cfg.endpoints) {
+            // NativeLink's defaults for 0 or unset.
+            let secs = |v: u64, default: u64| {
+                std::time::Duration::from_secs(if v == 0 { default } else { v })
+            };
             let ep = ep
                 .tcp_nodelay(true)
                 .initial_stream_window_size(Some(4 << 20))
                 .initial_connection_window_size(Some(16 << 20))
                 // Blobs arrive in 256 KiB frames rather than 16 KiB ones (BENCHMARKS.md).
                 .max_frame_size(Some(256 << 10))
-                .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-                .connect_timeout(std::time::Duration::from_secs(10));
+                .connect_timeout(secs(e.connect_timeout_s, 30))
+                .tcp_keepalive(Some(secs(e.tcp_keepalive_s, 30)))
+                .http2_keep_alive_interval(secs(e.http2_keepalive_interval_s, 30))
+                .keep_alive_timeout(secs(e.http2_keepalive_timeout_s, 20))
+                .keep_alive_while_idle(true);
+            let ep = match rpc_timeout {
+                Some(t) => ep.timeout(t),
+                None => ep,
+            };
             let ep = match e.concurrency_limit {
                 Some(n) => ep.concurrency_limit(n as usize),
                 None => ep,
@@ -213,7 +336,23 @@ impl GrpcStore {
                     n.min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
                 ))
             }),
+            legacy_names: cfg.use_legacy_resource_names,
+            rpc_timeout,
+            headers: {
+                let h = CallHeaders::from_config(cfg)?;
+                if !h.forward.is_empty() {
+                    crate::client_headers::set_wanted();
+                }
+                h
+            },
         })
+    }
+
+    /// A request carrying this store's headers.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        self.headers.apply(r.metadata_mut());
+        r
     }
 
     fn channel(&self) -> Channel {
@@ -249,10 +388,17 @@ impl GrpcStore {
         }
     }
 
-    fn path(key: &Digest) -> String {
-        match key.function() {
-            DigestFunction::Sha256 => format!("blobs/{}/{}", key.hash_hex(), key.size()),
-            f => format!("blobs/{}/{}/{}", f.name(), key.hash_hex(), key.size()),
+    /// `blobs/FUNCTION/HASH/SIZE`, or `blobs/HASH/SIZE` with `use_legacy_resource_names`.
+    fn path(&self, key: &Digest) -> String {
+        if self.legacy_names {
+            format!("blobs/{}/{}", key.hash_hex(), key.size())
+        } else {
+            format!(
+                "blobs/{}/{}/{}",
+                key.function().name(),
+                key.hash_hex(),
+                key.size()
+            )
         }
     }
 
@@ -316,7 +462,7 @@ impl Store for GrpcStore {
                     let resp = self
                         .retried(|| {
                             let mut client = self.cas();
-                            let request = request.clone();
+                            let request = self.request(request.clone());
                             async move { client.find_missing_blobs(request).await }
                         })
                         .await
@@ -367,7 +513,7 @@ impl Store for GrpcStore {
             return Ok(stream::empty());
         }
         let request = ReadRequest {
-            resource_name: format!("{}{}", self.prefix(), Self::path(key)),
+            resource_name: format!("{}{}", self.prefix(), self.path(key)),
             read_offset: offset as i64,
             read_limit: length.unwrap_or(0) as i64,
         };
@@ -375,21 +521,25 @@ impl Store for GrpcStore {
         let resp = self
             .retried(|| {
                 let mut client = self.bytestream();
-                let request = request.clone();
+                let request = self.request(request.clone());
                 async move { client.read(request).await }
             })
             .await
             .map_err(|e| self.upstream(e))?
             .into_inner();
         let addresses = self.addresses.join(",");
-        Ok(resp
+        let body = resp
             .map(move |r| {
                 // The permit lives as long as the stream.
                 let _ = &permit;
                 r.map(|m| Bytes::from(m.data))
                     .map_err(|e| Error::from(e).context(format!("upstream {addresses}")))
             })
-            .boxed())
+            .boxed();
+        Ok(match self.rpc_timeout {
+            Some(t) => within(body, t, self.addresses.join(",")),
+            None => body,
+        })
     }
 
     async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
@@ -408,7 +558,7 @@ impl Store for GrpcStore {
             let _permit = self.permit().await;
             self.retried(|| {
                 let mut client = self.ac();
-                let request = request.clone();
+                let request = self.request(request.clone());
                 async move { client.update_action_result(request).await }
             })
             .await
@@ -419,7 +569,7 @@ impl Store for GrpcStore {
             "{}uploads/{}/{}",
             self.prefix(),
             uuid::Uuid::new_v4(),
-            Self::path(key)
+            self.path(key)
         );
         let size = key.size();
         // Re-chunk the body into Write messages; the last one carries finish_write. An error
@@ -436,7 +586,9 @@ impl Store for GrpcStore {
             failure: failure.clone(),
         };
         let _permit = self.permit().await;
-        let result = upload(self.bytestream(), feed).await;
+        let mut md = tonic::metadata::MetadataMap::new();
+        self.headers.apply(&mut md);
+        let result = upload(self.bytestream(), feed, md).await;
         if let Some(e) = failure.get().cloned() {
             return Err(e);
         }
@@ -476,7 +628,7 @@ impl GrpcStore {
         let r = self
             .retried(|| {
                 let mut client = self.ac();
-                let request = request.clone();
+                let request = self.request(request.clone());
                 async move { client.get_action_result(request).await }
             })
             .await
@@ -547,6 +699,7 @@ async fn write_step(mut f: Feed) -> Option<(WriteRequest, Feed)> {
 async fn upload(
     mut client: ByteStreamClient<Channel>,
     feed: Feed,
+    metadata: tonic::metadata::MetadataMap,
 ) -> Result<tonic::Response<cairn_core::proto::google::bytestream::WriteResponse>, tonic::Status> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
     let pump = tokio::spawn(async move {
@@ -562,9 +715,36 @@ async fn upload(
         }
     });
     let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let result = client.write(requests).await;
+    let mut request = tonic::Request::new(requests);
+    *request.metadata_mut() = metadata;
+    let result = client.write(request).await;
     pump.abort();
     result
+}
+
+/// `body`, ending with DEADLINE_EXCEEDED if it has not ended `limit` after the call began.
+fn within(body: BlobStream, limit: std::time::Duration, upstream: String) -> BlobStream {
+    let deadline = tokio::time::Instant::now() + limit;
+    futures::stream::unfold(Some(body), move |body| {
+        let upstream = upstream.clone();
+        async move {
+            let mut body = body?;
+            match tokio::time::timeout_at(deadline, body.next()).await {
+                Ok(Some(item)) => Some((item, Some(body))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(Error::new(
+                        cairn_core::Code::DeadlineExceeded,
+                        format!(
+                            "upstream {upstream}: read still running after rpc_timeout_s ({limit:?})"
+                        ),
+                    )),
+                    None,
+                )),
+            }
+        }
+    })
+    .boxed()
 }
 
 #[cfg(test)]

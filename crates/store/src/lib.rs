@@ -11,6 +11,7 @@
 
 pub mod cache_metrics;
 pub mod channel;
+pub mod client_headers;
 pub mod completeness_checking;
 pub mod compression;
 pub mod dedup;

@@ -1,0 +1,530 @@
+//! NativeLink 1.6.6 keys that Cairn honours, each against real processes: a front Cairn whose
+//! CAS is a `grpc` store on an upstream (another Cairn, or a socket that never answers).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::bytestream::byte_stream_client::ByteStreamClient;
+use cairn_core::proto::google::bytestream::WriteRequest;
+use cairn_core::{Digest, DigestFunction};
+use common::{data, Cairn};
+use re::content_addressable_storage_client::ContentAddressableStorageClient;
+
+/// An upstream with a memory CAS on instance "", `@GLOBAL@` and `@SERVER@` filled in.
+const UPSTREAM: &str = r#"{
+  stores: { CAS: { memory: {} } },
+  servers: [{
+    listener: { http: { socket_address: "@ADDR@" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      bytestream: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+      health: {},
+    },
+    @SERVER@
+  }],
+  @GLOBAL@
+}"#;
+
+/// A front whose CAS is a `grpc` store on `@UP@`, with `@STORE@` keys in the store and
+/// `@ENDPOINT@` keys in its endpoint.
+const FRONT: &str = r#"{
+  stores: {
+    CAS: { grpc: {
+      endpoints: [{ address: "grpc://@UP@", @ENDPOINT@ }],
+      store_type: "cas",
+      @STORE@
+    } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "@ADDR@" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      bytestream: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+    },
+  }],
+}"#;
+
+fn upstream(dir: &std::path::Path, server: &str, global: &str) -> Cairn {
+    Cairn::start_with(
+        dir,
+        &UPSTREAM
+            .replace("@SERVER@", server)
+            .replace("@GLOBAL@", global),
+        None,
+    )
+}
+
+fn front(dir: &std::path::Path, up: SocketAddr, store: &str, endpoint: &str) -> Cairn {
+    Cairn::start_with(
+        dir,
+        &FRONT
+            .replace("@UP@", &up.to_string())
+            .replace("@STORE@", store)
+            .replace("@ENDPOINT@", endpoint),
+        None,
+    )
+}
+
+async fn find_missing(
+    c: &Cairn,
+    digests: &[Digest],
+    identity: Option<&str>,
+) -> Result<Vec<re::Digest>, tonic::Status> {
+    let mut cas = ContentAddressableStorageClient::new(c.channel().await);
+    let mut req = tonic::Request::new(re::FindMissingBlobsRequest {
+        blob_digests: digests.iter().map(|d| d.to_proto()).collect(),
+        digest_function: re::digest_function::Value::Sha256 as i32,
+        ..Default::default()
+    });
+    if let Some(who) = identity {
+        req.metadata_mut()
+            .insert("x-identity", who.parse().unwrap());
+    }
+    cas.find_missing_blobs(req)
+        .await
+        .map(|r| r.into_inner().missing_blob_digests)
+}
+
+/// Uploads through `c` with ByteStream.Write (SHA-256, the function named in the resource).
+async fn write(c: &Cairn, blob: &[u8], identity: Option<&str>) -> Result<(), tonic::Status> {
+    let d = DigestFunction::Sha256.compute(blob);
+    let name = format!(
+        "uploads/{}/blobs/sha256/{}/{}",
+        uuid::Uuid::new_v4(),
+        d.hash_hex(),
+        d.size()
+    );
+    let msg = WriteRequest {
+        resource_name: name,
+        write_offset: 0,
+        finish_write: true,
+        data: blob.to_vec(),
+    };
+    let mut req = tonic::Request::new(futures::stream::iter(vec![msg]));
+    if let Some(who) = identity {
+        req.metadata_mut()
+            .insert("x-identity", who.parse().unwrap());
+    }
+    ByteStreamClient::new(c.channel().await)
+        .write(req)
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn use_legacy_resource_names_drops_the_digest_function_from_blob_names() {
+    // An upstream that reads a 64-hex-digit hash without a function as BLAKE3: a SHA-256
+    // blob named the legacy way fails its check there, one named with its function is kept.
+    let up_dir = tempfile::tempdir().unwrap();
+    let up = upstream(
+        up_dir.path(),
+        "",
+        r#"global: { default_digest_hash_function: "blake3" },"#,
+    );
+    let modern_dir = tempfile::tempdir().unwrap();
+    let modern = front(modern_dir.path(), up.addr, "", "");
+    let legacy_dir = tempfile::tempdir().unwrap();
+    let legacy = front(
+        legacy_dir.path(),
+        up.addr,
+        r#"use_legacy_resource_names: "${LEGACY:-true}","#,
+        "",
+    );
+
+    let blob = data(10_000, 1);
+    let d = DigestFunction::Sha256.compute(&blob);
+    write(&modern, &blob, None).await.unwrap();
+    assert_eq!(find_missing(&modern, &[d], None).await.unwrap(), vec![]);
+
+    let other = data(10_000, 2);
+    let e = write(&legacy, &other, None).await.unwrap_err();
+    assert!(
+        e.message().contains("hash") || e.message().contains("match"),
+        "a legacy name is read as BLAKE3 upstream: {e:?}"
+    );
+    let od = DigestFunction::Sha256.compute(&other);
+    assert_eq!(
+        find_missing(&modern, &[od], None).await.unwrap(),
+        vec![od.to_proto()],
+        "nothing wrong was stored"
+    );
+}
+
+#[tokio::test]
+async fn headers_are_sent_on_every_upstream_call() {
+    // The upstream refuses requests that do not say who sends them.
+    let up_dir = tempfile::tempdir().unwrap();
+    let up = upstream(
+        up_dir.path(),
+        r#"experimental_identity_header: { required: true },"#,
+        "",
+    );
+    let d = DigestFunction::Sha256.compute(b"headers");
+
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = front(plain_dir.path(), up.addr, "", "");
+    let e = find_missing(&plain, &[d], None).await.unwrap_err();
+    assert!(e.message().contains("x-identity"), "{e:?}");
+
+    let with_dir = tempfile::tempdir().unwrap();
+    let with = front(
+        with_dir.path(),
+        up.addr,
+        r#"headers: { "x-identity": "front-door" },"#,
+        "",
+    );
+    assert_eq!(
+        find_missing(&with, &[d], None).await.unwrap(),
+        vec![d.to_proto()]
+    );
+    write(&with, b"headers", None).await.unwrap();
+    assert_eq!(find_missing(&with, &[d], None).await.unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn forward_headers_copies_the_client_request_headers_upstream() {
+    let up_dir = tempfile::tempdir().unwrap();
+    let up = upstream(
+        up_dir.path(),
+        r#"experimental_identity_header: { required: true },"#,
+        "",
+    );
+    let f_dir = tempfile::tempdir().unwrap();
+    let f = front(
+        f_dir.path(),
+        up.addr,
+        r#"forward_headers: ["X-Identity"],"#,
+        "",
+    );
+    let blob = data(300_000, 3);
+    let d = DigestFunction::Sha256.compute(&blob);
+
+    // Without the header the upstream refuses, and says why.
+    let e = find_missing(&f, &[d], None).await.unwrap_err();
+    assert!(e.message().contains("x-identity"), "{e:?}");
+    let e = write(&f, &blob, None).await.unwrap_err();
+    assert!(e.message().contains("x-identity"), "{e:?}");
+
+    // With it, unary calls and uploads (whose store put runs in a task of its own) pass.
+    assert_eq!(
+        find_missing(&f, &[d], Some("alice")).await.unwrap(),
+        vec![d.to_proto()]
+    );
+    write(&f, &blob, Some("alice")).await.unwrap();
+    assert_eq!(find_missing(&f, &[d], Some("bob")).await.unwrap(), vec![]);
+}
+
+/// A TCP server that accepts connections and reads them, and never writes a byte.
+fn silent_server() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(std::io::Read::read(&mut conn, &mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// Runs FindMissingBlobs through `f` and returns its error and how long it took.
+async fn failing_call(f: &Cairn) -> (tonic::Status, Duration) {
+    let d = DigestFunction::Sha256.compute(b"silence");
+    let start = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(25), find_missing(f, &[d], None))
+        .await
+        .expect("the call through the front ended within 25 s");
+    (r.unwrap_err(), start.elapsed())
+}
+
+#[tokio::test]
+async fn rpc_timeout_s_cancels_a_call_the_upstream_never_answers() {
+    let silent = silent_server();
+    let f_dir = tempfile::tempdir().unwrap();
+    let f = front(f_dir.path(), silent, r#"rpc_timeout_s: "2s","#, "");
+    let (e, took) = failing_call(&f).await;
+    assert!(took < Duration::from_secs(10), "took {took:?}: {e:?}");
+    assert!(took >= Duration::from_secs(2), "took {took:?}: {e:?}");
+    // The front is still up.
+    assert!(common::http_get(f.addr, "/status").await.0 != 0);
+}
+
+#[tokio::test]
+async fn http2_keepalive_drops_a_connection_whose_peer_stops_answering() {
+    let silent = silent_server();
+    let f_dir = tempfile::tempdir().unwrap();
+    let f = front(
+        f_dir.path(),
+        silent,
+        "",
+        r#"http2_keepalive_interval_s: 1, http2_keepalive_timeout_s: "1s""#,
+    );
+    // Without the keys the call would wait 30 s for the first PING and 20 s for its answer.
+    let (e, took) = failing_call(&f).await;
+    assert!(took < Duration::from_secs(10), "took {took:?}: {e:?}");
+}
+
+#[tokio::test]
+async fn connect_timeout_s_bounds_a_connection_that_never_completes() {
+    // A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    // neither succeeds nor fails until the client gives up.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+        assert!(held.len() < 64, "the accept queue never filled");
+    }
+    let f_dir = tempfile::tempdir().unwrap();
+    let f = front(f_dir.path(), addr, "", r#"connect_timeout_s: 1"#);
+    let (e, took) = failing_call(&f).await;
+    assert!(took < Duration::from_secs(8), "took {took:?}: {e:?}");
+    drop(listener);
+}
+
+#[tokio::test]
+async fn tcp_keepalive_s_arms_the_kernel_keepalive_timer_on_upstream_connections() {
+    let up_dir = tempfile::tempdir().unwrap();
+    let up = upstream(up_dir.path(), "", "");
+    let f_dir = tempfile::tempdir().unwrap();
+    let f = front(f_dir.path(), up.addr, "", r#"tcp_keepalive_s: 7"#);
+    let d = DigestFunction::Sha256.compute(b"keepalive");
+    find_missing(&f, &[d], None).await.unwrap();
+    // /proc/net/tcp: the front's connection to the upstream port, established, with the
+    // keepalive timer (`tr` 2) due within 7 s (in USER_HZ ticks of 1/100 s).
+    let port = format!(":{:04X}", up.addr.port());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let timers: Vec<(u32, u64)> = table
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2)?.ends_with(&port) && f.get(3)? == &"01").then_some(())?;
+                let (tr, when) = f.get(5)?.split_once(':')?;
+                Some((
+                    u32::from_str_radix(tr, 16).ok()?,
+                    u64::from_str_radix(when, 16).ok()?,
+                ))
+            })
+            .collect();
+        if timers.iter().any(|&(tr, when)| tr == 2 && when <= 700) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no upstream connection with a 7 s keepalive timer: {timers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reads a whole blob through `c` with ByteStream.Read.
+async fn read(c: &Cairn, instance: &str, d: &Digest) -> Vec<u8> {
+    use futures::StreamExt;
+    let prefix = if instance.is_empty() {
+        String::new()
+    } else {
+        format!("{instance}/")
+    };
+    let mut s = ByteStreamClient::new(c.channel().await)
+        .max_decoding_message_size(64 << 20)
+        .read(cairn_core::proto::google::bytestream::ReadRequest {
+            resource_name: format!("{prefix}blobs/{}/{}", d.hash_hex(), d.size()),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = s.next().await {
+        got.extend_from_slice(&m.unwrap().data);
+    }
+    got
+}
+
+/// Uploads `blob` to `instance` of `c` with BatchUpdateBlobs.
+async fn batch_put(c: &Cairn, instance: &str, blob: &[u8]) -> Digest {
+    let d = DigestFunction::Sha256.compute(blob);
+    let r = ContentAddressableStorageClient::new(c.channel().await)
+        .max_encoding_message_size(64 << 20)
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            instance_name: instance.into(),
+            requests: vec![re::batch_update_blobs_request::Request {
+                digest: Some(d.to_proto()),
+                data: blob.to_vec(),
+                compressor: 0,
+            }],
+            digest_function: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.responses[0].status.as_ref().map_or(0, |s| s.code), 0);
+    d
+}
+
+/// Pages of `path` in the page cache (mincore over a read-only mapping, which faults
+/// nothing in).
+fn resident_pages(path: &std::path::Path) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let page = 4096;
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a private read-only mapping of an open file, unmapped before returning; mincore
+    // writes one byte per page into `vec`, which has exactly that many.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+        libc::munmap(addr, len);
+    }
+    vec.iter().filter(|b| *b & 1 == 1).count()
+}
+
+#[tokio::test]
+async fn evict_page_cache_keeps_written_and_read_blobs_out_of_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cairn::start_with(
+        dir.path(),
+        r#"{
+          stores: {
+            EVICT: { filesystem: { content_path: "@DIR@/evict", evict_page_cache: true } },
+            KEEP: { filesystem: { content_path: "@DIR@/keep" } },
+          },
+          servers: [{
+            listener: { http: { socket_address: "@ADDR@" } },
+            services: {
+              cas: [{ instance_name: "evict", cas_store: "EVICT" }, { instance_name: "keep", cas_store: "KEEP" }],
+              bytestream: [{ instance_name: "evict", cas_store: "EVICT" }, { instance_name: "keep", cas_store: "KEEP" }],
+            },
+          }],
+        }"#,
+        None,
+    );
+    // Large (streamed) and small (written whole) puts take different paths in the store.
+    for (len, seed) in [(2_000_000, 7), (20_000, 8)] {
+        let blob = data(len, seed);
+        let kept = batch_put(&c, "keep", &blob).await;
+        let evicted = batch_put(&c, "evict", &blob).await;
+        let kept_file = dir.path().join("keep").join(kept.file_name());
+        let evicted_file = dir.path().join("evict").join(evicted.file_name());
+        assert!(
+            resident_pages(&kept_file) > 0,
+            "a plain store leaves its pages cached"
+        );
+        assert_eq!(
+            resident_pages(&evicted_file),
+            0,
+            "{len} bytes: after the put"
+        );
+        assert_eq!(read(&c, "evict", &evicted).await, blob);
+        assert_eq!(
+            resident_pages(&evicted_file),
+            0,
+            "{len} bytes: after the read"
+        );
+        assert_eq!(read(&c, "keep", &kept).await, blob);
+        assert!(resident_pages(&kept_file) > 0);
+    }
+}
+
+#[tokio::test]
+async fn bypass_dedup_threshold_bytes_reads_large_blobs_without_filling_the_fast_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    // Puts reach only the slow tier; reads fill the fast one, below the threshold.
+    let c = Cairn::start_with(
+        dir.path(),
+        r#"{
+          stores: {
+            CAS: { fast_slow: {
+              fast: { filesystem: { content_path: "@DIR@/fast" } },
+              fast_direction: "get",
+              slow: { memory: {} },
+              bypass_dedup_threshold_bytes: "1MiB",
+            } },
+          },
+          servers: [{
+            listener: { http: { socket_address: "@ADDR@" } },
+            services: {
+              cas: [{ instance_name: "", cas_store: "CAS" }],
+              bytestream: [{ instance_name: "", cas_store: "CAS" }],
+            },
+          }],
+        }"#,
+        None,
+    );
+    let big = data(1 << 20, 9);
+    let small = data((1 << 20) - 1, 10);
+    let db = batch_put(&c, "", &big).await;
+    let ds = batch_put(&c, "", &small).await;
+    assert_eq!(read(&c, "", &db).await, big);
+    assert_eq!(read(&c, "", &ds).await, small);
+    let fast = dir.path().join("fast");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fast.join(ds.file_name()).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the small blob never reached the fast tier"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !fast.join(db.file_name()).exists(),
+        "the large blob bypassed the fast tier"
+    );
+}
+
+#[test]
+fn freebind_binds_an_address_this_machine_does_not_have() {
+    // 192.0.2.1 (TEST-NET-1) is assigned to no interface here.
+    let config = |freebind: bool| {
+        format!(
+            r#"{{
+              stores: {{ CAS: {{ memory: {{}} }} }},
+              servers: [{{
+                listener: {{ http: {{ socket_address: "192.0.2.1:0", freebind: {freebind} }} }},
+                services: {{ cas: [{{ instance_name: "", cas_store: "CAS" }}] }},
+              }}],
+            }}"#
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plain.json5");
+    std::fs::write(&path, config(false)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("run")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("servers[0]: binding 192.0.2.1"), "{err}");
+
+    let c = Cairn::start_with(dir.path(), &config(true), None);
+    assert_eq!(c.addr.ip().to_string(), "192.0.2.1");
+    assert_ne!(c.addr.port(), 0);
+}
