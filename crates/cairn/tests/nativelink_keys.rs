@@ -528,3 +528,105 @@ fn freebind_binds_an_address_this_machine_does_not_have() {
     assert_eq!(c.addr.ip().to_string(), "192.0.2.1");
     assert_ne!(c.addr.port(), 0);
 }
+
+#[tokio::test]
+async fn remote_cache_compression_decides_whether_zstd_is_advertised_and_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cairn::start_with(
+        dir.path(),
+        r#"{
+          stores: { CAS: { memory: {} } },
+          servers: [{
+            listener: { http: { socket_address: "@ADDR@" } },
+            services: {
+              cas: [{ instance_name: "z", cas_store: "CAS" }, { instance_name: "plain", cas_store: "CAS" }],
+              bytestream: [{ instance_name: "z", cas_store: "CAS" }, { instance_name: "plain", cas_store: "CAS" }],
+              capabilities: [{ instance_name: "z", remote_cache_compression: true }, { instance_name: "plain" }],
+            },
+          }],
+        }"#,
+        None,
+    );
+    let blob = data(100_000, 11);
+    let d = DigestFunction::Sha256.compute(&blob);
+    let packed = zstd::encode_all(&blob[..], 3).unwrap();
+    let zstd = re::compressor::Value::Zstd as i32;
+    let mut caps = re::capabilities_client::CapabilitiesClient::new(c.channel().await);
+    let mut cas = ContentAddressableStorageClient::new(c.channel().await);
+    for (instance, on) in [("z", true), ("plain", false)] {
+        let got = caps
+            .get_capabilities(re::GetCapabilitiesRequest {
+                instance_name: instance.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .cache_capabilities
+            .unwrap();
+        assert_eq!(got.supported_compressors.contains(&zstd), on, "{instance}");
+        assert_eq!(
+            got.supported_batch_update_compressors.contains(&zstd),
+            on,
+            "{instance}"
+        );
+
+        let r = cas
+            .batch_update_blobs(re::BatchUpdateBlobsRequest {
+                instance_name: instance.into(),
+                requests: vec![re::batch_update_blobs_request::Request {
+                    digest: Some(d.to_proto()),
+                    data: packed.clone(),
+                    compressor: zstd,
+                }],
+                digest_function: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let code = r.responses[0].status.as_ref().map_or(0, |s| s.code);
+        assert_eq!(code == 0, on, "{instance}: {:?}", r.responses[0].status);
+        if !on {
+            assert_eq!(code, tonic::Code::InvalidArgument as i32);
+            batch_put(&c, instance, &blob).await;
+        }
+
+        // BatchReadBlobs answers zstd only where it is on.
+        let r = cas
+            .batch_read_blobs(re::BatchReadBlobsRequest {
+                instance_name: instance.into(),
+                digests: vec![d.to_proto()],
+                acceptable_compressors: vec![zstd],
+                digest_function: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.responses[0].compressor == zstd, on, "{instance}");
+
+        // ByteStream's compressed-blobs names likewise.
+        let name = format!(
+            "{instance}/compressed-blobs/zstd/{}/{}",
+            d.hash_hex(),
+            d.size()
+        );
+        let read = ByteStreamClient::new(c.channel().await)
+            .read(cairn_core::proto::google::bytestream::ReadRequest {
+                resource_name: name,
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await;
+        let first = match read {
+            Ok(s) => futures::StreamExt::next(&mut s.into_inner()).await.unwrap(),
+            Err(e) => Err(e),
+        };
+        match (on, first) {
+            (true, Ok(_)) => {}
+            (false, Err(e)) => {
+                assert_eq!(e.code(), tonic::Code::InvalidArgument);
+                assert!(e.message().contains("remote_cache_compression"), "{e:?}");
+            }
+            (on, other) => panic!("{instance} (zstd {on}): {other:?}"),
+        }
+    }
+}

@@ -37,6 +37,8 @@ pub struct ByteStreamService {
     limits: Limits,
     metrics: Arc<Metrics>,
     uploads: Arc<Mutex<HashMap<String, Arc<Upload>>>>,
+    /// Instances that take and send `compressed-blobs/zstd` (`capabilities.remote_cache_compression`).
+    zstd: Arc<std::collections::BTreeSet<String>>,
 }
 
 /// An upload in progress; `state` is held by the one stream feeding it.
@@ -67,7 +69,28 @@ impl ByteStreamService {
             limits,
             metrics,
             uploads: Arc::default(),
+            zstd: Arc::default(),
         }
+    }
+
+    /// Serves `compressed-blobs/zstd` names for these instances only.
+    pub fn with_zstd(
+        mut self,
+        instances: Arc<std::collections::BTreeSet<String>>,
+    ) -> ByteStreamService {
+        self.zstd = instances;
+        self
+    }
+
+    /// Refuses a `compressed-blobs/zstd` name on an instance without zstd.
+    fn check_compressor(&self, res: &resource::Resource) -> Result<(), Error> {
+        if res.compressor == Compressor::Zstd && !self.zstd.contains(&res.instance) {
+            return Err(Error::invalid_argument(format!(
+                "{}: zstd (compressed-blobs/zstd) is not enabled for instance {:?} (capabilities remote_cache_compression); use blobs/",
+                res.digest, res.instance
+            )));
+        }
+        Ok(())
     }
 
     fn default_function() -> DigestFunction {
@@ -126,6 +149,7 @@ impl ByteStreamService {
         };
         let res = resource::parse(&first.resource_name, true, Self::default_function())?;
         let store = self.instances.get(&res.instance)?.clone();
+        self.check_compressor(&res)?;
         let digest = res.digest;
         let key = format!(
             "{}\u{0}{}\u{0}{}",
@@ -344,6 +368,7 @@ impl ByteStreamService {
     ) -> Result<BoxStream<'static, Result<ReadResponse, Status>>, Error> {
         let res = resource::parse(&req.resource_name, false, Self::default_function())?;
         let store = self.instances.get(&res.instance)?.clone();
+        self.check_compressor(&res)?;
         let d = res.digest;
         if req.read_offset < 0 {
             return Err(Error::invalid_argument(format!(

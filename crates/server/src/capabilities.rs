@@ -22,6 +22,8 @@ pub struct InstanceCaps {
     pub execution: bool,
     /// Average chunk size when the CAS serves content-defined chunking.
     pub chunking_avg: Option<u64>,
+    /// zstd is advertised (`remote_cache_compression`).
+    pub zstd: bool,
 }
 
 pub struct CapabilitiesService {
@@ -67,7 +69,11 @@ impl Capabilities for CapabilitiesService {
             .map(|caps| {
                 let digest_functions: Vec<i32> =
                     DigestFunction::ALL.iter().map(|f| f.to_proto()).collect();
-                let zstd = vec![re::compressor::Value::Zstd as i32];
+                let zstd = if caps.zstd {
+                    vec![re::compressor::Value::Zstd as i32]
+                } else {
+                    vec![]
+                };
                 let cache = (caps.cas || caps.ac).then(|| re::CacheCapabilities {
                     digest_functions: digest_functions.clone(),
                     action_cache_update_capabilities: Some(re::ActionCacheUpdateCapabilities {

@@ -178,6 +178,16 @@ pub async fn serve(
         })
     };
     let mut caps_by_instance: std::collections::BTreeMap<String, InstanceCaps> = Default::default();
+    // `capabilities[].remote_cache_compression`: where zstd is advertised, CAS and ByteStream
+    // take and send it (NativeLink's rule: advertising and accepting cannot differ).
+    let zstd_instances: Arc<std::collections::BTreeSet<String>> = Arc::new(
+        capabilities
+            .iter()
+            .flat_map(|c| c.0.iter())
+            .filter(|c| c.remote_cache_compression)
+            .map(|c| c.instance_name.clone())
+            .collect(),
+    );
     let mut used_stores: Vec<(String, cairn_store::StoreRef)> = Vec::new();
     let mut note_store = |name: &str, s: &cairn_store::StoreRef| {
         if !used_stores.iter().any(|(n, _)| n == name) {
@@ -221,7 +231,8 @@ pub async fn serve(
             }
             inst.insert(c.instance_name.clone(), s);
         }
-        let mut cas_svc = CasService::new(inst, limits, metrics.clone());
+        let mut cas_svc =
+            CasService::new(inst, limits, metrics.clone()).with_zstd(zstd_instances.clone());
         for (name, chunker) in chunkers {
             cas_svc = cas_svc.with_chunker(name, chunker);
         }
@@ -294,7 +305,7 @@ pub async fn serve(
             inst.insert(c.instance_name.clone(), s);
         }
         let svc = crate::bytestream_wire::ByteStreamServer::new(
-            ByteStreamService::new(inst, limits, metrics.clone()),
+            ByteStreamService::new(inst, limits, metrics.clone()).with_zstd(zstd_instances.clone()),
             limits.max_message_bytes,
         );
         routes.add_service(svc);
@@ -417,6 +428,7 @@ pub async fn serve(
                 )?;
                 caps.execution = true;
             }
+            caps.zstd = e.remote_cache_compression;
             inst.insert(e.instance_name.clone(), caps);
         }
         routes.add_service(re::capabilities_server::CapabilitiesServer::new(
