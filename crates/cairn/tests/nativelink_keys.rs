@@ -630,3 +630,93 @@ async fn remote_cache_compression_decides_whether_zstd_is_advertised_and_taken()
         }
     }
 }
+
+/// Compressible bytes: zstd shrinks them a lot.
+fn compressible(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| b"cairn, a heap of stones "[i % 24])
+        .collect()
+}
+
+#[tokio::test]
+async fn experimental_remote_cache_compression_moves_large_blobs_as_zstd() {
+    let zstd_dir = tempfile::tempdir().unwrap();
+    let zstd_up = Cairn::start_with(
+        zstd_dir.path(),
+        &UPSTREAM
+            .replace("@SERVER@", "")
+            .replace("@GLOBAL@", "")
+            .replace(
+                r#"capabilities: [{ instance_name: "" }]"#,
+                r#"capabilities: [{ instance_name: "", remote_cache_compression: true }]"#,
+            ),
+        None,
+    );
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain_up = upstream(plain_dir.path(), "", "");
+    let key = r#"experimental_remote_cache_compression: true,"#;
+
+    // Against an upstream that takes zstd: large blobs go and come back compressed, ranged
+    // reads and small blobs as they are.
+    let f_dir = tempfile::tempdir().unwrap();
+    let f = front(f_dir.path(), zstd_up.addr, key, "");
+    let big = compressible(3_000_000);
+    let small = compressible(1000);
+    write(&f, &big, None).await.unwrap();
+    write(&f, &small, None).await.unwrap();
+    let (db, ds) = (
+        DigestFunction::Sha256.compute(&big),
+        DigestFunction::Sha256.compute(&small),
+    );
+    assert_eq!(read(&f, "", &db).await, big);
+    assert_eq!(read(&f, "", &ds).await, small);
+    assert_eq!(read(&zstd_up, "", &db).await, big, "stored whole upstream");
+
+    // Against one that does not, a large upload is refused there (so it was compressed) and a
+    // small one passes.
+    let g_dir = tempfile::tempdir().unwrap();
+    let g = front(g_dir.path(), plain_up.addr, key, "");
+    let e = write(&g, &big, None).await.unwrap_err();
+    assert!(e.message().contains("remote_cache_compression"), "{e:?}");
+    write(&g, &small, None).await.unwrap();
+
+    // Unset, the key follows a capabilities instance of the same file that turns zstd on;
+    // false opts the store out.
+    let with_caps = |store: &str| {
+        FRONT
+            .replace("@UP@", &plain_up.addr.to_string())
+            .replace("@STORE@", store)
+            .replace("@ENDPOINT@", "")
+            .replace(
+                r#"capabilities: [{ instance_name: "" }]"#,
+                r#"capabilities: [{ instance_name: "", remote_cache_compression: true }]"#,
+            )
+    };
+    let h_dir = tempfile::tempdir().unwrap();
+    let h = Cairn::start_with(h_dir.path(), &with_caps(""), None);
+    let e = write(&h, &big, None).await.unwrap_err();
+    assert!(e.message().contains("remote_cache_compression"), "{e:?}");
+    let i_dir = tempfile::tempdir().unwrap();
+    let i = Cairn::start_with(
+        i_dir.path(),
+        &with_caps("experimental_remote_cache_compression: false,"),
+        None,
+    );
+    write(&i, &big, None).await.unwrap();
+    assert_eq!(read(&i, "", &db).await, big);
+    // The blob is upstream now; a whole read through a compressing front asks for zstd.
+    let name = format!("blobs/{}/{}", db.hash_hex(), db.size());
+    let mut s = ByteStreamClient::new(g.channel().await)
+        .read(cairn_core::proto::google::bytestream::ReadRequest {
+            resource_name: name,
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await
+        .map(|r| r.into_inner());
+    let e = match &mut s {
+        Ok(s) => futures::StreamExt::next(s).await.unwrap().unwrap_err(),
+        Err(e) => e.clone(),
+    };
+    assert!(e.message().contains("remote_cache_compression"), "{e:?}");
+}

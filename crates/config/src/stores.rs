@@ -61,6 +61,26 @@ impl StoreSpec {
         }
     }
 
+    /// Calls `f` on every `grpc` store of this tree, nested ones included.
+    pub fn visit_grpc_mut(&mut self, f: &mut dyn FnMut(&mut GrpcStore)) {
+        let children: Vec<&mut StoreSpec> = match self {
+            StoreSpec::Grpc(g) => return f(g),
+            StoreSpec::FastSlow(s) => vec![&mut s.fast, &mut s.slow],
+            StoreSpec::Verify(s) => vec![&mut s.backend],
+            StoreSpec::Compression(s) => vec![&mut s.backend],
+            StoreSpec::Dedup(s) => vec![&mut s.index_store, &mut s.content_store],
+            StoreSpec::SizePartitioning(s) => vec![&mut s.lower_store, &mut s.upper_store],
+            StoreSpec::Shard(s) => s.stores.iter_mut().map(|w| &mut w.store).collect(),
+            StoreSpec::ExistenceCache(s) => vec![&mut s.backend],
+            StoreSpec::CacheMetrics(s) => vec![&mut s.backend],
+            StoreSpec::CompletenessChecking(s) => vec![&mut s.backend, &mut s.cas_store],
+            _ => vec![],
+        };
+        for c in children {
+            c.visit_grpc_mut(f);
+        }
+    }
+
     /// The nested specs, with the key each sits under.
     pub fn children(&self) -> Vec<(&'static str, &StoreSpec)> {
         match self {

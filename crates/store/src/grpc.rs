@@ -14,7 +14,8 @@
 //! `http2_keepalive_*` keys; `rpc_timeout_s` bounds each call, a read's stream included.
 //! Every call carries the static `headers` and the `forward_headers` of the client request
 //! being served (`client_headers`). Blob names carry the digest function unless
-//! `use_legacy_resource_names`.
+//! `use_legacy_resource_names`. With `experimental_remote_cache_compression` uploads and whole
+//! reads of CAS blobs of 64 KiB or more travel as `compressed-blobs/zstd`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -33,6 +34,10 @@ use tonic::transport::Channel;
 use crate::{Health, Store, StoreInfo};
 
 mod read_batching;
+mod zstd_wire;
+
+/// Smallest blob sent or fetched as zstd with `experimental_remote_cache_compression`.
+const ZSTD_MIN: u64 = 64 << 10;
 
 /// Largest message sent or accepted.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -60,6 +65,8 @@ pub struct GrpcStore {
     rpc_timeout: Option<std::time::Duration>,
     /// `headers` and `forward_headers`.
     headers: CallHeaders,
+    /// `experimental_remote_cache_compression` (a CAS store only).
+    zstd: bool,
 }
 
 /// The headers every call carries: the static ones, and those copied from the client request.
@@ -279,11 +286,6 @@ pub fn check(cfg: &GrpcConfig) -> Result<(Kind, Vec<tonic::transport::Endpoint>)
         }
         read_batching::check(b)?;
     }
-    if cfg.experimental_remote_cache_compression == Some(true) {
-        return Err(Error::unimplemented(
-            "grpc.experimental_remote_cache_compression: zstd transfers from a grpc store are not built yet in this version of Cairn; leave it out or set it to false",
-        ));
-    }
     Ok((kind, endpoints))
 }
 
@@ -337,6 +339,7 @@ impl GrpcStore {
                 ))
             }),
             legacy_names: cfg.use_legacy_resource_names,
+            zstd: kind == Kind::Cas && cfg.experimental_remote_cache_compression == Some(true),
             rpc_timeout,
             headers: {
                 let h = CallHeaders::from_config(cfg)?;
@@ -388,13 +391,19 @@ impl GrpcStore {
         }
     }
 
-    /// `blobs/FUNCTION/HASH/SIZE`, or `blobs/HASH/SIZE` with `use_legacy_resource_names`.
-    fn path(&self, key: &Digest) -> String {
+    /// `blobs/FUNCTION/HASH/SIZE`, or `blobs/HASH/SIZE` with `use_legacy_resource_names`;
+    /// `compressed-blobs/zstd/...` when `zstd`.
+    fn path(&self, key: &Digest, zstd: bool) -> String {
+        let blobs = if zstd {
+            "compressed-blobs/zstd"
+        } else {
+            "blobs"
+        };
         if self.legacy_names {
-            format!("blobs/{}/{}", key.hash_hex(), key.size())
+            format!("{blobs}/{}/{}", key.hash_hex(), key.size())
         } else {
             format!(
-                "blobs/{}/{}/{}",
+                "{blobs}/{}/{}/{}",
                 key.function().name(),
                 key.hash_hex(),
                 key.size()
@@ -512,10 +521,12 @@ impl Store for GrpcStore {
         if key.is_empty_blob() {
             return Ok(stream::empty());
         }
+        let whole = offset == 0 && length.is_none_or(|l| l >= key.size());
+        let zstd = self.zstd && whole && key.size() >= ZSTD_MIN;
         let request = ReadRequest {
-            resource_name: format!("{}{}", self.prefix(), self.path(key)),
-            read_offset: offset as i64,
-            read_limit: length.unwrap_or(0) as i64,
+            resource_name: format!("{}{}", self.prefix(), self.path(key, zstd)),
+            read_offset: if zstd { 0 } else { offset as i64 },
+            read_limit: if zstd { 0 } else { length.unwrap_or(0) as i64 },
         };
         let permit = self.permit().await;
         let resp = self
@@ -528,6 +539,7 @@ impl Store for GrpcStore {
             .map_err(|e| self.upstream(e))?
             .into_inner();
         let addresses = self.addresses.join(",");
+        let addresses2 = addresses.clone();
         let body = resp
             .map(move |r| {
                 // The permit lives as long as the stream.
@@ -536,6 +548,11 @@ impl Store for GrpcStore {
                     .map_err(|e| Error::from(e).context(format!("upstream {addresses}")))
             })
             .boxed();
+        let body = if zstd {
+            zstd_wire::decompress(body, key.size(), format!("upstream {addresses2} {key}"))
+        } else {
+            body
+        };
         Ok(match self.rpc_timeout {
             Some(t) => within(body, t, self.addresses.join(",")),
             None => body,
@@ -565,11 +582,17 @@ impl Store for GrpcStore {
             .map_err(|e| self.upstream(e))?;
             return Ok(());
         }
+        let zstd = self.zstd && key.size() >= ZSTD_MIN;
+        let body = if zstd {
+            zstd_wire::compress(body)
+        } else {
+            body
+        };
         let name = format!(
             "{}uploads/{}/{}",
             self.prefix(),
             uuid::Uuid::new_v4(),
-            self.path(key)
+            self.path(key, zstd)
         );
         let size = key.size();
         // Re-chunk the body into Write messages; the last one carries finish_write. An error
@@ -596,7 +619,9 @@ impl Store for GrpcStore {
             .map_err(|e| self.upstream(e))?
             .into_inner()
             .committed_size;
-        if committed != size as i64 && committed != -1 {
+        // A compressed upload's committed size counts wire bytes (or is -1); the upstream
+        // checked the blob's size and hash itself.
+        if !zstd && committed != size as i64 && committed != -1 {
             return Err(Error::internal(format!(
                 "upstream {} committed {committed} bytes of {key}",
                 self.addresses.join(",")
