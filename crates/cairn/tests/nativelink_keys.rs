@@ -720,3 +720,117 @@ async fn experimental_remote_cache_compression_moves_large_blobs_as_zstd() {
     };
     assert!(e.message().contains("remote_cache_compression"), "{e:?}");
 }
+
+/// The value of `name{labels}` in a Prometheus text page (0 when absent).
+fn counter(page: &str, series: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test]
+async fn experimental_read_batching_reads_small_blobs_with_batch_read_blobs() {
+    let up_dir = tempfile::tempdir().unwrap();
+    let up = upstream(up_dir.path(), "", "");
+    let f_dir = tempfile::tempdir().unwrap();
+    let f = front(
+        f_dir.path(),
+        up.addr,
+        r#"experimental_read_batching: { max_blob_size_bytes: "16KiB", dispatch_slots: 1 },"#,
+        "",
+    );
+    // 64 small blobs and one above max_blob_size_bytes, stored upstream.
+    let blobs: Vec<Vec<u8>> = (0..64)
+        .map(|i| data(1000 + i * 10, 100 + i as u64))
+        .collect();
+    let mut digests = Vec::new();
+    for b in &blobs {
+        digests.push(batch_put(&up, "", b).await);
+    }
+    let big = data(100_000, 99);
+    let dbig = batch_put(&up, "", &big).await;
+    let missing = DigestFunction::Sha256.compute(b"not upstream");
+
+    let reads = digests.iter().map(|d| read(&f, "", d));
+    let got = futures::future::join_all(reads).await;
+    assert_eq!(got, blobs);
+    assert_eq!(read(&f, "", &dbig).await, big);
+    // A blob the upstream lacks is NOT_FOUND through a batch as through ByteStream.
+    let e = ByteStreamClient::new(f.channel().await)
+        .read(cairn_core::proto::google::bytestream::ReadRequest {
+            resource_name: format!("blobs/{}/{}", missing.hash_hex(), missing.size()),
+            read_offset: 0,
+            read_limit: 0,
+        })
+        .await;
+    let e = match e {
+        Ok(s) => futures::StreamExt::next(&mut s.into_inner())
+            .await
+            .unwrap()
+            .unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+
+    let (_, page) = common::http_get(up.addr, "/metrics").await;
+    let batches = counter(
+        &page,
+        r#"nativelink_requests_total{service="cas",method="BatchReadBlobs"}"#,
+    );
+    let reads = counter(
+        &page,
+        r#"nativelink_requests_total{service="bytestream",method="Read"}"#,
+    );
+    // Every small blob came in a batch (several per call: one slot, 64 concurrent reads);
+    // only the large one was a ByteStream read.
+    assert_eq!(reads, 1, "{page}");
+    eprintln!("{batches} BatchReadBlobs calls for 65 batched reads");
+    assert!((2..=60).contains(&batches), "{batches} batches: {page}");
+}
+
+/// `cairn check-config` and `cairn run` on `text`: both exit codes and their stderr.
+fn verdicts(text: &str) -> [(bool, String); 2] {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.json5");
+    std::fs::write(&path, text).unwrap();
+    ["check-config", "run"].map(|cmd| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .arg(cmd)
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+}
+
+#[test]
+fn key_mistakes_are_refused_by_key_path_by_check_config_and_run_alike() {
+    let cases = [
+        (
+            r#"forward_headers: ["authorization"], experimental_read_batching: {},"#,
+            "stores.CAS: grpc.experimental_read_batching: cannot be used with forward_headers",
+        ),
+        (
+            r#"experimental_read_batching: { dispatch_slots: 0 },"#,
+            "grpc.experimental_read_batching.dispatch_slots: expected at least 1",
+        ),
+        (
+            r#"headers: { "bad header": "x" },"#,
+            "grpc.headers.bad header",
+        ),
+        (r#"forward_headers: ["a b"],"#, "grpc.forward_headers[0]"),
+    ];
+    for (store, want) in cases {
+        let text = FRONT
+            .replace("@UP@", "127.0.0.1:1")
+            .replace("@STORE@", store)
+            .replace("@ENDPOINT@", "")
+            .replace("@ADDR@", "127.0.0.1:0");
+        for (ok, err) in verdicts(&text) {
+            assert!(!ok && err.contains(want), "{store}: {err}");
+        }
+    }
+}

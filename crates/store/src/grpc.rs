@@ -14,7 +14,8 @@
 //! `http2_keepalive_*` keys; `rpc_timeout_s` bounds each call, a read's stream included.
 //! Every call carries the static `headers` and the `forward_headers` of the client request
 //! being served (`client_headers`). Blob names carry the digest function unless
-//! `use_legacy_resource_names`. With `experimental_remote_cache_compression` uploads and whole
+//! `use_legacy_resource_names`. With `experimental_read_batching` whole reads of small blobs
+//! go in `BatchReadBlobs` calls (`grpc/read_batching.rs`). With `experimental_remote_cache_compression` uploads and whole
 //! reads of CAS blobs of 64 KiB or more travel as `compressed-blobs/zstd`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -67,6 +68,8 @@ pub struct GrpcStore {
     headers: CallHeaders,
     /// `experimental_remote_cache_compression` (a CAS store only).
     zstd: bool,
+    /// `experimental_read_batching` (a CAS store only).
+    batcher: Option<read_batching::ReadBatcher>,
 }
 
 /// The headers every call carries: the static ones, and those copied from the client request.
@@ -326,7 +329,22 @@ impl GrpcStore {
             }
             addresses.push(e.address.clone());
         }
+        let headers = CallHeaders::from_config(cfg)?;
+        let batcher = match (&cfg.experimental_read_batching, kind) {
+            (Some(b), Kind::Cas) => Some(read_batching::ReadBatcher::new(
+                *b,
+                read_batching::Upstream {
+                    channels: channels.clone(),
+                    instance: cfg.instance_name.clone(),
+                    headers: headers.fixed.clone(),
+                    addresses: addresses.join(","),
+                    max_message: MAX_MESSAGE,
+                },
+            )),
+            _ => None,
+        };
         Ok(GrpcStore {
+            batcher,
             instance: cfg.instance_name.clone(),
             kind,
             channels,
@@ -342,11 +360,10 @@ impl GrpcStore {
             zstd: kind == Kind::Cas && cfg.experimental_remote_cache_compression == Some(true),
             rpc_timeout,
             headers: {
-                let h = CallHeaders::from_config(cfg)?;
-                if !h.forward.is_empty() {
+                if !headers.forward.is_empty() {
                     crate::client_headers::set_wanted();
                 }
-                h
+                headers
             },
         })
     }
@@ -522,6 +539,12 @@ impl Store for GrpcStore {
             return Ok(stream::empty());
         }
         let whole = offset == 0 && length.is_none_or(|l| l >= key.size());
+        if let Some(b) = self.batcher.as_ref().filter(|b| whole && b.takes(key)) {
+            // Queued for a batch, unless the queue is full.
+            if let Some(r) = b.read(key).await {
+                return r.map(stream::once);
+            }
+        }
         let zstd = self.zstd && whole && key.size() >= ZSTD_MIN;
         let request = ReadRequest {
             resource_name: format!("{}{}", self.prefix(), self.path(key, zstd)),
