@@ -834,3 +834,43 @@ fn key_mistakes_are_refused_by_key_path_by_check_config_and_run_alike() {
         }
     }
 }
+
+#[test]
+fn worker_api_kill_revoked_keys_are_met_or_refused_by_key_path() {
+    let config = |keys: &str| {
+        format!(
+            r#"{{
+              stores: {{ CAS: {{ memory: {{}} }} }},
+              schedulers: {{ MAIN: {{ simple: {{}} }} }},
+              servers: [{{
+                listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
+                services: {{ worker_api: {{ scheduler: "MAIN", {keys} }} }},
+              }}],
+            }}"#
+        )
+    };
+    let accepted = config(
+        r#"kill_revoked_operations_interval_s: "10s", disable_kill_revoked_operations: false"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ok.json5");
+    std::fs::write(&path, &accepted).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Cairn::start_with(dir.path(), &accepted, None);
+    for (ok, err) in verdicts(&config(r#"disable_kill_revoked_operations: true"#)) {
+        assert!(!ok, "{err}");
+        assert!(
+            err.contains("servers[0].services.worker_api.disable_kill_revoked_operations"),
+            "{err}"
+        );
+    }
+}

@@ -458,11 +458,13 @@ pub struct WorkerApiService {
     pub allow_client_services_on_same_listener: bool,
     /// Let an action run to its end on its worker when the scheduler drops it (every client
     /// went away, or it was cancelled): its result still goes to the action cache. Default
-    /// false: such actions are killed on their workers.
+    /// false: such actions are killed on their workers. `true` is refused by `check-config`
+    /// and `run` until the scheduler can keep a dropped action's slot until its worker ends it.
     #[serde(default, deserialize_with = "num::boolean")]
     pub disable_kill_revoked_operations: bool,
     /// Seconds between the passes that tell workers to kill the actions the scheduler has
-    /// dropped (0 or unset: 5). A dropped action runs on until the next pass.
+    /// dropped (0 or unset: 5): the longest a dropped action runs on. Cairn tells the worker
+    /// at once, so any value is met.
     #[serde(default, deserialize_with = "num::secs")]
     pub kill_revoked_operations_interval_s: u64,
 }
