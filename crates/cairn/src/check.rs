@@ -174,11 +174,6 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
             &o.publisher.store,
             "experimental_origin_events.publisher.store".into(),
         )?;
-        return Err(ConfigError::new(
-            file,
-            "experimental_origin_events",
-            "origin events are not built yet in this version of Cairn; leave the key out",
-        ));
     }
     Ok(())
 }

@@ -129,6 +129,19 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
         schedulers.insert(n.name.clone(), p);
     }
+    // Before the listeners: they record requests only if a publisher runs.
+    let origin_events = match &cfg.experimental_origin_events {
+        Some(o) => {
+            let store = stores.get(&o.publisher.store).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{file}: experimental_origin_events.publisher.store: no store named {:?}",
+                    o.publisher.store
+                )
+            })?;
+            Some(cairn_server::origin_events::start(store, o.queue_size())?)
+        }
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     // Before the listeners: they trace requests only if OTLP trace export is on.
     let otlp = cairn_server::otlp::start(metrics.clone());
@@ -204,6 +217,10 @@ async fn serve(file: &str, cfg: CairnConfig, is_default: bool) -> anyhow::Result
         .is_err()
     {
         tracing::warn!("drain deadline passed; exiting with work still in flight");
+    }
+    if let Some(p) = origin_events {
+        // The events of the drained requests.
+        p.stop(OTLP_FLUSH_DEADLINE).await;
     }
     if let Some(otlp) = otlp {
         // The last metrics and the spans of the drained requests.

@@ -874,3 +874,124 @@ fn worker_api_kill_revoked_keys_are_met_or_refused_by_key_path() {
         );
     }
 }
+
+/// Every event line stored in the filesystem store at `dir`.
+fn stored_events(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    // Blob files only, not the store's checkpoint.
+    for e in entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+    {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        out.extend(
+            text.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON event")),
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn experimental_origin_events_publishes_an_event_per_request_to_its_store() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cairn::start_with(
+        dir.path(),
+        r#"{
+          stores: {
+            CAS: { memory: {} },
+            EVENTS: { filesystem: { content_path: "@DIR@/events" } },
+          },
+          servers: [{
+            listener: { http: { socket_address: "@ADDR@" } },
+            services: {
+              cas: [{ instance_name: "", cas_store: "CAS" }],
+              bytestream: [{ instance_name: "", cas_store: "CAS" }],
+              health: {},
+            },
+            experimental_identity_header: { header_name: "x-who" },
+          }],
+          experimental_origin_events: { publisher: { store: "EVENTS" }, max_event_queue_size: 1 },
+        }"#,
+        None,
+    );
+    let d = DigestFunction::Sha256.compute(b"evented");
+    let metadata = re::RequestMetadata {
+        tool_details: Some(re::ToolDetails {
+            tool_name: "bazel".into(),
+            tool_version: "4.2.3".into(),
+        }),
+        tool_invocation_id: "inv-1".into(),
+        action_mnemonic: "CppCompile".into(),
+        ..Default::default()
+    };
+    let mut cas = ContentAddressableStorageClient::new(c.channel().await);
+    for _ in 0..3 {
+        let mut req = tonic::Request::new(re::FindMissingBlobsRequest {
+            blob_digests: vec![d.to_proto()],
+            ..Default::default()
+        });
+        req.metadata_mut().insert("x-who", "alice".parse().unwrap());
+        req.metadata_mut().insert_bin(
+            "build.bazel.remote.execution.v2.requestmetadata-bin",
+            tonic::metadata::MetadataValue::from_bytes(&metadata.encode_to_vec()),
+        );
+        cas.find_missing_blobs(req).await.unwrap();
+    }
+    write(&c, b"evented", None).await.unwrap();
+    let bad = cas
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            instance_name: "nowhere".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    // HTTP routes are not gRPC requests: no event.
+    assert_eq!(common::http_get(c.addr, "/status").await.0, 200);
+
+    // Written as they come; SIGTERM writes whatever is still queued.
+    let events_dir = dir.path().join("events");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stored_events(&events_dir).len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            stored_events(&events_dir)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(cas);
+    // Off the runtime, so that the dropped clients' connections close meanwhile.
+    let exit = tokio::task::spawn_blocking(move || c.terminate());
+    assert!(exit.await.unwrap().success());
+    let events = stored_events(&events_dir);
+    assert_eq!(events.len(), 5, "{events:#?}");
+    let cas_service = "build.bazel.remote.execution.v2.ContentAddressableStorage";
+    let found: Vec<_> = events
+        .iter()
+        .filter(|e| e["method"] == "FindMissingBlobs" && e["identity"] == "alice")
+        .collect();
+    assert_eq!(found.len(), 3, "{events:#?}");
+    for e in &found {
+        assert_eq!(e["service"], cas_service);
+        assert_eq!(e["grpc_status"], 0);
+        assert_eq!(e["request_metadata"]["tool_invocation_id"], "inv-1");
+        assert_eq!(e["request_metadata"]["tool_name"], "bazel");
+        assert_eq!(e["request_metadata"]["action_mnemonic"], "CppCompile");
+        assert!(e["event_id"].as_str().is_some_and(|s| s.len() == 36));
+    }
+    let write_event = events.iter().find(|e| e["method"] == "Write").unwrap();
+    assert_eq!(write_event["service"], "google.bytestream.ByteStream");
+    assert_eq!(write_event["grpc_status"], 0);
+    let failed = events
+        .iter()
+        .find(|e| e["grpc_status"] == tonic::Code::InvalidArgument as i64)
+        .unwrap();
+    assert_eq!(failed["identity"], "");
+    assert!(failed.get("request_metadata").is_none());
+}

@@ -489,6 +489,19 @@ pub async fn serve(
             },
         ));
     }
+    if crate::origin_events::enabled() {
+        // `experimental_origin_events`: an event per request, named by this listener's
+        // identity header.
+        let header = match &cfg.experimental_identity_header {
+            Some(id) => Some(identity_header(&path, id)?),
+            None => None,
+        };
+        grpc = grpc.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                crate::origin_events::record(header.clone(), req, next)
+            },
+        ));
+    }
     if cairn_store::client_headers::wanted() {
         // A `grpc` store forwards headers of the request it serves.
         grpc = grpc.layer(axum::middleware::from_fn(
