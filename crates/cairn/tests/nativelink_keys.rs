@@ -943,6 +943,13 @@ async fn experimental_origin_events_publishes_an_event_per_request_to_its_store(
         cas.find_missing_blobs(req).await.unwrap();
     }
     write(&c, b"evented", None).await.unwrap();
+    // A RequestMetadata header that is not one: served, and recorded without it.
+    let mut req = tonic::Request::new(re::FindMissingBlobsRequest::default());
+    req.metadata_mut().insert_bin(
+        "build.bazel.remote.execution.v2.requestmetadata-bin",
+        tonic::metadata::MetadataValue::from_bytes(b"\xff\xff garbage"),
+    );
+    cas.find_missing_blobs(req).await.unwrap();
     let bad = cas
         .find_missing_blobs(re::FindMissingBlobsRequest {
             instance_name: "nowhere".into(),
@@ -957,7 +964,7 @@ async fn experimental_origin_events_publishes_an_event_per_request_to_its_store(
     // Written as they come; SIGTERM writes whatever is still queued.
     let events_dir = dir.path().join("events");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stored_events(&events_dir).len() < 5 {
+    while stored_events(&events_dir).len() < 6 {
         assert!(
             Instant::now() < deadline,
             "{:?}",
@@ -970,7 +977,7 @@ async fn experimental_origin_events_publishes_an_event_per_request_to_its_store(
     let exit = tokio::task::spawn_blocking(move || c.terminate());
     assert!(exit.await.unwrap().success());
     let events = stored_events(&events_dir);
-    assert_eq!(events.len(), 5, "{events:#?}");
+    assert_eq!(events.len(), 6, "{events:#?}");
     let cas_service = "build.bazel.remote.execution.v2.ContentAddressableStorage";
     let found: Vec<_> = events
         .iter()
@@ -994,4 +1001,10 @@ async fn experimental_origin_events_publishes_an_event_per_request_to_its_store(
         .unwrap();
     assert_eq!(failed["identity"], "");
     assert!(failed.get("request_metadata").is_none());
+    let garbled = events
+        .iter()
+        .filter(|e| e["method"] == "FindMissingBlobs" && e["grpc_status"] == 0)
+        .filter(|e| e.get("request_metadata").is_none())
+        .count();
+    assert_eq!(garbled, 1, "{events:#?}");
 }
