@@ -836,7 +836,7 @@ fn key_mistakes_are_refused_by_key_path_by_check_config_and_run_alike() {
 }
 
 #[test]
-fn worker_api_kill_revoked_keys_are_met_or_refused_by_key_path() {
+fn worker_api_kill_revoked_keys_parse_and_bad_values_are_refused_by_key_path() {
     let config = |keys: &str| {
         format!(
             r#"{{
@@ -850,7 +850,7 @@ fn worker_api_kill_revoked_keys_are_met_or_refused_by_key_path() {
         )
     };
     let accepted = config(
-        r#"kill_revoked_operations_interval_s: "10s", disable_kill_revoked_operations: false"#,
+        r#"kill_revoked_operations_interval_s: "10s", disable_kill_revoked_operations: true"#,
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ok.json5");
@@ -866,10 +866,10 @@ fn worker_api_kill_revoked_keys_are_met_or_refused_by_key_path() {
         String::from_utf8_lossy(&out.stderr)
     );
     Cairn::start_with(dir.path(), &accepted, None);
-    for (ok, err) in verdicts(&config(r#"disable_kill_revoked_operations: true"#)) {
+    for (ok, err) in verdicts(&config(r#"kill_revoked_operations_interval_s: "soon""#)) {
         assert!(!ok, "{err}");
         assert!(
-            err.contains("servers[0].services.worker_api.disable_kill_revoked_operations"),
+            err.contains("servers[0].services.worker_api.kill_revoked_operations_interval_s"),
             "{err}"
         );
     }
@@ -1007,4 +1007,165 @@ async fn experimental_origin_events_publishes_an_event_per_request_to_its_store(
         .filter(|e| e.get("request_metadata").is_none())
         .count();
     assert_eq!(garbled, 1, "{events:#?}");
+}
+
+/// A scheduler with one local worker of one slot; `@RUN_ON@` is the worker API's
+/// `disable_kill_revoked_operations`.
+const EXECUTION: &str = r#"{
+  stores: {
+    CAS: { memory: {} },
+    AC: { memory: {} },
+    WORKER_CAS: { fast_slow: {
+      fast: { filesystem: { content_path: "@DIR@/worker-cas" } },
+      slow: { ref_store: { name: "CAS" } } } },
+  },
+  schedulers: { MAIN: { simple: { supported_platform_properties: { OSFamily: "exact" } } } },
+  servers: [
+    { listener: { http: { socket_address: "@ADDR@" } },
+      services: {
+        cas: [{ instance_name: "", cas_store: "CAS" }],
+        ac: [{ instance_name: "", ac_store: "AC" }],
+        bytestream: [{ instance_name: "", cas_store: "CAS" }],
+        execution: [{ instance_name: "", cas_store: "CAS", scheduler: "MAIN" }],
+      } },
+    { listener: { http: { socket_address: "@WADDR@" } },
+      services: { worker_api: { scheduler: "MAIN", disable_kill_revoked_operations: @RUN_ON@ } } },
+  ],
+  workers: [{ local: {
+    worker_api_endpoint: { uri: "grpc://@WADDR@" },
+    cas_fast_slow_store: "WORKER_CAS",
+    upload_action_result: { ac_store: "AC" },
+    work_directory: "@DIR@/work",
+    platform_properties: { OSFamily: { values: ["linux"] } },
+    max_inflight_tasks: 1,
+  } }],
+}"#;
+
+/// Runs `first` until it executes, cancels it, then runs `second` to its end. Returns the
+/// action cache's entries for both (polled for `first` up to `wait_first`).
+async fn cancel_then_run(
+    run_on: bool,
+    wait_first: Duration,
+) -> (Option<re::ActionResult>, re::ActionResult, Cairn) {
+    use cairn_core::proto::google::longrunning::operations_client::OperationsClient;
+    use futures::StreamExt;
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let waddr = common::free_addr().to_string();
+    let c = Cairn::start_with(
+        dir.path(),
+        &EXECUTION
+            .replace("@WADDR@", &waddr)
+            .replace("@RUN_ON@", &run_on.to_string()),
+        None,
+    );
+    // Kept for the run: the worker's directories live in it.
+    std::mem::forget(dir);
+    let first = common::actions::ShellAction {
+        script: "sleep 2; date +%s%N > t",
+        outputs: &["t"],
+        ..Default::default()
+    }
+    .upload(c.channel().await, "")
+    .await;
+    let second = common::actions::ShellAction {
+        script: "date +%s%N > t; echo second >> t",
+        outputs: &["t"],
+        ..Default::default()
+    }
+    .upload(c.channel().await, "")
+    .await;
+    let mut exec = re::execution_client::ExecutionClient::new(c.channel().await);
+    let mut ops = OperationsClient::new(c.channel().await);
+    let mut ac = re::action_cache_client::ActionCacheClient::new(c.channel().await);
+    let mut s = exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(first.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let name = loop {
+        let op = s.next().await.expect("an update").unwrap();
+        let meta = re::ExecuteOperationMetadata::decode(
+            op.metadata.as_ref().map_or(&[][..], |m| &m.value[..]),
+        )
+        .unwrap();
+        if meta.stage == re::execution_stage::Value::Executing as i32 {
+            break op.name;
+        }
+    };
+    ops.cancel_operation(cairn_core::proto::google::longrunning::CancelOperationRequest { name })
+        .await
+        .unwrap();
+    drop(s);
+    let mut s = exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(second.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(op) = s.next().await {
+        last = Some(op.unwrap());
+    }
+    let done = match last.unwrap().result {
+        Some(cairn_core::proto::google::longrunning::operation::Result::Response(r)) => {
+            re::ExecuteResponse::decode(&r.value[..]).unwrap()
+        }
+        other => panic!("{other:?}"),
+    };
+    let second_result = done.result.expect("the second action ran");
+    let get = |d: Digest| re::GetActionResultRequest {
+        action_digest: Some(d.to_proto()),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + wait_first;
+    let first_result = loop {
+        match ac.get_action_result(get(first)).await {
+            Ok(r) => break Some(r.into_inner()),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(_) => break None,
+        }
+    };
+    (first_result, second_result, c)
+}
+
+/// The nanosecond time an action wrote at the start of its output `t`.
+async fn time_written(c: &Cairn, r: &re::ActionResult) -> u128 {
+    let f = &r.output_files[0];
+    let d = Digest::from_proto(0, f.digest.as_ref().unwrap()).unwrap();
+    let text = String::from_utf8(read(c, "", &d).await).unwrap();
+    text.lines().next().unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn disable_kill_revoked_operations_lets_a_cancelled_action_finish_and_keep_its_slot() {
+    let (first, second, c) = cancel_then_run(true, Duration::from_secs(20)).await;
+    let first = first.expect("the cancelled action ran to its end and its result was cached");
+    assert_eq!(first.exit_code, 0);
+    // One slot: the second action started only after the first had ended.
+    let (ended, started) = (
+        time_written(&c, &first).await,
+        time_written(&c, &second).await,
+    );
+    assert!(
+        started >= ended,
+        "second started {started}, first ended {ended}"
+    );
+}
+
+#[tokio::test]
+async fn by_default_a_cancelled_action_is_killed_on_its_worker() {
+    // The first action would finish 2 s after it started; give it 4.
+    let (first, _second, _c) = cancel_then_run(false, Duration::from_secs(4)).await;
+    assert!(
+        first.is_none(),
+        "the cancelled action was not killed: {first:?}"
+    );
 }

@@ -458,8 +458,8 @@ pub struct WorkerApiService {
     pub allow_client_services_on_same_listener: bool,
     /// Let an action run to its end on its worker when the scheduler drops it (every client
     /// went away, or it was cancelled): its result still goes to the action cache. Default
-    /// false: such actions are killed on their workers. `true` is refused by `check-config`
-    /// and `run` until the scheduler can keep a dropped action's slot until its worker ends it.
+    /// false: such actions are killed on their workers. With `true` a dropped action keeps
+    /// its worker slot until it ends; it applies to every worker of the scheduler.
     #[serde(default, deserialize_with = "num::boolean")]
     pub disable_kill_revoked_operations: bool,
     /// Seconds between the passes that tell workers to kill the actions the scheduler has

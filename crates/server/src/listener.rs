@@ -94,18 +94,6 @@ pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked
             }
         }
     }
-    // `kill_revoked_operations_interval_s` bounds how long a dropped action may run on: Cairn
-    // kills it at once, within any interval. Letting it run to its end needs the scheduler
-    // to keep its slot until the worker reports, which it does not yet.
-    if services
-        .worker_api
-        .as_ref()
-        .is_some_and(|w| w.disable_kill_revoked_operations)
-    {
-        return Err(Error::unimplemented(format!(
-            "{sp}.worker_api.disable_kill_revoked_operations: not built yet in this version of Cairn (an action the scheduler drops is killed on its worker at once, and its slot given to the next action); leave it out or set it to false"
-        )));
-    }
     let (send_zstd, accept) = compression(&path, http_cfg)?;
     let addr: SocketAddr = http_cfg.socket_address.parse().map_err(|e| {
         Error::invalid_argument(format!(
@@ -408,6 +396,11 @@ pub async fn serve(
     }
     if let Some(w) = worker_api {
         let pipeline = scheduler_named(&w.scheduler, format!("{sp}.worker_api.scheduler"))?;
+        // `kill_revoked_operations_interval_s` bounds how long a dropped action runs on:
+        // Cairn kills it at once, within any interval.
+        if w.disable_kill_revoked_operations {
+            pipeline.handle.run_revoked_to_end().await?;
+        }
         routes.add_service(
             cairn_proto::worker::v1::worker_api_server::WorkerApiServer::new(
                 crate::execution::worker_api::WorkerApiService::new(pipeline),

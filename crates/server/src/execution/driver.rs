@@ -108,6 +108,7 @@ enum Cmd {
         draining: bool,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    RunRevokedToEnd,
 }
 
 /// A cheap, cloneable handle on a running scheduler.
@@ -157,6 +158,7 @@ impl SchedulerHandle {
             next_watcher: 1,
             metrics,
             unacked_kills: HashMap::new(),
+            run_to_end: None,
             next_match_log: driver_opts.match_log_interval.map(|i| Instant::now() + i),
             opts: driver_opts,
         };
@@ -291,6 +293,12 @@ impl SchedulerHandle {
     }
 
     /// A worker's stream ended. Never waits.
+    /// `worker_api.disable_kill_revoked_operations`: from now on an action the scheduler drops
+    /// is not killed on its worker but runs to its end (keeping its slot until then).
+    pub async fn run_revoked_to_end(&self) -> Result<(), Error> {
+        self.tx.send(Cmd::RunRevokedToEnd).await.map_err(|_| gone())
+    }
+
     pub fn worker_gone(&self, worker_id: String) {
         let cmd = Cmd::WorkerGone { worker_id };
         if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
@@ -326,6 +334,8 @@ struct Driver {
     workers: HashMap<String, mpsc::Sender<Result<wapi::SchedulerMessage, tonic::Status>>>,
     next_watcher: u64,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// `worker_api.disable_kill_revoked_operations`: dropped actions run to their end.
+    run_to_end: Option<super::run_to_end::RunToEnd>,
 }
 
 /// How an answered execution counts in `execution_completed_count`.
@@ -542,6 +552,9 @@ impl Driver {
                     slots,
                 ) {
                     Ok(d) => {
+                        if let Some(r) = &mut self.run_to_end {
+                            r.connected(&worker_id, slots);
+                        }
                         self.workers.insert(worker_id, tx);
                         let _ = reply.send(Ok(()));
                         self.apply(d);
@@ -562,6 +575,18 @@ impl Driver {
                 outcome,
             } => {
                 self.unacked_kills.remove(&(worker_id.clone(), attempt));
+                // Starts that waited for this attempt's slot go out now.
+                let ready = match &mut self.run_to_end {
+                    Some(r) => r.done(&worker_id, attempt),
+                    None => vec![],
+                };
+                for msg in ready {
+                    if !self.send_worker(&worker_id, msg) {
+                        let d = self.drop_worker(&worker_id);
+                        self.apply(d);
+                        break;
+                    }
+                }
                 // An answer is a sign of life, as a keepalive is.
                 if let Ok(d) = self
                     .core
@@ -578,7 +603,13 @@ impl Driver {
                     self.apply(d);
                 }
             }
+            Cmd::RunRevokedToEnd => {
+                self.run_to_end.get_or_insert_with(Default::default);
+            }
             Cmd::WorkerGone { worker_id } => {
+                if let Some(r) = &mut self.run_to_end {
+                    r.gone(&worker_id);
+                }
                 self.workers.remove(&worker_id);
                 if let Ok(d) = self.core.worker_disconnected(now, &WorkerId(worker_id)) {
                     self.apply(d);
@@ -675,8 +706,26 @@ impl Driver {
                                 },
                             )),
                         };
+                        // With dropped actions running to their end, a start may wait for
+                        // the worker's slot.
+                        let msg = match &mut self.run_to_end {
+                            Some(r) => match r.start(&worker_id.0, attempt_id.0, msg) {
+                                Some(m) => m,
+                                None => continue,
+                            },
+                            None => msg,
+                        };
                         if !self.send_worker(&worker_id.0, msg) {
                             next.extend(self.drop_worker(&worker_id.0));
+                        }
+                    }
+                    Decision::KillAction {
+                        worker_id,
+                        attempt_id,
+                    } if self.run_to_end.is_some() => {
+                        tracing::debug!(worker = %worker_id.0, attempt = attempt_id.0, "dropped action runs to its end (disable_kill_revoked_operations)");
+                        if let Some(r) = &mut self.run_to_end {
+                            r.kill(&worker_id.0, attempt_id.0);
                         }
                     }
                     Decision::KillAction {
@@ -726,6 +775,9 @@ impl Driver {
                         }
                     }
                     Decision::WorkerRemoved { worker_id, reason } => {
+                        if let Some(r) = &mut self.run_to_end {
+                            r.gone(&worker_id.0);
+                        }
                         if let Some(tx) = self.workers.remove(&worker_id.0) {
                             let _ = tx.try_send(Err(tonic::Status::unavailable(format!(
                                 "worker removed by the scheduler: {reason:?}"
@@ -800,6 +852,9 @@ impl Driver {
         worker_id: &str,
     ) -> Vec<Decision<ActionPayload, re::ExecuteResponse>> {
         self.workers.remove(worker_id);
+        if let Some(r) = &mut self.run_to_end {
+            r.gone(worker_id);
+        }
         self.unacked_kills.retain(|(w, _), _| w != worker_id);
         let now = self.now();
         self.core

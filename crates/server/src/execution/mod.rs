@@ -4,6 +4,7 @@
 pub mod driver;
 pub mod operations;
 pub mod pipeline;
+mod run_to_end;
 pub mod service;
 pub mod worker_api;
 
