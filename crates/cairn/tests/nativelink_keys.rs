@@ -833,6 +833,18 @@ fn key_mistakes_are_refused_by_key_path_by_check_config_and_run_alike() {
             assert!(!ok && err.contains(want), "{store}: {err}");
         }
     }
+    let text = r#"{
+      stores: { CAS: { memory: {} } },
+      servers: [{ listener: { http: { socket_address: "127.0.0.1:0" } }, services: { cas: [{ cas_store: "CAS" }] } }],
+      experimental_origin_events: { publisher: { store: "EVENTS" } },
+    }"#;
+    for (ok, err) in verdicts(text) {
+        assert!(!ok, "{err}");
+        assert!(
+            err.contains("experimental_origin_events.publisher.store: no store named \"EVENTS\""),
+            "{err}"
+        );
+    }
 }
 
 #[test]
