@@ -5,6 +5,7 @@
 
 pub mod actions;
 pub mod bazel;
+pub mod blobs;
 pub mod certs;
 pub mod tools;
 
