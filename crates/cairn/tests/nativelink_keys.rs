@@ -476,7 +476,12 @@ const EXECUTION: &str = r#"{
 async fn cancel_then_run(
     run_on: bool,
     wait_first: Duration,
-) -> (Option<re::ActionResult>, re::ActionResult, Cairn) {
+) -> (
+    Option<re::ActionResult>,
+    re::ActionResult,
+    Cairn,
+    tempfile::TempDir,
+) {
     use cairn_core::proto::google::longrunning::operations_client::OperationsClient;
     use futures::StreamExt;
     use prost::Message;
@@ -489,8 +494,6 @@ async fn cancel_then_run(
             .replace("@RUN_ON@", &run_on.to_string()),
         None,
     );
-    // Kept for the run: the worker's directories live in it.
-    std::mem::forget(dir);
     let first = common::actions::ShellAction {
         script: "sleep 2; date +%s%N > t",
         outputs: &["t"],
@@ -563,7 +566,8 @@ async fn cancel_then_run(
             Err(_) => break None,
         }
     };
-    (first_result, second_result, c)
+    // The directory goes back with the process: the worker's directories live in it.
+    (first_result, second_result, c, dir)
 }
 
 /// The nanosecond time an action wrote at the start of its output `t`.
@@ -576,7 +580,7 @@ async fn time_written(c: &Cairn, r: &re::ActionResult) -> u128 {
 
 #[tokio::test]
 async fn disable_kill_revoked_operations_lets_a_cancelled_action_finish_and_keep_its_slot() {
-    let (first, second, c) = cancel_then_run(true, Duration::from_secs(20)).await;
+    let (first, second, c, _dir) = cancel_then_run(true, Duration::from_secs(20)).await;
     let first = first.expect("the cancelled action ran to its end and its result was cached");
     assert_eq!(first.exit_code, 0);
     // One slot: the second action started only after the first had ended.
@@ -593,7 +597,7 @@ async fn disable_kill_revoked_operations_lets_a_cancelled_action_finish_and_keep
 #[tokio::test]
 async fn by_default_a_cancelled_action_is_killed_on_its_worker() {
     // The first action would finish 2 s after it started; give it 4.
-    let (first, _second, _c) = cancel_then_run(false, Duration::from_secs(4)).await;
+    let (first, _second, _c, _dir) = cancel_then_run(false, Duration::from_secs(4)).await;
     assert!(
         first.is_none(),
         "the cancelled action was not killed: {first:?}"

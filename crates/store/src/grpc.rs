@@ -34,8 +34,13 @@ use tonic::transport::Channel;
 
 use crate::{Health, Store, StoreInfo};
 
+mod call_headers;
 mod read_batching;
+mod retry;
 mod zstd_wire;
+
+use call_headers::CallHeaders;
+pub use retry::RetryPolicy;
 
 /// Smallest blob sent or fetched as zstd with `experimental_remote_cache_compression`.
 const ZSTD_MIN: u64 = 64 << 10;
@@ -70,167 +75,6 @@ pub struct GrpcStore {
     zstd: bool,
     /// `experimental_read_batching` (a CAS store only).
     batcher: Option<read_batching::ReadBatcher>,
-}
-
-/// The headers every call carries: the static ones, and those copied from the client request.
-#[derive(Debug, Clone, Default)]
-struct CallHeaders {
-    fixed: tonic::metadata::MetadataMap,
-    forward: Vec<String>,
-}
-
-impl CallHeaders {
-    fn from_config(cfg: &GrpcConfig) -> Result<CallHeaders, Error> {
-        use tonic::metadata::{AsciiMetadataKey, BinaryMetadataKey, MetadataValue};
-        let mut fixed = tonic::metadata::MetadataMap::new();
-        for (name, value) in &cfg.headers {
-            let at = format!("grpc.headers.{name}");
-            let bad = |e: &dyn std::fmt::Display| Error::invalid_argument(format!("{at}: {e}"));
-            if name.ends_with("-bin") {
-                let key = BinaryMetadataKey::from_bytes(name.as_bytes()).map_err(|e| bad(&e))?;
-                fixed.insert_bin(key, MetadataValue::from_bytes(value.as_bytes()));
-            } else {
-                let key = AsciiMetadataKey::from_bytes(name.as_bytes()).map_err(|e| bad(&e))?;
-                let v = value
-                    .parse()
-                    .map_err(|_| bad(&"the value is not printable ASCII"))?;
-                fixed.insert(key, v);
-            }
-        }
-        let mut forward = Vec::new();
-        for (i, name) in cfg.forward_headers.iter().enumerate() {
-            let lower = name.to_ascii_lowercase();
-            let valid = if lower.ends_with("-bin") {
-                tonic::metadata::BinaryMetadataKey::from_bytes(lower.as_bytes()).is_ok()
-            } else {
-                tonic::metadata::AsciiMetadataKey::from_bytes(lower.as_bytes()).is_ok()
-            };
-            if !valid {
-                return Err(Error::invalid_argument(format!(
-                    "grpc.forward_headers[{i}]: {name:?} is not a header name"
-                )));
-            }
-            forward.push(lower);
-        }
-        Ok(CallHeaders { fixed, forward })
-    }
-
-    /// Adds the headers to a request.
-    fn apply(&self, md: &mut tonic::metadata::MetadataMap) {
-        use tonic::metadata::KeyAndValueRef;
-        for kv in self.fixed.iter() {
-            match kv {
-                KeyAndValueRef::Ascii(k, v) => {
-                    md.insert(k.clone(), v.clone());
-                }
-                KeyAndValueRef::Binary(k, v) => {
-                    md.insert_bin(k.clone(), v.clone());
-                }
-            }
-        }
-        if self.forward.is_empty() {
-            return;
-        }
-        let Some(client) = crate::client_headers::current() else {
-            return;
-        };
-        for name in &self.forward {
-            if name.ends_with("-bin") {
-                let Ok(k) = tonic::metadata::BinaryMetadataKey::from_bytes(name.as_bytes()) else {
-                    continue;
-                };
-                for v in client.get_all_bin(name.as_str()) {
-                    md.append_bin(k.clone(), v.clone());
-                }
-            } else {
-                let Ok(k) = tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes()) else {
-                    continue;
-                };
-                for v in client.get_all(name.as_str()) {
-                    md.append(k.clone(), v.clone());
-                }
-            }
-        }
-    }
-}
-
-/// `retry` of the config, checked.
-#[derive(Debug, Clone, Default)]
-pub struct RetryPolicy {
-    max_retries: u32,
-    delay: std::time::Duration,
-    jitter: f64,
-    codes: Vec<tonic::Code>,
-}
-
-impl RetryPolicy {
-    fn from_config(r: Option<&cairn_config::stores::Retry>) -> Result<RetryPolicy, Error> {
-        let Some(r) = r else {
-            return Ok(RetryPolicy::default());
-        };
-        let codes = match &r.retry_on_errors {
-            None => vec![
-                tonic::Code::Unavailable,
-                tonic::Code::ResourceExhausted,
-                tonic::Code::Aborted,
-                tonic::Code::DeadlineExceeded,
-                tonic::Code::Unknown,
-            ],
-            Some(names) => names
-                .iter()
-                .map(|n| {
-                    code_named(n).ok_or_else(|| {
-                        Error::invalid_argument(format!(
-                            "grpc.retry.retry_on_errors: {n:?} is not a gRPC status code name (such as Unavailable, ResourceExhausted, Internal)"
-                        ))
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-        };
-        let delay = r.delay.unwrap_or(0.0);
-        if !(0.0..=3600.0).contains(&delay) {
-            return Err(Error::invalid_argument(format!(
-                "grpc.retry.delay: expected seconds from 0 to 3600, found {delay}"
-            )));
-        }
-        let jitter = r.jitter.unwrap_or(0.0);
-        if !(0.0..=10.0).contains(&jitter) {
-            return Err(Error::invalid_argument(format!(
-                "grpc.retry.jitter: expected a fraction from 0 to 10, found {jitter}"
-            )));
-        }
-        Ok(RetryPolicy {
-            max_retries: r.max_retries.unwrap_or(0).min(100) as u32,
-            delay: std::time::Duration::from_secs_f64(delay),
-            jitter,
-            codes,
-        })
-    }
-
-    /// The wait before retry number `attempt` (from 0): `delay * 2^attempt`, plus up to
-    /// `jitter` times that, capped at 60 s.
-    fn backoff(&self, attempt: u32) -> std::time::Duration {
-        let base = self.delay.as_secs_f64() * f64::from(1u32 << attempt.min(16));
-        // A fraction from the clock's nanoseconds: enough to spread retries apart.
-        let noise = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos()) as f64
-            / 1e9;
-        std::time::Duration::from_secs_f64((base * (1.0 + self.jitter * noise)).min(60.0))
-    }
-}
-
-/// A gRPC status code by name, in NativeLink's spelling (`Unavailable`) or the protocol's
-/// (`UNAVAILABLE`, `resource_exhausted`).
-fn code_named(name: &str) -> Option<tonic::Code> {
-    let n: String = name
-        .chars()
-        .filter(|c| *c != '_')
-        .collect::<String>()
-        .to_ascii_lowercase();
-    (0..=16)
-        .map(tonic::Code::from_i32)
-        .find(|c| format!("{c:?}").to_ascii_lowercase() == n)
 }
 
 /// Checks the config without connecting: the store type, and that every endpoint is an
@@ -449,9 +293,7 @@ impl GrpcStore {
         let mut attempt = 0;
         loop {
             match call().await {
-                Err(e)
-                    if attempt < self.retry.max_retries && self.retry.codes.contains(&e.code()) =>
-                {
+                Err(e) if self.retry.retries(attempt, e.code()) => {
                     tracing::debug!(upstream = %self.addresses.join(","), code = ?e.code(), attempt, "retrying");
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                     attempt += 1;
@@ -793,45 +635,4 @@ fn within(body: BlobStream, limit: std::time::Duration, upstream: String) -> Blo
         }
     })
     .boxed()
-}
-
-#[cfg(test)]
-mod retry_tests {
-    use super::*;
-
-    #[test]
-    fn code_names_in_either_spelling() {
-        assert_eq!(code_named("Unavailable"), Some(tonic::Code::Unavailable));
-        assert_eq!(
-            code_named("RESOURCE_EXHAUSTED"),
-            Some(tonic::Code::ResourceExhausted)
-        );
-        assert_eq!(
-            code_named("deadline_exceeded"),
-            Some(tonic::Code::DeadlineExceeded)
-        );
-        assert_eq!(code_named("Teapot"), None);
-    }
-
-    #[test]
-    fn backoff_doubles_and_jitter_only_adds() {
-        let p = RetryPolicy::from_config(Some(&cairn_config::stores::Retry {
-            max_retries: Some(5),
-            delay: Some(0.1),
-            jitter: Some(0.5),
-            retry_on_errors: None,
-        }))
-        .unwrap();
-        for attempt in 0..4 {
-            let base = 0.1 * f64::from(1u32 << attempt);
-            let b = p.backoff(attempt).as_secs_f64();
-            assert!(b >= base - 1e-9 && b <= base * 1.5 + 1e-9, "{attempt}: {b}");
-        }
-        let bad = RetryPolicy::from_config(Some(&cairn_config::stores::Retry {
-            retry_on_errors: Some(vec!["Nope".into()]),
-            ..Default::default()
-        }))
-        .unwrap_err();
-        assert!(bad.message.contains("retry_on_errors"), "{bad}");
-    }
 }
