@@ -505,3 +505,158 @@ fn key_mistakes_are_refused_by_key_path_by_check_config_and_run_alike() {
         );
     }
 }
+
+/// An upstream CAS that lies in its BatchReadBlobs answers: for a blob of 1000 bytes it
+/// sends 999, for one of 1001 it sends zstd that was not asked for, for one of 1002 it
+/// answers nothing at all; everything else is UNIMPLEMENTED.
+struct LyingCas;
+
+#[tonic::async_trait]
+impl re::content_addressable_storage_server::ContentAddressableStorage for LyingCas {
+    async fn find_missing_blobs(
+        &self,
+        _: tonic::Request<re::FindMissingBlobsRequest>,
+    ) -> Result<tonic::Response<re::FindMissingBlobsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("lying"))
+    }
+    async fn batch_update_blobs(
+        &self,
+        _: tonic::Request<re::BatchUpdateBlobsRequest>,
+    ) -> Result<tonic::Response<re::BatchUpdateBlobsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("lying"))
+    }
+    async fn batch_read_blobs(
+        &self,
+        request: tonic::Request<re::BatchReadBlobsRequest>,
+    ) -> Result<tonic::Response<re::BatchReadBlobsResponse>, tonic::Status> {
+        let responses = request
+            .into_inner()
+            .digests
+            .into_iter()
+            .filter(|d| d.size_bytes != 1002)
+            .map(|d| re::batch_read_blobs_response::Response {
+                data: vec![7; if d.size_bytes == 1000 { 999 } else { 10 }],
+                compressor: if d.size_bytes == 1001 {
+                    re::compressor::Value::Zstd as i32
+                } else {
+                    0
+                },
+                digest: Some(d),
+                status: None,
+            })
+            .collect();
+        Ok(tonic::Response::new(re::BatchReadBlobsResponse {
+            responses,
+        }))
+    }
+    type GetTreeStream =
+        futures::stream::BoxStream<'static, Result<re::GetTreeResponse, tonic::Status>>;
+    async fn get_tree(
+        &self,
+        _: tonic::Request<re::GetTreeRequest>,
+    ) -> Result<tonic::Response<Self::GetTreeStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("lying"))
+    }
+    async fn split_blob(
+        &self,
+        _: tonic::Request<re::SplitBlobRequest>,
+    ) -> Result<tonic::Response<re::SplitBlobResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("lying"))
+    }
+    async fn splice_blob(
+        &self,
+        _: tonic::Request<re::SpliceBlobRequest>,
+    ) -> Result<tonic::Response<re::SpliceBlobResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("lying"))
+    }
+    type GetChunkMappingStream =
+        futures::stream::BoxStream<'static, Result<re::GetChunkMappingResponse, tonic::Status>>;
+    async fn get_chunk_mapping(
+        &self,
+        _: tonic::Request<re::GetChunkMappingRequest>,
+    ) -> Result<tonic::Response<Self::GetChunkMappingStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("lying"))
+    }
+    async fn register_chunk_mapping(
+        &self,
+        _: tonic::Request<tonic::Streaming<re::RegisterChunkMappingRequest>>,
+    ) -> Result<tonic::Response<re::RegisterChunkMappingResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("lying"))
+    }
+}
+
+#[tokio::test]
+async fn read_batching_turns_an_upstream_s_lies_into_clear_errors() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let liar = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                re::content_addressable_storage_server::ContentAddressableStorageServer::new(
+                    LyingCas,
+                ),
+            )
+            .serve_with_incoming(futures::stream::unfold(listener, |l| async move {
+                Some((l.accept().await.map(|(s, _)| s), l))
+            })),
+    );
+    // A fast tier in front: nothing a lie brings may land in it.
+    let dir = tempfile::tempdir().unwrap();
+    let f = Cairn::start_with(
+        dir.path(),
+        &r#"{
+          stores: { CAS: { fast_slow: {
+            fast: { filesystem: { content_path: "@DIR@/fast" } },
+            slow: { grpc: { endpoints: [{ address: "grpc://@UP@" }], store_type: "cas",
+                            experimental_read_batching: {} } },
+          } } },
+          servers: [{
+            listener: { http: { socket_address: "@ADDR@" } },
+            services: { bytestream: [{ instance_name: "", cas_store: "CAS" }], health: {} },
+          }],
+        }"#
+        .replace("@UP@", &liar.to_string()),
+        None,
+    );
+    for (size, code, says) in [
+        (
+            1000,
+            tonic::Code::DataLoss,
+            "sent 999 bytes for a blob of 1000",
+        ),
+        (1001, tonic::Code::Internal, "compressor"),
+        (1002, tonic::Code::Internal, "left out"),
+    ] {
+        let d = Digest::from_proto(
+            0,
+            &re::Digest {
+                hash: "ab".repeat(32),
+                size_bytes: size,
+            },
+        )
+        .unwrap();
+        let read = ByteStreamClient::new(f.channel().await)
+            .read(cairn_core::proto::google::bytestream::ReadRequest {
+                resource_name: format!("blobs/{}/{}", d.hash_hex(), d.size()),
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await;
+        let e = match read {
+            Ok(s) => futures::StreamExt::next(&mut s.into_inner())
+                .await
+                .expect("an answer")
+                .unwrap_err(),
+            Err(e) => e,
+        };
+        assert_eq!(e.code(), code, "{size}: {e:?}");
+        assert!(e.message().contains(says), "{size}: {e:?}");
+    }
+    assert_eq!(common::http_get(f.addr, "/status").await.0, 200);
+    let kept: Vec<_> = std::fs::read_dir(dir.path().join("fast"))
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(kept.is_empty(), "{kept:?}");
+}
