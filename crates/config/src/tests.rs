@@ -462,3 +462,37 @@ fn nativelink_store_server_and_origin_event_keys_parse_with_their_defaults() {
     .unwrap_err();
     assert!(e.where_.ends_with("use_legacy_resource_names"), "{e}");
 }
+
+#[test]
+fn grpc_zstd_follows_the_file_unless_a_store_says_otherwise() {
+    let cfg = |caps: bool| {
+        let text = format!(
+            r#"{{
+              stores: {{
+                A: {{ grpc: {{ endpoints: [{{ address: "grpc://h:1" }}], store_type: "cas" }} }},
+                B: {{ grpc: {{ endpoints: [{{ address: "grpc://h:1" }}], store_type: "cas",
+                             experimental_remote_cache_compression: false }} }},
+                C: {{ grpc: {{ endpoints: [{{ address: "grpc://h:1" }}], store_type: "ac" }} }},
+                D: {{ fast_slow: {{ fast: {{ memory: {{}} }},
+                  slow: {{ grpc: {{ endpoints: [{{ address: "grpc://h:1" }}] }} }} }} }},
+              }},
+              servers: [{{ listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
+                services: {{ capabilities: [{{ remote_cache_compression: {caps} }}] }} }}],
+            }}"#
+        );
+        parse_str("t.json5", &text).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let zstd = |c: &CairnConfig, name: &str| {
+        let mut got = None;
+        let mut spec = c.stores.get(name).unwrap().clone();
+        spec.visit_grpc_mut(&mut |g| got = g.experimental_remote_cache_compression);
+        got
+    };
+    let on = cfg(true);
+    assert_eq!(zstd(&on, "A"), Some(true));
+    assert_eq!(zstd(&on, "B"), Some(false));
+    assert_eq!(zstd(&on, "C"), None, "an action cache store moves no blobs");
+    assert_eq!(zstd(&on, "D"), Some(true), "nested stores too");
+    let off = cfg(false);
+    assert_eq!(zstd(&off, "A"), None);
+}
