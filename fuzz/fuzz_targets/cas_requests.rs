@@ -53,7 +53,9 @@ fn env() -> &'static Env {
                 .enable_all()
                 .build()
                 .unwrap(),
-            cas: CasService::new(cas, Limits::default(), metrics.clone()),
+            // zstd on (`remote_cache_compression`), so that compressed entries are decoded.
+            cas: CasService::new(cas, Limits::default(), metrics.clone())
+                .with_zstd(std::sync::Arc::new([String::new()].into())),
             ac: AcService::new(ac, metrics),
             store,
         }

@@ -191,6 +191,12 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
             }
         }
     }
+    if let Some(o) = &cfg.experimental_origin_events {
+        store(
+            &o.publisher.store,
+            "experimental_origin_events.publisher.store".into(),
+        )?;
+    }
     Ok(())
 }
 

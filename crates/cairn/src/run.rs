@@ -166,6 +166,19 @@ async fn serve(
     // Installed before any listener starts: a stop signal sent as soon as a listener is
     // announced drains like any other, instead of killing the process.
     let mut stop = StopSignals::install().context("installing signal handlers")?;
+    // Before the listeners: they record requests only if a publisher runs.
+    let origin_events = match &cfg.experimental_origin_events {
+        Some(o) => {
+            let store = stores.get(&o.publisher.store).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{file}: experimental_origin_events.publisher.store: no store named {:?}",
+                    o.publisher.store
+                )
+            })?;
+            Some(cairn_server::origin_events::start(store, o.queue_size())?)
+        }
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let otlp = cairn_server::otlp::start(metrics.clone());
     let mut running = Vec::new();
@@ -238,6 +251,10 @@ async fn serve(
         .is_err()
     {
         tracing::warn!("drain deadline passed; exiting with work still in flight");
+    }
+    if let Some(p) = origin_events {
+        // The events of the drained requests.
+        p.stop(OTLP_FLUSH_DEADLINE).await;
     }
     // The last metrics and the spans of the drained requests.
     if let Some(otlp) = otlp {

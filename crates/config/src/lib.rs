@@ -66,6 +66,42 @@ pub struct CairnConfig {
     pub worker: Option<workers::LocalWorker>,
     #[serde(default)]
     pub global: Option<GlobalConfig>,
+    /// Events about the requests this process serves, published to a store for an outside
+    /// service to process (NativeLink's key).
+    #[serde(default)]
+    pub experimental_origin_events: Option<OriginEvents>,
+}
+
+/// `experimental_origin_events`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginEvents {
+    pub publisher: OriginEventsPublisher,
+    /// Events waiting to be stored; when it is full, requests wait for room (which slows
+    /// every client). 0 or unset: 65536.
+    #[serde(default, deserialize_with = "num::u64")]
+    pub max_event_queue_size: u64,
+}
+
+impl OriginEvents {
+    pub const DEFAULT_MAX_EVENT_QUEUE_SIZE: u64 = 65_536;
+
+    /// `max_event_queue_size` with its default.
+    pub fn queue_size(&self) -> u64 {
+        if self.max_event_queue_size == 0 {
+            Self::DEFAULT_MAX_EVENT_QUEUE_SIZE
+        } else {
+            self.max_event_queue_size
+        }
+    }
+}
+
+/// `experimental_origin_events.publisher`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginEventsPublisher {
+    /// The store (by name) events are written to.
+    pub store: String,
 }
 
 /// Process-wide settings.
@@ -109,6 +145,35 @@ impl CairnConfig {
         parse_str(&name, &text)
     }
 
+    /// NativeLink's rule for `grpc.experimental_remote_cache_compression` left unset: when
+    /// zstd is on anywhere in the file (a `capabilities` instance with
+    /// `remote_cache_compression`, or a CAS `grpc` store with the key true), every CAS `grpc`
+    /// store that does not say false uses it.
+    fn apply_zstd_grpc_store_default(&mut self) {
+        let is_cas = |g: &stores::GrpcStore| g.store_type.as_deref().unwrap_or("cas") == "cas";
+        let mut on = self
+            .servers
+            .iter()
+            .filter_map(|s| s.services.as_ref()?.capabilities.as_ref())
+            .flat_map(|c| c.0.iter())
+            .any(|c| c.remote_cache_compression);
+        for n in self.stores.0.iter_mut() {
+            n.spec.visit_grpc_mut(&mut |g| {
+                on |= is_cas(g) && g.experimental_remote_cache_compression == Some(true)
+            });
+        }
+        if !on {
+            return;
+        }
+        for n in self.stores.0.iter_mut() {
+            n.spec.visit_grpc_mut(&mut |g| {
+                if is_cas(g) && g.experimental_remote_cache_compression.is_none() {
+                    g.experimental_remote_cache_compression = Some(true);
+                }
+            });
+        }
+    }
+
     /// All local workers, whichever form they were written in.
     pub fn local_workers(&self) -> Vec<&workers::LocalWorker> {
         let mut out: Vec<&workers::LocalWorker> = self
@@ -125,7 +190,9 @@ impl CairnConfig {
 
 /// Parses configuration text; `file` is used in error messages.
 pub fn parse_str(file: &str, text: &str) -> Result<CairnConfig, ConfigError> {
-    parse_as(file, text)
+    let mut cfg: CairnConfig = parse_as(file, text)?;
+    cfg.apply_zstd_grpc_store_default();
+    Ok(cfg)
 }
 
 /// Parses any config fragment type (used by tests and by `check-config` for parts).

@@ -180,6 +180,33 @@ pub(crate) fn opt_millis<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>,
         .map(Some)
 }
 
+/// A boolean written as `true`/`false` or as a string holding one (after `${VAR}` expansion
+/// every value may be a string), as NativeLink's boolean fields take.
+pub(crate) fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    struct BoolVisitor;
+    impl<'de> Visitor<'de> for BoolVisitor {
+        type Value = bool;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("true or false (or a string holding one)")
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<bool, E> {
+            Ok(v)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+            match v.trim().to_ascii_lowercase().as_str() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                _ => Err(E::custom(format!("expected true or false, found {v:?}"))),
+            }
+        }
+    }
+    d.deserialize_any(BoolVisitor)
+}
+
+pub(crate) fn opt_boolean<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    boolean(d).map(Some)
+}
+
 struct F64Visitor;
 
 impl<'de> Visitor<'de> for F64Visitor {

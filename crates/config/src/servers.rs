@@ -54,6 +54,10 @@ impl Listener {
 pub struct HttpListener {
     /// `IP:PORT` to listen on, such as `"0.0.0.0:50051"`.
     pub socket_address: String,
+    /// Bind `socket_address` even when the address is not (yet) assigned to this machine
+    /// (`IP_FREEBIND`), such as a floating address that arrives later. Default false.
+    #[serde(default, deserialize_with = "num::boolean")]
+    pub freebind: bool,
     #[serde(default)]
     pub compression: Option<HttpCompression>,
     #[serde(default)]
@@ -354,6 +358,11 @@ pub struct CapabilitiesService {
     pub instance_name: String,
     #[serde(default)]
     pub remote_execution: Option<RemoteExecutionCaps>,
+    /// Accept and advertise zstd wire compression (`compressed-blobs/zstd` ByteStream names,
+    /// zstd batch entries) for this instance (NativeLink's key; Bazel's
+    /// `--remote_cache_compression`). Default false: zstd is neither advertised nor accepted.
+    #[serde(default, deserialize_with = "num::boolean")]
+    pub remote_cache_compression: bool,
 }
 instance_entry!(CapabilitiesService);
 
@@ -447,6 +456,17 @@ pub struct WorkerApiService {
     /// reaches it register as a worker and write action results. Cairn addition.
     #[serde(default)]
     pub allow_client_services_on_same_listener: bool,
+    /// Let an action run to its end on its worker when the scheduler drops it (every client
+    /// went away, or it was cancelled): its result still goes to the action cache. Default
+    /// false: such actions are killed on their workers. With `true` a dropped action keeps
+    /// its worker slot until it ends; it applies to every worker of the scheduler.
+    #[serde(default, deserialize_with = "num::boolean")]
+    pub disable_kill_revoked_operations: bool,
+    /// Seconds between the passes that tell workers to kill the actions the scheduler has
+    /// dropped (0 or unset: 5): the longest a dropped action runs on. Cairn tells the worker
+    /// at once, so any value is met.
+    #[serde(default, deserialize_with = "num::secs")]
+    pub kill_revoked_operations_interval_s: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

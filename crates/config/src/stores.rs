@@ -61,6 +61,26 @@ impl StoreSpec {
         }
     }
 
+    /// Calls `f` on every `grpc` store of this tree, nested ones included.
+    pub fn visit_grpc_mut(&mut self, f: &mut dyn FnMut(&mut GrpcStore)) {
+        let children: Vec<&mut StoreSpec> = match self {
+            StoreSpec::Grpc(g) => return f(g),
+            StoreSpec::FastSlow(s) => vec![&mut s.fast, &mut s.slow],
+            StoreSpec::Verify(s) => vec![&mut s.backend],
+            StoreSpec::Compression(s) => vec![&mut s.backend],
+            StoreSpec::Dedup(s) => vec![&mut s.index_store, &mut s.content_store],
+            StoreSpec::SizePartitioning(s) => vec![&mut s.lower_store, &mut s.upper_store],
+            StoreSpec::Shard(s) => s.stores.iter_mut().map(|w| &mut w.store).collect(),
+            StoreSpec::ExistenceCache(s) => vec![&mut s.backend],
+            StoreSpec::CacheMetrics(s) => vec![&mut s.backend],
+            StoreSpec::CompletenessChecking(s) => vec![&mut s.backend, &mut s.cas_store],
+            _ => vec![],
+        };
+        for c in children {
+            c.visit_grpc_mut(f);
+        }
+    }
+
     /// The nested specs, with the key each sits under.
     pub fn children(&self) -> Vec<(&'static str, &StoreSpec)> {
         match self {
@@ -135,6 +155,13 @@ pub struct FilesystemStore {
     /// Writes (puts) in progress at once; more wait their turn (0 or unset: no limit).
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub max_concurrent_writes: Option<u64>,
+    /// Keep this store's blobs out of the page cache (NativeLink's key): after a blob is
+    /// written its pages are written back and dropped, and after a read ends the pages it
+    /// brought in are dropped (`posix_fadvise(POSIX_FADV_DONTNEED)`). Costs a write-back per
+    /// put and rereads from disk; for stores whose data should not push other data out of
+    /// memory. Default false.
+    #[serde(default, deserialize_with = "num::boolean")]
+    pub evict_page_cache: bool,
 }
 
 /// `cache_metrics`: a store whose operations are counted under `cache_type`.
@@ -156,6 +183,12 @@ pub struct FastSlowStore {
     pub fast_direction: Option<String>,
     #[serde(default)]
     pub slow_direction: Option<String>,
+    /// Reads of blobs at least this large that miss the fast tier stream from the slow tier
+    /// without filling the fast tier (NativeLink's key). NativeLink also skips its map of
+    /// shared in-flight reads for them; Cairn has no such map (every read is its own stream),
+    /// so not filling the fast tier is the whole effect. 0 (the default) turns it off.
+    #[serde(default)]
+    pub bypass_dedup_threshold_bytes: ByteSize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -476,7 +509,7 @@ mod redis_store_tests {
     }
 }
 
-/// A remote REAPI CAS or AC (built in a later issue; parses now).
+/// A remote REAPI CAS or AC.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcStore {
@@ -493,6 +526,85 @@ pub struct GrpcStore {
     pub max_concurrent_requests: Option<u64>,
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub connections_per_endpoint: Option<u64>,
+    /// Longest time one upstream call may take, in seconds (an integer or `"5m"`), before it
+    /// is cancelled with DEADLINE_EXCEEDED; for an upload or a read that is the whole
+    /// transfer. 0 (the default) sets no limit: dead connections are still found by the
+    /// endpoints' keepalives.
+    #[serde(default, deserialize_with = "num::secs")]
+    pub rpc_timeout_s: u64,
+    /// Name blobs `{instance}/blobs/{hash}/{size}` without the digest function, for servers
+    /// that predate it (they read the function from the hash length). Default false: names
+    /// are `{instance}/blobs/{function}/{hash}/{size}`.
+    #[serde(default, deserialize_with = "num::boolean")]
+    pub use_legacy_resource_names: bool,
+    /// Headers added to every upstream call (such as `{"authorization": "Bearer ..."}`).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Headers copied from the client request being served to the upstream calls made for
+    /// it (such as `["authorization"]`). Calls made for no client request (a worker's own,
+    /// start-up checks) carry none.
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+    /// Serve whole reads of small CAS blobs with `BatchReadBlobs` calls that carry many
+    /// blobs, instead of one ByteStream read each. Off unless given.
+    #[serde(default)]
+    pub experimental_read_batching: Option<GrpcReadBatching>,
+    /// Send and fetch CAS blobs of 64 KiB and more as `compressed-blobs/zstd` (the upstream
+    /// must accept zstd: `capabilities.remote_cache_compression` on a Cairn or NativeLink
+    /// upstream). Unset means false, unless some `capabilities` instance of this file has
+    /// `remote_cache_compression`, which turns it on for every CAS grpc store that does not
+    /// say false (NativeLink's rule).
+    #[serde(default, deserialize_with = "num::opt_boolean")]
+    pub experimental_remote_cache_compression: Option<bool>,
+}
+
+/// `grpc.experimental_read_batching`: whole reads of small blobs are queued and sent as
+/// `BatchReadBlobs` calls.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcReadBatching {
+    /// Blobs up to this size are batched; larger ones use ByteStream. Default 128 KiB.
+    #[serde(default = "GrpcReadBatching::default_max_blob_size")]
+    pub max_blob_size_bytes: ByteSize,
+    /// Blob bytes per `BatchReadBlobs` call. Default 3 MiB (under the 4 MiB message limit).
+    #[serde(default = "GrpcReadBatching::default_max_batch")]
+    pub max_batch_bytes: ByteSize,
+    /// `BatchReadBlobs` calls in flight at once; at least 1. Default 4.
+    #[serde(
+        default = "GrpcReadBatching::default_dispatch_slots",
+        deserialize_with = "num::u64"
+    )]
+    pub dispatch_slots: u64,
+    /// Blob bytes waiting for a batch; a read that would pass it uses ByteStream instead of
+    /// waiting. Default 32 MiB.
+    #[serde(default = "GrpcReadBatching::default_max_queued")]
+    pub max_queued_bytes: ByteSize,
+}
+
+impl GrpcReadBatching {
+    fn default_max_blob_size() -> ByteSize {
+        ByteSize(128 << 10)
+    }
+    fn default_max_batch() -> ByteSize {
+        ByteSize(3 << 20)
+    }
+    fn default_dispatch_slots() -> u64 {
+        4
+    }
+    fn default_max_queued() -> ByteSize {
+        ByteSize(32 << 20)
+    }
+}
+
+impl Default for GrpcReadBatching {
+    fn default() -> Self {
+        GrpcReadBatching {
+            max_blob_size_bytes: Self::default_max_blob_size(),
+            max_batch_bytes: Self::default_max_batch(),
+            dispatch_slots: Self::default_dispatch_slots(),
+            max_queued_bytes: Self::default_max_queued(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -503,4 +615,17 @@ pub struct GrpcEndpoint {
     pub tls_config: Option<crate::servers::ClientTlsConfig>,
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub concurrency_limit: Option<u64>,
+    /// Seconds to establish the TCP connection (0 or unset: 30).
+    #[serde(default, deserialize_with = "num::secs")]
+    pub connect_timeout_s: u64,
+    /// Seconds between TCP keepalive probes on the connection (0 or unset: 30).
+    #[serde(default, deserialize_with = "num::secs")]
+    pub tcp_keepalive_s: u64,
+    /// Seconds between HTTP/2 PINGs on the connection (0 or unset: 30).
+    #[serde(default, deserialize_with = "num::secs")]
+    pub http2_keepalive_interval_s: u64,
+    /// Seconds a PING may go unanswered before the connection is dropped and its calls fail
+    /// UNAVAILABLE (0 or unset: 20).
+    #[serde(default, deserialize_with = "num::secs")]
+    pub http2_keepalive_timeout_s: u64,
 }

@@ -438,3 +438,123 @@ fn cloud_object_store_providers_parse_with_their_nativelink_keys() {
         "{e}"
     );
 }
+
+#[test]
+fn nativelink_store_server_and_origin_event_keys_parse_with_their_defaults() {
+    let text = r#"{
+      stores: {
+        FS: { filesystem: { content_path: "/x", evict_page_cache: true } },
+        FS2: { fast_slow: { fast: { memory: {} }, slow: { noop: {} }, bypass_dedup_threshold_bytes: "256MiB" } },
+        G: { grpc: {
+          endpoints: [{ address: "grpc://h:1", connect_timeout_s: "1m", tcp_keepalive_s: 7,
+                        http2_keepalive_interval_s: "10s", http2_keepalive_timeout_s: 5 }],
+          store_type: "cas", rpc_timeout_s: "5m", use_legacy_resource_names: "true",
+          headers: { authorization: "Bearer t" }, forward_headers: ["x-token"],
+          experimental_read_batching: { max_blob_size_bytes: "64KiB" },
+          experimental_remote_cache_compression: false,
+        } },
+      },
+      servers: [{
+        listener: { http: { socket_address: "192.0.2.1:1", freebind: true } },
+        services: {
+          capabilities: [{ instance_name: "", remote_cache_compression: true }],
+          worker_api: { scheduler: "S", disable_kill_revoked_operations: true, kill_revoked_operations_interval_s: "1m" },
+        },
+      }],
+      experimental_origin_events: { publisher: { store: "FS" } },
+    }"#;
+    let cfg = parse_str("t.json5", text).unwrap_or_else(|e| panic!("{e}"));
+    let StoreSpec::Filesystem(fs) = cfg.stores.get("FS").unwrap() else {
+        panic!()
+    };
+    assert!(fs.evict_page_cache);
+    let StoreSpec::FastSlow(f) = cfg.stores.get("FS2").unwrap() else {
+        panic!()
+    };
+    assert_eq!(f.bypass_dedup_threshold_bytes.0, 256 << 20);
+    let StoreSpec::Grpc(g) = cfg.stores.get("G").unwrap() else {
+        panic!()
+    };
+    let e = &g.endpoints[0];
+    assert_eq!(
+        (
+            e.connect_timeout_s,
+            e.tcp_keepalive_s,
+            e.http2_keepalive_interval_s,
+            e.http2_keepalive_timeout_s
+        ),
+        (60, 7, 10, 5)
+    );
+    assert_eq!(g.rpc_timeout_s, 300);
+    assert!(g.use_legacy_resource_names);
+    assert_eq!(g.headers["authorization"], "Bearer t");
+    assert_eq!(g.forward_headers, vec!["x-token"]);
+    let b = g.experimental_read_batching.unwrap();
+    assert_eq!(
+        (
+            b.max_blob_size_bytes.0,
+            b.max_batch_bytes.0,
+            b.dispatch_slots,
+            b.max_queued_bytes.0
+        ),
+        (64 << 10, 3 << 20, 4, 32 << 20)
+    );
+    assert_eq!(g.experimental_remote_cache_compression, Some(false));
+    let s = &cfg.servers[0];
+    assert!(s.listener.http().freebind);
+    let sv = s.services.as_ref().unwrap();
+    assert!(sv.capabilities.as_ref().unwrap().0[0].remote_cache_compression);
+    let w = sv.worker_api.as_ref().unwrap();
+    assert!(w.disable_kill_revoked_operations);
+    assert_eq!(w.kill_revoked_operations_interval_s, 60);
+    let o = cfg.experimental_origin_events.as_ref().unwrap();
+    assert_eq!((o.publisher.store.as_str(), o.queue_size()), ("FS", 65_536));
+
+    // Unknown keys inside the new blocks are still refused by path.
+    let e = parse_str(
+        "t.json5",
+        r#"{ experimental_origin_events: { publisher: { store: "A", topic: "x" } } }"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.where_, "experimental_origin_events.publisher.topic");
+    let e = parse_str(
+        "t.json5",
+        r#"{ stores: { G: { grpc: { use_legacy_resource_names: "maybe" } } } }"#,
+    )
+    .unwrap_err();
+    assert!(e.where_.ends_with("use_legacy_resource_names"), "{e}");
+}
+
+#[test]
+fn grpc_zstd_follows_the_file_unless_a_store_says_otherwise() {
+    let cfg = |caps: bool| {
+        let text = format!(
+            r#"{{
+              stores: {{
+                A: {{ grpc: {{ endpoints: [{{ address: "grpc://h:1" }}], store_type: "cas" }} }},
+                B: {{ grpc: {{ endpoints: [{{ address: "grpc://h:1" }}], store_type: "cas",
+                             experimental_remote_cache_compression: false }} }},
+                C: {{ grpc: {{ endpoints: [{{ address: "grpc://h:1" }}], store_type: "ac" }} }},
+                D: {{ fast_slow: {{ fast: {{ memory: {{}} }},
+                  slow: {{ grpc: {{ endpoints: [{{ address: "grpc://h:1" }}] }} }} }} }},
+              }},
+              servers: [{{ listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
+                services: {{ capabilities: [{{ remote_cache_compression: {caps} }}] }} }}],
+            }}"#
+        );
+        parse_str("t.json5", &text).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let zstd = |c: &CairnConfig, name: &str| {
+        let mut got = None;
+        let mut spec = c.stores.get(name).unwrap().clone();
+        spec.visit_grpc_mut(&mut |g| got = g.experimental_remote_cache_compression);
+        got
+    };
+    let on = cfg(true);
+    assert_eq!(zstd(&on, "A"), Some(true));
+    assert_eq!(zstd(&on, "B"), Some(false));
+    assert_eq!(zstd(&on, "C"), None, "an action cache store moves no blobs");
+    assert_eq!(zstd(&on, "D"), Some(true), "nested stores too");
+    let off = cfg(false);
+    assert_eq!(zstd(&off, "A"), None);
+}

@@ -37,6 +37,8 @@ pub struct ByteStreamService {
     limits: Limits,
     metrics: Arc<Metrics>,
     uploads: Arc<Mutex<HashMap<String, Arc<Upload>>>>,
+    /// Instances that take and send `compressed-blobs/zstd` (`capabilities.remote_cache_compression`).
+    zstd: Arc<std::collections::BTreeSet<String>>,
 }
 
 /// An upload in progress; `state` is held by the one stream feeding it.
@@ -67,7 +69,28 @@ impl ByteStreamService {
             limits,
             metrics,
             uploads: Arc::default(),
+            zstd: Arc::default(),
         }
+    }
+
+    /// Serves `compressed-blobs/zstd` names for these instances only.
+    pub fn with_zstd(
+        mut self,
+        instances: Arc<std::collections::BTreeSet<String>>,
+    ) -> ByteStreamService {
+        self.zstd = instances;
+        self
+    }
+
+    /// Refuses a `compressed-blobs/zstd` name on an instance without zstd.
+    fn check_compressor(&self, res: &resource::Resource) -> Result<(), Error> {
+        if res.compressor == Compressor::Zstd && !self.zstd.contains(&res.instance) {
+            return Err(Error::invalid_argument(format!(
+                "{}: zstd (compressed-blobs/zstd) is not enabled for instance {:?} (capabilities remote_cache_compression); use blobs/",
+                res.digest, res.instance
+            )));
+        }
+        Ok(())
     }
 
     fn default_function() -> DigestFunction {
@@ -89,7 +112,8 @@ impl ByteStreamService {
         })
         .boxed();
         let body = blob_stream::verified(body, digest, true);
-        tokio::spawn(async move {
+        // The put carries the client's headers (a `grpc` store's `forward_headers`).
+        cairn_store::client_headers::spawn(async move {
             let _ = done_tx.send(store.put(&digest, body).await);
         });
         Ok(Upload {
@@ -125,6 +149,7 @@ impl ByteStreamService {
         };
         let res = resource::parse(&first.resource_name, true, Self::default_function())?;
         let store = self.instances.get(&res.instance)?.clone();
+        self.check_compressor(&res)?;
         let digest = res.digest;
         crate::otlp::traces::record_request(&res.instance, Some(&digest));
         let key = format!(
@@ -344,6 +369,7 @@ impl ByteStreamService {
     ) -> Result<BoxStream<'static, Result<ReadResponse, Status>>, Error> {
         let res = resource::parse(&req.resource_name, false, Self::default_function())?;
         let store = self.instances.get(&res.instance)?.clone();
+        self.check_compressor(&res)?;
         let d = res.digest;
         crate::otlp::traces::record_request(&res.instance, Some(&d));
         if req.read_offset < 0 {

@@ -24,6 +24,8 @@ pub struct InstanceCaps {
     pub chunking_avg: Option<u64>,
     /// The scheduler of `remote_execution`, whose platform properties are reported.
     pub scheduler: Option<crate::execution::ExecutionPipeline>,
+    /// zstd is advertised (`remote_cache_compression`).
+    pub zstd: bool,
 }
 
 pub struct CapabilitiesService {
@@ -86,7 +88,11 @@ impl Capabilities for CapabilitiesService {
             .map(|caps| {
                 let digest_functions: Vec<i32> =
                     DigestFunction::ALL.iter().map(|f| f.to_proto()).collect();
-                let zstd = vec![re::compressor::Value::Zstd as i32];
+                let zstd = if caps.zstd {
+                    vec![re::compressor::Value::Zstd as i32]
+                } else {
+                    vec![]
+                };
                 let cache = (caps.cas || caps.ac).then(|| re::CacheCapabilities {
                     digest_functions: digest_functions.clone(),
                     action_cache_update_capabilities: Some(re::ActionCacheUpdateCapabilities {

@@ -43,6 +43,8 @@ pub struct CasService {
     metrics: Arc<Metrics>,
     /// Instances with `experimental_chunking`.
     chunkers: BTreeMap<String, Arc<Chunker>>,
+    /// Instances that take and send zstd (`capabilities.remote_cache_compression`).
+    zstd: Arc<std::collections::BTreeSet<String>>,
 }
 
 /// Chunk digests per GetChunkMapping response.
@@ -55,7 +57,14 @@ impl CasService {
             limits,
             metrics,
             chunkers: BTreeMap::new(),
+            zstd: Arc::default(),
         }
+    }
+
+    /// Takes and sends zstd batch entries for these instances only.
+    pub fn with_zstd(mut self, instances: Arc<std::collections::BTreeSet<String>>) -> CasService {
+        self.zstd = instances;
+        self
     }
 
     /// Serves chunking for `instance`.
@@ -122,6 +131,7 @@ fn ok_status() -> Option<RpcStatus> {
 /// Stores one batch entry: decode, verify, put.
 async fn update_one(
     store: &dyn Store,
+    zstd: bool,
     function: DigestFunction,
     req: re::batch_update_blobs_request::Request,
 ) -> (Option<re::Digest>, Result<(), Error>) {
@@ -133,8 +143,13 @@ async fn update_one(
         let digest = Digest::from_proto_with(function, wire)?;
         let data = match Compressor::try_from(req.compressor) {
             Ok(Compressor::Identity) => Bytes::from(req.data),
-            Ok(Compressor::Zstd) => {
+            Ok(Compressor::Zstd) if zstd => {
                 zstd_codec::decompress_exact(&req.data, digest.size(), &digest)?
+            }
+            Ok(Compressor::Zstd) => {
+                return Err(Error::invalid_argument(format!(
+                    "{digest}: zstd is not enabled for this instance (capabilities remote_cache_compression); send identity"
+                )))
             }
             _ => {
                 return Err(Error::invalid_argument(format!(
@@ -240,8 +255,9 @@ impl ContentAddressableStorage for CasService {
                 .map_or(64, |d| d.hash.len());
             let function = DigestFunction::from_request(req.digest_function, first_hash_len)?;
             let store_ref: &dyn Store = store.as_ref();
+            let zstd = self.zstd.contains(&req.instance_name);
             let responses: Vec<_> = stream::iter(req.requests)
-                .map(|r| update_one(store_ref, function, r))
+                .map(|r| update_one(store_ref, zstd, function, r))
                 .buffered(BATCH_CONCURRENCY)
                 .map(|(digest, result)| re::batch_update_blobs_response::Response {
                     digest,
@@ -281,7 +297,8 @@ impl ContentAddressableStorage for CasService {
                     self.limits.max_batch_total_size_bytes
                 )));
             }
-            let zstd = req.acceptable_compressors.contains(&(Compressor::Zstd as i32));
+            let zstd = self.zstd.contains(&req.instance_name)
+                && req.acceptable_compressors.contains(&(Compressor::Zstd as i32));
             let store_ref: &dyn Store = store.as_ref();
             let responses = stream::iter(digests)
                 .map(|d| async move {

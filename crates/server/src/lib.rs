@@ -21,6 +21,7 @@ pub mod instances;
 pub mod listener;
 pub mod metered;
 pub mod metrics;
+pub mod origin_events;
 pub mod otlp;
 pub mod resource;
 pub mod tls;

@@ -171,6 +171,16 @@ pub async fn serve(
         })
     };
     let mut caps_by_instance: std::collections::BTreeMap<String, InstanceCaps> = Default::default();
+    // `capabilities[].remote_cache_compression`: where zstd is advertised, CAS and ByteStream
+    // take and send it (NativeLink's rule: advertising and accepting cannot differ).
+    let zstd_instances: Arc<std::collections::BTreeSet<String>> = Arc::new(
+        capabilities
+            .iter()
+            .flat_map(|c| c.0.iter())
+            .filter(|c| c.remote_cache_compression)
+            .map(|c| c.instance_name.clone())
+            .collect(),
+    );
     let mut used_stores: Vec<(String, cairn_store::StoreRef)> = Vec::new();
     let mut note_store = |name: &str, s: &cairn_store::StoreRef| {
         if !used_stores.iter().any(|(n, _)| n == name) {
@@ -214,7 +224,8 @@ pub async fn serve(
             }
             inst.insert(c.instance_name.clone(), s);
         }
-        let mut cas_svc = CasService::new(inst, limits, metrics.clone());
+        let mut cas_svc =
+            CasService::new(inst, limits, metrics.clone()).with_zstd(zstd_instances.clone());
         for (name, chunker) in chunkers {
             cas_svc = cas_svc.with_chunker(name, chunker);
         }
@@ -287,7 +298,7 @@ pub async fn serve(
             inst.insert(c.instance_name.clone(), s);
         }
         let svc = crate::bytestream_wire::ByteStreamServer::new(
-            ByteStreamService::new(inst, limits, metrics.clone()),
+            ByteStreamService::new(inst, limits, metrics.clone()).with_zstd(zstd_instances.clone()),
             limits.max_message_bytes,
         );
         routes.add_service(svc);
@@ -385,12 +396,17 @@ pub async fn serve(
     }
     if let Some(w) = worker_api {
         let pipeline = scheduler_named(&w.scheduler, format!("{sp}.worker_api.scheduler"))?;
-        if pipeline.local().is_none() {
+        let Some(handle) = pipeline.local() else {
             return Err(Error::invalid_argument(format!(
                 "{sp}.worker_api.scheduler: {:?} is a grpc scheduler, which forwards to another \
                  scheduler and has no workers; serve the worker API where that scheduler runs",
                 w.scheduler
             )));
+        };
+        // `kill_revoked_operations_interval_s` bounds how long a dropped action runs on:
+        // Cairn kills it at once, within any interval.
+        if w.disable_kill_revoked_operations {
+            handle.run_revoked_to_end().await?;
         }
         routes.add_service(
             cairn_proto::worker::v1::worker_api_server::WorkerApiServer::new(
@@ -418,6 +434,7 @@ pub async fn serve(
                 caps.execution = true;
                 caps.scheduler = Some(pipeline);
             }
+            caps.zstd = e.remote_cache_compression;
             inst.insert(e.instance_name.clone(), caps);
         }
         routes.add_service(re::capabilities_server::CapabilitiesServer::new(
@@ -473,6 +490,28 @@ pub async fn serve(
             },
         ));
     }
+    if crate::origin_events::enabled() {
+        // `experimental_origin_events`: an event per request, named by this listener's
+        // identity header.
+        let header = match &cfg.experimental_identity_header {
+            Some(id) => Some(identity_header(&path, id)?),
+            None => None,
+        };
+        grpc = grpc.layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                crate::origin_events::record(header.clone(), req, next)
+            },
+        ));
+    }
+    if cairn_store::client_headers::wanted() {
+        // A `grpc` store forwards headers of the request it serves.
+        grpc = grpc.layer(axum::middleware::from_fn(
+            |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+                cairn_store::client_headers::scope(Arc::new(md), next.run(req)).await
+            },
+        ));
+    }
     if crate::otlp::traces::exporting() {
         // Each request runs in its span; an incoming `traceparent` becomes its parent.
         grpc = grpc.layer(axum::middleware::from_fn(crate::otlp::traces::request_span));
@@ -487,8 +526,7 @@ pub async fn serve(
         app = app.merge(http::admin_router(path, schedulers.clone()));
     }
 
-    let listener = TcpListener::bind(addr)
-        .await
+    let listener = bind(addr, http_cfg.freebind)
         .map_err(|e| Error::io(format!("{path}: binding {addr}"), e))?;
     let local_addr = listener
         .local_addr()
@@ -687,6 +725,38 @@ fn identity_header(
             "{path}.experimental_identity_header.header_name: {name:?} is not a header name ({e})"
         ))
     })
+}
+
+/// Binds `addr` as `TcpListener::bind` does (SO_REUSEADDR, backlog 1024), with
+/// `IP_FREEBIND` first when `freebind` (`listener.http.freebind`): the address need not be
+/// assigned to this machine yet.
+fn bind(addr: SocketAddr, freebind: bool) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    if freebind {
+        use std::os::fd::AsRawFd;
+        let on: libc::c_int = 1;
+        // SAFETY: an open socket, and a pointer to a c_int of the size passed, valid for the
+        // call. IP_FREEBIND at SOL_IP sets the flag IPv6 sockets use too.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_IP,
+                libc::IP_FREEBIND,
+                std::ptr::addr_of!(on).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// `experimental_identity_header`: logs who sent each gRPC request; refuses one without the

@@ -3,6 +3,9 @@
 //!
 //! `fast_direction` / `slow_direction`: `both` (default), `get` (the tier is only filled by
 //! reads), `update` (only written by puts), `read_only` (neither).
+//!
+//! `bypass_dedup_threshold_bytes`: a blob at least this large that misses the fast tier
+//! streams from the slow tier without filling the fast tier.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -46,6 +49,8 @@ pub struct FastSlowStore {
     slow: StoreRef,
     fast_dir: Direction,
     slow_dir: Direction,
+    /// `bypass_dedup_threshold_bytes` (0: off).
+    bypass_at: u64,
 }
 
 /// Chunks buffered between the reader and a tier being filled or written.
@@ -62,6 +67,7 @@ impl FastSlowStore {
             slow,
             fast_dir: Direction::parse(cfg.fast_direction.as_deref(), "fast_direction")?,
             slow_dir: Direction::parse(cfg.slow_direction.as_deref(), "slow_direction")?,
+            bypass_at: cfg.bypass_dedup_threshold_bytes.0,
         })
     }
 }
@@ -105,7 +111,8 @@ impl Store for FastSlowStore {
             other => return other,
         }
         let whole = offset == 0 && length.is_none_or(|l| l >= key.size());
-        if !whole || !self.fast_dir.filled_by_get() {
+        let bypass = self.bypass_at > 0 && key.size() >= self.bypass_at;
+        if !whole || !self.fast_dir.filled_by_get() || bypass {
             return self.slow.get(key, offset, length).await;
         }
         let mut from_slow = self.slow.get(key, 0, None).await?;
@@ -211,9 +218,42 @@ mod tests {
             slow: cairn_config::StoreSpec::Noop(Default::default()),
             fast_direction: None,
             slow_direction: None,
+            bypass_dedup_threshold_bytes: Default::default(),
         };
         let s = FastSlowStore::new(&cfg, fast.clone(), slow.clone()).unwrap();
         (fast, slow, s)
+    }
+
+    #[tokio::test]
+    async fn blobs_at_the_bypass_threshold_are_read_without_filling_the_fast_tier() {
+        let (fast, slow, _) = pair();
+        let cfg = FastSlowConfig {
+            fast: cairn_config::StoreSpec::Noop(Default::default()),
+            slow: cairn_config::StoreSpec::Noop(Default::default()),
+            fast_direction: None,
+            slow_direction: None,
+            bypass_dedup_threshold_bytes: cairn_config::ByteSize(1000),
+        };
+        let s = FastSlowStore::new(&cfg, fast.clone(), slow.clone()).unwrap();
+        let big = testutil::data(1000, 1);
+        let small = testutil::data(999, 2);
+        let (db, ds) = (
+            DigestFunction::Sha256.compute(&big),
+            DigestFunction::Sha256.compute(&small),
+        );
+        slow.put_bytes(&db, big.clone()).await.unwrap();
+        slow.put_bytes(&ds, small.clone()).await.unwrap();
+        assert_eq!(s.get_all(&db, usize::MAX).await.unwrap(), big);
+        assert_eq!(s.get_all(&ds, usize::MAX).await.unwrap(), small);
+        // The small one's fill runs beside the read; once it is in, the big one's would be.
+        for _ in 0..1000 {
+            if fast.has(&ds).await.unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(fast.has(&ds).await.unwrap(), Some(999));
+        assert_eq!(fast.has(&db).await.unwrap(), None);
     }
 
     #[tokio::test]

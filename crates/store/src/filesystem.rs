@@ -11,6 +11,7 @@
 //! descriptor is open).
 
 mod checkpoint;
+mod page_cache;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -62,6 +63,8 @@ pub struct FilesystemStore {
     index: Arc<EvictionMap<()>>,
     read_buffer: usize,
     flusher: checkpoint::Flusher,
+    /// `evict_page_cache`.
+    evict_page_cache: bool,
 }
 
 impl FilesystemStore {
@@ -102,6 +105,7 @@ impl FilesystemStore {
             index,
             read_buffer,
             flusher,
+            evict_page_cache: cfg.evict_page_cache,
         };
         for key in evicted {
             let _ = tokio::fs::remove_file(store.path_of(&key)).await;
@@ -276,9 +280,22 @@ impl Store for FilesystemStore {
                 .await
                 .map_err(|e| Error::io(format!("seeking {}", path.display()), e))?;
         }
+        // With `evict_page_cache`, what the read brought into the page cache is dropped when
+        // the stream ends or is dropped.
+        let dropper = if self.evict_page_cache {
+            match file.try_clone().await {
+                Ok(f) => Some(page_cache::DropOnClose::new(f.into_std().await, start, len)),
+                Err(e) => return Err(Error::io(format!("duplicating {}", path.display()), e)),
+            }
+        } else {
+            None
+        };
         let reader = file.take(len);
-        let stream = tokio_util::io::ReaderStream::with_capacity(reader, self.read_buffer)
-            .map(move |r| r.map_err(|e| Error::io(format!("reading {}", path.display()), e)));
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(reader, self.read_buffer).map(move |r| {
+                let _ = &dropper;
+                r.map_err(|e| Error::io(format!("reading {}", path.display()), e))
+            });
         Ok(stream.boxed())
     }
 
@@ -339,6 +356,14 @@ impl Store for FilesystemStore {
                 .map_err(|e| Error::internal(format!("filesystem write task failed: {e}")))??;
             head_len as u64
         };
+        if self.evict_page_cache {
+            let d = dest.clone();
+            tokio::task::spawn_blocking(move || page_cache::write_back_and_drop(&d))
+                .await
+                .map_err(|e| {
+                    Error::internal(format!("filesystem write-back task failed: {e}"))
+                })??;
+        }
         self.flusher.wrote();
         let evicted = self.index.insert(*key, (), size);
         // A replaced entry of the same key names the file we just renamed into place.
@@ -385,6 +410,7 @@ mod tests {
             read_buffer_size: None,
             block_size: None,
             max_concurrent_writes: None,
+            evict_page_cache: false,
         }
     }
 

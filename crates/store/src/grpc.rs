@@ -9,6 +9,14 @@
 //! retries what can be sent again whole (FindMissingBlobs, GetActionResult,
 //! UpdateActionResult, and opening a read) on the codes of `retry_on_errors`, with exponential
 //! backoff and jitter; an upload is never retried, since its body streams once.
+//!
+//! Each endpoint's connections follow its `connect_timeout_s`, `tcp_keepalive_s` and
+//! `http2_keepalive_*` keys; `rpc_timeout_s` bounds each call, a read's stream included.
+//! Every call carries the static `headers` and the `forward_headers` of the client request
+//! being served (`client_headers`). Blob names carry the digest function unless
+//! `use_legacy_resource_names`. With `experimental_read_batching` whole reads of small blobs
+//! go in `BatchReadBlobs` calls (`grpc/read_batching.rs`). With `experimental_remote_cache_compression` uploads and whole
+//! reads of CAS blobs of 64 KiB or more travel as `compressed-blobs/zstd`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,6 +33,17 @@ use prost::Message;
 use tonic::transport::Channel;
 
 use crate::{Health, Store, StoreInfo};
+
+mod call_headers;
+mod read_batching;
+mod retry;
+mod zstd_wire;
+
+use call_headers::CallHeaders;
+pub use retry::RetryPolicy;
+
+/// Smallest blob sent or fetched as zstd with `experimental_remote_cache_compression`.
+const ZSTD_MIN: u64 = 64 << 10;
 
 /// Largest message sent or accepted.
 const MAX_MESSAGE: usize = 64 << 20;
@@ -46,90 +65,16 @@ pub struct GrpcStore {
     retry: RetryPolicy,
     /// `max_concurrent_requests`.
     permits: Option<std::sync::Arc<tokio::sync::Semaphore>>,
-}
-
-/// `retry` of the config, checked.
-#[derive(Debug, Clone, Default)]
-pub struct RetryPolicy {
-    max_retries: u32,
-    delay: std::time::Duration,
-    jitter: f64,
-    codes: Vec<tonic::Code>,
-}
-
-impl RetryPolicy {
-    pub fn from_config(r: Option<&cairn_config::stores::Retry>) -> Result<RetryPolicy, Error> {
-        let Some(r) = r else {
-            return Ok(RetryPolicy::default());
-        };
-        let codes = match &r.retry_on_errors {
-            None => vec![
-                tonic::Code::Unavailable,
-                tonic::Code::ResourceExhausted,
-                tonic::Code::Aborted,
-                tonic::Code::DeadlineExceeded,
-                tonic::Code::Unknown,
-            ],
-            Some(names) => names
-                .iter()
-                .map(|n| {
-                    code_named(n).ok_or_else(|| {
-                        Error::invalid_argument(format!(
-                            "grpc.retry.retry_on_errors: {n:?} is not a gRPC status code name (such as Unavailable, ResourceExhausted, Internal)"
-                        ))
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-        };
-        let delay = r.delay.unwrap_or(0.0);
-        if !(0.0..=3600.0).contains(&delay) {
-            return Err(Error::invalid_argument(format!(
-                "grpc.retry.delay: expected seconds from 0 to 3600, found {delay}"
-            )));
-        }
-        let jitter = r.jitter.unwrap_or(0.0);
-        if !(0.0..=10.0).contains(&jitter) {
-            return Err(Error::invalid_argument(format!(
-                "grpc.retry.jitter: expected a fraction from 0 to 10, found {jitter}"
-            )));
-        }
-        Ok(RetryPolicy {
-            max_retries: r.max_retries.unwrap_or(0).min(100) as u32,
-            delay: std::time::Duration::from_secs_f64(delay),
-            jitter,
-            codes,
-        })
-    }
-
-    /// Whether a call that failed with `code` on try number `attempt` (from 0) is tried again.
-    pub fn retries(&self, attempt: u32, code: tonic::Code) -> bool {
-        attempt < self.max_retries && self.codes.contains(&code)
-    }
-
-    /// The wait before retry number `attempt` (from 0): `delay * 2^attempt`, plus up to
-    /// `jitter` times that, capped at 60 s.
-    pub fn backoff(&self, attempt: u32) -> std::time::Duration {
-        let base = self.delay.as_secs_f64() * f64::from(1u32 << attempt.min(16));
-        // A fraction from the clock's nanoseconds: enough to spread retries apart.
-        let noise = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos()) as f64
-            / 1e9;
-        std::time::Duration::from_secs_f64((base * (1.0 + self.jitter * noise)).min(60.0))
-    }
-}
-
-/// A gRPC status code by name, in NativeLink's spelling (`Unavailable`) or the protocol's
-/// (`UNAVAILABLE`, `resource_exhausted`).
-fn code_named(name: &str) -> Option<tonic::Code> {
-    let n: String = name
-        .chars()
-        .filter(|c| *c != '_')
-        .collect::<String>()
-        .to_ascii_lowercase();
-    (0..=16)
-        .map(tonic::Code::from_i32)
-        .find(|c| format!("{c:?}").to_ascii_lowercase() == n)
+    /// `use_legacy_resource_names`.
+    legacy_names: bool,
+    /// `rpc_timeout_s`, when set.
+    rpc_timeout: Option<std::time::Duration>,
+    /// `headers` and `forward_headers`.
+    headers: CallHeaders,
+    /// `experimental_remote_cache_compression` (a CAS store only).
+    zstd: bool,
+    /// `experimental_read_batching` (a CAS store only).
+    batcher: Option<read_batching::ReadBatcher>,
 }
 
 /// Checks the config without connecting: the store type, and that every endpoint is an
@@ -179,6 +124,15 @@ pub fn check(cfg: &GrpcConfig) -> Result<(Kind, Vec<tonic::transport::Endpoint>)
             )));
         }
     }
+    CallHeaders::from_config(cfg)?;
+    if let Some(b) = &cfg.experimental_read_batching {
+        if !cfg.forward_headers.is_empty() {
+            return Err(Error::invalid_argument(
+                "grpc.experimental_read_batching: cannot be used with forward_headers (one batch serves many clients, whose headers differ)",
+            ));
+        }
+        read_batching::check(b)?;
+    }
     Ok((kind, endpoints))
 }
 
@@ -196,15 +150,28 @@ impl GrpcStore {
         let (kind, endpoints) = check(cfg)?;
         let mut channels = Vec::new();
         let mut addresses = Vec::new();
+        let rpc_timeout =
+            (cfg.rpc_timeout_s > 0).then(|| std::time::Duration::from_secs(cfg.rpc_timeout_s));
         for (ep, e) in endpoints.into_iter().zip(&cfg.endpoints) {
+            // NativeLink's defaults for 0 or unset.
+            let secs = |v: u64, default: u64| {
+                std::time::Duration::from_secs(if v == 0 { default } else { v })
+            };
             let ep = ep
                 .tcp_nodelay(true)
                 .initial_stream_window_size(Some(4 << 20))
                 .initial_connection_window_size(Some(16 << 20))
                 // Blobs arrive in 256 KiB frames rather than 16 KiB ones (BENCHMARKS.md).
                 .max_frame_size(Some(256 << 10))
-                .http2_keep_alive_interval(std::time::Duration::from_secs(30))
-                .connect_timeout(std::time::Duration::from_secs(10));
+                .connect_timeout(secs(e.connect_timeout_s, 30))
+                .tcp_keepalive(Some(secs(e.tcp_keepalive_s, 30)))
+                .http2_keep_alive_interval(secs(e.http2_keepalive_interval_s, 30))
+                .keep_alive_timeout(secs(e.http2_keepalive_timeout_s, 20))
+                .keep_alive_while_idle(true);
+            let ep = match rpc_timeout {
+                Some(t) => ep.timeout(t),
+                None => ep,
+            };
             let ep = match e.concurrency_limit {
                 Some(n) => ep.concurrency_limit(n as usize),
                 None => ep,
@@ -215,7 +182,22 @@ impl GrpcStore {
             }
             addresses.push(e.address.clone());
         }
+        let headers = CallHeaders::from_config(cfg)?;
+        let batcher = match (&cfg.experimental_read_batching, kind) {
+            (Some(b), Kind::Cas) => Some(read_batching::ReadBatcher::new(
+                *b,
+                read_batching::Upstream {
+                    channels: channels.clone(),
+                    instance: cfg.instance_name.clone(),
+                    headers: headers.fixed.clone(),
+                    addresses: addresses.join(","),
+                    max_message: MAX_MESSAGE,
+                },
+            )),
+            _ => None,
+        };
         Ok(GrpcStore {
+            batcher,
             instance: cfg.instance_name.clone(),
             kind,
             channels,
@@ -227,7 +209,23 @@ impl GrpcStore {
                     n.min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
                 ))
             }),
+            legacy_names: cfg.use_legacy_resource_names,
+            zstd: kind == Kind::Cas && cfg.experimental_remote_cache_compression == Some(true),
+            rpc_timeout,
+            headers: {
+                if !headers.forward.is_empty() {
+                    crate::client_headers::set_wanted();
+                }
+                headers
+            },
         })
+    }
+
+    /// A request carrying this store's headers.
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        self.headers.apply(r.metadata_mut());
+        r
     }
 
     fn channel(&self) -> Channel {
@@ -269,10 +267,23 @@ impl GrpcStore {
         }
     }
 
-    fn path(key: &Digest) -> String {
-        match key.function() {
-            DigestFunction::Sha256 => format!("blobs/{}/{}", key.hash_hex(), key.size()),
-            f => format!("blobs/{}/{}/{}", f.name(), key.hash_hex(), key.size()),
+    /// `blobs/FUNCTION/HASH/SIZE`, or `blobs/HASH/SIZE` with `use_legacy_resource_names`;
+    /// `compressed-blobs/zstd/...` when `zstd`.
+    fn path(&self, key: &Digest, zstd: bool) -> String {
+        let blobs = if zstd {
+            "compressed-blobs/zstd"
+        } else {
+            "blobs"
+        };
+        if self.legacy_names {
+            format!("{blobs}/{}/{}", key.hash_hex(), key.size())
+        } else {
+            format!(
+                "{blobs}/{}/{}/{}",
+                key.function().name(),
+                key.hash_hex(),
+                key.size()
+            )
         }
     }
 
@@ -297,9 +308,7 @@ impl GrpcStore {
         let mut attempt = 0;
         loop {
             match call().await {
-                Err(e)
-                    if attempt < self.retry.max_retries && self.retry.codes.contains(&e.code()) =>
-                {
+                Err(e) if self.retry.retries(attempt, e.code()) => {
                     tracing::debug!(upstream = %self.addresses.join(","), code = ?e.code(), attempt, "retrying");
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
                     attempt += 1;
@@ -337,7 +346,7 @@ impl Store for GrpcStore {
                     let resp = self
                         .retried(|| {
                             let mut client = self.cas();
-                            let request = request.clone();
+                            let request = self.request(request.clone());
                             async move { client.find_missing_blobs(request).await }
                         })
                         .await
@@ -388,30 +397,48 @@ impl Store for GrpcStore {
         if key.is_empty_blob() {
             return Ok(stream::empty());
         }
+        let whole = offset == 0 && length.is_none_or(|l| l >= key.size());
+        if let Some(b) = self.batcher.as_ref().filter(|b| whole && b.takes(key)) {
+            // Queued for a batch, unless the queue is full.
+            if let Some(r) = b.read(key).await {
+                return r.map(stream::once);
+            }
+        }
+        let zstd = self.zstd && whole && key.size() >= ZSTD_MIN;
         let request = ReadRequest {
-            resource_name: format!("{}{}", self.prefix(), Self::path(key)),
-            read_offset: offset as i64,
-            read_limit: length.unwrap_or(0) as i64,
+            resource_name: format!("{}{}", self.prefix(), self.path(key, zstd)),
+            read_offset: if zstd { 0 } else { offset as i64 },
+            read_limit: if zstd { 0 } else { length.unwrap_or(0) as i64 },
         };
         let permit = self.permit().await;
         let resp = self
             .retried(|| {
                 let mut client = self.bytestream();
-                let request = request.clone();
+                let request = self.request(request.clone());
                 async move { client.read(request).await }
             })
             .await
             .map_err(|e| self.upstream(e))?
             .into_inner();
         let addresses = self.addresses.join(",");
-        Ok(resp
+        let addresses2 = addresses.clone();
+        let body = resp
             .map(move |r| {
                 // The permit lives as long as the stream.
                 let _ = &permit;
                 r.map(|m| Bytes::from(m.data))
                     .map_err(|e| Error::from(e).context(format!("upstream {addresses}")))
             })
-            .boxed())
+            .boxed();
+        let body = if zstd {
+            zstd_wire::decompress(body, key.size(), format!("upstream {addresses2} {key}"))
+        } else {
+            body
+        };
+        Ok(match self.rpc_timeout {
+            Some(t) => within(body, t, self.addresses.join(",")),
+            None => body,
+        })
     }
 
     #[tracing::instrument(level = "debug", name = "store.put", skip_all, fields(store = "grpc", digest = %key, bytes = key.size()))]
@@ -431,18 +458,24 @@ impl Store for GrpcStore {
             let _permit = self.permit().await;
             self.retried(|| {
                 let mut client = self.ac();
-                let request = request.clone();
+                let request = self.request(request.clone());
                 async move { client.update_action_result(request).await }
             })
             .await
             .map_err(|e| self.upstream(e))?;
             return Ok(());
         }
+        let zstd = self.zstd && key.size() >= ZSTD_MIN;
+        let body = if zstd {
+            zstd_wire::compress(body)
+        } else {
+            body
+        };
         let name = format!(
             "{}uploads/{}/{}",
             self.prefix(),
             uuid::Uuid::new_v4(),
-            Self::path(key)
+            self.path(key, zstd)
         );
         let size = key.size();
         // Re-chunk the body into Write messages; the last one carries finish_write. An error
@@ -459,7 +492,9 @@ impl Store for GrpcStore {
             failure: failure.clone(),
         };
         let _permit = self.permit().await;
-        let result = upload(self.bytestream(), feed).await;
+        let mut md = tonic::metadata::MetadataMap::new();
+        self.headers.apply(&mut md);
+        let result = upload(self.bytestream(), feed, md).await;
         if let Some(e) = failure.get().cloned() {
             return Err(e);
         }
@@ -467,7 +502,9 @@ impl Store for GrpcStore {
             .map_err(|e| self.upstream(e))?
             .into_inner()
             .committed_size;
-        if committed != size as i64 && committed != -1 {
+        // A compressed upload's committed size counts wire bytes (or is -1); the upstream
+        // checked the blob's size and hash itself.
+        if !zstd && committed != size as i64 && committed != -1 {
             return Err(Error::internal(format!(
                 "upstream {} committed {committed} bytes of {key}",
                 self.addresses.join(",")
@@ -499,7 +536,7 @@ impl GrpcStore {
         let r = self
             .retried(|| {
                 let mut client = self.ac();
-                let request = request.clone();
+                let request = self.request(request.clone());
                 async move { client.get_action_result(request).await }
             })
             .await
@@ -570,6 +607,7 @@ async fn write_step(mut f: Feed) -> Option<(WriteRequest, Feed)> {
 async fn upload(
     mut client: ByteStreamClient<Traced>,
     feed: Feed,
+    metadata: tonic::metadata::MetadataMap,
 ) -> Result<tonic::Response<cairn_core::proto::google::bytestream::WriteResponse>, tonic::Status> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
     let pump = tokio::spawn(async move {
@@ -585,48 +623,34 @@ async fn upload(
         }
     });
     let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let result = client.write(requests).await;
+    let mut request = tonic::Request::new(requests);
+    *request.metadata_mut() = metadata;
+    let result = client.write(request).await;
     pump.abort();
     result
 }
 
-#[cfg(test)]
-mod retry_tests {
-    use super::*;
-
-    #[test]
-    fn code_names_in_either_spelling() {
-        assert_eq!(code_named("Unavailable"), Some(tonic::Code::Unavailable));
-        assert_eq!(
-            code_named("RESOURCE_EXHAUSTED"),
-            Some(tonic::Code::ResourceExhausted)
-        );
-        assert_eq!(
-            code_named("deadline_exceeded"),
-            Some(tonic::Code::DeadlineExceeded)
-        );
-        assert_eq!(code_named("Teapot"), None);
-    }
-
-    #[test]
-    fn backoff_doubles_and_jitter_only_adds() {
-        let p = RetryPolicy::from_config(Some(&cairn_config::stores::Retry {
-            max_retries: Some(5),
-            delay: Some(0.1),
-            jitter: Some(0.5),
-            retry_on_errors: None,
-        }))
-        .unwrap();
-        for attempt in 0..4 {
-            let base = 0.1 * f64::from(1u32 << attempt);
-            let b = p.backoff(attempt).as_secs_f64();
-            assert!(b >= base - 1e-9 && b <= base * 1.5 + 1e-9, "{attempt}: {b}");
+/// `body`, ending with DEADLINE_EXCEEDED if it has not ended `limit` after the call began.
+fn within(body: BlobStream, limit: std::time::Duration, upstream: String) -> BlobStream {
+    let deadline = tokio::time::Instant::now() + limit;
+    futures::stream::unfold(Some(body), move |body| {
+        let upstream = upstream.clone();
+        async move {
+            let mut body = body?;
+            match tokio::time::timeout_at(deadline, body.next()).await {
+                Ok(Some(item)) => Some((item, Some(body))),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(Error::new(
+                        cairn_core::Code::DeadlineExceeded,
+                        format!(
+                            "upstream {upstream}: read still running after rpc_timeout_s ({limit:?})"
+                        ),
+                    )),
+                    None,
+                )),
+            }
         }
-        let bad = RetryPolicy::from_config(Some(&cairn_config::stores::Retry {
-            retry_on_errors: Some(vec!["Nope".into()]),
-            ..Default::default()
-        }))
-        .unwrap_err();
-        assert!(bad.message.contains("retry_on_errors"), "{bad}");
-    }
+    })
+    .boxed()
 }

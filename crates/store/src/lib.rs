@@ -12,6 +12,7 @@
 pub mod backend_metrics;
 pub mod cache_metrics;
 pub mod channel;
+pub mod client_headers;
 pub mod cloud_object_store;
 pub mod completeness_checking;
 pub mod compression;

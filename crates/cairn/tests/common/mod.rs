@@ -5,6 +5,7 @@
 
 pub mod actions;
 pub mod bazel;
+pub mod blobs;
 pub mod certs;
 pub mod emulators;
 pub mod fault_proxy;
@@ -125,7 +126,7 @@ pub const MEMORY_CONFIG: &str = r#"{
       cas: [{ instance_name: "", cas_store: "CAS" }, { instance_name: "main", cas_store: "CAS" }],
       ac: [{ instance_name: "", ac_store: "AC" }, { instance_name: "main", ac_store: "AC" }],
       bytestream: [{ instance_name: "", cas_store: "CAS" }, { instance_name: "main", cas_store: "CAS" }],
-      capabilities: [{ instance_name: "" }, { instance_name: "main" }],
+      capabilities: [{ instance_name: "", remote_cache_compression: true }, { instance_name: "main", remote_cache_compression: true }],
       health: {},
     },
   }],
@@ -142,7 +143,7 @@ pub const FILESYSTEM_CONFIG: &str = r#"{
       cas: [{ instance_name: "", cas_store: "CAS" }],
       ac: [{ instance_name: "", ac_store: "AC" }],
       bytestream: [{ instance_name: "", cas_store: "CAS" }],
-      capabilities: [{ instance_name: "" }],
+      capabilities: [{ instance_name: "", remote_cache_compression: true }],
       health: {},
     },
   }],

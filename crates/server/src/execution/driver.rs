@@ -111,6 +111,7 @@ enum Cmd {
         draining: bool,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    RunRevokedToEnd,
 }
 
 /// A cheap, cloneable handle on a running scheduler.
@@ -166,6 +167,7 @@ impl SchedulerHandle {
             next_watcher: 1,
             metrics,
             unacked_kills: HashMap::new(),
+            run_to_end: None,
             next_match_log: driver_opts.match_log_interval.map(|i| Instant::now() + i),
             next_fallback_match: driver_opts
                 .fallback_match_interval
@@ -309,6 +311,12 @@ impl SchedulerHandle {
     }
 
     /// A worker's stream ended. Never waits.
+    /// `worker_api.disable_kill_revoked_operations`: from now on an action the scheduler drops
+    /// is not killed on its worker but runs to its end (keeping its slot until then).
+    pub async fn run_revoked_to_end(&self) -> Result<(), Error> {
+        self.tx.send(Cmd::RunRevokedToEnd).await.map_err(|_| gone())
+    }
+
     pub fn worker_gone(&self, worker_id: String) {
         let cmd = Cmd::WorkerGone { worker_id };
         if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd) {
@@ -351,6 +359,8 @@ struct Driver {
     workers: HashMap<String, mpsc::Sender<Result<wapi::SchedulerMessage, tonic::Status>>>,
     next_watcher: u64,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// `worker_api.disable_kill_revoked_operations`: dropped actions run to their end.
+    run_to_end: Option<super::run_to_end::RunToEnd>,
 }
 
 /// How an answered execution counts in `execution_completed_count`.
@@ -594,6 +604,9 @@ impl Driver {
                     slots,
                 ) {
                     Ok(d) => {
+                        if let Some(r) = &mut self.run_to_end {
+                            r.connected(&worker_id, slots);
+                        }
                         self.workers.insert(worker_id, tx);
                         let _ = reply.send(Ok(()));
                         self.apply(d);
@@ -614,6 +627,18 @@ impl Driver {
                 outcome,
             } => {
                 self.unacked_kills.remove(&(worker_id.clone(), attempt));
+                // Starts that waited for this attempt's slot go out now.
+                let ready = match &mut self.run_to_end {
+                    Some(r) => r.done(&worker_id, attempt),
+                    None => vec![],
+                };
+                for msg in ready {
+                    if !self.send_worker(&worker_id, msg) {
+                        let d = self.drop_worker(&worker_id);
+                        self.apply(d);
+                        break;
+                    }
+                }
                 // An answer is a sign of life, as a keepalive is.
                 if let Ok(d) = self
                     .core
@@ -630,7 +655,13 @@ impl Driver {
                     self.apply(d);
                 }
             }
+            Cmd::RunRevokedToEnd => {
+                self.run_to_end.get_or_insert_with(Default::default);
+            }
             Cmd::WorkerGone { worker_id } => {
+                if let Some(r) = &mut self.run_to_end {
+                    r.gone(&worker_id);
+                }
                 self.workers.remove(&worker_id);
                 if let Ok(d) = self.core.worker_disconnected(now, &WorkerId(worker_id)) {
                     self.apply(d);
@@ -743,9 +774,27 @@ impl Driver {
                                 },
                             )),
                         };
+                        // With dropped actions running to their end, a start may wait for
+                        // the worker's slot.
+                        let msg = match &mut self.run_to_end {
+                            Some(r) => match r.start(&worker_id.0, attempt_id.0, msg) {
+                                Some(m) => m,
+                                None => continue,
+                            },
+                            None => msg,
+                        };
                         if !self.send_worker(&worker_id.0, msg) {
                             tracing::warn!(worker = %worker_id.0, "the worker's stream cannot take the action; dropping the worker");
                             next.extend(self.drop_worker(&worker_id.0));
+                        }
+                    }
+                    Decision::KillAction {
+                        worker_id,
+                        attempt_id,
+                    } if self.run_to_end.is_some() => {
+                        tracing::debug!(worker = %worker_id.0, attempt = attempt_id.0, "dropped action runs to its end (disable_kill_revoked_operations)");
+                        if let Some(r) = &mut self.run_to_end {
+                            r.kill(&worker_id.0, attempt_id.0);
                         }
                     }
                     Decision::KillAction {
@@ -815,6 +864,9 @@ impl Driver {
                         }
                     }
                     Decision::WorkerRemoved { worker_id, reason } => {
+                        if let Some(r) = &mut self.run_to_end {
+                            r.gone(&worker_id.0);
+                        }
                         if let Some(tx) = self.workers.remove(&worker_id.0) {
                             let _ = tx.try_send(Err(tonic::Status::unavailable(format!(
                                 "worker removed by the scheduler: {reason:?}"
@@ -889,6 +941,9 @@ impl Driver {
         worker_id: &str,
     ) -> Vec<Decision<ActionPayload, re::ExecuteResponse>> {
         self.workers.remove(worker_id);
+        if let Some(r) = &mut self.run_to_end {
+            r.gone(worker_id);
+        }
         self.unacked_kills.retain(|(w, _), _| w != worker_id);
         let now = self.now();
         self.core

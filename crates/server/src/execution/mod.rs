@@ -6,6 +6,7 @@ pub mod historical;
 pub mod operations;
 pub mod pipeline;
 pub mod remote;
+mod run_to_end;
 pub mod service;
 pub mod worker_api;
 

@@ -72,6 +72,7 @@ impl Kit {
             read_buffer_size: None,
             block_size: None,
             max_concurrent_writes: None,
+            evict_page_cache: false,
         };
         let local = Arc::new(FilesystemStore::open(&fs_cfg).await.unwrap());
         let cas = Arc::new(MemoryStore::new(&Default::default()));
