@@ -105,6 +105,24 @@ fn pem_has(pem: &[u8], label: &str) -> bool {
         .any(|l| l.trim_end_matches('-').ends_with(label))
 }
 
+/// NativeLink's connection settings of one endpoint: `connect_timeout_s`, `tcp_keepalive_s`,
+/// `http2_keepalive_interval_s` and `http2_keepalive_timeout_s` (0 or unset: 30, 30, 30 and
+/// 20 s; pings on idle connections too), and `concurrency_limit`.
+pub fn with_endpoint_settings(ep: Endpoint, e: &cairn_config::stores::GrpcEndpoint) -> Endpoint {
+    let secs =
+        |v: u64, default: u64| std::time::Duration::from_secs(if v == 0 { default } else { v });
+    let ep = ep
+        .connect_timeout(secs(e.connect_timeout_s, 30))
+        .tcp_keepalive(Some(secs(e.tcp_keepalive_s, 30)))
+        .http2_keep_alive_interval(secs(e.http2_keepalive_interval_s, 30))
+        .keep_alive_timeout(secs(e.http2_keepalive_timeout_s, 20))
+        .keep_alive_while_idle(true);
+    match e.concurrency_limit {
+        Some(n) if n > 0 => ep.concurrency_limit(n as usize),
+        _ => ep,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -153,27 +153,15 @@ impl GrpcStore {
         let rpc_timeout =
             (cfg.rpc_timeout_s > 0).then(|| std::time::Duration::from_secs(cfg.rpc_timeout_s));
         for (ep, e) in endpoints.into_iter().zip(&cfg.endpoints) {
-            // NativeLink's defaults for 0 or unset.
-            let secs = |v: u64, default: u64| {
-                std::time::Duration::from_secs(if v == 0 { default } else { v })
-            };
             let ep = ep
                 .tcp_nodelay(true)
                 .initial_stream_window_size(Some(4 << 20))
                 .initial_connection_window_size(Some(16 << 20))
                 // Blobs arrive in 256 KiB frames rather than 16 KiB ones (BENCHMARKS.md).
-                .max_frame_size(Some(256 << 10))
-                .connect_timeout(secs(e.connect_timeout_s, 30))
-                .tcp_keepalive(Some(secs(e.tcp_keepalive_s, 30)))
-                .http2_keep_alive_interval(secs(e.http2_keepalive_interval_s, 30))
-                .keep_alive_timeout(secs(e.http2_keepalive_timeout_s, 20))
-                .keep_alive_while_idle(true);
+                .max_frame_size(Some(256 << 10));
+            let ep = crate::channel::with_endpoint_settings(ep, e);
             let ep = match rpc_timeout {
                 Some(t) => ep.timeout(t),
-                None => ep,
-            };
-            let ep = match e.concurrency_limit {
-                Some(n) => ep.concurrency_limit(n as usize),
                 None => ep,
             };
             // Each lazy channel is a connection of its own.

@@ -11,7 +11,6 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use cairn_config::schedulers::GrpcScheduler;
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
@@ -57,14 +56,8 @@ impl RemoteScheduler {
             cfg.endpoint.tls_config.as_ref(),
             &at,
         )?
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20))
-        .connect_timeout(Duration::from_secs(10));
-        let ep = match cfg.endpoint.concurrency_limit {
-            Some(n) if n > 0 => ep.concurrency_limit(n as usize),
-            _ => ep,
-        };
+        .tcp_nodelay(true);
+        let ep = cairn_store::channel::with_endpoint_settings(ep, &cfg.endpoint);
         let connections = cfg.connections_per_endpoint.unwrap_or(1).clamp(1, 64);
         let retry = RetryPolicy::from_config(cfg.retry.as_ref())
             .map_err(|e| Error::invalid_argument(format!("{path}.{}", e.message)))?;
