@@ -308,6 +308,25 @@ async fn invocation_pages_from_build_events() {
     cairn.kill9();
 }
 
+/// Executes an uploaded action and waits for its end.
+async fn execute(ch: tonic::transport::Channel, digest: &Digest) {
+    let mut exec = re::execution_client::ExecutionClient::new(ch);
+    let mut stream = exec
+        .execute(re::ExecuteRequest {
+            action_digest: Some(digest.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(op) = stream.message().await.unwrap() {
+        if op.done {
+            return;
+        }
+    }
+    panic!("the Execute stream ended before the operation was done");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn action_tree_and_blob_pages_and_bad_digests() {
     let tmp = tempfile::tempdir().unwrap();
@@ -321,22 +340,7 @@ async fn action_tree_and_blob_pages_and_bad_digests() {
         ..Default::default()
     };
     let digest = action.upload(ch.clone(), "").await;
-    let mut exec = re::execution_client::ExecutionClient::new(ch.clone());
-    let mut stream = exec
-        .execute(re::ExecuteRequest {
-            action_digest: Some(digest.to_proto()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut done = None;
-    while let Some(op) = stream.message().await.unwrap() {
-        if op.done {
-            done = Some(op);
-        }
-    }
-    assert!(done.is_some());
+    execute(ch.clone(), &digest).await;
 
     let path = format!("/action/{}-{}", digest.hash_hex(), digest.size());
     let (code, page) = http_get(cairn.addr, &path).await;
@@ -374,6 +378,27 @@ async fn action_tree_and_blob_pages_and_bad_digests() {
     )
     .await;
     assert_eq!((code, body.as_str()), (200, "made"));
+
+    // A failing action: its result is not cached, and its page shows it from the scheduler.
+    let failing = ShellAction {
+        script: "echo '<boom>' >&2; exit 3",
+        ..Default::default()
+    };
+    let fd = failing.upload(ch.clone(), "").await;
+    execute(ch.clone(), &fd).await;
+    let (code, page) = http_get(
+        cairn.addr,
+        &format!("/action/{}-{}", fd.hash_hex(), fd.size()),
+    )
+    .await;
+    assert_eq!(code, 200, "{page}");
+    for want in [
+        "Not in the action cache",
+        "<span class=\"bad\">3</span>",
+        "&lt;boom&gt;",
+    ] {
+        assert!(page.contains(want), "{want:?} is not on the page:\n{page}");
+    }
 
     // Hostile digests: clear 4xx pages, nothing else.
     let missing = SHA.compute(b"never stored");

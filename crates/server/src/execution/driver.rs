@@ -111,6 +111,10 @@ enum Cmd {
     Overview {
         reply: oneshot::Sender<Overview>,
     },
+    LastOutcome {
+        digest: Digest,
+        reply: oneshot::Sender<Option<Outcome<re::ExecuteResponse>>>,
+    },
 }
 
 /// One operation, for the web UI.
@@ -301,6 +305,15 @@ impl SchedulerHandle {
     /// Every operation and worker (read only; for the web UI).
     pub async fn overview(&self) -> Result<Overview, Error> {
         self.call(|reply| Cmd::Overview { reply }).await
+    }
+
+    /// How the latest completed operation of the action `digest` still held ended (read
+    /// only; the web UI shows failed results, which are not in the action cache, from here).
+    pub async fn last_outcome(
+        &self,
+        digest: Digest,
+    ) -> Result<Option<Outcome<re::ExecuteResponse>>, Error> {
+        self.call(|reply| Cmd::LastOutcome { digest, reply }).await
     }
 
     /// Drains a worker (it finishes what it runs and gets nothing new) or undrains it;
@@ -702,6 +715,16 @@ impl Driver {
             }
             Cmd::Overview { reply } => {
                 let _ = reply.send(self.overview());
+            }
+            Cmd::LastOutcome { digest, reply } => {
+                let last = self
+                    .core
+                    .operations()
+                    .filter(|v| self.digests.get(&v.op_id.0) == Some(&digest))
+                    .filter_map(|v| Some((v.completed_at?, v.outcome?)))
+                    .max_by_key(|(at, _)| *at)
+                    .map(|(_, o)| o.clone());
+                let _ = reply.send(last);
             }
             Cmd::Stats { reply } => {
                 let mut s = SchedulerStats {

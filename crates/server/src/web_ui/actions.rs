@@ -314,35 +314,77 @@ pub async fn action(State(ui): State<Arc<WebUi>>, Path(text): Path<String>) -> R
 }
 
 async fn result_section(ui: &WebUi, cas: &StoreRef, d: &Digest, b: &mut String) {
-    let Some(ac) = &ui.ac else {
-        b.push_str("<h2>Result</h2><p class=\"muted\">services.web_ui.ac_store is not set.</p>");
-        return;
-    };
-    let r = match ac.get_all(d, MAX_PROTO_BYTES as usize).await {
-        Ok(bytes) => match re::ActionResult::decode(bytes) {
-            Ok(r) => r,
+    b.push_str("<h2>Result</h2>");
+    let cached = match &ui.ac {
+        Some(ac) => match ac.get_all(d, MAX_PROTO_BYTES as usize).await {
+            Ok(bytes) => match re::ActionResult::decode(bytes) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    let _ = write!(
+                        b,
+                        "<p class=\"bad\">The action cache entry does not decode: {}</p>",
+                        esc(&e.to_string())
+                    );
+                    None
+                }
+            },
+            Err(e) if e.code == Code::NotFound => None,
             Err(e) => {
+                let _ = write!(b, "<p class=\"bad\">{}</p>", esc(&e.message));
+                None
+            }
+        },
+        None => None,
+    };
+    if let Some(r) = cached {
+        b.push_str("<p class=\"muted\">From the action cache.</p>");
+        render_result(cas, d, &r, b).await;
+        return;
+    }
+    // Not cached (failed, timed out, do_not_cache, or not run): what the scheduler saw.
+    for p in &ui.schedulers {
+        let Some(h) = p.local() else { continue };
+        match h.last_outcome(*d).await {
+            Ok(Some(Ok(resp))) => {
+                let status = resp.status.as_ref().filter(|s| s.code != 0);
                 let _ = write!(
                     b,
-                    "<h2>Result</h2><p class=\"bad\">The action cache entry does not decode: {}</p>",
-                    esc(&e.to_string())
+                    "<p class=\"muted\">Not in the action cache; the last execution scheduler {} still holds.</p>{}",
+                    esc(&p.name),
+                    status
+                        .map(|s| format!(
+                            "<p class=\"bad\">Status {}: {}</p>",
+                            s.code,
+                            esc(&s.message)
+                        ))
+                        .unwrap_or_default()
+                );
+                if let Some(r) = &resp.result {
+                    render_result(cas, d, r, b).await;
+                }
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                let _ = write!(
+                    b,
+                    "<p class=\"bad\">The last execution (scheduler {}) failed: {:?}: {}</p>",
+                    esc(&p.name),
+                    e.code,
+                    esc(&e.message)
                 );
                 return;
             }
-        },
-        Err(e) if e.code == Code::NotFound => {
-            b.push_str("<h2>Result</h2><p class=\"muted\">No result in the action cache (not run yet, not cacheable, or it failed: failed results are not cached).</p>");
-            return;
+            _ => {}
         }
-        Err(e) => {
-            let _ = write!(b, "<h2>Result</h2><p class=\"bad\">{}</p>", esc(&e.message));
-            return;
-        }
-    };
+    }
+    b.push_str("<p class=\"muted\">No result: not in the action cache (never run, failed, or not cacheable) and no scheduler holds a completed execution of it.</p>");
+}
+
+async fn render_result(cas: &StoreRef, d: &Digest, r: &re::ActionResult, b: &mut String) {
     let f = d.function();
     let _ = write!(
         b,
-        "<h2>Result</h2><p>Exit code: <span class=\"{}\">{}</span></p>",
+        "<p>Exit code: <span class=\"{}\">{}</span></p>",
         if r.exit_code == 0 { "ok" } else { "bad" },
         r.exit_code
     );

@@ -65,7 +65,7 @@ pub struct LabelId {
 pub struct ActionCompletedId {
     #[prost(string, tag = "1")]
     pub primary_output: String,
-    #[prost(string, tag = "3")]
+    #[prost(string, tag = "2")]
     pub label: String,
 }
 

@@ -23,6 +23,26 @@ pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Arguments of a command line kept in a summary, and bytes of each.
 const MAX_ARGS: usize = 256;
 const MAX_ARG_BYTES: usize = 4096;
+/// Bytes of all arguments of one summary.
+const MAX_ARGS_TOTAL: usize = 64 << 10;
+/// Options Bazel's client adds to every command line (its environment, rc files, terminal):
+/// left out of the summary's short form.
+pub const CLIENT_OPTIONS: [&str; 14] = [
+    "--client_env=",
+    "--default_override=",
+    "--rc_source=",
+    "--startup_time=",
+    "--command_wait_time=",
+    "--extract_data_time=",
+    "--restart_reason=",
+    "--binary_path=",
+    "--isatty=",
+    "--terminal_columns=",
+    "--ignore_client_env",
+    "--client_cwd=",
+    "--override_repository=",
+    "--tool_tag=",
+];
 /// Longest invocation id kept (Bazel's are UUIDs).
 pub const MAX_ID_BYTES: usize = 256;
 
@@ -175,11 +195,19 @@ impl InvocationIndex {
             s.command = cap(&st.command, 64);
         }
         if let Some(cl) = e.unstructured_command_line {
+            // The short form (what Bazel's client adds left out), bounded in total; the
+            // invocation page reads the whole line from the events.
+            let mut total = 0;
             s.args = cl
                 .args
                 .iter()
+                .filter(|a| !CLIENT_OPTIONS.iter().any(|o| a.starts_with(o)))
                 .take(MAX_ARGS)
                 .map(|a| cap(a, MAX_ARG_BYTES))
+                .take_while(|a| {
+                    total += a.len();
+                    total <= MAX_ARGS_TOTAL
+                })
                 .collect();
         }
         if let Some(c) = e.completed {

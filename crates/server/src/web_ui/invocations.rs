@@ -127,13 +127,19 @@ pub async fn list(State(ui): State<Arc<WebUi>>, RawQuery(query): RawQuery) -> Re
     page("Invocations", &b)
 }
 
-/// The command and its arguments (without the ones Bazel adds before the command), capped.
+/// The command line as typed, more or less: without what Bazel's client adds; capped.
 fn command_text(s: &Summary, max: usize) -> String {
-    let mut out = if s.args.is_empty() {
-        s.command.clone()
-    } else {
-        s.args.join(" ")
-    };
+    cap_text(
+        if s.args.is_empty() {
+            s.command.clone()
+        } else {
+            s.args.join(" ")
+        },
+        max,
+    )
+}
+
+fn cap_text(mut out: String, max: usize) -> String {
     if out.len() > max {
         let mut end = max;
         while !out.is_char_boundary(end) {
@@ -165,6 +171,8 @@ struct Details {
     actions: Vec<(String, String, i32, bool, Option<events::File>)>,
     console: String,
     console_dropped: usize,
+    /// The whole command line, from its event (capped).
+    command_line: String,
     events_read: i64,
     events_missing: i64,
 }
@@ -183,6 +191,9 @@ impl Details {
                 self.console_dropped += cut;
                 self.console.drain(..cut);
             }
+        }
+        if let Some(cl) = e.unstructured_command_line {
+            self.command_line = cap_text(cl.args.join(" "), MAX_CONSOLE_BYTES);
         }
         let id = e.id.unwrap_or_default();
         if let (Some(c), Some(t)) = (e.completed, id.target_completed) {
@@ -347,11 +358,13 @@ pub async fn show(State(ui): State<Arc<WebUi>>, Path(id): Path<String>) -> Respo
     let mut b = String::new();
     let _ = write!(
         b,
-        "<table><tr><th>Status</th><td>{}</td></tr><tr><th>Command</th><td><code>{}</code></td></tr>\
+        "<table><tr><th>Status</th><td>{}</td></tr><tr><th>Command</th><td><code>{}</code>\
+         <details><summary>Whole command line</summary><code>{}</code></details></td></tr>\
          <tr><th>Started</th><td>{}</td></tr><tr><th>Duration</th><td>{}</td></tr>\
          <tr><th>Build id</th><td><code>{}</code></td></tr><tr><th>Events</th><td>{}{}</td></tr></table>",
         status_html(&s.status),
-        esc(&command_text(&s, 100_000)),
+        esc(&command_text(&s, 4096)),
+        esc(&d.command_line),
         html::utc(s.start_ms),
         duration_html(&s, now),
         esc(&s.build_id),
