@@ -2,7 +2,7 @@
 //! with Cairn as its remote executor and Build Event Service (`--bes_backend`,
 //! `--bes_results_url`); the link Bazel prints opens in headless Chromium and shows the
 //! build; the failing action's stderr is on its page (reached from the invocation); the
-//! worker is on the workers page. Screenshots of each page are written under
+//! worker is on the workers page; a queued action is on the queue page while it waits. Screenshots of each page are written under
 //! `CARGO_TARGET_TMPDIR/web_ui_screenshots/`.
 //!
 //! Needs `bazel` (Debian's `bazel-bootstrap`) and `chromium` (both installed by
@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use common::actions::{upload_blobs, ShellAction};
 use common::bazel::{self, Bazel};
 use common::{http_get, Cairn};
 
@@ -209,6 +211,49 @@ fn bazel_prints_a_link_that_opens_the_build_in_a_browser() {
         dom.contains("browser-worker-") && dom.contains("OSFamily=linux"),
         "{dom}"
     );
+    // A queued action, while it waits: one for a platform no worker offers.
+    let (digest, blobs) = ShellAction {
+        script: "true",
+        ..Default::default()
+    }
+    .build_with_platform(&[("OSFamily", "windows")]);
+    let _waiting = rt.block_on(async {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{}", cairn.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        upload_blobs(ch.clone(), "", blobs).await;
+        let stream = re::execution_client::ExecutionClient::new(ch)
+            .execute(re::ExecuteRequest {
+                action_digest: Some(digest.to_proto()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_get(cairn.addr, "/queue")
+            .await
+            .1
+            .contains(&digest.hash_hex()[..12])
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the action never showed on /queue"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stream
+    });
+    let url = format!("http://{}/queue", cairn.addr);
+    let dom = open(&profile, &url, &shots.join("queue.png"));
+    assert!(
+        dom.contains(&digest.hash_hex()[..12])
+            && dom.contains("no connected worker offers OSFamily=windows"),
+        "{dom}"
+    );
+
     let url = format!("http://{}/invocations", cairn.addr);
     let dom = open(&profile, &url, &shots.join("invocations.png"));
     assert!(dom.contains(&link[prefix.len()..]), "{dom}");

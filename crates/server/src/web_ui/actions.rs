@@ -458,11 +458,10 @@ async fn scheduler_section(ui: &WebUi, d: &Digest, b: &mut String) {
     for (s, r) in rows.iter().take(100) {
         let _ = write!(
             b,
-            "<tr><td><code>{}</code></td><td>{}</td><td><a href=\"/invocation/{}\">{}</a></td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
             esc(&r.op_id),
             esc(s),
-            url(&r.invocation_id),
-            esc(&r.invocation_id),
+            html::invocation_link(&r.invocation_id),
             r.stage,
             r.result.unwrap_or(""),
             r.exit_code.map(|c| format!(" (exit {c})")).unwrap_or_default(),

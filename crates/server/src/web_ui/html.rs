@@ -73,6 +73,15 @@ pub fn form_pairs(s: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A link to an invocation's page, or `(none)` for operations sent without one.
+pub fn invocation_link(id: &str) -> String {
+    if id.is_empty() {
+        "<span class=\"muted\">(none)</span>".into()
+    } else {
+        format!("<a href=\"/invocation/{}\">{}</a>", url(id), esc(id))
+    }
+}
+
 /// `3.2 s`, `4 min 10 s`, `2 h 5 min`, `3 d 4 h`.
 pub fn duration(d: Duration) -> String {
     let s = d.as_secs();

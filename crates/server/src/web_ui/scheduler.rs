@@ -17,7 +17,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::html::{self, esc, page, url};
+use super::html::{self, esc, invocation_link, page};
 use super::WebUi;
 use crate::execution::driver::{Overview, WorkerRow};
 
@@ -143,13 +143,12 @@ pub async fn queue(State(ui): State<Arc<WebUi>>) -> Response {
             for r in rows.iter().take(ROWS_PER_PLATFORM) {
                 let _ = write!(
                     b,
-                    "<tr><td><a href=\"/action/{h}-{s}\"><code>{h8}…-{s}</code></a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><a href=\"/invocation/{}\">{}</a></td><td>{}</td><td>{}</td></tr>",
+                    "<tr><td><a href=\"/action/{h}-{s}\"><code>{h8}…-{s}</code></a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                     r.stage,
                     age(r.queued_for),
                     age(r.executing_for),
                     esc(r.worker.as_deref().unwrap_or("")),
-                    url(&r.invocation_id),
-                    esc(&r.invocation_id),
+                    invocation_link(&r.invocation_id),
                     r.priority,
                     r.retries,
                     h = r.digest.hash_hex(),
@@ -184,9 +183,8 @@ pub async fn queue(State(ui): State<Arc<WebUi>>) -> Response {
             for (id, (q, x, oldest)) in inv.iter().take(INVOCATION_ROWS) {
                 let _ = write!(
                     b,
-                    "<tr><td><a href=\"/invocation/{}\">{}</a></td><td>{q}</td><td>{x}</td><td>{}</td></tr>",
-                    url(id),
-                    if id.is_empty() { "(none)".to_string() } else { esc(id) },
+                    "<tr><td>{}</td><td>{q}</td><td>{x}</td><td>{}</td></tr>",
+                    invocation_link(id),
                     age(*oldest)
                 );
             }
