@@ -531,3 +531,84 @@ async fn queue_and_workers_pages_and_the_drain_button() {
     assert_eq!(code, 403);
     cairn.kill9();
 }
+
+/// A web UI naming a store or scheduler that does not exist, or a key it does not know, is
+/// refused by `check-config` and by `run`, naming the key path.
+#[test]
+fn config_errors_name_the_web_ui_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.json5");
+    for (services, key) in [
+        (
+            r#"web_ui: { bep_store: "NOPE" }"#,
+            "servers[0].services.web_ui.bep_store",
+        ),
+        (
+            r#"web_ui: { cas_store: "NOPE" }"#,
+            "servers[0].services.web_ui.cas_store",
+        ),
+        (
+            r#"web_ui: { schedulers: ["NOPE"] }"#,
+            "servers[0].services.web_ui.schedulers[0]",
+        ),
+        (
+            r#"web_ui: { read_only: "no" }"#,
+            "servers[0].services.web_ui.read_only",
+        ),
+        (r#"web_ui: { colour: "blue" }"#, "colour"),
+    ] {
+        std::fs::write(
+            &f,
+            format!(
+                r#"{{stores: {{CAS: {{memory: {{}}}}}}, servers: [{{listener: {{http: {{socket_address: "127.0.0.1:0"}}}}, services: {{ {services} }}}}]}}"#
+            ),
+        )
+        .unwrap();
+        for command in ["check-config", "run"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+                .arg(command)
+                .arg(&f)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{command} {services}: {err}");
+            assert!(
+                err.contains(key),
+                "{command} {services}: {key} not in {err}"
+            );
+        }
+    }
+}
+
+/// A drain form posted from another site (as a browser says with `Sec-Fetch-Site`) is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_site_drain_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let cairn = start(tmp.path(), false);
+    poll(cairn.addr, "/workers", |_, b| b.contains("serving")).await;
+    let form = "scheduler=MAIN&worker=wk&draining=1";
+    let mut s = tokio::net::TcpStream::connect(cairn.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /workers/drain HTTP/1.1\r\nHost: x\r\nSec-Fetch-Site: cross-site\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{form}",
+            form.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    assert!(
+        buf.starts_with(b"HTTP/1.1 403"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    let (_, workers) = http_get(cairn.addr, "/workers").await;
+    assert!(
+        workers.contains("serving <form"),
+        "still serving: {workers}"
+    );
+    cairn.kill9();
+}
