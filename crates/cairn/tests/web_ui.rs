@@ -379,6 +379,39 @@ async fn action_tree_and_blob_pages_and_bad_digests() {
     .await;
     assert_eq!((code, body.as_str()), (200, "made"));
 
+    // An output directory's Tree, rendered whole.
+    let leaf = re::Directory {
+        files: vec![re::FileNode {
+            name: "inner.txt".into(),
+            digest: Some(made.to_proto()),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let tree = re::Tree {
+        root: Some(re::Directory {
+            directories: vec![re::DirectoryNode {
+                name: "nested".into(),
+                digest: Some(SHA.compute(&leaf.encode_to_vec()).to_proto()),
+            }],
+            ..Default::default()
+        }),
+        children: vec![leaf],
+    }
+    .encode_to_vec();
+    let td = SHA.compute(&tree);
+    upload_blobs(ch.clone(), "", vec![tree]).await;
+    let (code, page) = http_get(
+        cairn.addr,
+        &format!("/output-tree/{}-{}", td.hash_hex(), td.size()),
+    )
+    .await;
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("nested/<ul>") && page.contains("inner.txt"),
+        "{page}"
+    );
+
     // A failing action: its result is not cached, and its page shows it from the scheduler.
     let failing = ShellAction {
         script: "echo '<boom>' >&2; exit 3",
@@ -424,6 +457,11 @@ async fn action_tree_and_blob_pages_and_bad_digests() {
             404,
         ),
         ("/blob/%3Cscript%3E-1".to_string(), 400),
+        ("/output-tree/garbage".to_string(), 400),
+        (
+            format!("/output-tree/{}-{}", missing.hash_hex(), missing.size()),
+            404,
+        ),
         // A blob that is not an Action.
         (format!("/action/{}-4", made.hash_hex()), 422),
     ] {

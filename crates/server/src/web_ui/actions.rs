@@ -423,9 +423,10 @@ async fn render_result(cas: &StoreRef, d: &Digest, r: &re::ActionResult, b: &mut
             if let Some(td) = digest_of(&o.tree_digest, f) {
                 let _ = write!(
                     b,
-                    "<tr><td><code>{}/</code></td><td>{}</td><td>Tree {}</td></tr>",
+                    "<tr><td><code>{}/</code></td><td>{}</td><td>{} ({})</td></tr>",
                     esc(&o.path),
                     html::bytes(td.size()),
+                    link("output-tree", &td),
                     blob_link(&td, "tree.pb")
                 );
             }
@@ -518,6 +519,96 @@ pub async fn tree(State(ui): State<Arc<WebUi>>, Path(text): Path<String>) -> Res
     }
     b.push_str("</table>");
     page(&format!("Directory {}-{}", d.hash_hex(), d.size()), &b)
+}
+
+/// Entries listed on one `/output-tree` page.
+const MAX_TREE_ENTRIES: usize = 10_000;
+/// Nesting shown on one `/output-tree` page.
+const MAX_TREE_DEPTH: usize = 64;
+
+/// A `Tree` (an output directory) as nested lists: each directory's subdirectories (found
+/// among the tree's children by digest), files (downloads) and symlinks; bounded in entries
+/// and depth.
+pub fn render_tree(tree: &re::Tree, f: DigestFunction) -> String {
+    let children: std::collections::HashMap<Digest, &re::Directory> = tree
+        .children
+        .iter()
+        .map(|c| (f.compute(&c.encode_to_vec()), c))
+        .collect();
+    let mut out = String::new();
+    let mut entries = 0;
+    fn walk(
+        dir: &re::Directory,
+        f: DigestFunction,
+        children: &std::collections::HashMap<Digest, &re::Directory>,
+        depth: usize,
+        entries: &mut usize,
+        out: &mut String,
+    ) {
+        out.push_str("<ul>");
+        for sub in &dir.directories {
+            *entries += 1;
+            if *entries > MAX_TREE_ENTRIES {
+                out.push_str("<li class=\"muted\">(more entries are not shown)</li>");
+                break;
+            }
+            let _ = write!(out, "<li>{}/", esc(&sub.name));
+            match digest_of(&sub.digest, f).and_then(|d| children.get(&d)) {
+                Some(child) if depth < MAX_TREE_DEPTH => {
+                    walk(child, f, children, depth + 1, entries, out)
+                }
+                Some(_) => out.push_str(" <span class=\"muted\">(deeper)</span>"),
+                None => out.push_str(" <span class=\"bad\">(not in the tree)</span>"),
+            }
+            out.push_str("</li>");
+        }
+        for file in &dir.files {
+            *entries += 1;
+            if *entries > MAX_TREE_ENTRIES {
+                break;
+            }
+            if let Some(fd) = digest_of(&file.digest, f) {
+                let _ = write!(
+                    out,
+                    "<li>{}{} <span class=\"muted\">{}</span></li>",
+                    blob_link(&fd, &file.name),
+                    if file.is_executable { " *" } else { "" },
+                    html::bytes(fd.size())
+                );
+            }
+        }
+        for l in &dir.symlinks {
+            let _ = write!(
+                out,
+                "<li>{} → <code>{}</code></li>",
+                esc(&l.name),
+                esc(&l.target)
+            );
+        }
+        out.push_str("</ul>");
+    }
+    match &tree.root {
+        Some(root) => walk(root, f, &children, 0, &mut entries, &mut out),
+        None => out.push_str("<p class=\"bad\">The tree has no root.</p>"),
+    }
+    out
+}
+
+/// `/output-tree/HASH-SIZE`: a `Tree` blob (an output directory), all of it on one page.
+pub async fn output_tree(State(ui): State<Arc<WebUi>>, Path(text): Path<String>) -> Response {
+    let d = match parse_digest(&text) {
+        Ok(d) => d,
+        Err(r) => return *r,
+    };
+    let Some(cas) = &ui.cas else { return no_cas() };
+    let tree: re::Tree = match read_proto(cas, &d, "Tree").await {
+        Ok(x) => x,
+        Err(r) => return *r,
+    };
+    page(
+        &format!("Output directory {}-{}", d.hash_hex(), d.size()),
+        &render_tree(&tree, d.function()),
+    )
 }
 
 /// Keeps a file name safe for a `Content-Disposition` header.
@@ -633,5 +724,45 @@ mod tests {
         }
         assert_eq!(safe_name("../etc/pa\"ss wd"), "etcpasswd");
         assert_eq!(safe_name("..."), "blob");
+    }
+
+    #[test]
+    fn trees_render_nested_and_escaped() {
+        let f = DigestFunction::Sha256;
+        let file = |name: &str| re::FileNode {
+            name: name.into(),
+            digest: Some(f.compute(b"x").to_proto()),
+            ..Default::default()
+        };
+        let leaf = re::Directory {
+            files: vec![file("<deep>.txt")],
+            ..Default::default()
+        };
+        let tree = re::Tree {
+            root: Some(re::Directory {
+                files: vec![file("top.txt")],
+                directories: vec![
+                    re::DirectoryNode {
+                        name: "sub".into(),
+                        digest: Some(f.compute(&leaf.encode_to_vec()).to_proto()),
+                    },
+                    re::DirectoryNode {
+                        name: "gone".into(),
+                        digest: Some(f.compute(b"nothing").to_proto()),
+                    },
+                ],
+                ..Default::default()
+            }),
+            children: vec![leaf],
+        };
+        let html = render_tree(&tree, f);
+        assert!(html.contains("sub/<ul>"), "{html}");
+        assert!(html.contains("&lt;deep&gt;.txt"), "{html}");
+        assert!(html.contains("top.txt"), "{html}");
+        assert!(
+            html.contains("gone/ <span class=\"bad\">(not in the tree)"),
+            "{html}"
+        );
+        assert!(!html.contains("<deep>"), "{html}");
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! - `/invocations` (newest first, `?status=running|succeeded|failed&q=TEXT`) and
 //!   `/invocation/ID` from the stored Build Event Protocol events ([`invocations`]);
-//! - `/action/HASH-SIZE`, `/tree/HASH-SIZE`, `/blob/HASH-SIZE` from the CAS and the action
-//!   cache ([`actions`]);
+//! - `/action/HASH-SIZE`, `/tree/HASH-SIZE` (a Directory), `/output-tree/HASH-SIZE` (a Tree),
+//!   `/blob/HASH-SIZE` from the CAS and the action cache ([`actions`]);
 //! - `/queue` and `/workers` from the schedulers, and `POST /workers/drain` when
 //!   `read_only` is false ([`scheduler`]).
 //!
@@ -103,6 +103,7 @@ pub fn router(ui: Arc<WebUi>) -> Router {
         .route("/invocation/{id}", get(invocations::show))
         .route("/action/{digest}", get(actions::action))
         .route("/tree/{digest}", get(actions::tree))
+        .route("/output-tree/{digest}", get(actions::output_tree))
         .route("/blob/{digest}", get(actions::blob))
         .route("/queue", get(scheduler::queue))
         .route("/workers", get(scheduler::workers))
