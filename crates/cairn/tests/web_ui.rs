@@ -650,3 +650,38 @@ async fn a_cross_site_drain_is_refused() {
     );
     cairn.kill9();
 }
+
+/// Invocations outlive a restart: the index is kept in the BEP store and read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invocations_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = CONFIG
+        .replace(
+            "BEP: { memory: {} }",
+            r#"BEP: { filesystem: { content_path: "@DIR@/bep", temp_path: "@DIR@/bep-tmp" } }"#,
+        )
+        .replace("@READ_ONLY@", "true");
+    let run = |port: u16| config.replace("@WPORT@", &port.to_string());
+    let cairn = Cairn::start_with(tmp.path(), &run(free_port()), None);
+    let ch = channel(cairn.addr).await;
+    let log = SHA.compute(b"no log");
+    publish(ch, "kept-1", &failed_build("kept-1", &log)).await;
+    let (code, _) = http_get(cairn.addr, "/invocation/kept-1").await;
+    assert_eq!(code, 200);
+    cairn.kill9();
+
+    let cairn = Cairn::start_with(tmp.path(), &run(free_port()), None);
+    let (code, list) = http_get(cairn.addr, "/invocations").await;
+    assert_eq!(code, 200);
+    assert!(
+        list.contains("/invocation/kept-1") && list.contains("TESTS_FAILED"),
+        "{list}"
+    );
+    let (code, page) = http_get(cairn.addr, "/invocation/kept-1").await;
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("//pkg:&lt;img src=x onerror=alert(1)&gt;"),
+        "{page}"
+    );
+    cairn.kill9();
+}

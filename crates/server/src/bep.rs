@@ -95,12 +95,17 @@ async fn store_event(
             .await
             .map_err(|e| e.context("storing a build event stream's length"))?;
     }
-    index.record(
+    if index.record(
         &stream,
         seq,
         &event.event,
         crate::execution::driver::unix_ms_now(),
-    );
+    ) {
+        // The summaries outlive a restart; failing to keep them loses no build event.
+        if let Err(e) = crate::web_ui::index::persist(index, store).await {
+            tracing::warn!(error = %e, "web UI: keeping the invocation index failed");
+        }
+    }
     Ok((stream, seq))
 }
 

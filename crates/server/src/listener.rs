@@ -375,6 +375,7 @@ pub async fn serve(
     if let Some(bep) = &services.experimental_bep {
         let store = store_named(&bep.store, &format!("{sp}.experimental_bep.store"))?;
         note_store(&bep.store, &store);
+        crate::web_ui::index::load(&crate::web_ui::index_for(&bep.store), &store).await;
         routes.add_service(
             cairn_proto::bes::v1::publish_build_event_server::PublishBuildEventServer::new(
                 crate::bep::BepService::new(
@@ -493,14 +494,14 @@ pub async fn serve(
         app = app.merge(http::admin_router(path, schedulers.clone()));
     }
     if let Some(ui) = &services.web_ui {
-        app = app.merge(crate::web_ui::router(Arc::new(
-            crate::web_ui::WebUi::from_config(
-                ui,
-                &format!("{sp}.web_ui"),
-                |name, at| store_named(name, at),
-                |name, at| scheduler_named(name, at),
-            )?,
-        )));
+        let ui = crate::web_ui::WebUi::from_config(
+            ui,
+            &format!("{sp}.web_ui"),
+            |name, at| store_named(name, at),
+            |name, at| scheduler_named(name, at),
+        )
+        .await?;
+        app = app.merge(crate::web_ui::router(Arc::new(ui)));
     }
 
     let listener = TcpListener::bind(addr)

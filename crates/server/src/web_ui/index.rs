@@ -6,13 +6,20 @@
 //! invocation page reads them from there. An invocation the index has forgotten is gone from
 //! the UI even while some of its events are still stored. One index per BEP store name, shared
 //! by every listener of the process ([`index_for`]).
+//!
+//! The summaries survive a restart: when an invocation starts or ends, the whole index is
+//! written to the BEP store under one record ([`persist`]), and a process reads it back
+//! before it serves ([`load`]). The record keeps at most [`PERSISTED_ARG_BYTES`] of each
+//! command line.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cairn_proto::bes::v1 as bes;
+use cairn_store::{StoreExt, StoreRef};
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 
 use super::events;
 
@@ -47,7 +54,7 @@ pub const CLIENT_OPTIONS: [&str; 14] = [
 pub const MAX_ID_BYTES: usize = 256;
 
 /// How an invocation ended, or that it has not.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Status {
     Running,
     Succeeded,
@@ -67,7 +74,7 @@ impl Status {
 }
 
 /// One invocation, as far as its events so far tell.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub invocation_id: String,
     pub build_id: String,
@@ -83,8 +90,14 @@ pub struct Summary {
     pub failed_targets: u32,
     /// When the index first saw it (Unix ms), for retention.
     seen_ms: i64,
+    #[serde(skip)]
     order: u64,
 }
+
+/// Command-line bytes of one summary in the persisted record.
+pub const PERSISTED_ARG_BYTES: usize = 2048;
+/// Largest persisted record read back.
+const MAX_RECORD_BYTES: usize = 64 << 20;
 
 struct Inner {
     by_id: HashMap<String, Summary>,
@@ -98,6 +111,47 @@ struct Inner {
 /// The invocations of one BEP store.
 pub struct InvocationIndex {
     inner: Mutex<Inner>,
+    /// Serialises writes of the persisted record (a snapshot taken later is written later).
+    persist: tokio::sync::Mutex<()>,
+    loaded: tokio::sync::OnceCell<()>,
+}
+
+/// The key of the persisted record in the BEP store.
+fn record_key() -> cairn_core::Digest {
+    cairn_core::DigestFunction::Sha256.compute(b"cairn-bep-invocation-index-v1")
+}
+
+/// Writes the index to `store` (the whole of it, oldest first).
+pub async fn persist(index: &InvocationIndex, store: &StoreRef) -> Result<(), cairn_core::Error> {
+    let _one_writer = index.persist.lock().await;
+    let json = serde_json::to_vec(&index.snapshot())
+        .map_err(|e| cairn_core::Error::internal(format!("encoding the invocation index: {e}")))?;
+    store
+        .put_bytes(&record_key(), json.into())
+        .await
+        .map_err(|e| e.context("storing the invocation index"))
+}
+
+/// Reads the persisted record back into `index`, once per process; a missing or unreadable
+/// record leaves the index as it is (logged).
+pub async fn load(index: &InvocationIndex, store: &StoreRef) {
+    index
+        .loaded
+        .get_or_init(|| async {
+            match store.get_all(&record_key(), MAX_RECORD_BYTES).await {
+                Ok(bytes) => match serde_json::from_slice::<Vec<Summary>>(&bytes) {
+                    Ok(list) => {
+                        let n = list.len();
+                        index.restore(list, crate::execution::driver::unix_ms_now());
+                        tracing::info!(invocations = n, "web UI: invocation index read back");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "web UI: the stored invocation index does not decode; starting empty"),
+                },
+                Err(e) if e.code == cairn_core::Code::NotFound => {}
+                Err(e) => tracing::warn!(error = %e, "web UI: reading the stored invocation index failed; starting empty"),
+            }
+        })
+        .await;
 }
 
 /// The index of the BEP store named `store` (created on first use).
@@ -136,7 +190,45 @@ impl InvocationIndex {
                 max_count: max_count.max(1),
                 max_age,
             }),
+            persist: tokio::sync::Mutex::new(()),
+            loaded: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Every summary, oldest first, with command lines cut to [`PERSISTED_ARG_BYTES`].
+    pub fn snapshot(&self) -> Vec<Summary> {
+        let g = self.inner.lock();
+        g.order
+            .values()
+            .filter_map(|id| g.by_id.get(id))
+            .map(|s| {
+                let mut s = s.clone();
+                let mut total = 0;
+                s.args.retain(|a| {
+                    total += a.len();
+                    total <= PERSISTED_ARG_BYTES
+                });
+                s
+            })
+            .collect()
+    }
+
+    /// Adds summaries read back (oldest first) that the index does not have yet.
+    pub fn restore(&self, list: Vec<Summary>, now_ms: i64) {
+        let mut g = self.inner.lock();
+        for mut s in list {
+            if s.invocation_id.is_empty()
+                || s.invocation_id.len() > MAX_ID_BYTES
+                || g.by_id.contains_key(&s.invocation_id)
+            {
+                continue;
+            }
+            s.order = g.next;
+            g.next += 1;
+            g.order.insert(s.order, s.invocation_id.clone());
+            g.by_id.insert(s.invocation_id.clone(), s);
+        }
+        g.enforce(now_ms);
     }
 
     /// Sets the retention (the web UI's config); enforced at once.
@@ -147,18 +239,21 @@ impl InvocationIndex {
         g.enforce(now_ms);
     }
 
-    /// Takes note of one stored event (the BES calls it after the store has it).
-    pub fn record(&self, stream: &bes::StreamId, seq: i64, event: &[u8], now_ms: i64) {
+    /// Takes note of one stored event (the BES calls it after the store has it). True when
+    /// the event started, began or ended an invocation: the time to [`persist`].
+    pub fn record(&self, stream: &bes::StreamId, seq: i64, event: &[u8], now_ms: i64) -> bool {
         // Only Bazel's own stream carries the build's events; lifecycle events add nothing.
         if stream.component != bes::stream_id::BuildComponent::Tool as i32
             || stream.invocation_id.is_empty()
             || stream.invocation_id.len() > MAX_ID_BYTES
         {
-            return;
+            return false;
         }
         let parsed = events::bazel_event(event);
         let mut g = self.inner.lock();
+        let mut milestone = false;
         if !g.by_id.contains_key(&stream.invocation_id) {
+            milestone = true;
             let order = g.next;
             g.next += 1;
             g.order.insert(order, stream.invocation_id.clone());
@@ -182,12 +277,13 @@ impl InvocationIndex {
             g.enforce(now_ms);
         }
         let Some(s) = g.by_id.get_mut(&stream.invocation_id) else {
-            return;
+            return false;
         };
         s.last_seq = s.last_seq.max(seq);
         let Some(e) = parsed else {
-            return;
+            return milestone;
         };
+        milestone |= e.started.is_some() || e.finished.is_some();
         if let Some(st) = e.started {
             if st.start_time_millis > 0 {
                 s.start_ms = st.start_time_millis;
@@ -228,6 +324,7 @@ impl InvocationIndex {
                 Status::Failed(cap(&name, 64), code)
             };
         }
+        milestone
     }
 
     /// One invocation, unless forgotten.
@@ -332,6 +429,26 @@ mod tests {
         assert!(idx.get("b", 11_500).is_none());
         assert!(idx.get("d", 11_500).is_some());
         assert!(idx.get("d", 13_500).is_none());
+    }
+
+    #[test]
+    fn a_snapshot_restores_in_order() {
+        let a = InvocationIndex::new(10, None);
+        for id in ["a", "b", "c"] {
+            assert!(a.record(&tool(id), 1, &[], 1));
+        }
+        assert!(
+            !a.record(&tool("a"), 2, &[], 1),
+            "a plain event is no milestone"
+        );
+        let json = serde_json::to_vec(&a.snapshot()).unwrap();
+        let b = InvocationIndex::new(2, None);
+        b.restore(serde_json::from_slice(&json).unwrap(), 2);
+        let (list, n) = b.list(None, "", 10, 2);
+        assert_eq!(n, 2, "retention applies to what is read back");
+        assert_eq!(list[0].invocation_id, "c");
+        assert_eq!(list[0].last_seq, 1);
+        assert_eq!(b.get("a", 2).map(|s| s.last_seq), None);
     }
 
     #[test]

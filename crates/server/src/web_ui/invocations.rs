@@ -242,7 +242,16 @@ async fn read_details(store: &cairn_store::StoreRef, s: &Summary) -> Details {
         component: bes::stream_id::BuildComponent::Tool as i32,
     };
     let mut d = Details::default();
-    let last = s.last_seq.clamp(0, MAX_EVENTS);
+    // The stream's own record of its length, which a summary read back after a restart may
+    // be behind.
+    let stored_last = match store
+        .get_all(&crate::bep::event_key(&stream, None), 16)
+        .await
+    {
+        Ok(b) if b.len() == 8 => i64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
+        _ => 0,
+    };
+    let last = s.last_seq.max(stored_last).clamp(0, MAX_EVENTS);
     let mut reads = futures::stream::iter(1..=last)
         .map(|seq| {
             let key = crate::bep::event_key(&stream, Some(seq));

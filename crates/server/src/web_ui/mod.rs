@@ -43,7 +43,7 @@ pub struct WebUi {
 impl WebUi {
     /// The UI of `services.web_ui` (at key path `at`), resolving names with the listener's
     /// lookups; sets the invocation index's retention.
-    pub fn from_config(
+    pub async fn from_config(
         cfg: &cairn_config::servers::WebUiService,
         at: &str,
         store: impl Fn(&str, &str) -> Result<StoreRef, cairn_core::Error>,
@@ -74,6 +74,9 @@ impl WebUi {
             schedulers,
             read_only: cfg.read_only,
         };
+        if let Some((store, index)) = &ui.bep {
+            index::load(index, store).await;
+        }
         ui.set_retention(cfg.max_invocations, cfg.max_invocation_age_s);
         Ok(ui)
     }
