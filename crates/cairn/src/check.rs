@@ -176,6 +176,20 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
         if let Some(b) = &sv.experimental_bep {
             store(&b.store, format!("{p}.experimental_bep.store"))?;
         }
+        if let Some(u) = &sv.web_ui {
+            for (key, name) in [
+                ("bep_store", &u.bep_store),
+                ("cas_store", &u.cas_store),
+                ("ac_store", &u.ac_store),
+            ] {
+                if let Some(n) = name {
+                    store(n, format!("{p}.web_ui.{key}"))?;
+                }
+            }
+            for (i, s) in u.schedulers.iter().enumerate() {
+                scheduler(s, format!("{p}.web_ui.schedulers[{i}]"))?;
+            }
+        }
         if let Some(w) = &sv.worker_api {
             scheduler(&w.scheduler, format!("{p}.worker_api.scheduler"))?;
             if cfg.schedulers.get(&w.scheduler).is_some_and(forwards) {
@@ -268,6 +282,8 @@ pub fn describe(cfg: &CairnConfig) -> String {
                 ("execution", sv.execution.is_some()),
                 ("worker_api", sv.worker_api.is_some()),
                 ("health", sv.health.is_some()),
+                ("experimental_bep", sv.experimental_bep.is_some()),
+                ("web_ui", sv.web_ui.is_some()),
             ] {
                 if on {
                     services.push(k);

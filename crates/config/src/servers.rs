@@ -236,6 +236,43 @@ pub struct Services {
     /// `store` (NativeLink's key).
     #[serde(default)]
     pub experimental_bep: Option<BepService>,
+    /// The operator's web UI (Cairn's own key; NativeLink has none): `/invocations`,
+    /// `/invocation/ID`, `/action/HASH-SIZE`, `/tree/..`, `/blob/..`, `/queue`, `/workers`,
+    /// served as HTML on this listener (so its TLS and client-certificate settings apply).
+    #[serde(default)]
+    pub web_ui: Option<WebUiService>,
+}
+
+/// `services.web_ui`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebUiService {
+    /// The store the Build Event Protocol writes to (`experimental_bep.store` of some
+    /// listener of this process); without it there are no invocation pages.
+    #[serde(default)]
+    pub bep_store: Option<String>,
+    /// The CAS store actions, trees, logs and outputs are read from.
+    #[serde(default)]
+    pub cas_store: Option<String>,
+    /// The action cache store results are read from.
+    #[serde(default)]
+    pub ac_store: Option<String>,
+    /// Schedulers whose queue and workers are shown (default: none).
+    #[serde(default)]
+    pub schedulers: Vec<String>,
+    /// Default true: no page changes anything. False shows a drain button on `/workers`.
+    #[serde(default = "default_true")]
+    pub read_only: bool,
+    /// Most invocations remembered (default 1000); the oldest is forgotten first.
+    #[serde(default)]
+    pub max_invocations: Option<u64>,
+    /// Invocations older than this many seconds are forgotten (default 7 days; 0: never).
+    #[serde(default)]
+    pub max_invocation_age_s: Option<u64>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `services.admin`.

@@ -105,6 +105,14 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
         Some(self.view(id, op))
     }
 
+    /// The payload of a queued or executing operation's action (`None` once completed).
+    pub fn operation_payload(&self, op_id: &OperationId) -> Option<&A> {
+        match &self.ops.get(op_id)?.state {
+            OpState::Live(a) => self.actions.get(a).map(|a| &a.payload),
+            OpState::Done { .. } => None,
+        }
+    }
+
     /// Every known operation (live and retained completed), in no particular order.
     pub fn operations(&self) -> impl Iterator<Item = OperationView<'_, R>> + '_ {
         self.ops.iter().map(|(id, op)| self.view(id, op))

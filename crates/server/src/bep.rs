@@ -1,6 +1,6 @@
 //! The Build Event Service (`google.devtools.build.v1.PublishBuildEvent`), so that
 //! `bazel --bes_backend=grpc://HOST:PORT` streams its build events to Cairn, which keeps them
-//! in the `experimental_bep` store, ready for a later UI.
+//! in the `experimental_bep` store, where the web UI (`web_ui/`) reads them.
 //!
 //! Each event is stored under a key derived from its stream (build id, invocation id,
 //! component) and sequence number, its value the encoded `OrderedBuildEvent`; each stream also
@@ -28,11 +28,22 @@ const ACK_DEPTH: usize = 64;
 pub struct BepService {
     store: StoreRef,
     metrics: Arc<Metrics>,
+    /// The web UI's summary of invocations, told of every stored event.
+    index: Arc<crate::web_ui::InvocationIndex>,
 }
 
 impl BepService {
-    pub fn new(store: StoreRef, metrics: Arc<Metrics>) -> BepService {
-        BepService { store, metrics }
+    /// `index` is the store's [`crate::web_ui::index_for`].
+    pub fn new(
+        store: StoreRef,
+        metrics: Arc<Metrics>,
+        index: Arc<crate::web_ui::InvocationIndex>,
+    ) -> BepService {
+        BepService {
+            store,
+            metrics,
+            index,
+        }
     }
 }
 
@@ -49,6 +60,7 @@ pub fn event_key(stream: &bes::StreamId, sequence: Option<i64>) -> Digest {
 /// Stores one event; its stream and sequence number.
 async fn store_event(
     store: &StoreRef,
+    index: &crate::web_ui::InvocationIndex,
     event: Option<bes::OrderedBuildEvent>,
 ) -> Result<(bes::StreamId, i64), Error> {
     let event = event.ok_or_else(|| Error::invalid_argument("the request has no build event"))?;
@@ -83,6 +95,17 @@ async fn store_event(
             .await
             .map_err(|e| e.context("storing a build event stream's length"))?;
     }
+    if index.record(
+        &stream,
+        seq,
+        &event.event,
+        crate::execution::driver::unix_ms_now(),
+    ) {
+        // The summaries outlive a restart; failing to keep them loses no build event.
+        if let Err(e) = crate::web_ui::index::persist(index, store).await {
+            tracing::warn!(error = %e, "web UI: keeping the invocation index failed");
+        }
+    }
     Ok((stream, seq))
 }
 
@@ -93,7 +116,7 @@ impl bes::publish_build_event_server::PublishBuildEvent for BepService {
         request: Request<bes::PublishLifecycleEventRequest>,
     ) -> Result<Response<()>, Status> {
         let timer = self.metrics.rpc("bep", "PublishLifecycleEvent");
-        let r = store_event(&self.store, request.into_inner().build_event)
+        let r = store_event(&self.store, &self.index, request.into_inner().build_event)
             .await
             .map(|_| Response::new(()))
             .map_err(Status::from);
@@ -112,10 +135,11 @@ impl bes::publish_build_event_server::PublishBuildEvent for BepService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(ACK_DEPTH);
         let store = self.store.clone();
+        let index = self.index.clone();
         tokio::spawn(async move {
             while let Some(msg) = inbound.next().await {
                 let ack = match msg {
-                    Ok(m) => store_event(&store, m.ordered_build_event)
+                    Ok(m) => store_event(&store, &index, m.ordered_build_event)
                         .await
                         .map(|(stream, seq)| bes::PublishBuildToolEventStreamResponse {
                             stream_id: Some(stream),

@@ -25,6 +25,7 @@ pub mod origin_events;
 pub mod otlp;
 pub mod resource;
 pub mod tls;
+pub mod web_ui;
 pub mod zstd_codec;
 
 pub use listener::{check as check_listener, serve, RunningServer};

@@ -386,9 +386,14 @@ pub async fn serve(
     if let Some(bep) = &services.experimental_bep {
         let store = store_named(&bep.store, &format!("{sp}.experimental_bep.store"))?;
         note_store(&bep.store, &store);
+        crate::web_ui::index::load(&crate::web_ui::index_for(&bep.store), &store).await;
         routes.add_service(
             cairn_proto::bes::v1::publish_build_event_server::PublishBuildEventServer::new(
-                crate::bep::BepService::new(store, metrics.clone()),
+                crate::bep::BepService::new(
+                    store,
+                    metrics.clone(),
+                    crate::web_ui::index_for(&bep.store),
+                ),
             )
             .max_decoding_message_size(limits.max_message_bytes)
             .max_encoding_message_size(limits.max_message_bytes),
@@ -524,6 +529,16 @@ pub async fn serve(
     if let Some(admin) = &services.admin {
         let path = admin.path.as_deref().unwrap_or("/admin");
         app = app.merge(http::admin_router(path, schedulers.clone()));
+    }
+    if let Some(ui) = &services.web_ui {
+        let ui = crate::web_ui::WebUi::from_config(
+            ui,
+            &format!("{sp}.web_ui"),
+            |name, at| store_named(name, at),
+            |name, at| scheduler_named(name, at),
+        )
+        .await?;
+        app = app.merge(crate::web_ui::router(Arc::new(ui)));
     }
 
     let listener = bind(addr, http_cfg.freebind)

@@ -30,6 +30,7 @@ use tonic::Request;
 mod bytestream;
 mod cache;
 mod execute;
+mod web_ui;
 mod wire_client;
 
 /// Largest gRPC message the bench clients send or accept.
@@ -60,7 +61,7 @@ const LABEL_WIDTH: usize = 28;
 /// Options of `cairn bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// What to run: bytestream | cas | ac | execute | all (all = the cache benches) (or a comma-separated list)
+    /// What to run: bytestream | cas | ac | execute | all (all = the cache benches) (or a comma-separated list); or web-ui alone (in this process, --requests operations)
     #[arg(default_value = "all")]
     pub what: String,
     /// REAPI endpoint, e.g. grpc://127.0.0.1:50051
@@ -87,6 +88,9 @@ pub struct BenchArgs {
 
 /// Runs the phases `args.what` names against `args.endpoint` and prints the results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.what == "web-ui" {
+        return web_ui::run(args.requests).await;
+    }
     let phases = Phase::parse_list(&args.what)?;
     let bench = Bench::new(&args)?;
 

@@ -112,6 +112,56 @@ enum Cmd {
         reply: oneshot::Sender<Result<(), Error>>,
     },
     RunRevokedToEnd,
+    Overview {
+        reply: oneshot::Sender<Overview>,
+    },
+    LastOutcome {
+        digest: Digest,
+        reply: oneshot::Sender<Option<Outcome<re::ExecuteResponse>>>,
+    },
+}
+
+/// One operation, for the web UI.
+#[derive(Debug, Clone)]
+pub struct OpRow {
+    pub op_id: String,
+    pub digest: Digest,
+    /// `queued`, `executing` or `completed`.
+    pub stage: &'static str,
+    pub invocation_id: String,
+    pub priority: i32,
+    /// How long ago it was (last) queued, while queued or executing.
+    pub queued_for: Option<Duration>,
+    /// How long it has run, while executing.
+    pub executing_for: Option<Duration>,
+    pub worker: Option<String>,
+    /// While queued or executing: the properties it is matched with.
+    pub platform: Vec<(String, String)>,
+    /// Once completed: [`result_kind`] and the exit code, when there is a result.
+    pub result: Option<&'static str>,
+    pub exit_code: Option<i32>,
+    pub retries: u32,
+}
+
+/// One connected worker, for the web UI.
+#[derive(Debug, Clone)]
+pub struct WorkerRow {
+    pub worker_id: String,
+    pub properties: Vec<(String, String)>,
+    pub total_slots: u32,
+    pub busy_slots: u32,
+    /// Operation ids of what it runs.
+    pub running: Vec<String>,
+    pub connected_for: Duration,
+    pub last_keepalive_ago: Duration,
+    pub draining: bool,
+}
+
+/// Everything the scheduler holds, copied out at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct Overview {
+    pub operations: Vec<OpRow>,
+    pub workers: Vec<WorkerRow>,
 }
 
 /// A cheap, cloneable handle on a running scheduler.
@@ -256,6 +306,20 @@ impl SchedulerHandle {
 
     pub async fn stats(&self) -> Result<SchedulerStats, Error> {
         self.call(|reply| Cmd::Stats { reply }).await
+    }
+
+    /// Every operation and worker (read only; for the web UI).
+    pub async fn overview(&self) -> Result<Overview, Error> {
+        self.call(|reply| Cmd::Overview { reply }).await
+    }
+
+    /// How the latest completed operation of the action `digest` still held ended (read
+    /// only; the web UI shows failed results, which are not in the action cache, from here).
+    pub async fn last_outcome(
+        &self,
+        digest: Digest,
+    ) -> Result<Option<Outcome<re::ExecuteResponse>>, Error> {
+        self.call(|reply| Cmd::LastOutcome { digest, reply }).await
     }
 
     /// Drains a worker (it finishes what it runs and gets nothing new) or undrains it;
@@ -704,6 +768,19 @@ impl Driver {
                 }
                 let _ = reply.send(Ok(()));
             }
+            Cmd::Overview { reply } => {
+                let _ = reply.send(self.overview());
+            }
+            Cmd::LastOutcome { digest, reply } => {
+                let last = self
+                    .core
+                    .operations()
+                    .filter(|v| self.digests.get(&v.op_id.0) == Some(&digest))
+                    .filter_map(|v| Some((v.completed_at?, v.outcome?)))
+                    .max_by_key(|(at, _)| *at)
+                    .map(|(_, o)| o.clone());
+                let _ = reply.send(last);
+            }
             Cmd::Stats { reply } => {
                 let mut s = SchedulerStats {
                     queued: self.core.queue_length(),
@@ -719,6 +796,73 @@ impl Driver {
                 }
                 let _ = reply.send(s);
             }
+        }
+    }
+
+    /// A copy of what the core holds (read only).
+    fn overview(&self) -> Overview {
+        let now = self.now();
+        let mut running: HashMap<&str, Vec<String>> = HashMap::new();
+        let operations: Vec<OpRow> = self
+            .core
+            .operations()
+            .filter_map(|v| {
+                let digest = *self.digests.get(&v.op_id.0)?;
+                let stage = match v.stage {
+                    cairn_scheduler::Stage::Queued => "queued",
+                    cairn_scheduler::Stage::Executing => "executing",
+                    cairn_scheduler::Stage::Completed => "completed",
+                };
+                if let Some(w) = v.worker_id {
+                    running.entry(&w.0).or_default().push(v.op_id.0.clone());
+                }
+                let (result, exit_code) = match v.outcome {
+                    Some(o) => (
+                        Some(result_kind(o)),
+                        o.as_ref()
+                            .ok()
+                            .and_then(|r| r.result.as_ref())
+                            .map(|r| r.exit_code),
+                    ),
+                    None => (None, None),
+                };
+                Some(OpRow {
+                    op_id: v.op_id.0.clone(),
+                    digest,
+                    stage,
+                    invocation_id: v.invocation_id.to_string(),
+                    priority: v.priority,
+                    queued_for: v.queued_at.map(|q| now.saturating_sub(q)),
+                    executing_for: v.started_at.map(|s| now.saturating_sub(s)),
+                    worker: v.worker_id.map(|w| w.0.clone()),
+                    platform: self
+                        .core
+                        .operation_payload(v.op_id)
+                        .map(|p| p.platform.clone())
+                        .unwrap_or_default(),
+                    result,
+                    exit_code,
+                    retries: v.retries,
+                })
+            })
+            .collect();
+        let workers = self
+            .core
+            .workers()
+            .map(|w| WorkerRow {
+                worker_id: w.worker_id.0.clone(),
+                properties: w.properties.to_vec(),
+                total_slots: w.total_slots,
+                busy_slots: w.busy_slots,
+                running: running.remove(w.worker_id.0.as_str()).unwrap_or_default(),
+                connected_for: now.saturating_sub(w.connected_at),
+                last_keepalive_ago: now.saturating_sub(w.last_seen),
+                draining: w.draining,
+            })
+            .collect();
+        Overview {
+            operations,
+            workers,
         }
     }
 

@@ -1,0 +1,2 @@
+#!/bin/sh
+echo "greets_test says hello"
