@@ -272,12 +272,12 @@ mod tests {
         assert!(e.message.contains("cycle"), "{e}");
         let cfg = cairn_config::parse_str(
             "t.json5",
-            r#"{stores: {S3: {redis_store: {addresses: ["redis://127.0.0.1:1"]}}}}"#,
+            r#"{stores: {M: {experimental_mongo: {connection_string: "mongodb://127.0.0.1:1"}}}}"#,
         )
         .unwrap();
         let e = build_stores(&cfg.stores).await.err().unwrap();
         assert!(
-            e.message.contains("stores.S3") && e.message.contains("not built yet"),
+            e.message.contains("stores.M") && e.message.contains("not built yet"),
             "{e}"
         );
     }
