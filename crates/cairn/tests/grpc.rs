@@ -1207,3 +1207,71 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let status = exit.await.unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// A blob whose stored bytes no longer match its digest's size (a file truncated on disk) is
+/// DATA_LOSS for BatchReadBlobs and ByteStream Read: it is never served as the blob. (The
+/// filesystem store answers FindMissingBlobs from its index, which still has the size it
+/// wrote; stores that report the stored length, such as Redis, make such a blob missing.)
+#[tokio::test]
+async fn a_truncated_blob_is_missing_and_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cairn::start_with(dir.path(), common::FILESYSTEM_CONFIG, None);
+    let mut cl = clients(&c).await;
+    let blob = data(100_000, 77);
+    let d = sha(&blob);
+    batch_put(&mut cl, &[&blob]).await;
+    // The blob's file under content_path, cut to half.
+    fn find(dir: &std::path::Path, hash: &str) -> Option<std::path::PathBuf> {
+        for e in std::fs::read_dir(dir).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if let Some(f) = find(&p, hash) {
+                    return Some(f);
+                }
+            } else if p.file_name()?.to_string_lossy().contains(hash) {
+                return Some(p);
+            }
+        }
+        None
+    }
+    let file = find(&dir.path().join("cas"), &d.hash_hex()).expect("the blob's file");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(50_000)
+        .unwrap();
+
+    let read = cl
+        .cas
+        .batch_read_blobs(re::BatchReadBlobsRequest {
+            digests: vec![d.to_proto()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = read.responses[0].status.clone().unwrap();
+    assert_eq!(status.code, Code::DataLoss as i32, "{status:?}");
+    assert!(read.responses[0].data.is_empty());
+
+    let mut stream = cl
+        .bs
+        .read(ReadRequest {
+            resource_name: format!("blobs/{}/{}", d.hash_hex(), d.size()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = 0usize;
+    let err = loop {
+        match stream.next().await {
+            Some(Ok(r)) => got += r.data.len(),
+            Some(Err(e)) => break e,
+            None => panic!("the read ended cleanly after {got} bytes of a truncated blob"),
+        }
+    };
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(got < blob.len());
+}

@@ -408,6 +408,8 @@ impl ByteStreamService {
             )));
         }
         let body = store.get(&d, offset, limit).await?;
+        let expected = limit.map_or(d.size() - offset, |l| l.min(d.size() - offset));
+        let body = exact_length(body, expected, d);
         let body = rechunk(body, self.limits.read_chunk_bytes.max(1));
         Ok(match res.compressor {
             Compressor::Identity => body
@@ -416,6 +418,35 @@ impl ByteStreamService {
             Compressor::Zstd => zstd_read(body)?,
         })
     }
+}
+
+/// Fails the read (DATA_LOSS) when the store gives more or fewer bytes than the digest's
+/// size says the range has: a truncated or overlong blob is never served as the blob.
+fn exact_length(body: BlobStream, expected: u64, d: Digest) -> BlobStream {
+    futures::stream::unfold((body, 0u64, false), move |(mut body, seen, done)| async move {
+        if done {
+            return None;
+        }
+        let wrong = |seen: u64| {
+            Error::data_loss(format!(
+                "Read {d}: the stored blob gives {seen} bytes where {expected} were expected; it is not served"
+            ))
+        };
+        match body.next().await {
+            Some(Ok(chunk)) => {
+                let seen = seen + chunk.len() as u64;
+                if seen > expected {
+                    Some((Err(wrong(seen)), (body, seen, true)))
+                } else {
+                    Some((Ok(chunk), (body, seen, false)))
+                }
+            }
+            Some(Err(e)) => Some((Err(e), (body, seen, true))),
+            None if seen != expected => Some((Err(wrong(seen)), (body, seen, true))),
+            None => None,
+        }
+    })
+    .boxed()
 }
 
 /// Splits chunks larger than one ReadResponse should carry.

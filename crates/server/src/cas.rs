@@ -202,7 +202,15 @@ impl ContentAddressableStorage for CasService {
                 .copied()
                 .filter(|d| !d.is_empty_blob())
                 .collect();
-            let have = store.has_many(&to_ask).await?;
+            // A blob stored with another size than its digest's (a truncated file, a value
+            // cut short in a backend) is missing: the client uploads it again.
+            let have: Vec<Option<u64>> = store
+                .has_many(&to_ask)
+                .await?
+                .into_iter()
+                .zip(&to_ask)
+                .map(|(h, d)| h.filter(|size| *size == d.size()))
+                .collect();
             let found = have.iter().filter(|h| h.is_some()).count() as u64;
             self.metrics.cas_lookups(
                 digests.len() as u64,
@@ -305,7 +313,20 @@ impl ContentAddressableStorage for CasService {
                     let result = if d.is_empty_blob() {
                         Ok(Bytes::new())
                     } else {
-                        store_ref.get_all(&d, d.size() as usize).await
+                        store_ref
+                            .get_all(&d, d.size() as usize)
+                            .await
+                            .and_then(|data| {
+                                if data.len() as u64 == d.size() {
+                                    Ok(data)
+                                } else {
+                                    Err(Error::data_loss(format!(
+                                        "{d}: the stored blob has {} bytes, its digest says {}; it is not served",
+                                        data.len(),
+                                        d.size()
+                                    )))
+                                }
+                            })
                     };
                     let (data, compressor, status) = match result {
                         Ok(data) if zstd && data.len() > 64 => match zstd_codec::compress(&data) {
