@@ -265,16 +265,10 @@ fn refused_worker_keys_fail_run_and_check_config_alike() {
 #[test]
 fn recognised_but_unbuilt_nativelink_parts_are_refused_by_key_path() {
     let dir = tempfile::tempdir().unwrap();
-    for (text, key) in [
-        (
-            r#"{ stores: { S: { ontap_s3_existence_cache: { index_path: "/x", sync_interval_seconds: 300, backend: { endpoint: "https://o", vserver_name: "v", bucket: "b" } } } } }"#,
-            "stores.S: store kind `ontap_s3_existence_cache`",
-        ),
-        (
-            r#"{ stores: { M: { experimental_mongo: { connection_string: "mongodb://localhost:27017", database: "nativelink" } } } }"#,
-            "stores.M: store kind `experimental_mongo`",
-        ),
-    ] {
+    for (text, key) in [(
+        r#"{ stores: { M: { experimental_mongo: { connection_string: "mongodb://localhost:27017", database: "nativelink" } } } }"#,
+        "stores.M: store kind `experimental_mongo`",
+    )] {
         let f = dir.path().join("c.json5");
         std::fs::write(&f, text).unwrap();
         for verb in ["run", "check-config"] {

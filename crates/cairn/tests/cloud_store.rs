@@ -906,3 +906,130 @@ async fn backend_requests_errors_and_retries_are_exported_by_store() {
     );
     assert_eq!(requests, timed, "{text}");
 }
+
+/// `ontap_s3_existence_cache` over the S3 API (ONTAP S3 is S3): a digest the bucket lacks is
+/// missing without a request, one written by another process is found after the next
+/// listing, one put through the store is found at once, and the index file is written.
+#[tokio::test]
+async fn ontap_s3_existence_cache_answers_from_its_index_and_follows_the_bucket() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let writer_dir = dir.path().join("writer");
+    std::fs::create_dir_all(&writer_dir).unwrap();
+    let writer = start(&writer_dir, &moto, &moto.endpoint(), NONE, 2);
+    let mut w = clients(&writer).await;
+    let before = data(3000, 901);
+    batch_put(&mut w.cas, std::slice::from_ref(&before)).await;
+
+    let index = dir.path().join("index/existence");
+    let config = dir.path().join("ontap.json5");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{
+  stores: {{ CAS: {{ ontap_s3_existence_cache: {{
+    index_path: "{}",
+    sync_interval_seconds: 1,
+    backend: {{
+      endpoint: "{}", vserver_name: "svm0", bucket: "cas", key_prefix: "cas/",
+      insecure_allow_http: true, retry: {{ max_retries: 2, delay: 0.02, jitter: 0.5 }},
+    }},
+  }} }} }},
+  servers: [{{
+    listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
+    services: {{
+      cas: [{{ instance_name: "", cas_store: "CAS" }}],
+      bytestream: [{{ instance_name: "", cas_store: "CAS" }}],
+      capabilities: [{{ instance_name: "" }}],
+    }},
+  }}],
+}}"#,
+            index.display(),
+            moto.endpoint()
+        ),
+    )
+    .unwrap();
+    let ontap_dir = dir.path().join("ontap");
+    std::fs::create_dir_all(&ontap_dir).unwrap();
+    let c = Cairn::start_config_env(&ontap_dir, &config, &moto.aws_env(&moto.endpoint()));
+    let mut cl = clients(&c).await;
+
+    // The blob written before the start is found (by the bucket, then by the index).
+    assert!(missing(&mut cl.cas, &[sha(&before)]).await.is_empty());
+    assert_eq!(read(&mut cl.bs, &sha(&before), 0, 0).await.unwrap(), before);
+
+    // Once the index is listed, a digest the bucket lacks costs no request.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !index.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no index file at {}",
+            index.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let heads = || async {
+        let (_, text) = common::http_get(c.addr, "/metrics").await;
+        text.lines()
+            .filter(|l| {
+                l.starts_with("nativelink_store_backend_requests_total{")
+                    && l.contains("backend=\"ontap\"")
+                    && l.contains("operation=\"head\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let absent: Vec<Digest> = (0..50).map(|i| sha(&data(10, 5000 + i))).collect();
+    let h0 = heads().await;
+    assert_eq!(missing(&mut cl.cas, &absent).await.len(), 50);
+    assert_eq!(
+        heads().await,
+        h0,
+        "missing digests were asked of the bucket"
+    );
+    let e = read(&mut cl.bs, &absent[0], 0, 0).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(e.message().contains("index"), "{e:?}");
+
+    // Put through the store: found at once, and in the next index file.
+    let put = data(2000, 902);
+    assert_eq!(write(&mut cl.bs, &put).await.unwrap(), put.len() as i64);
+    assert!(missing(&mut cl.cas, &[sha(&put)]).await.is_empty());
+    assert_eq!(read(&mut cl.bs, &sha(&put), 0, 0).await.unwrap(), put);
+
+    // Written behind the index's back: found after a listing.
+    let behind = data(1500, 903);
+    batch_put(&mut w.cas, std::slice::from_ref(&behind)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !missing(&mut cl.cas, &[sha(&behind)]).await.is_empty() {
+        assert!(Instant::now() < deadline, "a listing never found the blob");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let text = std::fs::read_to_string(&index).unwrap();
+    for d in [sha(&before), sha(&put), sha(&behind)] {
+        let line = format!("{}-{}", d.hash_hex(), d.size());
+        assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+    }
+    assert!(text.starts_with("# cairn ontap_s3_existence_cache index v1\n"));
+
+    // A lying upload is refused and leaves nothing indexed.
+    let lie = data(100, 904);
+    let mut bad = sha(&lie);
+    bad = bad.with_size(99);
+    let r = cl
+        .cas
+        .batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests: vec![re::batch_update_blobs_request::Request {
+                digest: Some(bad.to_proto()),
+                data: lie.clone(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(r.responses[0].status.as_ref().unwrap().code, 0);
+    assert_eq!(missing(&mut cl.cas, &[bad]).await.len(), 1);
+}

@@ -149,14 +149,7 @@ const PENDING_STORES: &[(&str, Verdict)] = &[
     ),
     ("nativelink-config__examples__gcs_backend.json5", Accepted),
     ("nativelink-config__examples__oci_backend.json5", Accepted),
-    // The cloud store parses; the ONTAP existence cache in front of it is not built.
-    (
-        "nativelink-config__examples__ontap_backend.json5",
-        Refused {
-            at: "stores.BLOBS.verify.backend.dedup.index_store.fast_slow.fast",
-            because: "store kind `ontap_s3_existence_cache` parses but is not built yet",
-        },
-    ),
+    ("nativelink-config__examples__ontap_backend.json5", Accepted),
     ("nativelink-config__examples__r2_backend.json5", Accepted),
     ("nativelink-config__examples__redis.json5", Accepted),
     (

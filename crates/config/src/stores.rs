@@ -26,9 +26,8 @@ pub enum StoreSpec {
     CacheMetrics(Box<CacheMetricsStore>),
     // Kinds whose behaviour a later issue builds: they parse, and starting them is an error.
     ExperimentalCloudObjectStore(Box<CloudObjectStore>),
-    /// NetApp ONTAP S3 with a local existence index (NativeLink's); its body is kept as
-    /// written until the store is built.
-    OntapS3ExistenceCache(serde_json::Value),
+    /// NetApp ONTAP S3 with a local existence index (NativeLink's).
+    OntapS3ExistenceCache(OntapS3ExistenceCache),
     /// MongoDB (NativeLink's `experimental_mongo`); its body is kept as written. There is no
     /// MongoDB server here to build it against, so it is refused at start.
     ExperimentalMongo(serde_json::Value),
@@ -305,6 +304,22 @@ pub struct Retry {
     pub jitter: Option<f64>,
     #[serde(default)]
     pub retry_on_errors: Option<Vec<String>>,
+}
+
+/// NativeLink's `ontap_s3_existence_cache`: an ONTAP S3 bucket with an index of the digests
+/// it holds, kept in memory and in `index_path`, rebuilt by listing the bucket every
+/// `sync_interval_seconds`. A digest not in the index is missing without a request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OntapS3ExistenceCache {
+    /// Where the index is written (and read at start).
+    pub index_path: String,
+    /// Seconds between listings of the bucket (at least 1).
+    #[serde(deserialize_with = "num::u64")]
+    pub sync_interval_seconds: u64,
+    /// NativeLink's ONTAP S3 spec: `endpoint`, `vserver_name`, `bucket`, `root_certificates`
+    /// and the common object-store keys; `provider` is `ontap` when written.
+    pub backend: Box<CloudObjectStore>,
 }
 
 /// NativeLink's `experimental_cloud_object_store`: one flat struct holding the keys of every

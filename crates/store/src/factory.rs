@@ -15,8 +15,8 @@ use cairn_core::Error;
 
 use crate::{
     cloud_object_store, completeness_checking, compression, dedup, existence_cache, fast_slow,
-    filesystem, grpc, memory, noop, redis_store, ref_store, shard, size_partitioning, verify,
-    StoreRef,
+    filesystem, grpc, memory, noop, ontap_existence_cache, redis_store, ref_store, shard,
+    size_partitioning, verify, StoreRef,
 };
 
 /// Top-level stores by name.
@@ -43,13 +43,12 @@ pub struct StoreTree {
 pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
     match spec {
         StoreSpec::ExperimentalCloudObjectStore(c) => cloud_object_store::check(c, path)?,
-        StoreSpec::OntapS3ExistenceCache(_) | StoreSpec::ExperimentalMongo(_) => {
-            return Err(Error::unimplemented(format!(
-                "{path}: store kind `{}` parses but is not built yet in this version of Cairn; \
-                 use memory, filesystem or the wrapper stores for now",
-                spec.kind()
-            )))
-        }
+        StoreSpec::OntapS3ExistenceCache(c) => ontap_existence_cache::check(c, path)?,
+        StoreSpec::ExperimentalMongo(_) => return Err(Error::unimplemented(format!(
+            "{path}: store kind `experimental_mongo` parses but is not built yet in this version \
+                 of Cairn (there is no MongoDB server to test it against); use redis_store, \
+                 experimental_cloud_object_store or filesystem"
+        ))),
         StoreSpec::Grpc(c) => {
             grpc::check(c).map_err(|e| e.context(path))?;
         }
@@ -228,7 +227,10 @@ impl<'a> Builder<'a> {
                 StoreSpec::ExperimentalCloudObjectStore(c) => {
                     Arc::new(cloud_object_store::CloudObjectStore::new(c, &path)?)
                 }
-                StoreSpec::OntapS3ExistenceCache(_) | StoreSpec::ExperimentalMongo(_) => {
+                StoreSpec::OntapS3ExistenceCache(c) => {
+                    Arc::new(ontap_existence_cache::OntapExistenceCache::new(c, &path)?)
+                }
+                StoreSpec::ExperimentalMongo(_) => {
                     return Err(check_spec(spec, &path).err().unwrap_or_else(|| {
                         Error::internal(format!("{path}: {} is not built", spec.kind()))
                     }))

@@ -25,6 +25,7 @@ pub mod filesystem;
 pub mod grpc;
 pub mod memory;
 pub mod noop;
+pub mod ontap_existence_cache;
 pub mod redis_store;
 pub mod ref_store;
 pub mod shard;

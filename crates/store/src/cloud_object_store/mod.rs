@@ -55,9 +55,9 @@ use crate::{check_range, Health, Store, StoreInfo};
 use metrics::{BackendCounts, BackendEvents};
 use read::resuming_body;
 use retry::RetryPolicy;
-pub use spec::check;
 pub(crate) use spec::required;
 use spec::PROVIDERS;
+pub use spec::{check, check_at};
 use transport::{classify, CountingConnector};
 
 /// HEAD requests of one `has_many` in flight at once.
@@ -132,8 +132,17 @@ pub(crate) struct Inner {
 impl CloudObjectStore {
     /// Builds the client of the spec's provider. `path` is the store's key path.
     pub fn new(spec: &Spec, path: &str) -> Result<CloudObjectStore, Error> {
-        check(spec, path)?;
-        let at = format!("{path}.experimental_cloud_object_store");
+        CloudObjectStore::new_at(
+            spec,
+            path,
+            &format!("{path}.experimental_cloud_object_store"),
+        )
+    }
+
+    /// [`CloudObjectStore::new`] of a spec at key path `at` (the `backend` of an
+    /// `ontap_s3_existence_cache`); `path` names the store in metrics and messages.
+    pub fn new_at(spec: &Spec, path: &str, at: &str) -> Result<CloudObjectStore, Error> {
+        check_at(spec, at)?;
         let provider: &'static str = PROVIDERS
             .iter()
             .map(|(p, _)| *p)
@@ -144,12 +153,12 @@ impl CloudObjectStore {
             events: events.clone(),
         };
         let client = match provider {
-            "aws" => aws::client(spec, &at, connector)?,
-            "azure" => azure::client(spec, &at, connector)?,
-            "gcs" => gcs::client(spec, &at, connector)?,
-            "ontap" => ontap::client(spec, &at, connector)?,
-            "r2" => r2::client(spec, &at, connector)?,
-            "oci" => oci::client(spec, &at, connector)?,
+            "aws" => aws::client(spec, at, connector)?,
+            "azure" => azure::client(spec, at, connector)?,
+            "gcs" => gcs::client(spec, at, connector)?,
+            "ontap" => ontap::client(spec, at, connector)?,
+            "r2" => r2::client(spec, at, connector)?,
+            "oci" => oci::client(spec, at, connector)?,
             other => {
                 return Err(Error::unimplemented(format!(
                     "{at}.provider: `{other}` is not built yet"
@@ -190,10 +199,75 @@ impl CloudObjectStore {
         })))
     }
 
+    /// Calls `each(hash, size)` for every object under `key_prefix` named as this store names
+    /// objects (`{key_prefix}{hex hash}-{size}`); other objects are skipped. Returns the number
+    /// of objects seen. Fails as a whole on the first error (a listing is not resumable), each
+    /// page of the listing bounded by the request timeout.
+    pub async fn list_keys(&self, mut each: impl FnMut(&[u8], u64)) -> Result<u64, Error> {
+        let prefix = &self.0.key_prefix;
+        // object_store lists by whole path segments: list the prefix's directory and keep
+        // what starts with the prefix itself.
+        let dir = prefix.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        let dir_path = Path::from(dir);
+        let mut listing = self
+            .0
+            .client
+            .objects
+            .list((!dir.is_empty()).then_some(&dir_path));
+        let mut seen = 0u64;
+        let mut hash = Vec::with_capacity(64);
+        loop {
+            let next = match tokio::time::timeout(REQUEST_TIMEOUT, listing.next()).await {
+                Ok(Some(Ok(meta))) => meta,
+                Ok(Some(Err(e))) => return Err(self.0.error("list", &dir_path, &e)),
+                Ok(None) => return Ok(seen),
+                Err(_) => {
+                    return Err(Error::new(
+                        Code::DeadlineExceeded,
+                        format!(
+                            "{}: list {dir_path}: no answer within {REQUEST_TIMEOUT:?}",
+                            self.0.name
+                        ),
+                    ))
+                }
+            };
+            seen += 1;
+            let Some(name) = next.location.as_ref().strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            if self.0.expired(next.last_modified.timestamp()) {
+                continue;
+            }
+            if let Some(size) = parse_object_name(name, &mut hash) {
+                each(&hash, size);
+            }
+        }
+    }
+
     /// Requests, errors and retries so far.
     pub fn backend_counts(&self) -> BackendCounts {
         self.0.events.counts()
     }
+}
+
+/// The hash (into `hash`) and size of an object name `{hex hash}-{size}` as the store writes
+/// it: lower-case hex of 20 to 64 bytes, a decimal size without leading zeros.
+fn parse_object_name(name: &str, hash: &mut Vec<u8>) -> Option<u64> {
+    let (hex_hash, size) = name.split_once('-')?;
+    if hex_hash.len() % 2 != 0
+        || !(40..=128).contains(&hex_hash.len())
+        || hex_hash.bytes().any(|b| b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    let size: u64 = size.parse().ok()?;
+    if size.to_string() != name[hex_hash.len() + 1..] {
+        return None;
+    }
+    hash.clear();
+    hash.resize(hex_hash.len() / 2, 0);
+    hex::decode_to_slice(hex_hash, hash).ok()?;
+    Some(size)
 }
 
 impl Inner {

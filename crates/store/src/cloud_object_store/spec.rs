@@ -92,7 +92,12 @@ pub(crate) fn required<'a>(
 /// Every check of the spec that needs no network: a known provider, only its keys, its
 /// required keys, and values in range. `path` is the store's key path (`stores.CAS`).
 pub fn check(spec: &Spec, path: &str) -> Result<(), Error> {
-    let at = format!("{path}.experimental_cloud_object_store");
+    check_at(spec, &format!("{path}.experimental_cloud_object_store"))
+}
+
+/// [`check`] of a spec at key path `at` itself (the `backend` of an
+/// `ontap_s3_existence_cache`).
+pub fn check_at(spec: &Spec, at: &str) -> Result<(), Error> {
     let names: Vec<&str> = PROVIDERS.iter().map(|(p, _)| *p).collect();
     let provider = spec.provider.as_deref().ok_or_else(|| {
         Error::invalid_argument(format!(
@@ -131,12 +136,12 @@ pub fn check(spec: &Spec, path: &str) -> Result<(), Error> {
         )));
     }
     match *provider {
-        "aws" => aws::check(spec, &at),
-        "azure" => azure::check(spec, &at),
-        "gcs" => gcs::check(spec, &at),
-        "ontap" => ontap::check(spec, &at),
-        "r2" => r2::check(spec, &at),
-        "oci" => oci::check(spec, &at),
+        "aws" => aws::check(spec, at),
+        "azure" => azure::check(spec, at),
+        "gcs" => gcs::check(spec, at),
+        "ontap" => ontap::check(spec, at),
+        "r2" => r2::check(spec, at),
+        "oci" => oci::check(spec, at),
         other => Err(Error::unimplemented(format!(
             "{at}.provider: `{other}` parses but is not built yet in this version of Cairn \
              (every provider of NativeLink 1.6.6 is)"
