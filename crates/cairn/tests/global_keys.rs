@@ -43,9 +43,11 @@ fn metric(body: &str, line_prefix: &str) -> Option<f64> {
 async fn disable_metrics_removes_the_metrics_route() {
     let tmp = tempfile::tempdir().unwrap();
     let c = Cairn::start_with(tmp.path(), &config("{ disable_metrics: true }", ""), None);
-    // Not served (the gRPC router's fallback answers, without a metric).
-    let (_, body) = common::http_get(c.addr, "/metrics").await;
+    // Not served: a plain 404, as for any path nothing serves.
+    let (code, body) = common::http_get(c.addr, "/metrics").await;
+    assert_eq!(code, 404, "{body}");
     assert!(!body.contains("nativelink_"), "{body}");
+    assert_eq!(common::http_get(c.addr, "/no-such-page").await.0, 404);
     assert_eq!(common::http_get(c.addr, "/status").await.0, 200);
 }
 

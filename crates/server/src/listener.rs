@@ -540,6 +540,7 @@ pub async fn serve(
         .await?;
         app = app.merge(crate::web_ui::router(Arc::new(ui)));
     }
+    let app = app.layer(axum::middleware::from_fn(not_found_for_plain_http));
 
     let listener = bind(addr, http_cfg.freebind)
         .map_err(|e| Error::io(format!("{path}: binding {addr}"), e))?;
@@ -895,4 +896,36 @@ fn compression(
         }
     }
     Ok((send, accept))
+}
+
+/// A plain HTTP request (not gRPC) for a path nothing serves gets 404, not the gRPC router's
+/// "unimplemented" answer (HTTP 200 with a `grpc-status` header), so that `/metrics` with
+/// metrics disabled, or a mistyped path, looks missing to curl and to Prometheus.
+async fn not_found_for_plain_http(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let grpc = req
+        .headers()
+        .get(::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let unimplemented = resp
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"12");
+    if grpc || !unimplemented {
+        return resp;
+    }
+    let mut out = axum::response::Response::new(axum::body::Body::from(format!(
+        "404: nothing is served at {path}\n"
+    )));
+    *out.status_mut() = ::http::StatusCode::NOT_FOUND;
+    out.headers_mut().insert(
+        ::http::header::CONTENT_TYPE,
+        ::http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    out
 }

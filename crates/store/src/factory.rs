@@ -44,11 +44,13 @@ pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
     match spec {
         StoreSpec::ExperimentalCloudObjectStore(c) => cloud_object_store::check(c, path)?,
         StoreSpec::OntapS3ExistenceCache(c) => ontap_existence_cache::check(c, path)?,
-        StoreSpec::ExperimentalMongo(_) => return Err(Error::unimplemented(format!(
+        StoreSpec::ExperimentalMongo(_) => {
+            return Err(Error::unimplemented(format!(
             "{path}: store kind `experimental_mongo` parses but is not built yet in this version \
                  of Cairn (there is no MongoDB server to test it against); use redis_store, \
                  experimental_cloud_object_store or filesystem"
-        ))),
+        )))
+        }
         StoreSpec::Grpc(c) => {
             grpc::check(c).map_err(|e| e.context(path))?;
         }
