@@ -59,8 +59,90 @@ pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
         }
         _ => {}
     }
+    if let StoreSpec::Dedup(d) = spec {
+        check_dedup_namespaces(d, path)?;
+    }
     for (key, child) in spec.children() {
         check_spec(child, &format!("{path}.{}.{key}", spec.kind()))?;
+    }
+    Ok(())
+}
+
+/// Where a leaf store keeps its entries, when that place can be shared by two stores of one
+/// config: a bucket (or container) and prefix, a Redis deployment and prefix, a directory.
+fn namespace(spec: &StoreSpec) -> Option<String> {
+    let cloud = |c: &cairn_config::stores::CloudObjectStore, provider: &str| {
+        format!(
+            "{provider} {} bucket {:?} prefix {:?}",
+            [
+                &c.endpoint,
+                &c.account_name,
+                &c.account_id,
+                &c.namespace,
+                &c.region
+            ]
+            .iter()
+            .filter_map(|v| v.as_deref())
+            .collect::<Vec<_>>()
+            .join(" "),
+            c.bucket.as_deref().or(c.container.as_deref()).unwrap_or(""),
+            c.key_prefix.as_deref().unwrap_or("")
+        )
+    };
+    match spec {
+        StoreSpec::ExperimentalCloudObjectStore(c) => {
+            Some(cloud(c, c.provider.as_deref().unwrap_or("")))
+        }
+        StoreSpec::OntapS3ExistenceCache(c) => Some(cloud(&c.backend, "ontap")),
+        StoreSpec::Filesystem(f) => Some(format!("directory {:?}", f.content_path)),
+        StoreSpec::RedisStore(r) => {
+            let mut addresses = r.addresses.clone();
+            addresses.sort();
+            Some(format!(
+                "redis {} prefix {:?}",
+                addresses.join(","),
+                r.key_prefix.as_deref().unwrap_or("")
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Every leaf below `spec` with a shareable place: (namespace, key path).
+fn namespaces(spec: &StoreSpec, path: &str, out: &mut Vec<(String, String)>) {
+    if let Some(ns) = namespace(spec) {
+        out.push((ns, format!("{path}.{}", spec.kind())));
+    }
+    for (key, child) in spec.children() {
+        namespaces(child, &format!("{path}.{}.{key}", spec.kind()), out);
+    }
+}
+
+/// A dedup store's index and content must not share a place: the index entry of a blob of
+/// one chunk and that chunk have the same key, so each would overwrite the other and reads
+/// would return wrong bytes. (NativeLink 1.6.6's `ontap_backend.json5` example has this
+/// shape; NativeLink runs it.)
+fn check_dedup_namespaces(d: &cairn_config::stores::DedupStore, path: &str) -> Result<(), Error> {
+    let (mut index, mut content) = (Vec::new(), Vec::new());
+    namespaces(
+        &d.index_store,
+        &format!("{path}.dedup.index_store"),
+        &mut index,
+    );
+    namespaces(
+        &d.content_store,
+        &format!("{path}.dedup.content_store"),
+        &mut content,
+    );
+    for (ns, at) in &index {
+        if let Some((_, other)) = content.iter().find(|(n, _)| n == ns) {
+            return Err(Error::invalid_argument(format!(
+                "{path}.dedup: index_store and content_store both keep their entries in {ns} \
+                 ({at} and {other}); a blob's index entry and its content would overwrite each \
+                 other and reads would return wrong bytes. Give them different key_prefix (or \
+                 content_path) values"
+            )));
+        }
     }
     Ok(())
 }
@@ -248,6 +330,35 @@ impl<'a> Builder<'a> {
 mod tests {
     use super::*;
     use crate::StoreExt;
+
+    #[test]
+    fn a_dedup_whose_index_and_content_share_a_place_is_refused() {
+        let tree = |index_prefix: &str| {
+            format!(
+                r#"{{stores: {{CAS: {{dedup: {{
+                    index_store: {{fast_slow: {{
+                        fast: {{memory: {{}}}},
+                        slow: {{redis_store: {{addresses: ["redis://127.0.0.1:1"], key_prefix: "{index_prefix}"}}}},
+                    }}}},
+                    content_store: {{compression: {{compression_algorithm: {{lz4: {{}}}}, backend:
+                        {{redis_store: {{addresses: ["redis://127.0.0.1:1"], key_prefix: "c/"}}}}}}}},
+                }}}}}}}}"#
+            )
+        };
+        let cfg = cairn_config::parse_str("t.json5", &tree("c/")).unwrap();
+        let e = check_spec(&cfg.stores.iter().next().unwrap().spec, "stores.CAS").unwrap_err();
+        assert!(
+            e.message
+                .contains("stores.CAS.dedup: index_store and content_store both")
+                && e.message
+                    .contains("stores.CAS.dedup.index_store.fast_slow.slow.redis_store")
+                && e.message
+                    .contains("stores.CAS.dedup.content_store.compression.backend.redis_store"),
+            "{e}"
+        );
+        let cfg = cairn_config::parse_str("t.json5", &tree("i/")).unwrap();
+        check_spec(&cfg.stores.iter().next().unwrap().spec, "stores.CAS").unwrap();
+    }
 
     #[tokio::test]
     async fn builds_trees_and_resolves_refs_in_any_order() {

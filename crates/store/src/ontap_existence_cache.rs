@@ -297,7 +297,13 @@ fn write_index(path: &Path, lines: &[String]) -> Result<(), Error> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per write: two stores may share one index_path (the same bucket and prefix).
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_extension(format!(
+        "tmp{}.{}",
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
     let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
     writeln!(f, "{HEADER}").map_err(io)?;
     for l in lines {

@@ -120,6 +120,7 @@ pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Cli
     let container = match spec.sas_url.as_deref() {
         Some(url) => {
             let sas = parse_sas_url(url, spec.account_name.as_deref(), at)?;
+            super::plain_http_allowed(&sas.endpoint, spec, at, &format!("{at}.sas_url"))?;
             b = b
                 .with_account(sas.account)
                 .with_endpoint(sas.endpoint)

@@ -101,6 +101,25 @@ pub(crate) fn client_options(spec: &Spec) -> ClientOptions {
     }
 }
 
+/// An `http://` endpoint needs `insecure_allow_http`: refused at start with the key to set,
+/// rather than failing every request with the HTTP client's "builder error". `source` says
+/// where the endpoint came from (a key or an environment variable).
+pub(crate) fn plain_http_allowed(
+    endpoint: &str,
+    spec: &Spec,
+    at: &str,
+    source: &str,
+) -> Result<(), Error> {
+    if endpoint.starts_with("http://") && !spec.insecure_allow_http {
+        return Err(Error::invalid_argument(format!(
+            "{at}.insecure_allow_http: the endpoint {endpoint} ({source}) is plain HTTP, which \
+             this store refuses unless insecure_allow_http is true (for emulators and tests; \
+             use https:// in production)"
+        )));
+    }
+    Ok(())
+}
+
 /// `object_store`'s own retries are off: the store retries, and counts, each operation.
 pub(crate) fn no_client_retries() -> RetryConfig {
     RetryConfig {

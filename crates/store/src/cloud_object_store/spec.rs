@@ -129,6 +129,16 @@ pub fn check_at(spec: &Spec, at: &str) -> Result<(), Error> {
             )));
         }
     }
+    if let Some(endpoint) = spec.endpoint.as_deref() {
+        super::plain_http_allowed(endpoint, spec, at, &format!("{at}.endpoint"))?;
+    }
+    if *provider == "aws" {
+        for var in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
+            if let Ok(endpoint) = std::env::var(var) {
+                super::plain_http_allowed(&endpoint, spec, at, var)?;
+            }
+        }
+    }
     RetryPolicy::from_config(spec.retry.as_ref(), &format!("{at}.retry"))?;
     if spec.multipart_max_concurrent_uploads == Some(0) {
         return Err(Error::invalid_argument(format!(

@@ -412,6 +412,14 @@ fn keys_of_another_provider_and_missing_keys_are_refused_by_path() {
         ),
         (r#"{provider: "gcs"}"#, ".bucket: required"),
         (
+            r#"{provider: "azure", account_name: "a", container: "c", endpoint: "http://127.0.0.1:1/a"}"#,
+            ".insecure_allow_http: the endpoint http://127.0.0.1:1/a (stores.S3.experimental_cloud_object_store.endpoint) is plain HTTP",
+        ),
+        (
+            r#"{provider: "ontap", bucket: "b", vserver_name: "v", endpoint: "http://o"}"#,
+            "insecure_allow_http",
+        ),
+        (
             r#"{provider: "ontap", bucket: "b", endpoint: "https://o"}"#,
             ".vserver_name: required",
         ),
@@ -435,7 +443,7 @@ fn keys_of_another_provider_and_missing_keys_are_refused_by_path() {
         r#"{provider: "r2", account_id: "acc", bucket: "b", access_key_id: "k", secret_access_key: "s"}"#,
         r#"{provider: "oci", namespace: "ns", region: "us-phoenix-1", bucket: "b"}"#,
         r#"{provider: "ontap", endpoint: "https://o", vserver_name: "svm", bucket: "b"}"#,
-        r#"{provider: "azure", account_name: "a", container: "c", endpoint: "http://127.0.0.1:10000/a"}"#,
+        r#"{provider: "azure", account_name: "a", container: "c", endpoint: "http://127.0.0.1:10000/a", insecure_allow_http: true}"#,
         r#"{provider: "azure", sas_url: "https://a.blob.core.windows.net/c?sv=1&sig=x"}"#,
         r#"{provider: "gcs", bucket: "b", resumable_chunk_size: "8mb", connection_timeout_s: 3}"#,
     ] {
