@@ -20,6 +20,9 @@ pub fn check_config(path: &Path) -> ExitCode {
         return ExitCode::from(2);
     }
     print!("{}", describe(&cfg));
+    for w in warnings(&cfg) {
+        eprintln!("warning: {file}: {w}");
+    }
     // What `cairn run` would refuse before it starts anything.
     if let Err(e) = check_parts(&file, &cfg) {
         eprintln!("error: {e}");
@@ -212,6 +215,79 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
         )?;
     }
     Ok(())
+}
+
+/// What the config asks for that works but is a hazard, one message per finding (each starts
+/// with its key path): a `dedup` whose index and content share a place, an action cache that
+/// shares a store or a place with a CAS. `check-config` prints them; `run` logs them.
+pub fn warnings(cfg: &CairnConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    for named in cfg.stores.iter() {
+        out.extend(cairn_store::spec_warnings(
+            &named.spec,
+            &format!("stores.{}", named.name),
+        ));
+    }
+    let mut cas_stores: Vec<(&str, String)> = Vec::new();
+    let mut ac_stores: Vec<(&str, String)> = Vec::new();
+    for (i, s) in cfg.servers.iter().enumerate() {
+        let Some(sv) = &s.services else { continue };
+        let p = format!("servers[{i}].services");
+        for c in sv.cas.iter().flat_map(|m| m.0.iter()) {
+            cas_stores.push((
+                &c.cas_store,
+                format!("{p}.cas.{}.cas_store", c.instance_name),
+            ));
+        }
+        for c in sv.ac.iter().flat_map(|m| m.0.iter()) {
+            ac_stores.push((&c.ac_store, format!("{p}.ac.{}.ac_store", c.instance_name)));
+        }
+    }
+    out.extend(cas_and_ac_apart(cfg, &cas_stores, &ac_stores));
+    out
+}
+
+/// An action cache that shares a store, or a place (bucket and prefix, Redis prefix,
+/// directory), with a CAS: an action's result is kept under the action's digest, which is also
+/// the CAS key of the Action message itself, so each overwrites the other (a CAS read of the
+/// Action then fails: its length or hash is wrong). NativeLink 1.6.6's `redis.json5` example
+/// has this shape.
+fn cas_and_ac_apart(
+    cfg: &CairnConfig,
+    cas: &[(&str, String)],
+    ac: &[(&str, String)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (ac_name, ac_at) in ac {
+        let ac_places = cairn_store::places_of(&cfg.stores, ac_name);
+        for (cas_name, cas_at) in cas {
+            if ac_name == cas_name {
+                out.push(format!(
+                    "{ac_at}: {ac_name:?} is also a CAS ({cas_at}); an action's result is kept \
+                     under the action's digest, which is the Action's own key in the CAS, so \
+                     each overwrites the other: give the action cache a store of its own"
+                ));
+                continue;
+            }
+            let cas_places = cairn_store::places_of(&cfg.stores, cas_name);
+            let shared = ac_places.iter().find_map(|(place, ac_leaf)| {
+                let (_, cas_leaf) = cas_places.iter().find(|(p, _)| p == place)?;
+                Some((place, ac_leaf, cas_leaf))
+            });
+            if let Some((place, ac_leaf, cas_leaf)) = shared {
+                out.push(format!(
+                    "{ac_at}: the action cache {ac_name:?} and the CAS {cas_name:?} ({cas_at}) \
+                     both keep entries in {place} ({ac_leaf} and {cas_leaf}); an action's \
+                     result and the Action message share a key there and overwrite each \
+                     other: give them different key_prefix (or content_path) values, or \
+                     different buckets"
+                ));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The checks `cairn run` makes before it builds anything (the same functions): store kinds

@@ -51,6 +51,9 @@ pub fn main(config: Option<&Path>) -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
+    for w in crate::check::warnings(&cfg) {
+        tracing::warn!("{file}: {w}");
+    }
     if let Some(n) = cfg.global.as_ref().and_then(|g| g.max_open_files) {
         match rlimit::increase_nofile_limit(n) {
             Ok(got) if got < n => tracing::warn!(

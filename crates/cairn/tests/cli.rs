@@ -288,6 +288,87 @@ fn recognised_but_unbuilt_nativelink_parts_are_refused_by_key_path() {
     }
 }
 
+/// An action cache that shares a store, or a bucket prefix, with a CAS, and a dedup whose
+/// index and content share one, are warned of by `check-config` (and logged by `run`), naming
+/// the key paths; apart, or through `completeness_checking`'s read-only `cas_store`, nothing
+/// is said.
+#[test]
+fn stores_that_overwrite_each_other_are_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |stores: &str, ac: &str| {
+        format!(
+            r#"{{ stores: {{ {stores} }}, servers: [{{ listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }},
+               services: {{ cas: [{{ instance_name: "", cas_store: "CAS" }}], ac: [{{ instance_name: "", ac_store: "{ac}" }}] }} }}] }}"#
+        )
+    };
+    let s3 = |prefix: &str| {
+        format!(
+            r#"{{ experimental_cloud_object_store: {{ provider: "aws", region: "r", bucket: "b", key_prefix: "{prefix}" }} }}"#
+        )
+    };
+    let warned = [
+        (
+            config(&format!("CAS: {}", s3("p/")), "CAS"),
+            "warning: c.json5: servers[0].services.ac..ac_store: \"CAS\" is also a CAS",
+        ),
+        (
+            config(
+                &format!(
+                    "CAS: {{ fast_slow: {{ fast: {{ memory: {{}} }}, slow: {} }} }}, AC: {}",
+                    s3("p/"),
+                    s3("p/")
+                ),
+                "AC",
+            ),
+            "the action cache \"AC\" and the CAS \"CAS\"",
+        ),
+        (
+            config(
+                &format!(
+                    "CAS: {{ dedup: {{ index_store: {}, content_store: {} }} }}, AC: {}",
+                    s3("d/"),
+                    s3("d/"),
+                    s3("ac/")
+                ),
+                "AC",
+            ),
+            "stores.CAS.dedup: index_store and content_store both keep their entries in aws",
+        ),
+    ];
+    for (text, want) in warned {
+        let f = dir.path().join("c.json5");
+        std::fs::write(&f, &text).unwrap();
+        let out = cairn()
+            .current_dir(dir.path())
+            .arg("check-config")
+            .arg("c.json5")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.contains(want), "{text}: {err}");
+    }
+    for text in [
+        config(&format!("CAS: {}, AC: {}", s3("cas/"), s3("ac/")), "AC"),
+        config(
+            &format!(
+                r#"CAS: {}, AC: {{ completeness_checking: {{ backend: {}, cas_store: {{ ref_store: {{ name: "CAS" }} }} }} }}"#,
+                s3("cas/"),
+                s3("ac/")
+            ),
+            "AC",
+        ),
+    ] {
+        let f = dir.path().join("ok.json5");
+        std::fs::write(&f, &text).unwrap();
+        let out = cairn().arg("check-config").arg(&f).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !err.contains("warning"),
+            "{text}: {err}"
+        );
+    }
+}
+
 /// NativeLink's local-worker keys with values Cairn cannot use are errors naming the key.
 #[test]
 fn bad_worker_key_values_are_refused_by_key_path() {

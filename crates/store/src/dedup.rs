@@ -367,22 +367,34 @@ async fn fetch(
     len: u64,
 ) -> Result<Bytes, Error> {
     let what = || format!("dedup store: reading chunk {chunk} of {blob}");
+    // The whole chunk, so that its hash is checked before any of it is served: a chunk that is
+    // not what its key says (damaged in the backend, or overwritten by another store that
+    // shares its place) is DATA_LOSS, never wrong bytes.
     let body = content
-        .get(&chunk, offset, Some(len))
+        .get(&chunk, 0, None)
         .await
         .map_err(|e| e.context(what()))?;
     // Chunks are at most 16 MiB (checked when the index is decoded).
-    let data = stream::collect(body, len as usize)
+    let data = stream::collect(body, chunk.size() as usize)
         .await
         .map_err(|e| e.context(what()))?;
-    if data.len() as u64 != len {
+    if data.len() as u64 != chunk.size() {
         return Err(Error::data_loss(format!(
-            "{}: got {} bytes, expected {len}",
+            "{}: got {} bytes, expected {}",
             what(),
-            data.len()
+            data.len(),
+            chunk.size()
         )));
     }
-    Ok(data)
+    if chunk.function().compute(&data) != chunk {
+        return Err(Error::data_loss(format!(
+            "{}: its bytes do not hash to its key (damaged in the content store, or \
+             overwritten by a store that shares its place)",
+            what()
+        )));
+    }
+    let end = offset.saturating_add(len).min(chunk.size());
+    Ok(data.slice(offset.min(end) as usize..end as usize))
 }
 
 #[async_trait]
@@ -523,6 +535,58 @@ mod tests {
             index,
             content,
         }
+    }
+
+    /// Index and content in one store (a shared bucket prefix): a blob of one chunk and its
+    /// index entry have one key. A clobbered chunk is DATA_LOSS, never wrong bytes; a chunk
+    /// damaged in the content store too.
+    #[tokio::test]
+    async fn a_chunk_that_is_not_what_its_key_says_is_data_loss_never_served() {
+        let shared = Arc::new(MemoryStore::new(&Default::default()));
+        let cfg = Cfg {
+            index_store: StoreSpec::Noop(Default::default()),
+            content_store: StoreSpec::Noop(Default::default()),
+            min_size: Some(ByteSize(2 * 1024)),
+            normal_size: Some(ByteSize(8 * 1024)),
+            max_size: Some(ByteSize(32 * 1024)),
+            max_concurrent_fetch_per_get: Some(3),
+        };
+        let store = DedupStore::new(&cfg, shared.clone(), shared.clone()).unwrap();
+        let blob = Bytes::from(vec![7u8; 1000]);
+        let key = DigestFunction::Sha256.compute(&blob);
+        store.put_bytes(&key, blob.clone()).await.unwrap();
+        // The index entry (written last) replaced the chunk under the same key; or the chunk
+        // replaced the index: either way no wrong bytes come out.
+        match store.get_all(&key, 1 << 20).await {
+            Ok(got) => assert_eq!(got, blob),
+            Err(e) => assert!(
+                matches!(
+                    e.code,
+                    cairn_core::Code::DataLoss | cairn_core::Code::NotFound
+                ),
+                "{e}"
+            ),
+        }
+
+        let f = fixture();
+        let data = testutil::data(100_000, 5);
+        let key = DigestFunction::Sha256.compute(&data);
+        f.store.put_bytes(&key, data.clone()).await.unwrap();
+        // Damage one chunk in place: same key, same length, other bytes.
+        let index = f.index.get_all(&key, 1 << 20).await.unwrap();
+        let chunks = Index::decode(&key, &index).unwrap().chunks;
+        let victim = chunks[1];
+        let mut bad = f.content.get_all(&victim, 1 << 20).await.unwrap().to_vec();
+        bad[0] ^= 1;
+        f.content.put_bytes(&victim, bad.into()).await.unwrap();
+        let e = f.store.get_all(&key, 1 << 20).await.unwrap_err();
+        assert_eq!(e.code, cairn_core::Code::DataLoss, "{e}");
+        assert!(e.message.contains("do not hash to its key"), "{e}");
+        // A range inside an intact chunk still reads.
+        let first = chunks[0].size();
+        let part = f.store.get(&key, 0, Some(first.min(100))).await.unwrap();
+        let part = cairn_core::stream::collect(part, 1 << 20).await.unwrap();
+        assert_eq!(part, data.slice(0..first.min(100) as usize));
     }
 
     fn uneven(data: &Bytes, step: usize) -> BlobStream {

@@ -59,13 +59,27 @@ pub fn check_spec(spec: &StoreSpec, path: &str) -> Result<(), Error> {
         }
         _ => {}
     }
-    if let StoreSpec::Dedup(d) = spec {
-        check_dedup_namespaces(d, path)?;
-    }
     for (key, child) in spec.children() {
         check_spec(child, &format!("{path}.{}.{key}", spec.kind()))?;
     }
     Ok(())
+}
+
+/// What a store spec asks for that works but is a hazard, one message per finding: a `dedup`
+/// whose index and content share a place. `cairn check-config` prints them; `cairn run` logs
+/// them as warnings at start.
+pub fn spec_warnings(spec: &StoreSpec, path: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    if let StoreSpec::Dedup(d) = spec {
+        out.extend(dedup_shared_place(d, path));
+    }
+    for (key, child) in spec.children() {
+        out.extend(spec_warnings(
+            child,
+            &format!("{path}.{}.{key}", spec.kind()),
+        ));
+    }
+    out
 }
 
 /// Where a leaf store keeps its entries, when that place can be shared by two stores of one
@@ -118,11 +132,58 @@ fn namespaces(spec: &StoreSpec, path: &str, out: &mut Vec<(String, String)>) {
     }
 }
 
-/// A dedup store's index and content must not share a place: the index entry of a blob of
-/// one chunk and that chunk have the same key, so each would overwrite the other and reads
-/// would return wrong bytes. (NativeLink 1.6.6's `ontap_backend.json5` example has this
-/// shape; NativeLink runs it.)
-fn check_dedup_namespaces(d: &cairn_config::stores::DedupStore, path: &str) -> Result<(), Error> {
+/// The places of the leaves of named store `name` (following `ref_store`), each with its key
+/// path: where a CAS and an action cache must not meet (see `cairn check-config`).
+pub fn places_of(stores: &NamedList<StoreSpec>, name: &str) -> Vec<(String, String)> {
+    fn walk(
+        stores: &NamedList<StoreSpec>,
+        spec: &StoreSpec,
+        path: &str,
+        depth: usize,
+        out: &mut Vec<(String, String)>,
+    ) {
+        if depth > 16 {
+            return; // a cycle of refs, refused by the builder with its own message
+        }
+        if let Some(ns) = namespace(spec) {
+            out.push((ns, format!("{path}.{}", spec.kind())));
+        }
+        if let StoreSpec::RefStore(r) = spec {
+            if let Some(target) = stores.get(&r.name) {
+                walk(
+                    stores,
+                    target,
+                    &format!("stores.{}", r.name),
+                    depth + 1,
+                    out,
+                );
+            }
+        }
+        for (key, child) in spec.children() {
+            if matches!(spec, StoreSpec::CompletenessChecking(_)) && key == "cas_store" {
+                continue; // only read, to check that results' outputs exist
+            }
+            walk(
+                stores,
+                child,
+                &format!("{path}.{}.{key}", spec.kind()),
+                depth + 1,
+                out,
+            );
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(spec) = stores.get(name) {
+        walk(stores, spec, &format!("stores.{name}"), 0, &mut out);
+    }
+    out
+}
+
+/// A dedup store's index and content sharing a place: the index entry of a blob of one chunk
+/// and that chunk have the same key, so each overwrites the other. Reads stay safe (every
+/// chunk's hash is checked, so a clobbered one is DATA_LOSS, not wrong bytes), but such blobs
+/// are lost. (NativeLink 1.6.6's `ontap_backend.json5` example has this shape.)
+fn dedup_shared_place(d: &cairn_config::stores::DedupStore, path: &str) -> Option<String> {
     let (mut index, mut content) = (Vec::new(), Vec::new());
     namespaces(
         &d.index_store,
@@ -134,17 +195,15 @@ fn check_dedup_namespaces(d: &cairn_config::stores::DedupStore, path: &str) -> R
         &format!("{path}.dedup.content_store"),
         &mut content,
     );
-    for (ns, at) in &index {
-        if let Some((_, other)) = content.iter().find(|(n, _)| n == ns) {
-            return Err(Error::invalid_argument(format!(
-                "{path}.dedup: index_store and content_store both keep their entries in {ns} \
-                 ({at} and {other}); a blob's index entry and its content would overwrite each \
-                 other and reads would return wrong bytes. Give them different key_prefix (or \
-                 content_path) values"
-            )));
-        }
-    }
-    Ok(())
+    index.iter().find_map(|(ns, at)| {
+        let (_, other) = content.iter().find(|(n, _)| n == ns)?;
+        Some(format!(
+            "{path}.dedup: index_store and content_store both keep their entries in {ns} \
+             ({at} and {other}); a blob of one chunk and its index entry share a key there and \
+             overwrite each other, so such blobs are lost (reads fail with DATA_LOSS). Give \
+             them different key_prefix (or content_path) values"
+        ))
+    })
 }
 
 /// Builds every named store and records each node.
@@ -332,7 +391,7 @@ mod tests {
     use crate::StoreExt;
 
     #[test]
-    fn a_dedup_whose_index_and_content_share_a_place_is_refused() {
+    fn a_dedup_whose_index_and_content_share_a_place_is_warned_of() {
         let tree = |index_prefix: &str| {
             format!(
                 r#"{{stores: {{CAS: {{dedup: {{
@@ -346,18 +405,19 @@ mod tests {
             )
         };
         let cfg = cairn_config::parse_str("t.json5", &tree("c/")).unwrap();
-        let e = check_spec(&cfg.stores.iter().next().unwrap().spec, "stores.CAS").unwrap_err();
+        let spec = &cfg.stores.iter().next().unwrap().spec;
+        check_spec(spec, "stores.CAS").unwrap();
+        let w = spec_warnings(spec, "stores.CAS");
+        assert_eq!(w.len(), 1, "{w:?}");
+        let e = &w[0];
         assert!(
-            e.message
-                .contains("stores.CAS.dedup: index_store and content_store both")
-                && e.message
-                    .contains("stores.CAS.dedup.index_store.fast_slow.slow.redis_store")
-                && e.message
-                    .contains("stores.CAS.dedup.content_store.compression.backend.redis_store"),
+            e.contains("stores.CAS.dedup: index_store and content_store both")
+                && e.contains("stores.CAS.dedup.index_store.fast_slow.slow.redis_store")
+                && e.contains("stores.CAS.dedup.content_store.compression.backend.redis_store"),
             "{e}"
         );
         let cfg = cairn_config::parse_str("t.json5", &tree("i/")).unwrap();
-        check_spec(&cfg.stores.iter().next().unwrap().spec, "stores.CAS").unwrap();
+        assert!(spec_warnings(&cfg.stores.iter().next().unwrap().spec, "stores.CAS").is_empty());
     }
 
     #[tokio::test]

@@ -38,7 +38,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use cairn_core::{BlobStream, Digest, Error};
 
-pub use factory::{build_spec, build_store_tree, build_stores, check_spec, StoreMap, StoreTree};
+pub use factory::{
+    build_spec, build_store_tree, build_stores, check_spec, places_of, spec_warnings, StoreMap,
+    StoreTree,
+};
 
 /// A store's health as `/status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
