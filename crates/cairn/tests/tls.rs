@@ -417,3 +417,140 @@ fn grpc_c_core_clients_connect_over_tls_and_mtls() {
         );
     }
 }
+
+/// The outbound side: a `grpc` store and a `grpc` scheduler read their `tls_config` files again
+/// when they change, so a client certificate renewed in place (cert-manager) is used by the
+/// next connection without a restart. The backend is restarted to trust only a new CA: the
+/// front's old certificate is refused, its new one (written over the same files) is taken.
+#[tokio::test]
+async fn outbound_client_certificates_are_reloaded_when_their_files_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let old_ca = Pki::new(&tmp.path().join("old"), "old");
+    let new_ca = Pki::new(&tmp.path().join("new"), "new");
+    let server = old_ca.issue("backend", 1, true);
+    let client_ca = tmp.path().join("client-ca.pem");
+    std::fs::copy(&old_ca.ca, &client_ca).unwrap();
+    let backend_config = format!(
+        r#"{{
+  stores: {{ CAS: {{ memory: {{}} }} }},
+  schedulers: {{ MAIN: {{ simple: {{ supported_platform_properties: {{ pool: "exact" }} }} }} }},
+  servers: [{{
+    listener: {{ http: {{ socket_address: "@ADDR@", tls: {{ cert_file: "{}", key_file: "{}", client_ca_file: "{}" }} }} }},
+    services: {{
+      cas: [{{ instance_name: "", cas_store: "CAS" }}],
+      bytestream: [{{ instance_name: "", cas_store: "CAS" }}],
+      execution: [{{ instance_name: "", cas_store: "CAS", scheduler: "MAIN" }}],
+      capabilities: [{{ instance_name: "", remote_execution: {{ scheduler: "MAIN" }} }}],
+    }},
+  }}],
+}}"#,
+        server.cert.display(),
+        server.key.display(),
+        client_ca.display()
+    );
+    let bdir = tmp.path().join("backend");
+    std::fs::create_dir_all(&bdir).unwrap();
+    let backend_addr = common::free_addr();
+    let backend = Cairn::start_with(&bdir, &backend_config, Some(backend_addr));
+
+    // The front's identity files, rewritten in place later.
+    let (cert, key) = (tmp.path().join("front.crt"), tmp.path().join("front.key"));
+    let first = old_ca.issue("front", 2, false);
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+    let tls = format!(
+        r#"tls_config: {{ ca_file: "{}", cert_file: "{}", key_file: "{}" }}"#,
+        old_ca.ca.display(),
+        cert.display(),
+        key.display()
+    );
+    let front_config = format!(
+        r#"{{
+  stores: {{ CAS: {{ grpc: {{ instance_name: "", store_type: "cas",
+    endpoints: [{{ address: "grpcs://127.0.0.1:{port}", {tls} }}] }} }} }},
+  schedulers: {{ FRONT: {{ grpc: {{ endpoint: {{ address: "grpcs://127.0.0.1:{port}", {tls} }} }} }} }},
+  servers: [{{
+    listener: {{ http: {{ socket_address: "@ADDR@" }} }},
+    services: {{
+      cas: [{{ instance_name: "", cas_store: "CAS" }}],
+      capabilities: [{{ instance_name: "", remote_execution: {{ scheduler: "FRONT" }} }}],
+    }},
+  }}],
+}}"#,
+        port = backend_addr.port()
+    );
+    let fdir = tmp.path().join("front");
+    std::fs::create_dir_all(&fdir).unwrap();
+    let front = Cairn::start_with(&fdir, &front_config, None);
+    let ch = front.channel().await;
+    let store = |n: u8| {
+        let ch = ch.clone();
+        async move {
+            let blob = vec![n; 100];
+            let r =
+                re::content_addressable_storage_client::ContentAddressableStorageClient::new(ch)
+                    .batch_update_blobs(re::BatchUpdateBlobsRequest {
+                        requests: vec![re::batch_update_blobs_request::Request {
+                            digest: Some(
+                                cairn_core::DigestFunction::Sha256.compute(&blob).to_proto(),
+                            ),
+                            data: blob,
+                            compressor: 0,
+                        }],
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner();
+            match r.responses[0].status.as_ref() {
+                Some(s) if s.code != 0 => Err(s.message.clone()),
+                _ => Ok(()),
+            }
+        }
+    };
+    let properties = || {
+        let ch = ch.clone();
+        async move {
+            re::capabilities_client::CapabilitiesClient::new(ch)
+                .get_capabilities(re::GetCapabilitiesRequest::default())
+                .await
+                .map_err(|e| e.to_string())
+                .map(|c| {
+                    c.into_inner()
+                        .execution_capabilities
+                        .map(|e| e.supported_node_properties)
+                        .unwrap_or_default()
+                })
+        }
+    };
+    store(1).await.unwrap();
+    assert_eq!(properties().await.unwrap(), ["pool"]);
+
+    // The backend now trusts only the new CA; the front's certificate is still the old one.
+    drop(backend);
+    std::fs::copy(&new_ca.ca, &client_ca).unwrap();
+    let backend = Cairn::start_with(&bdir, &backend_config, Some(backend_addr));
+    let e = store(2).await.unwrap_err();
+    assert!(!e.is_empty());
+    // (GetCapabilities still answers, without the properties the backend did not give.)
+    assert!(properties().await.unwrap().is_empty());
+
+    // Renewed in place: the next connections present it.
+    let renewed = new_ca.issue("front", 3, false);
+    std::fs::copy(&renewed.cert, &cert).unwrap();
+    std::fs::copy(&renewed.key, &key).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut n = 3;
+    loop {
+        n += 1;
+        match (store(n).await, properties().await) {
+            (Ok(()), Ok(p)) if p == ["pool"] => break,
+            (a, b) => assert!(
+                Instant::now() < deadline,
+                "the renewed certificate was never used: store {a:?}, capabilities {b:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(backend);
+}

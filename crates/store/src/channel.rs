@@ -1,13 +1,130 @@
 //! Outbound gRPC endpoints: `grpc://` (plaintext h2c) and `grpcs://` (TLS) addresses with
 //! NativeLink's client `tls_config`, for the `grpc` store and workers' scheduler connections.
 //!
-//! The files are read once, when the endpoint is built; an unreadable or malformed file is an
-//! error naming its key path. A `grpcs://` address without `tls_config` trusts the operating
-//! system's CAs.
+//! The files are read when the endpoint is built; an unreadable or malformed file is an error
+//! naming its key path. A [`Pool`] of channels reads them again when they change (checked at
+//! most every [`TLS_RECHECK`]): new connections use the new files, open ones carry on. A
+//! `grpcs://` address without `tls_config` trusts the operating system's CAs.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use cairn_config::servers::ClientTlsConfig;
 use cairn_core::Error;
-use tonic::transport::{Certificate, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, Endpoint, Identity};
+
+/// How often a [`Pool`] looks at its TLS files.
+pub const TLS_RECHECK: Duration = Duration::from_secs(5);
+
+/// The TLS files of some `tls_config`s, to watch for changes.
+pub fn tls_files<'a>(
+    configs: impl IntoIterator<Item = Option<&'a ClientTlsConfig>>,
+) -> Vec<PathBuf> {
+    configs
+        .into_iter()
+        .flatten()
+        .flat_map(|t| [&t.ca_file, &t.cert_file, &t.key_file])
+        .flatten()
+        .map(PathBuf::from)
+        .collect()
+}
+
+type Build = dyn Fn() -> Result<Vec<Channel>, Error> + Send + Sync;
+
+/// Lazy channels, picked round-robin, built again (TLS files read again) when a watched file
+/// changes. A rebuild that fails (a half-written or wrong file) is logged and the channels in
+/// use stay. Clones share the pool.
+#[derive(Clone)]
+pub struct Pool(Arc<PoolInner>);
+
+struct PoolInner {
+    /// Key path, for the log.
+    at: String,
+    build: Box<Build>,
+    files: Vec<PathBuf>,
+    next: AtomicUsize,
+    state: parking_lot::Mutex<PoolState>,
+}
+
+struct PoolState {
+    channels: Arc<[Channel]>,
+    /// Modification time and length of each file when last looked at.
+    stamps: Vec<Option<(SystemTime, u64)>>,
+    checked: Instant,
+}
+
+fn stamps(files: &[PathBuf]) -> Vec<Option<(SystemTime, u64)>> {
+    files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f).ok()?;
+            Some((m.modified().ok()?, m.len()))
+        })
+        .collect()
+}
+
+impl Pool {
+    /// Builds the channels now (an error is the caller's, naming its key) and keeps `build`
+    /// to build them again when one of `files` changes.
+    pub fn new(
+        at: &str,
+        files: Vec<PathBuf>,
+        build: impl Fn() -> Result<Vec<Channel>, Error> + Send + Sync + 'static,
+    ) -> Result<Pool, Error> {
+        let stamped = stamps(&files);
+        let channels = build()?;
+        if channels.is_empty() {
+            return Err(Error::invalid_argument(format!("{at}: no endpoints")));
+        }
+        Ok(Pool(Arc::new(PoolInner {
+            at: at.to_string(),
+            build: Box::new(build),
+            files,
+            next: AtomicUsize::new(0),
+            state: parking_lot::Mutex::new(PoolState {
+                channels: channels.into(),
+                stamps: stamped,
+                checked: Instant::now(),
+            }),
+        })))
+    }
+
+    /// The next channel.
+    pub fn pick(&self) -> Channel {
+        let channels = self.current();
+        let i = self.0.next.fetch_add(1, Ordering::Relaxed) % channels.len();
+        channels[i].clone()
+    }
+
+    /// The channels now in use, rebuilt first if a file changed since the last look.
+    pub fn current(&self) -> Arc<[Channel]> {
+        let p = &self.0;
+        let mut st = p.state.lock();
+        if p.files.is_empty() || st.checked.elapsed() < TLS_RECHECK {
+            return st.channels.clone();
+        }
+        st.checked = Instant::now();
+        let now = stamps(&p.files);
+        if now == st.stamps {
+            return st.channels.clone();
+        }
+        // Whatever comes of it, these stamps are seen: a bad file is reported once.
+        st.stamps = now;
+        match (p.build)() {
+            Ok(channels) if !channels.is_empty() => {
+                tracing::info!(at = %p.at, "TLS files changed: new connections use them");
+                st.channels = channels.into();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(at = %p.at, error = %e, "TLS files changed but cannot be used; keeping the ones loaded before")
+            }
+        }
+        st.channels.clone()
+    }
+}
 
 /// The tonic endpoint for `address` at key path `at` (such as
 /// `stores.CAS.grpc.endpoints[0]`), with `tls` applied when the scheme is `grpcs://`.

@@ -18,8 +18,6 @@
 //! go in `BatchReadBlobs` calls (`grpc/read_batching.rs`). With `experimental_remote_cache_compression` uploads and whole
 //! reads of CAS blobs of 64 KiB or more travel as `compressed-blobs/zstd`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use async_trait::async_trait;
 use bytes::Bytes;
 use cairn_config::stores::GrpcStore as GrpcConfig;
@@ -59,8 +57,7 @@ pub enum Kind {
 pub struct GrpcStore {
     instance: String,
     kind: Kind,
-    channels: Vec<Channel>,
-    next: AtomicUsize,
+    channels: crate::channel::Pool,
     addresses: Vec<String>,
     retry: RetryPolicy,
     /// `max_concurrent_requests`.
@@ -147,30 +144,17 @@ fn traced(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::
 
 impl GrpcStore {
     pub fn new(cfg: &GrpcConfig) -> Result<GrpcStore, Error> {
-        let (kind, endpoints) = check(cfg)?;
-        let mut channels = Vec::new();
-        let mut addresses = Vec::new();
+        let (kind, _) = check(cfg)?;
         let rpc_timeout =
             (cfg.rpc_timeout_s > 0).then(|| std::time::Duration::from_secs(cfg.rpc_timeout_s));
-        for (ep, e) in endpoints.into_iter().zip(&cfg.endpoints) {
-            let ep = ep
-                .tcp_nodelay(true)
-                .initial_stream_window_size(Some(4 << 20))
-                .initial_connection_window_size(Some(16 << 20))
-                // Blobs arrive in 256 KiB frames rather than 16 KiB ones (BENCHMARKS.md).
-                .max_frame_size(Some(256 << 10));
-            let ep = crate::channel::with_endpoint_settings(ep, e);
-            let ep = match rpc_timeout {
-                Some(t) => ep.timeout(t),
-                None => ep,
-            };
-            // Each lazy channel is a connection of its own.
-            for _ in 0..cfg.connections_per_endpoint.unwrap_or(1).min(64) {
-                channels.push(ep.connect_lazy());
-            }
-            addresses.push(e.address.clone());
-        }
+        let addresses: Vec<String> = cfg.endpoints.iter().map(|e| e.address.clone()).collect();
+        let files = crate::channel::tls_files(cfg.endpoints.iter().map(|e| e.tls_config.as_ref()));
+        let build_cfg = cfg.clone();
+        let channels = crate::channel::Pool::new("grpc.endpoints", files, move || {
+            GrpcStore::channels(&build_cfg, rpc_timeout)
+        })?;
         let headers = CallHeaders::from_config(cfg)?;
+
         let batcher = match (&cfg.experimental_read_batching, kind) {
             (Some(b), Kind::Cas) => Some(read_batching::ReadBatcher::new(
                 *b,
@@ -189,7 +173,6 @@ impl GrpcStore {
             instance: cfg.instance_name.clone(),
             kind,
             channels,
-            next: AtomicUsize::new(0),
             addresses,
             retry: RetryPolicy::from_config(cfg.retry.as_ref())?,
             permits: cfg.max_concurrent_requests.map(|n| {
@@ -209,6 +192,33 @@ impl GrpcStore {
         })
     }
 
+    /// One lazy channel per connection of each endpoint (TLS files read now).
+    fn channels(
+        cfg: &GrpcConfig,
+        rpc_timeout: Option<std::time::Duration>,
+    ) -> Result<Vec<Channel>, Error> {
+        let (_, endpoints) = check(cfg)?;
+        let mut channels = Vec::new();
+        for (ep, e) in endpoints.into_iter().zip(&cfg.endpoints) {
+            let ep = ep
+                .tcp_nodelay(true)
+                .initial_stream_window_size(Some(4 << 20))
+                .initial_connection_window_size(Some(16 << 20))
+                // Blobs arrive in 256 KiB frames rather than 16 KiB ones (BENCHMARKS.md).
+                .max_frame_size(Some(256 << 10));
+            let ep = crate::channel::with_endpoint_settings(ep, e);
+            let ep = match rpc_timeout {
+                Some(t) => ep.timeout(t),
+                None => ep,
+            };
+            // Each lazy channel is a connection of its own.
+            for _ in 0..cfg.connections_per_endpoint.unwrap_or(1).min(64) {
+                channels.push(ep.connect_lazy());
+            }
+        }
+        Ok(channels)
+    }
+
     /// A request carrying this store's headers.
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(message);
@@ -217,8 +227,7 @@ impl GrpcStore {
     }
 
     fn channel(&self) -> Channel {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        self.channels[i].clone()
+        self.channels.pick()
     }
 
     fn cas(

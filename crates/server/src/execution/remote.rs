@@ -9,7 +9,6 @@
 //! resume with WaitExecution); a remote that cannot be reached is UNAVAILABLE naming this
 //! scheduler and its address.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cairn_config::schedulers::GrpcScheduler;
@@ -41,8 +40,7 @@ pub struct RemoteScheduler {
     /// The scheduler's config name, for messages.
     name: String,
     address: String,
-    channels: Vec<Channel>,
-    next: AtomicUsize,
+    channels: cairn_store::channel::Pool,
     permits: Option<Arc<Semaphore>>,
     retry: RetryPolicy,
 }
@@ -51,21 +49,29 @@ impl RemoteScheduler {
     /// Checks the config and opens the (lazy) connections. `path` is the spec's key path.
     pub fn new(name: &str, cfg: &GrpcScheduler, path: &str) -> Result<RemoteScheduler, Error> {
         let at = format!("{path}.grpc.endpoint");
-        let ep = cairn_store::channel::endpoint(
-            &cfg.endpoint.address,
-            cfg.endpoint.tls_config.as_ref(),
-            &at,
-        )?
-        .tcp_nodelay(true);
-        let ep = cairn_store::channel::with_endpoint_settings(ep, &cfg.endpoint);
         let connections = cfg.connections_per_endpoint.unwrap_or(1).clamp(1, 64);
+        let endpoint = cfg.endpoint.clone();
+        let build_at = at.clone();
+        let channels = cairn_store::channel::Pool::new(
+            &at,
+            cairn_store::channel::tls_files([cfg.endpoint.tls_config.as_ref()]),
+            move || {
+                let ep = cairn_store::channel::endpoint(
+                    &endpoint.address,
+                    endpoint.tls_config.as_ref(),
+                    &build_at,
+                )?
+                .tcp_nodelay(true);
+                let ep = cairn_store::channel::with_endpoint_settings(ep, &endpoint);
+                Ok((0..connections).map(|_| ep.connect_lazy()).collect())
+            },
+        )?;
         let retry = RetryPolicy::from_config(cfg.retry.as_ref())
             .map_err(|e| Error::invalid_argument(format!("{path}.{}", e.message)))?;
         Ok(RemoteScheduler {
             name: name.to_string(),
             address: cfg.endpoint.address.clone(),
-            channels: (0..connections).map(|_| ep.connect_lazy()).collect(),
-            next: AtomicUsize::new(0),
+            channels,
             permits: cfg
                 .max_concurrent_requests
                 .filter(|n| *n > 0)
@@ -80,8 +86,7 @@ impl RemoteScheduler {
     }
 
     fn channel(&self) -> Channel {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
-        self.channels[i].clone()
+        self.channels.pick()
     }
 
     async fn permit(&self) -> Option<OwnedSemaphorePermit> {

@@ -36,7 +36,7 @@ pub fn check(b: &GrpcReadBatching) -> Result<(), Error> {
 /// What a batch call needs of its store.
 #[derive(Clone)]
 pub(super) struct Upstream {
-    pub channels: Vec<Channel>,
+    pub channels: crate::channel::Pool,
     pub instance: String,
     pub headers: tonic::metadata::MetadataMap,
     pub addresses: String,
@@ -140,7 +140,8 @@ async fn dispatch(
             batch.push(p);
         }
         queued.fetch_sub(bytes, Ordering::AcqRel);
-        let channel = upstream.channels[next % upstream.channels.len()].clone();
+        let channels = upstream.channels.current();
+        let channel = channels[next % channels.len()].clone();
         next = next.wrapping_add(1);
         let upstream = upstream.clone();
         tokio::spawn(async move {
