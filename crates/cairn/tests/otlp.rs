@@ -999,13 +999,24 @@ async fn execute_spans_of_server_scheduler_and_worker_join_the_clients_trace() {
     // the server spans of those calls are their children (traceparent sent outbound).
     let store_gets: Vec<&Span> = spans
         .iter()
-        .filter(|s| s.name == "store.get" && string_attr(s, "store").as_deref() == Some("grpc"))
+        .filter(|s| s.name == "store.get" && string_attr(s, "kind").as_deref() == Some("grpc"))
         .filter(|s| descends(s, &fetch))
         .collect();
     assert!(
         !store_gets.is_empty(),
         "no grpc store.get under the fetch step"
     );
+    // Named by the node's key path; the wrapper around the grpc store has its span too.
+    for g in &store_gets {
+        let path = string_attr(g, "store").unwrap_or_default();
+        assert!(path.starts_with("stores."), "store span named {path:?}");
+        let parent = spans.iter().find(|p| p.span_id == g.parent_span_id);
+        assert!(
+            parent.is_some_and(|p| p.name == "store.get"
+                && string_attr(p, "kind").as_deref() == Some("fast_slow")),
+            "the grpc store.get is not under its fast_slow's"
+        );
+    }
     let inbound: Vec<&Span> = spans
         .iter()
         .filter(|s| s.kind == SpanKind::Server as i32 && s.span_id != server.span_id)

@@ -379,6 +379,7 @@ impl<'a> Builder<'a> {
                     }))
                 }
             };
+            let store = crate::traced::wrap(store, &path, spec.kind());
             self.nodes.insert(path.clone(), store.clone());
             Ok(store)
         })

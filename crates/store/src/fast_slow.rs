@@ -84,7 +84,6 @@ fn tokio_stream_from(mut rx: mpsc::Receiver<Result<Bytes, Error>>) -> BlobStream
 
 #[async_trait]
 impl Store for FastSlowStore {
-    #[tracing::instrument(level = "debug", name = "store.has", skip_all, fields(store = "fast_slow", keys = keys.len()))]
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
         let mut out = self.fast.has_many(keys).await?;
         let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
@@ -99,7 +98,6 @@ impl Store for FastSlowStore {
         Ok(out)
     }
 
-    #[tracing::instrument(level = "debug", name = "store.get", skip_all, fields(store = "fast_slow", digest = %key, offset = offset, length = ?length))]
     async fn get(
         &self,
         key: &Digest,
@@ -153,7 +151,6 @@ impl Store for FastSlowStore {
         Ok(out_rx.boxed())
     }
 
-    #[tracing::instrument(level = "debug", name = "store.put", skip_all, fields(store = "fast_slow", digest = %key, bytes = key.size()))]
     async fn put(&self, key: &Digest, mut body: BlobStream) -> Result<(), Error> {
         let to_fast = self.fast_dir.written_by_put();
         let to_slow = self.slow_dir.written_by_put();

@@ -318,7 +318,6 @@ impl GrpcStore {
 
 #[async_trait]
 impl Store for GrpcStore {
-    #[tracing::instrument(level = "debug", name = "store.has", skip_all, fields(store = "grpc", keys = keys.len()))]
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
         if keys.is_empty() {
             return Ok(vec![]);
@@ -377,7 +376,6 @@ impl Store for GrpcStore {
         }
     }
 
-    #[tracing::instrument(level = "debug", name = "store.get", skip_all, fields(store = "grpc", digest = %key, offset = offset, length = ?length))]
     async fn get(
         &self,
         key: &Digest,
@@ -438,7 +436,6 @@ impl Store for GrpcStore {
         })
     }
 
-    #[tracing::instrument(level = "debug", name = "store.put", skip_all, fields(store = "grpc", digest = %key, bytes = key.size()))]
     async fn put(&self, key: &Digest, body: BlobStream) -> Result<(), Error> {
         if self.kind == Kind::Ac {
             let data = stream::collect(body, MAX_MESSAGE).await?;

@@ -30,6 +30,7 @@ pub mod redis_store;
 pub mod ref_store;
 pub mod shard;
 pub mod size_partitioning;
+pub mod traced;
 pub mod verify;
 
 use std::sync::Arc;

@@ -95,12 +95,10 @@ fn slices(chunks: &[Bytes], mut start: u64, mut len: u64) -> Vec<Result<Bytes, E
 
 #[async_trait]
 impl Store for MemoryStore {
-    #[tracing::instrument(level = "debug", name = "store.has", skip_all, fields(store = "memory", keys = keys.len()))]
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
         Ok(keys.iter().map(|k| self.map.size_of(k)).collect())
     }
 
-    #[tracing::instrument(level = "debug", name = "store.get", skip_all, fields(store = "memory", digest = %key, offset = offset, length = ?length))]
     async fn get(
         &self,
         key: &Digest,
@@ -116,7 +114,6 @@ impl Store for MemoryStore {
         Ok(futures::stream::iter(slices(&chunks, start, len)).boxed())
     }
 
-    #[tracing::instrument(level = "debug", name = "store.put", skip_all, fields(store = "memory", digest = %key, bytes = key.size()))]
     async fn put(&self, key: &Digest, mut body: BlobStream) -> Result<(), Error> {
         let mut chunks = Vec::new();
         // The bytes of this put held so far, counted in `pending` until it ends either way.
