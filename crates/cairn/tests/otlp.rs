@@ -1012,8 +1012,9 @@ async fn execute_spans_of_server_scheduler_and_worker_join_the_clients_trace() {
         assert!(path.starts_with("stores."), "store span named {path:?}");
         let parent = spans.iter().find(|p| p.span_id == g.parent_span_id);
         assert!(
-            parent.is_some_and(|p| p.name == "store.get"
-                && string_attr(p, "kind").as_deref() == Some("fast_slow")),
+            parent
+                .is_some_and(|p| p.name == "store.get"
+                    && string_attr(p, "kind").as_deref() == Some("fast_slow")),
             "the grpc store.get is not under its fast_slow's"
         );
     }

@@ -32,11 +32,22 @@ use crate::Limits;
 /// Chunks buffered between a write stream and its store put.
 const WRITE_DEPTH: usize = 16;
 
+/// Bytes buffered between all write streams of a listener and their store puts, together
+/// (counted in KiB): past it, writers wait for their stores to take what they sent (HTTP/2 flow
+/// control then holds the clients back), so many uploads into a slow store cannot fill memory.
+pub const UPLOAD_BUFFER_BYTES: usize = 256 << 20;
+
+/// A chunk on its way to a store put, holding its share of [`UPLOAD_BUFFER_BYTES`] until the
+/// put takes it.
+type Buffered = (Bytes, Option<tokio::sync::OwnedSemaphorePermit>);
+
 pub struct ByteStreamService {
     instances: Instances,
     limits: Limits,
     metrics: Arc<Metrics>,
     uploads: Arc<Mutex<HashMap<String, Arc<Upload>>>>,
+    /// [`UPLOAD_BUFFER_BYTES`], in KiB.
+    buffered: Arc<tokio::sync::Semaphore>,
     /// Instances that take and send `compressed-blobs/zstd` (`capabilities.remote_cache_compression`).
     zstd: Arc<std::collections::BTreeSet<String>>,
 }
@@ -55,7 +66,7 @@ struct UploadState {
     committed: u64,
     /// Uncompressed bytes passed to the store.
     decoded: u64,
-    sender: Option<mpsc::Sender<Result<Bytes, Error>>>,
+    sender: Option<mpsc::Sender<Result<Buffered, Error>>>,
     done: Option<oneshot::Receiver<Result<(), Error>>>,
     decoder: Option<StreamDecoder>,
     /// Bumped by every stream that attaches; the abandon timer only fires for its own.
@@ -69,6 +80,7 @@ impl ByteStreamService {
             limits,
             metrics,
             uploads: Arc::default(),
+            buffered: Arc::new(tokio::sync::Semaphore::new(UPLOAD_BUFFER_BYTES >> 10)),
             zstd: Arc::default(),
         }
     }
@@ -104,12 +116,14 @@ impl ByteStreamService {
         digest: Digest,
         compressor: Compressor,
     ) -> Result<Upload, Error> {
-        let (tx, rx) = mpsc::channel::<Result<Bytes, Error>>(WRITE_DEPTH);
+        let (tx, rx) = mpsc::channel::<Result<Buffered, Error>>(WRITE_DEPTH);
         let (done_tx, done_rx) = oneshot::channel();
+        // The permit is dropped as the put takes the chunk.
         let body: BlobStream = futures::stream::poll_fn({
             let mut rx = rx;
             move |cx| rx.poll_recv(cx)
         })
+        .map(|r| r.map(|(chunk, _permit)| chunk))
         .boxed();
         let body = blob_stream::verified(body, digest, true);
         // The put carries the client's headers (a `grpc` store's `forward_headers`).
@@ -276,7 +290,10 @@ impl ByteStreamService {
             let Some(tx) = st.sender.as_ref() else {
                 return Err(Error::internal(format!("Write {d}: upload already closed")));
             };
-            if tx.send(Ok(chunk)).await.is_err() {
+            let kib = (chunk.len().div_ceil(1024)).min(UPLOAD_BUFFER_BYTES >> 10) as u32;
+            // Never closed: the semaphore lives as long as the service.
+            let permit = self.buffered.clone().acquire_many_owned(kib).await.ok();
+            if tx.send(Ok((chunk, permit))).await.is_err() {
                 // The put ended early: its result says why.
                 return Err(self.put_result(st).await.err().unwrap_or_else(|| {
                     Error::internal(format!("Write {d}: the store stopped reading"))
