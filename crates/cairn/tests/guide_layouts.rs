@@ -10,6 +10,9 @@
 //! - Three tiers, memory -> `redis_store` -> S3: a gRPC round trip, each tier checked to hold
 //!   the blob, reads refilling the tiers above the one that had it, and a lying upload leaving
 //!   nothing in any tier.
+//! - The guide's "CAS Server Redundancy" as the Kubernetes example ships it
+//!   (`deployment-examples/kubernetes/shared-cas/cas.json5`): three processes over one bucket
+//!   and one Redis serve each other's blobs and action results, large blobs bypassing Redis.
 
 mod common;
 #[path = "common/redis.rs"]
@@ -25,6 +28,7 @@ use cairn_core::{Digest, DigestFunction};
 use common::emulators::Moto;
 use common::{data, free_addr, Cairn};
 use futures::StreamExt;
+use re::action_cache_client::ActionCacheClient;
 use re::content_addressable_storage_client::ContentAddressableStorageClient;
 use redis_kit::RedisServer;
 use tonic::transport::Channel;
@@ -389,4 +393,105 @@ async fn three_tiers_memory_redis_s3_each_hold_the_blob_and_refill_from_below() 
     .await;
     let (code, body) = common::http_get(c.addr, "/status").await;
     assert_eq!(code, 200, "{body}");
+}
+
+/// The Kubernetes example's shared CAS config, unchanged.
+const SHARED_CAS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../deployment-examples/kubernetes/shared-cas/cas.json5"
+);
+
+#[tokio::test]
+async fn three_replicas_of_the_kubernetes_shared_cas_serve_each_others_blobs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = Moto::start().await;
+    moto.create_bucket("shared-cas").await;
+    let redis = RedisServer::start(tmp.path());
+    let mut env = moto.aws_env(&moto.endpoint());
+    env.extend([
+        ("CAIRN_CAS_LISTEN", "127.0.0.1:0".to_string()),
+        ("CAIRN_MEMORY_BYTES", "128mb".to_string()),
+        ("CAIRN_REDIS_URL", redis.url()),
+        ("CAIRN_BUCKET", "shared-cas".to_string()),
+        ("CAIRN_S3_ALLOW_HTTP", "true".to_string()),
+    ]);
+    let replicas: Vec<Cairn> = (0..3)
+        .map(|i| {
+            let dir = tmp.path().join(format!("replica-{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            Cairn::start_config_env(&dir, Path::new(SHARED_CAS), &env)
+        })
+        .collect();
+    let mut channels = Vec::new();
+    for r in &replicas {
+        channels.push(r.channel().await);
+    }
+    let in_redis = |prefix: &str, d: &Digest| {
+        redis
+            .cli(&["EXISTS", &format!("{prefix}{}-{}", d.hash_hex(), d.size())])
+            .trim()
+            == "1"
+    };
+    let in_bucket = async |prefix: &str, d: &Digest| {
+        let key = format!("{prefix}{}-{}", d.hash_hex(), d.size());
+        moto.list("shared-cas", &key).await.contains(&key)
+    };
+
+    // A blob written to one replica is found and read on the others, from Redis or the bucket.
+    let small = data(200_000, 41);
+    let ds = sha(&small);
+    assert_eq!(missing(&channels[1], "", &[ds]).await, vec![ds]);
+    write(&channels[0], &ds, &small).await.unwrap();
+    for ch in &channels[1..] {
+        assert!(missing(ch, "", &[ds]).await.is_empty());
+        assert!(read(ch, &ds).await == small);
+    }
+    assert!(in_redis("cas:", &ds) && in_bucket("cas/", &ds).await);
+
+    // A blob of 64 MB or more goes to the bucket only (Redis keeps values in memory whole).
+    let big = data(65_000_000, 42);
+    let db = sha(&big);
+    write(&channels[1], &db, &big).await.unwrap();
+    assert!(read(&channels[2], &db).await == big);
+    assert!(!in_redis("cas:", &db) && in_bucket("cas/", &db).await);
+
+    // An action result written through one replica is served by another (its output is in the
+    // CAS, so completeness checking lets it through).
+    let action = sha(b"shared-cas action");
+    let result = re::ActionResult {
+        output_files: vec![re::OutputFile {
+            path: "out".to_string(),
+            digest: Some(ds.to_proto()),
+            ..Default::default()
+        }],
+        stdout_raw: b"from replica 2".to_vec(),
+        ..Default::default()
+    };
+    ActionCacheClient::new(channels[2].clone())
+        .update_action_result(re::UpdateActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            action_result: Some(result),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = ActionCacheClient::new(channels[0].clone())
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(action.to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.stdout_raw, b"from replica 2");
+    assert!(in_redis("ac:", &action) && in_bucket("ac/", &action).await);
+
+    // A replica lost: the others serve on, with nothing of it needed.
+    let mut replicas = replicas;
+    replicas.remove(0).kill9();
+    assert!(read(&channels[1], &ds).await == small);
+    for r in &replicas {
+        let (code, body) = common::http_get(r.addr, "/status").await;
+        assert_eq!(code, 200, "{body}");
+    }
 }
