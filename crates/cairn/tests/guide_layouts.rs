@@ -9,7 +9,7 @@
 //!   wholly from S3.
 //! - Three tiers, memory -> `redis_store` -> S3: a gRPC round trip, each tier checked to hold
 //!   the blob, reads refilling the tiers above the one that had it, and a lying upload leaving
-//!   nothing in any tier.
+//!   nothing in any tier; Bazel building through them, then rebuilding from S3 alone.
 //! - The guide's "CAS Server Redundancy" as the Kubernetes example ships it
 //!   (`deployment-examples/kubernetes/shared-cas/cas.json5`): three processes over one bucket
 //!   and one Redis serve each other's blobs and action results, large blobs bypassing Redis.
@@ -217,6 +217,13 @@ const THREE_TIERS: &str = r#"{
       fast: { ref_store: { name: "MEMORY" } },
       slow: { fast_slow: { fast: { ref_store: { name: "REDIS" } }, slow: { ref_store: { name: "S3" } } } },
     } },
+    AC: { fast_slow: {
+      fast: { redis_store: { addresses: ["@REDIS@"], key_prefix: "ac:" } },
+      slow: { experimental_cloud_object_store: {
+        provider: "aws", region: "us-east-1", bucket: "tiers", key_prefix: "ac/",
+        insecure_allow_http: true, retry: { max_retries: 3, delay: 0.05, jitter: 0.5 },
+      } },
+    } },
   },
   servers: [{
     listener: { http: { socket_address: "127.0.0.1:0" } },
@@ -227,6 +234,7 @@ const THREE_TIERS: &str = r#"{
         { instance_name: "redis", cas_store: "REDIS" },
         { instance_name: "s3", cas_store: "S3" },
       ],
+      ac: [{ instance_name: "", ac_store: "AC" }],
       bytestream: [{ instance_name: "", cas_store: "TIERED" }],
       capabilities: [{ instance_name: "" }],
       health: {},
@@ -393,6 +401,59 @@ async fn three_tiers_memory_redis_s3_each_hold_the_blob_and_refill_from_below() 
     .await;
     let (code, body) = common::http_get(c.addr, "/status").await;
     assert_eq!(code, 200, "{body}");
+}
+
+/// Bazel through the three tiers (the AC in Redis over S3): a build, then, with the process
+/// gone (its memory tier with it) and Redis emptied, a clean rebuild against a new process is
+/// all remote cache hits, served from S3 alone, and refills Redis on the way.
+#[test]
+fn bazel_builds_through_the_three_tiers_and_rebuilds_from_s3_alone() {
+    let Some(program) = common::bazel::find_or_skip("guide_layouts") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = rt.block_on(Moto::start());
+    rt.block_on(moto.create_bucket("tiers"));
+    let redis = RedisServer::start(tmp.path());
+    let tiers = Tiers { moto, redis };
+    let run = |name: &str| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        tiers.start_cairn(&dir)
+    };
+    let bazel = common::bazel::Bazel::new(program, &tmp.path().join("bazel"), "bazel-workspace");
+    let args = |c: &Cairn| {
+        let mut args = bazel.cache_flags(c.addr);
+        args.push("//...".to_string());
+        args
+    };
+
+    let first = run("first");
+    let build = bazel.run("build", &args(&first));
+    let executed = build.all_processes_were("local");
+    build.assert_no_remote_cache_warning();
+    first.kill9();
+    tiers.redis.cli(&["FLUSHALL"]);
+    let report = sha(REPORT.as_bytes());
+    assert!(!tiers.in_redis(&report));
+
+    let second = run("second");
+    bazel.run("clean", &[]);
+    let again = bazel.run("build", &args(&second));
+    assert_eq!(again.all_processes_were("remote cache hit"), executed);
+    again.assert_no_remote_cache_warning();
+    assert_eq!(
+        std::fs::read_to_string(bazel.bin("report.txt")).unwrap(),
+        REPORT
+    );
+    redis_kit::wait_until(
+        "the report, read from S3, is back in Redis",
+        Duration::from_secs(20),
+        || tiers.in_redis(&report),
+    );
+    drop(bazel);
+    second.kill9();
 }
 
 /// The Kubernetes example's shared CAS config, unchanged.
