@@ -1033,3 +1033,106 @@ async fn ontap_s3_existence_cache_answers_from_its_index_and_follows_the_bucket(
     assert_ne!(r.responses[0].status.as_ref().unwrap().code, 0);
     assert_eq!(missing(&mut cl.cas, &[bad]).await.len(), 1);
 }
+
+/// The `aws` provider's credentials from the shared files when the environment has no keys:
+/// `~/.aws/credentials` (profile `default`), then `AWS_SHARED_CREDENTIALS_FILE` with
+/// `AWS_PROFILE`; the requests reaching the bucket are signed with the file's key (seen by the
+/// proxy). A profile that does not exist stops the start with the store's key path.
+#[tokio::test]
+async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_none() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(home.join(".aws")).unwrap();
+    std::fs::write(
+        home.join(".aws/credentials"),
+        "[default]\naws_access_key_id = AKIDFROMHOMEFILE\naws_secret_access_key = s\n",
+    )
+    .unwrap();
+    std::fs::write(home.join(".aws/config"), "[default]\nregion = us-east-1\n").unwrap();
+    let other = dir.path().join("ci-credentials");
+    std::fs::write(
+        &other,
+        "[ci]\naws_access_key_id = AKIDCIPROFILE\naws_secret_access_key = s\naws_session_token = t\n",
+    )
+    .unwrap();
+    let config = dir.path().join("cloud.json5");
+    std::fs::write(
+        &config,
+        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
+    )
+    .unwrap();
+    let command = |extra: &[(&str, String)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+        c.arg("run").arg(&config).current_dir(dir.path());
+        for var in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_CONFIG_FILE",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+        ] {
+            c.env_remove(var);
+        }
+        c.env("AWS_ENDPOINT_URL", proxy.endpoint())
+            .env("HOME", &home)
+            .envs(extra.iter().map(|(k, v)| (k, v)));
+        c
+    };
+
+    for (extra, key) in [
+        (vec![], "AKIDFROMHOMEFILE"),
+        (
+            vec![
+                ("AWS_SHARED_CREDENTIALS_FILE", other.display().to_string()),
+                ("AWS_PROFILE", "ci".to_string()),
+            ],
+            "AKIDCIPROFILE",
+        ),
+    ] {
+        let c = Cairn::spawn_until_listening(command(&extra), dir.path(), config.clone());
+        let mut cl = clients(&c).await;
+        let blob = data(3000, key.len() as u64);
+        write(&mut cl.bs, &blob).await.unwrap();
+        assert!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap() == blob);
+        let keys = proxy.access_key_ids();
+        assert!(keys.contains(&key.to_string()), "{key} not among {keys:?}");
+        c.kill9();
+    }
+    assert_eq!(
+        proxy.access_key_ids(),
+        ["AKIDCIPROFILE", "AKIDFROMHOMEFILE"]
+    );
+
+    // A profile that is in neither file: the start fails, naming the store and the profile.
+    let mut c = command(&[("AWS_PROFILE", "missing".to_string())]);
+    let mut child = c
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cairn kept running with AWS_PROFILE=missing");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains(".experimental_cloud_object_store: AWS credentials")
+            && stderr.contains("AWS_PROFILE \"missing\": no such profile"),
+        "{stderr}"
+    );
+}

@@ -1019,3 +1019,85 @@ fn bazel_builds_through_redis_tiers_with_broken_connections() {
     assert!(broken > 0);
     drop(bazel);
 }
+
+/// `rediss://`: Cairn reaches a `redis-server --tls-port` whose certificate a test CA issued,
+/// trusting that CA through `SSL_CERT_FILE`; the blob lands in Redis (seen over the plain
+/// port). A Cairn that does not trust the CA fails its requests with UNAVAILABLE naming the
+/// store, answers `/status` 503, and stays up.
+#[tokio::test]
+async fn rediss_reaches_a_tls_redis_with_the_ca_from_ssl_cert_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = common::certs::Pki::new(&tmp.path().join("pki"), "redis");
+    let server = pki.issue("redis-server", 1, true);
+    let tls_port = common::free_addr().port();
+    let plain_port = common::free_addr().port();
+    let cert = server.cert.display().to_string();
+    let key = server.key.display().to_string();
+    let ca = pki.ca.display().to_string();
+    let redis = RedisServer::start_args(
+        tmp.path(),
+        plain_port,
+        &[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let config = tmp.path().join("rediss.json5");
+    std::fs::write(
+        &config,
+        SERVER
+            .replace("@REDIS@", &format!("rediss://127.0.0.1:{tls_port}"))
+            .replace("@ADDR@", "127.0.0.1:0"),
+    )
+    .unwrap();
+    let start = |name: &str, env: &[(&str, String)]| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        Cairn::start_config_env(&dir, &config, env)
+    };
+
+    let trusting = start("trusting", &[("SSL_CERT_FILE", ca.clone())]);
+    let mut cas = CasClient::new(trusting.channel().await);
+    let blobs = vec![data(200_000, 71), data(5, 72)];
+    upload(&mut cas, "", &blobs).await;
+    assert_eq!(missing(&mut cas, "", &blobs).await.unwrap(), 0);
+    for b in &blobs {
+        assert!(read_back(&mut cas, "", b).await == *b);
+        let d = DigestFunction::Sha256.compute(b);
+        let key = format!("cas:{}-{}", d.hash_hex(), d.size());
+        assert_eq!(redis.cli(&["STRLEN", &key]).trim(), b.len().to_string());
+    }
+    let (code, body) = http_get(trusting.addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
+
+    // An empty trust file: the server's certificate is not trusted.
+    let empty = tmp.path().join("no-cas.pem");
+    std::fs::write(&empty, "").unwrap();
+    let doubting = start(
+        "doubting",
+        &[("SSL_CERT_FILE", empty.display().to_string())],
+    );
+    let mut cas = CasClient::new(doubting.channel().await);
+    let e = missing(&mut cas, "", &blobs).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("stores.CAS"), "{e:?}");
+    let (code, body) = http_get(doubting.addr, "/status").await;
+    assert_eq!(code, 503, "{body}");
+    // Still serving: the trusting one is unaffected, and this one answers.
+    assert_eq!(
+        missing(&mut CasClient::new(trusting.channel().await), "", &blobs)
+            .await
+            .unwrap(),
+        0
+    );
+    let (code, _) = http_get(doubting.addr, "/status").await;
+    assert_eq!(code, 503);
+}

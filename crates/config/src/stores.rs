@@ -396,9 +396,10 @@ pub struct CloudObjectStore {
     /// Parts of one multipart upload in flight at once (default 10).
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub multipart_max_concurrent_uploads: Option<u64>,
-    #[serde(default)]
+    /// `true`, `false` or a string holding one (`"${S3_ALLOW_HTTP:-false}"`), as in NativeLink.
+    #[serde(default, deserialize_with = "num::boolean")]
     pub insecure_allow_http: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "num::boolean")]
     pub disable_http2: bool,
 }
 

@@ -391,6 +391,8 @@ fn cloud_object_store_providers_parse_with_their_nativelink_keys() {
             key_prefix: "cas/", retry: { max_retries: 6, delay: 0.3, jitter: 0.5 },
             consider_expired_after_s: 86400, max_retry_buffer_per_request: "5mb",
             multipart_max_concurrent_uploads: "4", insecure_allow_http: false, disable_http2: true } },
+          AWS_ENV: { experimental_cloud_object_store: { provider: "aws", bucket: "b",
+            insecure_allow_http: "${CAIRN_TEST_UNSET_ALLOW_HTTP:-true}", disable_http2: "false" } },
           GCS: { experimental_cloud_object_store: { provider: "gcs", bucket: "b", resumable_chunk_size: "2mb",
             authentication_required: true, connection_timeout_s: 3, read_timeout_s: 3 } },
           AZ: { experimental_cloud_object_store: { provider: "azure", account_name: "a", container: "c",
@@ -415,6 +417,10 @@ fn cloud_object_store_providers_parse_with_their_nativelink_keys() {
         Some(5_000_000)
     );
     assert_eq!(aws.consider_expired_after_s, Some(86400));
+    assert!(!aws.insecure_allow_http && aws.disable_http2);
+    // Booleans also come as strings, so that `${VAR}` can set them (NativeLink's shellexpand).
+    let from_env = cloud("AWS_ENV");
+    assert!(from_env.insecure_allow_http && !from_env.disable_http2);
     assert_eq!(
         cloud("GCS").resumable_chunk_size.map(|b| b.0),
         Some(2_000_000)

@@ -1,5 +1,8 @@
 //! `fast_slow`: reads try `fast`, then `slow` (filling `fast` with what a whole read brings
-//! back); writes go to both, concurrently, from one pass over the body.
+//! back); writes go to both, concurrently, from one pass over the body. A put fails when the
+//! slow tier's does, or when the fast tier's fails for any reason but room: a fast tier that
+//! declines a blob with RESOURCE_EXHAUSTED (a memory tier smaller than the blob) leaves it in
+//! the slow tier alone, and the put succeeds.
 //!
 //! `fast_direction` / `slow_direction`: `both` (default), `get` (the tier is only filled by
 //! reads), `update` (only written by puts), `read_only` (neither).
@@ -181,7 +184,15 @@ impl Store for FastSlowStore {
         );
         // The slow tier is the durable one: its error wins.
         slow_r.map_err(|e| e.context("slow store"))?;
-        fast_r.map_err(|e| e.context("fast store"))
+        match fast_r {
+            // A fast tier that declines a blob for room (a memory tier smaller than the blob)
+            // is a cache saying no: the blob is stored in the slow tier and reads find it there.
+            Err(e) if e.code == cairn_core::Code::ResourceExhausted => {
+                tracing::debug!(digest = %key, error = %e, "fast_slow: the fast tier declined the blob; kept in the slow tier");
+                Ok(())
+            }
+            other => other.map_err(|e| e.context("fast store")),
+        }
     }
 
     fn info(&self) -> StoreInfo {
@@ -280,5 +291,31 @@ mod tests {
         s.put_bytes(&d, "both".into()).await.unwrap();
         assert_eq!(fast.has(&d).await.unwrap(), Some(4));
         assert_eq!(slow.has(&d).await.unwrap(), Some(4));
+    }
+
+    #[tokio::test]
+    async fn a_blob_larger_than_the_fast_tier_is_kept_in_the_slow_tier() {
+        let small_memory = crate::memory::MemoryStore::new(&cairn_config::stores::MemoryStore {
+            eviction_policy: Some(cairn_config::stores::EvictionPolicy {
+                max_bytes: cairn_config::ByteSize(1000),
+                ..Default::default()
+            }),
+        });
+        let fast: StoreRef = Arc::new(small_memory);
+        let slow: StoreRef = Arc::new(MemoryStore::new(&Default::default()));
+        let cfg = FastSlowConfig {
+            fast: cairn_config::StoreSpec::Noop(Default::default()),
+            slow: cairn_config::StoreSpec::Noop(Default::default()),
+            fast_direction: None,
+            slow_direction: None,
+            bypass_dedup_threshold_bytes: Default::default(),
+        };
+        let s = FastSlowStore::new(&cfg, fast.clone(), slow.clone()).unwrap();
+        let big = testutil::data(5000, 3);
+        let d = DigestFunction::Sha256.compute(&big);
+        s.put_bytes(&d, big.clone()).await.unwrap();
+        assert_eq!(fast.has(&d).await.unwrap(), None);
+        assert_eq!(slow.has(&d).await.unwrap(), Some(5000));
+        assert_eq!(s.get_all(&d, usize::MAX).await.unwrap(), big);
     }
 }

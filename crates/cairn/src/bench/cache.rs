@@ -28,6 +28,11 @@ const KIND_AC_OUTPUT: u64 = 2;
 const KIND_AC_ACTION: u64 = 3;
 
 impl Bench {
+    /// Unique blobs of this run, for the other phases.
+    pub(super) fn unique_blobs(&self) -> UniqueBlob {
+        self.blobs()
+    }
+
     fn blobs(&self) -> UniqueBlob {
         UniqueBlob {
             run_id: self.run_id,
@@ -347,14 +352,14 @@ impl AcJob {
 
 /// The digest function and run id that make unique small blobs.
 #[derive(Clone, Copy)]
-struct UniqueBlob {
+pub(super) struct UniqueBlob {
     run_id: u64,
     function: DigestFunction,
 }
 
 impl UniqueBlob {
     /// A blob that no other blob of any run shares: run id and (kind, index), then noise.
-    fn make(&self, kind: u64, index: usize, size: usize) -> (Digest, Vec<u8>) {
+    pub(super) fn make(&self, kind: u64, index: usize, size: usize) -> (Digest, Vec<u8>) {
         let tag = (kind << 56) | index as u64;
         let mut data = vec![0u8; size];
         fill_pseudo_random(self.run_id ^ tag.rotate_left(17), 0, &mut data);

@@ -8,6 +8,7 @@
 //!   whole blob, and spends no CPU making data while the server is being measured.
 //! - `cas`: `clients` connections, each doing FindMissingBlobs then BatchUpdateBlobs of unique
 //!   small blobs until `requests` blobs are written in total.
+//! - `findmissing`: one FindMissingBlobs of `requests` digests no store holds, three times.
 //! - `ac`: UpdateActionResult for [`AC_ACTIONS`] actions whose result references an uploaded
 //!   blob, then `clients` connections doing GetActionResult round-robin over them.
 //!
@@ -30,6 +31,7 @@ use tonic::Request;
 mod bytestream;
 mod cache;
 mod execute;
+mod find_missing;
 mod web_ui;
 mod wire_client;
 
@@ -61,7 +63,7 @@ const LABEL_WIDTH: usize = 28;
 /// Options of `cairn bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// What to run: bytestream | cas | ac | execute | all (all = the cache benches) (or a comma-separated list); or web-ui alone (in this process, --requests operations)
+    /// What to run: bytestream | cas | ac | execute | findmissing (one FindMissingBlobs of --requests absent digests) | all (all = the cache benches) (or a comma-separated list); or web-ui alone (in this process, --requests operations)
     #[arg(default_value = "all")]
     pub what: String,
     /// REAPI endpoint, e.g. grpc://127.0.0.1:50051
@@ -130,6 +132,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Phase::Cas => bench.cas().await,
             Phase::Ac => bench.ac().await,
             Phase::Execute => bench.execute().await,
+            Phase::FindMissing => bench.find_missing().await,
         };
         match outcome {
             Ok(n) => errors += n,
@@ -154,6 +157,7 @@ enum Phase {
     Cas,
     Ac,
     Execute,
+    FindMissing,
 }
 
 impl Phase {
@@ -166,7 +170,10 @@ impl Phase {
                 "cas" => phases.push(Phase::Cas),
                 "ac" => phases.push(Phase::Ac),
                 "execute" => phases.push(Phase::Execute),
-                _ => bail!("unknown bench {name:?}; expected bytestream, cas, ac, execute or all"),
+                "findmissing" => phases.push(Phase::FindMissing),
+                _ => bail!(
+                    "unknown bench {name:?}; expected bytestream, cas, ac, execute, findmissing or all"
+                ),
             }
         }
         Ok(phases)
@@ -180,6 +187,7 @@ impl fmt::Display for Phase {
             Phase::Cas => "cas",
             Phase::Ac => "ac",
             Phase::Execute => "execute",
+            Phase::FindMissing => "findmissing",
         })
     }
 }
@@ -456,6 +464,10 @@ mod tests {
         assert_eq!(
             Phase::parse_list("cas, ac").unwrap(),
             [Phase::Cas, Phase::Ac]
+        );
+        assert_eq!(
+            Phase::parse_list("findmissing").unwrap(),
+            [Phase::FindMissing]
         );
         assert!(Phase::parse_list("disk").is_err());
     }

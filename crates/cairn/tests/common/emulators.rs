@@ -77,6 +77,31 @@ impl Moto {
             .ok_or_else(|| std::io::Error::other("no HTTP status in the answer"))
     }
 
+    /// The keys under `prefix` in `bucket` (one ListObjectsV2 page: at most 1,000; more is a
+    /// test error). Anonymous listing is allowed where an anonymous HEAD of an existing
+    /// object is answered 403, so this is how tests see what a bucket holds.
+    pub async fn list(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let head = format!(
+            "GET /{bucket}?list-type=2&prefix={prefix} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+            self.port
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.contains("<IsTruncated>false</IsTruncated>"),
+            "listing {bucket}/{prefix}: {text}"
+        );
+        text.split("<Key>")
+            .skip(1)
+            .filter_map(|k| k.split_once("</Key>").map(|(k, _)| k.to_string()))
+            .collect()
+    }
+
     pub async fn create_bucket(&self, bucket: &str) {
         let status = self.request("PUT", &format!("/{bucket}")).await.unwrap();
         assert_eq!(status, 200, "creating bucket {bucket}");

@@ -29,6 +29,8 @@ struct State {
     stall_bodies: AtomicBool,
     requests: AtomicU64,
     faults: AtomicU64,
+    /// The access key ids of the requests' AWS signatures (`Credential=ID/...`).
+    access_keys: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 pub struct FaultProxy {
@@ -101,6 +103,12 @@ impl FaultProxy {
         self.state.stalled.store(stalled, Ordering::SeqCst);
     }
 
+    /// The access key ids that signed the requests seen (AWS Signature V4), sorted.
+    pub fn access_key_ids(&self) -> Vec<String> {
+        let keys = self.state.access_keys.lock().unwrap();
+        keys.iter().cloned().collect()
+    }
+
     /// Requests seen, and how many of them met a fault.
     pub fn counts(&self) -> (u64, u64) {
         (
@@ -143,6 +151,21 @@ async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    if let Some(id) = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then_some(())?;
+        Some(
+            v.split("Credential=")
+                .nth(1)?
+                .split('/')
+                .next()?
+                .to_string(),
+        )
+    }) {
+        s.access_keys.lock().unwrap().insert(id);
+    }
     let length: usize = head
         .lines()
         .find_map(|l| {

@@ -202,7 +202,7 @@ impl Cairn {
 
     /// Spawns `command`, reads its stdout up to the first `listening on ADDR` line, then
     /// keeps draining stdout in a thread.
-    fn spawn_until_listening(mut command: Command, dir: &Path, config: PathBuf) -> Cairn {
+    pub fn spawn_until_listening(mut command: Command, dir: &Path, config: PathBuf) -> Cairn {
         let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -18,6 +18,9 @@ const KUBERNETES_VERSION: &str = "1.31.0";
 
 const K8S_CONFIGS: [&str; 3] = ["cas.json5", "scheduler.json5", "worker.json5"];
 
+/// The guide's "CAS Server Redundancy", applied instead of `cas.yaml`.
+const SHARED_CAS: &str = "shared-cas";
+
 #[test]
 fn configmap_holds_the_configs_and_cairn_check_config_accepts_each() {
     let dir = kubernetes_dir();
@@ -202,9 +205,14 @@ fn kubernetes_manifests_pass_schema_validation_and_wire_the_guides_ports() {
         assert!(!errors.is_empty(), "{} passed its schema", kind_name(doc));
     }
 
-    // What the guide wires: ports, selectors, resources, autoscalers.
-    let by_name: BTreeMap<String, &Value> =
-        docs.iter().map(|(_, d, _)| (kind_name(d), d)).collect();
+    // What the guide wires: ports, selectors, resources, autoscalers. `shared-cas/` replaces
+    // cas.yaml (same names) and has a test of its own.
+    let shared = dir.join(SHARED_CAS);
+    let by_name: BTreeMap<String, &Value> = docs
+        .iter()
+        .filter(|(f, _, _)| !Path::new(f).starts_with(&shared))
+        .map(|(_, d, _)| (kind_name(d), d))
+        .collect();
     let get = |name: &str| -> &Value {
         by_name
             .get(name)
@@ -392,4 +400,101 @@ fn kubernetes_manifests_pass_schema_validation_and_wire_the_guides_ports() {
         get("issuer/nativelink-internal-ca")["spec"]["ca"]["secretName"],
         "nativelink-internal-ca"
     );
+}
+
+/// `shared-cas/`: the ConfigMap holds its config byte for byte and `cairn check-config` accepts
+/// it; 3 replicas of `nativelink-cas` with no volume of their own, rolled one at a time, kept
+/// at 2 by a disruption budget, reading the Redis URL from a Secret, behind the Service the
+/// scheduler and workers dial. (`guide_layouts.rs` runs the config as 3 processes over moto and
+/// Redis; the schema check is the test above, which reads every manifest.)
+#[test]
+fn shared_cas_runs_three_replicas_over_the_bucket_and_redis_only() {
+    let dir = kubernetes_dir().join(SHARED_CAS);
+    let config = dir.join("cas.json5");
+    let data = configmap_data(&read(&dir.join("configmap.yaml")));
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["cas.json5"]);
+    assert!(
+        data["cas.json5"] == read(&config),
+        "shared-cas/configmap.yaml's cas.json5 differs from shared-cas/cas.json5; copy it"
+    );
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command.arg("check-config").arg(&config);
+    for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("CAIRN_")) {
+        command.env_remove(var);
+    }
+    let out = run_ok("cairn check-config shared-cas/cas.json5", &mut command);
+    assert!(out.trim_end().ends_with(": ok"), "{out}");
+    for shared in [
+        "redis_store mode=standard addresses=redis://nativelink-redis:6379 key_prefix=cas:",
+        "redis_store mode=standard addresses=redis://nativelink-redis:6379 key_prefix=ac:",
+        "experimental_cloud_object_store provider=aws bucket=nativelink-cas key_prefix=cas/",
+        "experimental_cloud_object_store provider=aws bucket=nativelink-cas key_prefix=ac/",
+    ] {
+        assert!(out.contains(shared), "no `{shared}` in the tree:\n{out}");
+    }
+    assert!(!out.contains("filesystem"), "a replica keeps files:\n{out}");
+
+    let test = "shared_cas_runs_three_replicas_over_the_bucket_and_redis_only";
+    let Some((_, python)) = k8s_venv(test) else {
+        return;
+    };
+    let docs = documents(&python, &files(&dir, &[".yaml"]));
+    let by_name: BTreeMap<String, &Value> =
+        docs.iter().map(|(_, d, _)| (kind_name(d), d)).collect();
+    let get = |name: &str| -> &Value {
+        by_name
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in {}", dir.display()))
+    };
+    let spec = &get("deployment/nativelink-cas")["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "nativelink-cas");
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    assert_eq!(
+        volumes.len(),
+        1,
+        "a replica mounts only its config: {volumes:?}"
+    );
+    assert_eq!(
+        volumes[0]["configMap"]["name"],
+        "nativelink-cas-shared-config"
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(
+        container["args"],
+        serde_json::json!(["run", "/etc/cairn/cas.json5"])
+    );
+    let env: BTreeMap<&str, &Value> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap_or_default(), e))
+        .collect();
+    assert_eq!(
+        env["CAIRN_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"],
+        "nativelink-cas-storage"
+    );
+    assert!(env.contains_key("CAIRN_BUCKET") && env.contains_key("AWS_REGION"));
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/status");
+    let resources = &container["resources"];
+    assert_eq!(resources["requests"]["memory"], "8Gi");
+    assert_eq!(resources["limits"]["cpu"], "8000m");
+    assert_eq!(
+        get("service/nativelink-cas")["spec"]["ports"][0]["port"],
+        50051
+    );
+    assert_eq!(
+        get("poddisruptionbudget/nativelink-cas")["spec"]["minAvailable"],
+        2
+    );
+    let egress: Vec<i64> = get("networkpolicy/nativelink-cas-storage")["spec"]["egress"]
+        .as_array()
+        .expect("egress rules")
+        .iter()
+        .flat_map(|r| r["ports"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(egress, [6379, 443]);
 }

@@ -12,7 +12,9 @@
 //!   `cairn check-config` accepts each; `kubernetes-validate` (PyPI, offline schemas, from the CI
 //!   venv `.ci/venv`) passes every manifest; the two custom resources it has no schema for
 //!   (cert-manager `Certificate`, KEDA `ScaledObject`) pass the schemas in `schemas/`; the
-//!   manifests wire ports, selectors and autoscalers as the guide says.
+//!   manifests wire ports, selectors and autoscalers as the guide says; `shared-cas/` (the
+//!   guide's 3 CAS replicas over one bucket and one Redis) holds its config in its ConfigMap,
+//!   passes `check-config`, and keeps no state in a pod.
 //!
 //! A missing tool fails its test with how to install it (`.ci/run` does), unless
 //! `CAIRN_SKIP_PROMETHEUS=1` (promtool, amtool, prometheus), `CAIRN_SKIP_BAZEL=1` (bazel, for

@@ -226,8 +226,12 @@ impl Connector {
                     let settings = info.redis_settings().clone().set_db(0);
                     *info = info.clone().set_redis_settings(settings);
                 }
-                let node = SentinelNodeConnectionInfo::default()
+                let mut node = SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(master_settings);
+                // `rediss://` sentinels: the master is reached over TLS too.
+                if matches!(infos[0].addr(), redis::ConnectionAddr::TcpTls { .. }) {
+                    node = node.set_tls_mode(redis::TlsMode::Secure);
+                }
                 let service = service.unwrap_or_else(|| "master".to_string());
                 let client =
                     SentinelClient::build(infos, service, Some(node), SentinelServerType::Master)
