@@ -307,6 +307,9 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
             steps: Arc::new(Vec::new()),
         }],
         read_only: true,
+        stores: Vec::new(),
+        store_roles: Vec::new(),
+        metrics: None,
     };
     let probe = store_action(ui.cas.as_ref(), ui.ac.as_ref()).await?;
     let router = web_ui::router(Arc::new(ui));
