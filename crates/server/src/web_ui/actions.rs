@@ -377,6 +377,24 @@ async fn result_section(ui: &WebUi, cas: &StoreRef, d: &Digest, b: &mut String) 
             _ => {}
         }
     }
+    if let Some(resp) = super::activity::get().and_then(|a| a.failed_result(d)) {
+        let status = resp.status.as_ref().filter(|s| s.code != 0);
+        let _ = write!(
+            b,
+            "<p class=\"muted\">Not in the action cache; the last failed execution this server recorded.</p>{}",
+            status
+                .map(|s| format!(
+                    "<p class=\"bad\">Status {}: {}</p>",
+                    s.code,
+                    esc(&s.message)
+                ))
+                .unwrap_or_default()
+        );
+        if let Some(r) = &resp.result {
+            render_result(cas, d, r, b).await;
+        }
+        return;
+    }
     b.push_str("<p class=\"muted\">No result: not in the action cache (never run, failed, or not cacheable) and no scheduler holds a completed execution of it.</p>");
 }
 
@@ -443,13 +461,11 @@ async fn scheduler_section(ui: &WebUi, d: &Digest, b: &mut String) {
     let mut rows = Vec::new();
     for p in &ui.schedulers {
         let Some(h) = p.local() else { continue };
-        if let Ok(o) = h.overview().await {
-            rows.extend(
-                o.operations
-                    .into_iter()
-                    .filter(|r| r.digest == *d)
-                    .map(|r| (p.name.clone(), r)),
-            );
+        if let Ok(ops) = h
+            .operations(crate::execution::driver::OpFilter::Action(*d), 100)
+            .await
+        {
+            rows.extend(ops.into_iter().map(|r| (p.name.clone(), r)));
         }
     }
     if rows.is_empty() {

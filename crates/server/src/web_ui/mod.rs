@@ -16,6 +16,7 @@
 //! never change anything, except the drain button, which is off by default.
 
 pub mod actions;
+pub mod activity;
 pub mod cache;
 pub mod events;
 pub mod html;
@@ -101,6 +102,12 @@ impl WebUi {
             index::load(index, store).await;
         }
         ui.set_retention(cfg.max_invocations, cfg.max_invocation_age_s);
+        activity::enable(
+            cfg.max_invocations
+                .map_or(index::DEFAULT_MAX_INVOCATIONS, |c| {
+                    c.min(usize::MAX as u64) as usize
+                }),
+        );
         Ok(ui)
     }
 
