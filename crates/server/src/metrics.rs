@@ -620,3 +620,57 @@ impl RpcTimer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_store::backend_metrics::BackendEvent;
+
+    #[test]
+    fn the_cache_page_views_read_the_same_counters() {
+        let m = Metrics::new();
+        assert_eq!(m.cache_reads("CAS"), None, "no series yet");
+        m.init_store("CAS");
+        assert_eq!(m.cache_reads("CAS"), Some(cairn_store::Reads::default()));
+        m.cache_op("CAS", "read", "hit", 0.001);
+        m.cache_op("CAS", "read", "hit", 0.001);
+        m.cache_op("CAS", "read", "miss", 0.001);
+        m.cache_op("CAS", "write", "success", 0.001);
+        assert_eq!(
+            m.cache_reads("CAS"),
+            Some(cairn_store::Reads {
+                hits: 2,
+                misses: 1,
+                errors: 0
+            })
+        );
+
+        let request = |ok| BackendEvent::Request {
+            store: "CAS.fast_slow.slow",
+            backend: "redis_store",
+            operation: "read",
+            ok,
+            seconds: 0.01,
+        };
+        m.backend_event(&request(true));
+        m.backend_event(&request(false));
+        m.backend_event(&BackendEvent::Retry {
+            store: "CAS.fast_slow.slow",
+            backend: "redis_store",
+            operation: "read",
+        });
+        assert_eq!(
+            m.backend_totals("CAS.fast_slow.slow"),
+            Some(BackendTotals {
+                backend: "redis_store",
+                requests: 2,
+                errors: 1,
+                retries: 1
+            })
+        );
+        assert_eq!(m.backend_totals("CAS"), None);
+        assert!(m
+            .encode()
+            .contains("store_backend_requests_total{store=\"CAS.fast_slow.slow\""));
+    }
+}
