@@ -20,7 +20,7 @@ use cairn_core::{Code, Digest};
 use cairn_store::{Reads, StoreExt, StoreInfo};
 use prost::Message;
 
-use super::actions::{self, link, no_cas, MAX_INLINE_BYTES, MAX_PROTO_BYTES};
+use super::actions::{self, no_cas, MAX_INLINE_BYTES, MAX_PROTO_BYTES};
 use super::html::{self, esc, page};
 use super::WebUi;
 
@@ -321,12 +321,10 @@ pub async fn blob_page(State(ui): State<Arc<WebUi>>, Path(text): Path<String>) -
     }
     let _ = write!(
         b,
-        "<p>{} · <a href=\"/blob/{h}-{s}?view=text\">view as text</a> · {} · {}</p>",
-        link("blob", &d).replace("<code>", "download <code>"),
-        link("tree", &d).replace("<code>", "as a Directory <code>"),
-        link("output-tree", &d).replace("<code>", "as a Tree <code>"),
-        h = d.hash_hex(),
-        s = d.size()
+        "<p><a href=\"/blob/{p}\">download</a> · <a href=\"/blob/{p}?view=text\">view as text</a> · \
+         <a href=\"/tree/{p}\">as a Directory</a> · <a href=\"/output-tree/{p}\">as a Tree</a> · \
+         <a href=\"/action/{p}\">as an Action</a></p>",
+        p = format_args!("{}-{}", d.hash_hex(), d.size())
     );
     if d.size() == 0 {
         b.push_str("<p class=\"muted\">The empty blob (also the empty Directory).</p>");
