@@ -272,6 +272,15 @@ async fn invocation_pages_keep_remote_actions_after_the_scheduler_forgets_them()
         "{page}"
     );
 
+    // The list of invocations counts them too.
+    let (code, list) = http_get(cairn.addr, "/invocations").await;
+    assert_eq!(code, 200, "{list}");
+    assert!(
+        list.contains("2: 0 hits, 2 misses, <span class=\"bad\">1 failed</span>")
+            && list.contains("2: 1 hits, 1 misses"),
+        "{list}"
+    );
+
     let (code, page) = http_get(cairn.addr, "/invocation/inv-b").await;
     assert_eq!(code, 200, "{page}");
     assert!(

@@ -100,6 +100,32 @@ struct Invocation {
     actions: Vec<ActionRecord>,
     by_digest: HashMap<Digest, usize>,
     not_listed: u64,
+    /// Kept as the records change, so that a list of invocations reads them in O(1).
+    counts: Counts,
+}
+
+/// An invocation's cache hits, misses and failed executions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub actions: usize,
+    pub cache_hits: usize,
+    pub cache_misses: usize,
+    pub failed: usize,
+}
+
+impl Counts {
+    /// Adds (`sign` 1) or takes away (-1) what `r` counts for.
+    fn apply(&mut self, r: &ActionRecord, sign: isize) {
+        let add = |n: &mut usize| *n = n.saturating_add_signed(sign);
+        if r.is_cache_hit() {
+            add(&mut self.cache_hits);
+        } else if r.lookup.is_some() || r.execution.is_some() {
+            add(&mut self.cache_misses);
+        }
+        if r.failed() {
+            add(&mut self.failed);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -269,7 +295,9 @@ impl Activity {
             return;
         };
         if let Some(&i) = inv.by_digest.get(&digest) {
+            inv.counts.apply(&inv.actions[i], -1);
             inv.actions[i].execution = Some(execution);
+            inv.counts.apply(&inv.actions[i], 1);
         }
     }
 
@@ -310,11 +338,14 @@ impl Activity {
                     execution: None,
                 });
                 inv.by_digest.insert(digest, inv.actions.len() - 1);
+                inv.counts.actions += 1;
                 g.total += 1;
                 inv.actions.len() - 1
             }
         };
+        inv.counts.apply(&inv.actions[i], -1);
         f(&mut inv.actions[i]);
+        inv.counts.apply(&inv.actions[i], 1);
         let keep = self.max_invocations.load(Ordering::Relaxed);
         while g.invocations.len() > keep || g.total > MAX_ACTIONS {
             let Some((&seq, oldest)) = g.order.first_key_value() else {
@@ -347,20 +378,16 @@ impl Activity {
         let mut out = InvocationActivity {
             actions: inv.actions.len(),
             not_listed: inv.not_listed,
+            cache_hits: inv.counts.cache_hits,
+            cache_misses: inv.counts.cache_misses,
+            failed: inv.counts.failed,
             ..Default::default()
         };
-        for r in &inv.actions {
-            if r.is_cache_hit() {
-                out.cache_hits += 1;
-            } else if r.lookup.is_some() || r.execution.is_some() {
-                out.cache_misses += 1;
+        for r in inv.actions.iter().filter(|r| r.failed()) {
+            if out.rows.len() >= max_rows {
+                break;
             }
-            if r.failed() {
-                out.failed += 1;
-                if out.rows.len() < max_rows {
-                    out.rows.push(r.clone());
-                }
-            }
+            out.rows.push(r.clone());
         }
         for r in inv.actions.iter().filter(|r| !r.failed()) {
             if out.rows.len() >= max_rows {
@@ -369,6 +396,15 @@ impl Activity {
             out.rows.push(r.clone());
         }
         Some(out)
+    }
+
+    /// The counts of `invocation`, if anything of it was recorded (O(1), for lists).
+    pub fn counts(&self, invocation: &str) -> Option<Counts> {
+        self.inner
+            .lock()
+            .invocations
+            .get(invocation)
+            .map(|i| i.counts)
     }
 
     /// Invocations recorded (for tests and the bench).
@@ -414,6 +450,15 @@ mod tests {
         );
         assert_eq!(s.rows[0].digest, d(2), "failed first");
         assert_eq!(a.snapshot("inv", 1).unwrap().rows.len(), 1);
+        assert_eq!(
+            a.counts("inv"),
+            Some(Counts {
+                actions: 3,
+                cache_hits: 2,
+                cache_misses: 1,
+                failed: 1
+            })
+        );
         assert!(a.snapshot("other", 10).is_none());
     }
 

@@ -105,11 +105,28 @@ pub async fn list(State(ui): State<Arc<WebUi>>, RawQuery(query): RawQuery) -> Re
             String::new()
         }
     );
-    b.push_str("<table><tr><th>Started</th><th>Invocation</th><th>Command</th><th>Status</th><th>Duration</th><th>Targets</th></tr>");
+    b.push_str("<table><tr><th>Started</th><th>Invocation</th><th>Command</th><th>Status</th><th>Duration</th><th>Targets</th><th>Remote actions</th></tr>");
+    let record = activity::get();
     for s in &rows {
+        let remote = record
+            .and_then(|a| a.counts(&s.invocation_id))
+            .map(|c| {
+                format!(
+                    "{}: {} hits, {} misses{}",
+                    c.actions,
+                    c.cache_hits,
+                    c.cache_misses,
+                    if c.failed > 0 {
+                        format!(", <span class=\"bad\">{} failed</span>", c.failed)
+                    } else {
+                        String::new()
+                    }
+                )
+            })
+            .unwrap_or_default();
         let _ = write!(
             b,
-            "<tr><td>{}</td><td><a href=\"/invocation/{}\"><code>{}</code></a></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}{}</td></tr>",
+            "<tr><td>{}</td><td><a href=\"/invocation/{}\"><code>{}</code></a></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}{}</td><td>{remote}</td></tr>",
             html::utc(s.start_ms),
             url(&s.invocation_id),
             esc(&s.invocation_id),
