@@ -41,6 +41,9 @@ impl ActionCache for AcService {
         request: Request<re::GetActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
         let timer = self.metrics.rpc("ac", "GetActionResult");
+        // The invocation asking, for the web UI's record of its cache hits and misses.
+        let invocation = crate::web_ui::activity::get()
+            .map(|_| crate::execution::service::request_metadata(&request).tool_invocation_id);
         let r = async {
             let req = request.into_inner();
             let inst = self.instances.get(&req.instance_name)?;
@@ -49,17 +52,17 @@ impl ActionCache for AcService {
             })?;
             let key = Digest::from_proto(req.digest_function, wire)?;
             crate::otlp::traces::record_request(&req.instance_name, Some(&key));
-            let data = inst
-                .store
-                .get_all(&key, MAX_ACTION_RESULT)
-                .await
-                .map_err(|e| {
-                    if e.is_not_found() {
-                        Error::not_found(format!("no action result for {key}: {}", e.message))
-                    } else {
-                        e
-                    }
-                })?;
+            let data = inst.store.get_all(&key, MAX_ACTION_RESULT).await;
+            if let Some(invocation) = &invocation {
+                crate::web_ui::activity::lookup(invocation, &req.instance_name, key, data.is_ok());
+            }
+            let data = data.map_err(|e| {
+                if e.is_not_found() {
+                    Error::not_found(format!("no action result for {key}: {}", e.message))
+                } else {
+                    e
+                }
+            })?;
             let result = re::ActionResult::decode(data.as_ref()).map_err(|e| {
                 Error::data_loss(format!(
                     "stored action result for {key} does not decode: {e}"

@@ -534,6 +534,8 @@ pub async fn serve(
         let ui = crate::web_ui::WebUi::from_config(
             ui,
             &format!("{sp}.web_ui"),
+            stores,
+            metrics.clone(),
             |name, at| store_named(name, at),
             |name, at| scheduler_named(name, at),
         )

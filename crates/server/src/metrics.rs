@@ -84,6 +84,17 @@ pub struct BackendLabels {
     pub operation: &'static str,
 }
 
+/// A leaf store's backend requests since start, all operations together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendTotals {
+    /// The store kind (`redis_store`, a cloud provider).
+    pub backend: &'static str,
+    pub requests: u64,
+    /// Attempts that failed (each retried attempt counts).
+    pub errors: u64,
+    pub retries: u64,
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -164,6 +175,9 @@ pub struct Metrics {
     pub backend_request_errors: Family<BackendLabels, Counter>,
     pub backend_retries: Family<BackendLabels, Counter>,
     pub backend_request_duration: HistogramFamily<BackendLabels>,
+    /// The backend counters summed per `store` label, for the web UI's cache page (the
+    /// families cannot be listed). Bounded like the labels: one entry per leaf store path.
+    backend_totals: Mutex<std::collections::BTreeMap<String, BackendTotals>>,
     /// `global.disable_metrics`: no `/metrics` route and no OTLP metric export.
     disabled: std::sync::atomic::AtomicBool,
 }
@@ -209,6 +223,7 @@ impl Metrics {
             backend_request_duration: HistogramFamily::new_with_constructor(
                 duration_histogram as fn() -> Histogram,
             ),
+            backend_totals: Default::default(),
             disabled: Default::default(),
         };
         r.register(
@@ -468,6 +483,10 @@ impl Metrics {
                 self.backend_request_duration
                     .get_or_create(&labels)
                     .observe(seconds);
+                self.add_backend_totals(store, backend, |t| {
+                    t.requests += 1;
+                    t.errors += u64::from(!ok);
+                });
             }
             BackendEvent::Retry {
                 store,
@@ -481,8 +500,58 @@ impl Metrics {
                         operation,
                     })
                     .inc();
+                self.add_backend_totals(store, backend, |t| t.retries += 1);
             }
         }
+    }
+
+    fn add_backend_totals(
+        &self,
+        store: &str,
+        backend: &'static str,
+        f: impl FnOnce(&mut BackendTotals),
+    ) {
+        let mut totals = self.backend_totals.lock();
+        match totals.get_mut(store) {
+            Some(t) => f(t),
+            None => {
+                let mut t = BackendTotals {
+                    backend,
+                    ..Default::default()
+                };
+                f(&mut t);
+                totals.insert(store.to_string(), t);
+            }
+        }
+    }
+
+    /// The backend requests of the leaf store whose `store` label is `store`
+    /// (`CAS.fast_slow.slow`) since start, if it sent any.
+    pub fn backend_totals(&self, store: &str) -> Option<BackendTotals> {
+        self.backend_totals.lock().get(store).copied()
+    }
+
+    /// The reads counted under `cache_type` (a store's configured name, or a `cache_metrics`
+    /// wrapper's `cache_type`), if any series of it exists.
+    pub fn cache_reads(&self, cache_type: &str) -> Option<cairn_store::Reads> {
+        let get = |result: &'static str| {
+            self.cache_operations
+                .get(&CacheOpLabels {
+                    cache_type: cache_type.to_string(),
+                    cache_operation_name: "read",
+                    cache_operation_result: result,
+                })
+                .map(|c| c.get())
+        };
+        let (hits, misses, errors) = (get("hit"), get("miss"), get("error"));
+        if hits.is_none() && misses.is_none() && errors.is_none() {
+            return None;
+        }
+        Some(cairn_store::Reads {
+            hits: hits.unwrap_or(0),
+            misses: misses.unwrap_or(0),
+            errors: errors.unwrap_or(0),
+        })
     }
 
     /// Counts one answered execution.
@@ -549,5 +618,59 @@ impl RpcTimer {
         if let Some(span) = &self.span {
             traces::record_status(span, status);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_store::backend_metrics::BackendEvent;
+
+    #[test]
+    fn the_cache_page_views_read_the_same_counters() {
+        let m = Metrics::new();
+        assert_eq!(m.cache_reads("CAS"), None, "no series yet");
+        m.init_store("CAS");
+        assert_eq!(m.cache_reads("CAS"), Some(cairn_store::Reads::default()));
+        m.cache_op("CAS", "read", "hit", 0.001);
+        m.cache_op("CAS", "read", "hit", 0.001);
+        m.cache_op("CAS", "read", "miss", 0.001);
+        m.cache_op("CAS", "write", "success", 0.001);
+        assert_eq!(
+            m.cache_reads("CAS"),
+            Some(cairn_store::Reads {
+                hits: 2,
+                misses: 1,
+                errors: 0
+            })
+        );
+
+        let request = |ok| BackendEvent::Request {
+            store: "CAS.fast_slow.slow",
+            backend: "redis_store",
+            operation: "read",
+            ok,
+            seconds: 0.01,
+        };
+        m.backend_event(&request(true));
+        m.backend_event(&request(false));
+        m.backend_event(&BackendEvent::Retry {
+            store: "CAS.fast_slow.slow",
+            backend: "redis_store",
+            operation: "read",
+        });
+        assert_eq!(
+            m.backend_totals("CAS.fast_slow.slow"),
+            Some(BackendTotals {
+                backend: "redis_store",
+                requests: 2,
+                errors: 1,
+                retries: 1
+            })
+        );
+        assert_eq!(m.backend_totals("CAS"), None);
+        assert!(m
+            .encode()
+            .contains("store_backend_requests_total{store=\"CAS.fast_slow.slow\""));
     }
 }

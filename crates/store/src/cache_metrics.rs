@@ -30,6 +30,8 @@ pub struct CacheMetricsStore {
     observer: Option<OpObserver>,
     /// Describe itself as the store it wraps (no node of its own in `/status`).
     transparent: bool,
+    /// Reads counted here too, for the node's description (configured wrappers only).
+    reads: crate::ReadCounter,
 }
 
 impl CacheMetricsStore {
@@ -40,6 +42,7 @@ impl CacheMetricsStore {
             inner,
             observer: None,
             transparent: false,
+            reads: Default::default(),
         }
     }
 
@@ -50,6 +53,7 @@ impl CacheMetricsStore {
             inner,
             observer: Some(observer),
             transparent: true,
+            reads: Default::default(),
         })
     }
 
@@ -67,11 +71,19 @@ impl Store for CacheMetricsStore {
         let r = self.inner.has_many(keys).await;
         match &r {
             Ok(sizes) => {
+                if !self.transparent {
+                    self.reads.count_lookup(sizes);
+                }
                 for s in sizes {
                     self.observe("read", if s.is_some() { "hit" } else { "miss" }, start);
                 }
             }
-            Err(_) => self.observe("read", "error", start),
+            Err(_) => {
+                if !self.transparent {
+                    self.reads.error();
+                }
+                self.observe("read", "error", start)
+            }
         }
         r
     }
@@ -84,6 +96,9 @@ impl Store for CacheMetricsStore {
     ) -> Result<BlobStream, Error> {
         let start = Instant::now();
         let r = self.inner.get(key, offset, length).await;
+        if !self.transparent {
+            self.reads.count_get(&r);
+        }
         let result = match &r {
             Ok(_) => "hit",
             Err(e) if e.is_not_found() => "miss",
@@ -104,7 +119,11 @@ impl Store for CacheMetricsStore {
         if self.transparent {
             return self.inner.info();
         }
-        StoreInfo::wrapper("cache_metrics", vec![("backend", self.inner.info())])
+        StoreInfo {
+            reads: Some(self.reads.snapshot()),
+            detail: Some(format!("cache_type {}", self.cache_type)),
+            ..StoreInfo::wrapper("cache_metrics", vec![("backend", self.inner.info())])
+        }
     }
 
     async fn health(&self) -> Health {

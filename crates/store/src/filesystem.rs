@@ -25,7 +25,7 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::eviction::EvictionMap;
-use crate::{check_range, Health, Store, StoreInfo};
+use crate::{check_range, Health, ReadCounter, Store, StoreInfo};
 
 /// Blobs up to this size are written by one blocking task (create, write, rename)
 /// instead of one trip to the blocking pool per step: action-cache entries and most CAS blobs
@@ -65,6 +65,7 @@ pub struct FilesystemStore {
     flusher: checkpoint::Flusher,
     /// `evict_page_cache`.
     evict_page_cache: bool,
+    reads: ReadCounter,
 }
 
 impl FilesystemStore {
@@ -106,6 +107,7 @@ impl FilesystemStore {
             read_buffer,
             flusher,
             evict_page_cache: cfg.evict_page_cache,
+            reads: ReadCounter::default(),
         };
         for key in evicted {
             let _ = tokio::fs::remove_file(store.path_of(&key)).await;
@@ -242,15 +244,9 @@ fn rebuild(content: &Path, temp: &Path, index: &EvictionMap<()>) -> Result<Vec<D
     Ok(evicted)
 }
 
-#[async_trait]
-impl Store for FilesystemStore {
-    #[tracing::instrument(level = "debug", name = "store.has", skip_all, fields(store = "filesystem", keys = keys.len()))]
-    async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
-        Ok(keys.iter().map(|k| self.index.size_of(k)).collect())
-    }
-
-    #[tracing::instrument(level = "debug", name = "store.get", skip_all, fields(store = "filesystem", digest = %key, offset = offset, length = ?length))]
-    async fn get(
+impl FilesystemStore {
+    /// `get` without the read counting.
+    async fn read(
         &self,
         key: &Digest,
         offset: u64,
@@ -297,6 +293,28 @@ impl Store for FilesystemStore {
                 r.map_err(|e| Error::io(format!("reading {}", path.display()), e))
             });
         Ok(stream.boxed())
+    }
+}
+
+#[async_trait]
+impl Store for FilesystemStore {
+    #[tracing::instrument(level = "debug", name = "store.has", skip_all, fields(store = "filesystem", keys = keys.len()))]
+    async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
+        let sizes: Vec<Option<u64>> = keys.iter().map(|k| self.index.size_of(k)).collect();
+        self.reads.count_lookup(&sizes);
+        Ok(sizes)
+    }
+
+    #[tracing::instrument(level = "debug", name = "store.get", skip_all, fields(store = "filesystem", digest = %key, offset = offset, length = ?length))]
+    async fn get(
+        &self,
+        key: &Digest,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<BlobStream, Error> {
+        let r = self.read(key, offset, length).await;
+        self.reads.count_get(&r);
+        r
     }
 
     #[tracing::instrument(level = "debug", name = "store.put", skip_all, fields(store = "filesystem", digest = %key, bytes = key.size()))]
@@ -378,6 +396,8 @@ impl Store for FilesystemStore {
             size_bytes: Some(self.index.total_bytes()),
             entries: Some(self.index.len()),
             evictions: Some(self.index.evictions()),
+            reads: Some(self.reads.snapshot()),
+            detail: None,
             children: vec![],
         }
     }

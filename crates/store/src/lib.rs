@@ -62,6 +62,12 @@ pub struct StoreInfo {
     pub entries: Option<u64>,
     /// Entries evicted since start, for stores with an eviction index.
     pub evictions: Option<u64>,
+    /// Reads answered since start (lookups and gets), for stores that count them: leaf
+    /// stores with an index (memory, filesystem) and configured `cache_metrics` wrappers.
+    pub reads: Option<Reads>,
+    /// What the node says of itself beyond its kind: a `ref_store`'s target, a
+    /// `cache_metrics` wrapper's `cache_type`.
+    pub detail: Option<String>,
     pub children: Vec<(&'static str, StoreInfo)>,
 }
 
@@ -72,6 +78,8 @@ impl StoreInfo {
             size_bytes: None,
             entries: None,
             evictions: None,
+            reads: None,
+            detail: None,
             children: vec![],
         }
     }
@@ -81,6 +89,8 @@ impl StoreInfo {
             size_bytes: None,
             entries: None,
             evictions: None,
+            reads: None,
+            detail: None,
             children,
         }
     }
@@ -102,6 +112,74 @@ impl StoreInfo {
                 .iter()
                 .map(|(_, c)| c.total_size_bytes())
                 .sum::<u64>()
+    }
+}
+
+/// Reads a store answered: each key looked up (`has_many`) or read (`get`) is a hit when
+/// present, a miss when absent, an error when the store could not tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reads {
+    pub hits: u64,
+    pub misses: u64,
+    pub errors: u64,
+}
+
+impl Reads {
+    /// Hits over hits and misses, or `None` before the first answered read.
+    pub fn hit_rate(&self) -> Option<f64> {
+        let answered = self.hits + self.misses;
+        (answered > 0).then(|| self.hits as f64 / answered as f64)
+    }
+}
+
+/// The counters behind [`Reads`]: relaxed atomics, one increment per key.
+#[derive(Debug, Default)]
+pub struct ReadCounter {
+    hits: std::sync::atomic::AtomicU64,
+    misses: std::sync::atomic::AtomicU64,
+    errors: std::sync::atomic::AtomicU64,
+}
+
+impl ReadCounter {
+    /// Counts `hits` keys found and `misses` keys absent.
+    pub fn count(&self, hits: u64, misses: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if hits > 0 {
+            self.hits.fetch_add(hits, Relaxed);
+        }
+        if misses > 0 {
+            self.misses.fetch_add(misses, Relaxed);
+        }
+    }
+
+    /// Counts one read that ended in an error other than NOT_FOUND.
+    pub fn error(&self) {
+        self.errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts the answer of `has_many`.
+    pub fn count_lookup(&self, sizes: &[Option<u64>]) {
+        let hits = sizes.iter().filter(|s| s.is_some()).count() as u64;
+        self.count(hits, sizes.len() as u64 - hits);
+    }
+
+    /// Counts the answer of `get`.
+    pub fn count_get<T>(&self, r: &Result<T, Error>) {
+        match r {
+            Ok(_) => self.count(1, 0),
+            Err(e) if e.is_not_found() => self.count(0, 1),
+            Err(_) => self.error(),
+        }
+    }
+
+    pub fn snapshot(&self) -> Reads {
+        use std::sync::atomic::Ordering::Relaxed;
+        Reads {
+            hits: self.hits.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use cairn_core::{BlobStream, Digest, Error};
 use futures::StreamExt;
 
 use crate::eviction::EvictionMap;
-use crate::{check_range, Store, StoreInfo};
+use crate::{check_range, ReadCounter, Store, StoreInfo};
 
 pub struct MemoryStore {
     map: EvictionMap<Arc<Vec<Bytes>>>,
@@ -27,6 +27,7 @@ pub struct MemoryStore {
     /// Bytes held by puts still in progress (not yet in `map`): bounded by `max_bytes` too, so
     /// that many slow or abandoned uploads cannot hold more memory than the store may.
     pending: AtomicU64,
+    reads: ReadCounter,
 }
 
 /// One put's share of `MemoryStore::pending`, given back when the put ends, however it ends.
@@ -64,6 +65,7 @@ impl MemoryStore {
             map: EvictionMap::new(Some(&policy)),
             max_bytes: policy.max_bytes.0,
             pending: AtomicU64::new(0),
+            reads: ReadCounter::default(),
         }
     }
 
@@ -96,7 +98,9 @@ fn slices(chunks: &[Bytes], mut start: u64, mut len: u64) -> Vec<Result<Bytes, E
 #[async_trait]
 impl Store for MemoryStore {
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
-        Ok(keys.iter().map(|k| self.map.size_of(k)).collect())
+        let sizes: Vec<Option<u64>> = keys.iter().map(|k| self.map.size_of(k)).collect();
+        self.reads.count_lookup(&sizes);
+        Ok(sizes)
     }
 
     async fn get(
@@ -106,10 +110,12 @@ impl Store for MemoryStore {
         length: Option<u64>,
     ) -> Result<BlobStream, Error> {
         let Some((chunks, size)) = self.map.get(key) else {
+            self.reads.count(0, 1);
             return Err(Error::not_found(format!(
                 "{key} is not in the memory store"
             )));
         };
+        self.reads.count(1, 0);
         let (start, len) = check_range(key, size, offset, length)?;
         Ok(futures::stream::iter(slices(&chunks, start, len)).boxed())
     }
@@ -154,6 +160,8 @@ impl Store for MemoryStore {
             size_bytes: Some(self.map.total_bytes()),
             entries: Some(self.map.len()),
             evictions: Some(self.map.evictions()),
+            reads: Some(self.reads.snapshot()),
+            detail: None,
             children: vec![],
         }
     }
@@ -163,6 +171,32 @@ impl Store for MemoryStore {
 mod tests {
     use super::*;
     use crate::testutil;
+
+    #[tokio::test]
+    async fn reads_are_counted_as_hits_and_misses() {
+        use crate::{Reads, StoreExt};
+        let store = MemoryStore::new(&MemoryConfig::default());
+        let f = cairn_core::DigestFunction::Sha256;
+        let (here, absent) = (f.compute(b"here"), f.compute(b"absent"));
+        store
+            .put_bytes(&here, Bytes::from_static(b"here"))
+            .await
+            .unwrap();
+        store.has_many(&[here, absent, absent]).await.unwrap();
+        store.get_all(&here, 100).await.unwrap();
+        assert!(store.get(&absent, 0, None).await.is_err());
+        let reads = store.info().reads.unwrap();
+        assert_eq!(
+            reads,
+            Reads {
+                hits: 2,
+                misses: 3,
+                errors: 0
+            }
+        );
+        assert_eq!(reads.hit_rate(), Some(0.4));
+        assert_eq!(Reads::default().hit_rate(), None);
+    }
 
     #[tokio::test]
     async fn memory_store_contract() {

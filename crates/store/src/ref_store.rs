@@ -37,7 +37,10 @@ impl Store for RefStore {
     }
     fn info(&self) -> StoreInfo {
         // The target is described under its own name; do not count its bytes twice.
-        StoreInfo::leaf("ref_store")
+        StoreInfo {
+            detail: Some(self.name.clone()),
+            ..StoreInfo::leaf("ref_store")
+        }
     }
     async fn health(&self) -> Health {
         self.target.health().await

@@ -2,8 +2,10 @@
 //! network, so the figures are the server's own): a scheduler holding `--requests`
 //! operations (10,000 by default; 50 workers of 4 slots run 200 of them, the rest wait, a
 //! tenth of them on a platform no worker offers) and a BEP store with 1,000 stored
-//! invocations of 40 events each; then each page is rendered `ROUNDS` times and the median,
-//! 99th percentile and largest times are printed.
+//! invocations of 40 events each, whose remote actions are in the UI's record (each
+//! operation queued under its invocation, 20 cache lookups per invocation, and
+//! `BIG_INVOCATION` with 20,000 actions); then each page is rendered `ROUNDS` times and the
+//! median, 99th percentile and largest times are printed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +28,8 @@ use tower::ServiceExt;
 const ROUNDS: usize = 50;
 const INVOCATIONS: usize = 1000;
 const WORKERS: usize = 50;
+/// The invocation with the most recorded actions (the record's per-invocation cap).
+const BIG_INVOCATION: &str = "invocation-00500";
 
 fn props(p: &[(&str, &str)]) -> Vec<(String, String)> {
     p.iter()
@@ -188,6 +192,12 @@ async fn fill_scheduler(
                 tx,
             )
             .await?;
+        web_ui::activity::queued(
+            &format!("invocation-{:05}", n % INVOCATIONS),
+            "",
+            digest,
+            &format!("op-{n}"),
+        );
         keep.push(Box::new(rx));
     }
     Ok(keep)
@@ -287,6 +297,18 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
         .expect("a valid memory store config");
         Arc::new(cairn_store::memory::MemoryStore::new(&cfg))
     };
+    web_ui::activity::enable(INVOCATIONS);
+    for i in 0..INVOCATIONS {
+        let lookups = if format!("invocation-{i:05}") == BIG_INVOCATION {
+            web_ui::activity::MAX_ACTIONS_PER_INVOCATION
+        } else {
+            20
+        };
+        for n in 0..lookups {
+            let digest = DigestFunction::Sha256.compute(format!("bench lookup {i} {n}").as_bytes());
+            web_ui::activity::lookup(&format!("invocation-{i:05}"), "", digest, n % 3 != 0);
+        }
+    }
     let bep = memory(4 << 30);
     let index = Arc::new(InvocationIndex::new(INVOCATIONS, None));
     let started = Instant::now();
@@ -296,10 +318,16 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
         invocation_events(0).len(),
         started.elapsed().as_secs_f64()
     );
+    let (cas, ac) = (memory(1 << 30), memory(1 << 30));
+    let stores = vec![
+        ("AC".to_string(), ac.clone()),
+        ("BEP".to_string(), bep.clone()),
+        ("CAS".to_string(), cas.clone()),
+    ];
     let ui = WebUi {
         bep: Some((bep, index)),
-        cas: Some(memory(1 << 30)),
-        ac: Some(memory(1 << 30)),
+        cas: Some(cas),
+        ac: Some(ac),
         schedulers: vec![ExecutionPipeline {
             name: "MAIN".into(),
             backend: Backend::Local(handle),
@@ -307,6 +335,9 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
             steps: Arc::new(Vec::new()),
         }],
         read_only: true,
+        stores,
+        store_roles: vec![("CAS", "CAS".into()), ("AC", "AC".into())],
+        metrics: Some(cairn_server::metrics::Metrics::new()),
     };
     let probe = store_action(ui.cas.as_ref(), ui.ac.as_ref()).await?;
     let router = web_ui::router(Arc::new(ui));
@@ -314,10 +345,13 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
     for path in [
         "/invocations".to_string(),
         "/invocations?status=failed&q=pkg99".to_string(),
-        "/invocation/invocation-00500".to_string(),
+        "/invocation/invocation-00499".to_string(),
+        format!("/invocation/{BIG_INVOCATION}"),
         "/queue".to_string(),
         "/workers".to_string(),
         format!("/action/{}-{}", probe.hash_hex(), probe.size()),
+        "/cache".to_string(),
+        format!("/cas/{}-{}", probe.hash_hex(), probe.size()),
     ] {
         let (times, size) = time_page(&router, &path).await?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -328,5 +362,19 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
             ms(times[times.len() - 1])
         );
     }
+    // What the services pay per recorded call: one lookup of an invocation's action (a new
+    // one for each call, as a build's first lookups are), with 1,000 invocations held.
+    let calls = 200_000;
+    let digests: Vec<Digest> = (0..calls)
+        .map(|n| DigestFunction::Sha256.compute(format!("bench record {n}").as_bytes()))
+        .collect();
+    let started = Instant::now();
+    for (n, d) in digests.into_iter().enumerate() {
+        web_ui::activity::lookup(&format!("invocation-{:05}", n % 100), "", d, false);
+    }
+    println!(
+        "web-ui: recording a cache lookup: {:.0} ns per call ({calls} calls)",
+        started.elapsed().as_nanos() as f64 / calls as f64
+    );
     Ok(())
 }

@@ -115,10 +115,24 @@ enum Cmd {
     Overview {
         reply: oneshot::Sender<Overview>,
     },
+    Operations {
+        of: OpFilter,
+        limit: usize,
+        reply: oneshot::Sender<Vec<OpRow>>,
+    },
     LastOutcome {
         digest: Digest,
         reply: oneshot::Sender<Option<Outcome<re::ExecuteResponse>>>,
     },
+}
+
+/// Which operations [`SchedulerHandle::operations`] copies out.
+#[derive(Debug, Clone)]
+pub enum OpFilter {
+    /// Those sent with this `tool_invocation_id`.
+    Invocation(String),
+    /// Those of this action.
+    Action(Digest),
 }
 
 /// One operation, for the web UI.
@@ -311,6 +325,13 @@ impl SchedulerHandle {
     /// Every operation and worker (read only; for the web UI).
     pub async fn overview(&self) -> Result<Overview, Error> {
         self.call(|reply| Cmd::Overview { reply }).await
+    }
+
+    /// The operations that `of` selects, at most `limit` (read only; for the web UI's
+    /// invocation and action pages, which need a few of many).
+    pub async fn operations(&self, of: OpFilter, limit: usize) -> Result<Vec<OpRow>, Error> {
+        self.call(|reply| Cmd::Operations { of, limit, reply })
+            .await
     }
 
     /// How the latest completed operation of the action `digest` still held ended (read
@@ -771,6 +792,20 @@ impl Driver {
             Cmd::Overview { reply } => {
                 let _ = reply.send(self.overview());
             }
+            Cmd::Operations { of, limit, reply } => {
+                let now = self.now();
+                let rows = self
+                    .core
+                    .operations()
+                    .filter(|v| match &of {
+                        OpFilter::Invocation(id) => v.invocation_id == id.as_str(),
+                        OpFilter::Action(d) => self.digests.get(&v.op_id.0) == Some(d),
+                    })
+                    .filter_map(|v| self.op_row(&v, now))
+                    .take(limit)
+                    .collect();
+                let _ = reply.send(rows);
+            }
             Cmd::LastOutcome { digest, reply } => {
                 let last = self
                     .core
@@ -807,43 +842,10 @@ impl Driver {
             .core
             .operations()
             .filter_map(|v| {
-                let digest = *self.digests.get(&v.op_id.0)?;
-                let stage = match v.stage {
-                    cairn_scheduler::Stage::Queued => "queued",
-                    cairn_scheduler::Stage::Executing => "executing",
-                    cairn_scheduler::Stage::Completed => "completed",
-                };
                 if let Some(w) = v.worker_id {
                     running.entry(&w.0).or_default().push(v.op_id.0.clone());
                 }
-                let (result, exit_code) = match v.outcome {
-                    Some(o) => (
-                        Some(result_kind(o)),
-                        o.as_ref()
-                            .ok()
-                            .and_then(|r| r.result.as_ref())
-                            .map(|r| r.exit_code),
-                    ),
-                    None => (None, None),
-                };
-                Some(OpRow {
-                    op_id: v.op_id.0.clone(),
-                    digest,
-                    stage,
-                    invocation_id: v.invocation_id.to_string(),
-                    priority: v.priority,
-                    queued_for: v.queued_at.map(|q| now.saturating_sub(q)),
-                    executing_for: v.started_at.map(|s| now.saturating_sub(s)),
-                    worker: v.worker_id.map(|w| w.0.clone()),
-                    platform: self
-                        .core
-                        .operation_payload(v.op_id)
-                        .map(|p| p.platform.clone())
-                        .unwrap_or_default(),
-                    result,
-                    exit_code,
-                    retries: v.retries,
-                })
+                self.op_row(&v, now)
             })
             .collect();
         let workers = self
@@ -864,6 +866,48 @@ impl Driver {
             operations,
             workers,
         }
+    }
+
+    /// One operation as the web UI shows it.
+    fn op_row(
+        &self,
+        v: &cairn_scheduler::OperationView<'_, re::ExecuteResponse>,
+        now: Duration,
+    ) -> Option<OpRow> {
+        let digest = *self.digests.get(&v.op_id.0)?;
+        let stage = match v.stage {
+            cairn_scheduler::Stage::Queued => "queued",
+            cairn_scheduler::Stage::Executing => "executing",
+            cairn_scheduler::Stage::Completed => "completed",
+        };
+        let (result, exit_code) = match v.outcome {
+            Some(o) => (
+                Some(result_kind(o)),
+                o.as_ref()
+                    .ok()
+                    .and_then(|r| r.result.as_ref())
+                    .map(|r| r.exit_code),
+            ),
+            None => (None, None),
+        };
+        Some(OpRow {
+            op_id: v.op_id.0.clone(),
+            digest,
+            stage,
+            invocation_id: v.invocation_id.to_string(),
+            priority: v.priority,
+            queued_for: v.queued_at.map(|q| now.saturating_sub(q)),
+            executing_for: v.started_at.map(|s| now.saturating_sub(s)),
+            worker: v.worker_id.map(|w| w.0.clone()),
+            platform: self
+                .core
+                .operation_payload(v.op_id)
+                .map(|p| p.platform.clone())
+                .unwrap_or_default(),
+            result,
+            exit_code,
+            retries: v.retries,
+        })
     }
 
     /// Carries out decisions; a worker whose stream cannot take a message is disconnected,
@@ -971,6 +1015,9 @@ impl Driver {
                             (&status, &self.metrics)
                         {
                             m.execution_completed(result_kind(outcome));
+                        }
+                        if let OperationStatus::Completed(outcome) = &status {
+                            crate::web_ui::activity::completed(&op_id.0, outcome);
                         }
                         let trace = done.then(|| self.traces.remove(&op_id.0)).flatten();
                         if let (OperationStatus::Completed(outcome), Some(trace)) = (&status, trace)

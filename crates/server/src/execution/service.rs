@@ -147,7 +147,7 @@ fn missing(digests: &[Digest], what: &str) -> Status {
 
 /// The request's `RequestMetadata` header (Bazel's invocation id, target and mnemonic), or
 /// an empty one.
-fn request_metadata<T>(req: &Request<T>) -> re::RequestMetadata {
+pub(crate) fn request_metadata<T>(req: &Request<T>) -> re::RequestMetadata {
     req.metadata()
         .get_bin("build.bazel.remote.execution.v2.requestmetadata-bin")
         .and_then(|v| v.to_bytes().ok())
@@ -352,6 +352,11 @@ impl ExecutionService {
                             })),
                         };
                         self.metrics.execution_completed("cache_hit");
+                        crate::web_ui::activity::cache_hit(
+                            &metadata.tool_invocation_id,
+                            &req.instance_name,
+                            digest,
+                        );
                         return Ok(
                             futures::stream::once(async move { Ok(operation_of(&update)) }).boxed(),
                         );
@@ -394,8 +399,16 @@ impl ExecutionService {
             // there.
             Backend::Remote(r) => return r.execute(req, &headers).await,
         };
+        // Recorded before the scheduler has it, so that its end cannot come first.
+        crate::web_ui::activity::queued(&request.invocation_id, &req.instance_name, digest, &op_id);
         let (tx, rx) = mpsc::channel(STREAM_DEPTH);
-        let no = handle.add(op_id.clone(), digest, request, tx).await?;
+        let no = match handle.add(op_id.clone(), digest, request, tx).await {
+            Ok(no) => no,
+            Err(e) => {
+                crate::web_ui::activity::refused(&op_id, &e.to_string());
+                return Err(e.into());
+            }
+        };
         Ok(watch_stream(handle.clone(), op_id, no, None, rx))
     }
 }

@@ -21,9 +21,9 @@ use super::html::{self, esc, page, url};
 use super::WebUi;
 
 /// Largest Action, Command, Directory or ActionResult read.
-const MAX_PROTO_BYTES: u64 = 4 << 20;
+pub(super) const MAX_PROTO_BYTES: u64 = 4 << 20;
 /// stdout and stderr shown inline; the whole is a download.
-const MAX_INLINE_BYTES: u64 = 64 << 10;
+pub(super) const MAX_INLINE_BYTES: u64 = 64 << 10;
 /// Longest `HASH-SIZE` accepted (a SHA-512 hash and a 20-digit size fit).
 const MAX_DIGEST_TEXT: usize = 160;
 
@@ -51,7 +51,7 @@ pub fn parse_digest(text: &str) -> Result<Digest, Box<Response>> {
     Digest::parse(function, hash, size).or_else(|e| bad(e.message))
 }
 
-fn link(kind: &str, d: &Digest) -> String {
+pub(super) fn link(kind: &str, d: &Digest) -> String {
     format!(
         "<a href=\"/{kind}/{h}-{s}\"><code>{h}-{s}</code></a>",
         h = d.hash_hex(),
@@ -69,7 +69,7 @@ fn blob_link(d: &Digest, name: &str) -> String {
     )
 }
 
-fn no_cas() -> Response {
+pub(super) fn no_cas() -> Response {
     html::error(
         StatusCode::NOT_FOUND,
         "no CAS to read from: services.web_ui.cas_store is not set",
@@ -377,6 +377,24 @@ async fn result_section(ui: &WebUi, cas: &StoreRef, d: &Digest, b: &mut String) 
             _ => {}
         }
     }
+    if let Some(resp) = super::activity::get().and_then(|a| a.failed_result(d)) {
+        let status = resp.status.as_ref().filter(|s| s.code != 0);
+        let _ = write!(
+            b,
+            "<p class=\"muted\">Not in the action cache; the last failed execution this server recorded.</p>{}",
+            status
+                .map(|s| format!(
+                    "<p class=\"bad\">Status {}: {}</p>",
+                    s.code,
+                    esc(&s.message)
+                ))
+                .unwrap_or_default()
+        );
+        if let Some(r) = &resp.result {
+            render_result(cas, d, r, b).await;
+        }
+        return;
+    }
     b.push_str("<p class=\"muted\">No result: not in the action cache (never run, failed, or not cacheable) and no scheduler holds a completed execution of it.</p>");
 }
 
@@ -443,13 +461,11 @@ async fn scheduler_section(ui: &WebUi, d: &Digest, b: &mut String) {
     let mut rows = Vec::new();
     for p in &ui.schedulers {
         let Some(h) = p.local() else { continue };
-        if let Ok(o) = h.overview().await {
-            rows.extend(
-                o.operations
-                    .into_iter()
-                    .filter(|r| r.digest == *d)
-                    .map(|r| (p.name.clone(), r)),
-            );
+        if let Ok(ops) = h
+            .operations(crate::execution::driver::OpFilter::Action(*d), 100)
+            .await
+        {
+            rows.extend(ops.into_iter().map(|r| (p.name.clone(), r)));
         }
     }
     if rows.is_empty() {
@@ -483,7 +499,15 @@ pub async fn tree(State(ui): State<Arc<WebUi>>, Path(text): Path<String>) -> Res
         Ok(x) => x,
         Err(r) => return *r,
     };
-    let f = d.function();
+    page(
+        &format!("Directory {}-{}", d.hash_hex(), d.size()),
+        &render_directory(&dir, d.function()),
+    )
+}
+
+/// One Directory as a table: subdirectories (linked to their `/tree` pages), files
+/// (downloads) and symlinks.
+pub fn render_directory(dir: &re::Directory, f: DigestFunction) -> String {
     let mut b = String::from("<table><tr><th>Name</th><th>Size</th><th>Digest</th></tr>");
     for sub in &dir.directories {
         if let Some(sd) = digest_of(&sub.digest, f) {
@@ -518,7 +542,7 @@ pub async fn tree(State(ui): State<Arc<WebUi>>, Path(text): Path<String>) -> Res
         );
     }
     b.push_str("</table>");
-    page(&format!("Directory {}-{}", d.hash_hex(), d.size()), &b)
+    b
 }
 
 /// Entries listed on one `/output-tree` page.

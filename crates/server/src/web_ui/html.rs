@@ -140,7 +140,7 @@ pub fn page(title: &str, body: &str) -> Response {
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{t} - Cairn</title>\
          <meta name=\"viewport\" content=\"width=device-width\"><style>{CSS}</style></head><body>\
          <nav><a href=\"/invocations\">Invocations</a><a href=\"/queue\">Queue</a>\
-         <a href=\"/workers\">Workers</a></nav><main><h1>{t}</h1>{body}</main></body></html>",
+         <a href=\"/workers\">Workers</a><a href=\"/cache\">Cache</a></nav><main><h1>{t}</h1>{body}</main></body></html>",
         t = esc(title)
     );
     html_response(StatusCode::OK, html)

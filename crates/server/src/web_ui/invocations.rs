@@ -16,11 +16,12 @@ use cairn_store::StoreExt;
 use futures::StreamExt;
 use prost::Message;
 
+use super::activity::{self, Execution};
 use super::events::{self, bytestream_digest};
 use super::html::{self, esc, page, url};
 use super::index::{Status, Summary, MAX_ID_BYTES};
 use super::WebUi;
-use crate::execution::driver::unix_ms_now;
+use crate::execution::driver::{unix_ms_now, OpFilter, OpRow};
 
 /// Events read for one page.
 pub const MAX_EVENTS: i64 = 100_000;
@@ -104,11 +105,28 @@ pub async fn list(State(ui): State<Arc<WebUi>>, RawQuery(query): RawQuery) -> Re
             String::new()
         }
     );
-    b.push_str("<table><tr><th>Started</th><th>Invocation</th><th>Command</th><th>Status</th><th>Duration</th><th>Targets</th></tr>");
+    b.push_str("<table><tr><th>Started</th><th>Invocation</th><th>Command</th><th>Status</th><th>Duration</th><th>Targets</th><th>Remote actions</th></tr>");
+    let record = activity::get();
     for s in &rows {
+        let remote = record
+            .and_then(|a| a.counts(&s.invocation_id))
+            .map(|c| {
+                format!(
+                    "{}: {} hits, {} misses{}",
+                    c.actions,
+                    c.cache_hits,
+                    c.cache_misses,
+                    if c.failed > 0 {
+                        format!(", <span class=\"bad\">{} failed</span>", c.failed)
+                    } else {
+                        String::new()
+                    }
+                )
+            })
+            .unwrap_or_default();
         let _ = write!(
             b,
-            "<tr><td>{}</td><td><a href=\"/invocation/{}\"><code>{}</code></a></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}{}</td></tr>",
+            "<tr><td>{}</td><td><a href=\"/invocation/{}\"><code>{}</code></a></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}{}</td><td>{remote}</td></tr>",
             html::utc(s.start_ms),
             url(&s.invocation_id),
             esc(&s.invocation_id),
@@ -484,42 +502,114 @@ pub async fn show(State(ui): State<Arc<WebUi>>, Path(id): Path<String>) -> Respo
     page(&format!("Invocation {id}"), &b)
 }
 
-/// The operations the schedulers hold for the invocation (queued, running, and completed
-/// ones still retained), with cache hits and misses.
+/// The invocation's remote actions: what this process recorded of its GetActionResult and
+/// Execute calls ([`activity`]: cache hits and misses, how executions ended, kept after the
+/// scheduler forgets them), with the live stage of what is still queued or running, and any
+/// other operation the schedulers hold for it.
 async fn remote_actions(ui: &WebUi, id: &str, b: &mut String) {
-    let mut rows = Vec::new();
+    let recorded = activity::get().and_then(|a| a.snapshot(id, MAX_ROWS));
+    // Only this invocation's operations, from each scheduler.
+    let mut live: Vec<(String, OpRow)> = Vec::new();
     for p in &ui.schedulers {
         let Some(h) = p.local() else { continue };
-        if let Ok(o) = h.overview().await {
-            rows.extend(
-                o.operations
-                    .into_iter()
-                    .filter(|r| r.invocation_id == id)
-                    .map(|r| (p.name.clone(), r)),
-            );
+        if let Ok(rows) = h
+            .operations(OpFilter::Invocation(id.to_string()), MAX_ROWS)
+            .await
+        {
+            live.extend(rows.into_iter().map(|r| (p.name.clone(), r)));
         }
     }
-    if rows.is_empty() {
-        b.push_str("<h2>Remote actions</h2><p class=\"muted\">The schedulers hold no operation of this invocation (none was executed remotely, or they were forgotten after retain_completed_for_s).</p>");
+    let rec = recorded.unwrap_or_default();
+    if rec.actions == 0 && live.is_empty() {
+        b.push_str("<h2>Remote actions</h2><p class=\"muted\">No remote cache lookup or execution of this invocation reached this server.</p>");
         return;
     }
-    let hits = rows
-        .iter()
-        .filter(|r| r.1.result == Some("cache_hit"))
-        .count();
     let _ = write!(
         b,
-        "<h2>Remote actions ({}: {hits} cache hits, {} executed)</h2><table><tr><th>Action</th><th>Scheduler</th><th>Stage</th><th>Result</th><th>Exit</th><th>Worker</th></tr>",
-        rows.len(),
-        rows.len() - hits
+        "<h2>Remote actions ({}: {} cache hits, {} cache misses{})</h2>",
+        rec.actions,
+        rec.cache_hits,
+        rec.cache_misses,
+        if rec.failed > 0 {
+            format!(", <span class=\"bad\">{} failed</span>", rec.failed)
+        } else {
+            String::new()
+        }
     );
-    for (sched, r) in rows.iter().take(MAX_ROWS) {
+    if rec.not_listed > 0 {
         let _ = write!(
             b,
-            "<tr><td><a href=\"/action/{h}-{s}\"><code>{h}-{s}</code></a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<p class=\"muted\">{} more actions were counted but not recorded.</p>",
+            rec.not_listed
+        );
+    }
+    b.push_str("<table><tr><th>Action</th><th>Cache</th><th>Execution</th><th>Exit</th><th>Worker</th></tr>");
+    let mut shown_ops = std::collections::HashSet::new();
+    for r in &rec.rows {
+        let cache = match (r.lookup, &r.execution) {
+            (_, Some(Execution::CacheHit)) | (Some(true), None) => "<span class=\"ok\">hit</span>",
+            (Some(_), _) | (None, Some(_)) => "miss",
+            (None, None) => "",
+        };
+        let (execution, exit, worker) = match &r.execution {
+            None => (String::new(), String::new(), String::new()),
+            Some(Execution::CacheHit) => {
+                ("from the cache".to_string(), String::new(), String::new())
+            }
+            Some(Execution::Queued { op_id }) => {
+                shown_ops.insert(op_id.as_str());
+                match live.iter().find(|(_, o)| &o.op_id == op_id) {
+                    Some((_, o)) => (
+                        o.result.map_or_else(|| o.stage.to_string(), str::to_string),
+                        o.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                        o.worker.clone().unwrap_or_default(),
+                    ),
+                    None => ("queued".to_string(), String::new(), String::new()),
+                }
+            }
+            Some(Execution::Done {
+                op_id,
+                result,
+                exit_code,
+                worker,
+                message,
+            }) => {
+                shown_ops.insert(op_id.as_str());
+                (
+                    format!(
+                        "<span class=\"{}\">{result}</span>{}",
+                        if *result == "success" { "ok" } else { "bad" },
+                        if message.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {}", esc(message))
+                        }
+                    ),
+                    exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                    worker.clone(),
+                )
+            }
+        };
+        let _ = write!(
+            b,
+            "<tr><td><a href=\"/action/{h}-{s}\"><code>{h}-{s}</code></a></td><td>{cache}</td><td>{execution}</td><td>{exit}</td><td>{}</td></tr>",
+            esc(&worker),
+            h = r.digest.hash_hex(),
+            s = r.digest.size(),
+        );
+    }
+    // Operations the schedulers hold that were not recorded here (sent before a restart of
+    // this process's web UI, or through another listener's record).
+    for (sched, r) in live
+        .iter()
+        .filter(|(_, r)| !shown_ops.contains(r.op_id.as_str()))
+        .take(MAX_ROWS)
+    {
+        let _ = write!(
+            b,
+            "<tr><td><a href=\"/action/{h}-{s}\"><code>{h}-{s}</code></a></td><td></td><td>{} <span class=\"muted\">(scheduler {})</span></td><td>{}</td><td>{}</td></tr>",
+            r.result.unwrap_or(r.stage),
             esc(sched),
-            r.stage,
-            r.result.unwrap_or(""),
             r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
             esc(r.worker.as_deref().unwrap_or("")),
             h = r.digest.hash_hex(),

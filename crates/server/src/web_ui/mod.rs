@@ -5,6 +5,9 @@
 //!   `/invocation/ID` from the stored Build Event Protocol events ([`invocations`]);
 //! - `/action/HASH-SIZE`, `/tree/HASH-SIZE` (a Directory), `/output-tree/HASH-SIZE` (a Tree),
 //!   `/blob/HASH-SIZE` from the CAS and the action cache ([`actions`]);
+//! - `/cache` (every store's tree with sizes, entries, hit rates, evictions and backend
+//!   requests), `/lookup` (the blob lookup form) and `/cas/HASH-SIZE` (one blob, a Directory
+//!   or Tree rendered as one) ([`cache`]);
 //! - `/queue` and `/workers` from the schedulers, and `POST /workers/drain` when
 //!   `read_only` is false ([`scheduler`]).
 //!
@@ -13,6 +16,8 @@
 //! never change anything, except the drain button, which is off by default.
 
 pub mod actions;
+pub mod activity;
+pub mod cache;
 pub mod events;
 pub mod html;
 pub mod index;
@@ -38,14 +43,23 @@ pub struct WebUi {
     pub schedulers: Vec<ExecutionPipeline>,
     /// When false, `/workers` offers a drain button.
     pub read_only: bool,
+    /// Every configured store by name, for `/cache`.
+    pub stores: Vec<(String, StoreRef)>,
+    /// Which of them these pages read: (`CAS`, `AC` or `BEP`, store name).
+    pub store_roles: Vec<(&'static str, String)>,
+    /// The process's metrics: top-level stores' reads and the backend counters on `/cache`.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl WebUi {
     /// The UI of `services.web_ui` (at key path `at`), resolving names with the listener's
-    /// lookups; sets the invocation index's retention.
+    /// lookups; sets the invocation index's retention. `stores` are all the configured stores
+    /// (shown on `/cache`).
     pub async fn from_config(
         cfg: &cairn_config::servers::WebUiService,
         at: &str,
+        stores: &cairn_store::StoreMap,
+        metrics: Arc<crate::metrics::Metrics>,
         store: impl Fn(&str, &str) -> Result<StoreRef, cairn_core::Error>,
         scheduler: impl Fn(&str, String) -> Result<ExecutionPipeline, cairn_core::Error>,
     ) -> Result<WebUi, cairn_core::Error> {
@@ -73,11 +87,27 @@ impl WebUi {
             ac,
             schedulers,
             read_only: cfg.read_only,
+            stores: stores.iter().map(|(n, s)| (n.clone(), s.clone())).collect(),
+            store_roles: [
+                ("CAS", &cfg.cas_store),
+                ("AC", &cfg.ac_store),
+                ("BEP", &cfg.bep_store),
+            ]
+            .into_iter()
+            .filter_map(|(role, n)| Some((role, n.clone()?)))
+            .collect(),
+            metrics: Some(metrics),
         };
         if let Some((store, index)) = &ui.bep {
             index::load(index, store).await;
         }
         ui.set_retention(cfg.max_invocations, cfg.max_invocation_age_s);
+        activity::enable(
+            cfg.max_invocations
+                .map_or(index::DEFAULT_MAX_INVOCATIONS, |c| {
+                    c.min(usize::MAX as u64) as usize
+                }),
+        );
         Ok(ui)
     }
 
@@ -108,6 +138,9 @@ pub fn router(ui: Arc<WebUi>) -> Router {
         .route("/tree/{digest}", get(actions::tree))
         .route("/output-tree/{digest}", get(actions::output_tree))
         .route("/blob/{digest}", get(actions::blob))
+        .route("/cache", get(cache::cache))
+        .route("/lookup", get(cache::lookup))
+        .route("/cas/{digest}", get(cache::blob_page))
         .route("/queue", get(scheduler::queue))
         .route("/workers", get(scheduler::workers))
         .route("/workers/drain", post(scheduler::drain))
