@@ -1,0 +1,483 @@
+//! Scheduler replicas sharing their state in Redis (`simple.experimental_backend: {redis:
+//! {redis_store: ...}}`), as real processes: one Debian `redis-server`, two or three `cairn
+//! run` replicas (CAS and AC in the same Redis, so that every replica serves every blob), and
+//! worker processes (`deployment-examples/split/worker.json5`) each connected to one replica.
+//!
+//! Each action prints the working directory of the worker that ran it, so a test knows
+//! which worker (and so which replica) ran what.
+
+mod common;
+#[path = "common/redis.rs"]
+mod redis_kit;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::longrunning::operations_client::OperationsClient;
+use cairn_core::proto::google::longrunning::{self as lro, Operation};
+use common::actions::ShellAction;
+use common::{free_addr, Cairn, CairnWorker};
+use prost::Message;
+use redis_kit::RedisServer;
+use tonic::transport::Channel;
+
+/// How long anything here may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// One replica: CAS, AC and scheduler state in Redis; the public listener on `@ADDR@`, the
+/// worker API (TLS, client certificates) on `@WORKER_API@`.
+const REPLICA: &str = r#"{
+  stores: [
+    { name: "STATE", redis_store: { addresses: ["@REDIS@"], command_timeout_ms: 2000,
+        connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
+    { name: "CAS", redis_store: { addresses: ["@REDIS@"], key_prefix: "cas:",
+        command_timeout_ms: 2000, connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
+    { name: "AC", redis_store: { addresses: ["@REDIS@"], key_prefix: "ac:",
+        command_timeout_ms: 2000, connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
+  ],
+  schedulers: [{ name: "MAIN", simple: {
+    supported_platform_properties: { OSFamily: "exact", cpu_count: "minimum" },
+    worker_timeout_s: 2,
+    max_job_retries: 2,
+    experimental_backend: { redis: { redis_store: "STATE" } },
+  } }],
+  servers: [
+    { listener: { http: { socket_address: "@ADDR@" } },
+      services: {
+        cas: [{ instance_name: "main", cas_store: "CAS" }],
+        ac: [{ instance_name: "main", ac_store: "AC" }],
+        bytestream: [{ instance_name: "main", cas_store: "CAS" }],
+        execution: [{ instance_name: "main", cas_store: "CAS", scheduler: "MAIN" }],
+        capabilities: [{ instance_name: "main", remote_execution: { scheduler: "MAIN" } }],
+      } },
+    { listener: { http: { socket_address: "@WORKER_API@", tls: @WORKER_API_TLS@ } },
+      services: { worker_api: { scheduler: "MAIN" } } },
+  ],
+}"#;
+
+struct Replica {
+    cairn: Cairn,
+    worker_api: SocketAddr,
+    label: String,
+}
+
+struct Fleet {
+    tmp: tempfile::TempDir,
+    redis: RedisServer,
+    tls: PathBuf,
+    replicas: Vec<Option<Replica>>,
+}
+
+impl Fleet {
+    fn start(replicas: usize) -> Fleet {
+        let tmp = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start(tmp.path());
+        let tls = common::certs::split_tls_dir(tmp.path());
+        let mut fleet = Fleet {
+            tmp,
+            redis,
+            tls,
+            replicas: Vec::new(),
+        };
+        for i in 0..replicas {
+            let r = fleet.replica(i);
+            fleet.replicas.push(Some(r));
+        }
+        fleet
+    }
+
+    fn replica(&self, i: usize) -> Replica {
+        let label = format!("replica-{i}");
+        let dir = self.tmp.path().join(&label);
+        std::fs::create_dir_all(&dir).unwrap();
+        let worker_api = free_addr();
+        let cairn = Cairn::start_with(
+            &dir,
+            &REPLICA
+                .replace("@REDIS@", &self.redis.url())
+                .replace("@WORKER_API@", &worker_api.to_string())
+                .replace(
+                    "@WORKER_API_TLS@",
+                    &common::certs::worker_api_tls(&self.tls),
+                ),
+            Some(free_addr()),
+        );
+        Replica {
+            cairn,
+            worker_api,
+            label,
+        }
+    }
+
+    fn r(&self, i: usize) -> &Replica {
+        self.replicas[i].as_ref().expect("replica running")
+    }
+
+    /// A one-slot worker process connected to replica `i`; its directory names it.
+    fn worker(&self, name: &str, i: usize) -> CairnWorker {
+        let r = self.r(i);
+        let data = self.tmp.path().join(format!("worker-{name}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let config: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deployment-examples/split/worker.json5");
+        CairnWorker::start(
+            name,
+            &config,
+            &[
+                (
+                    "CAIRN_WORKER_API_ENDPOINT",
+                    format!("grpcs://{}", r.worker_api),
+                ),
+                ("CAIRN_TLS_DIR", self.tls.display().to_string()),
+                ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", r.cairn.addr)),
+                ("CAIRN_WORKER_DATA", data.display().to_string()),
+                ("CAIRN_WORKER_SLOTS", "1".to_string()),
+            ],
+            DEADLINE,
+        )
+    }
+
+    async fn channel(&self, i: usize) -> Channel {
+        self.r(i).cairn.channel().await
+    }
+
+    /// SIGKILL replica `i`.
+    fn kill9(&mut self, i: usize) {
+        let r = self.replicas[i].take().expect("replica running");
+        eprintln!("killing {} with SIGKILL", r.label);
+        r.cairn.kill9();
+    }
+}
+
+/// A shell action uploaded through replica `via`; returns its digest.
+async fn upload(channel: Channel, script: &str, do_not_cache: bool) -> re::Digest {
+    ShellAction {
+        script,
+        do_not_cache,
+        ..Default::default()
+    }
+    .upload(channel, "main")
+    .await
+    .to_proto()
+}
+
+async fn execute(channel: Channel, digest: &re::Digest) -> tonic::Streaming<Operation> {
+    re::execution_client::ExecutionClient::new(channel)
+        .execute(re::ExecuteRequest {
+            instance_name: "main".into(),
+            action_digest: Some(digest.clone()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+        .expect("Execute")
+        .into_inner()
+}
+
+async fn wait_execution(
+    channel: Channel,
+    name: &str,
+) -> Result<tonic::Streaming<Operation>, tonic::Status> {
+    re::execution_client::ExecutionClient::new(channel)
+        .wait_execution(re::WaitExecutionRequest { name: name.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn stage(op: &Operation) -> re::execution_stage::Value {
+    let m = re::ExecuteOperationMetadata::decode(op.metadata.as_ref().unwrap().value.as_slice())
+        .unwrap();
+    re::execution_stage::Value::try_from(m.stage).unwrap()
+}
+
+fn response(op: &Operation) -> re::ExecuteResponse {
+    match op.result.as_ref().expect("a done operation has a result") {
+        lro::operation::Result::Response(any) => {
+            re::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+        }
+        lro::operation::Result::Error(e) => panic!("operation error {e:?}"),
+    }
+}
+
+/// Reads the stream to its done operation (within [`DEADLINE`]); the first operation's name
+/// is returned with it.
+async fn until_done(mut ops: tonic::Streaming<Operation>) -> Result<Operation, tonic::Status> {
+    tokio::time::timeout(DEADLINE, async move {
+        loop {
+            match ops.message().await? {
+                Some(op) if op.done => return Ok(op),
+                Some(_) => continue,
+                None => return Err(tonic::Status::aborted("stream ended before done")),
+            }
+        }
+    })
+    .await
+    .expect("the operation ends within the deadline")
+}
+
+/// The first operation of a stream (its name).
+async fn first(ops: &mut tonic::Streaming<Operation>) -> Operation {
+    tokio::time::timeout(DEADLINE, ops.message())
+        .await
+        .expect("first operation in time")
+        .expect("stream")
+        .expect("an operation")
+}
+
+/// The stdout of a completed action, read from the CAS through `channel`.
+async fn stdout(channel: Channel, r: &re::ExecuteResponse) -> String {
+    let status = r.status.clone().unwrap_or_default();
+    assert_eq!(status.code, 0, "execution status {status:?}");
+    let result = r.result.as_ref().expect("an ActionResult");
+    let Some(d) = result.stdout_digest.clone() else {
+        return String::from_utf8_lossy(&result.stdout_raw).into_owned();
+    };
+    let reply =
+        re::content_addressable_storage_client::ContentAddressableStorageClient::new(channel)
+            .batch_read_blobs(re::BatchReadBlobsRequest {
+                instance_name: "main".into(),
+                digests: vec![d],
+                ..Default::default()
+            })
+            .await
+            .expect("BatchReadBlobs")
+            .into_inner();
+    String::from_utf8_lossy(&reply.responses[0].data).into_owned()
+}
+
+async fn get_operation(channel: Channel, name: &str) -> Result<Operation, tonic::Status> {
+    OperationsClient::new(channel)
+        .get_operation(lro::GetOperationRequest { name: name.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_queues_and_answers_and_a_worker_of_another_runs_it() {
+    let fleet = Fleet::start(2);
+    // The only worker is connected to replica 1; the client talks to replica 0.
+    let _w = fleet.worker("w1", 1);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+
+    let digest = upload(a.clone(), "echo ran-in $(pwd)", false).await;
+    let mut ops = execute(a.clone(), &digest).await;
+    let op = first(&mut ops).await;
+    let name = op.name.clone();
+    assert!(!op.done);
+    let done = until_done(ops).await.unwrap();
+    assert_eq!(done.name, name);
+    let out = stdout(a.clone(), &response(&done)).await;
+    assert!(
+        out.contains("worker-w1"),
+        "ran by the worker of replica 1: {out}"
+    );
+
+    // Either replica answers for it.
+    for ch in [a.clone(), b.clone()] {
+        let got = get_operation(ch.clone(), &name).await.unwrap();
+        assert!(got.done, "GetOperation says done");
+        assert_eq!(stage(&got), re::execution_stage::Value::Completed);
+        let waited = until_done(wait_execution(ch, &name).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response(&waited), response(&done));
+    }
+    let listed = OperationsClient::new(b.clone())
+        .list_operations(lro::ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.operations.iter().any(|o| o.name == name));
+
+    // Unknown names: NOT_FOUND from both, and the server stays up.
+    for ch in [a.clone(), b.clone()] {
+        let e = get_operation(ch.clone(), "operations/nope")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+        let e = wait_execution(ch, "operations/garbage\u{0}\u{ff}")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    }
+
+    // Identical cacheable actions merge across replicas: one execution, one operation.
+    let counter = fleet.tmp.path().join("runs");
+    let script = format!("echo x >> {}; sleep 1; echo merged", counter.display());
+    let digest = upload(a.clone(), &script, false).await;
+    let mut on_a = execute(a.clone(), &digest).await;
+    let first_a = first(&mut on_a).await;
+    let mut on_b = execute(b.clone(), &digest).await;
+    let first_b = first(&mut on_b).await;
+    assert_eq!(
+        first_a.name, first_b.name,
+        "the second Execute follows the first's operation"
+    );
+    let (ra, rb) = tokio::join!(until_done(on_a), until_done(on_b));
+    assert_eq!(response(&ra.unwrap()), response(&rb.unwrap()));
+    let runs = std::fs::read_to_string(&counter).unwrap();
+    assert_eq!(runs.lines().count(), 1, "one execution for both");
+
+    // do_not_cache actions are never merged.
+    let digest = upload(a.clone(), "echo uncached", true).await;
+    let mut x = execute(a.clone(), &digest).await;
+    let mut y = execute(b.clone(), &digest).await;
+    let (fx, fy) = (first(&mut x).await, first(&mut y).await);
+    assert_ne!(fx.name, fy.name);
+    until_done(x).await.unwrap();
+    until_done(y).await.unwrap();
+
+    // CancelOperation on a queued operation from the other replica ends it CANCELLED.
+    let digest = upload(a.clone(), "sleep 30", true).await;
+    let mut blocker = execute(a.clone(), &digest).await; // takes the only slot
+    first(&mut blocker).await;
+    let digest2 = upload(a.clone(), "echo never", true).await;
+    let mut queued = execute(a.clone(), &digest2).await;
+    let q = first(&mut queued).await;
+    OperationsClient::new(b.clone())
+        .cancel_operation(lro::CancelOperationRequest {
+            name: q.name.clone(),
+        })
+        .await
+        .unwrap();
+    let done = until_done(queued).await.unwrap();
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::Cancelled as i32, "{st:?}");
+}
+
+/// Script for a killing test: the first attempt writes its directory to `flag` and sleeps;
+/// any later attempt prints "second" and the directory it ran in.
+fn first_sleeps(flag: &Path) -> String {
+    format!(
+        "if [ -e {0} ]; then echo second in $(pwd); else pwd > {0}.tmp && mv {0}.tmp {0}; exec sleep 600; fi",
+        flag.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_s_action_is_retried_on_another_replica_s_worker() {
+    let fleet = Fleet::start(2);
+    let mut workers = [Some(fleet.worker("w0", 0)), Some(fleet.worker("w1", 1))];
+    let a = fleet.channel(0).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(a.clone(), &digest).await;
+    first(&mut ops).await;
+    let mut ran = String::new();
+    wait_for("the first attempt starts", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    let (killed, other) = if ran.contains("worker-w0") {
+        (0, "w1")
+    } else {
+        (1, "w0")
+    };
+    workers[killed].take().unwrap().kill9();
+    let done = until_done(ops).await.unwrap();
+    let out = stdout(a.clone(), &response(&done)).await;
+    assert!(
+        out.contains("second") && out.contains(&format!("worker-{other}")),
+        "retried on the other worker: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_s_operation_is_requeued_by_its_lease_and_completes_through_the_survivor()
+{
+    let mut fleet = Fleet::start(2);
+    let _w0 = fleet.worker("w0", 0);
+    let _w1 = fleet.worker("w1", 1);
+    let a = fleet.channel(0).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(a.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    let mut ran = String::new();
+    wait_for("the first attempt starts", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    // Kill the replica whose worker runs it: its lease stops being renewed.
+    let (owner, survivor) = if ran.contains("worker-w0") {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    drop(ops);
+    fleet.kill9(owner);
+    let started = Instant::now();
+    // The client follows it on the survivor, from wherever it was.
+    let s = fleet.channel(survivor).await;
+    let done = until_done(wait_execution(s.clone(), &name).await.unwrap())
+        .await
+        .unwrap();
+    let out = stdout(s.clone(), &response(&done)).await;
+    assert!(
+        out.contains("second") && out.contains(&format!("worker-w{survivor}")),
+        "re-run by the survivor's worker: {out}"
+    );
+    let took = started.elapsed();
+    eprintln!("re-queued by lease expiry and completed {took:?} after the kill");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+#[test]
+fn the_backend_must_name_a_redis_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |stores: &str| {
+        let config = dir.path().join("c.json5");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{ stores: {{ {stores} }},
+                  schedulers: {{ S: {{ cache_lookup: {{ ac_store: "M", scheduler: {{ simple: {{
+                    experimental_backend: {{ redis: {{ redis_store: "STATE" }} }} }} }} }} }} }},
+                  servers: [] }}"#
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let at = "schedulers.S.cache_lookup.scheduler.simple.experimental_backend.redis.redis_store";
+    let (ok, text) = check(r#"M: { memory: {} }"#);
+    assert!(
+        !ok && text.contains(at) && text.contains("no store named \"STATE\""),
+        "{text}"
+    );
+    let (ok, text) = check(r#"M: { memory: {} }, STATE: { memory: {} }"#);
+    assert!(
+        !ok && text.contains(at) && text.contains("needs a redis_store"),
+        "{text}"
+    );
+    let (ok, text) = check(
+        r#"M: { memory: {} }, STATE: { redis_store: { addresses: ["redis://127.0.0.1:1"] } }"#,
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("backend=redis(STATE)"), "{text}");
+}
