@@ -26,12 +26,13 @@ use tonic::transport::Channel;
 /// How long anything here may take.
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// One replica: CAS, AC and scheduler state in Redis; the public listener on `@ADDR@`, the
-/// worker API (TLS, client certificates) on `@WORKER_API@`.
+/// One replica: CAS and AC in one Redis (`@REDIS@`), the scheduler state in another
+/// (`@STATE@`, which tests stop and cut off); the public listener on `@ADDR@`, the worker API
+/// (TLS, client certificates) on `@WORKER_API@`.
 const REPLICA: &str = r#"{
   stores: [
-    { name: "STATE", redis_store: { addresses: ["@REDIS@"], command_timeout_ms: 2000,
-        connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
+    { name: "STATE", redis_store: { addresses: ["@STATE@"], command_timeout_ms: 1000,
+        connection_timeout_ms: 500, retry: { max_retries: 2, delay: 0.05 } } },
     { name: "CAS", redis_store: { addresses: ["@REDIS@"], key_prefix: "cas:",
         command_timeout_ms: 2000, connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
     { name: "AC", redis_store: { addresses: ["@REDIS@"], key_prefix: "ac:",
@@ -41,6 +42,7 @@ const REPLICA: &str = r#"{
     supported_platform_properties: { OSFamily: "exact", cpu_count: "minimum" },
     worker_timeout_s: 2,
     max_job_retries: 2,
+    @SCHEDULER_EXTRA@
     experimental_backend: { redis: { redis_store: "STATE" } },
   } }],
   servers: [
@@ -65,22 +67,23 @@ struct Replica {
 
 struct Fleet {
     tmp: tempfile::TempDir,
+    /// Blobs: CAS and AC.
     redis: RedisServer,
+    /// The scheduler state (append-only file on, so a restart keeps it).
+    state: RedisServer,
     tls: PathBuf,
     replicas: Vec<Option<Replica>>,
+    /// Extra `simple` scheduler keys.
+    extra: String,
 }
 
 impl Fleet {
     fn start(replicas: usize) -> Fleet {
-        let tmp = tempfile::tempdir().unwrap();
-        let redis = RedisServer::start(tmp.path());
-        let tls = common::certs::split_tls_dir(tmp.path());
-        let mut fleet = Fleet {
-            tmp,
-            redis,
-            tls,
-            replicas: Vec::new(),
-        };
+        Fleet::start_with(replicas, "")
+    }
+
+    fn start_with(replicas: usize, extra: &str) -> Fleet {
+        let mut fleet = Fleet::empty(extra);
         for i in 0..replicas {
             let r = fleet.replica(i);
             fleet.replicas.push(Some(r));
@@ -88,7 +91,31 @@ impl Fleet {
         fleet
     }
 
+    fn empty(extra: &str) -> Fleet {
+        let tmp = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start(tmp.path());
+        let state = RedisServer::start_args(
+            tmp.path(),
+            redis_kit::free_port(),
+            &["--appendonly", "yes", "--appendfsync", "always"],
+        );
+        let tls = common::certs::split_tls_dir(tmp.path());
+        Fleet {
+            tmp,
+            redis,
+            state,
+            tls,
+            replicas: Vec::new(),
+            extra: extra.to_string(),
+        }
+    }
+
     fn replica(&self, i: usize) -> Replica {
+        self.replica_via(i, &self.state.url())
+    }
+
+    /// Replica `i`, reaching the scheduler state at `state` (a proxy, say).
+    fn replica_via(&self, i: usize, state: &str) -> Replica {
         let label = format!("replica-{i}");
         let dir = self.tmp.path().join(&label);
         std::fs::create_dir_all(&dir).unwrap();
@@ -97,6 +124,8 @@ impl Fleet {
             &dir,
             &REPLICA
                 .replace("@REDIS@", &self.redis.url())
+                .replace("@STATE@", state)
+                .replace("@SCHEDULER_EXTRA@", &self.extra)
                 .replace("@WORKER_API@", &worker_api.to_string())
                 .replace(
                     "@WORKER_API_TLS@",
@@ -363,7 +392,7 @@ async fn any_replica_queues_and_answers_and_a_worker_of_another_runs_it() {
 /// any later attempt prints "second" and the directory it ran in.
 fn first_sleeps(flag: &Path) -> String {
     format!(
-        "if [ -e {0} ]; then echo second in $(pwd); else pwd > {0}.tmp && mv {0}.tmp {0}; exec sleep 600; fi",
+        "if [ -e {0} ]; then echo second in $(pwd); else echo $$ $(pwd) > {0}.tmp && mv {0}.tmp {0}; exec sleep 600; fi",
         flag.display()
     )
 }
@@ -480,4 +509,261 @@ fn the_backend_must_name_a_redis_store() {
     );
     assert!(ok, "{text}");
     assert!(text.contains("backend=redis(STATE)"), "{text}");
+}
+
+/// The pid in a first attempt's flag file (`PID DIR`).
+fn flag_pid(flag: &str) -> u32 {
+    flag.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Whether `pid` is a live process (not a zombie).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Execute on a replica whose scheduler state is unreachable: UNAVAILABLE naming the
+/// scheduler and its store, within a bound.
+async fn expect_unavailable(channel: Channel, digest: &re::Digest, name: &str) {
+    let started = Instant::now();
+    let e = match re::execution_client::ExecutionClient::new(channel.clone())
+        .execute(re::ExecuteRequest {
+            instance_name: "main".into(),
+            action_digest: Some(digest.clone()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+    {
+        Err(e) => e,
+        Ok(ops) => until_done(ops.into_inner()).await.unwrap_err(),
+    };
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(
+        e.message().contains("scheduler \"MAIN\"") && e.message().contains("stores.STATE"),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    let e = wait_execution(channel.clone(), name)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    let e = get_operation(channel, name).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_for_30_s_answers_unavailable_then_recovers_without_a_restart() {
+    let mut fleet = Fleet::start(2);
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(b.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    let mut ran = String::new();
+    wait_for("the first attempt starts", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    let pid = flag_pid(&ran);
+
+    fleet.state.kill();
+    let stopped = Instant::now();
+    // The client's stream ends with UNAVAILABLE (it follows again later).
+    let e = until_done(ops).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    let other = upload(a.clone(), "echo after the outage", true).await;
+    for ch in [a.clone(), b.clone()] {
+        expect_unavailable(ch, &other, &name).await;
+    }
+    // The replica running it cannot renew its lease: it stops the action.
+    wait_for("the cut-off replica stops the running action", || {
+        !alive(pid)
+    })
+    .await;
+    eprintln!(
+        "running action stopped {:?} after Redis stopped",
+        stopped.elapsed()
+    );
+
+    let outage = Duration::from_secs(30);
+    tokio::time::sleep(outage.saturating_sub(stopped.elapsed())).await;
+    fleet.state.restart();
+    let back = Instant::now();
+
+    // The operation survived (append-only file): its lease expired, so it runs again.
+    let done = loop {
+        match wait_execution(b.clone(), &name).await {
+            Ok(s) => match until_done(s).await {
+                Ok(op) => break op,
+                Err(e) if e.code() == tonic::Code::Unavailable => {}
+                Err(e) => panic!("{e}"),
+            },
+            Err(e) if e.code() == tonic::Code::Unavailable => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(back.elapsed() < DEADLINE, "no recovery");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let out = stdout(a.clone(), &response(&done)).await;
+    assert!(out.contains("second"), "{out}");
+    eprintln!("recovered {:?} after Redis came back", back.elapsed());
+    // New work flows through both replicas, with no restart.
+    for ch in [a.clone(), b.clone()] {
+        let digest = upload(ch.clone(), "echo after the outage", true).await;
+        let done = until_done(execute(ch.clone(), &digest).await)
+            .await
+            .unwrap();
+        assert!(stdout(ch, &response(&done))
+            .await
+            .contains("after the outage"));
+    }
+}
+
+/// A TCP proxy the test can cut, as a network partition does: while cut, nothing passes
+/// either way and nothing is closed (connections hang, new ones connect and hang).
+struct PartitionProxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PartitionProxy {
+    async fn start(upstream: u16) -> PartitionProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let cut = flag.clone();
+                conns.spawn(async move {
+                    while cut.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    async fn pipe(
+                        mut r: tokio::net::tcp::OwnedReadHalf,
+                        mut w: tokio::net::tcp::OwnedWriteHalf,
+                        cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+                    ) {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            while cut.load(Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    tokio::select! {
+                        _ = pipe(cr, sw, cut.clone()) => {}
+                        _ = pipe(sr, cw, cut) => {}
+                    }
+                });
+            }
+        });
+        PartitionProxy { port, cut, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for PartitionProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it() {
+    let mut fleet = Fleet::empty("");
+    let proxy = PartitionProxy::start(fleet.state.port).await;
+    // Replica 0 reaches the state through the proxy; replica 1 directly.
+    let r0 = fleet.replica_via(0, &proxy.url());
+    fleet.replicas.push(Some(r0));
+    let r1 = fleet.replica(1);
+    fleet.replicas.push(Some(r1));
+    let _w0 = fleet.worker("w0", 0);
+    let b = fleet.channel(1).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(b.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(b.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    let mut ran = String::new();
+    wait_for("the first attempt starts on replica 0's worker", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    assert!(ran.contains("worker-w0"), "{ran}");
+    let pid = flag_pid(&ran);
+
+    proxy.set_cut(true);
+    let cut = Instant::now();
+    // Replica 0 cannot renew its lease: it stops the action; replica 1 re-queues it.
+    wait_for("the cut-off replica stops the running action", || {
+        !alive(pid)
+    })
+    .await;
+    eprintln!(
+        "cut-off replica stopped its action {:?} after the cut",
+        cut.elapsed()
+    );
+    // A worker on the replica that still reaches Redis runs it; the client never noticed.
+    let _w1 = fleet.worker("w1", 1);
+    let done = until_done(ops).await.unwrap();
+    let out = stdout(b.clone(), &response(&done)).await;
+    assert!(out.contains("second") && out.contains("worker-w1"), "{out}");
+    eprintln!("completed elsewhere {:?} after the cut", cut.elapsed());
+
+    // While cut off, replica 0 hands nothing to its idle worker; after the cut heals it
+    // claims again.
+    let marker = fleet.tmp.path().join("ran-on-0");
+    let script = format!("pwd > {}; echo healed", marker.display());
+    let digest = upload(b.clone(), &script, true).await;
+    drop(_w1);
+    let mut ops = execute(b.clone(), &digest).await;
+    first(&mut ops).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!marker.exists(), "a cut-off replica handed out work");
+    proxy.set_cut(false);
+    let done = until_done(ops).await.unwrap();
+    assert!(stdout(b, &response(&done)).await.contains("healed"));
+    assert!(std::fs::read_to_string(&marker)
+        .unwrap()
+        .contains("worker-w0"));
+    let _ = name;
 }

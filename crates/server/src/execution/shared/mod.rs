@@ -419,15 +419,25 @@ fn decode(op_id: &str, v: &[Option<Vec<u8>>]) -> Option<OpUpdate> {
     let status = match text(0)? {
         "queued" => OperationStatus::Queued,
         "executing" => OperationStatus::Executing,
-        "completed" => {
-            let result = v.get(2).and_then(|x| x.as_deref()).unwrap_or_default();
-            OperationStatus::Completed(re::ExecuteResponse::decode(result).map_err(|e| {
-                SchedError::new(
-                    ErrorCode::DataLoss,
-                    format!("the stored result of {op_id:?} does not decode: {e}"),
-                )
-            }))
-        }
+        "completed" => match v.get(2).and_then(|x| x.as_deref()) {
+            Some(result) => {
+                OperationStatus::Completed(re::ExecuteResponse::decode(result).map_err(|e| {
+                    SchedError::new(
+                        ErrorCode::DataLoss,
+                        format!("the stored result of {op_id:?} does not decode: {e}"),
+                    )
+                }))
+            }
+            // Failed by a script (retries exhausted): a gRPC code and a message.
+            None => OperationStatus::Completed(Ok(re::ExecuteResponse {
+                status: Some(cairn_core::proto::google::rpc::Status {
+                    code: text(3).and_then(|c| c.parse().ok()).unwrap_or(2),
+                    message: text(4).unwrap_or("the operation failed").to_string(),
+                    details: vec![],
+                }),
+                ..Default::default()
+            })),
+        },
         _ => return None,
     };
     Some(OpUpdate {
@@ -480,5 +490,14 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(bad.status, OperationStatus::Completed(Err(_))));
+        let failed = decode(
+            "op",
+            &[f("completed"), f(&d.file_name()), None, f("14"), f("lost")],
+        )
+        .unwrap();
+        let OperationStatus::Completed(Ok(r)) = failed.status else {
+            panic!("a failure is an ExecuteResponse with a status");
+        };
+        assert_eq!(r.status.unwrap().code, 14);
     }
 }

@@ -19,8 +19,10 @@ use crate::execution::driver::{ActionPayload, OpUpdate};
 
 /// Queued operations looked at per claiming pass.
 const PEEK: usize = 128;
-/// Wait before re-subscribing after the pub/sub connection dropped.
-const RESUBSCRIBE: Duration = Duration::from_millis(500);
+/// Wait before re-subscribing after the pub/sub connection dropped (doubled after each
+/// failure, up to `RESUBSCRIBE_MAX`).
+const RESUBSCRIBE: Duration = Duration::from_millis(250);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(2);
 /// Fields read of a claimed operation, to build the local request.
 const CLAIM_FIELDS: [&str; 11] = [
     "digest",
@@ -43,8 +45,11 @@ pub(super) fn spawn(s: &Arc<SharedScheduler>) {
 }
 
 /// One subscription per replica; every message is fanned out to followers and the claimer.
-/// A dropped connection makes everyone re-read (`*`), then subscribes again.
+/// A dropped connection makes everyone re-read (`*`), then subscribes again, waiting longer
+/// after each failure (up to [`RESUBSCRIBE_MAX`]); one warning per outage.
 async fn subscribe(s: Weak<SharedScheduler>) {
+    let mut wait = RESUBSCRIBE;
+    let mut failing = false;
     loop {
         let Some(me) = s.upgrade() else { return };
         let channel = format!("{}events", me.prefix);
@@ -52,29 +57,41 @@ async fn subscribe(s: Weak<SharedScheduler>) {
         let events = me.events.clone();
         let name = me.opts.name.clone();
         drop(me);
-        match conn.pubsub().await {
+        let subscribed = match conn.pubsub().await {
             Ok(mut ps) => match ps.subscribe(&channel).await {
-                Ok(()) => {
-                    tracing::debug!(scheduler = %name, "subscribed to the shared scheduler's events");
-                    let _ = events.send("*".into());
-                    let mut stream = ps.on_message();
-                    while let Some(msg) = stream.next().await {
-                        if let Ok(id) = msg.get_payload::<String>() {
-                            let _ = events.send(id.into());
-                        }
-                    }
-                    tracing::warn!(scheduler = %name, "the shared scheduler's pub/sub connection closed; subscribing again");
-                }
-                Err(e) => {
-                    tracing::warn!(scheduler = %name, error = %e, "subscribing to the shared scheduler's events failed")
-                }
+                Ok(()) => Ok(ps),
+                Err(e) => Err(e.to_string()),
             },
+            Err(e) => Err(e.message),
+        };
+        match subscribed {
+            Ok(mut ps) => {
+                if failing {
+                    tracing::info!(scheduler = %name, "subscribed to the shared scheduler's events again");
+                }
+                failing = false;
+                wait = RESUBSCRIBE;
+                // Whatever happened while unsubscribed is read again.
+                let _ = events.send("*".into());
+                let mut stream = ps.on_message();
+                while let Some(msg) = stream.next().await {
+                    if let Ok(id) = msg.get_payload::<String>() {
+                        let _ = events.send(id.into());
+                    }
+                }
+                tracing::warn!(scheduler = %name, "the shared scheduler's pub/sub connection closed; subscribing again");
+            }
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(scheduler = %name, error = %e, "subscribing to the shared scheduler's events failed; retrying");
+            }
             Err(e) => {
-                tracing::warn!(scheduler = %name, error = %e, "subscribing to the shared scheduler's events failed")
+                tracing::debug!(scheduler = %name, error = %e, "subscribing to the shared scheduler's events failed");
+                wait = (wait * 2).min(RESUBSCRIBE_MAX);
             }
         }
         let _ = events.send("*".into());
-        tokio::time::sleep(RESUBSCRIBE).await;
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -214,9 +231,10 @@ async fn run_locally(me: &Arc<SharedScheduler>, id: &str, fence: u64) -> Result<
         },
     };
     let (tx, rx) = mpsc::channel(16);
-    // The local name is the shared one: one local operation per claim (a re-claim of the same
-    // operation comes after the local one ended).
-    me.local.add(id.to_string(), digest, request, tx).await?;
+    // One local operation per claim: the core still holds an earlier claim's ended one.
+    me.local
+        .add(local_id(id, fence), digest, request, tx)
+        .await?;
     tokio::spawn(follow_local(Arc::downgrade(me), id.to_string(), fence, rx));
     Ok(())
 }
@@ -242,7 +260,12 @@ async fn follow_local(
         }
     };
     let Some(me) = s.upgrade() else { return };
-    me.owned.lock().remove(&id);
+    {
+        let mut owned = me.owned.lock();
+        if owned.get(&id) == Some(&fence) {
+            owned.remove(&id);
+        }
+    }
     me.kick.notify_one();
     let written = match outcome {
         Ok(response) => me
@@ -276,6 +299,11 @@ async fn follow_local(
         // The lease runs out and another replica runs it again: slower, not lost.
         tracing::warn!(operation = %id, error = %e, "could not write the end of an operation to Redis; its lease will expire and it will run again");
     }
+}
+
+/// The name of a claim's operation in this replica's core.
+fn local_id(id: &str, fence: u64) -> String {
+    format!("{id}#{fence}")
 }
 
 async fn hand_back(me: &SharedScheduler, id: &str, fence: u64, reason: &str) -> Result<(), Error> {
@@ -317,9 +345,9 @@ async fn lease_loop(s: Weak<SharedScheduler>) {
                     tracing::error!(scheduler = %me.opts.name, error = %e, lease = ?me.opts.lease, "leases could not be renewed: stopping the actions run here (other replicas re-run them) and claiming nothing until Redis answers");
                 }
                 if !me.healthy.load(Ordering::Relaxed) {
-                    let held: Vec<String> = me.owned.lock().drain().map(|(id, _)| id).collect();
-                    for id in held {
-                        let _ = me.local.cancel(id).await;
+                    let held: Vec<(String, u64)> = me.owned.lock().drain().collect();
+                    for (id, fence) in held {
+                        let _ = me.local.cancel(local_id(&id, fence)).await;
                     }
                 }
             }
@@ -348,9 +376,10 @@ async fn renew_and_reap(me: &Arc<SharedScheduler>) -> Result<(), Error> {
         let lost: Vec<String> = me.script("renewing leases", |s| &s.renew, args).await?;
         for id in lost {
             // Cancelled by a client, or re-queued after this replica was cut off: stop it.
-            if me.owned.lock().remove(&id).is_some() {
+            let fence = me.owned.lock().remove(&id);
+            if let Some(fence) = fence {
                 tracing::info!(operation = %id, "no longer held here (cancelled, or re-queued after a lost lease): stopping it");
-                let _ = me.local.cancel(id).await;
+                let _ = me.local.cancel(local_id(&id, fence)).await;
             }
         }
     }
