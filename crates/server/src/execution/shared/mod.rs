@@ -16,6 +16,7 @@
 //! worker would be. A replica that cannot renew its leases for that long stops its running
 //! actions (another replica re-runs them) and claims nothing until Redis answers again.
 
+mod events;
 mod replica;
 mod scripts;
 
@@ -31,7 +32,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use super::driver::{ActionPayload, OpUpdate};
 use super::SchedulerHandle;
@@ -41,8 +42,6 @@ use scripts::Scripts;
 const READ_FIELDS: [&str; 5] = ["state", "digest", "result", "err_code", "err_msg"];
 /// Re-read of a followed operation when no message came (pub/sub's safety net).
 const POLL: Duration = Duration::from_secs(2);
-/// Pub/sub messages buffered per follower before it re-reads instead.
-const EVENT_DEPTH: usize = 4096;
 
 /// What the shared backend needs from the `simple` config.
 pub struct SharedOptions {
@@ -71,8 +70,8 @@ pub struct SharedScheduler {
     replica: String,
     /// The core of the workers connected to this replica.
     local: SchedulerHandle,
-    /// Operation ids from the pub/sub channel (`*`: re-read everything).
-    events: broadcast::Sender<Arc<str>>,
+    /// The pub/sub channel's messages, fanned out.
+    events: events::Events,
     /// False while this replica cannot renew its leases: it claims nothing.
     healthy: AtomicBool,
     /// Operations this replica runs: id -> fence.
@@ -102,7 +101,6 @@ impl SharedScheduler {
             )));
         }
         let prefix = format!("cairn:scheduler:{}:", opts.name);
-        let (events, _) = broadcast::channel(EVENT_DEPTH);
         let s = Arc::new(SharedScheduler {
             opts,
             store: store.to_string(),
@@ -115,7 +113,7 @@ impl SharedScheduler {
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
             local,
-            events,
+            events: Default::default(),
             healthy: AtomicBool::new(true),
             owned: parking_lot::Mutex::new(Default::default()),
             kick: tokio::sync::Notify::new(),
@@ -236,53 +234,50 @@ impl SharedScheduler {
     /// exist. A Redis that stops answering ends the stream with UNAVAILABLE (the client
     /// follows again with WaitExecution).
     pub async fn follow(self: &Arc<Self>, op_id: String) -> Result<UpdateStream, Error> {
-        // Subscribed before the first read, so no change between the two is missed.
-        let mut events = self.events.subscribe();
         let first = self.get(&op_id).await?.ok_or_else(|| not_found(&op_id))?;
         let (tx, rx) = mpsc::channel(4);
         let me = self.clone();
         tokio::spawn(async move {
+            let follow = me.events.follow(&op_id);
             let mut last = first.status.stage();
             let done = matches!(first.status, OperationStatus::Completed(_));
             if tx.send(Ok(first)).await.is_err() || done {
                 return;
             }
+            // The first read came before this follower was registered: read once more.
+            let mut woken = true;
             loop {
-                // Wait for a message naming it, a re-read of everything, or the poll.
-                let poll = tokio::time::sleep(POLL);
-                tokio::pin!(poll);
-                loop {
-                    tokio::select! {
-                        ev = events.recv() => match ev {
-                            Ok(id) if *id == *op_id || &*id == "*" => break,
-                            Ok(_) => continue,
-                            Err(broadcast::error::RecvError::Lagged(_)) => break,
-                            Err(broadcast::error::RecvError::Closed) => return,
-                        },
-                        _ = &mut poll => break,
-                        _ = tx.closed() => return,
-                    }
-                }
-                match me.get(&op_id).await {
-                    Ok(Some(u)) => {
-                        let stage = u.status.stage();
-                        let done = matches!(u.status, OperationStatus::Completed(_));
-                        if stage != last || done {
-                            last = stage;
-                            if tx.send(Ok(u)).await.is_err() || done {
-                                return;
+                // Armed before the read: a message between the read and the wait counts.
+                let notified = follow.notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if woken {
+                    match me.get(&op_id).await {
+                        Ok(Some(u)) => {
+                            let stage = u.status.stage();
+                            let done = matches!(u.status, OperationStatus::Completed(_));
+                            if stage != last || done {
+                                last = stage;
+                                if tx.send(Ok(u)).await.is_err() || done {
+                                    return;
+                                }
                             }
                         }
-                    }
-                    Ok(None) => {
-                        let _ = tx.send(Err(not_found(&op_id).into())).await;
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
-                        return;
+                        Ok(None) => {
+                            let _ = tx.send(Err(not_found(&op_id).into())).await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
                     }
                 }
+                woken = tokio::select! {
+                    _ = &mut notified => true,
+                    _ = tokio::time::sleep(POLL) => true,
+                    _ = tx.closed() => return,
+                };
             }
         });
         Ok(

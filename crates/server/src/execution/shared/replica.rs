@@ -12,7 +12,7 @@ use cairn_core::{Digest, Error};
 use cairn_scheduler::{ActionKey, ActionRequest, ErrorCode, OperationStatus};
 use cairn_store::redis_store::redis;
 use futures::StreamExt;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 
 use super::{error_response, SharedScheduler};
 use crate::execution::driver::{ActionPayload, OpUpdate};
@@ -40,7 +40,7 @@ const CLAIM_FIELDS: [&str; 11] = [
 
 pub(super) fn spawn(s: &Arc<SharedScheduler>) {
     tokio::spawn(subscribe(Arc::downgrade(s)));
-    tokio::spawn(claim_loop(Arc::downgrade(s), s.events.subscribe()));
+    tokio::spawn(claim_loop(Arc::downgrade(s)));
     tokio::spawn(lease_loop(Arc::downgrade(s)));
 }
 
@@ -54,7 +54,6 @@ async fn subscribe(s: Weak<SharedScheduler>) {
         let Some(me) = s.upgrade() else { return };
         let channel = format!("{}events", me.prefix);
         let conn = me.conn.clone();
-        let events = me.events.clone();
         let name = me.opts.name.clone();
         drop(me);
         let subscribed = match conn.pubsub().await {
@@ -72,11 +71,14 @@ async fn subscribe(s: Weak<SharedScheduler>) {
                 failing = false;
                 wait = RESUBSCRIBE;
                 // Whatever happened while unsubscribed is read again.
-                let _ = events.send("*".into());
+                if let Some(me) = s.upgrade() {
+                    me.events.everything();
+                }
                 let mut stream = ps.on_message();
                 while let Some(msg) = stream.next().await {
-                    if let Ok(id) = msg.get_payload::<String>() {
-                        let _ = events.send(id.into());
+                    let Some(me) = s.upgrade() else { return };
+                    if let Ok(id) = std::str::from_utf8(msg.get_payload_bytes()) {
+                        me.events.message(id);
                     }
                 }
                 tracing::warn!(scheduler = %name, "the shared scheduler's pub/sub connection closed; subscribing again");
@@ -90,14 +92,16 @@ async fn subscribe(s: Weak<SharedScheduler>) {
                 wait = (wait * 2).min(RESUBSCRIBE_MAX);
             }
         }
-        let _ = events.send("*".into());
+        if let Some(me) = s.upgrade() {
+            me.events.everything();
+        }
         tokio::time::sleep(wait).await;
     }
 }
 
 /// Claims work when it may have become possible: something was queued, a local worker has
 /// room, a local run ended, or the fallback interval passed.
-async fn claim_loop(s: Weak<SharedScheduler>, mut events: broadcast::Receiver<Arc<str>>) {
+async fn claim_loop(s: Weak<SharedScheduler>) {
     loop {
         let Some(me) = s.upgrade() else { return };
         if let Err(e) = claim_pass(&me).await {
@@ -110,23 +114,11 @@ async fn claim_loop(s: Weak<SharedScheduler>, mut events: broadcast::Receiver<Ar
         let local = me.local.clone();
         drop(me);
         let Some(me) = s.upgrade() else { return };
-        let kick = async { me.kick.notified().await };
         tokio::select! {
             _ = local.capacity_changed() => {}
-            _ = kick => {}
+            _ = me.kick.notified() => {}
+            _ = me.events.queued.notified() => {}
             _ = tokio::time::sleep(fallback) => {}
-            _ = async {
-                loop {
-                    match events.recv().await {
-                        Ok(id) if &*id == "queue" || &*id == "*" => return,
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(broadcast::error::RecvError::Closed) => {
-                            std::future::pending::<()>().await
-                        }
-                    }
-                }
-            } => {}
         }
     }
 }
