@@ -370,6 +370,25 @@ async fn any_replica_queues_and_answers_and_a_worker_of_another_runs_it() {
     until_done(x).await.unwrap();
     until_done(y).await.unwrap();
 
+    // ListOperations pages run across replicas, in name order.
+    let page = |ch: Channel, token: String| async move {
+        OperationsClient::new(ch)
+            .list_operations(lro::ListOperationsRequest {
+                page_size: 2,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let p1 = page(a.clone(), String::new()).await;
+    assert_eq!(p1.operations.len(), 2);
+    assert!(!p1.next_page_token.is_empty());
+    let p2 = page(b.clone(), p1.next_page_token.clone()).await;
+    assert!(!p2.operations.is_empty());
+    assert!(p2.operations.iter().all(|o| o.name > p1.next_page_token));
+
     // CancelOperation on a queued operation from the other replica ends it CANCELLED.
     let digest = upload(a.clone(), "sleep 30", true).await;
     let mut blocker = execute(a.clone(), &digest).await; // takes the only slot
@@ -807,8 +826,21 @@ async fn wait_execution_never_answers_not_found_while_an_action_runs_longer_than
     assert!(checks > 10);
     let done = until_done(ops).await.unwrap();
     assert!(stdout(a.clone(), &response(&done)).await.contains("long"));
-    // Then it goes, one retention period after completing.
+    // Then it goes, one retention period after completing, and so does its index entry.
     wait_for_async_not_found(&b, &name).await;
+    let start = Instant::now();
+    while fleet
+        .state
+        .cli(&["ZCARD", "cairn:scheduler:MAIN:ops"])
+        .trim()
+        != "0"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "index never pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn wait_for_async_not_found(ch: &Channel, name: &str) {

@@ -12,7 +12,8 @@
 //! | `P queue` | sorted set | queued operation ids, by priority then enqueue time |
 //! | `P leases` | sorted set | executing operation ids, by lease expiry (ms) |
 //! | `P action:KEY` | string | the live operation of a cacheable action (merging) |
-//! | `P ops` | sorted set | every operation id, by creation time (ListOperations) |
+//! | `P ops` | sorted set | every operation id, all at score 0 so that they sort by name (ListOperations); pruned of expired ones as listing and reaping pass them |
+//! | `P prune` | string | where the last pruning pass of `ops` stopped |
 //! | `P events` | channel | an operation id when its stage changes; `queue` when work was queued |
 
 /// `now` in milliseconds from Redis's clock.
@@ -84,7 +85,7 @@ local k = P .. 'op:' .. id
 redis.call('HSET', k, 'state', 'queued', 'retries', 0, 'fence', 0, 'key', key, 'score', score,
   'created_ms', now_ms(), unpack(ARGV, 6))
 redis.call('ZADD', P .. 'queue', score, id)
-redis.call('ZADD', P .. 'ops', now_ms(), id)
+redis.call('ZADD', P .. 'ops', 0, id)
 if cacheable then
   redis.call('SET', P .. 'action:' .. key, id)
 end
@@ -180,7 +181,9 @@ return requeue(P, id, ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 ";
 
 /// ARGV: prefix, max retries, retain ms. Re-queues (or fails) every executing operation whose
-/// lease has expired: its replica died, or lost Redis. Returns how many.
+/// lease has expired: its replica died, or lost Redis. Then prunes the next 500 entries
+/// of the `ops` index (from where the last pass stopped) of operations that have expired.
+/// Returns how many it re-queued.
 const REAP: &str = r"
 local P, max_retries, retain = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, 100)
@@ -194,28 +197,49 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', P .. 'leases', id)
   end
 end
+local cursor = redis.call('GET', P .. 'prune') or ''
+local from = '-'
+if cursor ~= '' then from = '(' .. cursor end
+local seen = redis.call('ZRANGE', P .. 'ops', from, '+', 'BYLEX', 'LIMIT', 0, 500)
+for _, id in ipairs(seen) do
+  if redis.call('EXISTS', P .. 'op:' .. id) == 0 then
+    redis.call('ZREM', P .. 'ops', id)
+  end
+end
+if #seen < 500 then
+  redis.call('SET', P .. 'prune', '')
+else
+  redis.call('SET', P .. 'prune', seen[#seen])
+end
 return #ids
 ";
 
 /// ARGV: prefix, after (exclusive, '' for the start), count. Ids of existing operations in
-/// name order after `after`; ids whose hash expired are dropped from the index.
+/// name order after `after`; ids whose hash expired are dropped from the index on the way
+/// (at most ten index pages are read per call).
 const LIST: &str = r"
 local P, after, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local ids = redis.call('ZRANGE', P .. 'ops', 0, -1)
 local out = {}
-for _, id in ipairs(ids) do
-  if redis.call('EXISTS', P .. 'op:' .. id) == 0 then
-    redis.call('ZREM', P .. 'ops', id)
-  elseif id > after then
-    out[#out + 1] = id
+local from = '-'
+if after ~= '' then from = '(' .. after end
+for round = 1, 10 do
+  local ids = redis.call('ZRANGE', P .. 'ops', from, '+', 'BYLEX', 'LIMIT', 0, n)
+  if #ids == 0 then
+    break
   end
+  for _, id in ipairs(ids) do
+    if redis.call('EXISTS', P .. 'op:' .. id) == 1 then
+      out[#out + 1] = id
+      if #out >= n then
+        return out
+      end
+    else
+      redis.call('ZREM', P .. 'ops', id)
+    end
+  end
+  from = '(' .. ids[#ids]
 end
-table.sort(out)
-local page = {}
-for i = 1, math.min(n, #out) do
-  page[i] = out[i]
-end
-return page
+return out
 ";
 
 fn with_helpers(body: &str) -> String {
