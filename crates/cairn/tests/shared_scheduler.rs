@@ -963,3 +963,35 @@ async fn garbage_in_the_shared_state_fails_cleanly_and_work_still_flows() {
         until_done(execute(ch, &digest).await).await.unwrap();
     }
 }
+
+/// No action waits forever: an operation that no worker of any replica could ever run fails
+/// with FAILED_PRECONDITION naming the property, once `unschedulable_grace_period_s` passed;
+/// one that a worker of another replica can run is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_no_replica_s_worker_can_run_fails_after_the_grace_period() {
+    let fleet = Fleet::start_with(2, "unschedulable_grace_period_s: 2,");
+    let _w0 = fleet.worker("w0", 0);
+    let b = fleet.channel(1).await;
+    let (digest, blobs) = ShellAction {
+        script: "echo never",
+        ..Default::default()
+    }
+    .build_with_platform(&[("OSFamily", "windows")]);
+    common::actions::upload_blobs(b.clone(), "main", blobs).await;
+    let started = Instant::now();
+    let done = until_done(execute(b.clone(), &digest.to_proto()).await)
+        .await
+        .unwrap();
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::FailedPrecondition as i32, "{st:?}");
+    assert!(st.message.contains("\"OSFamily\"=\"windows\""), "{st:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    // Linux actions, which only replica 0's worker runs, are fine from replica 1.
+    let digest = upload(b.clone(), "echo fine", true).await;
+    let done = until_done(execute(b.clone(), &digest).await).await.unwrap();
+    assert!(stdout(b, &response(&done)).await.contains("fine"));
+}

@@ -241,6 +241,8 @@ fn build_shared(
         max_job_retries: core.max_job_retries,
         retain_completed_for: core.retain_completed_for,
         fallback_match_interval: driver_options(s).fallback_match_interval,
+        unschedulable_grace: core.unschedulable_grace_period,
+        matching: core.clone(),
     };
     // The local core runs only what this replica claimed: every failed attempt goes back to
     // the shared queue (where max_job_retries is counted), and its watcher is the replica

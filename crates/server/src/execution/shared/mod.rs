@@ -56,6 +56,11 @@ pub struct SharedOptions {
     pub retain_completed_for: Duration,
     /// `fallback_match_interval_s` (a claiming pass at least this often).
     pub fallback_match_interval: Option<Duration>,
+    /// `unschedulable_grace_period_s`: a queued operation that no worker of any replica could
+    /// ever run fails after this long.
+    pub unschedulable_grace: Duration,
+    /// The matching rules (`supported_platform_properties`), for that check.
+    pub matching: cairn_scheduler::SchedulerOptions,
 }
 
 /// One replica's view of the shared scheduler.
@@ -320,6 +325,25 @@ impl SharedScheduler {
             return Err(not_found(op_id));
         }
         Ok(())
+    }
+
+    /// Fails an operation that is still queued; false when it no longer is.
+    async fn fail_queued(&self, op_id: &str, e: &SchedError) -> Result<bool, Error> {
+        let retain = self.opts.retain_completed_for.as_millis().max(1) as u64;
+        let r: i64 = self
+            .script(
+                "failing an operation",
+                |s| &s.complete,
+                vec![
+                    op_id.as_bytes().to_vec(),
+                    b"queued".to_vec(),
+                    retain.to_string().into_bytes(),
+                    b"result".to_vec(),
+                    error_response(e).encode_to_vec(),
+                ],
+            )
+            .await?;
+        Ok(r == 1)
     }
 
     /// Forgets a completed operation; FAILED_PRECONDITION for a live one.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use cairn_core::{Digest, Error};
-use cairn_scheduler::{ActionKey, ActionRequest, ErrorCode, OperationStatus};
+use cairn_scheduler::{ActionKey, ActionRequest, ErrorCode, OperationStatus, SchedError};
 use cairn_store::redis_store::redis;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -327,6 +327,9 @@ async fn lease_loop(s: Weak<SharedScheduler>) {
         match renew_and_reap(&me).await {
             Ok(()) => {
                 last_ok = Instant::now();
+                if let Err(e) = fail_unschedulable(&me).await {
+                    tracing::debug!(scheduler = %me.opts.name, error = %e, "checking for unschedulable operations failed");
+                }
                 if !me.healthy.swap(true, Ordering::Relaxed) {
                     tracing::info!(scheduler = %me.opts.name, "Redis answers again: claiming work");
                     me.kick.notify_one();
@@ -347,6 +350,75 @@ async fn lease_loop(s: Weak<SharedScheduler>) {
         drop(me);
         tokio::time::sleep(every).await;
     }
+}
+
+/// Records this replica's workers, then fails the queued operations that have waited the
+/// grace period while no worker of any live replica could ever run them (FAILED_PRECONDITION
+/// naming the property, as the in-memory scheduler does).
+async fn fail_unschedulable(me: &Arc<SharedScheduler>) -> Result<(), Error> {
+    let mine: Vec<Vec<(String, String)>> = me
+        .local
+        .overview()
+        .await?
+        .workers
+        .into_iter()
+        .map(|w| w.properties)
+        .collect();
+    let ttl = (me.opts.lease * 3).as_millis().to_string();
+    let records: Vec<String> = me
+        .script(
+            "recording this replica's workers",
+            |s| &s.workers,
+            vec![
+                me.replica.as_bytes().to_vec(),
+                ttl.into_bytes(),
+                serde_json::to_vec(&mine).unwrap_or_default(),
+            ],
+        )
+        .await?;
+    let workers: Vec<Vec<(String, String)>> = records
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Vec<Vec<(String, String)>>>(r).ok())
+        .flatten()
+        .collect();
+    let grace = me
+        .opts
+        .unschedulable_grace
+        .as_millis()
+        .min(i64::MAX as u128);
+    let flat: Vec<Vec<u8>> = me
+        .script(
+            "reading waiting operations",
+            |s| &s.waiting,
+            vec![
+                grace.to_string().into_bytes(),
+                PEEK.to_string().into_bytes(),
+            ],
+        )
+        .await?;
+    for pair in flat.chunks(2) {
+        let [id, platform] = pair else { continue };
+        let id = String::from_utf8_lossy(id);
+        let platform: Vec<(String, String)> = serde_json::from_slice(platform).unwrap_or_default();
+        let Some(why) = cairn_scheduler::unschedulable(&platform, &workers, &me.opts.matching)
+        else {
+            continue;
+        };
+        let message = format!(
+            "{why}; waited {:?} (unschedulable_grace_period_s) on every scheduler replica",
+            me.opts.unschedulable_grace
+        );
+        let failed = me
+            .fail_queued(
+                &id,
+                &SchedError::new(ErrorCode::FailedPrecondition, message),
+            )
+            .await?;
+        if failed {
+            tracing::warn!(operation = %id, reason = %why, "no worker of any replica can run a queued operation: failed it");
+        }
+    }
+    Ok(())
 }
 
 async fn renew_and_reap(me: &Arc<SharedScheduler>) -> Result<(), Error> {

@@ -14,6 +14,8 @@
 //! | `P action:KEY` | string | the live operation of a cacheable action (merging) |
 //! | `P ops` | sorted set | every operation id, all at score 0 so that they sort by name (ListOperations); pruned of expired ones as listing and reaping pass them |
 //! | `P prune` | string | where the last pruning pass of `ops` stopped |
+//! | `P replicas` | set | replica ids that recorded their workers |
+//! | `P workers:REPLICA` | string | that replica's workers' properties (JSON), expiring 3 leases after its last record |
 //! | `P events` | channel | an operation id when its stage changes; `queue` when work was queued |
 
 /// `now` in milliseconds from Redis's clock.
@@ -54,7 +56,7 @@ local function requeue(P, id, reason, max_retries, retain_ms)
       '; giving up after ' .. max_retries .. ' retries, max_job_retries)'}, retain_ms)
     return 2
   end
-  redis.call('HSET', k, 'state', 'queued', 'last_error', reason)
+  redis.call('HSET', k, 'state', 'queued', 'last_error', reason, 'queued_ms', now_ms())
   redis.call('HDEL', k, 'owner', 'worker')
   redis.call('ZREM', P .. 'leases', id)
   redis.call('ZADD', P .. 'queue', redis.call('HGET', k, 'score'), id)
@@ -83,7 +85,7 @@ if cacheable then
 end
 local k = P .. 'op:' .. id
 redis.call('HSET', k, 'state', 'queued', 'retries', 0, 'fence', 0, 'key', key, 'score', score,
-  'created_ms', now_ms(), unpack(ARGV, 6))
+  'created_ms', now_ms(), 'queued_ms', now_ms(), unpack(ARGV, 6))
 redis.call('ZADD', P .. 'queue', score, id)
 redis.call('ZADD', P .. 'ops', 0, id)
 if cacheable then
@@ -145,7 +147,8 @@ end
 return lost
 ";
 
-/// ARGV: prefix, id, fence ('' for any live state), retain ms, then result field/value pairs.
+/// ARGV: prefix, id, fence ('' for any live state, `queued` only while queued), retain ms,
+/// then result field/value pairs.
 /// Returns 1 when this ended the operation, 0 when it was no longer this attempt's (or had
 /// ended), -1 when it does not exist.
 const COMPLETE: &str = r"
@@ -157,7 +160,11 @@ end
 if v[1] == 'completed' then
   return 0
 end
-if fence ~= '' and (v[1] ~= 'executing' or v[2] ~= fence) then
+if fence == 'queued' then
+  if v[1] ~= 'queued' then
+    return 0
+  end
+elseif fence ~= '' and (v[1] ~= 'executing' or v[2] ~= fence) then
   return 0
 end
 local fields = {}
@@ -242,6 +249,41 @@ end
 return out
 ";
 
+/// ARGV: prefix, grace ms, count. The first `count` queued operations that have waited at
+/// least `grace` since they were (last) queued: id, platform, flat.
+const WAITING: &str = r"
+local P, grace, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGE', P .. 'queue', 0, n - 1)
+local out = {}
+local now = now_ms()
+for _, id in ipairs(ids) do
+  local v = redis.call('HMGET', P .. 'op:' .. id, 'queued_ms', 'platform')
+  if v[1] and v[2] and now - tonumber(v[1]) >= grace then
+    out[#out + 1] = id
+    out[#out + 1] = v[2]
+  end
+end
+return out
+";
+
+/// ARGV: prefix, replica, ttl ms, workers (JSON). Records this replica's workers (each a list
+/// of its properties) until `ttl`; returns every live replica's record.
+const WORKERS: &str = r"
+local P, replica, ttl, workers = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+redis.call('SET', P .. 'workers:' .. replica, workers, 'PX', ttl)
+redis.call('SADD', P .. 'replicas', replica)
+local out = {}
+for _, r in ipairs(redis.call('SMEMBERS', P .. 'replicas')) do
+  local w = redis.call('GET', P .. 'workers:' .. r)
+  if w then
+    out[#out + 1] = w
+  else
+    redis.call('SREM', P .. 'replicas', r)
+  end
+end
+return out
+";
+
 fn with_helpers(body: &str) -> String {
     format!("{NOW}{FINISH}{REQUEUE_FN}{body}")
 }
@@ -293,6 +335,8 @@ pub struct Scripts {
     pub requeue: Lua,
     pub reap: Lua,
     pub list: Lua,
+    pub waiting: Lua,
+    pub workers: Lua,
 }
 
 use cairn_store::redis_store::{redis, Conn};
@@ -308,6 +352,8 @@ impl Scripts {
             requeue: Lua::new(REQUEUE),
             reap: Lua::new(REAP),
             list: Lua::new(LIST),
+            waiting: Lua::new(WAITING),
+            workers: Lua::new(WORKERS),
         }
     }
 }
