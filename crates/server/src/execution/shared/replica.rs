@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use cairn_core::{Digest, Error};
 use cairn_scheduler::{ActionKey, ActionRequest, ErrorCode, OperationStatus, SchedError};
-use cairn_store::redis_store::redis;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
@@ -155,23 +154,28 @@ async fn claim_pass(me: &Arc<SharedScheduler>) -> Result<(), Error> {
                 continue;
             }
             let lease = me.opts.lease.as_millis().to_string();
-            let fence: u64 = me
-                .script(
-                    "claiming an operation",
-                    |s| &s.claim,
-                    vec![
-                        id.as_bytes().to_vec(),
-                        me.replica.as_bytes().to_vec(),
-                        lease.into_bytes(),
-                    ],
-                )
+            let mut args = vec![
+                id.as_bytes().to_vec(),
+                me.replica.as_bytes().to_vec(),
+                lease.into_bytes(),
+            ];
+            args.extend(CLAIM_FIELDS.iter().map(|f| f.as_bytes().to_vec()));
+            // The new fence and the operation's fields, or nothing when another replica took
+            // it first (or it ended).
+            let claim: Vec<Option<String>> = me
+                .script("claiming an operation", |s| &s.claim, args)
                 .await?;
-            if fence == 0 {
+            let Some(fence) = claim
+                .first()
+                .cloned()
+                .flatten()
+                .and_then(|f| f.parse::<u64>().ok())
+            else {
                 continue;
-            }
+            };
             claimed += 1;
             me.owned.lock().insert(id.clone(), fence);
-            if let Err(e) = run_locally(me, id, fence).await {
+            if let Err(e) = run_locally(me, id, fence, &claim[1..]).await {
                 tracing::warn!(operation = %id, error = %e, "a claimed operation could not start here; handing it back");
                 me.owned.lock().remove(id);
                 let _ = hand_back(me, id, fence, &e.message).await;
@@ -183,20 +187,14 @@ async fn claim_pass(me: &Arc<SharedScheduler>) -> Result<(), Error> {
     }
 }
 
-/// Reads a claimed operation and hands it to this replica's core; a task follows the local
-/// run and writes its end to Redis.
-async fn run_locally(me: &Arc<SharedScheduler>, id: &str, fence: u64) -> Result<(), Error> {
-    let mut cmd = redis::cmd("HMGET");
-    cmd.arg(format!("{}op:{id}", me.prefix))
-        .arg(&CLAIM_FIELDS[..]);
-    let v: Vec<Option<String>> = me
-        .conn
-        .run(
-            "scheduler",
-            "reading a claimed operation",
-            cairn_store::redis_store::query(cmd),
-        )
-        .await?;
+/// Hands a claimed operation (its [`CLAIM_FIELDS`], in order) to this replica's core; a task
+/// follows the local run and writes its end to Redis.
+async fn run_locally(
+    me: &Arc<SharedScheduler>,
+    id: &str,
+    fence: u64,
+    v: &[Option<String>],
+) -> Result<(), Error> {
     let field = |i: usize| v.get(i).cloned().flatten().unwrap_or_default();
     let digest = Digest::from_file_name(&field(0)).ok_or_else(|| {
         Error::data_loss(format!(

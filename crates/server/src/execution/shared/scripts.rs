@@ -112,21 +112,26 @@ end
 return out
 ";
 
-/// ARGV: prefix, id, replica, lease ms. Claims a queued operation for this replica: returns
-/// its new fence, or 0 when another replica took it first (or it ended).
+/// ARGV: prefix, id, replica, lease ms, then field names. Claims a queued operation for this
+/// replica: returns its new fence followed by the fields' values, or an empty list when
+/// another replica took it first (or it ended).
 const CLAIM: &str = r"
 local P, id, replica, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local k = P .. 'op:' .. id
 if redis.call('HGET', k, 'state') ~= 'queued' then
   redis.call('ZREM', P .. 'queue', id)
-  return 0
+  return {}
 end
 local fence = redis.call('HINCRBY', k, 'fence', 1)
 redis.call('HSET', k, 'state', 'executing', 'owner', replica, 'started_ms', now_ms())
 redis.call('ZREM', P .. 'queue', id)
 redis.call('ZADD', P .. 'leases', now_ms() + lease, id)
 redis.call('PUBLISH', P .. 'events', id)
-return fence
+local out = {tostring(fence)}
+for i = 5, #ARGV do
+  out[#out + 1] = redis.call('HGET', k, ARGV[i]) or false
+end
+return out
 ";
 
 /// ARGV: prefix, replica, lease ms, then id/fence pairs. Extends the leases this replica
