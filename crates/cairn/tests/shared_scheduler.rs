@@ -995,3 +995,47 @@ async fn an_operation_no_replica_s_worker_can_run_fails_after_the_grace_period()
     let done = until_done(execute(b.clone(), &digest).await).await.unwrap();
     assert!(stdout(b, &response(&done)).await.contains("fine"));
 }
+
+/// `client_action_timeout_s`: an operation that no client of any replica follows any more is
+/// dropped (CANCELLED) and its command stopped; while one follows, it lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_nobody_follows_is_dropped_after_the_client_timeout() {
+    let fleet = Fleet::start_with(2, "client_action_timeout_s: 2,");
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), true).await;
+    let mut ops = execute(b.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    let mut ran = String::new();
+    wait_for("the action starts", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    // Followed (through the other replica, in turn) for longer than the timeout: it lives.
+    drop(ops);
+    let mut w = wait_execution(a.clone(), &name).await.unwrap();
+    first(&mut w).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let op = get_operation(b.clone(), &name).await.unwrap();
+    assert!(!op.done, "dropped while a client followed it");
+    // Nobody follows: dropped, and the command stopped.
+    drop(w);
+    let gone = Instant::now();
+    let done = loop {
+        let op = get_operation(b.clone(), &name).await.unwrap();
+        if op.done {
+            break op;
+        }
+        assert!(gone.elapsed() < DEADLINE, "never dropped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::Cancelled as i32, "{st:?}");
+    assert!(st.message.contains("client_action_timeout_s"), "{st:?}");
+    let pid = flag_pid(&ran);
+    wait_for("the dropped action's command stops", || !alive(pid)).await;
+    eprintln!("dropped {:?} after its last follower left", gone.elapsed());
+}

@@ -242,6 +242,7 @@ fn build_shared(
         retain_completed_for: core.retain_completed_for,
         fallback_match_interval: driver_options(s).fallback_match_interval,
         unschedulable_grace: core.unschedulable_grace_period,
+        client_timeout: core.client_action_timeout,
         matching: core.clone(),
     };
     // The local core runs only what this replica claimed: every failed attempt goes back to

@@ -59,6 +59,9 @@ pub struct SharedOptions {
     /// `unschedulable_grace_period_s`: a queued operation that no worker of any replica could
     /// ever run fails after this long.
     pub unschedulable_grace: Duration,
+    /// `client_action_timeout_s`: a live operation that no client follows this long is
+    /// dropped (CANCELLED).
+    pub client_timeout: Duration,
     /// The matching rules (`supported_platform_properties`), for that check.
     pub matching: cairn_scheduler::SchedulerOptions,
 }
@@ -194,6 +197,7 @@ impl SharedScheduler {
                 b"0".to_vec()
             },
             score.to_string().into_bytes(),
+            self.watch_ms().to_string().into_bytes(),
         ];
         for (k, v) in [
             ("digest", p.digest.file_name()),
@@ -218,6 +222,32 @@ impl SharedScheduler {
             .map_err(|e| self.unavailable(e))
     }
 
+    /// How long a live operation stays without a follower: `client_action_timeout_s`.
+    fn watch_ms(&self) -> u64 {
+        self.opts.client_timeout.as_millis().clamp(1, 1u128 << 50) as u64
+    }
+
+    /// How often a follower reads again at the least: [`POLL`], and often enough to keep its
+    /// operation watched.
+    fn poll(&self) -> Duration {
+        POLL.min(self.opts.client_timeout / 3)
+            .max(Duration::from_millis(50))
+    }
+
+    /// A follower's read: as [`SharedScheduler::get`], and the operation stays watched.
+    async fn read_watched(&self, op_id: &str) -> Result<Option<OpUpdate>, Error> {
+        let mut args = vec![
+            op_id.as_bytes().to_vec(),
+            self.watch_ms().to_string().into_bytes(),
+        ];
+        args.extend(READ_FIELDS.iter().map(|f| f.as_bytes().to_vec()));
+        let v: Vec<Option<Vec<u8>>> = self
+            .script("reading an operation", |s| &s.watch, args)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(decode(op_id, &v))
+    }
+
     /// The operation now, `None` when it does not exist (or has expired).
     pub async fn get(&self, op_id: &str) -> Result<Option<OpUpdate>, Error> {
         let mut cmd = redis::cmd("HMGET");
@@ -239,7 +269,10 @@ impl SharedScheduler {
     /// exist. A Redis that stops answering ends the stream with UNAVAILABLE (the client
     /// follows again with WaitExecution).
     pub async fn follow(self: &Arc<Self>, op_id: String) -> Result<UpdateStream, Error> {
-        let first = self.get(&op_id).await?.ok_or_else(|| not_found(&op_id))?;
+        let first = self
+            .read_watched(&op_id)
+            .await?
+            .ok_or_else(|| not_found(&op_id))?;
         let (tx, rx) = mpsc::channel(4);
         let me = self.clone();
         tokio::spawn(async move {
@@ -257,7 +290,7 @@ impl SharedScheduler {
                 tokio::pin!(notified);
                 notified.as_mut().enable();
                 if woken {
-                    match me.get(&op_id).await {
+                    match me.read_watched(&op_id).await {
                         Ok(Some(u)) => {
                             let stage = u.status.stage();
                             let done = matches!(u.status, OperationStatus::Completed(_));
@@ -280,7 +313,7 @@ impl SharedScheduler {
                 }
                 woken = tokio::select! {
                     _ = &mut notified => true,
-                    _ = tokio::time::sleep(POLL) => true,
+                    _ = tokio::time::sleep(me.poll()) => true,
                     _ = tx.closed() => return,
                 };
             }

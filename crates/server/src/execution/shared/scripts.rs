@@ -14,6 +14,7 @@
 //! | `P action:KEY` | string | the live operation of a cacheable action (merging) |
 //! | `P ops` | sorted set | every operation id, all at score 0 so that they sort by name (ListOperations); pruned of expired ones as listing and reaping pass them |
 //! | `P prune` | string | where the last pruning pass of `ops` stopped |
+//! | `P watched:ID` | string | present while a client follows the live operation (expires `client_action_timeout_s` after the last follower's read) |
 //! | `P replicas` | set | replica ids that recorded their workers |
 //! | `P workers:REPLICA` | string | that replica's workers' properties (JSON), expiring 3 leases after its last record |
 //! | `P events` | channel | an operation id when its stage changes; `queue` when work was queued |
@@ -42,6 +43,7 @@ local function finish(P, id, fields, retain_ms)
   if retain_ms > 0 then
     redis.call('PEXPIRE', k, retain_ms)
   end
+  redis.call('DEL', P .. 'watched:' .. id)
   redis.call('PUBLISH', P .. 'events', id)
 end
 ";
@@ -66,11 +68,11 @@ local function requeue(P, id, reason, max_retries, retain_ms)
 end
 ";
 
-/// ARGV: prefix, id, action key, cacheable ('1'/'0'), score, then field/value pairs.
+/// ARGV: prefix, id, action key, cacheable ('1'/'0'), score, watch ms, then field/value pairs.
 /// Returns the id of the operation the client follows: a live one of the same cacheable
 /// action (merged; moved up the queue when this request is more urgent), or `id`.
 const SUBMIT: &str = r"
-local P, id, key, cacheable, score = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5]
+local P, id, key, cacheable, score, watch = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6]
 if cacheable then
   local live = redis.call('GET', P .. 'action:' .. key)
   if live then
@@ -79,13 +81,15 @@ if cacheable then
       if state == 'queued' then
         redis.call('ZADD', P .. 'queue', 'XX', 'LT', score, live)
       end
+      redis.call('SET', P .. 'watched:' .. live, '1', 'PX', watch)
       return live
     end
   end
 end
 local k = P .. 'op:' .. id
 redis.call('HSET', k, 'state', 'queued', 'retries', 0, 'fence', 0, 'key', key, 'score', score,
-  'created_ms', now_ms(), 'queued_ms', now_ms(), unpack(ARGV, 6))
+  'created_ms', now_ms(), 'queued_ms', now_ms(), unpack(ARGV, 7))
+redis.call('SET', P .. 'watched:' .. id, '1', 'PX', watch)
 redis.call('ZADD', P .. 'queue', score, id)
 redis.call('ZADD', P .. 'ops', 0, id)
 if cacheable then
@@ -193,8 +197,9 @@ return requeue(P, id, ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 ";
 
 /// ARGV: prefix, max retries, retain ms. Re-queues (or fails) every executing operation whose
-/// lease has expired: its replica died, or lost Redis. Then prunes the next 500 entries
-/// of the `ops` index (from where the last pass stopped) of operations that have expired.
+/// lease has expired: its replica died, or lost Redis. Then passes over the next 500 entries
+/// of the `ops` index (from where the last pass stopped): drops those that have expired, and
+/// ends CANCELLED the live ones that no client follows any more (`watched:` expired).
 /// Returns how many it re-queued.
 const REAP: &str = r"
 local P, max_retries, retain = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -214,8 +219,12 @@ local from = '-'
 if cursor ~= '' then from = '(' .. cursor end
 local seen = redis.call('ZRANGE', P .. 'ops', from, '+', 'BYLEX', 'LIMIT', 0, 500)
 for _, id in ipairs(seen) do
-  if redis.call('EXISTS', P .. 'op:' .. id) == 0 then
+  local state = redis.call('HGET', P .. 'op:' .. id, 'state')
+  if not state then
     redis.call('ZREM', P .. 'ops', id)
+  elseif state ~= 'completed' and redis.call('EXISTS', P .. 'watched:' .. id) == 0 then
+    finish(P, id, {'err_code', 1, 'err_msg', 'no client followed the operation for ' ..
+      'client_action_timeout_s: it was dropped'}, retain)
   end
 end
 if #seen < 500 then
@@ -224,6 +233,21 @@ else
   redis.call('SET', P .. 'prune', seen[#seen])
 end
 return #ids
+";
+
+/// ARGV: prefix, id, watch ms, then field names. A follower's read: the fields, and, while the
+/// operation lives, its `watched:` mark renewed.
+const WATCH: &str = r"
+local P, id, watch = ARGV[1], ARGV[2], ARGV[3]
+local fields = {}
+for i = 4, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+local v = redis.call('HMGET', P .. 'op:' .. id, unpack(fields))
+if v[1] == 'queued' or v[1] == 'executing' then
+  redis.call('SET', P .. 'watched:' .. id, '1', 'PX', watch)
+end
+return v
 ";
 
 /// ARGV: prefix, after (exclusive, '' for the start), count. Ids of existing operations in
@@ -342,6 +366,7 @@ pub struct Scripts {
     pub list: Lua,
     pub waiting: Lua,
     pub workers: Lua,
+    pub watch: Lua,
 }
 
 use cairn_store::redis_store::{redis, Conn};
@@ -359,6 +384,7 @@ impl Scripts {
             list: Lua::new(LIST),
             waiting: Lua::new(WAITING),
             workers: Lua::new(WORKERS),
+            watch: Lua::new(WATCH),
         }
     }
 }
