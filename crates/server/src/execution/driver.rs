@@ -430,6 +430,9 @@ pub struct DriverOptions {
     /// The core matches after every event already; this is NativeLink's safety net, kept so
     /// that a pass that an event should have caused and did not still happens.
     pub fallback_match_interval: Option<Duration>,
+    /// The core runs only what a replica claimed from shared state: its completions are
+    /// attempts, counted by the shared scheduler when the operation itself ends.
+    pub claims_only: bool,
 }
 
 struct Driver {
@@ -1000,8 +1003,8 @@ impl Driver {
                     }
                     Decision::OperationUpdate { op_id, status } => {
                         let done = matches!(status, OperationStatus::Completed(_));
-                        if let (OperationStatus::Completed(outcome), Some(m)) =
-                            (&status, &self.metrics)
+                        if let (OperationStatus::Completed(outcome), Some(m), false) =
+                            (&status, &self.metrics, self.opts.claims_only)
                         {
                             m.execution_completed(result_kind(outcome));
                         }

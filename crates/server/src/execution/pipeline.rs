@@ -126,6 +126,7 @@ pub fn driver_options(s: &SimpleScheduler) -> super::driver::DriverOptions {
             let every = s.fallback_match_interval_s.unwrap_or(5.0);
             (every > 0.0 && every.is_finite()).then(|| Duration::from_secs_f64(every.min(86_400.0)))
         },
+        claims_only: false,
     }
 }
 
@@ -253,8 +254,12 @@ fn build_shared(
         client_action_timeout: Duration::MAX,
         ..core
     };
-    let handle = SchedulerHandle::spawn_with(local, driver_options(s), metrics);
-    SharedScheduler::start(shared, &format!("stores.{store}"), conn, handle)
+    let driver = super::driver::DriverOptions {
+        claims_only: true,
+        ..driver_options(s)
+    };
+    let handle = SchedulerHandle::spawn_with(local, driver, metrics.clone());
+    SharedScheduler::start(shared, &format!("stores.{store}"), conn, handle, metrics)
 }
 
 /// A platform change above a `grpc` scheduler has no effect (the scheduler it forwards to

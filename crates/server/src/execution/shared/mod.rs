@@ -86,6 +86,9 @@ pub struct SharedScheduler {
     owned: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
     /// Kicked when a local run ended (a slot may be free).
     kick: tokio::sync::Notify,
+    /// `execution_completed_count`, counted here for what this replica's workers ran (one per
+    /// operation's end, as one scheduler counts, not one per attempt).
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// A stream of a followed operation's updates, ending after the completed one.
@@ -99,6 +102,7 @@ impl SharedScheduler {
         store: &str,
         conn: Arc<Connector>,
         local: SchedulerHandle,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
     ) -> Result<Arc<SharedScheduler>, Error> {
         if conn.is_cluster() {
             return Err(Error::invalid_argument(format!(
@@ -125,6 +129,7 @@ impl SharedScheduler {
             healthy: AtomicBool::new(true),
             owned: parking_lot::Mutex::new(Default::default()),
             kick: tokio::sync::Notify::new(),
+            metrics,
         });
         replica::spawn(&s);
         tracing::info!(scheduler = %s.opts.name, replica = %s.replica, store = %s.store, "shared scheduler state in Redis");

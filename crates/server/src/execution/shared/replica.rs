@@ -257,6 +257,10 @@ async fn follow_local(
         }
     }
     me.kick.notify_one();
+    // Counted once per run that produced a result, as one scheduler counts its completions.
+    if let (Some(m), true) = (&me.metrics, outcome.is_ok()) {
+        m.execution_completed(crate::execution::driver::result_kind(&outcome));
+    }
     let written = match outcome {
         Ok(response) => me
             .complete_with(&id, Some(fence), response)
