@@ -1039,3 +1039,29 @@ async fn an_operation_nobody_follows_is_dropped_after_the_client_timeout() {
     wait_for("the dropped action's command stops", || !alive(pid)).await;
     eprintln!("dropped {:?} after its last follower left", gone.elapsed());
 }
+
+/// A replica told to stop (SIGTERM) drains: it claims nothing more, so queued work goes to
+/// the workers of the replicas that stay, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_claims_nothing_and_the_others_run_the_work() {
+    let fleet = Fleet::start(2);
+    let _w0 = fleet.worker("w0", 0);
+    let _w1 = fleet.worker("w1", 1);
+    let b = fleet.channel(1).await;
+    // Replica 0 drains: its worker's stream keeps it alive (up to the drain deadline).
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &fleet.r(0).cairn.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..6 {
+        let digest = upload(b.clone(), &format!("echo {i} in $(pwd)"), true).await;
+        let done = until_done(execute(b.clone(), &digest).await).await.unwrap();
+        let out = stdout(b.clone(), &response(&done)).await;
+        assert!(
+            out.contains("worker-w1"),
+            "run {i} went to the draining replica's worker: {out}"
+        );
+    }
+}

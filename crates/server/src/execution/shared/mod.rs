@@ -82,6 +82,8 @@ pub struct SharedScheduler {
     events: events::Events,
     /// False while this replica cannot renew its leases: it claims nothing.
     healthy: AtomicBool,
+    /// Set at a stop signal: the replica drains and claims nothing more.
+    stopping: AtomicBool,
     /// Operations this replica runs: id -> fence.
     owned: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
     /// Kicked when a local run ended (a slot may be free).
@@ -127,6 +129,7 @@ impl SharedScheduler {
             local,
             events: Default::default(),
             healthy: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
             owned: parking_lot::Mutex::new(Default::default()),
             kick: tokio::sync::Notify::new(),
             metrics,
@@ -134,6 +137,14 @@ impl SharedScheduler {
         replica::spawn(&s);
         tracing::info!(scheduler = %s.opts.name, replica = %s.replica, store = %s.store, "shared scheduler state in Redis");
         Ok(s)
+    }
+
+    /// A stop signal: claim nothing more (what runs here finishes, or its lease runs out and
+    /// another replica runs it), so that a draining replica's workers are not handed work
+    /// they would refuse.
+    pub fn stop_claiming(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The core that this replica's workers connect to.

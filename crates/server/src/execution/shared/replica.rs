@@ -125,7 +125,7 @@ async fn claim_loop(s: Weak<SharedScheduler>) {
 /// Claims what this replica's workers can start now, until nothing more fits.
 async fn claim_pass(me: &Arc<SharedScheduler>) -> Result<(), Error> {
     loop {
-        if !me.healthy.load(Ordering::Relaxed) {
+        if !me.healthy.load(Ordering::Relaxed) || me.stopping.load(Ordering::Relaxed) {
             return Ok(());
         }
         let flat: Vec<Vec<u8>> = me
