@@ -946,11 +946,45 @@ async fn garbage_in_the_shared_state_fails_cleanly_and_work_still_flows() {
     fleet
         .state
         .cli(&["ZADD", &format!("{p}queue"), "1", "operations/garbage"]);
+    // Counters that are not numbers: claimed, failed, never blocking the queue.
+    let d = cairn_core::DigestFunction::Sha256.digest_of(b"missing action");
+    fleet.state.cli(&[
+        "HSET",
+        &format!("{p}op:operations/bad-counters"),
+        "state",
+        "queued",
+        "digest",
+        &d.file_name(),
+        "platform",
+        "[]",
+        "fence",
+        "x",
+        "retries",
+        "y",
+        "score",
+        "z",
+    ]);
+    fleet
+        .state
+        .cli(&["ZADD", &format!("{p}queue"), "0", "operations/bad-counters"]);
     let _w0 = fleet.worker("w0", 0);
     let a = fleet.channel(0).await;
     let digest = upload(a.clone(), "echo fine", true).await;
     let done = until_done(execute(a.clone(), &digest).await).await.unwrap();
     assert!(stdout(a.clone(), &response(&done)).await.contains("fine"));
+    // The one with bad counters ends (failed), it does not stay queued or executing.
+    let start = Instant::now();
+    while !get_operation(a.clone(), "operations/bad-counters")
+        .await
+        .unwrap()
+        .done
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "operations/bad-counters never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The unreadable operation is not served as an operation.
     let e = get_operation(a.clone(), "operations/garbage")
         .await

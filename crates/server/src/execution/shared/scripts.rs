@@ -52,7 +52,12 @@ end
 const REQUEUE_FN: &str = r"
 local function requeue(P, id, reason, max_retries, retain_ms)
   local k = P .. 'op:' .. id
-  local retries = redis.call('HINCRBY', k, 'retries', 1)
+  local retries = redis.pcall('HINCRBY', k, 'retries', 1)
+  if type(retries) ~= 'number' then
+    -- Not a number (written by something else): counted as out of retries.
+    retries = max_retries + 1
+    redis.call('HSET', k, 'retries', retries)
+  end
   if retries > max_retries then
     finish(P, id, {'err_code', 14, 'err_msg', reason .. ' (attempt ' .. retries ..
       '; giving up after ' .. max_retries .. ' retries, max_job_retries)'}, retain_ms)
@@ -61,7 +66,9 @@ local function requeue(P, id, reason, max_retries, retain_ms)
   redis.call('HSET', k, 'state', 'queued', 'last_error', reason, 'queued_ms', now_ms())
   redis.call('HDEL', k, 'owner', 'worker')
   redis.call('ZREM', P .. 'leases', id)
-  redis.call('ZADD', P .. 'queue', redis.call('HGET', k, 'score'), id)
+  -- A score that is not a number (written by something else) queues it first, rather than
+  -- failing the script and with it every re-queue of the pass.
+  redis.call('ZADD', P .. 'queue', tonumber(redis.call('HGET', k, 'score')) or 0, id)
   redis.call('PUBLISH', P .. 'events', id)
   redis.call('PUBLISH', P .. 'events', 'queue')
   return 1
@@ -126,7 +133,12 @@ if redis.call('HGET', k, 'state') ~= 'queued' then
   redis.call('ZREM', P .. 'queue', id)
   return {}
 end
-local fence = redis.call('HINCRBY', k, 'fence', 1)
+local fence = redis.pcall('HINCRBY', k, 'fence', 1)
+if type(fence) ~= 'number' then
+  -- Not a number (written by something else): start the count again.
+  fence = 1
+  redis.call('HSET', k, 'fence', fence)
+end
 redis.call('HSET', k, 'state', 'executing', 'owner', replica, 'started_ms', now_ms())
 redis.call('ZREM', P .. 'queue', id)
 redis.call('ZADD', P .. 'leases', now_ms() + lease, id)
@@ -287,7 +299,8 @@ local out = {}
 local now = now_ms()
 for _, id in ipairs(ids) do
   local v = redis.call('HMGET', P .. 'op:' .. id, 'queued_ms', 'platform')
-  if v[1] and v[2] and now - tonumber(v[1]) >= grace then
+  local since = tonumber(v[1])
+  if since and v[2] and now - since >= grace then
     out[#out + 1] = id
     out[#out + 1] = v[2]
   end
