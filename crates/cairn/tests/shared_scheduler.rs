@@ -869,11 +869,9 @@ async fn a_hung_worker_leaves_no_operation_executing() {
     let mut ops = execute(a.clone(), &digest).await;
     first(&mut ops).await;
     wait_for("the first attempt starts", || flag.exists()).await;
-    let status = std::process::Command::new("kill")
-        .args(["-STOP", &w0.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    // SAFETY: kill(2) with the worker's pid, which is not reaped yet (the handle is alive).
+    let r = unsafe { libc::kill(w0.child.id() as i32, libc::SIGSTOP) };
+    assert_eq!(r, 0);
     let stopped = Instant::now();
     let _w1 = fleet.worker("w1", 1);
     let done = until_done(ops).await.unwrap();
@@ -1083,11 +1081,9 @@ async fn a_draining_replica_claims_nothing_and_the_others_run_the_work() {
     let _w1 = fleet.worker("w1", 1);
     let b = fleet.channel(1).await;
     // Replica 0 drains: its worker's stream keeps it alive (up to the drain deadline).
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &fleet.r(0).cairn.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    // SAFETY: kill(2) with the replica's pid, which is not reaped yet (the handle is alive).
+    let r = unsafe { libc::kill(fleet.r(0).cairn.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(r, 0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..6 {
         let digest = upload(b.clone(), &format!("echo {i} in $(pwd)"), true).await;
