@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+use cairn_config::schedulers::SchedulerBackend;
 use cairn_config::stores::StoreSpec;
 use cairn_config::{CairnConfig, ConfigError, SchedulerSpec};
 
@@ -120,6 +121,14 @@ pub fn validate(file: &str, cfg: &CairnConfig) -> Result<(), ConfigError> {
     };
     for named in cfg.stores.iter() {
         check_refs(file, cfg, &named.spec, &format!("stores.{}", named.name))?;
+    }
+    for named in cfg.schedulers.iter() {
+        check_backend(
+            file,
+            cfg,
+            &named.spec,
+            &format!("schedulers.{}", named.name),
+        )?;
     }
     for (i, s) in cfg.servers.iter().enumerate() {
         let Some(sv) = &s.services else { continue };
@@ -335,6 +344,59 @@ fn check_refs(
     Ok(())
 }
 
+/// A `simple` scheduler's shared state names a top-level `redis_store`.
+fn check_backend(
+    file: &str,
+    cfg: &CairnConfig,
+    spec: &SchedulerSpec,
+    at: &str,
+) -> Result<(), ConfigError> {
+    match spec {
+        SchedulerSpec::Simple(s) => {
+            let Some(SchedulerBackend::Redis(r)) = &s.experimental_backend else {
+                return Ok(());
+            };
+            let at = format!("{at}.simple.experimental_backend.redis.redis_store");
+            match cfg.stores.get(&r.redis_store) {
+                Some(StoreSpec::RedisStore(_)) => Ok(()),
+                Some(other) => Err(ConfigError::new(
+                    file,
+                    at,
+                    format!(
+                        "store {:?} is a {}; shared scheduler state needs a redis_store",
+                        r.redis_store,
+                        other.kind()
+                    ),
+                )),
+                None => Err(ConfigError::new(
+                    file,
+                    at,
+                    format!("no store named {:?}", r.redis_store),
+                )),
+            }
+        }
+        SchedulerSpec::CacheLookup(c) => check_backend(
+            file,
+            cfg,
+            &c.scheduler,
+            &format!("{at}.cache_lookup.scheduler"),
+        ),
+        SchedulerSpec::PropertyModifier(p) => check_backend(
+            file,
+            cfg,
+            &p.scheduler,
+            &format!("{at}.property_modifier.scheduler"),
+        ),
+        SchedulerSpec::HistoricalResource(h) => check_backend(
+            file,
+            cfg,
+            &h.scheduler,
+            &format!("{at}.historical_resource.scheduler"),
+        ),
+        SchedulerSpec::Grpc(_) => Ok(()),
+    }
+}
+
 /// The resolved store and scheduler trees, indented.
 pub fn describe(cfg: &CairnConfig) -> String {
     let mut out = String::from("stores:\n");
@@ -447,10 +509,14 @@ fn scheduler_tree(out: &mut String, label: &str, spec: &SchedulerSpec, depth: us
     let pad = "  ".repeat(depth);
     match spec {
         SchedulerSpec::Simple(s) => out.push_str(&format!(
-            "{pad}{label}: simple worker_timeout_s={} max_job_retries={} allocation_strategy={:?}\n",
+            "{pad}{label}: simple worker_timeout_s={} max_job_retries={} allocation_strategy={:?}{}\n",
             s.worker_timeout_s.unwrap_or(5),
             s.max_job_retries.unwrap_or(3),
-            s.allocation_strategy
+            s.allocation_strategy,
+            match &s.experimental_backend {
+                Some(SchedulerBackend::Redis(r)) => format!(" backend=redis({})", r.redis_store),
+                _ => String::new(),
+            }
         )),
         SchedulerSpec::CacheLookup(c) => {
             out.push_str(&format!("{pad}{label}: cache_lookup\n"));

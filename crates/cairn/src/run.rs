@@ -166,6 +166,13 @@ async fn serve(
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
         schedulers.insert(n.name.clone(), p);
     }
+    let shared: Vec<_> = schedulers
+        .values()
+        .filter_map(|p| match &p.backend {
+            cairn_server::execution::Backend::Shared(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
     // Installed before any listener starts: a stop signal sent as soon as a listener is
     // announced drains like any other, instead of killing the process.
     let mut stop = StopSignals::install().context("installing signal handlers")?;
@@ -237,6 +244,10 @@ async fn serve(
 
     stop.wait().await;
     tracing::info!("stop signal: no new connections; draining in-flight requests");
+    // Shared schedulers claim no more work for this process's (draining) workers.
+    for s in &shared {
+        s.stop_claiming();
+    }
     // Listeners stop accepting and local workers stop taking actions at once; running actions
     // finish (their Execute streams get the results) within the drain deadline.
     shutdown.cancel();

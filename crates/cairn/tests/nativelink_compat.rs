@@ -171,13 +171,10 @@ const PENDING_STORES: &[(&str, Verdict)] = &[
             because: "no store named \"UNDECLARED_CAS\"",
         },
     ),
-    // The Redis store is built; shared scheduler state over it (issue 12) is not.
+    // Shared scheduler state in the Redis store.
     (
         "nativelink-config__examples__worker_with_redis_scheduler.json5",
-        Refused {
-            at: "schedulers.SHARED_QUEUE.simple.experimental_backend",
-            because: "shared scheduler state parses but is not built yet",
-        },
+        Accepted,
     ),
 ];
 

@@ -74,8 +74,10 @@ pub struct SimpleScheduler {
     /// Seconds an action that no worker can run waits before FAILED_PRECONDITION (Cairn).
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub unschedulable_grace_period_s: Option<u64>,
+    /// Where operations and the queue live: `"memory"` (this process, the default) or
+    /// `{redis: {redis_store: "NAME"}}` (shared by every replica pointing at that store).
     #[serde(default)]
-    pub experimental_backend: Option<serde_json::Value>,
+    pub experimental_backend: Option<SchedulerBackend>,
     /// Seconds between log lines that say why queued actions wait (default 10; -1 turns
     /// them off).
     #[serde(default, deserialize_with = "num::opt_f64")]
@@ -88,6 +90,23 @@ pub struct SimpleScheduler {
     /// other actions re-queued (default 60; 0 means the default).
     #[serde(default, deserialize_with = "num::opt_secs")]
     pub unacknowledged_kill_timeout_s: Option<u64>,
+}
+
+/// `simple.experimental_backend` (NativeLink 1.6.6's externally tagged enum).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SchedulerBackend {
+    /// Operations in this process's memory (the default).
+    Memory,
+    /// Operations, the queue and leases in Redis, shared by several scheduler replicas.
+    Redis(RedisSchedulerBackend),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSchedulerBackend {
+    /// The name of a top-level `redis_store` whose connection the scheduler uses.
+    pub redis_store: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -564,3 +564,30 @@ fn grpc_zstd_follows_the_file_unless_a_store_says_otherwise() {
     let off = cfg(false);
     assert_eq!(zstd(&off, "A"), None);
 }
+
+#[test]
+fn scheduler_backend_is_memory_or_a_named_redis_store() {
+    use crate::schedulers::{RedisSchedulerBackend, SchedulerBackend};
+    let backend = |b: &str| {
+        let text =
+            format!("{{ schedulers: {{ main: {{ simple: {{ experimental_backend: {b} }} }} }} }}");
+        parse_str("t.json5", &text).map(|c| simple(&c).experimental_backend.clone())
+    };
+    assert_eq!(
+        backend(r#""memory""#).unwrap(),
+        Some(SchedulerBackend::Memory)
+    );
+    assert_eq!(
+        backend(r#"{ redis: { redis_store: "STATE" } }"#).unwrap(),
+        Some(SchedulerBackend::Redis(RedisSchedulerBackend {
+            redis_store: "STATE".into()
+        }))
+    );
+    let e = backend(r#"{ redis: { redis_store: "STATE", db: 1 } }"#).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("schedulers.main.simple.experimental_backend.redis"),
+        "{e}"
+    );
+    assert!(backend(r#""mongo""#).is_err());
+}

@@ -134,6 +134,7 @@ mod tests;
 
 pub use crate::config::{AllocationStrategy, PropertyType, SchedulerOptions};
 pub use crate::core::Scheduler;
+pub use crate::matching::unschedulable;
 pub use crate::modifier::{modify_platform, PropertyModification};
 pub use crate::types::{
     ActionKey, ActionRequest, AttemptId, Decision, ErrorCode, EventError, OperationId,

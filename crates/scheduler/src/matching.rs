@@ -228,9 +228,58 @@ pub(crate) fn explain_unsatisfiable(shape: &Shape, workers: &[&WorkerCaps]) -> S
     )
 }
 
+/// Why none of `workers` (each a worker's registered properties) could ever run an action of
+/// `platform`, or `None` when one could: the rule of the core's unschedulable check, for a
+/// driver that keeps its queue elsewhere (shared scheduler state). A platform the core would
+/// refuse (a `minimum` value that is not a number) has its reason too; workers whose
+/// registration the core would refuse are left out.
+pub fn unschedulable(
+    platform: &[(String, String)],
+    workers: &[Vec<(String, String)>],
+    opts: &SchedulerOptions,
+) -> Option<String> {
+    let shape = match Shape::from_platform(platform, opts) {
+        Ok(s) => s,
+        Err(why) => return Some(why),
+    };
+    let caps: Vec<WorkerCaps> = workers
+        .iter()
+        .filter_map(|w| WorkerCaps::parse(w, opts).ok())
+        .collect();
+    if caps.iter().any(|c| c.can_run(&shape)) {
+        return None;
+    }
+    let refs: Vec<&WorkerCaps> = caps.iter().collect();
+    Some(explain_unsatisfiable(&shape, &refs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unschedulable_names_the_missing_property_or_says_nothing() {
+        let o = opts();
+        let linux = vec![props(&[("os", "linux"), ("cpu_count", "8")])];
+        assert_eq!(unschedulable(&props(&[("os", "linux")]), &linux, &o), None);
+        assert_eq!(
+            unschedulable(&props(&[("cpu_count", "4"), ("label", "x")]), &linux, &o),
+            None
+        );
+        let why = unschedulable(&props(&[("os", "windows")]), &linux, &o).unwrap();
+        assert!(why.contains("\"os\"=\"windows\""), "{why}");
+        let why = unschedulable(&props(&[("cpu_count", "16")]), &linux, &o).unwrap();
+        assert!(why.contains("the largest offered is 8"), "{why}");
+        let why = unschedulable(&props(&[("cpu_count", "many")]), &linux, &o).unwrap();
+        assert!(why.contains("not an unsigned integer"), "{why}");
+        assert!(
+            unschedulable(&props(&[]), &[], &o).is_some(),
+            "no worker at all"
+        );
+        // A worker the core would refuse counts for nothing.
+        let bad = vec![props(&[("os", "linux"), ("cpu_count", "x")])];
+        assert!(unschedulable(&props(&[("os", "linux")]), &bad, &o).is_some());
+    }
 
     fn opts() -> SchedulerOptions {
         let mut o = SchedulerOptions::default();

@@ -199,4 +199,41 @@ impl<A: Clone, R: Clone> Scheduler<A, R> {
     pub fn now(&self) -> Duration {
         self.now
     }
+
+    /// Which of these platforms would start at once if added now, in order, each taking a
+    /// slot (and its `minimum` amounts) of a connected, non-draining worker from what the ones
+    /// before it left. Nothing changes. While actions wait in the queue nothing would start
+    /// before them, so every answer is `false`. A platform the core would refuse at once (a
+    /// `minimum` value that is not a number) answers `true`: adding it ends it with
+    /// FAILED_PRECONDITION. A driver that takes work from a queue outside the core (shared
+    /// scheduler state) asks this before it claims.
+    pub fn could_start(&self, platforms: &[Vec<(String, String)>]) -> Vec<bool> {
+        if self.queued > 0 {
+            return vec![false; platforms.len()];
+        }
+        let mut free: Vec<(&crate::matching::WorkerCaps, crate::matching::Capacity)> = self
+            .workers
+            .values()
+            .filter(|w| !w.draining)
+            .map(|w| (&w.caps, w.capacity.clone()))
+            .collect();
+        platforms
+            .iter()
+            .map(|p| {
+                let Ok(shape) = crate::matching::Shape::from_platform(p, &self.opts) else {
+                    return true;
+                };
+                match free
+                    .iter_mut()
+                    .find(|(caps, cap)| caps.can_run(&shape) && cap.fits(&shape))
+                {
+                    Some((_, cap)) => {
+                        cap.take(&shape);
+                        true
+                    }
+                    None => false,
+                }
+            })
+            .collect()
+    }
 }

@@ -210,6 +210,12 @@ pub trait Store: Send + Sync + 'static {
     async fn health(&self) -> Health {
         Health::Ok
     }
+
+    /// The store as `Any`, for a user that needs one kind's own API (the shared scheduler
+    /// state reaches a `redis_store`'s connection this way). `None` unless a kind opts in.
+    fn as_any(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        None
+    }
 }
 
 /// A shared store.

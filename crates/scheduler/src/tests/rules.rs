@@ -854,3 +854,50 @@ fn a_draining_worker_finishes_its_work_and_gets_nothing_new_until_undrained() {
     assert!(s.set_worker_draining(secs(43), &w("nobody"), true).is_err());
     s.check_invariants();
 }
+
+// ---- could_start (a driver claiming from a shared queue) ----------------------------------
+
+#[test]
+fn could_start_counts_free_slots_and_minimums_without_changing_anything() {
+    let mut s = sched(opts());
+    let t = secs(1);
+    let linux = props(&[("os", "linux"), ("cpu_count", "2")]);
+    let mac = props(&[("os", "mac")]);
+    assert_eq!(
+        s.could_start(std::slice::from_ref(&linux)),
+        vec![false],
+        "no worker"
+    );
+    s.worker_connected(t, w("w1"), props(&[("os", "linux"), ("cpu_count", "4")]), 3)
+        .unwrap();
+    // Two fit by cpu_count (4 = 2 + 2) although the worker has three slots; mac never fits.
+    assert_eq!(
+        s.could_start(&[linux.clone(), mac, linux.clone(), linux.clone()]),
+        vec![true, false, true, false]
+    );
+    // A minimum that is not a number is refused at once by add_operation: let it be added.
+    assert_eq!(s.could_start(&[props(&[("cpu_count", "x")])]), vec![true]);
+    s.set_worker_draining(t, &w("w1"), true).unwrap();
+    assert_eq!(
+        s.could_start(std::slice::from_ref(&linux)),
+        vec![false],
+        "draining"
+    );
+    s.set_worker_draining(t, &w("w1"), false).unwrap();
+    // While something waits in the queue, nothing new would start before it.
+    s.add_operation(
+        t,
+        op("a"),
+        req_on("a", &[("os", "linux"), ("cpu_count", "4")]),
+    )
+    .unwrap();
+    s.add_operation(
+        t,
+        op("b"),
+        req_on("b", &[("os", "linux"), ("cpu_count", "4")]),
+    )
+    .unwrap();
+    assert_eq!(s.queue_length(), 1);
+    assert_eq!(s.could_start(&[props(&[("os", "linux")])]), vec![false]);
+    s.check_invariants();
+}

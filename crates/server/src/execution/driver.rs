@@ -124,6 +124,10 @@ enum Cmd {
         digest: Digest,
         reply: oneshot::Sender<Option<Outcome<re::ExecuteResponse>>>,
     },
+    CouldStart {
+        platforms: Vec<Vec<(String, String)>>,
+        reply: oneshot::Sender<Vec<bool>>,
+    },
 }
 
 /// Which operations [`SchedulerHandle::operations`] copies out.
@@ -185,6 +189,9 @@ pub struct SchedulerHandle {
     pub keepalive_interval: Duration,
     /// The names of `supported_platform_properties`, sorted.
     supported: std::sync::Arc<Vec<String>>,
+    /// Notified when a worker may have room for more work (it connected, answered, or was
+    /// undrained).
+    capacity: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// Commands queued to the driver before senders wait.
@@ -220,7 +227,9 @@ impl SchedulerHandle {
         let mut supported: Vec<String> =
             opts.supported_platform_properties.keys().cloned().collect();
         supported.sort();
+        let capacity = std::sync::Arc::new(tokio::sync::Notify::new());
         let driver = Driver {
+            capacity: capacity.clone(),
             core: Scheduler::new(opts),
             start: Instant::now(),
             watchers: HashMap::new(),
@@ -243,7 +252,24 @@ impl SchedulerHandle {
             tx,
             keepalive_interval,
             supported: std::sync::Arc::new(supported),
+            capacity,
         }
+    }
+
+    /// Which of these platforms would start at once on this process's workers
+    /// (`Scheduler::could_start`).
+    pub async fn could_start(
+        &self,
+        platforms: Vec<Vec<(String, String)>>,
+    ) -> Result<Vec<bool>, Error> {
+        self.call(|reply| Cmd::CouldStart { platforms, reply })
+            .await
+    }
+
+    /// Resolves when a worker may have room for more work (after the call, or since the last
+    /// time it resolved).
+    pub async fn capacity_changed(&self) {
+        self.capacity.notified().await
     }
 
     /// The platform properties this scheduler matches on.
@@ -425,10 +451,14 @@ pub struct DriverOptions {
     /// The core matches after every event already; this is NativeLink's safety net, kept so
     /// that a pass that an event should have caused and did not still happens.
     pub fallback_match_interval: Option<Duration>,
+    /// The core runs only what a replica claimed from shared state: its completions are
+    /// attempts, counted by the shared scheduler when the operation itself ends.
+    pub claims_only: bool,
 }
 
 struct Driver {
     core: Scheduler<ActionPayload, re::ExecuteResponse>,
+    capacity: std::sync::Arc<tokio::sync::Notify>,
     opts: DriverOptions,
     /// Kills sent and not yet answered: (worker, attempt) -> when the worker is given up.
     unacked_kills: HashMap<(String, u64), Instant>,
@@ -695,6 +725,7 @@ impl Driver {
                         self.workers.insert(worker_id, tx);
                         let _ = reply.send(Ok(()));
                         self.apply(d);
+                        self.capacity.notify_one();
                     }
                     Err(e) => {
                         let _ = reply.send(Err(event_error(e)));
@@ -739,6 +770,7 @@ impl Driver {
                 ) {
                     self.apply(d);
                 }
+                self.capacity.notify_one();
             }
             Cmd::RunRevokedToEnd => {
                 self.run_to_end.get_or_insert_with(Default::default);
@@ -787,7 +819,11 @@ impl Driver {
                         self.apply(d);
                     }
                 }
+                self.capacity.notify_one();
                 let _ = reply.send(Ok(()));
+            }
+            Cmd::CouldStart { platforms, reply } => {
+                let _ = reply.send(self.core.could_start(&platforms));
             }
             Cmd::Overview { reply } => {
                 let _ = reply.send(self.overview());
@@ -1011,8 +1047,8 @@ impl Driver {
                     }
                     Decision::OperationUpdate { op_id, status } => {
                         let done = matches!(status, OperationStatus::Completed(_));
-                        if let (OperationStatus::Completed(outcome), Some(m)) =
-                            (&status, &self.metrics)
+                        if let (OperationStatus::Completed(outcome), Some(m), false) =
+                            (&status, &self.metrics, self.opts.claims_only)
                         {
                             m.execution_completed(result_kind(outcome));
                         }

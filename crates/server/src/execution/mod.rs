@@ -8,6 +8,7 @@ pub mod pipeline;
 pub mod remote;
 mod run_to_end;
 pub mod service;
+pub mod shared;
 pub mod worker_api;
 
 pub use driver::{ActionPayload, OpUpdate, SchedulerHandle, SchedulerStats};

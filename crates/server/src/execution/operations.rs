@@ -12,6 +12,7 @@ use cairn_core::proto::google::longrunning::{
 };
 use cairn_core::proto::google::protobuf::Empty;
 use cairn_core::Error;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
@@ -72,6 +73,12 @@ impl Operations for OperationsService {
             for p in &self.pipelines {
                 let listed: Vec<Operation> = match &p.backend {
                     Backend::Local(h) => h.list().await?.iter().map(operation_of).collect(),
+                    Backend::Shared(s) => s
+                        .list(&req.page_token, page + 1)
+                        .await?
+                        .iter()
+                        .map(operation_of)
+                        .collect(),
                     // The remote's page after the same token is enough to fill this one.
                     Backend::Remote(r) => {
                         r.list_operations(ListOperationsRequest {
@@ -126,6 +133,12 @@ impl Operations for OperationsService {
                         break;
                     }
                 }
+                Backend::Shared(s) => {
+                    if let Some(u) = s.get(&name).await? {
+                        r = Ok(Response::new(operation_of(&u)));
+                        break;
+                    }
+                }
                 Backend::Remote(remote) => match remote.get_operation(&name).await {
                     Err(s) if s.code() == tonic::Code::NotFound => continue,
                     other => {
@@ -149,6 +162,7 @@ impl Operations for OperationsService {
             .first(&name, |p, n| async move {
                 match &p.backend {
                     Backend::Local(h) => h.delete(n).await.map_err(Status::from),
+                    Backend::Shared(s) => s.delete(&n).await.map_err(Status::from),
                     Backend::Remote(r) => r.delete_operation(&n).await,
                 }
             })
@@ -167,6 +181,7 @@ impl Operations for OperationsService {
             .first(&name, |p, n| async move {
                 match &p.backend {
                     Backend::Local(h) => h.cancel(n).await.map_err(Status::from),
+                    Backend::Shared(s) => s.cancel(&n).await.map_err(Status::from),
                     Backend::Remote(r) => r.cancel_operation(&n).await,
                 }
             })
@@ -191,6 +206,36 @@ impl Operations for OperationsService {
         for p in &self.pipelines {
             let handle = match &p.backend {
                 Backend::Local(h) => h,
+                Backend::Shared(s) => match s.follow(req.name.clone()).await {
+                    Ok(mut updates) => {
+                        let deadline = tokio::time::sleep(timeout);
+                        tokio::pin!(deadline);
+                        let mut last = None;
+                        loop {
+                            tokio::select! {
+                                u = updates.next() => match u {
+                                    Some(Ok(u)) => {
+                                        let done = matches!(u.status, cairn_scheduler::OperationStatus::Completed(_));
+                                        last = Some(u);
+                                        if done { break }
+                                    }
+                                    Some(Err(e)) => { r = Err(e); break }
+                                    None => break,
+                                },
+                                _ = &mut deadline => break,
+                            }
+                        }
+                        if let Some(u) = last {
+                            r = Ok(Response::new(operation_of(&u)));
+                        }
+                        break;
+                    }
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => {
+                        r = Err(e.into());
+                        break;
+                    }
+                },
                 Backend::Remote(remote) => match remote.wait_operation(req.clone()).await {
                     Err(s) if s.code() == tonic::Code::NotFound => continue,
                     other => {

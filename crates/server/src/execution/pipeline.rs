@@ -9,13 +9,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_config::schedulers::{PropertyModification, SchedulerSpec, SimpleScheduler};
+use cairn_config::schedulers::{
+    PropertyModification, SchedulerBackend, SchedulerSpec, SimpleScheduler,
+};
 use cairn_core::Error;
 use cairn_scheduler::{AllocationStrategy, PropertyType, SchedulerOptions};
 use cairn_store::{StoreMap, StoreRef};
 
 use super::historical::HistoricalHints;
 use super::remote::RemoteScheduler;
+use super::shared::{SharedOptions, SharedScheduler};
 use super::SchedulerHandle;
 
 /// What an Execute goes through.
@@ -37,6 +40,7 @@ impl ExecutionPipeline {
     pub async fn node_properties(&self, instance: &str) -> Result<Vec<String>, tonic::Status> {
         match &self.backend {
             Backend::Local(h) => Ok(h.supported_properties()),
+            Backend::Shared(s) => Ok(s.local().supported_properties()),
             Backend::Remote(r) => r.node_properties(instance).await,
         }
     }
@@ -49,13 +53,18 @@ pub enum Backend {
     Local(SchedulerHandle),
     /// `grpc`: another scheduler, reached over gRPC.
     Remote(Arc<RemoteScheduler>),
+    /// `simple` with `experimental_backend: {redis: ...}`: operations and the queue in Redis,
+    /// shared with other replicas; this process's workers connect to its local core.
+    Shared(Arc<SharedScheduler>),
 }
 
 impl ExecutionPipeline {
-    /// The local core, or `None` for a `grpc` scheduler.
+    /// The local core (with shared state: the core of this replica's workers), or `None`
+    /// for a `grpc` scheduler.
     pub fn local(&self) -> Option<&SchedulerHandle> {
         match &self.backend {
             Backend::Local(h) => Some(h),
+            Backend::Shared(s) => Some(s.local()),
             Backend::Remote(_) => None,
         }
     }
@@ -63,8 +72,8 @@ impl ExecutionPipeline {
     /// The remote scheduler of a `grpc` scheduler.
     pub fn remote(&self) -> Option<&Arc<RemoteScheduler>> {
         match &self.backend {
-            Backend::Local(_) => None,
             Backend::Remote(r) => Some(r),
+            _ => None,
         }
     }
 }
@@ -117,6 +126,7 @@ pub fn driver_options(s: &SimpleScheduler) -> super::driver::DriverOptions {
             let every = s.fallback_match_interval_s.unwrap_or(5.0);
             (every > 0.0 && every.is_finite()).then(|| Duration::from_secs_f64(every.min(86_400.0)))
         },
+        claims_only: false,
     }
 }
 
@@ -170,10 +180,12 @@ type BuildFuture<'a> = Pin<Box<dyn Future<Output = Result<ExecutionPipeline, Err
 pub fn check(spec: &SchedulerSpec, path: &str) -> Result<(), Error> {
     match spec {
         SchedulerSpec::Simple(s) => {
-            if s.experimental_backend.is_some() {
-                return Err(Error::unimplemented(format!(
-                    "{path}.simple.experimental_backend: shared scheduler state parses but is not built yet"
-                )));
+            if let Some(SchedulerBackend::Redis(r)) = &s.experimental_backend {
+                if r.redis_store.trim().is_empty() {
+                    return Err(Error::invalid_argument(format!(
+                        "{path}.simple.experimental_backend.redis.redis_store: name the top-level redis_store that holds the shared state"
+                    )));
+                }
             }
             Ok(())
         }
@@ -199,6 +211,57 @@ pub fn check(spec: &SchedulerSpec, path: &str) -> Result<(), Error> {
     }
 }
 
+/// A `simple` scheduler whose state is shared in the named `redis_store`.
+fn build_shared(
+    name: &str,
+    s: &SimpleScheduler,
+    store: &str,
+    stores: &StoreMap,
+    path: &str,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) -> Result<Arc<SharedScheduler>, Error> {
+    let key = format!("{path}.simple.experimental_backend.redis.redis_store");
+    let found = stores.get(store).ok_or_else(|| {
+        Error::invalid_argument(format!("{key}: no top-level store is named {store:?}"))
+    })?;
+    let conn = found
+        .as_any()
+        .and_then(|a| a.downcast_ref::<cairn_store::redis_store::RedisStore>())
+        .map(|r| r.connector())
+        .ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "{key}: store {store:?} is a {}, not a redis_store",
+                found.info().kind
+            ))
+        })?;
+    let core = options(s);
+    let shared = SharedOptions {
+        path: path.to_string(),
+        name: name.to_string(),
+        lease: core.worker_timeout.max(Duration::from_millis(300)),
+        max_job_retries: core.max_job_retries,
+        retain_completed_for: core.retain_completed_for,
+        fallback_match_interval: driver_options(s).fallback_match_interval,
+        unschedulable_grace: core.unschedulable_grace_period,
+        client_timeout: core.client_action_timeout,
+        matching: core.clone(),
+    };
+    // The local core runs only what this replica claimed: every failed attempt goes back to
+    // the shared queue (where max_job_retries is counted), and its watcher is the replica
+    // itself, which never goes away while the operation lives.
+    let local = SchedulerOptions {
+        max_job_retries: 0,
+        client_action_timeout: Duration::MAX,
+        ..core
+    };
+    let driver = super::driver::DriverOptions {
+        claims_only: true,
+        ..driver_options(s)
+    };
+    let handle = SchedulerHandle::spawn_with(local, driver, metrics.clone());
+    SharedScheduler::start(shared, &format!("stores.{store}"), conn, handle, metrics)
+}
+
 /// A platform change above a `grpc` scheduler has no effect (the scheduler it forwards to
 /// reads the platform from the Action): said at start.
 fn warn_if_forwarded(p: &ExecutionPipeline, path: &str, kind: &str) {
@@ -220,16 +283,27 @@ pub fn build<'a>(
     Box::pin(async move {
         check(spec, &path)?;
         match spec {
-            SchedulerSpec::Simple(s) => Ok(ExecutionPipeline {
-                name: name.to_string(),
-                backend: Backend::Local(SchedulerHandle::spawn_with(
-                    options(s),
-                    driver_options(s),
-                    metrics,
-                )),
-                ac: None,
-                steps: Arc::new(vec![]),
-            }),
+            SchedulerSpec::Simple(s) => {
+                let backend = match &s.experimental_backend {
+                    None | Some(SchedulerBackend::Memory) => Backend::Local(
+                        SchedulerHandle::spawn_with(options(s), driver_options(s), metrics),
+                    ),
+                    Some(SchedulerBackend::Redis(r)) => Backend::Shared(build_shared(
+                        name,
+                        s,
+                        &r.redis_store,
+                        stores,
+                        &path,
+                        metrics,
+                    )?),
+                };
+                Ok(ExecutionPipeline {
+                    name: name.to_string(),
+                    backend,
+                    ac: None,
+                    steps: Arc::new(vec![]),
+                })
+            }
             SchedulerSpec::CacheLookup(c) => {
                 let ac = cairn_store::build_spec(
                     &c.ac_store,

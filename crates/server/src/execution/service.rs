@@ -197,6 +197,11 @@ fn watch_stream(
         .boxed()
 }
 
+/// Operations of an operation followed in the shared state.
+fn shared_stream(updates: super::shared::UpdateStream) -> OpStream {
+    updates.map(|u| u.map(|u| operation_of(&u))).boxed()
+}
+
 #[tonic::async_trait]
 impl Execution for ExecutionService {
     type ExecuteStream = OpStream;
@@ -228,6 +233,17 @@ impl Execution for ExecutionService {
         for inst in self.instances.values() {
             let handle = match &inst.pipeline.backend {
                 Backend::Local(h) => h,
+                Backend::Shared(s) => match s.follow(name.clone()).await {
+                    Ok(updates) => {
+                        result = Ok(shared_stream(updates));
+                        break;
+                    }
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => {
+                        result = Err(e.into());
+                        break;
+                    }
+                },
                 Backend::Remote(r) => {
                     if !remotes.iter().any(|x| Arc::ptr_eq(x, r)) {
                         remotes.push(r.clone());
@@ -398,6 +414,10 @@ impl ExecutionService {
             // `grpc`: checked here (the Action exists, the action cache has no result), queued
             // there.
             Backend::Remote(r) => return r.execute(req, &headers).await,
+            Backend::Shared(s) => {
+                let followed = s.submit(op_id, &request).await?;
+                return Ok(shared_stream(s.follow(followed).await?));
+            }
         };
         // Recorded before the scheduler has it, so that its end cannot come first.
         crate::web_ui::activity::queued(&request.invocation_id, &req.instance_name, digest, &op_id);

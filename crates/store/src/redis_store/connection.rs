@@ -451,6 +451,40 @@ impl Connector {
         )
     }
 
+    /// A new pub/sub connection (one per subscriber; not pooled, no retries) within
+    /// `connection_timeout_ms`. Standalone and sentinel modes only: a cluster's pub/sub
+    /// would need the cluster client's own subscription routing.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, Error> {
+        let connect = async {
+            match &self.target {
+                Target::Standard(client) => client.get_async_pubsub().await,
+                Target::Sentinel(sentinel) => {
+                    let client = sentinel.lock().await.async_get_client().await?;
+                    client.get_async_pubsub().await
+                }
+                Target::Cluster(_) => Err(RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "pub/sub subscriptions are not supported in cluster mode",
+                ))),
+            }
+        };
+        match tokio::time::timeout(self.connection_timeout, connect).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(classify(e)
+                .error
+                .context(format!("redis_store {}: subscribing", self.name))),
+            Err(_) => Err(Error::unavailable(format!(
+                "redis_store {}: subscribing: connecting took longer than {:?} (connection_timeout_ms)",
+                self.name, self.connection_timeout
+            ))),
+        }
+    }
+
+    /// Whether this connects to a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster(_))
+    }
+
     /// One PING within `health_check_timeout_ms`, no retries.
     pub async fn ping(&self) -> Result<(), Error> {
         let started = Instant::now();

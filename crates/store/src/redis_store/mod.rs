@@ -500,6 +500,10 @@ impl Store for RedisStore {
             Err(e) => Health::Failed(e.message),
         }
     }
+
+    fn as_any(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        Some(self)
+    }
 }
 
 impl std::fmt::Debug for RedisStore {

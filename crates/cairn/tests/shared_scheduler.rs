@@ -1,0 +1,1097 @@
+//! Scheduler replicas sharing their state in Redis (`simple.experimental_backend: {redis:
+//! {redis_store: ...}}`), as real processes: one Debian `redis-server`, two or three `cairn
+//! run` replicas (CAS and AC in the same Redis, so that every replica serves every blob), and
+//! worker processes (`deployment-examples/split/worker.json5`) each connected to one replica.
+//!
+//! Each action prints the working directory of the worker that ran it, so a test knows
+//! which worker (and so which replica) ran what.
+
+mod common;
+#[path = "common/redis.rs"]
+mod redis_kit;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::longrunning::operations_client::OperationsClient;
+use cairn_core::proto::google::longrunning::{self as lro, Operation};
+use common::actions::ShellAction;
+use common::{free_addr, Cairn, CairnWorker};
+use prost::Message;
+use redis_kit::RedisServer;
+use tonic::transport::Channel;
+
+/// How long anything here may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// One replica: CAS and AC in one Redis (`@REDIS@`), the scheduler state in another
+/// (`@STATE@`, which tests stop and cut off); the public listener on `@ADDR@`, the worker API
+/// (TLS, client certificates) on `@WORKER_API@`.
+const REPLICA: &str = r#"{
+  stores: [
+    { name: "STATE", redis_store: { addresses: ["@STATE@"], command_timeout_ms: 1000,
+        connection_timeout_ms: 500, retry: { max_retries: 2, delay: 0.05 } } },
+    { name: "CAS", redis_store: { addresses: ["@REDIS@"], key_prefix: "cas:",
+        command_timeout_ms: 2000, connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
+    { name: "AC", redis_store: { addresses: ["@REDIS@"], key_prefix: "ac:",
+        command_timeout_ms: 2000, connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
+  ],
+  schedulers: [{ name: "MAIN", simple: {
+    supported_platform_properties: { OSFamily: "exact", cpu_count: "minimum" },
+    worker_timeout_s: 2,
+    max_job_retries: 2,
+    @SCHEDULER_EXTRA@
+    experimental_backend: { redis: { redis_store: "STATE" } },
+  } }],
+  servers: [
+    { listener: { http: { socket_address: "@ADDR@" } },
+      services: {
+        cas: [{ instance_name: "main", cas_store: "CAS" }],
+        ac: [{ instance_name: "main", ac_store: "AC" }],
+        bytestream: [{ instance_name: "main", cas_store: "CAS" }],
+        execution: [{ instance_name: "main", cas_store: "CAS", scheduler: "MAIN" }],
+        capabilities: [{ instance_name: "main", remote_execution: { scheduler: "MAIN" } }],
+      } },
+    { listener: { http: { socket_address: "@WORKER_API@", tls: @WORKER_API_TLS@ } },
+      services: { worker_api: { scheduler: "MAIN" } } },
+  ],
+}"#;
+
+struct Replica {
+    cairn: Cairn,
+    worker_api: SocketAddr,
+    label: String,
+}
+
+struct Fleet {
+    tmp: tempfile::TempDir,
+    /// Blobs: CAS and AC.
+    redis: RedisServer,
+    /// The scheduler state (append-only file on, so a restart keeps it).
+    state: RedisServer,
+    tls: PathBuf,
+    replicas: Vec<Option<Replica>>,
+    /// Extra `simple` scheduler keys.
+    extra: String,
+}
+
+impl Fleet {
+    fn start(replicas: usize) -> Fleet {
+        Fleet::start_with(replicas, "")
+    }
+
+    fn start_with(replicas: usize, extra: &str) -> Fleet {
+        let mut fleet = Fleet::empty(extra);
+        for i in 0..replicas {
+            let r = fleet.replica(i);
+            fleet.replicas.push(Some(r));
+        }
+        fleet
+    }
+
+    fn empty(extra: &str) -> Fleet {
+        let tmp = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start(tmp.path());
+        let state = RedisServer::start_args(
+            tmp.path(),
+            redis_kit::free_port(),
+            &["--appendonly", "yes", "--appendfsync", "always"],
+        );
+        let tls = common::certs::split_tls_dir(tmp.path());
+        Fleet {
+            tmp,
+            redis,
+            state,
+            tls,
+            replicas: Vec::new(),
+            extra: extra.to_string(),
+        }
+    }
+
+    fn replica(&self, i: usize) -> Replica {
+        self.replica_via(i, &self.state.url())
+    }
+
+    /// Replica `i`, reaching the scheduler state at `state` (a proxy, say).
+    fn replica_via(&self, i: usize, state: &str) -> Replica {
+        let label = format!("replica-{i}");
+        let dir = self.tmp.path().join(&label);
+        std::fs::create_dir_all(&dir).unwrap();
+        let worker_api = free_addr();
+        let cairn = Cairn::start_with(
+            &dir,
+            &REPLICA
+                .replace("@REDIS@", &self.redis.url())
+                .replace("@STATE@", state)
+                .replace("@SCHEDULER_EXTRA@", &self.extra)
+                .replace("@WORKER_API@", &worker_api.to_string())
+                .replace(
+                    "@WORKER_API_TLS@",
+                    &common::certs::worker_api_tls(&self.tls),
+                ),
+            Some(free_addr()),
+        );
+        Replica {
+            cairn,
+            worker_api,
+            label,
+        }
+    }
+
+    fn r(&self, i: usize) -> &Replica {
+        self.replicas[i].as_ref().expect("replica running")
+    }
+
+    /// A one-slot worker process connected to replica `i`; its directory names it.
+    fn worker(&self, name: &str, i: usize) -> CairnWorker {
+        let r = self.r(i);
+        let data = self.tmp.path().join(format!("worker-{name}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let config: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deployment-examples/split/worker.json5");
+        CairnWorker::start(
+            name,
+            &config,
+            &[
+                (
+                    "CAIRN_WORKER_API_ENDPOINT",
+                    format!("grpcs://{}", r.worker_api),
+                ),
+                ("CAIRN_TLS_DIR", self.tls.display().to_string()),
+                ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", r.cairn.addr)),
+                ("CAIRN_WORKER_DATA", data.display().to_string()),
+                ("CAIRN_WORKER_SLOTS", "1".to_string()),
+            ],
+            DEADLINE,
+        )
+    }
+
+    async fn channel(&self, i: usize) -> Channel {
+        self.r(i).cairn.channel().await
+    }
+
+    /// SIGKILL replica `i`.
+    fn kill9(&mut self, i: usize) {
+        let r = self.replicas[i].take().expect("replica running");
+        eprintln!("killing {} with SIGKILL", r.label);
+        r.cairn.kill9();
+    }
+}
+
+/// A shell action uploaded through replica `via`; returns its digest.
+async fn upload(channel: Channel, script: &str, do_not_cache: bool) -> re::Digest {
+    ShellAction {
+        script,
+        do_not_cache,
+        ..Default::default()
+    }
+    .upload(channel, "main")
+    .await
+    .to_proto()
+}
+
+async fn execute(channel: Channel, digest: &re::Digest) -> tonic::Streaming<Operation> {
+    re::execution_client::ExecutionClient::new(channel)
+        .execute(re::ExecuteRequest {
+            instance_name: "main".into(),
+            action_digest: Some(digest.clone()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+        .expect("Execute")
+        .into_inner()
+}
+
+async fn wait_execution(
+    channel: Channel,
+    name: &str,
+) -> Result<tonic::Streaming<Operation>, tonic::Status> {
+    re::execution_client::ExecutionClient::new(channel)
+        .wait_execution(re::WaitExecutionRequest { name: name.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn stage(op: &Operation) -> re::execution_stage::Value {
+    let m = re::ExecuteOperationMetadata::decode(op.metadata.as_ref().unwrap().value.as_slice())
+        .unwrap();
+    re::execution_stage::Value::try_from(m.stage).unwrap()
+}
+
+fn response(op: &Operation) -> re::ExecuteResponse {
+    match op.result.as_ref().expect("a done operation has a result") {
+        lro::operation::Result::Response(any) => {
+            re::ExecuteResponse::decode(any.value.as_slice()).unwrap()
+        }
+        lro::operation::Result::Error(e) => panic!("operation error {e:?}"),
+    }
+}
+
+/// Reads the stream to its done operation (within [`DEADLINE`]); the first operation's name
+/// is returned with it.
+async fn until_done(mut ops: tonic::Streaming<Operation>) -> Result<Operation, tonic::Status> {
+    tokio::time::timeout(DEADLINE, async move {
+        loop {
+            match ops.message().await? {
+                Some(op) if op.done => return Ok(op),
+                Some(_) => continue,
+                None => return Err(tonic::Status::aborted("stream ended before done")),
+            }
+        }
+    })
+    .await
+    .expect("the operation ends within the deadline")
+}
+
+/// The first operation of a stream (its name).
+async fn first(ops: &mut tonic::Streaming<Operation>) -> Operation {
+    tokio::time::timeout(DEADLINE, ops.message())
+        .await
+        .expect("first operation in time")
+        .expect("stream")
+        .expect("an operation")
+}
+
+/// The stdout of a completed action, read from the CAS through `channel`.
+async fn stdout(channel: Channel, r: &re::ExecuteResponse) -> String {
+    let status = r.status.clone().unwrap_or_default();
+    assert_eq!(status.code, 0, "execution status {status:?}");
+    let result = r.result.as_ref().expect("an ActionResult");
+    let Some(d) = result.stdout_digest.clone() else {
+        return String::from_utf8_lossy(&result.stdout_raw).into_owned();
+    };
+    let reply =
+        re::content_addressable_storage_client::ContentAddressableStorageClient::new(channel)
+            .batch_read_blobs(re::BatchReadBlobsRequest {
+                instance_name: "main".into(),
+                digests: vec![d],
+                ..Default::default()
+            })
+            .await
+            .expect("BatchReadBlobs")
+            .into_inner();
+    String::from_utf8_lossy(&reply.responses[0].data).into_owned()
+}
+
+async fn get_operation(channel: Channel, name: &str) -> Result<Operation, tonic::Status> {
+    OperationsClient::new(channel)
+        .get_operation(lro::GetOperationRequest { name: name.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replica_queues_and_answers_and_a_worker_of_another_runs_it() {
+    let fleet = Fleet::start(2);
+    // The only worker is connected to replica 1; the client talks to replica 0.
+    let _w = fleet.worker("w1", 1);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+
+    let digest = upload(a.clone(), "echo ran-in $(pwd)", false).await;
+    let mut ops = execute(a.clone(), &digest).await;
+    let op = first(&mut ops).await;
+    let name = op.name.clone();
+    assert!(!op.done);
+    let done = until_done(ops).await.unwrap();
+    assert_eq!(done.name, name);
+    let out = stdout(a.clone(), &response(&done)).await;
+    assert!(
+        out.contains("worker-w1"),
+        "ran by the worker of replica 1: {out}"
+    );
+
+    // Either replica answers for it.
+    for ch in [a.clone(), b.clone()] {
+        let got = get_operation(ch.clone(), &name).await.unwrap();
+        assert!(got.done, "GetOperation says done");
+        assert_eq!(stage(&got), re::execution_stage::Value::Completed);
+        let waited = until_done(wait_execution(ch, &name).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response(&waited), response(&done));
+    }
+    let listed = OperationsClient::new(b.clone())
+        .list_operations(lro::ListOperationsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.operations.iter().any(|o| o.name == name));
+
+    // Unknown names: NOT_FOUND from both, and the server stays up.
+    for ch in [a.clone(), b.clone()] {
+        let e = get_operation(ch.clone(), "operations/nope")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+        let e = wait_execution(ch, "operations/garbage\u{0}\u{ff}")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    }
+
+    // Identical cacheable actions merge across replicas: one execution, one operation.
+    let counter = fleet.tmp.path().join("runs");
+    let script = format!("echo x >> {}; sleep 1; echo merged", counter.display());
+    let digest = upload(a.clone(), &script, false).await;
+    let mut on_a = execute(a.clone(), &digest).await;
+    let first_a = first(&mut on_a).await;
+    let mut on_b = execute(b.clone(), &digest).await;
+    let first_b = first(&mut on_b).await;
+    assert_eq!(
+        first_a.name, first_b.name,
+        "the second Execute follows the first's operation"
+    );
+    let (ra, rb) = tokio::join!(until_done(on_a), until_done(on_b));
+    assert_eq!(response(&ra.unwrap()), response(&rb.unwrap()));
+    let runs = std::fs::read_to_string(&counter).unwrap();
+    assert_eq!(runs.lines().count(), 1, "one execution for both");
+
+    // do_not_cache actions are never merged.
+    let digest = upload(a.clone(), "echo uncached", true).await;
+    let mut x = execute(a.clone(), &digest).await;
+    let mut y = execute(b.clone(), &digest).await;
+    let (fx, fy) = (first(&mut x).await, first(&mut y).await);
+    assert_ne!(fx.name, fy.name);
+    until_done(x).await.unwrap();
+    until_done(y).await.unwrap();
+
+    // ListOperations pages run across replicas, in name order.
+    let page = |ch: Channel, token: String| async move {
+        OperationsClient::new(ch)
+            .list_operations(lro::ListOperationsRequest {
+                page_size: 2,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let p1 = page(a.clone(), String::new()).await;
+    assert_eq!(p1.operations.len(), 2);
+    assert!(!p1.next_page_token.is_empty());
+    let p2 = page(b.clone(), p1.next_page_token.clone()).await;
+    assert!(!p2.operations.is_empty());
+    assert!(p2.operations.iter().all(|o| o.name > p1.next_page_token));
+
+    // CancelOperation on a queued operation from the other replica ends it CANCELLED.
+    let digest = upload(a.clone(), "sleep 30", true).await;
+    let mut blocker = execute(a.clone(), &digest).await; // takes the only slot
+    first(&mut blocker).await;
+    let digest2 = upload(a.clone(), "echo never", true).await;
+    let mut queued = execute(a.clone(), &digest2).await;
+    let q = first(&mut queued).await;
+    OperationsClient::new(b.clone())
+        .cancel_operation(lro::CancelOperationRequest {
+            name: q.name.clone(),
+        })
+        .await
+        .unwrap();
+    let done = until_done(queued).await.unwrap();
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::Cancelled as i32, "{st:?}");
+}
+
+/// Script for a killing test: the first attempt writes its directory to `flag` and sleeps;
+/// any later attempt prints "second" and the directory it ran in.
+fn first_sleeps(flag: &Path) -> String {
+    format!(
+        "if [ -e {0} ]; then echo second in $(pwd); else echo $$ $(pwd) > {0}.tmp && mv {0}.tmp {0}; exec sleep 600; fi",
+        flag.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_s_action_is_retried_on_another_replica_s_worker() {
+    let fleet = Fleet::start(2);
+    let mut workers = [Some(fleet.worker("w0", 0)), Some(fleet.worker("w1", 1))];
+    let a = fleet.channel(0).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(a.clone(), &digest).await;
+    first(&mut ops).await;
+    let mut ran = String::new();
+    wait_for("the first attempt starts", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    let (killed, other) = if ran.contains("worker-w0") {
+        (0, "w1")
+    } else {
+        (1, "w0")
+    };
+    workers[killed].take().unwrap().kill9();
+    let done = until_done(ops).await.unwrap();
+    let out = stdout(a.clone(), &response(&done)).await;
+    assert!(
+        out.contains("second") && out.contains(&format!("worker-{other}")),
+        "retried on the other worker: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_s_operation_is_requeued_by_its_lease_and_completes_through_the_survivor()
+{
+    let mut fleet = Fleet::start(2);
+    let _w0 = fleet.worker("w0", 0);
+    let _w1 = fleet.worker("w1", 1);
+    let a = fleet.channel(0).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(a.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    let mut ran = String::new();
+    wait_for("the first attempt starts", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    // Kill the replica whose worker runs it: its lease stops being renewed.
+    let (owner, survivor) = if ran.contains("worker-w0") {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    drop(ops);
+    fleet.kill9(owner);
+    let started = Instant::now();
+    // The client follows it on the survivor, from wherever it was.
+    let s = fleet.channel(survivor).await;
+    let done = until_done(wait_execution(s.clone(), &name).await.unwrap())
+        .await
+        .unwrap();
+    let out = stdout(s.clone(), &response(&done)).await;
+    assert!(
+        out.contains("second") && out.contains(&format!("worker-w{survivor}")),
+        "re-run by the survivor's worker: {out}"
+    );
+    let took = started.elapsed();
+    eprintln!("re-queued by lease expiry and completed {took:?} after the kill");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+#[test]
+fn the_backend_must_name_a_redis_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |stores: &str| {
+        let config = dir.path().join("c.json5");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{ stores: {{ {stores} }},
+                  schedulers: {{ S: {{ cache_lookup: {{ ac_store: "M", scheduler: {{ simple: {{
+                    experimental_backend: {{ redis: {{ redis_store: "STATE" }} }} }} }} }} }} }},
+                  servers: [] }}"#
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .arg("check-config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let at = "schedulers.S.cache_lookup.scheduler.simple.experimental_backend.redis.redis_store";
+    let (ok, text) = check(r#"M: { memory: {} }"#);
+    assert!(
+        !ok && text.contains(at) && text.contains("no store named \"STATE\""),
+        "{text}"
+    );
+    let (ok, text) = check(r#"M: { memory: {} }, STATE: { memory: {} }"#);
+    assert!(
+        !ok && text.contains(at) && text.contains("needs a redis_store"),
+        "{text}"
+    );
+    let (ok, text) = check(
+        r#"M: { memory: {} }, STATE: { redis_store: { addresses: ["redis://127.0.0.1:1"] } }"#,
+    );
+    assert!(ok, "{text}");
+    assert!(text.contains("backend=redis(STATE)"), "{text}");
+}
+
+/// The pid in a first attempt's flag file (`PID DIR`).
+fn flag_pid(flag: &str) -> u32 {
+    flag.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Whether `pid` is a live process (not a zombie).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Execute on a replica whose scheduler state is unreachable: UNAVAILABLE naming the
+/// scheduler and its store, within a bound.
+async fn expect_unavailable(channel: Channel, digest: &re::Digest, name: &str) {
+    let started = Instant::now();
+    let e = match re::execution_client::ExecutionClient::new(channel.clone())
+        .execute(re::ExecuteRequest {
+            instance_name: "main".into(),
+            action_digest: Some(digest.clone()),
+            skip_cache_lookup: true,
+            ..Default::default()
+        })
+        .await
+    {
+        Err(e) => e,
+        Ok(ops) => until_done(ops.into_inner()).await.unwrap_err(),
+    };
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    assert!(
+        e.message().contains("scheduler \"MAIN\"") && e.message().contains("stores.STATE"),
+        "{e}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "answered in {:?}",
+        started.elapsed()
+    );
+    let e = wait_execution(channel.clone(), name)
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    let e = get_operation(channel, name).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_for_30_s_answers_unavailable_then_recovers_without_a_restart() {
+    let mut fleet = Fleet::start(2);
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(b.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    let mut ran = String::new();
+    wait_for("the first attempt starts", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    let pid = flag_pid(&ran);
+
+    fleet.state.kill();
+    let stopped = Instant::now();
+    // The client's stream ends with UNAVAILABLE (it follows again later).
+    let e = until_done(ops).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    let other = upload(a.clone(), "echo after the outage", true).await;
+    for ch in [a.clone(), b.clone()] {
+        expect_unavailable(ch, &other, &name).await;
+    }
+    // The replica running it cannot renew its lease: it stops the action.
+    wait_for("the cut-off replica stops the running action", || {
+        !alive(pid)
+    })
+    .await;
+    eprintln!(
+        "running action stopped {:?} after Redis stopped",
+        stopped.elapsed()
+    );
+
+    let outage = Duration::from_secs(30);
+    tokio::time::sleep(outage.saturating_sub(stopped.elapsed())).await;
+    fleet.state.restart();
+    let back = Instant::now();
+
+    // The operation survived (append-only file): its lease expired, so it runs again.
+    let done = loop {
+        match wait_execution(b.clone(), &name).await {
+            Ok(s) => match until_done(s).await {
+                Ok(op) => break op,
+                Err(e) if e.code() == tonic::Code::Unavailable => {}
+                Err(e) => panic!("{e}"),
+            },
+            Err(e) if e.code() == tonic::Code::Unavailable => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(back.elapsed() < DEADLINE, "no recovery");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let out = stdout(a.clone(), &response(&done)).await;
+    assert!(out.contains("second"), "{out}");
+    eprintln!("recovered {:?} after Redis came back", back.elapsed());
+    // New work flows through both replicas, with no restart.
+    for ch in [a.clone(), b.clone()] {
+        let digest = upload(ch.clone(), "echo after the outage", true).await;
+        let done = until_done(execute(ch.clone(), &digest).await)
+            .await
+            .unwrap();
+        assert!(stdout(ch, &response(&done))
+            .await
+            .contains("after the outage"));
+    }
+}
+
+/// A TCP proxy the test can cut, as a network partition does: while cut, nothing passes
+/// either way and nothing is closed (connections hang, new ones connect and hang).
+struct PartitionProxy {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PartitionProxy {
+    async fn start(upstream: u16) -> PartitionProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let cut = flag.clone();
+                conns.spawn(async move {
+                    while cut.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    async fn pipe(
+                        mut r: tokio::net::tcp::OwnedReadHalf,
+                        mut w: tokio::net::tcp::OwnedWriteHalf,
+                        cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+                    ) {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            while cut.load(Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    tokio::select! {
+                        _ = pipe(cr, sw, cut.clone()) => {}
+                        _ = pipe(sr, cw, cut) => {}
+                    }
+                });
+            }
+        });
+        PartitionProxy { port, cut, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for PartitionProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it() {
+    let mut fleet = Fleet::empty("");
+    let proxy = PartitionProxy::start(fleet.state.port).await;
+    // Replica 0 reaches the state through the proxy; replica 1 directly.
+    let r0 = fleet.replica_via(0, &proxy.url());
+    fleet.replicas.push(Some(r0));
+    let r1 = fleet.replica(1);
+    fleet.replicas.push(Some(r1));
+    let _w0 = fleet.worker("w0", 0);
+    let b = fleet.channel(1).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(b.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(b.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    let mut ran = String::new();
+    wait_for("the first attempt starts on replica 0's worker", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    assert!(ran.contains("worker-w0"), "{ran}");
+    let pid = flag_pid(&ran);
+
+    proxy.set_cut(true);
+    let cut = Instant::now();
+    // Replica 0 cannot renew its lease: it stops the action; replica 1 re-queues it.
+    wait_for("the cut-off replica stops the running action", || {
+        !alive(pid)
+    })
+    .await;
+    eprintln!(
+        "cut-off replica stopped its action {:?} after the cut",
+        cut.elapsed()
+    );
+    // A worker on the replica that still reaches Redis runs it; the client never noticed.
+    let _w1 = fleet.worker("w1", 1);
+    let done = until_done(ops).await.unwrap();
+    let out = stdout(b.clone(), &response(&done)).await;
+    assert!(out.contains("second") && out.contains("worker-w1"), "{out}");
+    eprintln!("completed elsewhere {:?} after the cut", cut.elapsed());
+
+    // While cut off, replica 0 hands nothing to its idle worker; after the cut heals it
+    // claims again.
+    let marker = fleet.tmp.path().join("ran-on-0");
+    let script = format!("pwd > {}; echo healed", marker.display());
+    let digest = upload(b.clone(), &script, true).await;
+    drop(_w1);
+    let mut ops = execute(b.clone(), &digest).await;
+    first(&mut ops).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!marker.exists(), "a cut-off replica handed out work");
+    proxy.set_cut(false);
+    let done = until_done(ops).await.unwrap();
+    assert!(stdout(b, &response(&done)).await.contains("healed"));
+    assert!(std::fs::read_to_string(&marker)
+        .unwrap()
+        .contains("worker-w0"));
+    let _ = name;
+}
+
+// ---- NativeLink's reported failures, each shown not to happen here --------------------------
+
+/// NativeLink: "WaitExecution answers NOT_FOUND for long actions". Here a live operation never
+/// expires: only a completed one does, `retain_completed_for_s` after it completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_execution_never_answers_not_found_while_an_action_runs_longer_than_retention() {
+    let fleet = Fleet::start_with(2, "retain_completed_for_s: 1,");
+    let _w1 = fleet.worker("w1", 1);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let digest = upload(a.clone(), "sleep 5; echo long", true).await;
+    let mut ops = execute(a.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    let started = Instant::now();
+    let mut checks = 0;
+    loop {
+        let mut done = false;
+        for ch in [a.clone(), b.clone()] {
+            let op = get_operation(ch.clone(), &name).await.unwrap_or_else(|e| {
+                panic!("GetOperation {:?} into the run: {e}", started.elapsed())
+            });
+            done |= op.done;
+            // A fresh WaitExecution from either replica takes it up.
+            let mut w = wait_execution(ch, &name).await.unwrap_or_else(|e| {
+                panic!("WaitExecution {:?} into the run: {e}", started.elapsed())
+            });
+            first(&mut w).await;
+            checks += 1;
+        }
+        if done {
+            break;
+        }
+        assert!(started.elapsed() < DEADLINE);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(5), "ran its 5 s");
+    assert!(checks > 10);
+    let done = until_done(ops).await.unwrap();
+    assert!(stdout(a.clone(), &response(&done)).await.contains("long"));
+    // Then it goes, one retention period after completing, and so does its index entry.
+    wait_for_async_not_found(&b, &name).await;
+    let start = Instant::now();
+    while fleet
+        .state
+        .cli(&["ZCARD", "cairn:scheduler:MAIN:ops"])
+        .trim()
+        != "0"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "index never pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_for_async_not_found(ch: &Channel, name: &str) {
+    let start = Instant::now();
+    loop {
+        match get_operation(ch.clone(), name).await {
+            Err(e) if e.code() == tonic::Code::NotFound => return,
+            Ok(_) => {}
+            Err(e) => panic!("{e}"),
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// NativeLink: "operations stuck in Executing". A worker that hangs (SIGSTOP: no keepalive, no
+/// answer) is removed after `worker_timeout_s` and its action runs on another replica's
+/// worker; a replica that dies is covered by the lease test above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_worker_leaves_no_operation_executing() {
+    let fleet = Fleet::start(2);
+    let w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(a.clone(), &digest).await;
+    first(&mut ops).await;
+    wait_for("the first attempt starts", || flag.exists()).await;
+    // SAFETY: kill(2) with the worker's pid, which is not reaped yet (the handle is alive).
+    let r = unsafe { libc::kill(w0.child.id() as i32, libc::SIGSTOP) };
+    assert_eq!(r, 0);
+    let stopped = Instant::now();
+    let _w1 = fleet.worker("w1", 1);
+    let done = until_done(ops).await.unwrap();
+    let out = stdout(a.clone(), &response(&done)).await;
+    assert!(out.contains("second") && out.contains("worker-w1"), "{out}");
+    eprintln!("re-run {:?} after the worker hung", stopped.elapsed());
+    drop(w0); // SIGKILL works on a stopped process
+}
+
+/// NativeLink: "re-queued operations stuck in Queued". An operation re-queued while no
+/// worker is free, with every pub/sub connection cut in between, runs as soon as a worker
+/// connects to any replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_operation_runs_when_a_worker_comes_even_after_pub_sub_was_cut() {
+    let fleet = Fleet::start(2);
+    let w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), false).await;
+    let mut ops = execute(a.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    wait_for("the first attempt starts", || flag.exists()).await;
+    let killed = fleet.state.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    eprintln!("pub/sub connections killed: {killed}");
+    w0.kill9();
+    // Re-queued, and rightly queued while no worker exists.
+    let start = Instant::now();
+    loop {
+        let op = get_operation(b.clone(), &name).await.unwrap();
+        if stage(&op) == re::execution_stage::Value::Queued {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "never re-queued");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet.state.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let _w1 = fleet.worker("w1", 1);
+    let done = until_done(ops).await.unwrap();
+    let out = stdout(a.clone(), &response(&done)).await;
+    assert!(out.contains("second") && out.contains("worker-w1"), "{out}");
+}
+
+/// Whatever else writes garbage under the scheduler's keys (a queued id with no operation, an
+/// operation whose fields do not parse) is failed or skipped, never a crash, and real work
+/// still flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_the_shared_state_fails_cleanly_and_work_still_flows() {
+    let fleet = Fleet::start(2);
+    let p = "cairn:scheduler:MAIN:";
+    fleet
+        .state
+        .cli(&["ZADD", &format!("{p}queue"), "1", "operations/ghost"]);
+    fleet.state.cli(&[
+        "HSET",
+        &format!("{p}op:operations/garbage"),
+        "state",
+        "queued",
+        "digest",
+        "not-a-digest",
+        "platform",
+        "{not json",
+        "fence",
+        "0",
+        "retries",
+        "0",
+        "score",
+        "1",
+    ]);
+    fleet
+        .state
+        .cli(&["ZADD", &format!("{p}queue"), "1", "operations/garbage"]);
+    // Counters that are not numbers: claimed, failed, never blocking the queue.
+    let d = cairn_core::DigestFunction::Sha256.digest_of(b"missing action");
+    fleet.state.cli(&[
+        "HSET",
+        &format!("{p}op:operations/bad-counters"),
+        "state",
+        "queued",
+        "digest",
+        &d.file_name(),
+        "platform",
+        "[]",
+        "fence",
+        "x",
+        "retries",
+        "y",
+        "score",
+        "z",
+    ]);
+    fleet
+        .state
+        .cli(&["ZADD", &format!("{p}queue"), "0", "operations/bad-counters"]);
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let digest = upload(a.clone(), "echo fine", true).await;
+    let done = until_done(execute(a.clone(), &digest).await).await.unwrap();
+    assert!(stdout(a.clone(), &response(&done)).await.contains("fine"));
+    // The one with bad counters ends (failed), it does not stay queued or executing.
+    let start = Instant::now();
+    while !get_operation(a.clone(), "operations/bad-counters")
+        .await
+        .unwrap()
+        .done
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "operations/bad-counters never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The unreadable operation is not served as an operation.
+    let e = get_operation(a.clone(), "operations/garbage")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    // And both replicas are still up.
+    for i in 0..2 {
+        let ch = fleet.channel(i).await;
+        let digest = upload(ch.clone(), &format!("echo again {i}"), true).await;
+        until_done(execute(ch, &digest).await).await.unwrap();
+    }
+}
+
+/// No action waits forever: an operation that no worker of any replica could ever run fails
+/// with FAILED_PRECONDITION naming the property, once `unschedulable_grace_period_s` passed;
+/// one that a worker of another replica can run is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_no_replica_s_worker_can_run_fails_after_the_grace_period() {
+    let fleet = Fleet::start_with(2, "unschedulable_grace_period_s: 2,");
+    let _w0 = fleet.worker("w0", 0);
+    let b = fleet.channel(1).await;
+    let (digest, blobs) = ShellAction {
+        script: "echo never",
+        ..Default::default()
+    }
+    .build_with_platform(&[("OSFamily", "windows")]);
+    common::actions::upload_blobs(b.clone(), "main", blobs).await;
+    let started = Instant::now();
+    let done = until_done(execute(b.clone(), &digest.to_proto()).await)
+        .await
+        .unwrap();
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::FailedPrecondition as i32, "{st:?}");
+    assert!(st.message.contains("\"OSFamily\"=\"windows\""), "{st:?}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    // Linux actions, which only replica 0's worker runs, are fine from replica 1.
+    let digest = upload(b.clone(), "echo fine", true).await;
+    let done = until_done(execute(b.clone(), &digest).await).await.unwrap();
+    assert!(stdout(b, &response(&done)).await.contains("fine"));
+}
+
+/// `client_action_timeout_s`: an operation that no client of any replica follows any more is
+/// dropped (CANCELLED) and its command stopped; while one follows, it lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_nobody_follows_is_dropped_after_the_client_timeout() {
+    let fleet = Fleet::start_with(2, "client_action_timeout_s: 2,");
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let digest = upload(a.clone(), &first_sleeps(&flag), true).await;
+    let mut ops = execute(b.clone(), &digest).await;
+    let name = first(&mut ops).await.name;
+    let mut ran = String::new();
+    wait_for("the action starts", || {
+        ran = std::fs::read_to_string(&flag).unwrap_or_default();
+        !ran.is_empty()
+    })
+    .await;
+    // Followed (through the other replica, in turn) for longer than the timeout: it lives.
+    drop(ops);
+    let mut w = wait_execution(a.clone(), &name).await.unwrap();
+    first(&mut w).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let op = get_operation(b.clone(), &name).await.unwrap();
+    assert!(!op.done, "dropped while a client followed it");
+    // Nobody follows: dropped, and the command stopped.
+    drop(w);
+    let gone = Instant::now();
+    let done = loop {
+        let op = get_operation(b.clone(), &name).await.unwrap();
+        if op.done {
+            break op;
+        }
+        assert!(gone.elapsed() < DEADLINE, "never dropped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::Cancelled as i32, "{st:?}");
+    assert!(st.message.contains("client_action_timeout_s"), "{st:?}");
+    let pid = flag_pid(&ran);
+    wait_for("the dropped action's command stops", || !alive(pid)).await;
+    eprintln!("dropped {:?} after its last follower left", gone.elapsed());
+}
+
+/// A replica told to stop (SIGTERM) drains: it claims nothing more, so queued work goes to
+/// the workers of the replicas that stay, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_replica_claims_nothing_and_the_others_run_the_work() {
+    let fleet = Fleet::start(2);
+    let _w0 = fleet.worker("w0", 0);
+    let _w1 = fleet.worker("w1", 1);
+    let b = fleet.channel(1).await;
+    // Replica 0 drains: its worker's stream keeps it alive (up to the drain deadline).
+    // SAFETY: kill(2) with the replica's pid, which is not reaped yet (the handle is alive).
+    let r = unsafe { libc::kill(fleet.r(0).cairn.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(r, 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..6 {
+        let digest = upload(b.clone(), &format!("echo {i} in $(pwd)"), true).await;
+        let done = until_done(execute(b.clone(), &digest).await).await.unwrap();
+        let out = stdout(b.clone(), &response(&done)).await;
+        assert!(
+            out.contains("worker-w1"),
+            "run {i} went to the draining replica's worker: {out}"
+        );
+    }
+}

@@ -1,0 +1,403 @@
+//! The Lua scripts that change the shared scheduler state. Each runs atomically in Redis, so
+//! two replicas never both claim an operation, a late result of a re-queued attempt is never
+//! taken for the new one (the `fence`), and a merge never joins a completed operation.
+//!
+//! Every script takes the key prefix as `ARGV[1]` and builds its keys from it (standalone
+//! and sentinel Redis; a cluster is refused at start). Time is Redis's own (`TIME`), so the
+//! replicas' clocks do not have to agree. Keys under prefix `P`:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `P op:ID` | hash | one operation (see [`super::OpFields`]) |
+//! | `P queue` | sorted set | queued operation ids, by priority then enqueue time |
+//! | `P leases` | sorted set | executing operation ids, by lease expiry (ms) |
+//! | `P action:KEY` | string | the live operation of a cacheable action (merging) |
+//! | `P ops` | sorted set | every operation id, all at score 0 so that they sort by name (ListOperations); pruned of expired ones as listing and reaping pass them |
+//! | `P prune` | string | where the last pruning pass of `ops` stopped |
+//! | `P watched:ID` | string | present while a client follows the live operation (expires `client_action_timeout_s` after the last follower's read) |
+//! | `P replicas` | set | replica ids that recorded their workers |
+//! | `P workers:REPLICA` | string | that replica's workers' properties (JSON), expiring 3 leases after its last record |
+//! | `P events` | channel | an operation id when its stage changes; `queue` when work was queued |
+
+/// `now` in milliseconds from Redis's clock.
+const NOW: &str = r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+";
+
+/// Ends an operation: the result or error fields, stage `completed`, out of the queue and
+/// the leases, the merge key freed, expiry set, watchers told.
+const FINISH: &str = r"
+local function finish(P, id, fields, retain_ms)
+  local k = P .. 'op:' .. id
+  redis.call('HSET', k, 'state', 'completed', 'done_ms', now_ms(), unpack(fields))
+  redis.call('HDEL', k, 'owner')
+  redis.call('ZREM', P .. 'queue', id)
+  redis.call('ZREM', P .. 'leases', id)
+  local key = redis.call('HGET', k, 'key')
+  if key and redis.call('GET', P .. 'action:' .. key) == id then
+    redis.call('DEL', P .. 'action:' .. key)
+  end
+  if retain_ms > 0 then
+    redis.call('PEXPIRE', k, retain_ms)
+  end
+  redis.call('DEL', P .. 'watched:' .. id)
+  redis.call('PUBLISH', P .. 'events', id)
+end
+";
+
+/// Puts an executing operation back in the queue, or past `max_job_retries` fails it.
+const REQUEUE_FN: &str = r"
+local function requeue(P, id, reason, max_retries, retain_ms)
+  local k = P .. 'op:' .. id
+  local retries = redis.pcall('HINCRBY', k, 'retries', 1)
+  if type(retries) ~= 'number' then
+    -- Not a number (written by something else): counted as out of retries.
+    retries = max_retries + 1
+    redis.call('HSET', k, 'retries', retries)
+  end
+  if retries > max_retries then
+    finish(P, id, {'err_code', 14, 'err_msg', reason .. ' (attempt ' .. retries ..
+      '; giving up after ' .. max_retries .. ' retries, max_job_retries)'}, retain_ms)
+    return 2
+  end
+  redis.call('HSET', k, 'state', 'queued', 'last_error', reason, 'queued_ms', now_ms())
+  redis.call('HDEL', k, 'owner', 'worker')
+  redis.call('ZREM', P .. 'leases', id)
+  -- A score that is not a number (written by something else) queues it first, rather than
+  -- failing the script and with it every re-queue of the pass.
+  redis.call('ZADD', P .. 'queue', tonumber(redis.call('HGET', k, 'score')) or 0, id)
+  redis.call('PUBLISH', P .. 'events', id)
+  redis.call('PUBLISH', P .. 'events', 'queue')
+  return 1
+end
+";
+
+/// ARGV: prefix, id, action key, cacheable ('1'/'0'), score, watch ms, then field/value pairs.
+/// Returns the id of the operation the client follows: a live one of the same cacheable
+/// action (merged; moved up the queue when this request is more urgent), or `id`.
+const SUBMIT: &str = r"
+local P, id, key, cacheable, score, watch = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5], ARGV[6]
+if cacheable then
+  local live = redis.call('GET', P .. 'action:' .. key)
+  if live then
+    local state = redis.call('HGET', P .. 'op:' .. live, 'state')
+    if state == 'queued' or state == 'executing' then
+      if state == 'queued' then
+        redis.call('ZADD', P .. 'queue', 'XX', 'LT', score, live)
+      end
+      redis.call('SET', P .. 'watched:' .. live, '1', 'PX', watch)
+      return live
+    end
+  end
+end
+local k = P .. 'op:' .. id
+redis.call('HSET', k, 'state', 'queued', 'retries', 0, 'fence', 0, 'key', key, 'score', score,
+  'created_ms', now_ms(), 'queued_ms', now_ms(), unpack(ARGV, 7))
+redis.call('SET', P .. 'watched:' .. id, '1', 'PX', watch)
+redis.call('ZADD', P .. 'queue', score, id)
+redis.call('ZADD', P .. 'ops', 0, id)
+if cacheable then
+  redis.call('SET', P .. 'action:' .. key, id)
+end
+redis.call('PUBLISH', P .. 'events', 'queue')
+return id
+";
+
+/// ARGV: prefix, count. The first `count` queued ids with their platform (JSON), flat.
+const PEEK: &str = r"
+local P, n = ARGV[1], tonumber(ARGV[2])
+local ids = redis.call('ZRANGE', P .. 'queue', 0, n - 1)
+local out = {}
+for _, id in ipairs(ids) do
+  local platform = redis.call('HGET', P .. 'op:' .. id, 'platform')
+  if platform then
+    out[#out + 1] = id
+    out[#out + 1] = platform
+  else
+    redis.call('ZREM', P .. 'queue', id)
+  end
+end
+return out
+";
+
+/// ARGV: prefix, id, replica, lease ms, then field names. Claims a queued operation for this
+/// replica: returns its new fence followed by the fields' values, or an empty list when
+/// another replica took it first (or it ended).
+const CLAIM: &str = r"
+local P, id, replica, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local k = P .. 'op:' .. id
+if redis.call('HGET', k, 'state') ~= 'queued' then
+  redis.call('ZREM', P .. 'queue', id)
+  return {}
+end
+local fence = redis.pcall('HINCRBY', k, 'fence', 1)
+if type(fence) ~= 'number' then
+  -- Not a number (written by something else): start the count again.
+  fence = 1
+  redis.call('HSET', k, 'fence', fence)
+end
+redis.call('HSET', k, 'state', 'executing', 'owner', replica, 'started_ms', now_ms())
+redis.call('ZREM', P .. 'queue', id)
+redis.call('ZADD', P .. 'leases', now_ms() + lease, id)
+redis.call('PUBLISH', P .. 'events', id)
+local out = {tostring(fence)}
+for i = 5, #ARGV do
+  out[#out + 1] = redis.call('HGET', k, ARGV[i]) or false
+end
+return out
+";
+
+/// ARGV: prefix, replica, lease ms, then id/fence pairs. Extends the leases this replica
+/// still holds; returns the ids it no longer holds (re-queued, cancelled, completed).
+const RENEW: &str = r"
+local P, replica, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local lost = {}
+local until_ms = now_ms() + lease
+for i = 4, #ARGV, 2 do
+  local id, fence = ARGV[i], ARGV[i + 1]
+  local v = redis.call('HMGET', P .. 'op:' .. id, 'state', 'owner', 'fence')
+  if v[1] == 'executing' and v[2] == replica and v[3] == fence then
+    redis.call('ZADD', P .. 'leases', 'XX', until_ms, id)
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
+";
+
+/// ARGV: prefix, id, fence ('' for any live state, `queued` only while queued), retain ms,
+/// then result field/value pairs.
+/// Returns 1 when this ended the operation, 0 when it was no longer this attempt's (or had
+/// ended), -1 when it does not exist.
+const COMPLETE: &str = r"
+local P, id, fence, retain = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local v = redis.call('HMGET', P .. 'op:' .. id, 'state', 'fence')
+if not v[1] then
+  return -1
+end
+if v[1] == 'completed' then
+  return 0
+end
+if fence == 'queued' then
+  if v[1] ~= 'queued' then
+    return 0
+  end
+elseif fence ~= '' and (v[1] ~= 'executing' or v[2] ~= fence) then
+  return 0
+end
+local fields = {}
+for i = 5, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+finish(P, id, fields, retain)
+return 1
+";
+
+/// ARGV: prefix, id, fence, reason, max retries, retain ms. The owner hands an operation
+/// back (its attempt failed: worker lost, timed out, errored). 1 re-queued, 2 failed past
+/// `max_job_retries`, 0 not this attempt's any more.
+const REQUEUE: &str = r"
+local P, id, fence = ARGV[1], ARGV[2], ARGV[3]
+local v = redis.call('HMGET', P .. 'op:' .. id, 'state', 'fence')
+if v[1] ~= 'executing' or v[2] ~= fence then
+  return 0
+end
+return requeue(P, id, ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
+";
+
+/// ARGV: prefix, max retries, retain ms. Re-queues (or fails) every executing operation whose
+/// lease has expired: its replica died, or lost Redis. Then passes over the next 500 entries
+/// of the `ops` index (from where the last pass stopped): drops those that have expired, and
+/// ends CANCELLED the live ones that no client follows any more (`watched:` expired).
+/// Returns how many it re-queued.
+const REAP: &str = r"
+local P, max_retries, retain = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, 100)
+for _, id in ipairs(ids) do
+  local k = P .. 'op:' .. id
+  local v = redis.call('HMGET', k, 'state', 'owner')
+  if v[1] == 'executing' then
+    requeue(P, id, 'its scheduler replica ' .. (v[2] or '?') ..
+      ' stopped renewing its lease (the replica died or lost Redis)', max_retries, retain)
+  else
+    redis.call('ZREM', P .. 'leases', id)
+  end
+end
+local cursor = redis.call('GET', P .. 'prune') or ''
+local from = '-'
+if cursor ~= '' then from = '(' .. cursor end
+local seen = redis.call('ZRANGE', P .. 'ops', from, '+', 'BYLEX', 'LIMIT', 0, 500)
+for _, id in ipairs(seen) do
+  local state = redis.call('HGET', P .. 'op:' .. id, 'state')
+  if not state then
+    redis.call('ZREM', P .. 'ops', id)
+  elseif state ~= 'completed' and redis.call('EXISTS', P .. 'watched:' .. id) == 0 then
+    finish(P, id, {'err_code', 1, 'err_msg', 'no client followed the operation for ' ..
+      'client_action_timeout_s: it was dropped'}, retain)
+  end
+end
+if #seen < 500 then
+  redis.call('SET', P .. 'prune', '')
+else
+  redis.call('SET', P .. 'prune', seen[#seen])
+end
+return #ids
+";
+
+/// ARGV: prefix, id, watch ms, then field names. A follower's read: the fields, and, while the
+/// operation lives, its `watched:` mark renewed.
+const WATCH: &str = r"
+local P, id, watch = ARGV[1], ARGV[2], ARGV[3]
+local fields = {}
+for i = 4, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+local v = redis.call('HMGET', P .. 'op:' .. id, unpack(fields))
+if v[1] == 'queued' or v[1] == 'executing' then
+  redis.call('SET', P .. 'watched:' .. id, '1', 'PX', watch)
+end
+return v
+";
+
+/// ARGV: prefix, after (exclusive, '' for the start), count. Ids of existing operations in
+/// name order after `after`; ids whose hash expired are dropped from the index on the way
+/// (at most ten index pages are read per call).
+const LIST: &str = r"
+local P, after, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+local from = '-'
+if after ~= '' then from = '(' .. after end
+for round = 1, 10 do
+  local ids = redis.call('ZRANGE', P .. 'ops', from, '+', 'BYLEX', 'LIMIT', 0, n)
+  if #ids == 0 then
+    break
+  end
+  for _, id in ipairs(ids) do
+    if redis.call('EXISTS', P .. 'op:' .. id) == 1 then
+      out[#out + 1] = id
+      if #out >= n then
+        return out
+      end
+    else
+      redis.call('ZREM', P .. 'ops', id)
+    end
+  end
+  from = '(' .. ids[#ids]
+end
+return out
+";
+
+/// ARGV: prefix, grace ms, count. The first `count` queued operations that have waited at
+/// least `grace` since they were (last) queued: id, platform, flat.
+const WAITING: &str = r"
+local P, grace, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local ids = redis.call('ZRANGE', P .. 'queue', 0, n - 1)
+local out = {}
+local now = now_ms()
+for _, id in ipairs(ids) do
+  local v = redis.call('HMGET', P .. 'op:' .. id, 'queued_ms', 'platform')
+  local since = tonumber(v[1])
+  if since and v[2] and now - since >= grace then
+    out[#out + 1] = id
+    out[#out + 1] = v[2]
+  end
+end
+return out
+";
+
+/// ARGV: prefix, replica, ttl ms, workers (JSON). Records this replica's workers (each a list
+/// of its properties) until `ttl`; returns every live replica's record.
+const WORKERS: &str = r"
+local P, replica, ttl, workers = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+redis.call('SET', P .. 'workers:' .. replica, workers, 'PX', ttl)
+redis.call('SADD', P .. 'replicas', replica)
+local out = {}
+for _, r in ipairs(redis.call('SMEMBERS', P .. 'replicas')) do
+  local w = redis.call('GET', P .. 'workers:' .. r)
+  if w then
+    out[#out + 1] = w
+  else
+    redis.call('SREM', P .. 'replicas', r)
+  end
+end
+return out
+";
+
+fn with_helpers(body: &str) -> String {
+    format!("{NOW}{FINISH}{REQUEUE_FN}{body}")
+}
+
+/// One script: its text and SHA-1, run with EVALSHA and, when Redis does not have it yet (a
+/// restart, a failover), with EVAL, which also loads it.
+pub struct Lua {
+    sha: String,
+    text: String,
+}
+
+impl Lua {
+    fn new(body: &str) -> Lua {
+        let text = with_helpers(body);
+        Lua {
+            sha: cairn_core::DigestFunction::Sha1
+                .digest_of(text.as_bytes())
+                .hash_hex(),
+            text,
+        }
+    }
+
+    /// Runs the script with `args` (no keys: every key is built from the prefix).
+    pub async fn run<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut Conn,
+        args: &[Vec<u8>],
+    ) -> Result<T, redis::RedisError> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha).arg(0).arg(args);
+        match cmd.query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(&self.text).arg(0).arg(args);
+                cmd.query_async(conn).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// Every script of the shared state.
+pub struct Scripts {
+    pub submit: Lua,
+    pub peek: Lua,
+    pub claim: Lua,
+    pub renew: Lua,
+    pub complete: Lua,
+    pub requeue: Lua,
+    pub reap: Lua,
+    pub list: Lua,
+    pub waiting: Lua,
+    pub workers: Lua,
+    pub watch: Lua,
+}
+
+use cairn_store::redis_store::{redis, Conn};
+
+impl Scripts {
+    pub fn new() -> Scripts {
+        Scripts {
+            submit: Lua::new(SUBMIT),
+            peek: Lua::new(PEEK),
+            claim: Lua::new(CLAIM),
+            renew: Lua::new(RENEW),
+            complete: Lua::new(COMPLETE),
+            requeue: Lua::new(REQUEUE),
+            reap: Lua::new(REAP),
+            list: Lua::new(LIST),
+            waiting: Lua::new(WAITING),
+            workers: Lua::new(WORKERS),
+            watch: Lua::new(WATCH),
+        }
+    }
+}
