@@ -15,6 +15,18 @@ use cairn_config::servers::ClientTlsConfig;
 use cairn_core::Error;
 use tonic::transport::{Certificate, Channel, Endpoint, Identity};
 
+/// A status from a call to another server, with CANCELLED read as UNAVAILABLE: our own side
+/// never cancels a call it still awaits (a caller that gives up drops the future), so a
+/// CANCELLED status means the connection ended under the call (the server died or reset it),
+/// which is worth a retry and is reported as the server being unavailable.
+pub fn connection_status(s: tonic::Status) -> tonic::Status {
+    if s.code() == tonic::Code::Cancelled {
+        tonic::Status::unavailable(format!("{} (the connection ended)", s.message()))
+    } else {
+        s
+    }
+}
+
 /// How often a [`Pool`] looks at its TLS files.
 pub const TLS_RECHECK: Duration = Duration::from_secs(5);
 

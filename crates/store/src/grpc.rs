@@ -285,7 +285,8 @@ impl GrpcStore {
     }
 
     fn upstream(&self, e: tonic::Status) -> Error {
-        Error::from(e).context(format!("upstream {}", self.addresses.join(",")))
+        Error::from(crate::channel::connection_status(e))
+            .context(format!("upstream {}", self.addresses.join(",")))
     }
 
     /// A slot of `max_concurrent_requests`, held for the call (and a read's stream).
@@ -304,7 +305,7 @@ impl GrpcStore {
     {
         let mut attempt = 0;
         loop {
-            match call().await {
+            match call().await.map_err(crate::channel::connection_status) {
                 Err(e) if self.retry.retries(attempt, e.code()) => {
                     tracing::debug!(upstream = %self.addresses.join(","), code = ?e.code(), attempt, "retrying");
                     tokio::time::sleep(self.retry.backoff(attempt)).await;

@@ -98,6 +98,7 @@ impl RemoteScheduler {
 
     /// The remote's status, said as this scheduler's: the code stays, the message names where.
     fn upstream(&self, s: Status) -> Status {
+        let s = cairn_store::channel::connection_status(s);
         let code = s.code();
         let what = if code == tonic::Code::Unavailable {
             "cannot be reached"
@@ -123,7 +124,10 @@ impl RemoteScheduler {
     {
         let mut attempt = 0;
         loop {
-            match call(self.channel()).await {
+            match call(self.channel())
+                .await
+                .map_err(cairn_store::channel::connection_status)
+            {
                 Err(e) if self.retry.retries(attempt, e.code()) => {
                     tracing::debug!(scheduler = %self.name, upstream = %self.address, code = ?e.code(), attempt, "retrying a forwarded call");
                     tokio::time::sleep(self.retry.backoff(attempt)).await;
