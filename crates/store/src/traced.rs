@@ -58,6 +58,11 @@ impl Store for TracedStore {
     async fn health(&self) -> Health {
         self.inner.health().await
     }
+
+    /// The wrapped store's own: the span is invisible to a user of a kind's API.
+    fn as_any(&self) -> Option<&(dyn std::any::Any + Send + Sync)> {
+        self.inner.as_any()
+    }
 }
 
 #[cfg(test)]
@@ -74,5 +79,6 @@ mod tests {
         assert_eq!(inner.get_all(&d, 10).await.unwrap(), "x");
         assert_eq!(s.has(&d).await.unwrap(), Some(1));
         assert_eq!(s.info().kind, "memory");
+        assert!(s.as_any().is_none());
     }
 }
