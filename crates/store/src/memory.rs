@@ -157,6 +157,7 @@ impl Store for MemoryStore {
             size_bytes: Some(self.map.total_bytes()),
             entries: Some(self.map.len()),
             evictions: Some(self.map.evictions()),
+            index: None,
             children: vec![],
         }
     }
