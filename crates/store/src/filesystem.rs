@@ -101,14 +101,14 @@ impl FilesystemStore {
                 .await
                 .map_err(|e| Error::internal(format!("filesystem start-up task failed: {e}")))??
         };
-        // The checkpoint of the previous run is read (above) before this one replaces it.
-        let flusher = checkpoint::Flusher::start(&content).await?;
         let blobs = Arc::new(load::Blobs::new(
-            content,
+            content.clone(),
             Index::new(Some(&policy)),
             suspect_after,
             opened,
         ));
+        // The checkpoint of the previous run is read (above) before this one replaces it.
+        let flusher = checkpoint::Flusher::start(&content, blobs.checked()).await?;
         load::start(&blobs)?;
         let weak = Arc::downgrade(&blobs);
         tokio::spawn(async move {
@@ -672,7 +672,13 @@ mod tests {
             assert_eq!(store.has(d).await.unwrap(), None, "{d}");
             assert!(!content.join(d.file_name()).exists(), "{d}");
         }
-        // And the store wrote a checkpoint of this boot.
+        // And the store wrote a checkpoint of this boot, once it had checked them.
+        store
+            .flusher
+            .checkpoints()
+            .wait_for(|t| *t > std::time::UNIX_EPOCH)
+            .await
+            .unwrap();
         assert_eq!(
             checkpoint::Checkpoint::read(&content).unwrap().boot_id,
             checkpoint::boot_id()

@@ -51,6 +51,9 @@ pub(crate) struct Blobs {
     snapshot_lock: parking_lot::Mutex<()>,
     /// True once the index is loaded.
     loaded: tokio::sync::watch::Sender<bool>,
+    /// True once every file that may be torn was checked: the flusher may then write this
+    /// run's checkpoints.
+    checked: tokio::sync::watch::Sender<bool>,
 }
 
 impl Blobs {
@@ -73,6 +76,7 @@ impl Blobs {
             dirty: AtomicBool::new(false),
             snapshot_lock: parking_lot::Mutex::new(()),
             loaded: tokio::sync::watch::Sender::new(false),
+            checked: tokio::sync::watch::Sender::new(suspect_after.is_none()),
         }
     }
 
@@ -105,6 +109,11 @@ impl Blobs {
     pub async fn wait_loaded(&self) {
         let mut rx = self.loaded.subscribe();
         let _ = rx.wait_for(|&l| l).await;
+    }
+
+    /// Becomes true once the files that may be torn were checked.
+    pub fn checked(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.checked.subscribe()
     }
 
     pub fn changed(&self) {
@@ -217,6 +226,7 @@ impl Blobs {
                 return;
             }
         };
+        self.checked.send_replace(true);
         let dropped = self.index.sweep_unseen();
         self.phase.store(PHASE_READY, Ordering::Release);
         self.loaded.send_replace(true);
