@@ -30,6 +30,41 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use crate::{check_range, Health, Store, StoreInfo};
 use index::Index;
 
+/// The index and its snapshot without a store around them, for `cairn bench fs-index`.
+#[doc(hidden)]
+pub mod bench {
+    use std::path::Path;
+
+    use cairn_core::Error;
+
+    pub use super::index::{End, Index};
+
+    /// Writes `index` as the snapshot in `dir`; the entries written.
+    pub fn write_snapshot(dir: &Path, index: &Index) -> Result<u64, Error> {
+        super::snapshot::write(dir, index)
+    }
+
+    /// Reads the snapshot in `dir` into `index`; the entries read.
+    pub fn load_snapshot(dir: &Path, index: &Index) -> Result<u64, String> {
+        let mut reader = super::snapshot::Reader::open(dir)
+            .map_err(|t| t.0)?
+            .ok_or("no snapshot")?;
+        index.reserve(reader.expected().min(1 << 26) as usize);
+        let mut block = Vec::new();
+        let mut n = 0;
+        while reader.next_block(&mut block).map_err(|t| t.0)? {
+            for (key, len) in &block {
+                index.insert_at(key, *len, End::Cold, false);
+            }
+            n += block.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// The snapshot's file name in a content directory.
+    pub const SNAPSHOT_FILE: &str = super::snapshot::FILE_NAME;
+}
+
 /// Blobs up to this size are written by one blocking task (create, write, rename)
 /// instead of one trip to the blocking pool per step: action-cache entries and most CAS blobs
 /// are small, and a client waits on each of those writes (an Execute's answer waits on its
@@ -682,6 +717,56 @@ mod tests {
         assert_eq!(
             checkpoint::Checkpoint::read(&content).unwrap().boot_id,
             checkpoint::boot_id()
+        );
+    }
+
+    /// `max_bytes` lowered below what the directory holds: the backlog is evicted by the
+    /// loader, oldest first, while the store serves; with a snapshot, in its LRU order.
+    #[tokio::test]
+    async fn a_backlog_over_a_lowered_max_bytes_is_evicted_oldest_first_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = dir.path().join("cas");
+        std::fs::create_dir_all(&content).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let blobs: Vec<(Digest, Bytes)> = (0..50u32)
+            .map(|i| {
+                let data = testutil::data(1000, i as u8);
+                (DigestFunction::Sha256.compute(&data), data)
+            })
+            .collect();
+        for (i, (d, data)) in blobs.iter().enumerate() {
+            let path = content.join(d.file_name());
+            std::fs::write(&path, data).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(old + std::time::Duration::from_secs(i as u64))
+                .unwrap();
+        }
+        let store = FilesystemStore::open(&cfg(dir.path(), 20_000))
+            .await
+            .unwrap();
+        // Served at once, whatever the load has done so far.
+        let (newest, data) = &blobs[49];
+        assert_eq!(store.get_all(newest, 2000).await.unwrap(), *data);
+        store.wait_loaded().await;
+        assert!(store.blobs.index.total_bytes() <= 20_000);
+        for (i, (d, _)) in blobs.iter().enumerate() {
+            let kept = store.has(d).await.unwrap().is_some();
+            assert_eq!(kept, i >= 30, "blob {i}");
+            assert_eq!(content.join(d.file_name()).exists(), kept, "blob {i}");
+        }
+        // Blob 31 used last: the coldest after the restart is 30, then 32...
+        store.has(&blobs[31].0).await.unwrap();
+        drop(store);
+        let store = FilesystemStore::open(&cfg(dir.path(), 15_000))
+            .await
+            .unwrap();
+        store.wait_loaded().await;
+        let kept: Vec<usize> = (0..50)
+            .filter(|&i| content.join(blobs[i].0.file_name()).exists())
+            .collect();
+        assert_eq!(
+            kept,
+            [31, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
         );
     }
 

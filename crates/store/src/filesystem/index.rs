@@ -110,7 +110,7 @@ struct Inner {
 }
 
 /// An LRU index from digest to stored length, bounded by an eviction policy.
-pub(crate) struct Index {
+pub struct Index {
     inner: Mutex<Inner>,
     /// Hashes (function, hash, size) with a per-process key, so that chosen digests cannot
     /// pile up in one bucket chain.
@@ -203,11 +203,14 @@ impl Inner {
 
 /// Where an entry goes when inserted.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum End {
+pub enum End {
     /// Just used: a put, a blob found on disk by a request.
     Hot,
-    /// Older than everything indexed: a snapshot's entries (hottest first), the walk's.
+    /// Older than everything indexed: a snapshot's entries (hottest first).
     Cold,
+    /// At the cold end without evicting: a walk's entries, whose order is known only when the
+    /// walk is over ([`Index::move_to_cold_end`], then [`Index::evict_over_limit`]).
+    Unordered,
 }
 
 impl Index {
@@ -344,7 +347,7 @@ impl Index {
         let mut evicted = Vec::new();
         let mut inner = self.inner.lock();
         if let Some(slot) = self.find(&inner, &k) {
-            if end == End::Cold {
+            if end != End::Hot {
                 if seen {
                     inner.slots[slot as usize].flags |= SEEN;
                 }
@@ -398,11 +401,13 @@ impl Index {
         }
         match end {
             End::Hot => inner.push_head(slot),
-            End::Cold => inner.push_tail(slot),
+            End::Cold | End::Unordered => inner.push_tail(slot),
         }
         inner.len += 1;
         inner.total_bytes += len;
-        self.evict_locked(&mut inner, now, slot, &mut evicted);
+        if end != End::Unordered {
+            self.evict_locked(&mut inner, now, slot, &mut evicted);
+        }
         let kept = inner.slots[slot as usize].function != FREE;
         (kept.then_some(slot), evicted)
     }
@@ -448,6 +453,16 @@ impl Index {
                 break;
             }
         }
+    }
+
+    /// Evicts from the cold end while a limit is crossed (a backlog left by unordered inserts
+    /// or by a lowered `max_bytes`); returns what was evicted.
+    pub fn evict_over_limit(&self) -> Vec<Digest> {
+        let now = self.now_s();
+        let mut evicted = Vec::new();
+        let mut inner = self.inner.lock();
+        self.evict_locked(&mut inner, now, NIL, &mut evicted);
+        evicted
     }
 
     /// Drops an entry; false when absent.
@@ -522,6 +537,10 @@ impl Index {
 
     pub fn len(&self) -> u64 {
         self.inner.lock().len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -651,6 +670,20 @@ mod tests {
         assert_eq!(m.sweep_unseen(), 2);
         assert_eq!(m.len(), 2);
         assert_eq!(m.total_bytes(), 20);
+
+        // Unordered inserts overshoot until the walk is ordered, then the oldest go.
+        let m = Index::new(Some(&policy(100, 0, 0)));
+        let mut listed = Vec::new();
+        for i in 0..5 {
+            let (slot, evicted) = m.insert_at(&d(i), 40, End::Unordered, true);
+            assert!(evicted.is_empty());
+            listed.push((slot.unwrap(), fingerprint(&d(i))));
+        }
+        assert_eq!(m.total_bytes(), 200);
+        listed.reverse(); // d(4) newest ... d(0) oldest
+        m.move_to_cold_end(&listed);
+        assert_eq!(m.evict_over_limit(), vec![d(0), d(1), d(2)]);
+        assert_eq!(m.total_bytes(), 80);
     }
 
     #[test]

@@ -332,7 +332,11 @@ impl Blobs {
             if self.index.mark_seen(&key) {
                 continue;
             }
-            let end = if from_snapshot { End::Hot } else { End::Cold };
+            let end = if from_snapshot {
+                End::Hot
+            } else {
+                End::Unordered
+            };
             let (slot, evicted) = self.index.insert_at(&key, meta.len(), end, true);
             self.remove_files(&evicted);
             added += 1;
@@ -348,6 +352,16 @@ impl Blobs {
             let order: Vec<(u32, u32)> = ages.into_iter().map(|(_, s, f)| (s, f)).collect();
             self.index.move_to_cold_end(&order);
         }
+        // What is over the limit now (a lowered `max_bytes`, or a walk's unordered entries)
+        // goes, oldest first, while the store serves.
+        let evicted = self.index.evict_over_limit();
+        if !evicted.is_empty() {
+            tracing::info!(
+                entries = evicted.len(),
+                "filesystem store: evicting what is over the limit after the load"
+            );
+        }
+        self.remove_files(&evicted);
         Ok(Some((added, checked)))
     }
 }
