@@ -197,6 +197,7 @@ impl FilesystemStore {
     /// The stored length of `key`: from the index, or while the index loads from the disk.
     async fn lookup(&self, key: &Digest) -> Result<Option<u64>, Error> {
         if let Some(len) = self.blobs.index.get(key) {
+            self.blobs.changed();
             return Ok(Some(len));
         }
         if self.blobs.ready() {
@@ -321,6 +322,9 @@ impl Store for FilesystemStore {
     #[tracing::instrument(level = "debug", name = "store.has", skip_all, fields(store = "filesystem", keys = keys.len()))]
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
         let mut sizes: Vec<Option<u64>> = keys.iter().map(|k| self.blobs.index.get(k)).collect();
+        if sizes.iter().any(Option::is_some) {
+            self.blobs.changed();
+        }
         if self.blobs.ready() || sizes.iter().all(Option::is_some) {
             return Ok(sizes);
         }

@@ -116,8 +116,12 @@ impl Blobs {
         self.checked.subscribe()
     }
 
+    /// Notes a change of the index (an entry added, removed or used: the LRU order is part of
+    /// the snapshot). A load first, so that lookups do not all write one cache line.
     pub fn changed(&self) {
-        self.dirty.store(true, Ordering::Relaxed);
+        if !self.dirty.load(Ordering::Relaxed) {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
     }
 
     pub fn stop(&self) {
