@@ -152,15 +152,29 @@ async fn status(State(s): State<HttpState>) -> impl IntoResponse {
                 Ok(h) => h,
                 Err(_) => Health::Failed(format!("health check took longer than {timeout:?}")),
             };
-            (name.clone(), store.info().kind, health)
+            (name.clone(), store.info(), health)
         }
     });
     let results = futures::future::join_all(checks).await;
     let healthy = results.iter().all(|(_, _, h)| *h == Health::Ok);
     let mut components = serde_json::Map::new();
-    for (name, kind, health) in results {
+    for (name, info, health) in results {
         let mut c = serde_json::Map::new();
-        c.insert("kind".into(), kind.into());
+        c.insert("kind".into(), info.kind.into());
+        // A store that serves while its index loads says how far the load is.
+        if let Some(index) = info.index_state() {
+            let mut i = serde_json::Map::new();
+            i.insert(
+                "state".into(),
+                if index.loading { "loading" } else { "loaded" }.into(),
+            );
+            i.insert("phase".into(), index.phase.into());
+            i.insert("entries".into(), index.entries.into());
+            if let Some(n) = index.expected.filter(|_| index.loading) {
+                i.insert("expected_entries".into(), n.into());
+            }
+            c.insert("index".into(), i.into());
+        }
         match health {
             Health::Ok => {
                 c.insert("status".into(), "ok".into());
@@ -203,6 +217,16 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
             .store_entries
             .get_or_create(&labels)
             .set(total_entries(&info) as i64);
+        if let Some(index) = info.index_state() {
+            s.metrics
+                .store_index_loading
+                .get_or_create(&labels)
+                .set(index.loading as i64);
+            s.metrics
+                .store_index_loaded_entries
+                .get_or_create(&labels)
+                .set(index.entries as i64);
+        }
         s.metrics
             .cache_size
             .get_or_create(&crate::metrics::CacheTypeLabels {

@@ -153,6 +153,10 @@ pub struct Metrics {
     pub request_duration: HistogramFamily<RpcLabels>,
     pub store_size_bytes: Family<StoreLabels, Gauge>,
     pub store_entries: Family<StoreLabels, Gauge>,
+    /// 1 while a store's start-up index load (filesystem) is in progress.
+    pub store_index_loading: Family<StoreLabels, Gauge>,
+    /// Entries that load has indexed so far.
+    pub store_index_loaded_entries: Family<StoreLabels, Gauge>,
     pub scheduler_queue_length: Family<SchedulerLabels, Gauge>,
     pub queue_length: Family<SchedulerLabels, Gauge>,
     pub worker_active_count: Family<SchedulerLabels, Gauge>,
@@ -200,6 +204,8 @@ impl Metrics {
             request_duration: hist(),
             store_size_bytes: Default::default(),
             store_entries: Default::default(),
+            store_index_loading: Default::default(),
+            store_index_loaded_entries: Default::default(),
             scheduler_queue_length: Default::default(),
             queue_length: Default::default(),
             worker_active_count: Default::default(),
@@ -250,6 +256,16 @@ impl Metrics {
             "store_entries",
             "Entries held by each top-level store (sum of its leaf stores)",
             m.store_entries.clone(),
+        );
+        r.register(
+            "store_index_loading",
+            "1 while the index of a store (filesystem) loads at start-up; lookups of blobs not yet indexed check the disk meanwhile",
+            m.store_index_loading.clone(),
+        );
+        r.register(
+            "store_index_loaded_entries",
+            "Entries the start-up index load of a store (filesystem) has indexed so far",
+            m.store_index_loaded_entries.clone(),
         );
         r.register(
             "scheduler_queue_length",

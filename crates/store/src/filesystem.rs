@@ -11,7 +11,10 @@
 //! descriptor is open).
 
 mod checkpoint;
+mod index;
+mod load;
 mod page_cache;
+mod snapshot;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -24,8 +27,43 @@ use cairn_core::{BlobStream, Digest, Error, CHUNK_SIZE};
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use crate::eviction::EvictionMap;
 use crate::{check_range, Health, ReadCounter, Store, StoreInfo};
+use index::Index;
+
+/// The index and its snapshot without a store around them, for `cairn bench fs-index`.
+#[doc(hidden)]
+pub mod bench {
+    use std::path::Path;
+
+    use cairn_core::Error;
+
+    pub use super::index::{End, Index};
+
+    /// Writes `index` as the snapshot in `dir`; the entries written.
+    pub fn write_snapshot(dir: &Path, index: &Index) -> Result<u64, Error> {
+        super::snapshot::write(dir, index)
+    }
+
+    /// Reads the snapshot in `dir` into `index`; the entries read.
+    pub fn load_snapshot(dir: &Path, index: &Index) -> Result<u64, String> {
+        let mut reader = super::snapshot::Reader::open(dir)
+            .map_err(|t| t.0)?
+            .ok_or("no snapshot")?;
+        index.reserve(reader.expected().min(1 << 26) as usize);
+        let mut block = Vec::new();
+        let mut n = 0;
+        while reader.next_block(&mut block).map_err(|t| t.0)? {
+            for (key, len) in &block {
+                index.insert_at(key, *len, End::Cold, false);
+            }
+            n += block.len() as u64;
+        }
+        Ok(n)
+    }
+
+    /// The snapshot's file name in a content directory.
+    pub const SNAPSHOT_FILE: &str = super::snapshot::FILE_NAME;
+}
 
 /// Blobs up to this size are written by one blocking task (create, write, rename)
 /// instead of one trip to the blocking pool per step: action-cache entries and most CAS blobs
@@ -58,19 +96,25 @@ async fn default_max_bytes(content: &Path) -> Result<u64, Error> {
 pub struct FilesystemStore {
     /// `max_concurrent_writes`: puts in progress at once.
     writes: Option<tokio::sync::Semaphore>,
-    content: PathBuf,
+    blobs: Arc<load::Blobs>,
     temp: PathBuf,
-    index: Arc<EvictionMap<()>>,
     read_buffer: usize,
     flusher: checkpoint::Flusher,
     /// `evict_page_cache`.
     evict_page_cache: bool,
+    /// Lookups and gets answered, for the web UI's cache page.
     reads: ReadCounter,
 }
 
+/// How often a loaded index that changed is written as a snapshot while the store runs (and
+/// once more when the store is dropped).
+const SNAPSHOT_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl FilesystemStore {
-    /// Creates the directories if needed, clears stale temp files and rebuilds the index.
+    /// Creates the directories if needed, clears stale temp files and starts loading the
+    /// index in the background: the store serves at once (see `load.rs`).
     pub async fn open(cfg: &FilesystemConfig) -> Result<FilesystemStore, Error> {
+        let opened = std::time::SystemTime::now();
         let content = PathBuf::from(&cfg.content_path);
         let temp = match &cfg.temp_path {
             Some(t) => PathBuf::from(t),
@@ -85,55 +129,109 @@ impl FilesystemStore {
                 "filesystem store without eviction_policy.max_bytes: bounded at 90% of its file system"
             );
         }
-        let index = Arc::new(EvictionMap::new(Some(&policy)));
         let read_buffer = cfg
             .read_buffer_size
             .map_or(CHUNK_SIZE, |s| (s.0 as usize).clamp(4096, 16 << 20));
-        let evicted = {
-            let (content, temp, index) = (content.clone(), temp.clone(), index.clone());
-            tokio::task::spawn_blocking(move || rebuild(&content, &temp, &index))
+        let suspect_after = {
+            let (content, temp) = (content.clone(), temp.clone());
+            tokio::task::spawn_blocking(move || prepare(&content, &temp))
                 .await
-                .map_err(|e| Error::internal(format!("index rebuild task failed: {e}")))??
+                .map_err(|e| Error::internal(format!("filesystem start-up task failed: {e}")))??
         };
-        let flusher = checkpoint::Flusher::start(&content).await?;
-        let store = FilesystemStore {
+        let blobs = Arc::new(load::Blobs::new(
+            content.clone(),
+            Index::new(Some(&policy)),
+            suspect_after,
+            opened,
+        ));
+        // The checkpoint of the previous run is read (above) before this one replaces it.
+        let flusher = checkpoint::Flusher::start(&content, blobs.checked()).await?;
+        load::start(&blobs)?;
+        let weak = Arc::downgrade(&blobs);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SNAPSHOT_EVERY);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let Some(blobs) = weak.upgrade() else { return };
+                let written = tokio::task::spawn_blocking(move || blobs.write_snapshot()).await;
+                if let Ok(Err(e)) = written {
+                    tracing::warn!(error = %e, "filesystem store: could not write the index snapshot");
+                }
+            }
+        });
+        Ok(FilesystemStore {
             writes: cfg
                 .max_concurrent_writes
                 .filter(|&n| n > 0)
                 .map(|n| tokio::sync::Semaphore::new(n.min(1 << 20) as usize)),
-            content,
+            blobs,
             temp,
-            index,
             read_buffer,
             flusher,
             evict_page_cache: cfg.evict_page_cache,
             reads: ReadCounter::default(),
-        };
-        for key in evicted {
-            let _ = tokio::fs::remove_file(store.path_of(&key)).await;
-        }
-        Ok(store)
+        })
     }
 
     fn path_of(&self, key: &Digest) -> PathBuf {
-        self.content.join(key.file_name())
+        self.blobs.path_of(key)
+    }
+
+    /// Where the index load is.
+    pub fn index_state(&self) -> crate::IndexState {
+        self.blobs.state()
+    }
+
+    /// Waits until the index holds everything on disk (the store serves before that).
+    pub async fn wait_loaded(&self) {
+        self.blobs.wait_loaded().await
+    }
+
+    /// Writes the index snapshot now if the index is loaded and changed since the last one;
+    /// the number of entries written.
+    pub async fn write_snapshot(&self) -> Result<Option<u64>, Error> {
+        let blobs = self.blobs.clone();
+        tokio::task::spawn_blocking(move || blobs.write_snapshot())
+            .await
+            .map_err(|e| Error::internal(format!("index snapshot task failed: {e}")))?
+    }
+
+    /// The stored length of `key`: from the index, or while the index loads from the disk.
+    async fn lookup(&self, key: &Digest) -> Result<Option<u64>, Error> {
+        if let Some(len) = self.blobs.index.get(key) {
+            self.blobs.changed();
+            return Ok(Some(len));
+        }
+        if self.blobs.ready() {
+            return Ok(None);
+        }
+        let (blobs, key) = (self.blobs.clone(), *key);
+        tokio::task::spawn_blocking(move || blobs.probe_disk(&key))
+            .await
+            .map_err(|e| Error::internal(format!("filesystem lookup task failed: {e}")))
     }
 
     /// The file holding `key` when the index has it (and marks it recently used), so that a
     /// worker can hardlink it. The file may be evicted right after: a caller that links or
     /// opens it must treat NotFound as "absent". Never write through this path.
     pub fn path_of_blob(&self, key: &Digest) -> Option<PathBuf> {
-        self.index.size_of(key).map(|_| self.path_of(key))
+        if self.blobs.index.get(key).is_some() {
+            return Some(self.path_of(key));
+        }
+        // While the index loads: a stat (and a hash of a suspect file after a reboot).
+        if self.blobs.ready() {
+            return None;
+        }
+        self.blobs.probe_disk(key).map(|_| self.path_of(key))
     }
 
-    async fn remove_evicted(&self, evicted: Vec<(Digest, ())>) {
-        for (key, ()) in evicted {
-            if let Err(e) = tokio::fs::remove_file(self.path_of(&key)).await {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(digest = %key, error = %e, "filesystem store: could not delete evicted blob");
-                }
-            }
+    async fn remove_evicted(&self, evicted: Vec<Digest>) {
+        if evicted.is_empty() {
+            return;
         }
+        let blobs = self.blobs.clone();
+        let _ = tokio::task::spawn_blocking(move || blobs.remove_files(&evicted)).await;
     }
 
     /// Writes `head`, then the rest of `body`, to `tmp`; returns the size.
@@ -151,10 +249,10 @@ impl FilesystemStore {
         while let Some(chunk) = chunks.next().await {
             let chunk = chunk?;
             size += chunk.len() as u64;
-            if size > self.index.max_bytes() {
+            if size > self.blobs.index.max_bytes() {
                 return Err(Error::resource_exhausted(format!(
                     "the blob is larger than this filesystem store's max_bytes ({} bytes)",
-                    self.index.max_bytes()
+                    self.blobs.index.max_bytes()
                 )));
             }
             file.write_all(&chunk)
@@ -191,10 +289,9 @@ fn write_small(tmp: &Path, dest: &Path, chunks: &[Bytes]) -> Result<(), Error> {
     written
 }
 
-/// Empties the temp directory and indexes complete blobs, oldest first; after a reboot, a blob
-/// written since the last checkpoint is indexed only if it hashes to its name (and deleted
-/// otherwise). Returns what the eviction policy already rules out.
-fn rebuild(content: &Path, temp: &Path, index: &EvictionMap<()>) -> Result<Vec<Digest>, Error> {
+/// Creates the directories and empties the temp directory (torn writes); returns since when
+/// files may be torn (after a reboot, from the checkpoint the previous run left).
+fn prepare(content: &Path, temp: &Path) -> Result<Option<std::time::SystemTime>, Error> {
     let suspect_after = checkpoint::suspect_after(
         checkpoint::Checkpoint::read(content).as_ref(),
         &checkpoint::boot_id(),
@@ -209,42 +306,52 @@ fn rebuild(content: &Path, temp: &Path, index: &EvictionMap<()>) -> Result<Vec<D
         let entry = entry.map_err(|e| Error::io(format!("reading {}", temp.display()), e))?;
         let _ = std::fs::remove_file(entry.path());
     }
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(content)
-        .map_err(|e| Error::io(format!("reading {}", content.display()), e))?
-    {
-        let entry = entry.map_err(|e| Error::io(format!("reading {}", content.display()), e))?;
-        let Some(key) = entry.file_name().to_str().and_then(Digest::from_file_name) else {
-            continue;
-        };
-        let Ok(meta) = entry.metadata() else { continue };
-        if !meta.is_file() {
-            continue;
+    Ok(suspect_after)
+}
+
+impl Drop for FilesystemStore {
+    /// Stops the loader and writes a last snapshot of a loaded index (blocking: the index of a
+    /// cleanly stopped store is read back at the next start instead of walking the directory).
+    fn drop(&mut self) {
+        self.blobs.stop();
+        if let Err(e) = self.blobs.write_snapshot() {
+            tracing::warn!(error = %e, "filesystem store: could not write the index snapshot");
         }
-        let mtime = meta.modified().ok();
-        if let Some(after) = suspect_after {
-            let recent = mtime.is_none_or(|t| t >= after);
-            if recent && !checkpoint::holds(&entry.path(), &key) {
-                tracing::warn!(
-                    digest = %key,
-                    path = %entry.path().display(),
-                    "filesystem store: dropping a blob written just before the machine restarted, whose bytes do not match its name"
-                );
-                let _ = std::fs::remove_file(entry.path());
-                continue;
-            }
-        }
-        found.push((mtime, key, meta.len()));
     }
-    found.sort_by_key(|(t, _, _)| *t);
-    let mut evicted = Vec::new();
-    for (_, key, len) in found {
-        evicted.extend(index.insert(key, (), len).into_iter().map(|(k, ())| k));
-    }
-    Ok(evicted)
 }
 
 impl FilesystemStore {
+    /// `has_many` without the read counting.
+    async fn lookup_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
+        let mut sizes: Vec<Option<u64>> = keys.iter().map(|k| self.blobs.index.get(k)).collect();
+        if sizes.iter().any(Option::is_some) {
+            self.blobs.changed();
+        }
+        if self.blobs.ready() || sizes.iter().all(Option::is_some) {
+            return Ok(sizes);
+        }
+        // While the index loads, the digests it lacks are looked up on disk, in one task.
+        let missing: Vec<(usize, Digest)> = sizes
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_none())
+            .map(|(i, _)| (i, keys[i]))
+            .collect();
+        let blobs = self.blobs.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            missing
+                .into_iter()
+                .map(|(i, k)| (i, blobs.probe_disk(&k)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Error::internal(format!("filesystem lookup task failed: {e}")))?;
+        for (i, size) in found {
+            sizes[i] = size;
+        }
+        Ok(sizes)
+    }
+
     /// `get` without the read counting.
     async fn read(
         &self,
@@ -253,23 +360,37 @@ impl FilesystemStore {
         length: Option<u64>,
     ) -> Result<BlobStream, Error> {
         let not_found = || Error::not_found(format!("{key} is not in the filesystem store"));
-        if self.index.size_of(key).is_none() {
+        let Some(indexed_len) = self.lookup(key).await? else {
             return Err(not_found());
-        }
+        };
         let path = self.path_of(key);
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.index.remove(key);
+                self.blobs.index.remove(key);
+                self.blobs.changed();
                 return Err(not_found());
             }
             Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
         };
-        let size = file
+        let meta = file
             .metadata()
             .await
-            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-            .len();
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        let size = meta.len();
+        if size != indexed_len {
+            // An entry rewritten since the snapshot that listed it.
+            self.blobs.index.set_len(key, size);
+        }
+        if !self.blobs.ready() {
+            let (blobs, k, mtime) = (self.blobs.clone(), *key, meta.modified().ok());
+            let whole = tokio::task::spawn_blocking(move || blobs.check_before_serving(&k, mtime))
+                .await
+                .map_err(|e| Error::internal(format!("filesystem check task failed: {e}")))?;
+            if !whole {
+                return Err(not_found());
+            }
+        }
         let (start, len) = check_range(key, size, offset, length)?;
         if start > 0 {
             file.seek(std::io::SeekFrom::Start(start))
@@ -298,14 +419,12 @@ impl FilesystemStore {
 
 #[async_trait]
 impl Store for FilesystemStore {
-    #[tracing::instrument(level = "debug", name = "store.has", skip_all, fields(store = "filesystem", keys = keys.len()))]
     async fn has_many(&self, keys: &[Digest]) -> Result<Vec<Option<u64>>, Error> {
-        let sizes: Vec<Option<u64>> = keys.iter().map(|k| self.index.size_of(k)).collect();
+        let sizes = self.lookup_many(keys).await?;
         self.reads.count_lookup(&sizes);
         Ok(sizes)
     }
 
-    #[tracing::instrument(level = "debug", name = "store.get", skip_all, fields(store = "filesystem", digest = %key, offset = offset, length = ?length))]
     async fn get(
         &self,
         key: &Digest,
@@ -317,7 +436,6 @@ impl Store for FilesystemStore {
         r
     }
 
-    #[tracing::instrument(level = "debug", name = "store.put", skip_all, fields(store = "filesystem", digest = %key, bytes = key.size()))]
     async fn put(&self, key: &Digest, mut body: BlobStream) -> Result<(), Error> {
         let _turn = match &self.writes {
             Some(s) => Some(
@@ -345,10 +463,10 @@ impl Store for FilesystemStore {
                 break;
             }
         }
-        if head_len as u64 > self.index.max_bytes() {
+        if head_len as u64 > self.blobs.index.max_bytes() {
             return Err(Error::resource_exhausted(format!(
                 "{key}: the blob is larger than this filesystem store's max_bytes ({} bytes)",
-                self.index.max_bytes()
+                self.blobs.index.max_bytes()
             )));
         }
         let size = if longer {
@@ -383,9 +501,8 @@ impl Store for FilesystemStore {
                 })??;
         }
         self.flusher.wrote();
-        let evicted = self.index.insert(*key, (), size);
-        // A replaced entry of the same key names the file we just renamed into place.
-        let evicted: Vec<_> = evicted.into_iter().filter(|(k, ())| k != key).collect();
+        let evicted = self.blobs.index.insert(key, size);
+        self.blobs.changed();
         self.remove_evicted(evicted).await;
         Ok(())
     }
@@ -393,20 +510,22 @@ impl Store for FilesystemStore {
     fn info(&self) -> StoreInfo {
         StoreInfo {
             kind: "filesystem",
-            size_bytes: Some(self.index.total_bytes()),
-            entries: Some(self.index.len()),
-            evictions: Some(self.index.evictions()),
+            size_bytes: Some(self.blobs.index.total_bytes()),
+            entries: Some(self.blobs.index.len()),
+            evictions: Some(self.blobs.index.evictions()),
             reads: Some(self.reads.snapshot()),
             detail: None,
+            index: Some(self.blobs.state()),
             children: vec![],
         }
     }
 
     async fn health(&self) -> Health {
-        match tokio::fs::metadata(&self.content).await {
+        let content = &self.blobs.content;
+        match tokio::fs::metadata(content).await {
             Ok(m) if m.is_dir() => Health::Ok,
-            Ok(_) => Health::Failed(format!("{} is not a directory", self.content.display())),
-            Err(e) => Health::Failed(format!("{}: {e}", self.content.display())),
+            Ok(_) => Health::Failed(format!("{} is not a directory", content.display())),
+            Err(e) => Health::Failed(format!("{}: {e}", content.display())),
         }
     }
 }
@@ -438,7 +557,7 @@ mod tests {
     async fn a_store_without_max_bytes_is_bounded_and_refuses_larger_blobs() {
         let dir = tempfile::tempdir().unwrap();
         let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
-        let bound = store.index.max_bytes();
+        let bound = store.blobs.index.max_bytes();
         assert!(bound > 0 && bound < u64::MAX, "{bound}");
 
         let store = FilesystemStore::open(&cfg(dir.path(), 1000)).await.unwrap();
@@ -524,7 +643,7 @@ mod tests {
         let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
         let mut checkpoints = store.flusher.checkpoints();
         let opened = *checkpoints.borrow_and_update();
-        let first = checkpoint::Checkpoint::read(&store.content).unwrap();
+        let first = checkpoint::Checkpoint::read(&store.blobs.content).unwrap();
         assert_eq!(first.time, opened);
         assert_eq!(first.boot_id, checkpoint::boot_id());
         let before_put = std::time::SystemTime::now();
@@ -534,7 +653,9 @@ mod tests {
         let flushed = *checkpoints.borrow();
         assert!(flushed >= before_put);
         assert_eq!(
-            checkpoint::Checkpoint::read(&store.content).unwrap().time,
+            checkpoint::Checkpoint::read(&store.blobs.content)
+                .unwrap()
+                .time,
             flushed
         );
     }
@@ -569,6 +690,15 @@ mod tests {
         // The torn one: its name made it to disk, its bytes did not (ext4 leaves zeros).
         std::fs::write(content.join(torn.file_name()), [0u8; 10]).unwrap();
         let checkpoint_time = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        // All but `old` were written after the checkpoint, before the machine went down.
+        for d in [&whole, &torn, &ac_entry] {
+            std::fs::File::options()
+                .write(true)
+                .open(content.join(d.file_name()))
+                .unwrap()
+                .set_modified(checkpoint_time + std::time::Duration::from_secs(30))
+                .unwrap();
+        }
         let old_file = std::fs::File::options()
             .write(true)
             .open(content.join(old.file_name()))
@@ -597,16 +727,73 @@ mod tests {
         // Another boot: what hashes to its name is kept, the rest is deleted.
         forge("an earlier boot");
         let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
+        store.wait_loaded().await;
         assert_eq!(store.get_all(&whole, 100).await.unwrap(), "whole blob");
         assert_eq!(store.get_all(&old, 100).await.unwrap(), "old blob");
         for d in [&torn, &ac_entry] {
             assert_eq!(store.has(d).await.unwrap(), None, "{d}");
             assert!(!content.join(d.file_name()).exists(), "{d}");
         }
-        // And the store wrote a checkpoint of this boot.
+        // And the store wrote a checkpoint of this boot, once it had checked them.
+        store
+            .flusher
+            .checkpoints()
+            .wait_for(|t| *t > std::time::UNIX_EPOCH)
+            .await
+            .unwrap();
         assert_eq!(
             checkpoint::Checkpoint::read(&content).unwrap().boot_id,
             checkpoint::boot_id()
+        );
+    }
+
+    /// `max_bytes` lowered below what the directory holds: the backlog is evicted by the
+    /// loader, oldest first, while the store serves; with a snapshot, in its LRU order.
+    #[tokio::test]
+    async fn a_backlog_over_a_lowered_max_bytes_is_evicted_oldest_first_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = dir.path().join("cas");
+        std::fs::create_dir_all(&content).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let blobs: Vec<(Digest, Bytes)> = (0..50u32)
+            .map(|i| {
+                let data = testutil::data(1000, i as u8);
+                (DigestFunction::Sha256.compute(&data), data)
+            })
+            .collect();
+        for (i, (d, data)) in blobs.iter().enumerate() {
+            let path = content.join(d.file_name());
+            std::fs::write(&path, data).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(old + std::time::Duration::from_secs(i as u64))
+                .unwrap();
+        }
+        let store = FilesystemStore::open(&cfg(dir.path(), 20_000))
+            .await
+            .unwrap();
+        // Served at once, whatever the load has done so far.
+        let (newest, data) = &blobs[49];
+        assert_eq!(store.get_all(newest, 2000).await.unwrap(), *data);
+        store.wait_loaded().await;
+        assert!(store.blobs.index.total_bytes() <= 20_000);
+        for (i, (d, _)) in blobs.iter().enumerate() {
+            let kept = store.has(d).await.unwrap().is_some();
+            assert_eq!(kept, i >= 30, "blob {i}");
+            assert_eq!(content.join(d.file_name()).exists(), kept, "blob {i}");
+        }
+        // Blob 31 used last: the coldest after the restart is 30, then 32...
+        store.has(&blobs[31].0).await.unwrap();
+        drop(store);
+        let store = FilesystemStore::open(&cfg(dir.path(), 15_000))
+            .await
+            .unwrap();
+        store.wait_loaded().await;
+        let kept: Vec<usize> = (0..50)
+            .filter(|&i| content.join(blobs[i].0.file_name()).exists())
+            .collect();
+        assert_eq!(
+            kept,
+            [31, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49]
         );
     }
 

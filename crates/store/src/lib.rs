@@ -51,6 +51,21 @@ pub enum Health {
     Failed(String),
 }
 
+/// Where a store's start-up index load is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexState {
+    /// Until the index holds everything on disk (lookups of blobs not yet indexed then check
+    /// the disk itself).
+    pub loading: bool,
+    /// `snapshot` (reading the index snapshot), `walk` (listing and stat-ing every blob),
+    /// `reconcile` (listing the directory against the loaded snapshot) or `ready`.
+    pub phase: &'static str,
+    /// Entries indexed so far.
+    pub entries: u64,
+    /// Entries the snapshot announced, when loading from one.
+    pub expected: Option<u64>,
+}
+
 /// One node of a store tree, for `/status`, `check-config` and metrics.
 #[derive(Debug, Clone)]
 pub struct StoreInfo {
@@ -68,6 +83,8 @@ pub struct StoreInfo {
     /// What the node says of itself beyond its kind: a `ref_store`'s target, a
     /// `cache_metrics` wrapper's `cache_type`.
     pub detail: Option<String>,
+    /// For stores whose index is loaded at start-up (filesystem): how far that load is.
+    pub index: Option<IndexState>,
     pub children: Vec<(&'static str, StoreInfo)>,
 }
 
@@ -80,6 +97,7 @@ impl StoreInfo {
             evictions: None,
             reads: None,
             detail: None,
+            index: None,
             children: vec![],
         }
     }
@@ -91,8 +109,29 @@ impl StoreInfo {
             evictions: None,
             reads: None,
             detail: None,
+            index: None,
             children,
         }
+    }
+
+    /// The index load of the leaves below, added up: loading while any one is; `None` when
+    /// no leaf loads an index.
+    pub fn index_state(&self) -> Option<IndexState> {
+        let mut total: Option<IndexState> = self.index;
+        for (_, c) in &self.children {
+            if let Some(s) = c.index_state() {
+                total = Some(match total {
+                    None => s,
+                    Some(t) => IndexState {
+                        loading: t.loading || s.loading,
+                        phase: if t.loading { t.phase } else { s.phase },
+                        entries: t.entries + s.entries,
+                        expected: t.expected.zip(s.expected).map(|(a, b)| a + b),
+                    },
+                });
+            }
+        }
+        total
     }
     /// Total evictions of the stores below.
     pub fn total_evictions(&self) -> u64 {

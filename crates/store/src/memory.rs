@@ -162,6 +162,7 @@ impl Store for MemoryStore {
             evictions: Some(self.map.evictions()),
             reads: Some(self.reads.snapshot()),
             detail: None,
+            index: None,
             children: vec![],
         }
     }

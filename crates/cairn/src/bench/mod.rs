@@ -32,6 +32,7 @@ mod bytestream;
 mod cache;
 mod execute;
 mod find_missing;
+mod fs_index;
 mod web_ui;
 mod wire_client;
 
@@ -63,7 +64,7 @@ const LABEL_WIDTH: usize = 28;
 /// Options of `cairn bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// What to run: bytestream | cas | ac | execute | findmissing (one FindMissingBlobs of --requests absent digests) | all (all = the cache benches) (or a comma-separated list); or web-ui alone (in this process, --requests operations)
+    /// What to run: bytestream | cas | ac | execute | findmissing (one FindMissingBlobs of --requests absent digests) | all (all = the cache benches) (or a comma-separated list); or web-ui alone (in this process, --requests operations); or fs-index alone (in this process: the filesystem store's index at --requests and 10x entries, the memory store's overhead, a filesystem store of --requests blobs of --small-size under --dir restarted)
     #[arg(default_value = "all")]
     pub what: String,
     /// REAPI endpoint, e.g. grpc://127.0.0.1:50051
@@ -86,12 +87,22 @@ pub struct BenchArgs {
     /// sha256 | blake3
     #[arg(long, default_value = "sha256")]
     pub digest_function: String,
+    /// fs-index: where to lay out the filesystem store (default: ./cairn-bench-fs-index); kept
+    /// afterwards, so that a second run measures restarts without filling again
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
 }
 
 /// Runs the phases `args.what` names against `args.endpoint` and prints the results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.what == "web-ui" {
         return web_ui::run(args.requests).await;
+    }
+    if args.what == "fs-index" {
+        let small = cairn_config::parse_size(&args.small_size)
+            .map_err(|e| anyhow::anyhow!("--small-size {:?}: {e}", args.small_size))?
+            as usize;
+        return fs_index::run(args.requests, small, args.dir.clone()).await;
     }
     let phases = Phase::parse_list(&args.what)?;
     let bench = Bench::new(&args)?;

@@ -19,7 +19,9 @@
 //!
 //! A directory without a checkpoint was written by a Cairn that synced every put, or is new:
 //! its files are trusted. A checkpoint is written when the store opens, before any put, so a
-//! directory in use always has one.
+//! directory in use always has one. When it has one, the index loads in the background
+//! (`load.rs`) and this run's first checkpoint waits until the load has checked every suspect
+//! file: a new checkpoint would otherwise vouch for files no one checked.
 //!
 //! Cost: the client of a put no longer waits for the disk (0.4-1.9 ms per put on the test
 //! machine's virtual disk, see BENCHMARKS.md); the flusher's `syncfs` runs once per batch of
@@ -164,20 +166,46 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    /// Syncs `content`'s file system, writes a first checkpoint and starts the flusher task.
-    /// The task ends, after a last flush of what is pending, when the `Flusher` is dropped.
+    /// Starts the flusher task. Without a checkpoint in `content`, first syncs its file system
+    /// and writes one, so that a directory in use always has one. With one, the first flush
+    /// runs in the task, and only once `allowed` is true: the start-up load sets it when every
+    /// file that may be torn (after a reboot) was checked. Until then the previous checkpoint
+    /// stays, so a crash in the meantime leaves those files, and this run's, to be checked
+    /// again. The task ends, after a last flush of what is pending, when the `Flusher` is
+    /// dropped (and without one when `allowed` was dropped before it became true).
     /// Must be called from within a tokio runtime.
-    pub async fn start(content: &Path) -> Result<Flusher, Error> {
+    pub async fn start(
+        content: &Path,
+        mut allowed: watch::Receiver<bool>,
+    ) -> Result<Flusher, Error> {
         let dir = Arc::new(
             File::open(content)
                 .map_err(|e| Error::io(format!("opening {}", content.display()), e))?,
         );
         let content: Arc<Path> = content.into();
         let boot_id: Arc<str> = boot_id().into();
-        let first = flush(content.clone(), dir.clone(), boot_id.clone()).await?;
+        let first_now = Checkpoint::read(&content).is_none();
+        let first = if first_now {
+            flush(content.clone(), dir.clone(), boot_id.clone()).await?
+        } else {
+            UNIX_EPOCH
+        };
         let (wrote, mut pending) = mpsc::channel(1);
         let (done, _checkpoints) = watch::channel(first);
         tokio::spawn(async move {
+            if !first_now {
+                if allowed.wait_for(|&a| a).await.is_err() {
+                    return;
+                }
+                // The first checkpoint of this run covers the puts made while waiting.
+                let _ = pending.try_recv();
+                match flush(content.clone(), dir.clone(), boot_id.clone()).await {
+                    Ok(time) => {
+                        done.send_replace(time);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "filesystem store: flush failed"),
+                }
+            }
             while pending.recv().await.is_some() {
                 tokio::time::sleep(FLUSH_DELAY).await;
                 // The puts of the delay are covered by this flush.
