@@ -20,6 +20,8 @@ const K8S_CONFIGS: [&str; 3] = ["cas.json5", "scheduler.json5", "worker.json5"];
 
 /// The guide's "CAS Server Redundancy", applied instead of `cas.yaml`.
 const SHARED_CAS: &str = "shared-cas";
+/// The guide's "Scheduler Redundancy", applied instead of `scheduler.yaml`.
+const SHARED_SCHEDULER: &str = "shared-scheduler";
 
 #[test]
 fn configmap_holds_the_configs_and_cairn_check_config_accepts_each() {
@@ -205,12 +207,13 @@ fn kubernetes_manifests_pass_schema_validation_and_wire_the_guides_ports() {
         assert!(!errors.is_empty(), "{} passed its schema", kind_name(doc));
     }
 
-    // What the guide wires: ports, selectors, resources, autoscalers. `shared-cas/` replaces
-    // cas.yaml (same names) and has a test of its own.
-    let shared = dir.join(SHARED_CAS);
+    // What the guide wires: ports, selectors, resources, autoscalers. `shared-cas/` and
+    // `shared-scheduler/` replace cas.yaml and scheduler.yaml (same names) and have tests of
+    // their own.
+    let shared = [dir.join(SHARED_CAS), dir.join(SHARED_SCHEDULER)];
     let by_name: BTreeMap<String, &Value> = docs
         .iter()
-        .filter(|(f, _, _)| !Path::new(f).starts_with(&shared))
+        .filter(|(f, _, _)| !shared.iter().any(|d| Path::new(f).starts_with(d)))
         .map(|(_, d, _)| (kind_name(d), d))
         .collect();
     let get = |name: &str| -> &Value {
@@ -497,4 +500,117 @@ fn shared_cas_runs_three_replicas_over_the_bucket_and_redis_only() {
         .filter_map(|p| p["port"].as_i64())
         .collect();
     assert_eq!(egress, [6379, 443]);
+}
+
+/// `shared-scheduler/`: the ConfigMap holds its config byte for byte and `cairn check-config`
+/// accepts it, with the scheduler's state in Redis; 3 replicas of `nativelink-scheduler` rolled
+/// one at a time (maxSurge 1, maxUnavailable 0), never two on one node, kept at 2 by a
+/// disruption budget, reading the Redis URL from a Secret, behind the Services Bazel and the
+/// workers dial. (`shared_scheduler.rs` runs replicas over a real Redis, with failures.)
+#[test]
+fn shared_scheduler_runs_three_replicas_over_redis() {
+    let dir = kubernetes_dir().join(SHARED_SCHEDULER);
+    let config = dir.join("scheduler.json5");
+    let data = configmap_data(&read(&dir.join("configmap.yaml")));
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["scheduler.json5"]);
+    assert!(
+        data["scheduler.json5"] == read(&config),
+        "shared-scheduler/configmap.yaml's scheduler.json5 differs from \
+         shared-scheduler/scheduler.json5; copy it"
+    );
+    let secrets = tempfile::tempdir().unwrap();
+    let (scheduler_tls, _) = crate::common::certs::cert_manager_secrets(secrets.path());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command.arg("check-config").arg(&config);
+    for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("CAIRN_")) {
+        command.env_remove(var);
+    }
+    command.env("CAIRN_TLS_DIR", &scheduler_tls);
+    let out = run_ok(
+        "cairn check-config shared-scheduler/scheduler.json5",
+        &mut command,
+    );
+    assert!(out.trim_end().ends_with(": ok"), "{out}");
+    for want in [
+        "STATE: redis_store mode=standard addresses=redis://nativelink-scheduler-redis:6379",
+        "backend=redis(STATE)",
+        "0.0.0.0:50052",
+        "0.0.0.0:50061 (tls)",
+    ] {
+        assert!(out.contains(want), "no `{want}` in the tree:\n{out}");
+    }
+    // The same as the single scheduler's config but for the shared state.
+    let single = read(&kubernetes_dir().join("configs/scheduler.json5"));
+    assert!(
+        single.contains("grpc://nativelink-cas:50051") && !single.contains("experimental_backend")
+    );
+
+    let test = "shared_scheduler_runs_three_replicas_over_redis";
+    let Some((_, python)) = k8s_venv(test) else {
+        return;
+    };
+    let docs = documents(&python, &files(&dir, &[".yaml"]));
+    let by_name: BTreeMap<String, &Value> =
+        docs.iter().map(|(_, d, _)| (kind_name(d), d)).collect();
+    let get = |name: &str| -> &Value {
+        by_name
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in {}", dir.display()))
+    };
+    let spec = &get("deployment/nativelink-scheduler")["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert_eq!(spec["strategy"]["type"], "RollingUpdate");
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxSurge"], 1);
+    assert_eq!(spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let pod = &spec["template"]["spec"];
+    let anti =
+        &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+    let volumes: Vec<&Value> = pod["volumes"].as_array().expect("volumes").iter().collect();
+    assert_eq!(
+        volumes[0]["configMap"]["name"],
+        "nativelink-scheduler-shared-config"
+    );
+    assert_eq!(
+        volumes[1]["secret"]["secretName"],
+        "nativelink-scheduler-worker-api-tls"
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(
+        container["args"],
+        serde_json::json!(["run", "/etc/cairn/scheduler.json5"])
+    );
+    let env: BTreeMap<&str, &Value> = container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap_or_default(), e))
+        .collect();
+    assert_eq!(
+        env["CAIRN_STATE_REDIS_URL"]["valueFrom"]["secretKeyRef"]["name"],
+        "nativelink-scheduler-state"
+    );
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/status");
+    assert_eq!(container["resources"]["requests"]["memory"], "4Gi");
+    assert!(pod["terminationGracePeriodSeconds"].as_i64() >= Some(25));
+    assert_eq!(
+        get("service/nativelink-scheduler")["spec"]["ports"][0]["port"],
+        50052
+    );
+    assert_eq!(
+        get("service/nativelink-scheduler-workers")["spec"]["ports"][0]["port"],
+        50061
+    );
+    assert_eq!(
+        get("poddisruptionbudget/nativelink-scheduler")["spec"]["minAvailable"],
+        2
+    );
+    let egress: Vec<i64> = get("networkpolicy/nativelink-scheduler-state")["spec"]["egress"]
+        .as_array()
+        .expect("egress rules")
+        .iter()
+        .flat_map(|r| r["ports"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| p["port"].as_i64())
+        .collect();
+    assert_eq!(egress, [6379]);
 }
