@@ -116,10 +116,20 @@ impl Fleet {
 
     /// Replica `i`, reaching the scheduler state at `state` (a proxy, say).
     fn replica_via(&self, i: usize, state: &str) -> Replica {
+        self.replica_at(i, state, None, free_addr())
+    }
+
+    /// Replica `i` on the given addresses (a restart takes its predecessor's).
+    fn replica_at(
+        &self,
+        i: usize,
+        state: &str,
+        addr: Option<SocketAddr>,
+        worker_api: SocketAddr,
+    ) -> Replica {
         let label = format!("replica-{i}");
         let dir = self.tmp.path().join(&label);
         std::fs::create_dir_all(&dir).unwrap();
-        let worker_api = free_addr();
         let cairn = Cairn::start_with(
             &dir,
             &REPLICA
@@ -131,7 +141,7 @@ impl Fleet {
                     "@WORKER_API_TLS@",
                     &common::certs::worker_api_tls(&self.tls),
                 ),
-            Some(free_addr()),
+            Some(addr.unwrap_or_else(free_addr)),
         );
         Replica {
             cairn,
@@ -1094,4 +1104,208 @@ async fn a_draining_replica_claims_nothing_and_the_others_run_the_work() {
             "run {i} went to the draining replica's worker: {out}"
         );
     }
+}
+
+/// One client of the rolling update: executes its own actions one after another through
+/// whichever replica answers, following each through WaitExecution on another replica when
+/// its stream breaks, until `stop`; every run's output is checked. Returns how many ran.
+async fn rolling_client(
+    c: usize,
+    addrs: Vec<SocketAddr>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Result<usize, String> {
+    use std::sync::atomic::Ordering;
+    let connect = |a: SocketAddr| async move {
+        tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await
+            .ok()
+    };
+    let mut n = 0;
+    let mut next = c;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let want = format!("client{c}-run{n}");
+        let deadline = Instant::now() + DEADLINE;
+        // Submit through the first replica that takes it.
+        let (name, mut stream) = loop {
+            if Instant::now() > deadline {
+                return Err(format!("{want}: no replica took the Execute"));
+            }
+            next += 1;
+            let Some(ch) = connect(addrs[next % addrs.len()]).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            // In a task of its own: the kit's upload panics on an error (a replica that is
+            // going away), which only means "try another".
+            let script = format!("echo {want}");
+            let up = ch.clone();
+            let upload = tokio::spawn(async move {
+                ShellAction {
+                    script: &script,
+                    do_not_cache: true,
+                    ..Default::default()
+                }
+                .upload(up, "main")
+                .await
+            });
+            let digest = match tokio::time::timeout(Duration::from_secs(10), upload).await {
+                Ok(Ok(d)) => d.to_proto(),
+                _ => continue,
+            };
+            let call = re::execution_client::ExecutionClient::new(ch)
+                .execute(re::ExecuteRequest {
+                    instance_name: "main".into(),
+                    action_digest: Some(digest),
+                    skip_cache_lookup: true,
+                    ..Default::default()
+                })
+                .await;
+            let Ok(mut s) = call.map(|r| r.into_inner()) else {
+                continue;
+            };
+            match tokio::time::timeout(Duration::from_secs(10), s.message()).await {
+                Ok(Ok(Some(op))) => break (op.name.clone(), s),
+                _ => continue,
+            }
+        };
+        // Follow it to the end, reattaching elsewhere when a stream breaks.
+        let op = loop {
+            if Instant::now() > deadline {
+                return Err(format!("{want} ({name}) never completed"));
+            }
+            let ended = tokio::time::timeout(Duration::from_secs(30), async {
+                loop {
+                    match stream.message().await {
+                        Ok(Some(op)) if op.done => return Some(op),
+                        Ok(Some(_)) => continue,
+                        _ => return None,
+                    }
+                }
+            })
+            .await;
+            if let Ok(Some(op)) = ended {
+                break op;
+            }
+            // Reattach through another replica.
+            loop {
+                if Instant::now() > deadline {
+                    return Err(format!("{want} ({name}): no replica would reattach"));
+                }
+                next += 1;
+                if let Some(ch) = connect(addrs[next % addrs.len()]).await {
+                    if let Ok(s) = wait_execution(ch, &name).await {
+                        stream = s;
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let r = match op.result {
+            Some(lro::operation::Result::Response(any)) => {
+                re::ExecuteResponse::decode(any.value.as_slice()).map_err(|e| e.to_string())?
+            }
+            other => return Err(format!("{want} ({name}) ended with {other:?}")),
+        };
+        let status = r.status.clone().unwrap_or_default();
+        if status.code != 0 || r.result.as_ref().map(|x| x.exit_code) != Some(0) {
+            return Err(format!(
+                "{want} ({name}): status {status:?}, result {:?}",
+                r.result
+            ));
+        }
+        // Its own output, read through any replica.
+        let out = loop {
+            next += 1;
+            if let Some(ch) = connect(addrs[next % addrs.len()]).await {
+                break stdout(ch, &r).await;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{want}: no replica to read the output through"));
+            }
+        };
+        if out.trim() != want {
+            return Err(format!("{want} ({name}) printed {out:?}"));
+        }
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(n)
+}
+
+/// Part 4 of the issue: the replicas are restarted one at a time (SIGTERM, drain, start again
+/// on the same ports, as a rolling update replaces pods behind a Service) while two clients
+/// keep executing actions through whichever replica answers: no operation is lost, and each
+/// one's output is its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_replica_under_load_loses_no_operation() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let mut fleet = Fleet::start(3);
+    let _workers: Vec<CairnWorker> = (0..3).map(|i| fleet.worker(&format!("w{i}"), i)).collect();
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| fleet.r(i).cairn.addr).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..2)
+        .map(|c| tokio::spawn(rolling_client(c, addrs.clone(), stop.clone(), done.clone())))
+        .collect();
+    // Whether `at_least` runs are done within the deadline.
+    let progress = |at_least: usize| {
+        let done = done.clone();
+        async move {
+            let start = Instant::now();
+            while done.load(Ordering::Relaxed) < at_least {
+                if start.elapsed() > DEADLINE {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            true
+        }
+    };
+    let mut stalled = None;
+    assert!(progress(4).await, "no load before the update");
+    for i in 0..3 {
+        let r = fleet.replicas[i].take().expect("replica running");
+        let (addr, worker_api) = (r.cairn.addr, r.worker_api);
+        eprintln!("rolling update: stopping {}", r.label);
+        let status = tokio::task::spawn_blocking(move || r.cairn.terminate())
+            .await
+            .unwrap();
+        assert!(
+            status.success(),
+            "replica {i} exited with {status} after SIGTERM"
+        );
+        let before = done.load(Ordering::Relaxed);
+        let state = fleet.state.url();
+        fleet.replicas[i] = Some(fleet.replica_at(i, &state, Some(addr), worker_api));
+        eprintln!("rolling update: replica-{i} is back");
+        // The load goes on through the new replica set before the next one is replaced.
+        if !progress(before + 3).await {
+            stalled = Some(format!(
+                "no 3 runs completed within {DEADLINE:?} after replica-{i} came back \
+                 ({before} done before)"
+            ));
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut lost = Vec::new();
+    for c in clients {
+        match c.await.unwrap() {
+            Ok(n) => total += n,
+            Err(e) => lost.push(e),
+        }
+    }
+    assert!(
+        lost.is_empty() && stalled.is_none(),
+        "{stalled:?}; lost: {lost:#?}"
+    );
+    eprintln!("rolling update: {total} operations, all completed with their own output");
+    assert!(total >= 13);
 }

@@ -388,6 +388,14 @@ impl ActionRunner {
                 ),
             ));
         }
+        if let Err(ActionError::Other(e)) = &outcome {
+            if e.code == cairn_core::Code::Unavailable {
+                // The worker's CAS or action cache could not be reached (a server restarting,
+                // say): not the action's fault. Given back to the scheduler, which runs it
+                // again (within max_job_retries) rather than failing the client's build.
+                return Err(e.clone().context(format!("running {}", req.action_digest)));
+            }
+        }
         let response = match outcome {
             Ok(Finished {
                 result,
