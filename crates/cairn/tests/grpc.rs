@@ -1135,7 +1135,9 @@ async fn known_series_start_at_zero() {
 async fn status_is_503_when_a_store_is_unhealthy() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cairn::start_with(dir.path(), common::FILESYSTEM_CONFIG, None);
-    std::fs::remove_dir_all(dir.path().join("cas")).unwrap();
+    // Renamed away in one step: the store writes its index snapshot and checkpoint in the
+    // background, which a recursive removal could race with.
+    std::fs::rename(dir.path().join("cas"), dir.path().join("cas-gone")).unwrap();
     let (code, body) = common::http_get(c.addr, "/status").await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("\"failed\""), "{body}");
