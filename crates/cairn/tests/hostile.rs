@@ -589,3 +589,168 @@ async fn a_very_deep_directory_tree_pages_through_get_tree() {
     assert_eq!(seen, 20_000);
     still_up(&c).await;
 }
+
+/// A front whose CAS is a `grpc` store on an upstream that stops reading (SIGSTOP): 64
+/// clients each push a 16 MiB blob. The front takes what its budgets allow (the ByteStream
+/// upload buffer and the grpc store's upload budget, 256 MiB each) and then stops reading
+/// from its clients, so its RSS grows by less than the two budgets together whatever the
+/// number of clients. When the upstream resumes, every upload completes and is stored whole.
+#[tokio::test]
+async fn an_upstream_that_stops_reading_holds_the_front_to_its_budgets() {
+    const CLIENTS: usize = 64;
+    const SIZE: usize = 16 << 20;
+    let up_dir = tempfile::tempdir().unwrap();
+    let upstream = Cairn::start_with(
+        up_dir.path(),
+        r#"{
+  stores: { CAS: { memory: { eviction_policy: { max_bytes: "4gb" } } } },
+  servers: [{
+    listener: { http: { socket_address: "@ADDR@" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      bytestream: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+    },
+  }],
+}"#,
+        None,
+    );
+    let front_dir = tempfile::tempdir().unwrap();
+    let front = Cairn::start_with(
+        front_dir.path(),
+        &r#"{
+  stores: { CAS: { grpc: { instance_name: "", endpoints: [{ address: "grpc://@UPSTREAM@" }], store_type: "cas" } } },
+  servers: [{
+    listener: { http: { socket_address: "@ADDR@" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      bytestream: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+    },
+  }],
+}"#
+        .replace("@UPSTREAM@", &upstream.addr.to_string()),
+        None,
+    );
+    let blobs: Vec<Vec<u8>> = (0..CLIENTS)
+        .map(|i| common::data(SIZE, 1000 + i as u64))
+        .collect();
+    let digests: Vec<Digest> = blobs.iter().map(|b| SHA.compute(b)).collect();
+    let upload = |ch: tonic::transport::Channel,
+                  blob: Vec<u8>,
+                  d: Digest,
+                  sent: std::sync::Arc<std::sync::atomic::AtomicU64>| async move {
+        let name = format!(
+            "uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            d.hash_hex(),
+            d.size()
+        );
+        let n = blob.len();
+        let msgs = futures::stream::iter(
+            (0..n)
+                .step_by(1 << 20)
+                .map(move |at| {
+                    let end = (at + (1 << 20)).min(n);
+                    WriteRequest {
+                        resource_name: if at == 0 { name.clone() } else { String::new() },
+                        write_offset: at as i64,
+                        finish_write: end == n,
+                        data: blob[at..end].to_vec(),
+                    }
+                })
+                .collect::<Vec<_>>(),
+        )
+        .inspect(move |m| {
+            sent.fetch_add(m.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        });
+        ByteStreamClient::new(ch)
+            .write(msgs)
+            .await
+            .map(|r| r.into_inner().committed_size)
+    };
+    // One blob through first, so that the front's connection to the upstream is made and its
+    // RSS is read warm.
+    let ch = front.channel().await;
+    let warm = common::data(SIZE, 999);
+    let wd = SHA.compute(&warm);
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    assert_eq!(
+        upload(ch.clone(), warm, wd, sent.clone()).await.unwrap(),
+        SIZE as i64
+    );
+    let pid = front.child.id();
+    let before = rss_kib(pid);
+
+    let stop = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &upstream.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} failed");
+    };
+    stop("-STOP");
+    sent.store(0, std::sync::atomic::Ordering::Relaxed);
+    let mut channels = Vec::new();
+    for _ in 0..4 {
+        channels.push(front.channel().await);
+    }
+    let calls: Vec<_> = blobs
+        .into_iter()
+        .zip(digests.iter().copied())
+        .enumerate()
+        .map(|(i, (b, d))| tokio::spawn(upload(channels[i % 4].clone(), b, d, sent.clone())))
+        .collect();
+    // Wait until the front stops taking bytes: nothing signals that, so the count of bytes
+    // its clients got to send is watched until it has not moved for two seconds.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = (0, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = sent.load(std::sync::atomic::Ordering::Relaxed);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if now > 0 && last.1.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the clients never stopped sending"
+        );
+    }
+    let during = rss_kib(pid);
+    let taken = sent.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "front RSS {} MiB before, {} MiB with the upstream stopped; the clients sent {} MiB of {} MiB",
+        before >> 10,
+        during >> 10,
+        taken >> 20,
+        (CLIENTS * SIZE) >> 20
+    );
+    assert!(
+        taken < (CLIENTS * SIZE) as u64,
+        "the front took every byte while its upstream was stopped"
+    );
+    assert!(
+        during < before + 512 * 1024,
+        "the front's RSS grew by {} MiB, past its two 256 MiB budgets",
+        (during - before) >> 10
+    );
+
+    // The upstream resumes: every upload completes, whole.
+    stop("-CONT");
+    for c in calls {
+        assert_eq!(c.await.unwrap().unwrap(), SIZE as i64);
+    }
+    let missing = cas(&ch)
+        .find_missing_blobs(re::FindMissingBlobsRequest {
+            blob_digests: digests.iter().map(|d| d.to_proto()).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(missing.missing_blob_digests.is_empty());
+    still_up(&front).await;
+}

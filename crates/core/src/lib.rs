@@ -2,6 +2,7 @@
 //! [`Error`] type every layer returns (mapped to `tonic::Status` in exactly one place), and the
 //! [`BlobStream`] type that carries blob bodies as bounded chunks of `Bytes`.
 
+pub mod bytestream_wire;
 pub mod digest;
 pub mod error;
 pub mod precondition;

@@ -1,16 +1,12 @@
-//! The `google.bytestream.ByteStream` wire messages with `Bytes` payloads, and the tonic
-//! service that routes the three methods to [`ByteStreamService`].
-//!
-//! The generated types of `bazel-remote-apis` carry `data` as `Vec<u8>`, which costs a copy of
-//! every byte in both directions. These types are wire-identical (same fields and tags) but
-//! encode `data` from the store's own buffers. Write requests do not go through tonic's
-//! decoder at all: [`crate::grpc_body`] copies each one once into its own buffer.
+//! The tonic service that routes `google.bytestream.ByteStream`'s three methods to
+//! [`ByteStreamService`], over the `Bytes`-payload wire types of
+//! [`cairn_core::bytestream_wire`]. Write requests do not go through tonic's decoder at all:
+//! [`crate::grpc_body`] copies each one once into its own buffer.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -23,53 +19,10 @@ use tonic_prost::ProstCodec;
 use crate::bytestream::ByteStreamService;
 use crate::grpc_body::{frame_split, streaming_response, unary_response, Messages};
 
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ReadRequest {
-    #[prost(string, tag = "1")]
-    pub resource_name: String,
-    #[prost(int64, tag = "2")]
-    pub read_offset: i64,
-    #[prost(int64, tag = "3")]
-    pub read_limit: i64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ReadResponse {
-    #[prost(bytes = "bytes", tag = "10")]
-    pub data: Bytes,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct WriteRequest {
-    #[prost(string, tag = "1")]
-    pub resource_name: String,
-    #[prost(int64, tag = "2")]
-    pub write_offset: i64,
-    #[prost(bool, tag = "3")]
-    pub finish_write: bool,
-    #[prost(bytes = "bytes", tag = "10")]
-    pub data: Bytes,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct WriteResponse {
-    #[prost(int64, tag = "1")]
-    pub committed_size: i64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct QueryWriteStatusRequest {
-    #[prost(string, tag = "1")]
-    pub resource_name: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct QueryWriteStatusResponse {
-    #[prost(int64, tag = "1")]
-    pub committed_size: i64,
-    #[prost(bool, tag = "2")]
-    pub complete: bool,
-}
+pub use cairn_core::bytestream_wire::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, ReadResponse, WriteRequest,
+    WriteResponse,
+};
 
 pub type ReadStream = BoxStream<'static, Result<ReadResponse, Status>>;
 

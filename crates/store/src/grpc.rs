@@ -21,10 +21,8 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 use cairn_config::stores::GrpcStore as GrpcConfig;
+use cairn_core::bytestream_wire::{ReadRequest, ReadResponse, WriteRequest, WriteResponse};
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
-use cairn_core::proto::google::bytestream::{
-    byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest,
-};
 use cairn_core::{stream, BlobStream, Digest, DigestFunction, Error};
 use futures::StreamExt;
 use prost::Message;
@@ -47,6 +45,14 @@ const ZSTD_MIN: u64 = 64 << 10;
 const MAX_MESSAGE: usize = 64 << 20;
 /// Bytes per ByteStream.Write message.
 const WRITE_CHUNK: usize = 1 << 20;
+/// What all of one store's uploads may hold between their bodies and the upstream's socket,
+/// in KiB. An upload is counted at [`UPLOAD_HOLD_KIB`] (its size if smaller) for as long as it
+/// runs: the chunk it took from its body, one message queued for tonic, tonic's encoding
+/// buffer and h2's send queue. Uploads past the budget wait, so an upstream that stops reading
+/// holds the front's memory to this, not to the number of clients uploading.
+pub const UPLOAD_BUDGET_KIB: u32 = 256 << 10;
+/// The most one upload is counted at, in KiB.
+pub const UPLOAD_HOLD_KIB: u32 = 8 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -62,6 +68,8 @@ pub struct GrpcStore {
     retry: RetryPolicy,
     /// `max_concurrent_requests`.
     permits: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    /// [`UPLOAD_BUDGET_KIB`].
+    uploads: std::sync::Arc<tokio::sync::Semaphore>,
     /// `use_legacy_resource_names`.
     legacy_names: bool,
     /// `rpc_timeout_s`, when set.
@@ -180,6 +188,7 @@ impl GrpcStore {
                     n.min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
                 ))
             }),
+            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(UPLOAD_BUDGET_KIB as usize)),
             legacy_names: cfg.use_legacy_resource_names,
             zstd: kind == Kind::Cas && cfg.experimental_remote_cache_compression == Some(true),
             rpc_timeout,
@@ -250,10 +259,15 @@ impl GrpcStore {
         .max_encoding_message_size(MAX_MESSAGE)
     }
 
-    fn bytestream(&self) -> ByteStreamClient<Traced> {
-        ByteStreamClient::with_interceptor(self.channel(), traced as Inject)
+    fn bytestream(&self) -> ByteStreamWire {
+        ByteStreamWire(
+            tonic::client::Grpc::new(tonic::service::interceptor::InterceptedService::new(
+                self.channel(),
+                traced as Inject,
+            ))
             .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE),
+        )
     }
 
     fn prefix(&self) -> String {
@@ -422,7 +436,7 @@ impl Store for GrpcStore {
             .map(move |r| {
                 // The permit lives as long as the stream.
                 let _ = &permit;
-                r.map(|m| Bytes::from(m.data))
+                r.map(|m| m.data)
                     .map_err(|e| Error::from(e).context(format!("upstream {addresses}")))
             })
             .boxed();
@@ -487,6 +501,8 @@ impl Store for GrpcStore {
             failure: failure.clone(),
         };
         let _permit = self.permit().await;
+        let held = (size.div_ceil(1024)).min(UPLOAD_HOLD_KIB as u64) as u32;
+        let _held = self.uploads.clone().acquire_many_owned(held).await.ok();
         let mut md = tonic::metadata::MetadataMap::new();
         self.headers.apply(&mut md);
         let result = upload(self.bytestream(), feed, md).await;
@@ -581,6 +597,7 @@ async fn write_step(mut f: Feed) -> Option<(WriteRequest, Feed)> {
                 }
             }
         };
+        let len = data.len() as u64;
         let msg = WriteRequest {
             resource_name: if f.first {
                 f.name.clone()
@@ -589,10 +606,10 @@ async fn write_step(mut f: Feed) -> Option<(WriteRequest, Feed)> {
             },
             write_offset: f.offset as i64,
             finish_write: finish,
-            data: data.to_vec(),
+            data,
         };
         f.first = false;
-        f.offset += data.len() as u64;
+        f.offset += len;
         return Some((msg, f));
     }
 }
@@ -600,11 +617,13 @@ async fn write_step(mut f: Feed) -> Option<(WriteRequest, Feed)> {
 /// Sends one upload's messages. The body is pumped into a bounded channel by a task of its
 /// own: tonic needs a request stream it can share between threads, which a body stream is not.
 async fn upload(
-    mut client: ByteStreamClient<Traced>,
+    mut client: ByteStreamWire,
     feed: Feed,
     metadata: tonic::metadata::MetadataMap,
-) -> Result<tonic::Response<cairn_core::proto::google::bytestream::WriteResponse>, tonic::Status> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+) -> Result<tonic::Response<WriteResponse>, tonic::Status> {
+    // One message waits here while the pump holds the next: with tonic's encoding buffer and
+    // h2's send queue, an upload holds about four messages below the store.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<WriteRequest>(1);
     let pump = tokio::spawn(async move {
         let mut feed = Some(feed);
         while let Some(f) = feed.take() {
@@ -623,6 +642,48 @@ async fn upload(
     let result = client.write(request).await;
     pump.abort();
     result
+}
+
+/// A ByteStream client over the `Bytes`-payload wire types, so that an upload's chunks reach
+/// tonic's encoder without being copied into a `Vec` first.
+struct ByteStreamWire(tonic::client::Grpc<Traced>);
+
+impl ByteStreamWire {
+    async fn ready(&mut self) -> Result<(), tonic::Status> {
+        self.0
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("connection not ready: {e}")))
+    }
+
+    async fn read(
+        &mut self,
+        request: tonic::Request<ReadRequest>,
+    ) -> Result<tonic::Response<tonic::codec::Streaming<ReadResponse>>, tonic::Status> {
+        self.ready().await?;
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/google.bytestream.ByteStream/Read",
+        );
+        self.0
+            .server_streaming(request, path, tonic_prost::ProstCodec::default())
+            .await
+    }
+
+    async fn write<S>(
+        &mut self,
+        request: tonic::Request<S>,
+    ) -> Result<tonic::Response<WriteResponse>, tonic::Status>
+    where
+        S: futures::Stream<Item = WriteRequest> + Send + 'static,
+    {
+        self.ready().await?;
+        let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+            "/google.bytestream.ByteStream/Write",
+        );
+        self.0
+            .client_streaming(request, path, tonic_prost::ProstCodec::default())
+            .await
+    }
 }
 
 /// `body`, ending with DEADLINE_EXCEEDED if it has not ended `limit` after the call began.
