@@ -36,6 +36,8 @@ pub struct Bazel {
     repos: PathBuf,
     output_base: PathBuf,
     output_user_root: PathBuf,
+    /// Startup options given before the command.
+    startup: Vec<String>,
 }
 
 /// What one Bazel command did.
@@ -62,7 +64,14 @@ impl Bazel {
             repos,
             output_base: root.join("output_base"),
             output_user_root: root.join("output_user_root"),
+            startup: Vec::new(),
         }
+    }
+
+    /// Adds startup options (`--host_jvm_args=...`) to every command.
+    pub fn with_startup_args(mut self, args: &[String]) -> Bazel {
+        self.startup.extend_from_slice(args);
+        self
     }
 
     pub fn workspace(&self) -> &Path {
@@ -135,6 +144,7 @@ impl Bazel {
             ))
             .arg("--nohome_rc")
             .arg("--max_idle_secs=120")
+            .args(&self.startup)
             .arg(name);
         command
     }
