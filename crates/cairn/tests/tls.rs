@@ -422,6 +422,7 @@ fn grpc_c_core_clients_connect_over_tls_and_mtls() {
 /// when they change, so a client certificate renewed in place (cert-manager) is used by the
 /// next connection without a restart. The backend is restarted to trust only a new CA: the
 /// front's old certificate is refused, its new one (written over the same files) is taken.
+/// Before that, garbage written over the files is not taken: the front keeps its identity.
 #[tokio::test]
 async fn outbound_client_certificates_are_reloaded_when_their_files_change() {
     let tmp = tempfile::tempdir().unwrap();
@@ -526,6 +527,33 @@ async fn outbound_client_certificates_are_reloaded_when_their_files_change() {
     store(1).await.unwrap();
     assert_eq!(properties().await.unwrap(), ["pool"]);
 
+    // Garbage written over the front's certificate and key: the change cannot be loaded, so
+    // the front keeps the identity it had. The pool looks at its files at most every
+    // TLS_RECHECK (5 s) and nothing signals that it did, so the test lets that time pass and
+    // makes a call (which is when the pool looks); then the backend restarts, so that the
+    // front must connect again, with the identity it kept.
+    std::fs::write(&cert, b"-----BEGIN CERTIFICATE-----\ngarbage\n").unwrap();
+    std::fs::write(&key, b"not a key at all").unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    store(10).await.unwrap();
+    drop(backend);
+    let backend = Cairn::start_with(&bdir, &backend_config, Some(backend_addr));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n: u8 = 10;
+    loop {
+        n = n.wrapping_add(1);
+        match (store(n).await, properties().await) {
+            (Ok(()), Ok(p)) if p == ["pool"] => break,
+            (a, b) => assert!(
+                Instant::now() < deadline,
+                "the front lost its identity to unreadable files: store {a:?}, capabilities {b:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    std::fs::copy(&first.cert, &cert).unwrap();
+    std::fs::copy(&first.key, &key).unwrap();
+
     // The backend now trusts only the new CA; the front's certificate is still the old one.
     drop(backend);
     std::fs::copy(&new_ca.ca, &client_ca).unwrap();
@@ -540,9 +568,9 @@ async fn outbound_client_certificates_are_reloaded_when_their_files_change() {
     std::fs::copy(&renewed.cert, &cert).unwrap();
     std::fs::copy(&renewed.key, &key).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut n = 3;
+    let mut n: u8 = 100;
     loop {
-        n += 1;
+        n = n.wrapping_add(1);
         match (store(n).await, properties().await) {
             (Ok(()), Ok(p)) if p == ["pool"] => break,
             (a, b) => assert!(
