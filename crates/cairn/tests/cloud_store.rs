@@ -1036,8 +1036,8 @@ async fn ontap_s3_existence_cache_answers_from_its_index_and_follows_the_bucket(
 
 /// The `aws` provider's credentials from the shared files when the environment has no keys:
 /// `~/.aws/credentials` (profile `default`), then `AWS_SHARED_CREDENTIALS_FILE` with
-/// `AWS_PROFILE`; the requests reaching the bucket are signed with the file's key (seen by the
-/// proxy). A profile that does not exist stops the start with the store's key path.
+/// `AWS_PROFILE`, then a profile's `credential_process`; the requests reaching the bucket are
+/// signed with the key each gives (seen by the proxy). A profile that does not exist stops the start with the store's key path.
 #[tokio::test]
 async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_none() {
     let moto = Moto::start().await;
@@ -1056,6 +1056,13 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
     std::fs::write(
         &other,
         "[ci]\naws_access_key_id = AKIDCIPROFILE\naws_secret_access_key = s\naws_session_token = t\n",
+    )
+    .unwrap();
+    // A profile whose credentials come from a command (`credential_process`).
+    let process_config = dir.path().join("process-config");
+    std::fs::write(
+        &process_config,
+        "[profile proc]\nregion = us-east-1\ncredential_process = printf '{\"Version\": 1, \"AccessKeyId\": \"AKIDFROMPROCESS\", \"SecretAccessKey\": \"s\", \"SessionToken\": \"t\"}'\n",
     )
     .unwrap();
     let config = dir.path().join("cloud.json5");
@@ -1094,6 +1101,13 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
             ],
             "AKIDCIPROFILE",
         ),
+        (
+            vec![
+                ("AWS_CONFIG_FILE", process_config.display().to_string()),
+                ("AWS_PROFILE", "proc".to_string()),
+            ],
+            "AKIDFROMPROCESS",
+        ),
     ] {
         let c = Cairn::spawn_until_listening(command(&extra), dir.path(), config.clone());
         let mut cl = clients(&c).await;
@@ -1106,7 +1120,7 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
     }
     assert_eq!(
         proxy.access_key_ids(),
-        ["AKIDCIPROFILE", "AKIDFROMHOMEFILE"]
+        ["AKIDCIPROFILE", "AKIDFROMHOMEFILE", "AKIDFROMPROCESS"]
     );
 
     // A profile that is in neither file: the start fails, naming the store and the profile.

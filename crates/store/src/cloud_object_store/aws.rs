@@ -51,6 +51,11 @@ fn with_profile_credentials(
     mut b: AmazonS3Builder,
     profile: Option<aws_profile::Profile>,
 ) -> AmazonS3Builder {
+    if let Some((command, from)) = profile.as_ref().and_then(|p| p.process.clone()) {
+        return b.with_credentials(std::sync::Arc::new(
+            super::aws_process::ProcessCredentials::new(command, from),
+        ));
+    }
     if let Some(c) = profile.and_then(|p| p.credentials) {
         b = b
             .with_access_key_id(c.access_key_id)

@@ -5,10 +5,11 @@
 //! Used only when the environment has no `AWS_ACCESS_KEY_ID` (the SDKs' order: environment
 //! variables, then the profile, then web identity and instance metadata, which
 //! `object_store` covers). Static keys are read (`aws_access_key_id`,
-//! `aws_secret_access_key`, `aws_session_token`), and the profile's `region`. A profile that
-//! gets its credentials another way (`role_arn`, `sso_*`, `credential_process`,
-//! `web_identity_token_file`) is refused with a message that says so, rather than silently
-//! falling through to instance metadata. A missing file or profile is no error unless
+//! `aws_secret_access_key`, `aws_session_token`), and the profile's `region`; a
+//! `credential_process` is run for its credentials ([`super::aws_process`]). A profile that
+//! gets its credentials another way (`role_arn`, `sso_*`, `web_identity_token_file`) is
+//! refused with a message that says so, rather than silently falling through to instance
+//! metadata. A missing file or profile is no error unless
 //! `AWS_PROFILE` names it.
 
 use std::collections::BTreeMap;
@@ -18,6 +19,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Profile {
     pub credentials: Option<Credentials>,
+    /// `credential_process`: the command line, and where it was read.
+    pub process: Option<(String, String)>,
     pub region: Option<String>,
 }
 
@@ -38,9 +41,8 @@ impl std::fmt::Debug for Credentials {
 }
 
 /// Keys of a profile that obtain credentials in ways this reader does not.
-const UNSUPPORTED: [&str; 6] = [
+const UNSUPPORTED: [&str; 5] = [
     "role_arn",
-    "credential_process",
     "sso_session",
     "sso_start_url",
     "sso_account_id",
@@ -121,6 +123,7 @@ pub fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<P
                 "profile {name:?} in {from} has aws_secret_access_key but no aws_access_key_id"
             ))
         }
+        (None, None) if keys.contains_key("credential_process") => None,
         (None, None) => {
             if let Some(k) = UNSUPPORTED.iter().find(|k| keys.contains_key(**k)) {
                 return Err(format!(
@@ -134,8 +137,20 @@ pub fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<P
             None
         }
     };
+    let process = match keys.get("credential_process") {
+        Some(c) if credentials.is_none() => {
+            if c.trim().is_empty() {
+                return Err(format!(
+                    "profile {name:?} in {from}: credential_process is empty"
+                ));
+            }
+            Some((c.clone(), format!("profile {name:?} in {from}")))
+        }
+        _ => None,
+    };
     Ok(Some(Profile {
         credentials,
+        process,
         region: keys.get("region").cloned(),
     }))
 }

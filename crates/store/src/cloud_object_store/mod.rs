@@ -23,6 +23,7 @@
 //!   the backend could not be reached or failed.
 
 pub mod aws;
+pub mod aws_process;
 pub mod aws_profile;
 pub mod azure;
 pub mod gcs;
