@@ -63,6 +63,8 @@ struct Replica {
     cairn: Cairn,
     worker_api: SocketAddr,
     label: String,
+    /// Runs in the fleet's network namespace (its addresses are that namespace's loopback).
+    in_netns: bool,
 }
 
 struct Fleet {
@@ -75,6 +77,9 @@ struct Fleet {
     replicas: Vec<Option<Replica>>,
     /// Extra `simple` scheduler keys.
     extra: String,
+    /// A namespace for replicas cut off by partition tests (both Redis servers also listen
+    /// on its link's host address).
+    netns: Option<common::netns::NetNs>,
 }
 
 impl Fleet {
@@ -92,13 +97,19 @@ impl Fleet {
     }
 
     fn empty(extra: &str) -> Fleet {
+        Fleet::empty_in(extra, None)
+    }
+
+    /// A fleet without replicas whose Redis servers also listen on `netns`'s host address.
+    fn empty_in(extra: &str, netns: Option<common::netns::NetNs>) -> Fleet {
         let tmp = tempfile::tempdir().unwrap();
-        let redis = RedisServer::start(tmp.path());
-        let state = RedisServer::start_args(
-            tmp.path(),
-            redis_kit::free_port(),
-            &["--appendonly", "yes", "--appendfsync", "always"],
-        );
+        let mut bind = vec!["--bind".to_string(), "127.0.0.1".to_string()];
+        bind.extend(netns.as_ref().map(|n| n.host_ip.to_string()));
+        let bind: Vec<&str> = bind.iter().map(String::as_str).collect();
+        let redis = RedisServer::start_args(tmp.path(), redis_kit::free_port(), &bind);
+        let mut state_args = vec!["--appendonly", "yes", "--appendfsync", "always"];
+        state_args.extend(&bind);
+        let state = RedisServer::start_args(tmp.path(), redis_kit::free_port(), &state_args);
         let tls = common::certs::split_tls_dir(tmp.path());
         Fleet {
             tmp,
@@ -107,6 +118,7 @@ impl Fleet {
             tls,
             replicas: Vec::new(),
             extra: extra.to_string(),
+            netns,
         }
     }
 
@@ -132,21 +144,55 @@ impl Fleet {
         std::fs::create_dir_all(&dir).unwrap();
         let cairn = Cairn::start_with(
             &dir,
-            &REPLICA
-                .replace("@REDIS@", &self.redis.url())
-                .replace("@STATE@", state)
-                .replace("@SCHEDULER_EXTRA@", &self.extra)
-                .replace("@WORKER_API@", &worker_api.to_string())
-                .replace(
-                    "@WORKER_API_TLS@",
-                    &common::certs::worker_api_tls(&self.tls),
-                ),
+            &self.replica_config(&self.redis.url(), state, worker_api),
             Some(addr.unwrap_or_else(free_addr)),
         );
         Replica {
             cairn,
             worker_api,
             label,
+            in_netns: false,
+        }
+    }
+
+    fn replica_config(&self, redis: &str, state: &str, worker_api: SocketAddr) -> String {
+        REPLICA
+            .replace("@REDIS@", redis)
+            .replace("@STATE@", state)
+            .replace("@SCHEDULER_EXTRA@", &self.extra)
+            .replace("@WORKER_API@", &worker_api.to_string())
+            .replace(
+                "@WORKER_API_TLS@",
+                &common::certs::worker_api_tls(&self.tls),
+            )
+    }
+
+    /// Replica `i` inside the fleet's network namespace: it reaches both Redis servers over
+    /// the veth pair, and listens on the namespace's own loopback (its workers run there
+    /// too, see [`Fleet::worker`]).
+    fn replica_in_netns(&self, i: usize) -> Replica {
+        let ns = self.netns.as_ref().expect("a fleet with a namespace");
+        let label = format!("replica-{i}");
+        let dir = self.tmp.path().join(&label);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A fresh namespace: any port is free on its loopback.
+        let (addr, worker_api) = (free_addr(), free_addr());
+        let at = |port: u16| format!("redis://{}:{port}", ns.host_ip);
+        let config = dir.join("cairn.json5");
+        std::fs::write(
+            &config,
+            self.replica_config(&at(self.redis.port), &at(self.state.port), worker_api)
+                .replace("@ADDR@", &addr.to_string()),
+        )
+        .unwrap();
+        let mut command = ns.command(env!("CARGO_BIN_EXE_cairn"));
+        command.arg("run").arg(&config);
+        let cairn = Cairn::spawn_until_listening(command, &dir, config.clone());
+        Replica {
+            cairn,
+            worker_api,
+            label,
+            in_netns: true,
         }
     }
 
@@ -161,8 +207,14 @@ impl Fleet {
         std::fs::create_dir_all(&data).unwrap();
         let config: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../deployment-examples/split/worker.json5");
-        CairnWorker::start(
+        // A worker of a replica in the namespace runs there too, beside it.
+        let command = match (&self.netns, r.in_netns) {
+            (Some(ns), true) => ns.command(env!("CARGO_BIN_EXE_cairn")),
+            _ => std::process::Command::new(env!("CARGO_BIN_EXE_cairn")),
+        };
+        CairnWorker::start_in(
             name,
+            command,
             &config,
             &[
                 (
@@ -662,86 +714,18 @@ async fn redis_stopped_for_30_s_answers_unavailable_then_recovers_without_a_rest
     }
 }
 
-/// A TCP proxy the test can cut, as a network partition does: while cut, nothing passes
-/// either way and nothing is closed (connections hang, new ones connect and hang).
-struct PartitionProxy {
-    port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl PartitionProxy {
-    async fn start(upstream: u16) -> PartitionProxy {
-        use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = cut.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let cut = flag.clone();
-                conns.spawn(async move {
-                    while cut.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                    else {
-                        return;
-                    };
-                    let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
-                    async fn pipe(
-                        mut r: tokio::net::tcp::OwnedReadHalf,
-                        mut w: tokio::net::tcp::OwnedWriteHalf,
-                        cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-                    ) {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = match r.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            while cut.load(Ordering::Relaxed) {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                            if w.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    tokio::select! {
-                        _ = pipe(cr, sw, cut.clone()) => {}
-                        _ = pipe(sr, cw, cut) => {}
-                    }
-                });
-            }
-        });
-        PartitionProxy { port, cut, task }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for PartitionProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
+/// Part 3's partition: replica 0 and its worker run in a network namespace of their own,
+/// joined by one veth pair to the test's namespace, where both Redis servers listen (the
+/// namespace reaches nothing else). The test cuts the link (its host end goes down: packets
+/// are dropped, nothing is closed): the cut-off replica cannot renew its lease, stops the
+/// action its worker runs and hands out nothing more; replica 1 re-queues the action when the
+/// lease expires and runs it on its own worker, without the client noticing. When the link
+/// comes back, replica 0 claims work again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it() {
-    let mut fleet = Fleet::empty("");
-    let proxy = PartitionProxy::start(fleet.state.port).await;
-    // Replica 0 reaches the state through the proxy; replica 1 directly.
-    let r0 = fleet.replica_via(0, &proxy.url());
+async fn a_replica_partitioned_from_redis_stops_handing_out_work_and_recovers_when_the_link_returns(
+) {
+    let mut fleet = Fleet::empty_in("", Some(common::netns::NetNs::create()));
+    let r0 = fleet.replica_in_netns(0);
     fleet.replicas.push(Some(r0));
     let r1 = fleet.replica(1);
     fleet.replicas.push(Some(r1));
@@ -750,7 +734,7 @@ async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it
     let flag = fleet.tmp.path().join("attempt-1");
     let digest = upload(b.clone(), &first_sleeps(&flag), false).await;
     let mut ops = execute(b.clone(), &digest).await;
-    let name = first(&mut ops).await.name;
+    first(&mut ops).await;
     let mut ran = String::new();
     wait_for("the first attempt starts on replica 0's worker", || {
         ran = std::fs::read_to_string(&flag).unwrap_or_default();
@@ -760,7 +744,8 @@ async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it
     assert!(ran.contains("worker-w0"), "{ran}");
     let pid = flag_pid(&ran);
 
-    proxy.set_cut(true);
+    let ns = fleet.netns.as_ref().unwrap();
+    ns.cut();
     let cut = Instant::now();
     // Replica 0 cannot renew its lease: it stops the action; replica 1 re-queues it.
     wait_for("the cut-off replica stops the running action", || {
@@ -768,33 +753,44 @@ async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it
     })
     .await;
     eprintln!(
-        "cut-off replica stopped its action {:?} after the cut",
+        "partition: the cut-off replica stopped its action {:?} after the cut",
         cut.elapsed()
     );
     // A worker on the replica that still reaches Redis runs it; the client never noticed.
-    let _w1 = fleet.worker("w1", 1);
+    let w1 = fleet.worker("w1", 1);
     let done = until_done(ops).await.unwrap();
     let out = stdout(b.clone(), &response(&done)).await;
     assert!(out.contains("second") && out.contains("worker-w1"), "{out}");
-    eprintln!("completed elsewhere {:?} after the cut", cut.elapsed());
+    eprintln!(
+        "partition: completed through replica 1 {:?} after the cut",
+        cut.elapsed()
+    );
 
-    // While cut off, replica 0 hands nothing to its idle worker; after the cut heals it
-    // claims again.
+    // While cut off, replica 0 hands nothing to its idle worker (no worker elsewhere: the
+    // operation waits queued, never runs on w0).
+    drop(w1);
     let marker = fleet.tmp.path().join("ran-on-0");
     let script = format!("pwd > {}; echo healed", marker.display());
     let digest = upload(b.clone(), &script, true).await;
-    drop(_w1);
     let mut ops = execute(b.clone(), &digest).await;
-    first(&mut ops).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let name = first(&mut ops).await.name;
+    // Longer than a lease and a claiming pass: a replica that still claimed would have.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!marker.exists(), "a cut-off replica handed out work");
-    proxy.set_cut(false);
+    let op = get_operation(b.clone(), &name).await.unwrap();
+    assert_eq!(stage(&op), re::execution_stage::Value::Queued);
+
+    ns.heal();
+    let healed = Instant::now();
     let done = until_done(ops).await.unwrap();
     assert!(stdout(b, &response(&done)).await.contains("healed"));
     assert!(std::fs::read_to_string(&marker)
         .unwrap()
         .contains("worker-w0"));
-    let _ = name;
+    eprintln!(
+        "partition: replica 0 ran work again {:?} after the link came back",
+        healed.elapsed()
+    );
 }
 
 // ---- NativeLink's reported failures, each shown not to happen here --------------------------
