@@ -1034,6 +1034,55 @@ async fn an_operation_no_replica_s_worker_can_run_fails_after_the_grace_period()
     assert!(stdout(b, &response(&done)).await.contains("fine"));
 }
 
+/// No action queues forever behind work nobody can run: 200 queued operations that no worker
+/// can run (an OS no worker has) ahead of one that a connected worker can run: that one runs
+/// at once, found in its platform's queue, however deep it sits in the shared one. The 200
+/// stay queued (their grace period is long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_deep_in_the_queue_runs_at_once_when_a_worker_can_run_it() {
+    let fleet = Fleet::start_with(2, "unschedulable_grace_period_s: 600,");
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let mut blobs = Vec::new();
+    let mut blocked = Vec::new();
+    for i in 0..200 {
+        let script = format!("echo blocked {i}");
+        let (digest, more) = ShellAction {
+            script: &script,
+            do_not_cache: true,
+            ..Default::default()
+        }
+        .build_with_platform(&[("OSFamily", "plan9")]);
+        blobs.extend(more);
+        blocked.push(digest.to_proto());
+    }
+    common::actions::upload_blobs(b.clone(), "main", blobs).await;
+    let mut names = Vec::new();
+    for d in &blocked {
+        // Queued, then left: nobody follows them (client_action_timeout_s, 60 s, is longer
+        // than this test).
+        let mut ops = execute(b.clone(), d).await;
+        names.push(first(&mut ops).await.name);
+    }
+    let depth = fleet.state.cli(&["ZCARD", "cairn:scheduler:MAIN:queue"]);
+    assert_eq!(depth.trim(), "200", "the 200 are queued");
+    let digest = upload(a.clone(), "echo runnable", true).await;
+    let started = Instant::now();
+    let done = until_done(execute(a.clone(), &digest).await).await.unwrap();
+    let took = started.elapsed();
+    assert!(stdout(a.clone(), &response(&done))
+        .await
+        .contains("runnable"));
+    eprintln!("the operation behind 200 that no worker can run completed in {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The 200 are still queued, not failed.
+    for name in [&names[0], &names[199]] {
+        let op = get_operation(a.clone(), name).await.unwrap();
+        assert_eq!(stage(&op), re::execution_stage::Value::Queued, "{name}");
+    }
+}
+
 /// `client_action_timeout_s`: an operation that no client of any replica follows any more is
 /// dropped (CANCELLED) and its command stopped; while one follows, it lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,9 @@
 //!
 //! Each replica keeps its own pure core (`driver.rs`) for the workers connected to it, and
 //! only for them: it claims queued operations from Redis that one of its workers can start now
-//! (`Scheduler::could_start`), hands each to its core, holds a lease on it that it renews every
+//! (`Scheduler::could_start`, asked per platform-property set, each set having its own queue
+//! beside the shared one, so that nothing runnable waits behind what nobody can run), hands
+//! each to its core, holds a lease on it that it renews every
 //! lease/3, and writes the result back ([`replica`]). Every replica re-queues the operations
 //! whose lease expired (their replica died or lost Redis), within `max_job_retries`. A client
 //! of any replica submits to Redis and follows the operation there: it reads the operation's

@@ -16,8 +16,11 @@ use tokio::sync::mpsc;
 use super::{error_response, SharedScheduler};
 use crate::execution::driver::{ActionPayload, OpUpdate};
 
-/// Queued operations looked at per claiming pass.
+/// Queued operations looked at per claiming pass: the head of the shared queue and of each
+/// platform's queue that a local worker could start.
 const PEEK: usize = 128;
+/// Platform sets looked at per pass (a random sample of them when there are more).
+const PLATFORM_SETS: usize = 256;
 /// Wait before re-subscribing after the pub/sub connection dropped (doubled after each
 /// failure, up to `RESUBSCRIBE_MAX`).
 const RESUBSCRIBE: Duration = Duration::from_millis(250);
@@ -128,25 +131,40 @@ async fn claim_pass(me: &Arc<SharedScheduler>) -> Result<(), Error> {
         if !me.healthy.load(Ordering::Relaxed) || me.stopping.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let flat: Vec<Vec<u8>> = me
-            .script(
-                "reading the queue",
-                |s| &s.peek,
-                vec![PEEK.to_string().into_bytes()],
-            )
-            .await?;
+        // The platforms with queued work that a local worker could start now, each on its
+        // own, so that one waiting deep in the shared queue is found as soon as one at its
+        // head.
+        let sets = queued_platforms(me).await?;
+        let mut fitting = Vec::new();
+        for (sha, platform) in sets {
+            if me.local.could_start(vec![platform]).await?.first() == Some(&true) {
+                fitting.push(sha);
+            }
+        }
+        let per_set = (PEEK / fitting.len().max(1)).max(16);
+        let mut args = vec![per_set.to_string().into_bytes()];
+        args.extend(fitting.into_iter().map(String::into_bytes));
+        let flat: Vec<Vec<u8>> = me.script("reading the queue", |s| &s.peek, args).await?;
         if flat.is_empty() {
             return Ok(());
         }
-        let mut ids = Vec::new();
-        let mut platforms = Vec::new();
-        for pair in flat.chunks(2) {
-            let [id, platform] = pair else { continue };
+        let mut candidates = Vec::new();
+        for triple in flat.chunks(3) {
+            let [id, platform, score] = triple else {
+                continue;
+            };
             let platform: Vec<(String, String)> =
                 serde_json::from_slice(platform).unwrap_or_default();
-            ids.push(String::from_utf8_lossy(id).into_owned());
-            platforms.push(platform);
+            let score: f64 = std::str::from_utf8(score)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0.0);
+            candidates.push((score, String::from_utf8_lossy(id).into_owned(), platform));
         }
+        // In the shared queue's order, whichever queue each came from.
+        candidates.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let (ids, platforms): (Vec<String>, Vec<_>) =
+            candidates.into_iter().map(|(_, id, p)| (id, p)).unzip();
         let fits = me.local.could_start(platforms).await?;
         let mut claimed = 0;
         for (id, fit) in ids.iter().zip(fits) {
@@ -181,10 +199,34 @@ async fn claim_pass(me: &Arc<SharedScheduler>) -> Result<(), Error> {
                 let _ = hand_back(me, id, fence, &e.message).await;
             }
         }
-        if claimed == 0 || ids.len() < PEEK {
+        if claimed == 0 {
             return Ok(());
         }
     }
+}
+
+/// The platform sets that have queued operations (a sample of [`PLATFORM_SETS`] when there
+/// are more): SHA and properties.
+async fn queued_platforms(
+    me: &Arc<SharedScheduler>,
+) -> Result<Vec<(String, Vec<(String, String)>)>, Error> {
+    let flat: Vec<Vec<u8>> = me
+        .script(
+            "reading the queued platforms",
+            |s| &s.platforms,
+            vec![PLATFORM_SETS.to_string().into_bytes()],
+        )
+        .await?;
+    Ok(flat
+        .chunks(2)
+        .filter_map(|pair| {
+            let [sha, platform] = pair else { return None };
+            Some((
+                String::from_utf8_lossy(sha).into_owned(),
+                serde_json::from_slice(platform).unwrap_or_default(),
+            ))
+        })
+        .collect())
 }
 
 /// Hands a claimed operation (its [`CLAIM_FIELDS`], in order) to this replica's core; a task
@@ -388,16 +430,29 @@ async fn fail_unschedulable(me: &Arc<SharedScheduler>) -> Result<(), Error> {
         .unschedulable_grace
         .as_millis()
         .min(i64::MAX as u128);
-    let flat: Vec<Vec<u8>> = me
-        .script(
-            "reading waiting operations",
-            |s| &s.waiting,
-            vec![
-                grace.to_string().into_bytes(),
-                PEEK.to_string().into_bytes(),
-            ],
-        )
-        .await?;
+    // The head of the shared queue (what an older replica queued without a platform's
+    // queue), then each platform that no worker of any replica could run.
+    let mut queues = vec![String::new()];
+    for (sha, platform) in queued_platforms(me).await? {
+        if cairn_scheduler::unschedulable(&platform, &workers, &me.opts.matching).is_some() {
+            queues.push(sha);
+        }
+    }
+    let mut flat: Vec<Vec<u8>> = Vec::new();
+    for sha in queues {
+        let more: Vec<Vec<u8>> = me
+            .script(
+                "reading waiting operations",
+                |s| &s.waiting,
+                vec![
+                    grace.to_string().into_bytes(),
+                    PEEK.to_string().into_bytes(),
+                    sha.into_bytes(),
+                ],
+            )
+            .await?;
+        flat.extend(more);
+    }
     for pair in flat.chunks(2) {
         let [id, platform] = pair else { continue };
         let id = String::from_utf8_lossy(id);

@@ -10,6 +10,8 @@
 //! |---|---|---|
 //! | `P op:ID` | hash | one operation (see [`super::OpFields`]) |
 //! | `P queue` | sorted set | queued operation ids, by priority then enqueue time |
+//! | `P pq:SHA` | sorted set | the same, for the operations whose platform (JSON) has SHA-1 `SHA` |
+//! | `P platforms` | hash | SHA -> platform (JSON) of each `pq:` set; dropped when its set is empty |
 //! | `P leases` | sorted set | executing operation ids, by lease expiry (ms) |
 //! | `P action:KEY` | string | the live operation of a cacheable action (merging) |
 //! | `P ops` | sorted set | every operation id, all at score 0 so that they sort by name (ListOperations); pruned of expired ones as listing and reaping pass them |
@@ -27,6 +29,27 @@ local function now_ms()
 end
 ";
 
+/// The queue: every queued id is in `queue` (the shared order) and in its platform's
+/// `pq:SHA` (so a replica finds what its workers can run however deep it sits).
+const QUEUE: &str = r"
+local function qadd(P, id, score)
+  redis.call('ZADD', P .. 'queue', score, id)
+  local platform = redis.call('HGET', P .. 'op:' .. id, 'platform')
+  if platform then
+    local sha = redis.sha1hex(platform)
+    redis.call('ZADD', P .. 'pq:' .. sha, score, id)
+    redis.call('HSET', P .. 'platforms', sha, platform)
+  end
+end
+local function qrem(P, id)
+  redis.call('ZREM', P .. 'queue', id)
+  local platform = redis.call('HGET', P .. 'op:' .. id, 'platform')
+  if platform then
+    redis.call('ZREM', P .. 'pq:' .. redis.sha1hex(platform), id)
+  end
+end
+";
+
 /// Ends an operation: the result or error fields, stage `completed`, out of the queue and
 /// the leases, the merge key freed, expiry set, watchers told.
 const FINISH: &str = r"
@@ -34,7 +57,7 @@ local function finish(P, id, fields, retain_ms)
   local k = P .. 'op:' .. id
   redis.call('HSET', k, 'state', 'completed', 'done_ms', now_ms(), unpack(fields))
   redis.call('HDEL', k, 'owner')
-  redis.call('ZREM', P .. 'queue', id)
+  qrem(P, id)
   redis.call('ZREM', P .. 'leases', id)
   local key = redis.call('HGET', k, 'key')
   if key and redis.call('GET', P .. 'action:' .. key) == id then
@@ -68,7 +91,7 @@ local function requeue(P, id, reason, max_retries, retain_ms)
   redis.call('ZREM', P .. 'leases', id)
   -- A score that is not a number (written by something else) queues it first, rather than
   -- failing the script and with it every re-queue of the pass.
-  redis.call('ZADD', P .. 'queue', tonumber(redis.call('HGET', k, 'score')) or 0, id)
+  qadd(P, id, tonumber(redis.call('HGET', k, 'score')) or 0)
   redis.call('PUBLISH', P .. 'events', id)
   redis.call('PUBLISH', P .. 'events', 'queue')
   return 1
@@ -87,6 +110,10 @@ if cacheable then
     if state == 'queued' or state == 'executing' then
       if state == 'queued' then
         redis.call('ZADD', P .. 'queue', 'XX', 'LT', score, live)
+        local platform = redis.call('HGET', P .. 'op:' .. live, 'platform')
+        if platform then
+          redis.call('ZADD', P .. 'pq:' .. redis.sha1hex(platform), 'XX', 'LT', score, live)
+        end
       end
       redis.call('SET', P .. 'watched:' .. live, '1', 'PX', watch)
       return live
@@ -97,7 +124,7 @@ local k = P .. 'op:' .. id
 redis.call('HSET', k, 'state', 'queued', 'retries', 0, 'fence', 0, 'key', key, 'score', score,
   'created_ms', now_ms(), 'queued_ms', now_ms(), unpack(ARGV, 7))
 redis.call('SET', P .. 'watched:' .. id, '1', 'PX', watch)
-redis.call('ZADD', P .. 'queue', score, id)
+qadd(P, id, score)
 redis.call('ZADD', P .. 'ops', 0, id)
 if cacheable then
   redis.call('SET', P .. 'action:' .. key, id)
@@ -106,19 +133,56 @@ redis.call('PUBLISH', P .. 'events', 'queue')
 return id
 ";
 
-/// ARGV: prefix, count. The first `count` queued ids with their platform (JSON), flat.
+/// ARGV: prefix, at most how many. The platform sets that have queued operations: SHA and
+/// platform (JSON), flat; all of them, or a random sample of that many when there are more
+/// (so that every set is looked at, over passes). Drops the sets whose queue is empty.
+const PLATFORMS: &str = r"
+local P, max = ARGV[1], tonumber(ARGV[2])
+local flat
+if redis.call('HLEN', P .. 'platforms') <= max then
+  flat = redis.call('HGETALL', P .. 'platforms')
+else
+  flat = redis.call('HRANDFIELD', P .. 'platforms', max, 'WITHVALUES')
+end
+local out = {}
+for i = 1, #flat, 2 do
+  if redis.call('ZCARD', P .. 'pq:' .. flat[i]) == 0 then
+    redis.call('HDEL', P .. 'platforms', flat[i])
+  else
+    out[#out + 1] = flat[i]
+    out[#out + 1] = flat[i + 1]
+  end
+end
+return out
+";
+
+/// ARGV: prefix, count, then platform SHAs. The first `count` ids of the shared queue and of
+/// each named platform's queue, each once: id, platform (JSON), score, flat. Ids without an
+/// operation are dropped from the queue they were read from.
 const PEEK: &str = r"
 local P, n = ARGV[1], tonumber(ARGV[2])
-local ids = redis.call('ZRANGE', P .. 'queue', 0, n - 1)
 local out = {}
-for _, id in ipairs(ids) do
-  local platform = redis.call('HGET', P .. 'op:' .. id, 'platform')
-  if platform then
-    out[#out + 1] = id
-    out[#out + 1] = platform
-  else
-    redis.call('ZREM', P .. 'queue', id)
+local seen = {}
+local function take(key)
+  local ids = redis.call('ZRANGE', key, 0, n - 1, 'WITHSCORES')
+  for i = 1, #ids, 2 do
+    local id = ids[i]
+    if not seen[id] then
+      local platform = redis.call('HGET', P .. 'op:' .. id, 'platform')
+      if platform then
+        seen[id] = true
+        out[#out + 1] = id
+        out[#out + 1] = platform
+        out[#out + 1] = ids[i + 1]
+      else
+        redis.call('ZREM', key, id)
+      end
+    end
   end
+end
+take(P .. 'queue')
+for i = 3, #ARGV do
+  take(P .. 'pq:' .. ARGV[i])
 end
 return out
 ";
@@ -130,7 +194,7 @@ const CLAIM: &str = r"
 local P, id, replica, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local k = P .. 'op:' .. id
 if redis.call('HGET', k, 'state') ~= 'queued' then
-  redis.call('ZREM', P .. 'queue', id)
+  qrem(P, id)
   return {}
 end
 local fence = redis.pcall('HINCRBY', k, 'fence', 1)
@@ -140,7 +204,7 @@ if type(fence) ~= 'number' then
   redis.call('HSET', k, 'fence', fence)
 end
 redis.call('HSET', k, 'state', 'executing', 'owner', replica, 'started_ms', now_ms())
-redis.call('ZREM', P .. 'queue', id)
+qrem(P, id)
 redis.call('ZADD', P .. 'leases', now_ms() + lease, id)
 redis.call('PUBLISH', P .. 'events', id)
 local out = {tostring(fence)}
@@ -290,11 +354,14 @@ end
 return out
 ";
 
-/// ARGV: prefix, grace ms, count. The first `count` queued operations that have waited at
-/// least `grace` since they were (last) queued: id, platform, flat.
+/// ARGV: prefix, grace ms, count, platform SHA ('' for the shared queue). Of the first
+/// `count` operations of that queue, those that have waited at least `grace` since they were
+/// (last) queued: id, platform, flat.
 const WAITING: &str = r"
-local P, grace, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local ids = redis.call('ZRANGE', P .. 'queue', 0, n - 1)
+local P, grace, n, sha = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local key = P .. 'queue'
+if sha ~= '' then key = P .. 'pq:' .. sha end
+local ids = redis.call('ZRANGE', key, 0, n - 1)
 local out = {}
 local now = now_ms()
 for _, id in ipairs(ids) do
@@ -327,7 +394,7 @@ return out
 ";
 
 fn with_helpers(body: &str) -> String {
-    format!("{NOW}{FINISH}{REQUEUE_FN}{body}")
+    format!("{NOW}{QUEUE}{FINISH}{REQUEUE_FN}{body}")
 }
 
 /// One script: its text and SHA-1, run with EVALSHA and, when Redis does not have it yet (a
@@ -370,6 +437,7 @@ impl Lua {
 /// Every script of the shared state.
 pub struct Scripts {
     pub submit: Lua,
+    pub platforms: Lua,
     pub peek: Lua,
     pub claim: Lua,
     pub renew: Lua,
@@ -388,6 +456,7 @@ impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
             submit: Lua::new(SUBMIT),
+            platforms: Lua::new(PLATFORMS),
             peek: Lua::new(PEEK),
             claim: Lua::new(CLAIM),
             renew: Lua::new(RENEW),
