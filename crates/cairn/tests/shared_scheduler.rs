@@ -714,6 +714,76 @@ async fn redis_stopped_for_30_s_answers_unavailable_then_recovers_without_a_rest
     }
 }
 
+/// A Redis outage longer than `client_action_timeout_s` drops nothing: the clients could not
+/// renew their marks while Redis was away, so after it returns they get a whole client
+/// timeout to follow again. One operation running and one queued behind it, both followed;
+/// Redis stopped for 5 s with a 2 s client timeout; the clients come back 1 s after it
+/// returns: both complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_longer_than_the_client_timeout_drops_no_operation() {
+    let mut fleet = Fleet::start_with(2, "client_action_timeout_s: 2,");
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let running = upload(a.clone(), &first_sleeps(&flag), true).await;
+    let queued = upload(a.clone(), "echo queued behind", true).await;
+    let mut ops = Vec::new();
+    let mut names = Vec::new();
+    for d in [&running, &queued] {
+        let mut s = execute(b.clone(), d).await;
+        names.push(first(&mut s).await.name);
+        ops.push(s);
+    }
+    wait_for("the first attempt starts", || flag.exists()).await;
+    fleet.state.kill();
+    for s in ops {
+        let e = until_done(s).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    }
+    // Longer than the client timeout (and the lease) without Redis.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    fleet.state.restart();
+    let back = Instant::now();
+    // The clients' own back-off: within the client timeout of Redis's return.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut outs = Vec::new();
+    for name in &names {
+        let done = loop {
+            match wait_execution(a.clone(), name).await {
+                Ok(s) => match until_done(s).await {
+                    Ok(op) => break op,
+                    Err(e) if e.code() == tonic::Code::Unavailable => {}
+                    Err(e) => panic!("{name}: {e}"),
+                },
+                Err(e) if e.code() == tonic::Code::Unavailable => {}
+                Err(e) => panic!("{name}: {e}"),
+            }
+            assert!(back.elapsed() < DEADLINE, "no recovery");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        outs.push(stdout(a.clone(), &response(&done)).await);
+    }
+    assert!(outs[0].contains("second"), "{outs:?}");
+    assert!(outs[1].contains("queued behind"), "{outs:?}");
+    // And one that nobody follows after the outage is still dropped, a client timeout later.
+    let digest = upload(a.clone(), "sleep 60", true).await;
+    let mut s = execute(b.clone(), &digest).await;
+    let name = first(&mut s).await.name;
+    drop(s);
+    let left = Instant::now();
+    let done = loop {
+        let op = get_operation(b.clone(), &name).await.unwrap();
+        if op.done {
+            break op;
+        }
+        assert!(left.elapsed() < DEADLINE, "never dropped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::Cancelled as i32, "{st:?}");
+}
+
 /// Part 3's partition: replica 0 and its worker run in a network namespace of their own,
 /// joined by one veth pair to the test's namespace, where both Redis servers listen (the
 /// namespace reaches nothing else). The test cuts the link (its host end goes down: packets

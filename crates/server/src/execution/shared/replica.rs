@@ -512,6 +512,8 @@ async fn renew_and_reap(me: &Arc<SharedScheduler>) -> Result<(), Error> {
             vec![
                 me.opts.max_job_retries.to_string().into_bytes(),
                 retain.to_string().into_bytes(),
+                me.opts.lease.as_millis().to_string().into_bytes(),
+                me.watch_ms().to_string().into_bytes(),
             ],
         )
         .await?;

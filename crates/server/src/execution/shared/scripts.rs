@@ -17,6 +17,7 @@
 //! | `P ops` | sorted set | every operation id, all at score 0 so that they sort by name (ListOperations); pruned of expired ones as listing and reaping pass them |
 //! | `P prune` | string | where the last pruning pass of `ops` stopped |
 //! | `P watched:ID` | string | present while a client follows the live operation (expires `client_action_timeout_s` after the last follower's read) |
+//! | `P heard`, `P resumed` | string | when a replica's lease pass last ran, and when one last ran after a gap longer than a lease (an outage): no operation is dropped for want of a follower within `client_action_timeout_s` of that |
 //! | `P replicas` | set | replica ids that recorded their workers |
 //! | `P workers:REPLICA` | string | that replica's workers' properties (JSON), expiring 3 leases after its last record |
 //! | `P events` | channel | an operation id when its stage changes; `queue` when work was queued |
@@ -272,13 +273,24 @@ end
 return requeue(P, id, ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 ";
 
-/// ARGV: prefix, max retries, retain ms. Re-queues (or fails) every executing operation whose
-/// lease has expired: its replica died, or lost Redis. Then passes over the next 500 entries
-/// of the `ops` index (from where the last pass stopped): drops those that have expired, and
-/// ends CANCELLED the live ones that no client follows any more (`watched:` expired).
-/// Returns how many it re-queued.
+/// ARGV: prefix, max retries, retain ms, lease ms, watch ms. Re-queues (or fails) every
+/// executing operation whose lease has expired: its replica died, or lost Redis. Then passes
+/// over the next 500 entries of the `ops` index (from where the last pass stopped): drops
+/// those that have expired, and ends CANCELLED the live ones that no client follows any more
+/// (`watched:` expired), except within `watch` after an outage: when no replica's pass came
+/// for longer than a lease (Redis was down, or no replica reached it), the clients' marks
+/// expired while they could not renew them, so they get a whole `client_action_timeout_s`
+/// from the end of the outage to follow again. Returns how many it re-queued.
 const REAP: &str = r"
 local P, max_retries, retain = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local lease, watch = tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = now_ms()
+local heard = tonumber(redis.call('GET', P .. 'heard') or '')
+redis.call('SET', P .. 'heard', now)
+if heard and now - heard > lease then
+  redis.call('SET', P .. 'resumed', now)
+end
+local may_drop = now - (tonumber(redis.call('GET', P .. 'resumed') or '') or 0) >= watch
 local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, 100)
 for _, id in ipairs(ids) do
   local k = P .. 'op:' .. id
@@ -298,7 +310,7 @@ for _, id in ipairs(seen) do
   local state = redis.call('HGET', P .. 'op:' .. id, 'state')
   if not state then
     redis.call('ZREM', P .. 'ops', id)
-  elseif state ~= 'completed' and redis.call('EXISTS', P .. 'watched:' .. id) == 0 then
+  elseif may_drop and state ~= 'completed' and redis.call('EXISTS', P .. 'watched:' .. id) == 0 then
     finish(P, id, {'err_code', 1, 'err_msg', 'no client followed the operation for ' ..
       'client_action_timeout_s: it was dropped'}, retain)
   end
