@@ -1352,28 +1352,87 @@ async fn rolling_client(
     Ok(n)
 }
 
+/// `cairn bench execute` as a child process: its stdout collected, its stderr passed on.
+struct BenchRun {
+    child: std::process::Child,
+    stdout: std::thread::JoinHandle<String>,
+}
+
+impl BenchRun {
+    fn start(endpoint: SocketAddr, clients: usize, requests: usize) -> BenchRun {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["bench", "execute", "--instance-name", "main"])
+            .arg("--endpoint")
+            .arg(format!("grpc://{endpoint}"))
+            .arg("--clients")
+            .arg(clients.to_string())
+            .arg("--requests")
+            .arg(requests.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start cairn bench execute");
+        let mut out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut text);
+            text
+        });
+        BenchRun { child, stdout }
+    }
+
+    /// SIGINT (no new actions, those in flight finish), then its exit status and output.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: kill(2) with the bench's pid, which is not reaped yet (the handle is alive).
+        let r = unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        assert_eq!(r, 0);
+        let deadline = Instant::now() + Duration::from_secs(150);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("cairn bench execute did not end after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status, self.stdout.join().unwrap())
+    }
+}
+
 /// Part 4 of the issue: the replicas are restarted one at a time (SIGTERM, drain, start again
-/// on the same ports, as a rolling update replaces pods behind a Service) while two clients
-/// keep executing actions through whichever replica answers: no operation is lost, and each
-/// one's output is its own.
+/// on the same ports, as a rolling update replaces pods behind a Service) under a steady load
+/// of `cairn bench execute` (4 clients, through a TCP front that sends each new connection to
+/// the first replica that accepts it, as a load balancer would), and of one test client that
+/// checks each action's own output: no operation is lost. The bench follows its operations
+/// again with WaitExecution when a stream breaks, and exits non-zero on any failed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_restart_of_every_replica_under_load_loses_no_operation() {
+async fn a_rolling_restart_of_every_replica_under_bench_load_loses_no_operation() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let mut fleet = Fleet::start(3);
     let _workers: Vec<CairnWorker> = (0..3).map(|i| fleet.worker(&format!("w{i}"), i)).collect();
     let addrs: Vec<SocketAddr> = (0..3).map(|i| fleet.r(i).cairn.addr).collect();
+    let front = common::front::Front::start(addrs.clone());
+    let bench = BenchRun::start(front.addr, 4, 50_000);
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..2)
-        .map(|c| tokio::spawn(rolling_client(c, addrs.clone(), stop.clone(), done.clone())))
-        .collect();
-    // Whether `at_least` runs are done within the deadline.
+    let client = tokio::spawn(rolling_client(0, addrs, stop.clone(), done.clone()));
+    let state_port = fleet.state.port;
+    // Operations submitted so far (the bench's and the client's): each bench client submits
+    // its next action only once its previous one completed.
+    let submitted = move || {
+        redis_kit::cli(state_port, &["ZCARD", "cairn:scheduler:MAIN:ops"])
+            .trim()
+            .parse::<usize>()
+            .unwrap_or(0)
+    };
+    // Whether `at_least` more operations are submitted within the deadline.
     let progress = |at_least: usize| {
-        let done = done.clone();
+        let from = submitted();
         async move {
             let start = Instant::now();
-            while done.load(Ordering::Relaxed) < at_least {
+            while submitted() < from + at_least {
                 if start.elapsed() > DEADLINE {
                     return false;
                 }
@@ -1383,7 +1442,7 @@ async fn a_rolling_restart_of_every_replica_under_load_loses_no_operation() {
         }
     };
     let mut stalled = None;
-    assert!(progress(4).await, "no load before the update");
+    assert!(progress(40).await, "no load before the update");
     for i in 0..3 {
         let r = fleet.replicas[i].take().expect("replica running");
         let (addr, worker_api) = (r.cairn.addr, r.worker_api);
@@ -1395,32 +1454,44 @@ async fn a_rolling_restart_of_every_replica_under_load_loses_no_operation() {
             status.success(),
             "replica {i} exited with {status} after SIGTERM"
         );
-        let before = done.load(Ordering::Relaxed);
         let state = fleet.state.url();
         fleet.replicas[i] = Some(fleet.replica_at(i, &state, Some(addr), worker_api));
         eprintln!("rolling update: replica-{i} is back");
         // The load goes on through the new replica set before the next one is replaced.
-        if !progress(before + 3).await {
+        if !progress(20).await {
             stalled = Some(format!(
-                "no 3 runs completed within {DEADLINE:?} after replica-{i} came back \
-                 ({before} done before)"
+                "no 20 operations submitted within {DEADLINE:?} after replica-{i} came back"
             ));
             break;
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    let mut lost = Vec::new();
-    for c in clients {
-        match c.await.unwrap() {
-            Ok(n) => total += n,
-            Err(e) => lost.push(e),
-        }
-    }
+    let (status, report) = tokio::task::spawn_blocking(move || bench.stop())
+        .await
+        .unwrap();
+    eprintln!("{report}");
+    let client = client.await.unwrap();
+    assert!(stalled.is_none(), "{stalled:?}");
     assert!(
-        lost.is_empty() && stalled.is_none(),
-        "{stalled:?}; lost: {lost:#?}"
+        status.success(),
+        "cairn bench execute reported failed operations ({status}):\n{report}"
     );
-    eprintln!("rolling update: {total} operations, all completed with their own output");
-    assert!(total >= 13);
+    let errors = report
+        .lines()
+        .find_map(|l| l.strip_prefix("execute errors:"))
+        .map(str::trim);
+    assert_eq!(errors, Some("0"), "{report}");
+    let ran: usize = report
+        .lines()
+        .find_map(|l| l.strip_prefix("execute:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the bench's count");
+    let checked = client.unwrap_or_else(|e| panic!("the checking client lost one: {e}"));
+    eprintln!(
+        "rolling update: the bench completed {ran} operations, the checking client {checked}, \
+         none lost"
+    );
+    assert!(ran >= 60, "{report}");
+    drop(front);
 }

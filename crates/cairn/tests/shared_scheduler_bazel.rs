@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::bazel::{self, Bazel, COMMAND_DEADLINE};
+use common::front::Front;
 use common::{free_addr, Cairn, CairnWorker};
 use redis_kit::RedisServer;
 
@@ -48,41 +49,6 @@ const REPLICA: &str = r#"{
       services: { worker_api: { scheduler: "MAIN" } } },
   ],
 }"#;
-
-/// A TCP front: each new connection goes to the first backend, in order, that accepts it.
-/// Runs on a runtime of its own until dropped.
-struct Front {
-    addr: SocketAddr,
-    _rt: tokio::runtime::Runtime,
-}
-
-impl Front {
-    fn start(backends: Vec<SocketAddr>) -> Front {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        rt.spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let backends = backends.clone();
-                tokio::spawn(async move {
-                    for b in backends {
-                        if let Ok(mut server) = tokio::net::TcpStream::connect(b).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Front { addr, _rt: rt }
-    }
-}
 
 fn find_file(root: &Path, name: &str) -> Option<PathBuf> {
     for entry in std::fs::read_dir(root).ok()?.flatten() {

@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod certs;
 pub mod emulators;
 pub mod fault_proxy;
+pub mod front;
 pub mod netns;
 pub mod tools;
 
