@@ -53,6 +53,7 @@ const REPLICA: &str = r#"{
         bytestream: [{ instance_name: "main", cas_store: "CAS" }],
         execution: [{ instance_name: "main", cas_store: "CAS", scheduler: "MAIN" }],
         capabilities: [{ instance_name: "main", remote_execution: { scheduler: "MAIN" } }],
+        health: {},
       } },
     { listener: { http: { socket_address: "@WORKER_API@", tls: @WORKER_API_TLS@ } },
       services: { worker_api: { scheduler: "MAIN" } } },
@@ -782,6 +783,119 @@ async fn a_redis_outage_longer_than_the_client_timeout_drops_no_operation() {
     };
     let st = response(&done).status.unwrap_or_default();
     assert_eq!(st.code, tonic::Code::Cancelled as i32, "{st:?}");
+}
+
+/// The cluster-wide views: `/status` and `/metrics` of a replica with no worker show the
+/// whole shared queue, every live replica's workers and claims (labelled by replica id), and
+/// which replica is the one answering; a replica killed drops out of them three leases later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_show_the_cluster_and_which_replica_owns_what() {
+    let mut fleet = Fleet::start(2);
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let running = upload(a.clone(), &first_sleeps(&flag), true).await;
+    let mut streams = vec![execute(a.clone(), &running).await];
+    wait_for("the first attempt starts", || flag.exists()).await;
+    for i in 0..2 {
+        let d = upload(a.clone(), &format!("echo behind {i}"), true).await;
+        let mut s = execute(a.clone(), &d).await;
+        first(&mut s).await;
+        streams.push(s);
+    }
+    let addrs: Vec<SocketAddr> = (0..2).map(|i| fleet.r(i).cairn.addr).collect();
+    let status = |i: usize| {
+        let addr = addrs[i];
+        async move {
+            let (code, body) = common::http_get(addr, "/status").await;
+            assert_eq!(code, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["components"]["schedulers/MAIN"].clone()
+        }
+    };
+    let r0 = status(0).await["replica"].as_str().unwrap().to_string();
+    // Each replica records its summary every third of a lease: wait for the first record
+    // made since its worker took the action.
+    let start = Instant::now();
+    let one = loop {
+        let one = status(1).await;
+        let claims = one["cluster"]["replicas"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["replica"] == r0.as_str()))
+            .map(|r| r["claims"].clone());
+        if claims == Some(serde_json::json!(1)) {
+            break one;
+        }
+        assert!(start.elapsed() < DEADLINE, "{one}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let r1 = one["replica"].as_str().unwrap().to_string();
+    assert_ne!(r0, r1);
+    assert_eq!(one["claiming"], true, "{one}");
+    let cluster = &one["cluster"];
+    assert_eq!(cluster["queued"], 2, "{one}");
+    assert_eq!(cluster["executing"], 1, "{one}");
+    assert_eq!(cluster["workers"], 1, "{one}");
+    let replicas = cluster["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 2, "{one}");
+    let of = |id: &str| {
+        replicas
+            .iter()
+            .find(|r| r["replica"] == id)
+            .unwrap_or_else(|| panic!("{id} in {one}"))
+            .clone()
+    };
+    assert_eq!(of(&r0)["workers"], 1, "{one}");
+    assert_eq!(of(&r0)["claims"], 1, "{one}");
+    assert_eq!(of(&r0)["this_replica"], false, "{one}");
+    assert_eq!(of(&r1)["workers"], 0, "{one}");
+    assert_eq!(of(&r1)["this_replica"], true, "{one}");
+
+    let (code, text) = common::http_get(addrs[1], "/metrics").await;
+    assert_eq!(code, 200);
+    let has = |line: &str| text.lines().any(|l| l == line);
+    for line in [
+        "nativelink_cluster_queue_length{scheduler=\"MAIN\"} 2".to_string(),
+        "nativelink_cluster_execution_active_count{scheduler=\"MAIN\",execution_stage=\"executing\"} 1"
+            .to_string(),
+        "nativelink_cluster_replicas{scheduler=\"MAIN\"} 2".to_string(),
+        format!("nativelink_cluster_worker_active_count{{scheduler=\"MAIN\",replica=\"{r0}\"}} 1"),
+        format!("nativelink_cluster_replica_claims{{scheduler=\"MAIN\",replica=\"{r0}\"}} 1"),
+        format!("nativelink_cluster_worker_active_count{{scheduler=\"MAIN\",replica=\"{r1}\"}} 0"),
+        format!("nativelink_scheduler_replica_info{{scheduler=\"MAIN\",replica=\"{r1}\"}} 1"),
+        // This replica's own families: no worker of its own, nothing queued in its core.
+        "nativelink_worker_active_count{scheduler=\"MAIN\"} 0".to_string(),
+    ] {
+        assert!(has(&line), "no line {line:?} in:\n{text}");
+    }
+
+    // A replica that dies leaves the views once its record expires (three leases, 6 s).
+    drop(streams);
+    fleet.kill9(0);
+    let killed = Instant::now();
+    loop {
+        let one = status(1).await;
+        if one["cluster"]["replicas"].as_array().map(Vec::len) == Some(1) {
+            assert_eq!(
+                one["cluster"]["replicas"][0]["replica"],
+                r1.as_str(),
+                "{one}"
+            );
+            break;
+        }
+        assert!(killed.elapsed() < DEADLINE, "the dead replica stays: {one}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the killed replica left the cluster view {:?} after the kill",
+        killed.elapsed()
+    );
+    let (_, text) = common::http_get(addrs[1], "/metrics").await;
+    assert!(!text.contains(&r0), "{text}");
+    assert!(
+        text.contains("nativelink_cluster_replicas{scheduler=\"MAIN\"} 1"),
+        "{text}"
+    );
 }
 
 /// Part 3's partition: replica 0 and its worker run in a network namespace of their own,

@@ -408,6 +408,13 @@ async fn fail_unschedulable(me: &Arc<SharedScheduler>) -> Result<(), Error> {
         .into_iter()
         .map(|w| w.properties)
         .collect();
+    let stats = me.local.stats().await?;
+    let summary = super::ReplicaSummary {
+        workers: stats.workers as u64,
+        slots: stats.total_slots,
+        busy: stats.busy_slots,
+        claims: me.owned.lock().len() as u64,
+    };
     let ttl = (me.opts.lease * 3).as_millis().to_string();
     let records: Vec<String> = me
         .script(
@@ -417,6 +424,7 @@ async fn fail_unschedulable(me: &Arc<SharedScheduler>) -> Result<(), Error> {
                 me.replica.as_bytes().to_vec(),
                 ttl.into_bytes(),
                 serde_json::to_vec(&mine).unwrap_or_default(),
+                serde_json::to_vec(&summary).unwrap_or_default(),
             ],
         )
         .await?;

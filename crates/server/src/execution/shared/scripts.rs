@@ -20,6 +20,7 @@
 //! | `P heard`, `P resumed` | string | when a replica's lease pass last ran, and when one last ran after a gap longer than a lease (an outage): no operation is dropped for want of a follower within `client_action_timeout_s` of that |
 //! | `P replicas` | set | replica ids that recorded their workers |
 //! | `P workers:REPLICA` | string | that replica's workers' properties (JSON), expiring 3 leases after its last record |
+//! | `P replica:REPLICA` | string | that replica's summary for the cluster views (JSON: workers, slots, busy slots, claims held), expiring with its workers' record |
 //! | `P events` | channel | an operation id when its stage changes; `queue` when work was queued |
 
 /// `now` in milliseconds from Redis's clock.
@@ -387,11 +388,15 @@ end
 return out
 ";
 
-/// ARGV: prefix, replica, ttl ms, workers (JSON). Records this replica's workers (each a list
-/// of its properties) until `ttl`; returns every live replica's record.
+/// ARGV: prefix, replica, ttl ms, workers (JSON), summary (JSON, optional). Records this
+/// replica's workers (each a list of its properties) and its summary until `ttl`; returns
+/// every live replica's workers record.
 const WORKERS: &str = r"
 local P, replica, ttl, workers = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 redis.call('SET', P .. 'workers:' .. replica, workers, 'PX', ttl)
+if ARGV[5] then
+  redis.call('SET', P .. 'replica:' .. replica, ARGV[5], 'PX', ttl)
+end
 redis.call('SADD', P .. 'replicas', replica)
 local out = {}
 for _, r in ipairs(redis.call('SMEMBERS', P .. 'replicas')) do
@@ -400,6 +405,24 @@ for _, r in ipairs(redis.call('SMEMBERS', P .. 'replicas')) do
     out[#out + 1] = w
   else
     redis.call('SREM', P .. 'replicas', r)
+  end
+end
+return out
+";
+
+/// ARGV: prefix. The cluster view: queued and executing counts (sizes of `queue` and
+/// `leases`), then replica id and summary (JSON) of each live replica, at most 1,000, flat.
+/// Reads no operation: its cost does not grow with the queue.
+const CLUSTER: &str = r"
+local P = ARGV[1]
+local out = {tostring(redis.call('ZCARD', P .. 'queue')), tostring(redis.call('ZCARD', P .. 'leases'))}
+local replicas = redis.call('SRANDMEMBER', P .. 'replicas', 1000)
+table.sort(replicas)
+for _, r in ipairs(replicas) do
+  local summary = redis.call('GET', P .. 'replica:' .. r)
+  if summary then
+    out[#out + 1] = r
+    out[#out + 1] = summary
   end
 end
 return out
@@ -460,6 +483,7 @@ pub struct Scripts {
     pub waiting: Lua,
     pub workers: Lua,
     pub watch: Lua,
+    pub cluster: Lua,
 }
 
 use cairn_store::redis_store::{redis, Conn};
@@ -479,6 +503,7 @@ impl Scripts {
             waiting: Lua::new(WAITING),
             workers: Lua::new(WORKERS),
             watch: Lua::new(WATCH),
+            cluster: Lua::new(CLUSTER),
         }
     }
 }
