@@ -1,7 +1,7 @@
 //! Scheduler replicas sharing their state in Redis (`simple.experimental_backend: {redis:
-//! {redis_store: ...}}`), as real processes: one Debian `redis-server`, two or three `cairn
-//! run` replicas (CAS and AC in the same Redis, so that every replica serves every blob), and
-//! worker processes (`deployment-examples/split/worker.json5`) each connected to one replica.
+//! {redis_store: ...}}`), as real processes: two Debian `redis-server`s (blobs; scheduler
+//! state), two or three `cairn run` replicas and worker processes each connected to one
+//! replica, set up by the kit's `Fleet` (`common/shared_fleet.rs`).
 //!
 //! Each action prints the working directory of the worker that ran it, so a test knows
 //! which worker (and so which replica) ran what.
@@ -9,353 +9,20 @@
 mod common;
 #[path = "common/redis.rs"]
 mod redis_kit;
+#[path = "common/shared_fleet.rs"]
+mod shared_fleet;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::longrunning as lro;
 use cairn_core::proto::google::longrunning::operations_client::OperationsClient;
-use cairn_core::proto::google::longrunning::{self as lro, Operation};
 use common::actions::ShellAction;
-use common::{free_addr, Cairn, CairnWorker};
+use common::CairnWorker;
 use prost::Message;
-use redis_kit::RedisServer;
+use shared_fleet::*;
 use tonic::transport::Channel;
-
-/// How long anything here may take.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// One replica: CAS and AC in one Redis (`@REDIS@`), the scheduler state in another
-/// (`@STATE@`, which tests stop and cut off); the public listener on `@ADDR@`, the worker API
-/// (TLS, client certificates) on `@WORKER_API@`.
-const REPLICA: &str = r#"{
-  stores: [
-    { name: "STATE", redis_store: { addresses: ["@STATE@"], command_timeout_ms: 1000,
-        connection_timeout_ms: 500, retry: { max_retries: 2, delay: 0.05 } } },
-    { name: "CAS", redis_store: { addresses: ["@REDIS@"], key_prefix: "cas:",
-        command_timeout_ms: 2000, connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
-    { name: "AC", redis_store: { addresses: ["@REDIS@"], key_prefix: "ac:",
-        command_timeout_ms: 2000, connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
-  ],
-  schedulers: [{ name: "MAIN", simple: {
-    supported_platform_properties: { OSFamily: "exact", cpu_count: "minimum" },
-    worker_timeout_s: 2,
-    max_job_retries: 2,
-    @SCHEDULER_EXTRA@
-    experimental_backend: { redis: { redis_store: "STATE" } },
-  } }],
-  servers: [
-    { listener: { http: { socket_address: "@ADDR@" } },
-      services: {
-        cas: [{ instance_name: "main", cas_store: "CAS" }],
-        ac: [{ instance_name: "main", ac_store: "AC" }],
-        bytestream: [{ instance_name: "main", cas_store: "CAS" }],
-        execution: [{ instance_name: "main", cas_store: "CAS", scheduler: "MAIN" }],
-        capabilities: [{ instance_name: "main", remote_execution: { scheduler: "MAIN" } }],
-        health: {},
-      } },
-    { listener: { http: { socket_address: "@WORKER_API@", tls: @WORKER_API_TLS@ } },
-      services: { worker_api: { scheduler: "MAIN" } } },
-  ],
-}"#;
-
-struct Replica {
-    cairn: Cairn,
-    worker_api: SocketAddr,
-    label: String,
-    /// Runs in the fleet's network namespace (its addresses are that namespace's loopback).
-    in_netns: bool,
-}
-
-struct Fleet {
-    tmp: tempfile::TempDir,
-    /// Blobs: CAS and AC.
-    redis: RedisServer,
-    /// The scheduler state (append-only file on, so a restart keeps it).
-    state: RedisServer,
-    tls: PathBuf,
-    replicas: Vec<Option<Replica>>,
-    /// Extra `simple` scheduler keys.
-    extra: String,
-    /// A namespace for replicas cut off by partition tests (both Redis servers also listen
-    /// on its link's host address).
-    netns: Option<common::netns::NetNs>,
-}
-
-impl Fleet {
-    fn start(replicas: usize) -> Fleet {
-        Fleet::start_with(replicas, "")
-    }
-
-    fn start_with(replicas: usize, extra: &str) -> Fleet {
-        let mut fleet = Fleet::empty(extra);
-        for i in 0..replicas {
-            let r = fleet.replica(i);
-            fleet.replicas.push(Some(r));
-        }
-        fleet
-    }
-
-    fn empty(extra: &str) -> Fleet {
-        Fleet::empty_in(extra, None)
-    }
-
-    /// A fleet without replicas whose Redis servers also listen on `netns`'s host address.
-    fn empty_in(extra: &str, netns: Option<common::netns::NetNs>) -> Fleet {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut bind = vec!["--bind".to_string(), "127.0.0.1".to_string()];
-        bind.extend(netns.as_ref().map(|n| n.host_ip.to_string()));
-        let bind: Vec<&str> = bind.iter().map(String::as_str).collect();
-        let redis = RedisServer::start_args(tmp.path(), redis_kit::free_port(), &bind);
-        let mut state_args = vec!["--appendonly", "yes", "--appendfsync", "always"];
-        state_args.extend(&bind);
-        let state = RedisServer::start_args(tmp.path(), redis_kit::free_port(), &state_args);
-        let tls = common::certs::split_tls_dir(tmp.path());
-        Fleet {
-            tmp,
-            redis,
-            state,
-            tls,
-            replicas: Vec::new(),
-            extra: extra.to_string(),
-            netns,
-        }
-    }
-
-    fn replica(&self, i: usize) -> Replica {
-        self.replica_via(i, &self.state.url())
-    }
-
-    /// Replica `i`, reaching the scheduler state at `state` (a proxy, say).
-    fn replica_via(&self, i: usize, state: &str) -> Replica {
-        self.replica_at(i, state, None, free_addr())
-    }
-
-    /// Replica `i` on the given addresses (a restart takes its predecessor's).
-    fn replica_at(
-        &self,
-        i: usize,
-        state: &str,
-        addr: Option<SocketAddr>,
-        worker_api: SocketAddr,
-    ) -> Replica {
-        let label = format!("replica-{i}");
-        let dir = self.tmp.path().join(&label);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cairn = Cairn::start_with(
-            &dir,
-            &self.replica_config(&self.redis.url(), state, worker_api),
-            Some(addr.unwrap_or_else(free_addr)),
-        );
-        Replica {
-            cairn,
-            worker_api,
-            label,
-            in_netns: false,
-        }
-    }
-
-    fn replica_config(&self, redis: &str, state: &str, worker_api: SocketAddr) -> String {
-        REPLICA
-            .replace("@REDIS@", redis)
-            .replace("@STATE@", state)
-            .replace("@SCHEDULER_EXTRA@", &self.extra)
-            .replace("@WORKER_API@", &worker_api.to_string())
-            .replace(
-                "@WORKER_API_TLS@",
-                &common::certs::worker_api_tls(&self.tls),
-            )
-    }
-
-    /// Replica `i` inside the fleet's network namespace: it reaches both Redis servers over
-    /// the veth pair, and listens on the namespace's own loopback (its workers run there
-    /// too, see [`Fleet::worker`]).
-    fn replica_in_netns(&self, i: usize) -> Replica {
-        let ns = self.netns.as_ref().expect("a fleet with a namespace");
-        let label = format!("replica-{i}");
-        let dir = self.tmp.path().join(&label);
-        std::fs::create_dir_all(&dir).unwrap();
-        // A fresh namespace: any port is free on its loopback.
-        let (addr, worker_api) = (free_addr(), free_addr());
-        let at = |port: u16| format!("redis://{}:{port}", ns.host_ip);
-        let config = dir.join("cairn.json5");
-        std::fs::write(
-            &config,
-            self.replica_config(&at(self.redis.port), &at(self.state.port), worker_api)
-                .replace("@ADDR@", &addr.to_string()),
-        )
-        .unwrap();
-        let mut command = ns.command(env!("CARGO_BIN_EXE_cairn"));
-        command.arg("run").arg(&config);
-        let cairn = Cairn::spawn_until_listening(command, &dir, config.clone());
-        Replica {
-            cairn,
-            worker_api,
-            label,
-            in_netns: true,
-        }
-    }
-
-    fn r(&self, i: usize) -> &Replica {
-        self.replicas[i].as_ref().expect("replica running")
-    }
-
-    /// A one-slot worker process connected to replica `i`; its directory names it.
-    fn worker(&self, name: &str, i: usize) -> CairnWorker {
-        let r = self.r(i);
-        let data = self.tmp.path().join(format!("worker-{name}"));
-        std::fs::create_dir_all(&data).unwrap();
-        let config: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deployment-examples/split/worker.json5");
-        // A worker of a replica in the namespace runs there too, beside it.
-        let command = match (&self.netns, r.in_netns) {
-            (Some(ns), true) => ns.command(env!("CARGO_BIN_EXE_cairn")),
-            _ => std::process::Command::new(env!("CARGO_BIN_EXE_cairn")),
-        };
-        CairnWorker::start_in(
-            name,
-            command,
-            &config,
-            &[
-                (
-                    "CAIRN_WORKER_API_ENDPOINT",
-                    format!("grpcs://{}", r.worker_api),
-                ),
-                ("CAIRN_TLS_DIR", self.tls.display().to_string()),
-                ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", r.cairn.addr)),
-                ("CAIRN_WORKER_DATA", data.display().to_string()),
-                ("CAIRN_WORKER_SLOTS", "1".to_string()),
-            ],
-            DEADLINE,
-        )
-    }
-
-    async fn channel(&self, i: usize) -> Channel {
-        self.r(i).cairn.channel().await
-    }
-
-    /// SIGKILL replica `i`.
-    fn kill9(&mut self, i: usize) {
-        let r = self.replicas[i].take().expect("replica running");
-        eprintln!("killing {} with SIGKILL", r.label);
-        r.cairn.kill9();
-    }
-}
-
-/// A shell action uploaded through replica `via`; returns its digest.
-async fn upload(channel: Channel, script: &str, do_not_cache: bool) -> re::Digest {
-    ShellAction {
-        script,
-        do_not_cache,
-        ..Default::default()
-    }
-    .upload(channel, "main")
-    .await
-    .to_proto()
-}
-
-async fn execute(channel: Channel, digest: &re::Digest) -> tonic::Streaming<Operation> {
-    re::execution_client::ExecutionClient::new(channel)
-        .execute(re::ExecuteRequest {
-            instance_name: "main".into(),
-            action_digest: Some(digest.clone()),
-            skip_cache_lookup: true,
-            ..Default::default()
-        })
-        .await
-        .expect("Execute")
-        .into_inner()
-}
-
-async fn wait_execution(
-    channel: Channel,
-    name: &str,
-) -> Result<tonic::Streaming<Operation>, tonic::Status> {
-    re::execution_client::ExecutionClient::new(channel)
-        .wait_execution(re::WaitExecutionRequest { name: name.into() })
-        .await
-        .map(|r| r.into_inner())
-}
-
-fn stage(op: &Operation) -> re::execution_stage::Value {
-    let m = re::ExecuteOperationMetadata::decode(op.metadata.as_ref().unwrap().value.as_slice())
-        .unwrap();
-    re::execution_stage::Value::try_from(m.stage).unwrap()
-}
-
-fn response(op: &Operation) -> re::ExecuteResponse {
-    match op.result.as_ref().expect("a done operation has a result") {
-        lro::operation::Result::Response(any) => {
-            re::ExecuteResponse::decode(any.value.as_slice()).unwrap()
-        }
-        lro::operation::Result::Error(e) => panic!("operation error {e:?}"),
-    }
-}
-
-/// Reads the stream to its done operation (within [`DEADLINE`]); the first operation's name
-/// is returned with it.
-async fn until_done(mut ops: tonic::Streaming<Operation>) -> Result<Operation, tonic::Status> {
-    tokio::time::timeout(DEADLINE, async move {
-        loop {
-            match ops.message().await? {
-                Some(op) if op.done => return Ok(op),
-                Some(_) => continue,
-                None => return Err(tonic::Status::aborted("stream ended before done")),
-            }
-        }
-    })
-    .await
-    .expect("the operation ends within the deadline")
-}
-
-/// The first operation of a stream (its name).
-async fn first(ops: &mut tonic::Streaming<Operation>) -> Operation {
-    tokio::time::timeout(DEADLINE, ops.message())
-        .await
-        .expect("first operation in time")
-        .expect("stream")
-        .expect("an operation")
-}
-
-/// The stdout of a completed action, read from the CAS through `channel`.
-async fn stdout(channel: Channel, r: &re::ExecuteResponse) -> String {
-    let status = r.status.clone().unwrap_or_default();
-    assert_eq!(status.code, 0, "execution status {status:?}");
-    let result = r.result.as_ref().expect("an ActionResult");
-    let Some(d) = result.stdout_digest.clone() else {
-        return String::from_utf8_lossy(&result.stdout_raw).into_owned();
-    };
-    let reply =
-        re::content_addressable_storage_client::ContentAddressableStorageClient::new(channel)
-            .batch_read_blobs(re::BatchReadBlobsRequest {
-                instance_name: "main".into(),
-                digests: vec![d],
-                ..Default::default()
-            })
-            .await
-            .expect("BatchReadBlobs")
-            .into_inner();
-    String::from_utf8_lossy(&reply.responses[0].data).into_owned()
-}
-
-async fn get_operation(channel: Channel, name: &str) -> Result<Operation, tonic::Status> {
-    OperationsClient::new(channel)
-        .get_operation(lro::GetOperationRequest { name: name.into() })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{what}: not within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_replica_queues_and_answers_and_a_worker_of_another_runs_it() {
@@ -470,15 +137,6 @@ async fn any_replica_queues_and_answers_and_a_worker_of_another_runs_it() {
     assert_eq!(st.code, tonic::Code::Cancelled as i32, "{st:?}");
 }
 
-/// Script for a killing test: the first attempt writes its directory to `flag` and sleeps;
-/// any later attempt prints "second" and the directory it ran in.
-fn first_sleeps(flag: &Path) -> String {
-    format!(
-        "if [ -e {0} ]; then echo second in $(pwd); else echo $$ $(pwd) > {0}.tmp && mv {0}.tmp {0}; exec sleep 600; fi",
-        flag.display()
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_s_action_is_retried_on_another_replica_s_worker() {
     let fleet = Fleet::start(2);
@@ -591,22 +249,6 @@ fn the_backend_must_name_a_redis_store() {
     );
     assert!(ok, "{text}");
     assert!(text.contains("backend=redis(STATE)"), "{text}");
-}
-
-/// The pid in a first attempt's flag file (`PID DIR`).
-fn flag_pid(flag: &str) -> u32 {
-    flag.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-/// Whether `pid` is a live process (not a zombie).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
 }
 
 /// Execute on a replica whose scheduler state is unreachable: UNAVAILABLE naming the
@@ -1115,6 +757,22 @@ async fn garbage_in_the_shared_state_fails_cleanly_and_work_still_flows() {
     fleet
         .state
         .cli(&["ZADD", &format!("{p}queue"), "1", "operations/ghost"]);
+    // A platform queue and its properties that do not parse, with a ghost in it; a replica
+    // summary that does not parse.
+    fleet
+        .state
+        .cli(&["HSET", &format!("{p}platforms"), "deadbeef", "{not json"]);
+    fleet
+        .state
+        .cli(&["ZADD", &format!("{p}pq:deadbeef"), "0", "operations/ghost2"]);
+    fleet.state.cli(&["SADD", &format!("{p}replicas"), "bogus"]);
+    fleet.state.cli(&[
+        "SET",
+        &format!("{p}replica:bogus"),
+        "\u{ff}garbage",
+        "PX",
+        "600000",
+    ]);
     fleet.state.cli(&[
         "HSET",
         &format!("{p}op:operations/garbage"),
@@ -1178,11 +836,16 @@ async fn garbage_in_the_shared_state_fails_cleanly_and_work_still_flows() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
-    // And both replicas are still up.
+    // And both replicas are still up, their cluster views leave the garbage out.
     for i in 0..2 {
         let ch = fleet.channel(i).await;
         let digest = upload(ch.clone(), &format!("echo again {i}"), true).await;
         until_done(execute(ch, &digest).await).await.unwrap();
+        let (code, body) = common::http_get(fleet.r(i).cairn.addr, "/status").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(!body.contains("bogus"), "{body}");
+        let (code, _) = common::http_get(fleet.r(i).cairn.addr, "/metrics").await;
+        assert_eq!(code, 200);
     }
 }
 
