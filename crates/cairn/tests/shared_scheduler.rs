@@ -1133,6 +1133,8 @@ async fn rolling_client(
 struct BenchRun {
     child: std::process::Child,
     stdout: std::thread::JoinHandle<String>,
+    /// Receives once the bench has uploaded its actions and started running them.
+    running: std::sync::mpsc::Receiver<()>,
 }
 
 impl BenchRun {
@@ -1146,6 +1148,7 @@ impl BenchRun {
             .arg("--requests")
             .arg(requests.to_string())
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start cairn bench execute");
         let mut out = child.stdout.take().unwrap();
@@ -1154,7 +1157,29 @@ impl BenchRun {
             let _ = std::io::Read::read_to_string(&mut out, &mut text);
             text
         });
-        BenchRun { child, stdout }
+        let err = child.stderr.take().unwrap();
+        let (tx, running) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[bench] {line}");
+                if line.contains("running them") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        BenchRun {
+            child,
+            stdout,
+            running,
+        }
+    }
+
+    /// Waits until the bench runs its actions (its upload is done).
+    fn wait_running(&self) {
+        self.running
+            .recv_timeout(DEADLINE)
+            .expect("cairn bench execute never started running its actions");
     }
 
     /// SIGINT (no new actions, those in flight finish), then its exit status and output.
@@ -1191,7 +1216,8 @@ async fn a_rolling_restart_of_every_replica_under_bench_load_loses_no_operation(
     let _workers: Vec<CairnWorker> = (0..3).map(|i| fleet.worker(&format!("w{i}"), i)).collect();
     let addrs: Vec<SocketAddr> = (0..3).map(|i| fleet.r(i).cairn.addr).collect();
     let front = common::front::Front::start(addrs.clone());
-    let bench = BenchRun::start(front.addr, 4, 50_000);
+    let bench = BenchRun::start(front.addr, 4, 20_000);
+    tokio::task::block_in_place(|| bench.wait_running());
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
     let client = tokio::spawn(rolling_client(0, addrs, stop.clone(), done.clone()));

@@ -207,22 +207,30 @@ impl Bench {
         }
         let mut cas = cas_client(channel.clone());
         for chunk in blobs.chunks(2000) {
-            let r = cas
-                .batch_update_blobs(re::BatchUpdateBlobsRequest {
-                    instance_name: self.instance.clone(),
-                    requests: chunk
-                        .iter()
-                        .map(|(d, b)| re::batch_update_blobs_request::Request {
-                            digest: Some(d.to_proto()),
-                            data: b.clone(),
-                            compressor: 0,
-                        })
-                        .collect(),
-                    digest_function: f.to_proto(),
-                })
-                .await
-                .context("uploading actions")?
-                .into_inner();
+            let request = re::BatchUpdateBlobsRequest {
+                instance_name: self.instance.clone(),
+                requests: chunk
+                    .iter()
+                    .map(|(d, b)| re::batch_update_blobs_request::Request {
+                        digest: Some(d.to_proto()),
+                        data: b.clone(),
+                        compressor: 0,
+                    })
+                    .collect(),
+                digest_function: f.to_proto(),
+            };
+            // Sent again while the server answers with a transient status (a restart behind a
+            // load balancer), up to the deadline of one action.
+            let deadline = Instant::now() + ACTION_DEADLINE;
+            let r = loop {
+                match cas.batch_update_blobs(request.clone()).await {
+                    Ok(r) => break r.into_inner(),
+                    Err(e) if transient(e.code()) && Instant::now() < deadline => {
+                        tokio::time::sleep(RETRY_WAIT).await;
+                    }
+                    Err(e) => return Err(e).context("uploading actions"),
+                }
+            };
             if r.responses
                 .iter()
                 .any(|r| r.status.as_ref().is_some_and(|s| s.code != 0))
@@ -230,6 +238,8 @@ impl Bench {
                 anyhow::bail!("uploading actions: the server refused some blobs");
             }
         }
+        // A script that drives a load waits for this line before it disturbs the servers.
+        eprintln!("execute: {} actions uploaded, running them", actions.len());
 
         let actions = Arc::new(actions);
         let next = Arc::new(AtomicUsize::new(0));

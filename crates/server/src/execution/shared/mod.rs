@@ -88,6 +88,8 @@ pub struct SharedScheduler {
     stopping: AtomicBool,
     /// Operations this replica runs: id -> fence.
     owned: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
+    /// The platform sets (SHA) that a local worker could start at the last claiming pass.
+    fitting: parking_lot::Mutex<Vec<String>>,
     /// Kicked when a local run ended (a slot may be free).
     kick: tokio::sync::Notify,
     /// `execution_completed_count`, counted here for what this replica's workers ran (one per
@@ -158,6 +160,7 @@ impl SharedScheduler {
             healthy: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             owned: parking_lot::Mutex::new(Default::default()),
+            fitting: parking_lot::Mutex::new(Vec::new()),
             kick: tokio::sync::Notify::new(),
             metrics,
         });

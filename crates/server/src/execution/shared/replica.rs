@@ -131,40 +131,42 @@ async fn claim_pass(me: &Arc<SharedScheduler>) -> Result<(), Error> {
         if !me.healthy.load(Ordering::Relaxed) || me.stopping.load(Ordering::Relaxed) {
             return Ok(());
         }
-        // The platforms with queued work that a local worker could start now, each on its
-        // own, so that one waiting deep in the shared queue is found as soon as one at its
-        // head.
-        let sets = queued_platforms(me).await?;
-        let mut fitting = Vec::new();
-        for (sha, platform) in sets {
-            if me.local.could_start(vec![platform]).await?.first() == Some(&true) {
-                fitting.push(sha);
+        // The platforms with queued work that a local worker could start now, each asked on
+        // its own, so that an operation deep in the shared queue is found as soon as one at
+        // its head. The sets that fitted last time are read with the queue's head in one
+        // call; a second call only when another set fits now and the queue is longer than
+        // its head.
+        let mut shas = me.fitting.lock().clone();
+        let mut reads = 0;
+        let (ids, platforms) = loop {
+            reads += 1;
+            let per_set = (PEEK / shas.len().max(1)).max(16);
+            let mut args = vec![
+                per_set.to_string().into_bytes(),
+                PLATFORM_SETS.to_string().into_bytes(),
+            ];
+            args.extend(shas.iter().map(|s| s.clone().into_bytes()));
+            let flat: Vec<Vec<u8>> = me.script("reading the queue", |s| &s.peek, args).await?;
+            let (queued, sets, candidates) = parse_peek(&flat);
+            let mut fitting = Vec::new();
+            for (sha, platform) in sets {
+                if me.local.could_start(vec![platform]).await?.first() == Some(&true) {
+                    fitting.push(sha);
+                }
             }
-        }
-        let per_set = (PEEK / fitting.len().max(1)).max(16);
-        let mut args = vec![per_set.to_string().into_bytes()];
-        args.extend(fitting.into_iter().map(String::into_bytes));
-        let flat: Vec<Vec<u8>> = me.script("reading the queue", |s| &s.peek, args).await?;
-        if flat.is_empty() {
+            let new_fit = fitting.iter().any(|f| !shas.contains(f));
+            *me.fitting.lock() = fitting.clone();
+            // When the shared queue's head was all of it, every queued operation is a
+            // candidate already.
+            if new_fit && queued > per_set && reads < 2 {
+                shas = fitting;
+                continue;
+            }
+            break candidates;
+        };
+        if ids.is_empty() {
             return Ok(());
         }
-        let mut candidates = Vec::new();
-        for triple in flat.chunks(3) {
-            let [id, platform, score] = triple else {
-                continue;
-            };
-            let platform: Vec<(String, String)> =
-                serde_json::from_slice(platform).unwrap_or_default();
-            let score: f64 = std::str::from_utf8(score)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0.0);
-            candidates.push((score, String::from_utf8_lossy(id).into_owned(), platform));
-        }
-        // In the shared queue's order, whichever queue each came from.
-        candidates.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (ids, platforms): (Vec<String>, Vec<_>) =
-            candidates.into_iter().map(|(_, id, p)| (id, p)).unzip();
         let fits = me.local.could_start(platforms).await?;
         let mut claimed = 0;
         for (id, fit) in ids.iter().zip(fits) {
@@ -203,6 +205,55 @@ async fn claim_pass(me: &Arc<SharedScheduler>) -> Result<(), Error> {
             return Ok(());
         }
     }
+}
+
+/// What the peek script returned: the shared queue's length, the queued platform sets (SHA,
+/// properties), and the candidates' ids and properties in the shared queue's order.
+type Peeked = (
+    usize,
+    Vec<(String, Vec<(String, String)>)>,
+    (Vec<String>, Vec<Vec<(String, String)>>),
+);
+
+fn parse_peek(flat: &[Vec<u8>]) -> Peeked {
+    let number = |i: usize| {
+        flat.get(i)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|t| t.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let queued = number(0);
+    let n_sets = number(1).min(flat.len().saturating_sub(2));
+    let (sets, rest) = flat.get(2..).unwrap_or_default().split_at(n_sets);
+    let sets = sets
+        .chunks(2)
+        .filter_map(|pair| {
+            let [sha, platform] = pair else { return None };
+            Some((
+                String::from_utf8_lossy(sha).into_owned(),
+                serde_json::from_slice(platform).unwrap_or_default(),
+            ))
+        })
+        .collect();
+    let mut candidates = Vec::new();
+    for triple in rest.chunks(3) {
+        let [id, platform, score] = triple else {
+            continue;
+        };
+        let platform: Vec<(String, String)> = serde_json::from_slice(platform).unwrap_or_default();
+        let score: f64 = std::str::from_utf8(score)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
+        candidates.push((score, String::from_utf8_lossy(id).into_owned(), platform));
+    }
+    // In the shared queue's order, whichever queue each came from.
+    candidates.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (
+        queued,
+        sets,
+        candidates.into_iter().map(|(_, id, p)| (id, p)).unzip(),
+    )
 }
 
 /// The platform sets that have queued operations (a sample of [`PLATFORM_SETS`] when there

@@ -135,35 +135,49 @@ redis.call('PUBLISH', P .. 'events', 'queue')
 return id
 ";
 
-/// ARGV: prefix, at most how many. The platform sets that have queued operations: SHA and
-/// platform (JSON), flat; all of them, or a random sample of that many when there are more
-/// (so that every set is looked at, over passes). Drops the sets whose queue is empty.
-const PLATFORMS: &str = r"
-local P, max = ARGV[1], tonumber(ARGV[2])
-local flat
-if redis.call('HLEN', P .. 'platforms') <= max then
-  flat = redis.call('HGETALL', P .. 'platforms')
-else
-  flat = redis.call('HRANDFIELD', P .. 'platforms', max, 'WITHVALUES')
-end
-local out = {}
-for i = 1, #flat, 2 do
-  if redis.call('ZCARD', P .. 'pq:' .. flat[i]) == 0 then
-    redis.call('HDEL', P .. 'platforms', flat[i])
+/// The platform sets that have queued operations: SHA and platform (JSON), flat; all of
+/// them, or a random sample of `max` when there are more (so that every set is looked at,
+/// over passes). Drops the sets whose queue is empty.
+const SETS_FN: &str = r"
+local function queued_sets(P, max)
+  local flat
+  if redis.call('HLEN', P .. 'platforms') <= max then
+    flat = redis.call('HGETALL', P .. 'platforms')
   else
-    out[#out + 1] = flat[i]
-    out[#out + 1] = flat[i + 1]
+    flat = redis.call('HRANDFIELD', P .. 'platforms', max, 'WITHVALUES')
   end
+  local out = {}
+  for i = 1, #flat, 2 do
+    if redis.call('ZCARD', P .. 'pq:' .. flat[i]) == 0 then
+      redis.call('HDEL', P .. 'platforms', flat[i])
+    else
+      out[#out + 1] = flat[i]
+      out[#out + 1] = flat[i + 1]
+    end
+  end
+  return out
 end
-return out
 ";
 
-/// ARGV: prefix, count, then platform SHAs. The first `count` ids of the shared queue and of
-/// each named platform's queue, each once: id, platform (JSON), score, flat. Ids without an
-/// operation are dropped from the queue they were read from.
+/// ARGV: prefix, at most how many. [`SETS_FN`]'s sets.
+const PLATFORMS: &str = r"
+return queued_sets(ARGV[1], tonumber(ARGV[2]))
+";
+
+/// ARGV: prefix, count, at most how many sets, then platform SHAs. The length of the shared
+/// queue, the queued platform sets ([`SETS_FN`]: how many entries, then SHA and platform,
+/// flat), then the first `count` ids
+/// of the shared queue and of each named platform's queue, each once: id, platform (JSON),
+/// score, flat. Ids without an operation are dropped from the queue they were read from. One
+/// call per claiming pass: the caller names the sets that fitted last time, and calls again
+/// only when another set fits now and the shared queue's head did not hold all of it.
 const PEEK: &str = r"
 local P, n = ARGV[1], tonumber(ARGV[2])
-local out = {}
+local sets = queued_sets(P, tonumber(ARGV[3]))
+local out = {tostring(redis.call('ZCARD', P .. 'queue')), tostring(#sets)}
+for _, v in ipairs(sets) do
+  out[#out + 1] = v
+end
 local seen = {}
 local function take(key)
   local ids = redis.call('ZRANGE', key, 0, n - 1, 'WITHSCORES')
@@ -183,7 +197,7 @@ local function take(key)
   end
 end
 take(P .. 'queue')
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   take(P .. 'pq:' .. ARGV[i])
 end
 return out
@@ -429,7 +443,7 @@ return out
 ";
 
 fn with_helpers(body: &str) -> String {
-    format!("{NOW}{QUEUE}{FINISH}{REQUEUE_FN}{body}")
+    format!("{NOW}{QUEUE}{SETS_FN}{FINISH}{REQUEUE_FN}{body}")
 }
 
 /// One script: its text and SHA-1, run with EVALSHA and, when Redis does not have it yet (a
