@@ -511,6 +511,20 @@ async fn status_and_metrics_show_the_cluster_and_which_replica_owns_what() {
         assert!(has(&line), "no line {line:?} in:\n{text}");
     }
 
+    // The web UI's pages say whose workers they list, and show the cluster beside them.
+    for page in ["/queue", "/workers"] {
+        let (code, html) = common::http_get(addrs[1], page).await;
+        assert_eq!(code, 200, "{page}: {html}");
+        for want in [
+            format!("the tables below are replica <code>{r1}</code>"),
+            "Whole cluster: 2 queued, 1 executing, 1 workers on 2 replicas.".to_string(),
+            format!("<tr><td><code>{r0}</code></td><td>1</td><td>1</td><td>1</td><td>1</td></tr>"),
+            format!("<code>{r1}</code> (this replica)"),
+        ] {
+            assert!(html.contains(&want), "{page}: no {want:?} in {html}");
+        }
+    }
+
     // A replica that dies leaves the views once its record expires (three leases, 6 s).
     drop(streams);
     fleet.kill9(0);

@@ -54,6 +54,7 @@ pub const REPLICA: &str = r#"{
         execution: [{ instance_name: "main", cas_store: "CAS", scheduler: "MAIN" }],
         capabilities: [{ instance_name: "main", remote_execution: { scheduler: "MAIN" } }],
         health: {},
+        web_ui: { schedulers: ["MAIN"] },
       } },
     { listener: { http: { socket_address: "@WORKER_API@", tls: @WORKER_API_TLS@ } },
       services: { worker_api: { scheduler: "MAIN" } } },
