@@ -581,3 +581,60 @@ async fn renew_and_reap(me: &Arc<SharedScheduler>) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Vec<u8> {
+        s.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn peek_answers_are_read_in_queue_order() {
+        let flat = vec![
+            b("300"),
+            b("2"),
+            b("sha-a"),
+            b(r#"[["OSFamily","linux"]]"#),
+            b("op-late"),
+            b(r#"[["OSFamily","linux"]]"#),
+            b("20"),
+            b("op-early"),
+            b("[]"),
+            b("10"),
+        ];
+        let (queued, sets, (ids, platforms)) = parse_peek(&flat);
+        assert_eq!(queued, 300);
+        assert_eq!(
+            sets,
+            vec![(
+                "sha-a".to_string(),
+                vec![("OSFamily".into(), "linux".into())]
+            )]
+        );
+        assert_eq!(ids, vec!["op-early", "op-late"]);
+        assert_eq!(platforms[0], vec![]);
+    }
+
+    #[test]
+    fn peek_answers_that_do_not_parse_yield_what_they_can() {
+        // Counts that are not numbers, a set count past the end, platforms that are not
+        // JSON, a triple cut short: nothing panics.
+        for flat in [
+            vec![],
+            vec![b("x")],
+            vec![b("1"), b("99"), b("sha")],
+            vec![b("1"), b("0"), b("op"), b("{not json"), b("nan?")],
+            vec![b("1"), b("0"), b("op"), b("[]")],
+            vec![b("1"), b("1"), b("sha"), b("op"), b("[]"), b("5")],
+        ] {
+            let (_, _, (ids, platforms)) = parse_peek(&flat);
+            assert_eq!(ids.len(), platforms.len());
+        }
+        let (_, _, (ids, platforms)) =
+            parse_peek(&[b("1"), b("0"), b("op"), b("{not json"), b("x")]);
+        assert_eq!(ids, vec!["op"]);
+        assert!(platforms[0].is_empty());
+    }
+}
