@@ -944,6 +944,59 @@ async fn an_operation_deep_in_the_queue_runs_at_once_when_a_worker_can_run_it() 
     }
 }
 
+/// No action waits forever however deep it sits: an operation that no worker can run, queued
+/// behind 150 that a busy worker will run, fails after the grace period (the check walks each
+/// platform's queue, not only the head of the shared one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unschedulable_operation_deep_in_the_queue_fails_after_the_grace_period() {
+    let fleet = Fleet::start_with(2, "unschedulable_grace_period_s: 2,");
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let busy = upload(a.clone(), &first_sleeps(&flag), true).await;
+    let mut busy = execute(a.clone(), &busy).await;
+    first(&mut busy).await;
+    wait_for("the worker is busy", || flag.exists()).await;
+    let mut blobs = Vec::new();
+    let mut waiting = Vec::new();
+    for i in 0..150 {
+        let script = format!("echo waits {i}");
+        let (digest, more) = ShellAction {
+            script: &script,
+            do_not_cache: true,
+            ..Default::default()
+        }
+        .build();
+        blobs.extend(more);
+        waiting.push(digest.to_proto());
+    }
+    common::actions::upload_blobs(a.clone(), "main", blobs).await;
+    let mut names = Vec::new();
+    for d in &waiting {
+        let mut ops = execute(a.clone(), d).await;
+        names.push(first(&mut ops).await.name);
+    }
+    let (digest, blobs) = ShellAction {
+        script: "echo never",
+        ..Default::default()
+    }
+    .build_with_platform(&[("OSFamily", "plan9")]);
+    common::actions::upload_blobs(a.clone(), "main", blobs).await;
+    let started = Instant::now();
+    let done = until_done(execute(a.clone(), &digest.to_proto()).await)
+        .await
+        .unwrap();
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::FailedPrecondition as i32, "{st:?}");
+    assert!(st.message.contains("\"OSFamily\"=\"plan9\""), "{st:?}");
+    let took = started.elapsed();
+    eprintln!("failed behind 150 queued operations after {took:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    // The 150 are still queued: they can run, once the worker is free.
+    let op = get_operation(a.clone(), &names[149]).await.unwrap();
+    assert_eq!(stage(&op), re::execution_stage::Value::Queued);
+}
+
 /// `client_action_timeout_s`: an operation that no client of any replica follows any more is
 /// dropped (CANCELLED) and its command stopped; while one follows, it lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

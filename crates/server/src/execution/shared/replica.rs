@@ -497,21 +497,15 @@ async fn fail_unschedulable(me: &Arc<SharedScheduler>) -> Result<(), Error> {
             queues.push(sha);
         }
     }
-    let mut flat: Vec<Vec<u8>> = Vec::new();
-    for sha in queues {
-        let more: Vec<Vec<u8>> = me
-            .script(
-                "reading waiting operations",
-                |s| &s.waiting,
-                vec![
-                    grace.to_string().into_bytes(),
-                    PEEK.to_string().into_bytes(),
-                    sha.into_bytes(),
-                ],
-            )
-            .await?;
-        flat.extend(more);
-    }
+    // One script for all of them.
+    let mut args = vec![
+        grace.to_string().into_bytes(),
+        PEEK.to_string().into_bytes(),
+    ];
+    args.extend(queues.into_iter().map(String::into_bytes));
+    let flat: Vec<Vec<u8>> = me
+        .script("reading waiting operations", |s| &s.waiting, args)
+        .await?;
     for pair in flat.chunks(2) {
         let [id, platform] = pair else { continue };
         let id = String::from_utf8_lossy(id);

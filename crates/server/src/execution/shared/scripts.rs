@@ -381,22 +381,23 @@ end
 return out
 ";
 
-/// ARGV: prefix, grace ms, count, platform SHA ('' for the shared queue). Of the first
-/// `count` operations of that queue, those that have waited at least `grace` since they were
-/// (last) queued: id, platform, flat.
+/// ARGV: prefix, grace ms, count, then platform SHAs ('' for the shared queue). Of the first
+/// `count` operations of each of those queues, those that have waited at least `grace` since
+/// they were (last) queued: id, platform, flat (an id may come twice).
 const WAITING: &str = r"
-local P, grace, n, sha = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local key = P .. 'queue'
-if sha ~= '' then key = P .. 'pq:' .. sha end
-local ids = redis.call('ZRANGE', key, 0, n - 1)
+local P, grace, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local out = {}
 local now = now_ms()
-for _, id in ipairs(ids) do
-  local v = redis.call('HMGET', P .. 'op:' .. id, 'queued_ms', 'platform')
-  local since = tonumber(v[1])
-  if since and v[2] and now - since >= grace then
-    out[#out + 1] = id
-    out[#out + 1] = v[2]
+for i = 4, #ARGV do
+  local key = P .. 'queue'
+  if ARGV[i] ~= '' then key = P .. 'pq:' .. ARGV[i] end
+  for _, id in ipairs(redis.call('ZRANGE', key, 0, n - 1)) do
+    local v = redis.call('HMGET', P .. 'op:' .. id, 'queued_ms', 'platform')
+    local since = tonumber(v[1])
+    if since and v[2] and now - since >= grace then
+      out[#out + 1] = id
+      out[#out + 1] = v[2]
+    end
   end
 end
 return out
