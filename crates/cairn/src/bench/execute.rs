@@ -12,7 +12,8 @@
 //! with a transient status it sends it again, both until [`ACTION_DEADLINE`]. An operation
 //! that ends in an error, is answered NOT_FOUND, or does not end in time is a failure, and
 //! every failure makes the run exit non-zero. SIGINT stops handing out new actions: those
-//! in flight finish, then the run reports (a steady load for as long as a test needs).
+//! in flight finish, then the run reports (a steady load for as long as a test needs). Once
+//! this phase has started, SIGINT stays the bench's: a phase after it is not interrupted.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
