@@ -1,7 +1,7 @@
 //! Scheduler replicas sharing their state in Redis (`simple.experimental_backend: {redis:
-//! {redis_store: ...}}`), as real processes: one Debian `redis-server`, two or three `cairn
-//! run` replicas (CAS and AC in the same Redis, so that every replica serves every blob), and
-//! worker processes (`deployment-examples/split/worker.json5`) each connected to one replica.
+//! {redis_store: ...}}`), as real processes: two Debian `redis-server`s (blobs; scheduler
+//! state), two or three `cairn run` replicas and worker processes each connected to one
+//! replica, set up by the kit's `Fleet` (`common/shared_fleet.rs`).
 //!
 //! Each action prints the working directory of the worker that ran it, so a test knows
 //! which worker (and so which replica) ran what.
@@ -9,300 +9,20 @@
 mod common;
 #[path = "common/redis.rs"]
 mod redis_kit;
+#[path = "common/shared_fleet.rs"]
+mod shared_fleet;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::longrunning as lro;
 use cairn_core::proto::google::longrunning::operations_client::OperationsClient;
-use cairn_core::proto::google::longrunning::{self as lro, Operation};
 use common::actions::ShellAction;
-use common::{free_addr, Cairn, CairnWorker};
+use common::CairnWorker;
 use prost::Message;
-use redis_kit::RedisServer;
+use shared_fleet::*;
 use tonic::transport::Channel;
-
-/// How long anything here may take.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// One replica: CAS and AC in one Redis (`@REDIS@`), the scheduler state in another
-/// (`@STATE@`, which tests stop and cut off); the public listener on `@ADDR@`, the worker API
-/// (TLS, client certificates) on `@WORKER_API@`.
-const REPLICA: &str = r#"{
-  stores: [
-    { name: "STATE", redis_store: { addresses: ["@STATE@"], command_timeout_ms: 1000,
-        connection_timeout_ms: 500, retry: { max_retries: 2, delay: 0.05 } } },
-    { name: "CAS", redis_store: { addresses: ["@REDIS@"], key_prefix: "cas:",
-        command_timeout_ms: 2000, connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
-    { name: "AC", redis_store: { addresses: ["@REDIS@"], key_prefix: "ac:",
-        command_timeout_ms: 2000, connection_timeout_ms: 1000, retry: { max_retries: 2, delay: 0.05 } } },
-  ],
-  schedulers: [{ name: "MAIN", simple: {
-    supported_platform_properties: { OSFamily: "exact", cpu_count: "minimum" },
-    worker_timeout_s: 2,
-    max_job_retries: 2,
-    @SCHEDULER_EXTRA@
-    experimental_backend: { redis: { redis_store: "STATE" } },
-  } }],
-  servers: [
-    { listener: { http: { socket_address: "@ADDR@" } },
-      services: {
-        cas: [{ instance_name: "main", cas_store: "CAS" }],
-        ac: [{ instance_name: "main", ac_store: "AC" }],
-        bytestream: [{ instance_name: "main", cas_store: "CAS" }],
-        execution: [{ instance_name: "main", cas_store: "CAS", scheduler: "MAIN" }],
-        capabilities: [{ instance_name: "main", remote_execution: { scheduler: "MAIN" } }],
-      } },
-    { listener: { http: { socket_address: "@WORKER_API@", tls: @WORKER_API_TLS@ } },
-      services: { worker_api: { scheduler: "MAIN" } } },
-  ],
-}"#;
-
-struct Replica {
-    cairn: Cairn,
-    worker_api: SocketAddr,
-    label: String,
-}
-
-struct Fleet {
-    tmp: tempfile::TempDir,
-    /// Blobs: CAS and AC.
-    redis: RedisServer,
-    /// The scheduler state (append-only file on, so a restart keeps it).
-    state: RedisServer,
-    tls: PathBuf,
-    replicas: Vec<Option<Replica>>,
-    /// Extra `simple` scheduler keys.
-    extra: String,
-}
-
-impl Fleet {
-    fn start(replicas: usize) -> Fleet {
-        Fleet::start_with(replicas, "")
-    }
-
-    fn start_with(replicas: usize, extra: &str) -> Fleet {
-        let mut fleet = Fleet::empty(extra);
-        for i in 0..replicas {
-            let r = fleet.replica(i);
-            fleet.replicas.push(Some(r));
-        }
-        fleet
-    }
-
-    fn empty(extra: &str) -> Fleet {
-        let tmp = tempfile::tempdir().unwrap();
-        let redis = RedisServer::start(tmp.path());
-        let state = RedisServer::start_args(
-            tmp.path(),
-            redis_kit::free_port(),
-            &["--appendonly", "yes", "--appendfsync", "always"],
-        );
-        let tls = common::certs::split_tls_dir(tmp.path());
-        Fleet {
-            tmp,
-            redis,
-            state,
-            tls,
-            replicas: Vec::new(),
-            extra: extra.to_string(),
-        }
-    }
-
-    fn replica(&self, i: usize) -> Replica {
-        self.replica_via(i, &self.state.url())
-    }
-
-    /// Replica `i`, reaching the scheduler state at `state` (a proxy, say).
-    fn replica_via(&self, i: usize, state: &str) -> Replica {
-        self.replica_at(i, state, None, free_addr())
-    }
-
-    /// Replica `i` on the given addresses (a restart takes its predecessor's).
-    fn replica_at(
-        &self,
-        i: usize,
-        state: &str,
-        addr: Option<SocketAddr>,
-        worker_api: SocketAddr,
-    ) -> Replica {
-        let label = format!("replica-{i}");
-        let dir = self.tmp.path().join(&label);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cairn = Cairn::start_with(
-            &dir,
-            &REPLICA
-                .replace("@REDIS@", &self.redis.url())
-                .replace("@STATE@", state)
-                .replace("@SCHEDULER_EXTRA@", &self.extra)
-                .replace("@WORKER_API@", &worker_api.to_string())
-                .replace(
-                    "@WORKER_API_TLS@",
-                    &common::certs::worker_api_tls(&self.tls),
-                ),
-            Some(addr.unwrap_or_else(free_addr)),
-        );
-        Replica {
-            cairn,
-            worker_api,
-            label,
-        }
-    }
-
-    fn r(&self, i: usize) -> &Replica {
-        self.replicas[i].as_ref().expect("replica running")
-    }
-
-    /// A one-slot worker process connected to replica `i`; its directory names it.
-    fn worker(&self, name: &str, i: usize) -> CairnWorker {
-        let r = self.r(i);
-        let data = self.tmp.path().join(format!("worker-{name}"));
-        std::fs::create_dir_all(&data).unwrap();
-        let config: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../deployment-examples/split/worker.json5");
-        CairnWorker::start(
-            name,
-            &config,
-            &[
-                (
-                    "CAIRN_WORKER_API_ENDPOINT",
-                    format!("grpcs://{}", r.worker_api),
-                ),
-                ("CAIRN_TLS_DIR", self.tls.display().to_string()),
-                ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", r.cairn.addr)),
-                ("CAIRN_WORKER_DATA", data.display().to_string()),
-                ("CAIRN_WORKER_SLOTS", "1".to_string()),
-            ],
-            DEADLINE,
-        )
-    }
-
-    async fn channel(&self, i: usize) -> Channel {
-        self.r(i).cairn.channel().await
-    }
-
-    /// SIGKILL replica `i`.
-    fn kill9(&mut self, i: usize) {
-        let r = self.replicas[i].take().expect("replica running");
-        eprintln!("killing {} with SIGKILL", r.label);
-        r.cairn.kill9();
-    }
-}
-
-/// A shell action uploaded through replica `via`; returns its digest.
-async fn upload(channel: Channel, script: &str, do_not_cache: bool) -> re::Digest {
-    ShellAction {
-        script,
-        do_not_cache,
-        ..Default::default()
-    }
-    .upload(channel, "main")
-    .await
-    .to_proto()
-}
-
-async fn execute(channel: Channel, digest: &re::Digest) -> tonic::Streaming<Operation> {
-    re::execution_client::ExecutionClient::new(channel)
-        .execute(re::ExecuteRequest {
-            instance_name: "main".into(),
-            action_digest: Some(digest.clone()),
-            skip_cache_lookup: true,
-            ..Default::default()
-        })
-        .await
-        .expect("Execute")
-        .into_inner()
-}
-
-async fn wait_execution(
-    channel: Channel,
-    name: &str,
-) -> Result<tonic::Streaming<Operation>, tonic::Status> {
-    re::execution_client::ExecutionClient::new(channel)
-        .wait_execution(re::WaitExecutionRequest { name: name.into() })
-        .await
-        .map(|r| r.into_inner())
-}
-
-fn stage(op: &Operation) -> re::execution_stage::Value {
-    let m = re::ExecuteOperationMetadata::decode(op.metadata.as_ref().unwrap().value.as_slice())
-        .unwrap();
-    re::execution_stage::Value::try_from(m.stage).unwrap()
-}
-
-fn response(op: &Operation) -> re::ExecuteResponse {
-    match op.result.as_ref().expect("a done operation has a result") {
-        lro::operation::Result::Response(any) => {
-            re::ExecuteResponse::decode(any.value.as_slice()).unwrap()
-        }
-        lro::operation::Result::Error(e) => panic!("operation error {e:?}"),
-    }
-}
-
-/// Reads the stream to its done operation (within [`DEADLINE`]); the first operation's name
-/// is returned with it.
-async fn until_done(mut ops: tonic::Streaming<Operation>) -> Result<Operation, tonic::Status> {
-    tokio::time::timeout(DEADLINE, async move {
-        loop {
-            match ops.message().await? {
-                Some(op) if op.done => return Ok(op),
-                Some(_) => continue,
-                None => return Err(tonic::Status::aborted("stream ended before done")),
-            }
-        }
-    })
-    .await
-    .expect("the operation ends within the deadline")
-}
-
-/// The first operation of a stream (its name).
-async fn first(ops: &mut tonic::Streaming<Operation>) -> Operation {
-    tokio::time::timeout(DEADLINE, ops.message())
-        .await
-        .expect("first operation in time")
-        .expect("stream")
-        .expect("an operation")
-}
-
-/// The stdout of a completed action, read from the CAS through `channel`.
-async fn stdout(channel: Channel, r: &re::ExecuteResponse) -> String {
-    let status = r.status.clone().unwrap_or_default();
-    assert_eq!(status.code, 0, "execution status {status:?}");
-    let result = r.result.as_ref().expect("an ActionResult");
-    let Some(d) = result.stdout_digest.clone() else {
-        return String::from_utf8_lossy(&result.stdout_raw).into_owned();
-    };
-    let reply =
-        re::content_addressable_storage_client::ContentAddressableStorageClient::new(channel)
-            .batch_read_blobs(re::BatchReadBlobsRequest {
-                instance_name: "main".into(),
-                digests: vec![d],
-                ..Default::default()
-            })
-            .await
-            .expect("BatchReadBlobs")
-            .into_inner();
-    String::from_utf8_lossy(&reply.responses[0].data).into_owned()
-}
-
-async fn get_operation(channel: Channel, name: &str) -> Result<Operation, tonic::Status> {
-    OperationsClient::new(channel)
-        .get_operation(lro::GetOperationRequest { name: name.into() })
-        .await
-        .map(|r| r.into_inner())
-}
-
-async fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{what}: not within {DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_replica_queues_and_answers_and_a_worker_of_another_runs_it() {
@@ -415,15 +135,6 @@ async fn any_replica_queues_and_answers_and_a_worker_of_another_runs_it() {
     let done = until_done(queued).await.unwrap();
     let st = response(&done).status.unwrap_or_default();
     assert_eq!(st.code, tonic::Code::Cancelled as i32, "{st:?}");
-}
-
-/// Script for a killing test: the first attempt writes its directory to `flag` and sleeps;
-/// any later attempt prints "second" and the directory it ran in.
-fn first_sleeps(flag: &Path) -> String {
-    format!(
-        "if [ -e {0} ]; then echo second in $(pwd); else echo $$ $(pwd) > {0}.tmp && mv {0}.tmp {0}; exec sleep 600; fi",
-        flag.display()
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,22 +251,6 @@ fn the_backend_must_name_a_redis_store() {
     assert!(text.contains("backend=redis(STATE)"), "{text}");
 }
 
-/// The pid in a first attempt's flag file (`PID DIR`).
-fn flag_pid(flag: &str) -> u32 {
-    flag.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-/// Whether `pid` is a live process (not a zombie).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
 /// Execute on a replica whose scheduler state is unreachable: UNAVAILABLE naming the
 /// scheduler and its store, within a bound.
 async fn expect_unavailable(channel: Channel, digest: &re::Digest, name: &str) {
@@ -662,86 +357,215 @@ async fn redis_stopped_for_30_s_answers_unavailable_then_recovers_without_a_rest
     }
 }
 
-/// A TCP proxy the test can cut, as a network partition does: while cut, nothing passes
-/// either way and nothing is closed (connections hang, new ones connect and hang).
-struct PartitionProxy {
-    port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl PartitionProxy {
-    async fn start(upstream: u16) -> PartitionProxy {
-        use std::sync::atomic::Ordering;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = cut.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let cut = flag.clone();
-                conns.spawn(async move {
-                    while cut.load(Ordering::Relaxed) {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
-                    else {
-                        return;
-                    };
-                    let (cr, cw) = client.into_split();
-                    let (sr, sw) = server.into_split();
-                    async fn pipe(
-                        mut r: tokio::net::tcp::OwnedReadHalf,
-                        mut w: tokio::net::tcp::OwnedWriteHalf,
-                        cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-                    ) {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            let n = match r.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            while cut.load(Ordering::Relaxed) {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                            if w.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    tokio::select! {
-                        _ = pipe(cr, sw, cut.clone()) => {}
-                        _ = pipe(sr, cw, cut) => {}
-                    }
-                });
-            }
-        });
-        PartitionProxy { port, cut, task }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn set_cut(&self, cut: bool) {
-        self.cut.store(cut, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-impl Drop for PartitionProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
+/// A Redis outage longer than `client_action_timeout_s` drops nothing: the clients could not
+/// renew their marks while Redis was away, so after it returns they get a whole client
+/// timeout to follow again. One operation running and one queued behind it, both followed;
+/// Redis stopped for 5 s with a 2 s client timeout; the clients come back 1 s after it
+/// returns: both complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it() {
-    let mut fleet = Fleet::empty("");
-    let proxy = PartitionProxy::start(fleet.state.port).await;
-    // Replica 0 reaches the state through the proxy; replica 1 directly.
-    let r0 = fleet.replica_via(0, &proxy.url());
+async fn a_redis_outage_longer_than_the_client_timeout_drops_no_operation() {
+    let mut fleet = Fleet::start_with(2, "client_action_timeout_s: 2,");
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let running = upload(a.clone(), &first_sleeps(&flag), true).await;
+    let queued = upload(a.clone(), "echo queued behind", true).await;
+    let mut ops = Vec::new();
+    let mut names = Vec::new();
+    for d in [&running, &queued] {
+        let mut s = execute(b.clone(), d).await;
+        names.push(first(&mut s).await.name);
+        ops.push(s);
+    }
+    wait_for("the first attempt starts", || flag.exists()).await;
+    fleet.state.kill();
+    for s in ops {
+        let e = until_done(s).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+    }
+    // Longer than the client timeout (and the lease) without Redis.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    fleet.state.restart();
+    let back = Instant::now();
+    // The clients' own back-off: within the client timeout of Redis's return.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut outs = Vec::new();
+    for name in &names {
+        let done = loop {
+            match wait_execution(a.clone(), name).await {
+                Ok(s) => match until_done(s).await {
+                    Ok(op) => break op,
+                    Err(e) if e.code() == tonic::Code::Unavailable => {}
+                    Err(e) => panic!("{name}: {e}"),
+                },
+                Err(e) if e.code() == tonic::Code::Unavailable => {}
+                Err(e) => panic!("{name}: {e}"),
+            }
+            assert!(back.elapsed() < DEADLINE, "no recovery");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        outs.push(stdout(a.clone(), &response(&done)).await);
+    }
+    assert!(outs[0].contains("second"), "{outs:?}");
+    assert!(outs[1].contains("queued behind"), "{outs:?}");
+    // And one that nobody follows after the outage is still dropped, a client timeout later.
+    let digest = upload(a.clone(), "sleep 60", true).await;
+    let mut s = execute(b.clone(), &digest).await;
+    let name = first(&mut s).await.name;
+    drop(s);
+    let left = Instant::now();
+    let done = loop {
+        let op = get_operation(b.clone(), &name).await.unwrap();
+        if op.done {
+            break op;
+        }
+        assert!(left.elapsed() < DEADLINE, "never dropped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::Cancelled as i32, "{st:?}");
+}
+
+/// The cluster-wide views: `/status` and `/metrics` of a replica with no worker show the
+/// whole shared queue, every live replica's workers and claims (labelled by replica id), and
+/// which replica is the one answering; a replica killed drops out of them three leases later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_metrics_show_the_cluster_and_which_replica_owns_what() {
+    let mut fleet = Fleet::start(2);
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let running = upload(a.clone(), &first_sleeps(&flag), true).await;
+    let mut streams = vec![execute(a.clone(), &running).await];
+    wait_for("the first attempt starts", || flag.exists()).await;
+    for i in 0..2 {
+        let d = upload(a.clone(), &format!("echo behind {i}"), true).await;
+        let mut s = execute(a.clone(), &d).await;
+        first(&mut s).await;
+        streams.push(s);
+    }
+    let addrs: Vec<SocketAddr> = (0..2).map(|i| fleet.r(i).cairn.addr).collect();
+    let status = |i: usize| {
+        let addr = addrs[i];
+        async move {
+            let (code, body) = common::http_get(addr, "/status").await;
+            assert_eq!(code, 200, "{body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            v["components"]["schedulers/MAIN"].clone()
+        }
+    };
+    let r0 = status(0).await["replica"].as_str().unwrap().to_string();
+    // Each replica records its summary every third of a lease: wait for the first record
+    // made since its worker took the action.
+    let start = Instant::now();
+    let one = loop {
+        let one = status(1).await;
+        let claims = one["cluster"]["replicas"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["replica"] == r0.as_str()))
+            .map(|r| r["claims"].clone());
+        if claims == Some(serde_json::json!(1)) {
+            break one;
+        }
+        assert!(start.elapsed() < DEADLINE, "{one}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let r1 = one["replica"].as_str().unwrap().to_string();
+    assert_ne!(r0, r1);
+    assert_eq!(one["claiming"], true, "{one}");
+    let cluster = &one["cluster"];
+    assert_eq!(cluster["queued"], 2, "{one}");
+    assert_eq!(cluster["executing"], 1, "{one}");
+    assert_eq!(cluster["workers"], 1, "{one}");
+    let replicas = cluster["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 2, "{one}");
+    let of = |id: &str| {
+        replicas
+            .iter()
+            .find(|r| r["replica"] == id)
+            .unwrap_or_else(|| panic!("{id} in {one}"))
+            .clone()
+    };
+    assert_eq!(of(&r0)["workers"], 1, "{one}");
+    assert_eq!(of(&r0)["claims"], 1, "{one}");
+    assert_eq!(of(&r0)["this_replica"], false, "{one}");
+    assert_eq!(of(&r1)["workers"], 0, "{one}");
+    assert_eq!(of(&r1)["this_replica"], true, "{one}");
+
+    let (code, text) = common::http_get(addrs[1], "/metrics").await;
+    assert_eq!(code, 200);
+    let has = |line: &str| text.lines().any(|l| l == line);
+    for line in [
+        "nativelink_cluster_queue_length{scheduler=\"MAIN\"} 2".to_string(),
+        "nativelink_cluster_execution_active_count{scheduler=\"MAIN\",execution_stage=\"executing\"} 1"
+            .to_string(),
+        "nativelink_cluster_replicas{scheduler=\"MAIN\"} 2".to_string(),
+        format!("nativelink_cluster_worker_active_count{{scheduler=\"MAIN\",replica=\"{r0}\"}} 1"),
+        format!("nativelink_cluster_replica_claims{{scheduler=\"MAIN\",replica=\"{r0}\"}} 1"),
+        format!("nativelink_cluster_worker_active_count{{scheduler=\"MAIN\",replica=\"{r1}\"}} 0"),
+        format!("nativelink_scheduler_replica_info{{scheduler=\"MAIN\",replica=\"{r1}\"}} 1"),
+        // This replica's own families: no worker of its own, nothing queued in its core.
+        "nativelink_worker_active_count{scheduler=\"MAIN\"} 0".to_string(),
+    ] {
+        assert!(has(&line), "no line {line:?} in:\n{text}");
+    }
+
+    // The web UI's pages say whose workers they list, and show the cluster beside them.
+    for page in ["/queue", "/workers"] {
+        let (code, html) = common::http_get(addrs[1], page).await;
+        assert_eq!(code, 200, "{page}: {html}");
+        for want in [
+            format!("the tables below are replica <code>{r1}</code>"),
+            "Whole cluster: 2 queued, 1 executing, 1 workers on 2 replicas.".to_string(),
+            format!("<tr><td><code>{r0}</code></td><td>1</td><td>1</td><td>1</td><td>1</td></tr>"),
+            format!("<code>{r1}</code> (this replica)"),
+        ] {
+            assert!(html.contains(&want), "{page}: no {want:?} in {html}");
+        }
+    }
+
+    // A replica that dies leaves the views once its record expires (three leases, 6 s).
+    drop(streams);
+    fleet.kill9(0);
+    let killed = Instant::now();
+    loop {
+        let one = status(1).await;
+        if one["cluster"]["replicas"].as_array().map(Vec::len) == Some(1) {
+            assert_eq!(
+                one["cluster"]["replicas"][0]["replica"],
+                r1.as_str(),
+                "{one}"
+            );
+            break;
+        }
+        assert!(killed.elapsed() < DEADLINE, "the dead replica stays: {one}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "the killed replica left the cluster view {:?} after the kill",
+        killed.elapsed()
+    );
+    let (_, text) = common::http_get(addrs[1], "/metrics").await;
+    assert!(!text.contains(&r0), "{text}");
+    assert!(
+        text.contains("nativelink_cluster_replicas{scheduler=\"MAIN\"} 1"),
+        "{text}"
+    );
+}
+
+/// Part 3's partition: replica 0 and its worker run in a network namespace of their own,
+/// joined by one veth pair to the test's namespace, where both Redis servers listen (the
+/// namespace reaches nothing else). The test cuts the link (its host end goes down: packets
+/// are dropped, nothing is closed): the cut-off replica cannot renew its lease, stops the
+/// action its worker runs and hands out nothing more; replica 1 re-queues the action when the
+/// lease expires and runs it on its own worker, without the client noticing. When the link
+/// comes back, replica 0 claims work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_partitioned_from_redis_stops_handing_out_work_and_recovers_when_the_link_returns(
+) {
+    let mut fleet = Fleet::empty_in("", Some(common::netns::NetNs::create()));
+    let r0 = fleet.replica_in_netns(0);
     fleet.replicas.push(Some(r0));
     let r1 = fleet.replica(1);
     fleet.replicas.push(Some(r1));
@@ -750,7 +574,7 @@ async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it
     let flag = fleet.tmp.path().join("attempt-1");
     let digest = upload(b.clone(), &first_sleeps(&flag), false).await;
     let mut ops = execute(b.clone(), &digest).await;
-    let name = first(&mut ops).await.name;
+    first(&mut ops).await;
     let mut ran = String::new();
     wait_for("the first attempt starts on replica 0's worker", || {
         ran = std::fs::read_to_string(&flag).unwrap_or_default();
@@ -760,7 +584,8 @@ async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it
     assert!(ran.contains("worker-w0"), "{ran}");
     let pid = flag_pid(&ran);
 
-    proxy.set_cut(true);
+    let ns = fleet.netns.as_ref().unwrap();
+    ns.cut();
     let cut = Instant::now();
     // Replica 0 cannot renew its lease: it stops the action; replica 1 re-queues it.
     wait_for("the cut-off replica stops the running action", || {
@@ -768,33 +593,44 @@ async fn a_replica_cut_off_from_redis_stops_its_work_and_another_replica_runs_it
     })
     .await;
     eprintln!(
-        "cut-off replica stopped its action {:?} after the cut",
+        "partition: the cut-off replica stopped its action {:?} after the cut",
         cut.elapsed()
     );
     // A worker on the replica that still reaches Redis runs it; the client never noticed.
-    let _w1 = fleet.worker("w1", 1);
+    let w1 = fleet.worker("w1", 1);
     let done = until_done(ops).await.unwrap();
     let out = stdout(b.clone(), &response(&done)).await;
     assert!(out.contains("second") && out.contains("worker-w1"), "{out}");
-    eprintln!("completed elsewhere {:?} after the cut", cut.elapsed());
+    eprintln!(
+        "partition: completed through replica 1 {:?} after the cut",
+        cut.elapsed()
+    );
 
-    // While cut off, replica 0 hands nothing to its idle worker; after the cut heals it
-    // claims again.
+    // While cut off, replica 0 hands nothing to its idle worker (no worker elsewhere: the
+    // operation waits queued, never runs on w0).
+    drop(w1);
     let marker = fleet.tmp.path().join("ran-on-0");
     let script = format!("pwd > {}; echo healed", marker.display());
     let digest = upload(b.clone(), &script, true).await;
-    drop(_w1);
     let mut ops = execute(b.clone(), &digest).await;
-    first(&mut ops).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let name = first(&mut ops).await.name;
+    // Longer than a lease and a claiming pass: a replica that still claimed would have.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(!marker.exists(), "a cut-off replica handed out work");
-    proxy.set_cut(false);
+    let op = get_operation(b.clone(), &name).await.unwrap();
+    assert_eq!(stage(&op), re::execution_stage::Value::Queued);
+
+    ns.heal();
+    let healed = Instant::now();
     let done = until_done(ops).await.unwrap();
     assert!(stdout(b, &response(&done)).await.contains("healed"));
     assert!(std::fs::read_to_string(&marker)
         .unwrap()
         .contains("worker-w0"));
-    let _ = name;
+    eprintln!(
+        "partition: replica 0 ran work again {:?} after the link came back",
+        healed.elapsed()
+    );
 }
 
 // ---- NativeLink's reported failures, each shown not to happen here --------------------------
@@ -935,6 +771,22 @@ async fn garbage_in_the_shared_state_fails_cleanly_and_work_still_flows() {
     fleet
         .state
         .cli(&["ZADD", &format!("{p}queue"), "1", "operations/ghost"]);
+    // A platform queue and its properties that do not parse, with a ghost in it; a replica
+    // summary that does not parse.
+    fleet
+        .state
+        .cli(&["HSET", &format!("{p}platforms"), "deadbeef", "{not json"]);
+    fleet
+        .state
+        .cli(&["ZADD", &format!("{p}pq:deadbeef"), "0", "operations/ghost2"]);
+    fleet.state.cli(&["SADD", &format!("{p}replicas"), "bogus"]);
+    fleet.state.cli(&[
+        "SET",
+        &format!("{p}replica:bogus"),
+        "\u{ff}garbage",
+        "PX",
+        "600000",
+    ]);
     fleet.state.cli(&[
         "HSET",
         &format!("{p}op:operations/garbage"),
@@ -998,11 +850,16 @@ async fn garbage_in_the_shared_state_fails_cleanly_and_work_still_flows() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
-    // And both replicas are still up.
+    // And both replicas are still up, their cluster views leave the garbage out.
     for i in 0..2 {
         let ch = fleet.channel(i).await;
         let digest = upload(ch.clone(), &format!("echo again {i}"), true).await;
         until_done(execute(ch, &digest).await).await.unwrap();
+        let (code, body) = common::http_get(fleet.r(i).cairn.addr, "/status").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(!body.contains("bogus"), "{body}");
+        let (code, _) = common::http_get(fleet.r(i).cairn.addr, "/metrics").await;
+        assert_eq!(code, 200);
     }
 }
 
@@ -1036,6 +893,108 @@ async fn an_operation_no_replica_s_worker_can_run_fails_after_the_grace_period()
     let digest = upload(b.clone(), "echo fine", true).await;
     let done = until_done(execute(b.clone(), &digest).await).await.unwrap();
     assert!(stdout(b, &response(&done)).await.contains("fine"));
+}
+
+/// No action queues forever behind work nobody can run: 200 queued operations that no worker
+/// can run (an OS no worker has) ahead of one that a connected worker can run: that one runs
+/// at once, found in its platform's queue, however deep it sits in the shared one. The 200
+/// stay queued (their grace period is long).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_deep_in_the_queue_runs_at_once_when_a_worker_can_run_it() {
+    let fleet = Fleet::start_with(2, "unschedulable_grace_period_s: 600,");
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let b = fleet.channel(1).await;
+    let mut blobs = Vec::new();
+    let mut blocked = Vec::new();
+    for i in 0..200 {
+        let script = format!("echo blocked {i}");
+        let (digest, more) = ShellAction {
+            script: &script,
+            do_not_cache: true,
+            ..Default::default()
+        }
+        .build_with_platform(&[("OSFamily", "plan9")]);
+        blobs.extend(more);
+        blocked.push(digest.to_proto());
+    }
+    common::actions::upload_blobs(b.clone(), "main", blobs).await;
+    let mut names = Vec::new();
+    for d in &blocked {
+        // Queued, then left: nobody follows them (client_action_timeout_s, 60 s, is longer
+        // than this test).
+        let mut ops = execute(b.clone(), d).await;
+        names.push(first(&mut ops).await.name);
+    }
+    let depth = fleet.state.cli(&["ZCARD", "cairn:scheduler:MAIN:queue"]);
+    assert_eq!(depth.trim(), "200", "the 200 are queued");
+    let digest = upload(a.clone(), "echo runnable", true).await;
+    let started = Instant::now();
+    let done = until_done(execute(a.clone(), &digest).await).await.unwrap();
+    let took = started.elapsed();
+    assert!(stdout(a.clone(), &response(&done))
+        .await
+        .contains("runnable"));
+    eprintln!("the operation behind 200 that no worker can run completed in {took:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    // The 200 are still queued, not failed.
+    for name in [&names[0], &names[199]] {
+        let op = get_operation(a.clone(), name).await.unwrap();
+        assert_eq!(stage(&op), re::execution_stage::Value::Queued, "{name}");
+    }
+}
+
+/// No action waits forever however deep it sits: an operation that no worker can run, queued
+/// behind 150 that a busy worker will run, fails after the grace period (the check walks each
+/// platform's queue, not only the head of the shared one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unschedulable_operation_deep_in_the_queue_fails_after_the_grace_period() {
+    let fleet = Fleet::start_with(2, "unschedulable_grace_period_s: 2,");
+    let _w0 = fleet.worker("w0", 0);
+    let a = fleet.channel(0).await;
+    let flag = fleet.tmp.path().join("attempt-1");
+    let busy = upload(a.clone(), &first_sleeps(&flag), true).await;
+    let mut busy = execute(a.clone(), &busy).await;
+    first(&mut busy).await;
+    wait_for("the worker is busy", || flag.exists()).await;
+    let mut blobs = Vec::new();
+    let mut waiting = Vec::new();
+    for i in 0..150 {
+        let script = format!("echo waits {i}");
+        let (digest, more) = ShellAction {
+            script: &script,
+            do_not_cache: true,
+            ..Default::default()
+        }
+        .build();
+        blobs.extend(more);
+        waiting.push(digest.to_proto());
+    }
+    common::actions::upload_blobs(a.clone(), "main", blobs).await;
+    let mut names = Vec::new();
+    for d in &waiting {
+        let mut ops = execute(a.clone(), d).await;
+        names.push(first(&mut ops).await.name);
+    }
+    let (digest, blobs) = ShellAction {
+        script: "echo never",
+        ..Default::default()
+    }
+    .build_with_platform(&[("OSFamily", "plan9")]);
+    common::actions::upload_blobs(a.clone(), "main", blobs).await;
+    let started = Instant::now();
+    let done = until_done(execute(a.clone(), &digest.to_proto()).await)
+        .await
+        .unwrap();
+    let st = response(&done).status.unwrap_or_default();
+    assert_eq!(st.code, tonic::Code::FailedPrecondition as i32, "{st:?}");
+    assert!(st.message.contains("\"OSFamily\"=\"plan9\""), "{st:?}");
+    let took = started.elapsed();
+    eprintln!("failed behind 150 queued operations after {took:?}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    // The 150 are still queued: they can run, once the worker is free.
+    let op = get_operation(a.clone(), &names[149]).await.unwrap();
+    assert_eq!(stage(&op), re::execution_stage::Value::Queued);
 }
 
 /// `client_action_timeout_s`: an operation that no client of any replica follows any more is
@@ -1237,28 +1196,115 @@ async fn rolling_client(
     Ok(n)
 }
 
+/// `cairn bench execute` as a child process: its stdout collected, its stderr passed on.
+struct BenchRun {
+    child: std::process::Child,
+    stdout: std::thread::JoinHandle<String>,
+    /// Receives once the bench has uploaded its actions and started running them.
+    running: std::sync::mpsc::Receiver<()>,
+}
+
+impl BenchRun {
+    fn start(endpoint: SocketAddr, clients: usize, requests: usize) -> BenchRun {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["bench", "execute", "--instance-name", "main"])
+            .arg("--endpoint")
+            .arg(format!("grpc://{endpoint}"))
+            .arg("--clients")
+            .arg(clients.to_string())
+            .arg("--requests")
+            .arg(requests.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start cairn bench execute");
+        let mut out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut text);
+            text
+        });
+        let err = child.stderr.take().unwrap();
+        let (tx, running) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[bench] {line}");
+                if line.contains("running them") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        BenchRun {
+            child,
+            stdout,
+            running,
+        }
+    }
+
+    /// Waits until the bench runs its actions (its upload is done).
+    fn wait_running(&self) {
+        self.running
+            .recv_timeout(DEADLINE)
+            .expect("cairn bench execute never started running its actions");
+    }
+
+    /// SIGINT (no new actions, those in flight finish), then its exit status and output.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        // SAFETY: kill(2) with the bench's pid, which is not reaped yet (the handle is alive).
+        let r = unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        assert_eq!(r, 0);
+        let deadline = Instant::now() + Duration::from_secs(150);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("cairn bench execute did not end after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status, self.stdout.join().unwrap())
+    }
+}
+
 /// Part 4 of the issue: the replicas are restarted one at a time (SIGTERM, drain, start again
-/// on the same ports, as a rolling update replaces pods behind a Service) while two clients
-/// keep executing actions through whichever replica answers: no operation is lost, and each
-/// one's output is its own.
+/// on the same ports, as a rolling update replaces pods behind a Service) under a steady load
+/// of `cairn bench execute` (4 clients, through a TCP front that sends each new connection to
+/// the first replica that accepts it, as a load balancer would), and of one test client that
+/// checks each action's own output: no operation is lost. The bench follows its operations
+/// again with WaitExecution when a stream breaks, and exits non-zero on any failed one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_restart_of_every_replica_under_load_loses_no_operation() {
+async fn a_rolling_restart_of_every_replica_under_bench_load_loses_no_operation() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
-    let mut fleet = Fleet::start(3);
+    // Completed operations stay in the index for the whole test, so that its size only grows
+    // (the progress measure below).
+    let mut fleet = Fleet::start_with(3, "retain_completed_for_s: 600,");
     let _workers: Vec<CairnWorker> = (0..3).map(|i| fleet.worker(&format!("w{i}"), i)).collect();
     let addrs: Vec<SocketAddr> = (0..3).map(|i| fleet.r(i).cairn.addr).collect();
+    let front = common::front::Front::start(addrs.clone());
+    let bench = BenchRun::start(front.addr, 4, 20_000);
+    tokio::task::block_in_place(|| bench.wait_running());
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..2)
-        .map(|c| tokio::spawn(rolling_client(c, addrs.clone(), stop.clone(), done.clone())))
-        .collect();
-    // Whether `at_least` runs are done within the deadline.
+    let client = tokio::spawn(rolling_client(0, addrs, stop.clone(), done.clone()));
+    let state_port = fleet.state.port;
+    // Operations submitted so far (the bench's and the client's): each bench client submits
+    // its next action only once its previous one completed.
+    let submitted = move || {
+        redis_kit::cli(state_port, &["ZCARD", "cairn:scheduler:MAIN:ops"])
+            .trim()
+            .parse::<usize>()
+            .unwrap_or(0)
+    };
+    // Whether `at_least` more operations are submitted within the deadline.
     let progress = |at_least: usize| {
-        let done = done.clone();
+        let from = submitted();
         async move {
             let start = Instant::now();
-            while done.load(Ordering::Relaxed) < at_least {
+            while submitted() < from + at_least {
                 if start.elapsed() > DEADLINE {
                     return false;
                 }
@@ -1268,7 +1314,7 @@ async fn a_rolling_restart_of_every_replica_under_load_loses_no_operation() {
         }
     };
     let mut stalled = None;
-    assert!(progress(4).await, "no load before the update");
+    assert!(progress(40).await, "no load before the update");
     for i in 0..3 {
         let r = fleet.replicas[i].take().expect("replica running");
         let (addr, worker_api) = (r.cairn.addr, r.worker_api);
@@ -1280,32 +1326,44 @@ async fn a_rolling_restart_of_every_replica_under_load_loses_no_operation() {
             status.success(),
             "replica {i} exited with {status} after SIGTERM"
         );
-        let before = done.load(Ordering::Relaxed);
         let state = fleet.state.url();
         fleet.replicas[i] = Some(fleet.replica_at(i, &state, Some(addr), worker_api));
         eprintln!("rolling update: replica-{i} is back");
         // The load goes on through the new replica set before the next one is replaced.
-        if !progress(before + 3).await {
+        if !progress(20).await {
             stalled = Some(format!(
-                "no 3 runs completed within {DEADLINE:?} after replica-{i} came back \
-                 ({before} done before)"
+                "no 20 operations submitted within {DEADLINE:?} after replica-{i} came back"
             ));
             break;
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let mut total = 0;
-    let mut lost = Vec::new();
-    for c in clients {
-        match c.await.unwrap() {
-            Ok(n) => total += n,
-            Err(e) => lost.push(e),
-        }
-    }
+    let (status, report) = tokio::task::spawn_blocking(move || bench.stop())
+        .await
+        .unwrap();
+    eprintln!("{report}");
+    let client = client.await.unwrap();
+    assert!(stalled.is_none(), "{stalled:?}");
     assert!(
-        lost.is_empty() && stalled.is_none(),
-        "{stalled:?}; lost: {lost:#?}"
+        status.success(),
+        "cairn bench execute reported failed operations ({status}):\n{report}"
     );
-    eprintln!("rolling update: {total} operations, all completed with their own output");
-    assert!(total >= 13);
+    let errors = report
+        .lines()
+        .find_map(|l| l.strip_prefix("execute errors:"))
+        .map(str::trim);
+    assert_eq!(errors, Some("0"), "{report}");
+    let ran: usize = report
+        .lines()
+        .find_map(|l| l.strip_prefix("execute:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the bench's count");
+    let checked = client.unwrap_or_else(|e| panic!("the checking client lost one: {e}"));
+    eprintln!(
+        "rolling update: the bench completed {ran} operations, the checking client {checked}, \
+         none lost"
+    );
+    assert!(ran >= 60, "{report}");
+    drop(front);
 }

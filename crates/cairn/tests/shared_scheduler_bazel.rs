@@ -6,83 +6,26 @@
 //! replica that accepts it, so after the kill Bazel's retries land on a survivor, which answers
 //! its WaitExecution from the shared state. The build must succeed with every output right.
 //!
+//! The replicas and workers are the kit's `Fleet` (`common/shared_fleet.rs`), as in
+//! `shared_scheduler.rs`.
+//!
 //! Needs `bazel` on PATH (Debian's `bazel-bootstrap`) and works offline; without Bazel it
 //! fails, unless `CAIRN_SKIP_BAZEL=1` is set.
 
 mod common;
 #[path = "common/redis.rs"]
 mod redis_kit;
+#[path = "common/shared_fleet.rs"]
+mod shared_fleet;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::bazel::{self, Bazel, COMMAND_DEADLINE};
-use common::{free_addr, Cairn, CairnWorker};
-use redis_kit::RedisServer;
-
-const REPLICA: &str = r#"{
-  stores: [
-    { name: "STATE", redis_store: { addresses: ["@STATE@"] } },
-    { name: "CAS", redis_store: { addresses: ["@REDIS@"], key_prefix: "cas:" } },
-    { name: "AC", redis_store: { addresses: ["@REDIS@"], key_prefix: "ac:" } },
-  ],
-  schedulers: [{ name: "MAIN", cache_lookup: {
-    ac_store: "AC",
-    scheduler: { simple: {
-      supported_platform_properties: { OSFamily: "exact", cpu_count: "minimum" },
-      worker_timeout_s: 2,
-      experimental_backend: { redis: { redis_store: "STATE" } },
-    } },
-  } }],
-  servers: [
-    { listener: { http: { socket_address: "@ADDR@" } },
-      services: {
-        cas: [{ instance_name: "main", cas_store: "CAS" }],
-        ac: [{ instance_name: "main", ac_store: "AC" }],
-        bytestream: [{ instance_name: "main", cas_store: "CAS" }],
-        execution: [{ instance_name: "main", cas_store: "CAS", scheduler: "MAIN" }],
-        capabilities: [{ instance_name: "main", remote_execution: { scheduler: "MAIN" } }],
-      } },
-    { listener: { http: { socket_address: "@WORKER_API@", tls: @WORKER_API_TLS@ } },
-      services: { worker_api: { scheduler: "MAIN" } } },
-  ],
-}"#;
-
-/// A TCP front: each new connection goes to the first backend, in order, that accepts it.
-/// Runs on a runtime of its own until dropped.
-struct Front {
-    addr: SocketAddr,
-    _rt: tokio::runtime::Runtime,
-}
-
-impl Front {
-    fn start(backends: Vec<SocketAddr>) -> Front {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        rt.spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let backends = backends.clone();
-                tokio::spawn(async move {
-                    for b in backends {
-                        if let Ok(mut server) = tokio::net::TcpStream::connect(b).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Front { addr, _rt: rt }
-    }
-}
+use common::front::Front;
+use common::CairnWorker;
+use shared_fleet::Fleet;
 
 fn find_file(root: &Path, name: &str) -> Option<PathBuf> {
     for entry in std::fs::read_dir(root).ok()?.flatten() {
@@ -109,55 +52,27 @@ fn bazel_builds_through_a_replica_killed_mid_build() {
     let Some(program) = bazel::find_or_skip("shared_scheduler_bazel") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let redis = RedisServer::start(tmp.path());
-    let state = RedisServer::start(tmp.path());
-    let tls = common::certs::split_tls_dir(tmp.path());
-    let mut replicas: Vec<Option<(Cairn, SocketAddr)>> = (0..3)
-        .map(|i| {
-            let dir = tmp.path().join(format!("replica-{i}"));
-            std::fs::create_dir_all(&dir).unwrap();
-            let worker_api = free_addr();
-            let cairn = Cairn::start_with(
-                &dir,
-                &REPLICA
-                    .replace("@REDIS@", &redis.url())
-                    .replace("@STATE@", &state.url())
-                    .replace("@WORKER_API@", &worker_api.to_string())
-                    .replace("@WORKER_API_TLS@", &common::certs::worker_api_tls(&tls)),
-                Some(free_addr()),
-            );
-            Some((cairn, worker_api))
-        })
-        .collect();
-    let addr = |r: &Option<(Cairn, SocketAddr)>| r.as_ref().unwrap().0.addr;
-    let worker_config =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deployment-examples/split/worker.json5");
-    // A worker on replica 0 (the one Bazel reaches first) and one on replica 1.
+    // Three replicas (the scheduler in cache_lookup over the AC), a two-slot worker on
+    // replica 0 (the one Bazel reaches first) and one on replica 1.
+    let mut fleet = Fleet::empty("");
+    fleet.cache_lookup = true;
+    fleet.worker_slots = 2;
+    fleet.add_replicas(3);
     let workers: Vec<(CairnWorker, PathBuf)> = [0usize, 1]
         .iter()
         .map(|&i| {
-            let (cairn, worker_api) = replicas[i].as_ref().unwrap();
-            let data = tmp.path().join(format!("worker-{i}"));
-            let env = [
-                ("CAIRN_WORKER_API_ENDPOINT", format!("grpcs://{worker_api}")),
-                ("CAIRN_TLS_DIR", tls.display().to_string()),
-                ("CAIRN_CAS_ENDPOINT", format!("grpc://{}", cairn.addr)),
-                ("CAIRN_WORKER_DATA", data.display().to_string()),
-                ("CAIRN_WORKER_SLOTS", "2".to_string()),
-            ];
-            let w = CairnWorker::start(
-                &format!("worker-{i}"),
-                &worker_config,
-                &env,
-                Duration::from_secs(30),
-            );
-            (w, data.join("work"))
+            let name = format!("{i}");
+            (fleet.worker(&name, i), fleet.worker_dir(&name).join("work"))
         })
         .collect();
-    let front = Front::start(replicas.iter().map(addr).collect());
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| fleet.r(i).cairn.addr).collect();
+    let front = Front::start(addrs);
 
-    let bazel = Bazel::new(program, &tmp.path().join("bazel"), "bazel-exec-workspace");
+    let bazel = Bazel::new(
+        program,
+        &fleet.tmp.path().join("bazel"),
+        "bazel-exec-workspace",
+    );
     let mut args = bazel.remote_flags(front.addr, None, "OSFamily=linux");
     args.push("--remote_instance_name=main".into());
     args.push("//...".into());
@@ -184,8 +99,7 @@ fn bazel_builds_through_a_replica_killed_mid_build() {
             ),
             None => eprintln!("shared_scheduler_bazel: //special:sleepy was never seen running"),
         }
-        let (cairn, _) = replicas[0].take().unwrap();
-        cairn.kill9();
+        fleet.kill9(0);
         build.join().unwrap()
     });
     assert!(
@@ -217,5 +131,5 @@ fn bazel_builds_through_a_replica_killed_mid_build() {
     );
     drop(bazel);
     drop(workers);
-    drop(replicas);
+    drop(fleet);
 }

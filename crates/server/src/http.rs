@@ -186,6 +186,20 @@ async fn status(State(s): State<HttpState>) -> impl IntoResponse {
         }
         components.insert(format!("stores/{name}"), c.into());
     }
+    for p in &s.schedulers {
+        if let Some(shared) = p.shared() {
+            let view = tokio::time::timeout(s.health_timeout, shared_status(shared))
+                .await
+                .unwrap_or_else(|_| {
+                    serde_json::json!({
+                        "status": "failed",
+                        "replica": shared.replica_id(),
+                        "message": format!("reading the cluster view took longer than {:?}", s.health_timeout),
+                    })
+                });
+            components.insert(format!("schedulers/{}", p.name), view);
+        }
+    }
     let body = serde_json::json!({
         "status": if healthy { "ok" } else { "failed" },
         "version": env!("CARGO_PKG_VERSION"),
@@ -278,10 +292,16 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
                 })
                 .set(n as i64);
         }
-        let retries = m.execution_retry_count.get_or_create(&l);
-        let seen = retries.get();
-        if st.retries_total > seen {
-            retries.inc_by(st.retries_total - seen);
+        {
+            // A read guard on the family: not held across the await below.
+            let retries = m.execution_retry_count.get_or_create(&l);
+            let seen = retries.get();
+            if st.retries_total > seen {
+                retries.inc_by(st.retries_total - seen);
+            }
+        }
+        if let Some(shared) = p.shared() {
+            cluster_metrics(m, &p.name, shared).await;
         }
     }
     (
@@ -291,6 +311,112 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         )],
         s.metrics.encode(),
     )
+}
+
+/// The shared scheduler's cluster-wide figures, from Redis. The per-replica families are
+/// rebuilt on each scrape, so that a replica gone from Redis leaves them; without Redis they
+/// are left empty (the queue and replica counts keep their last values).
+async fn cluster_metrics(
+    m: &Metrics,
+    scheduler: &str,
+    shared: &crate::execution::shared::SharedScheduler,
+) {
+    use crate::metrics::{ReplicaLabels, SchedulerLabels, StageLabels};
+    m.scheduler_replica_info
+        .get_or_create(&ReplicaLabels {
+            scheduler: scheduler.to_string(),
+            replica: shared.replica_id().to_string(),
+        })
+        .set(1);
+    for family in [
+        &m.cluster_worker_active_count,
+        &m.cluster_worker_slots_total,
+        &m.cluster_worker_slots_busy,
+        &m.cluster_replica_claims,
+    ] {
+        family.clear();
+    }
+    let Ok(view) = shared.cluster().await else {
+        return;
+    };
+    let l = SchedulerLabels {
+        scheduler: scheduler.to_string(),
+    };
+    m.cluster_queue_length
+        .get_or_create(&l)
+        .set(view.queued as i64);
+    m.cluster_replicas
+        .get_or_create(&l)
+        .set(view.replicas.len() as i64);
+    for (stage, n) in [("queued", view.queued), ("executing", view.executing)] {
+        m.cluster_execution_active_count
+            .get_or_create(&StageLabels {
+                scheduler: scheduler.to_string(),
+                execution_stage: stage,
+            })
+            .set(n as i64);
+    }
+    for (replica, r) in &view.replicas {
+        let rl = ReplicaLabels {
+            scheduler: scheduler.to_string(),
+            replica: replica.clone(),
+        };
+        m.cluster_worker_active_count
+            .get_or_create(&rl)
+            .set(r.workers as i64);
+        m.cluster_worker_slots_total
+            .get_or_create(&rl)
+            .set(r.slots as i64);
+        m.cluster_worker_slots_busy
+            .get_or_create(&rl)
+            .set(r.busy as i64);
+        m.cluster_replica_claims
+            .get_or_create(&rl)
+            .set(r.claims as i64);
+    }
+}
+
+/// `/status`'s entry for a scheduler whose state is shared: this replica's id and whether it
+/// claims work, and the cluster as Redis holds it (or why it could not be read). It does not
+/// change the status code: the state's `redis_store` has its own entry under `stores/`.
+async fn shared_status(shared: &crate::execution::shared::SharedScheduler) -> serde_json::Value {
+    let mut c = serde_json::Map::new();
+    c.insert("kind".into(), "simple (shared state in Redis)".into());
+    c.insert("replica".into(), shared.replica_id().into());
+    c.insert("claiming".into(), shared.claiming().into());
+    match shared.cluster().await {
+        Ok(view) => {
+            c.insert("status".into(), "ok".into());
+            let replicas: Vec<serde_json::Value> = view
+                .replicas
+                .iter()
+                .map(|(id, r)| {
+                    serde_json::json!({
+                        "replica": id,
+                        "this_replica": id == shared.replica_id(),
+                        "workers": r.workers,
+                        "slots": r.slots,
+                        "busy_slots": r.busy,
+                        "claims": r.claims,
+                    })
+                })
+                .collect();
+            c.insert(
+                "cluster".into(),
+                serde_json::json!({
+                    "queued": view.queued,
+                    "executing": view.executing,
+                    "workers": view.replicas.iter().map(|(_, r)| r.workers).sum::<u64>(),
+                    "replicas": replicas,
+                }),
+            );
+        }
+        Err(e) => {
+            c.insert("status".into(), "failed".into());
+            c.insert("message".into(), e.message.into());
+        }
+    }
+    c.into()
 }
 
 fn total_entries(info: &cairn_store::StoreInfo) -> u64 {

@@ -36,6 +36,13 @@ pub struct SchedulerLabels {
     pub scheduler: String,
 }
 
+/// One replica of a scheduler whose state is shared in Redis.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    pub scheduler: String,
+    pub replica: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabels {
     pub scheduler: String,
@@ -165,6 +172,17 @@ pub struct Metrics {
     pub execution_active_count: Family<StageLabels, Gauge>,
     pub execution_retry_count: Family<SchedulerLabels, Counter>,
     pub execution_completed: Family<ResultLabels, Counter>,
+    /// Shared scheduler state (`experimental_backend: redis`): the whole cluster as Redis
+    /// holds it, where the families above count this replica's own workers and claims.
+    pub cluster_queue_length: Family<SchedulerLabels, Gauge>,
+    pub cluster_execution_active_count: Family<StageLabels, Gauge>,
+    pub cluster_replicas: Family<SchedulerLabels, Gauge>,
+    pub cluster_worker_active_count: Family<ReplicaLabels, Gauge>,
+    pub cluster_worker_slots_total: Family<ReplicaLabels, Gauge>,
+    pub cluster_worker_slots_busy: Family<ReplicaLabels, Gauge>,
+    pub cluster_replica_claims: Family<ReplicaLabels, Gauge>,
+    /// 1, labelled with this process's replica id: joins the unlabelled per-process families.
+    pub scheduler_replica_info: Family<ReplicaLabels, Gauge>,
     /// Monotonic, but exposed without `_total`, as the deployment guide names it.
     pub worker_execution_failures: Gauge,
     /// Blobs looked up in the CAS (FindMissingBlobs, reads), and those found. Monotonic,
@@ -214,6 +232,14 @@ impl Metrics {
             execution_active_count: Default::default(),
             execution_retry_count: Default::default(),
             execution_completed: Default::default(),
+            cluster_queue_length: Default::default(),
+            cluster_execution_active_count: Default::default(),
+            cluster_replicas: Default::default(),
+            cluster_worker_active_count: Default::default(),
+            cluster_worker_slots_total: Default::default(),
+            cluster_worker_slots_busy: Default::default(),
+            cluster_replica_claims: Default::default(),
+            scheduler_replica_info: Default::default(),
             worker_execution_failures: Default::default(),
             cas_requests: Default::default(),
             cas_hits: Default::default(),
@@ -306,6 +332,46 @@ impl Metrics {
             "execution_completed_count",
             "Executions answered, by result: success, failure, cache_hit, timeout",
             m.execution_completed.clone(),
+        );
+        r.register(
+            "cluster_queue_length",
+            "Shared scheduler state: actions queued by every replica's clients, waiting for a worker of any replica",
+            m.cluster_queue_length.clone(),
+        );
+        r.register(
+            "cluster_execution_active_count",
+            "Shared scheduler state: actions by stage (queued, executing) across every replica",
+            m.cluster_execution_active_count.clone(),
+        );
+        r.register(
+            "cluster_replicas",
+            "Shared scheduler state: replicas that recorded themselves within the last three leases",
+            m.cluster_replicas.clone(),
+        );
+        r.register(
+            "cluster_worker_active_count",
+            "Shared scheduler state: workers connected to each replica",
+            m.cluster_worker_active_count.clone(),
+        );
+        r.register(
+            "cluster_worker_slots_total",
+            "Shared scheduler state: action slots of each replica's workers",
+            m.cluster_worker_slots_total.clone(),
+        );
+        r.register(
+            "cluster_worker_slots_busy",
+            "Shared scheduler state: busy action slots of each replica's workers",
+            m.cluster_worker_slots_busy.clone(),
+        );
+        r.register(
+            "cluster_replica_claims",
+            "Shared scheduler state: operations each replica holds a lease on",
+            m.cluster_replica_claims.clone(),
+        );
+        r.register(
+            "scheduler_replica_info",
+            "Shared scheduler state: 1, labelled with this process's replica id",
+            m.scheduler_replica_info.clone(),
         );
         r.register(
             "worker_execution_failures",

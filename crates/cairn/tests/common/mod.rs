@@ -9,6 +9,8 @@ pub mod blobs;
 pub mod certs;
 pub mod emulators;
 pub mod fault_proxy;
+pub mod front;
+pub mod netns;
 pub mod tools;
 
 use std::io::{BufRead, BufReader};
@@ -250,7 +252,25 @@ impl CairnWorker {
         env: &[(&str, String)],
         within: Duration,
     ) -> CairnWorker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        CairnWorker::start_in(
+            label,
+            Command::new(env!("CARGO_BIN_EXE_cairn")),
+            config,
+            env,
+            within,
+        )
+    }
+
+    /// As [`CairnWorker::start`], with `cairn` run through `command` (the binary itself, or
+    /// `ip netns exec NAME cairn` from [`netns::NetNs::command`]).
+    pub fn start_in(
+        label: &str,
+        mut command: Command,
+        config: &Path,
+        env: &[(&str, String)],
+        within: Duration,
+    ) -> CairnWorker {
+        let mut child = command
             .arg("run")
             .arg(config)
             .envs(env.iter().map(|(k, v)| (k, v)))

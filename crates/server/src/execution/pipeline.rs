@@ -69,6 +69,14 @@ impl ExecutionPipeline {
         }
     }
 
+    /// This replica's view of a scheduler whose state is shared in Redis.
+    pub fn shared(&self) -> Option<&Arc<SharedScheduler>> {
+        match &self.backend {
+            Backend::Shared(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The remote scheduler of a `grpc` scheduler.
     pub fn remote(&self) -> Option<&Arc<RemoteScheduler>> {
         match &self.backend {

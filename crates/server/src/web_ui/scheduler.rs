@@ -26,7 +26,8 @@ const ROWS_PER_PLATFORM: usize = 100;
 /// Invocations listed in the by-invocation table.
 const INVOCATION_ROWS: usize = 100;
 
-async fn overviews(ui: &WebUi) -> Vec<(String, Result<Overview, String>)> {
+/// Each scheduler's name, its overview, and (shared state) the cluster box.
+async fn overviews(ui: &WebUi) -> Vec<(String, Result<Overview, String>, String)> {
     let mut out = Vec::new();
     for p in &ui.schedulers {
         let o = match p.local() {
@@ -35,9 +36,54 @@ async fn overviews(ui: &WebUi) -> Vec<(String, Result<Overview, String>)> {
                 Err("a grpc scheduler: its queue and workers are shown where it forwards to".into())
             }
         };
-        out.push((p.name.clone(), o));
+        let cluster = match p.shared() {
+            Some(shared) => cluster_box(shared).await,
+            None => String::new(),
+        };
+        out.push((p.name.clone(), o, cluster));
     }
     out
+}
+
+/// For a scheduler whose state is shared in Redis: whose workers and operations the page
+/// shows (this replica's), and the whole cluster's counts and replicas from Redis.
+async fn cluster_box(shared: &crate::execution::shared::SharedScheduler) -> String {
+    let me = shared.replica_id();
+    let mut b = format!(
+        "<p>Shared state in Redis: the tables below are replica <code>{}</code>'s own workers \
+         and the operations they run.</p>",
+        esc(me)
+    );
+    match shared.cluster().await {
+        Ok(view) => {
+            let workers: u64 = view.replicas.iter().map(|(_, r)| r.workers).sum();
+            let _ = write!(
+                b,
+                "<p>Whole cluster: {} queued, {} executing, {workers} workers on {} replicas.</p>\
+                 <table><tr><th>Replica</th><th>Workers</th><th>Slots</th><th>Busy</th><th>Claims</th></tr>",
+                view.queued,
+                view.executing,
+                view.replicas.len()
+            );
+            for (id, r) in &view.replicas {
+                let this = if id == me { " (this replica)" } else { "" };
+                let _ = write!(
+                    b,
+                    "<tr><td><code>{}</code>{this}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(id),
+                    r.workers,
+                    r.slots,
+                    r.busy,
+                    r.claims
+                );
+            }
+            b.push_str("</table>");
+        }
+        Err(e) => {
+            let _ = write!(b, "<p class=\"bad\">{}</p>", esc(&e.message));
+        }
+    }
+    b
 }
 
 fn platform_key(p: &[(String, String)]) -> String {
@@ -91,8 +137,8 @@ pub async fn queue(State(ui): State<Arc<WebUi>>) -> Response {
         );
     }
     let mut b = String::new();
-    for (name, o) in overviews(&ui).await {
-        let _ = write!(b, "<h2>Scheduler {}</h2>", esc(&name));
+    for (name, o, cluster) in overviews(&ui).await {
+        let _ = write!(b, "<h2>Scheduler {}</h2>{cluster}", esc(&name));
         let o = match o {
             Ok(o) => o,
             Err(e) => {
@@ -203,8 +249,8 @@ pub async fn workers(State(ui): State<Arc<WebUi>>) -> Response {
         );
     }
     let mut b = String::new();
-    for (name, o) in overviews(&ui).await {
-        let _ = write!(b, "<h2>Scheduler {}</h2>", esc(&name));
+    for (name, o, cluster) in overviews(&ui).await {
+        let _ = write!(b, "<h2>Scheduler {}</h2>{cluster}", esc(&name));
         let mut o = match o {
             Ok(o) => o,
             Err(e) => {

@@ -4,7 +4,9 @@
 //!
 //! Each replica keeps its own pure core (`driver.rs`) for the workers connected to it, and
 //! only for them: it claims queued operations from Redis that one of its workers can start now
-//! (`Scheduler::could_start`), hands each to its core, holds a lease on it that it renews every
+//! (`Scheduler::could_start`, asked per platform-property set, each set having its own queue
+//! beside the shared one, so that nothing runnable waits behind what nobody can run), hands
+//! each to its core, holds a lease on it that it renews every
 //! lease/3, and writes the result back ([`replica`]). Every replica re-queues the operations
 //! whose lease expired (their replica died or lost Redis), within `max_job_retries`. A client
 //! of any replica submits to Redis and follows the operation there: it reads the operation's
@@ -86,11 +88,38 @@ pub struct SharedScheduler {
     stopping: AtomicBool,
     /// Operations this replica runs: id -> fence.
     owned: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
+    /// The platform sets (SHA) that a local worker could start at the last claiming pass.
+    fitting: parking_lot::Mutex<Vec<String>>,
     /// Kicked when a local run ended (a slot may be free).
     kick: tokio::sync::Notify,
     /// `execution_completed_count`, counted here for what this replica's workers ran (one per
     /// operation's end, as one scheduler counts, not one per attempt).
     metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+/// What a replica records about itself for the cluster views (`/status`, `/metrics`), every
+/// third of a lease; gone three leases after its last record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicaSummary {
+    /// Workers connected to it.
+    pub workers: u64,
+    /// Their action slots, and those running an action.
+    pub slots: u64,
+    pub busy: u64,
+    /// Operations it holds a lease on (claimed and running on its workers).
+    pub claims: u64,
+}
+
+/// The whole shared scheduler as Redis sees it, read in one script of bounded cost (no
+/// operation is read).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterView {
+    /// Operations queued (every replica's clients').
+    pub queued: u64,
+    /// Operations executing (under a lease).
+    pub executing: u64,
+    /// Each live replica (its id and summary), in id order.
+    pub replicas: Vec<(String, ReplicaSummary)>,
 }
 
 /// A stream of a followed operation's updates, ending after the completed one.
@@ -131,6 +160,7 @@ impl SharedScheduler {
             healthy: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             owned: parking_lot::Mutex::new(Default::default()),
+            fitting: parking_lot::Mutex::new(Vec::new()),
             kick: tokio::sync::Notify::new(),
             metrics,
         });
@@ -155,6 +185,41 @@ impl SharedScheduler {
     /// This replica's id (in logs and in the operations it owns).
     pub fn replica_id(&self) -> &str {
         &self.replica
+    }
+
+    /// Whether this replica renews its leases and claims work (false while Redis has not
+    /// answered for a lease, and after a stop signal).
+    pub fn claiming(&self) -> bool {
+        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.stopping.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The cluster-wide queue, executing count and replicas (UNAVAILABLE without Redis). A
+    /// replica's summary that does not parse (written by something else) is left out.
+    pub async fn cluster(&self) -> Result<ClusterView, Error> {
+        let flat: Vec<Vec<u8>> = self
+            .script("reading the cluster view", |s| &s.cluster, vec![])
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let count = |i: usize| {
+            flat.get(i)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0)
+        };
+        let mut view = ClusterView {
+            queued: count(0),
+            executing: count(1),
+            replicas: Vec::new(),
+        };
+        for pair in flat.get(2..).unwrap_or_default().chunks(2) {
+            let [id, summary] = pair else { continue };
+            if let Ok(summary) = serde_json::from_slice(summary) {
+                view.replicas
+                    .push((String::from_utf8_lossy(id).into_owned(), summary));
+            }
+        }
+        Ok(view)
     }
 
     /// UNAVAILABLE naming the scheduler and the store, whatever Redis said.

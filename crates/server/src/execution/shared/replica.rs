@@ -16,8 +16,11 @@ use tokio::sync::mpsc;
 use super::{error_response, SharedScheduler};
 use crate::execution::driver::{ActionPayload, OpUpdate};
 
-/// Queued operations looked at per claiming pass.
+/// Queued operations looked at per claiming pass: the head of the shared queue and of each
+/// platform's queue that a local worker could start.
 const PEEK: usize = 128;
+/// Platform sets looked at per pass (a random sample of them when there are more).
+const PLATFORM_SETS: usize = 256;
 /// Wait before re-subscribing after the pub/sub connection dropped (doubled after each
 /// failure, up to `RESUBSCRIBE_MAX`).
 const RESUBSCRIBE: Duration = Duration::from_millis(250);
@@ -128,24 +131,41 @@ async fn claim_pass(me: &Arc<SharedScheduler>) -> Result<(), Error> {
         if !me.healthy.load(Ordering::Relaxed) || me.stopping.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let flat: Vec<Vec<u8>> = me
-            .script(
-                "reading the queue",
-                |s| &s.peek,
-                vec![PEEK.to_string().into_bytes()],
-            )
-            .await?;
-        if flat.is_empty() {
+        // The platforms with queued work that a local worker could start now, each asked on
+        // its own, so that an operation deep in the shared queue is found as soon as one at
+        // its head. The sets that fitted last time are read with the queue's head in one
+        // call; a second call only when another set fits now and the queue is longer than
+        // its head.
+        let mut shas = me.fitting.lock().clone();
+        let mut reads = 0;
+        let (ids, platforms) = loop {
+            reads += 1;
+            let per_set = (PEEK / shas.len().max(1)).max(16);
+            let mut args = vec![
+                per_set.to_string().into_bytes(),
+                PLATFORM_SETS.to_string().into_bytes(),
+            ];
+            args.extend(shas.iter().map(|s| s.clone().into_bytes()));
+            let flat: Vec<Vec<u8>> = me.script("reading the queue", |s| &s.peek, args).await?;
+            let (queued, sets, candidates) = parse_peek(&flat);
+            let mut fitting = Vec::new();
+            for (sha, platform) in sets {
+                if me.local.could_start(vec![platform]).await?.first() == Some(&true) {
+                    fitting.push(sha);
+                }
+            }
+            let new_fit = fitting.iter().any(|f| !shas.contains(f));
+            *me.fitting.lock() = fitting.clone();
+            // When the shared queue's head was all of it, every queued operation is a
+            // candidate already.
+            if new_fit && queued > per_set && reads < 2 {
+                shas = fitting;
+                continue;
+            }
+            break candidates;
+        };
+        if ids.is_empty() {
             return Ok(());
-        }
-        let mut ids = Vec::new();
-        let mut platforms = Vec::new();
-        for pair in flat.chunks(2) {
-            let [id, platform] = pair else { continue };
-            let platform: Vec<(String, String)> =
-                serde_json::from_slice(platform).unwrap_or_default();
-            ids.push(String::from_utf8_lossy(id).into_owned());
-            platforms.push(platform);
         }
         let fits = me.local.could_start(platforms).await?;
         let mut claimed = 0;
@@ -181,10 +201,83 @@ async fn claim_pass(me: &Arc<SharedScheduler>) -> Result<(), Error> {
                 let _ = hand_back(me, id, fence, &e.message).await;
             }
         }
-        if claimed == 0 || ids.len() < PEEK {
+        if claimed == 0 {
             return Ok(());
         }
     }
+}
+
+/// What the peek script returned: the shared queue's length, the queued platform sets (SHA,
+/// properties), and the candidates' ids and properties in the shared queue's order.
+type Peeked = (
+    usize,
+    Vec<(String, Vec<(String, String)>)>,
+    (Vec<String>, Vec<Vec<(String, String)>>),
+);
+
+fn parse_peek(flat: &[Vec<u8>]) -> Peeked {
+    let number = |i: usize| {
+        flat.get(i)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|t| t.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    let queued = number(0);
+    let n_sets = number(1).min(flat.len().saturating_sub(2));
+    let (sets, rest) = flat.get(2..).unwrap_or_default().split_at(n_sets);
+    let sets = sets
+        .chunks(2)
+        .filter_map(|pair| {
+            let [sha, platform] = pair else { return None };
+            Some((
+                String::from_utf8_lossy(sha).into_owned(),
+                serde_json::from_slice(platform).unwrap_or_default(),
+            ))
+        })
+        .collect();
+    let mut candidates = Vec::new();
+    for triple in rest.chunks(3) {
+        let [id, platform, score] = triple else {
+            continue;
+        };
+        let platform: Vec<(String, String)> = serde_json::from_slice(platform).unwrap_or_default();
+        let score: f64 = std::str::from_utf8(score)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
+        candidates.push((score, String::from_utf8_lossy(id).into_owned(), platform));
+    }
+    // In the shared queue's order, whichever queue each came from.
+    candidates.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (
+        queued,
+        sets,
+        candidates.into_iter().map(|(_, id, p)| (id, p)).unzip(),
+    )
+}
+
+/// The platform sets that have queued operations (a sample of [`PLATFORM_SETS`] when there
+/// are more): SHA and properties.
+async fn queued_platforms(
+    me: &Arc<SharedScheduler>,
+) -> Result<Vec<(String, Vec<(String, String)>)>, Error> {
+    let flat: Vec<Vec<u8>> = me
+        .script(
+            "reading the queued platforms",
+            |s| &s.platforms,
+            vec![PLATFORM_SETS.to_string().into_bytes()],
+        )
+        .await?;
+    Ok(flat
+        .chunks(2)
+        .filter_map(|pair| {
+            let [sha, platform] = pair else { return None };
+            Some((
+                String::from_utf8_lossy(sha).into_owned(),
+                serde_json::from_slice(platform).unwrap_or_default(),
+            ))
+        })
+        .collect())
 }
 
 /// Hands a claimed operation (its [`CLAIM_FIELDS`], in order) to this replica's core; a task
@@ -366,6 +459,13 @@ async fn fail_unschedulable(me: &Arc<SharedScheduler>) -> Result<(), Error> {
         .into_iter()
         .map(|w| w.properties)
         .collect();
+    let stats = me.local.stats().await?;
+    let summary = super::ReplicaSummary {
+        workers: stats.workers as u64,
+        slots: stats.total_slots,
+        busy: stats.busy_slots,
+        claims: me.owned.lock().len() as u64,
+    };
     let ttl = (me.opts.lease * 3).as_millis().to_string();
     let records: Vec<String> = me
         .script(
@@ -375,6 +475,7 @@ async fn fail_unschedulable(me: &Arc<SharedScheduler>) -> Result<(), Error> {
                 me.replica.as_bytes().to_vec(),
                 ttl.into_bytes(),
                 serde_json::to_vec(&mine).unwrap_or_default(),
+                serde_json::to_vec(&summary).unwrap_or_default(),
             ],
         )
         .await?;
@@ -388,15 +489,22 @@ async fn fail_unschedulable(me: &Arc<SharedScheduler>) -> Result<(), Error> {
         .unschedulable_grace
         .as_millis()
         .min(i64::MAX as u128);
+    // The head of the shared queue (what an older replica queued without a platform's
+    // queue), then each platform that no worker of any replica could run.
+    let mut queues = vec![String::new()];
+    for (sha, platform) in queued_platforms(me).await? {
+        if cairn_scheduler::unschedulable(&platform, &workers, &me.opts.matching).is_some() {
+            queues.push(sha);
+        }
+    }
+    // One script for all of them.
+    let mut args = vec![
+        grace.to_string().into_bytes(),
+        PEEK.to_string().into_bytes(),
+    ];
+    args.extend(queues.into_iter().map(String::into_bytes));
     let flat: Vec<Vec<u8>> = me
-        .script(
-            "reading waiting operations",
-            |s| &s.waiting,
-            vec![
-                grace.to_string().into_bytes(),
-                PEEK.to_string().into_bytes(),
-            ],
-        )
+        .script("reading waiting operations", |s| &s.waiting, args)
         .await?;
     for pair in flat.chunks(2) {
         let [id, platform] = pair else { continue };
@@ -457,6 +565,8 @@ async fn renew_and_reap(me: &Arc<SharedScheduler>) -> Result<(), Error> {
             vec![
                 me.opts.max_job_retries.to_string().into_bytes(),
                 retain.to_string().into_bytes(),
+                me.opts.lease.as_millis().to_string().into_bytes(),
+                me.watch_ms().to_string().into_bytes(),
             ],
         )
         .await?;
@@ -464,4 +574,61 @@ async fn renew_and_reap(me: &Arc<SharedScheduler>) -> Result<(), Error> {
         tracing::warn!(scheduler = %me.opts.name, operations = reaped, "re-queued operations whose replica stopped renewing its lease");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Vec<u8> {
+        s.as_bytes().to_vec()
+    }
+
+    #[test]
+    fn peek_answers_are_read_in_queue_order() {
+        let flat = vec![
+            b("300"),
+            b("2"),
+            b("sha-a"),
+            b(r#"[["OSFamily","linux"]]"#),
+            b("op-late"),
+            b(r#"[["OSFamily","linux"]]"#),
+            b("20"),
+            b("op-early"),
+            b("[]"),
+            b("10"),
+        ];
+        let (queued, sets, (ids, platforms)) = parse_peek(&flat);
+        assert_eq!(queued, 300);
+        assert_eq!(
+            sets,
+            vec![(
+                "sha-a".to_string(),
+                vec![("OSFamily".into(), "linux".into())]
+            )]
+        );
+        assert_eq!(ids, vec!["op-early", "op-late"]);
+        assert_eq!(platforms[0], vec![]);
+    }
+
+    #[test]
+    fn peek_answers_that_do_not_parse_yield_what_they_can() {
+        // Counts that are not numbers, a set count past the end, platforms that are not
+        // JSON, a triple cut short: nothing panics.
+        for flat in [
+            vec![],
+            vec![b("x")],
+            vec![b("1"), b("99"), b("sha")],
+            vec![b("1"), b("0"), b("op"), b("{not json"), b("nan?")],
+            vec![b("1"), b("0"), b("op"), b("[]")],
+            vec![b("1"), b("1"), b("sha"), b("op"), b("[]"), b("5")],
+        ] {
+            let (_, _, (ids, platforms)) = parse_peek(&flat);
+            assert_eq!(ids.len(), platforms.len());
+        }
+        let (_, _, (ids, platforms)) =
+            parse_peek(&[b("1"), b("0"), b("op"), b("{not json"), b("x")]);
+        assert_eq!(ids, vec!["op"]);
+        assert!(platforms[0].is_empty());
+    }
 }

@@ -10,13 +10,17 @@
 //! |---|---|---|
 //! | `P op:ID` | hash | one operation (see [`super::OpFields`]) |
 //! | `P queue` | sorted set | queued operation ids, by priority then enqueue time |
+//! | `P pq:SHA` | sorted set | the same, for the operations whose platform (JSON) has SHA-1 `SHA` |
+//! | `P platforms` | hash | SHA -> platform (JSON) of each `pq:` set; dropped when its set is empty |
 //! | `P leases` | sorted set | executing operation ids, by lease expiry (ms) |
 //! | `P action:KEY` | string | the live operation of a cacheable action (merging) |
 //! | `P ops` | sorted set | every operation id, all at score 0 so that they sort by name (ListOperations); pruned of expired ones as listing and reaping pass them |
 //! | `P prune` | string | where the last pruning pass of `ops` stopped |
 //! | `P watched:ID` | string | present while a client follows the live operation (expires `client_action_timeout_s` after the last follower's read) |
+//! | `P heard`, `P resumed` | string | when a replica's lease pass last ran, and when one last ran after a gap longer than a lease (an outage): no operation is dropped for want of a follower within `client_action_timeout_s` of that |
 //! | `P replicas` | set | replica ids that recorded their workers |
 //! | `P workers:REPLICA` | string | that replica's workers' properties (JSON), expiring 3 leases after its last record |
+//! | `P replica:REPLICA` | string | that replica's summary for the cluster views (JSON: workers, slots, busy slots, claims held), expiring with its workers' record |
 //! | `P events` | channel | an operation id when its stage changes; `queue` when work was queued |
 
 /// `now` in milliseconds from Redis's clock.
@@ -27,6 +31,27 @@ local function now_ms()
 end
 ";
 
+/// The queue: every queued id is in `queue` (the shared order) and in its platform's
+/// `pq:SHA` (so a replica finds what its workers can run however deep it sits).
+const QUEUE: &str = r"
+local function qadd(P, id, score)
+  redis.call('ZADD', P .. 'queue', score, id)
+  local platform = redis.call('HGET', P .. 'op:' .. id, 'platform')
+  if platform then
+    local sha = redis.sha1hex(platform)
+    redis.call('ZADD', P .. 'pq:' .. sha, score, id)
+    redis.call('HSET', P .. 'platforms', sha, platform)
+  end
+end
+local function qrem(P, id)
+  redis.call('ZREM', P .. 'queue', id)
+  local platform = redis.call('HGET', P .. 'op:' .. id, 'platform')
+  if platform then
+    redis.call('ZREM', P .. 'pq:' .. redis.sha1hex(platform), id)
+  end
+end
+";
+
 /// Ends an operation: the result or error fields, stage `completed`, out of the queue and
 /// the leases, the merge key freed, expiry set, watchers told.
 const FINISH: &str = r"
@@ -34,7 +59,7 @@ local function finish(P, id, fields, retain_ms)
   local k = P .. 'op:' .. id
   redis.call('HSET', k, 'state', 'completed', 'done_ms', now_ms(), unpack(fields))
   redis.call('HDEL', k, 'owner')
-  redis.call('ZREM', P .. 'queue', id)
+  qrem(P, id)
   redis.call('ZREM', P .. 'leases', id)
   local key = redis.call('HGET', k, 'key')
   if key and redis.call('GET', P .. 'action:' .. key) == id then
@@ -68,7 +93,7 @@ local function requeue(P, id, reason, max_retries, retain_ms)
   redis.call('ZREM', P .. 'leases', id)
   -- A score that is not a number (written by something else) queues it first, rather than
   -- failing the script and with it every re-queue of the pass.
-  redis.call('ZADD', P .. 'queue', tonumber(redis.call('HGET', k, 'score')) or 0, id)
+  qadd(P, id, tonumber(redis.call('HGET', k, 'score')) or 0)
   redis.call('PUBLISH', P .. 'events', id)
   redis.call('PUBLISH', P .. 'events', 'queue')
   return 1
@@ -87,6 +112,10 @@ if cacheable then
     if state == 'queued' or state == 'executing' then
       if state == 'queued' then
         redis.call('ZADD', P .. 'queue', 'XX', 'LT', score, live)
+        local platform = redis.call('HGET', P .. 'op:' .. live, 'platform')
+        if platform then
+          redis.call('ZADD', P .. 'pq:' .. redis.sha1hex(platform), 'XX', 'LT', score, live)
+        end
       end
       redis.call('SET', P .. 'watched:' .. live, '1', 'PX', watch)
       return live
@@ -97,7 +126,7 @@ local k = P .. 'op:' .. id
 redis.call('HSET', k, 'state', 'queued', 'retries', 0, 'fence', 0, 'key', key, 'score', score,
   'created_ms', now_ms(), 'queued_ms', now_ms(), unpack(ARGV, 7))
 redis.call('SET', P .. 'watched:' .. id, '1', 'PX', watch)
-redis.call('ZADD', P .. 'queue', score, id)
+qadd(P, id, score)
 redis.call('ZADD', P .. 'ops', 0, id)
 if cacheable then
   redis.call('SET', P .. 'action:' .. key, id)
@@ -106,19 +135,70 @@ redis.call('PUBLISH', P .. 'events', 'queue')
 return id
 ";
 
-/// ARGV: prefix, count. The first `count` queued ids with their platform (JSON), flat.
+/// The platform sets that have queued operations: SHA and platform (JSON), flat; all of
+/// them, or a random sample of `max` when there are more (so that every set is looked at,
+/// over passes). Drops the sets whose queue is empty.
+const SETS_FN: &str = r"
+local function queued_sets(P, max)
+  local flat
+  if redis.call('HLEN', P .. 'platforms') <= max then
+    flat = redis.call('HGETALL', P .. 'platforms')
+  else
+    flat = redis.call('HRANDFIELD', P .. 'platforms', max, 'WITHVALUES')
+  end
+  local out = {}
+  for i = 1, #flat, 2 do
+    if redis.call('ZCARD', P .. 'pq:' .. flat[i]) == 0 then
+      redis.call('HDEL', P .. 'platforms', flat[i])
+    else
+      out[#out + 1] = flat[i]
+      out[#out + 1] = flat[i + 1]
+    end
+  end
+  return out
+end
+";
+
+/// ARGV: prefix, at most how many. [`SETS_FN`]'s sets.
+const PLATFORMS: &str = r"
+return queued_sets(ARGV[1], tonumber(ARGV[2]))
+";
+
+/// ARGV: prefix, count, at most how many sets, then platform SHAs. The length of the shared
+/// queue, the queued platform sets ([`SETS_FN`]: how many entries, then SHA and platform,
+/// flat), then the first `count` ids
+/// of the shared queue and of each named platform's queue, each once: id, platform (JSON),
+/// score, flat. Ids without an operation are dropped from the queue they were read from. One
+/// call per claiming pass: the caller names the sets that fitted last time, and calls again
+/// only when another set fits now and the shared queue's head did not hold all of it.
 const PEEK: &str = r"
 local P, n = ARGV[1], tonumber(ARGV[2])
-local ids = redis.call('ZRANGE', P .. 'queue', 0, n - 1)
-local out = {}
-for _, id in ipairs(ids) do
-  local platform = redis.call('HGET', P .. 'op:' .. id, 'platform')
-  if platform then
-    out[#out + 1] = id
-    out[#out + 1] = platform
-  else
-    redis.call('ZREM', P .. 'queue', id)
+local sets = queued_sets(P, tonumber(ARGV[3]))
+local out = {tostring(redis.call('ZCARD', P .. 'queue')), tostring(#sets)}
+for _, v in ipairs(sets) do
+  out[#out + 1] = v
+end
+local seen = {}
+local function take(key)
+  local ids = redis.call('ZRANGE', key, 0, n - 1, 'WITHSCORES')
+  for i = 1, #ids, 2 do
+    local id = ids[i]
+    if not seen[id] then
+      local platform = redis.call('HGET', P .. 'op:' .. id, 'platform')
+      if platform then
+        seen[id] = true
+        out[#out + 1] = id
+        out[#out + 1] = platform
+        out[#out + 1] = ids[i + 1]
+      else
+        redis.call('ZREM', key, id)
+      end
+    end
   end
+end
+take(P .. 'queue')
+for i = 4, #ARGV do
+  take(P .. 'pq:' .. ARGV[i])
 end
 return out
 ";
@@ -130,7 +210,7 @@ const CLAIM: &str = r"
 local P, id, replica, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local k = P .. 'op:' .. id
 if redis.call('HGET', k, 'state') ~= 'queued' then
-  redis.call('ZREM', P .. 'queue', id)
+  qrem(P, id)
   return {}
 end
 local fence = redis.pcall('HINCRBY', k, 'fence', 1)
@@ -140,7 +220,7 @@ if type(fence) ~= 'number' then
   redis.call('HSET', k, 'fence', fence)
 end
 redis.call('HSET', k, 'state', 'executing', 'owner', replica, 'started_ms', now_ms())
-redis.call('ZREM', P .. 'queue', id)
+qrem(P, id)
 redis.call('ZADD', P .. 'leases', now_ms() + lease, id)
 redis.call('PUBLISH', P .. 'events', id)
 local out = {tostring(fence)}
@@ -208,13 +288,24 @@ end
 return requeue(P, id, ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 ";
 
-/// ARGV: prefix, max retries, retain ms. Re-queues (or fails) every executing operation whose
-/// lease has expired: its replica died, or lost Redis. Then passes over the next 500 entries
-/// of the `ops` index (from where the last pass stopped): drops those that have expired, and
-/// ends CANCELLED the live ones that no client follows any more (`watched:` expired).
-/// Returns how many it re-queued.
+/// ARGV: prefix, max retries, retain ms, lease ms, watch ms. Re-queues (or fails) every
+/// executing operation whose lease has expired: its replica died, or lost Redis. Then passes
+/// over the next 500 entries of the `ops` index (from where the last pass stopped): drops
+/// those that have expired, and ends CANCELLED the live ones that no client follows any more
+/// (`watched:` expired), except within `watch` after an outage: when no replica's pass came
+/// for longer than a lease (Redis was down, or no replica reached it), the clients' marks
+/// expired while they could not renew them, so they get a whole `client_action_timeout_s`
+/// from the end of the outage to follow again. Returns how many it re-queued.
 const REAP: &str = r"
 local P, max_retries, retain = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local lease, watch = tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = now_ms()
+local heard = tonumber(redis.call('GET', P .. 'heard') or '')
+redis.call('SET', P .. 'heard', now)
+if heard and now - heard > lease then
+  redis.call('SET', P .. 'resumed', now)
+end
+local may_drop = now - (tonumber(redis.call('GET', P .. 'resumed') or '') or 0) >= watch
 local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now_ms(), 'LIMIT', 0, 100)
 for _, id in ipairs(ids) do
   local k = P .. 'op:' .. id
@@ -234,7 +325,7 @@ for _, id in ipairs(seen) do
   local state = redis.call('HGET', P .. 'op:' .. id, 'state')
   if not state then
     redis.call('ZREM', P .. 'ops', id)
-  elseif state ~= 'completed' and redis.call('EXISTS', P .. 'watched:' .. id) == 0 then
+  elseif may_drop and state ~= 'completed' and redis.call('EXISTS', P .. 'watched:' .. id) == 0 then
     finish(P, id, {'err_code', 1, 'err_msg', 'no client followed the operation for ' ..
       'client_action_timeout_s: it was dropped'}, retain)
   end
@@ -290,29 +381,37 @@ end
 return out
 ";
 
-/// ARGV: prefix, grace ms, count. The first `count` queued operations that have waited at
-/// least `grace` since they were (last) queued: id, platform, flat.
+/// ARGV: prefix, grace ms, count, then platform SHAs ('' for the shared queue). Of the first
+/// `count` operations of each of those queues, those that have waited at least `grace` since
+/// they were (last) queued: id, platform, flat (an id may come twice).
 const WAITING: &str = r"
 local P, grace, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local ids = redis.call('ZRANGE', P .. 'queue', 0, n - 1)
 local out = {}
 local now = now_ms()
-for _, id in ipairs(ids) do
-  local v = redis.call('HMGET', P .. 'op:' .. id, 'queued_ms', 'platform')
-  local since = tonumber(v[1])
-  if since and v[2] and now - since >= grace then
-    out[#out + 1] = id
-    out[#out + 1] = v[2]
+for i = 4, #ARGV do
+  local key = P .. 'queue'
+  if ARGV[i] ~= '' then key = P .. 'pq:' .. ARGV[i] end
+  for _, id in ipairs(redis.call('ZRANGE', key, 0, n - 1)) do
+    local v = redis.call('HMGET', P .. 'op:' .. id, 'queued_ms', 'platform')
+    local since = tonumber(v[1])
+    if since and v[2] and now - since >= grace then
+      out[#out + 1] = id
+      out[#out + 1] = v[2]
+    end
   end
 end
 return out
 ";
 
-/// ARGV: prefix, replica, ttl ms, workers (JSON). Records this replica's workers (each a list
-/// of its properties) until `ttl`; returns every live replica's record.
+/// ARGV: prefix, replica, ttl ms, workers (JSON), summary (JSON, optional). Records this
+/// replica's workers (each a list of its properties) and its summary until `ttl`; returns
+/// every live replica's workers record.
 const WORKERS: &str = r"
 local P, replica, ttl, workers = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 redis.call('SET', P .. 'workers:' .. replica, workers, 'PX', ttl)
+if ARGV[5] then
+  redis.call('SET', P .. 'replica:' .. replica, ARGV[5], 'PX', ttl)
+end
 redis.call('SADD', P .. 'replicas', replica)
 local out = {}
 for _, r in ipairs(redis.call('SMEMBERS', P .. 'replicas')) do
@@ -326,8 +425,26 @@ end
 return out
 ";
 
+/// ARGV: prefix. The cluster view: queued and executing counts (sizes of `queue` and
+/// `leases`), then replica id and summary (JSON) of each live replica, at most 1,000, flat.
+/// Reads no operation: its cost does not grow with the queue.
+const CLUSTER: &str = r"
+local P = ARGV[1]
+local out = {tostring(redis.call('ZCARD', P .. 'queue')), tostring(redis.call('ZCARD', P .. 'leases'))}
+local replicas = redis.call('SRANDMEMBER', P .. 'replicas', 1000)
+table.sort(replicas)
+for _, r in ipairs(replicas) do
+  local summary = redis.call('GET', P .. 'replica:' .. r)
+  if summary then
+    out[#out + 1] = r
+    out[#out + 1] = summary
+  end
+end
+return out
+";
+
 fn with_helpers(body: &str) -> String {
-    format!("{NOW}{FINISH}{REQUEUE_FN}{body}")
+    format!("{NOW}{QUEUE}{SETS_FN}{FINISH}{REQUEUE_FN}{body}")
 }
 
 /// One script: its text and SHA-1, run with EVALSHA and, when Redis does not have it yet (a
@@ -370,6 +487,7 @@ impl Lua {
 /// Every script of the shared state.
 pub struct Scripts {
     pub submit: Lua,
+    pub platforms: Lua,
     pub peek: Lua,
     pub claim: Lua,
     pub renew: Lua,
@@ -380,6 +498,7 @@ pub struct Scripts {
     pub waiting: Lua,
     pub workers: Lua,
     pub watch: Lua,
+    pub cluster: Lua,
 }
 
 use cairn_store::redis_store::{redis, Conn};
@@ -388,6 +507,7 @@ impl Scripts {
     pub fn new() -> Scripts {
         Scripts {
             submit: Lua::new(SUBMIT),
+            platforms: Lua::new(PLATFORMS),
             peek: Lua::new(PEEK),
             claim: Lua::new(CLAIM),
             renew: Lua::new(RENEW),
@@ -398,6 +518,7 @@ impl Scripts {
             waiting: Lua::new(WAITING),
             workers: Lua::new(WORKERS),
             watch: Lua::new(WATCH),
+            cluster: Lua::new(CLUSTER),
         }
     }
 }
