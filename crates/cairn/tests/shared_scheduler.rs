@@ -505,10 +505,33 @@ async fn status_and_metrics_show_the_cluster_and_which_replica_owns_what() {
         format!("nativelink_cluster_replica_claims{{scheduler=\"MAIN\",replica=\"{r0}\"}} 1"),
         format!("nativelink_cluster_worker_active_count{{scheduler=\"MAIN\",replica=\"{r1}\"}} 0"),
         format!("nativelink_scheduler_replica_info{{scheduler=\"MAIN\",replica=\"{r1}\"}} 1"),
-        // This replica's own families: no worker of its own, nothing queued in its core.
-        "nativelink_worker_active_count{scheduler=\"MAIN\"} 0".to_string(),
     ] {
         assert!(has(&line), "no line {line:?} in:\n{text}");
+    }
+    // The guides' families (`sum(nativelink_scheduler_queue_length)` and the like): the
+    // replica with the lower id exports the cluster's figures, the other none, so that a sum
+    // over the replicas is the cluster.
+    let (reporter, other) = if r0 < r1 { (0, 1) } else { (1, 0) };
+    let (_, reporting) = common::http_get(addrs[reporter], "/metrics").await;
+    let (_, silent) = common::http_get(addrs[other], "/metrics").await;
+    for line in [
+        "nativelink_scheduler_queue_length{scheduler=\"MAIN\"} 2",
+        "nativelink_queue_length{scheduler=\"MAIN\"} 2",
+        "nativelink_worker_active_count{scheduler=\"MAIN\"} 1",
+        "nativelink_execution_active_count{scheduler=\"MAIN\",execution_stage=\"queued\"} 2",
+        "nativelink_execution_active_count{scheduler=\"MAIN\",execution_stage=\"executing\"} 1",
+    ] {
+        assert!(
+            reporting.lines().any(|l| l == line),
+            "no line {line:?} in the reporting replica's:\n{reporting}"
+        );
+        let name = line.split('{').next().unwrap();
+        assert!(
+            !silent
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{scheduler=\"MAIN\""))),
+            "the other replica also exports {name}:\n{silent}"
+        );
     }
 
     // The web UI's pages say whose workers they list, and show the cluster beside them.
@@ -550,6 +573,12 @@ async fn status_and_metrics_show_the_cluster_and_which_replica_owns_what() {
     assert!(!text.contains(&r0), "{text}");
     assert!(
         text.contains("nativelink_cluster_replicas{scheduler=\"MAIN\"} 1"),
+        "{text}"
+    );
+    // The survivor reports for the cluster now.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("nativelink_scheduler_queue_length{scheduler=\"MAIN\"}")),
         "{text}"
     );
 }

@@ -342,6 +342,51 @@ async fn cluster_metrics(
     let l = SchedulerLabels {
         scheduler: scheduler.to_string(),
     };
+    // The guides' own expressions (`sum(nativelink_scheduler_queue_length)`,
+    // `nativelink_scheduler_queue_length > 100`, `nativelink_worker_active_count < 2`,
+    // `sum(nativelink_execution_active_count{execution_stage="queued"})`) read one scheduler's
+    // families. With shared state one replica, the live one with the lowest id, exports the
+    // cluster's figures under those names and the others none, so that a sum, a max or one
+    // series each gives the cluster. When it dies, the next takes over once its record
+    // expires (three leases).
+    let stage = |execution_stage| StageLabels {
+        scheduler: scheduler.to_string(),
+        execution_stage,
+    };
+    if view.replicas.first().map(|(id, _)| id.as_str()) == Some(shared.replica_id()) {
+        let total = |f: fn(&crate::execution::shared::ReplicaSummary) -> u64| {
+            view.replicas.iter().map(|(_, r)| f(r)).sum::<u64>() as i64
+        };
+        m.scheduler_queue_length
+            .get_or_create(&l)
+            .set(view.queued as i64);
+        m.queue_length.get_or_create(&l).set(view.queued as i64);
+        m.worker_active_count
+            .get_or_create(&l)
+            .set(total(|r| r.workers));
+        m.worker_slots_total
+            .get_or_create(&l)
+            .set(total(|r| r.slots));
+        m.worker_slots_busy.get_or_create(&l).set(total(|r| r.busy));
+        m.execution_active_count
+            .get_or_create(&stage("queued"))
+            .set(view.queued as i64);
+        m.execution_active_count
+            .get_or_create(&stage("executing"))
+            .set(view.executing as i64);
+    } else {
+        for family in [
+            &m.scheduler_queue_length,
+            &m.queue_length,
+            &m.worker_active_count,
+            &m.worker_slots_total,
+            &m.worker_slots_busy,
+        ] {
+            family.remove(&l);
+        }
+        m.execution_active_count.remove(&stage("queued"));
+        m.execution_active_count.remove(&stage("executing"));
+    }
     m.cluster_queue_length
         .get_or_create(&l)
         .set(view.queued as i64);
