@@ -297,7 +297,7 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
         .expect("a valid memory store config");
         Arc::new(cairn_store::memory::MemoryStore::new(&cfg))
     };
-    web_ui::activity::enable(INVOCATIONS);
+    web_ui::activity::enable(INVOCATIONS, None);
     for i in 0..INVOCATIONS {
         let lookups = if format!("invocation-{i:05}") == BIG_INVOCATION {
             web_ui::activity::MAX_ACTIONS_PER_INVOCATION

@@ -9,6 +9,7 @@ pub mod blobs;
 pub mod certs;
 pub mod emulators;
 pub mod fault_proxy;
+pub mod invocations;
 pub mod tools;
 
 use std::io::{BufRead, BufReader};
@@ -35,7 +36,9 @@ impl Cairn {
             .replace("@ADDR@", &listen);
         let config = dir.join("cairn.json5");
         std::fs::write(&config, text).unwrap();
+        // In `dir`: a default path under `./cairn-data` lands there, not in the source tree.
         let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .current_dir(dir)
             .arg("run")
             .arg(&config)
             .stdout(Stdio::piped())
