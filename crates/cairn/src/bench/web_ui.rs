@@ -341,13 +341,14 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
     };
     let probe = store_action(ui.cas.as_ref(), ui.ac.as_ref()).await?;
     let router = web_ui::router(Arc::new(ui));
-    println!("page                                         median      p99      max    bytes");
+    println!("{:<58}  median      p99      max    bytes", "page");
     for path in [
         "/invocations".to_string(),
         "/invocations?status=failed&q=pkg99".to_string(),
         "/invocation/invocation-00499".to_string(),
         format!("/invocation/{BIG_INVOCATION}"),
         "/queue".to_string(),
+        "/queue?scheduler=MAIN&platform=OSFamily%3Dlinux&offset=5000".to_string(),
         "/workers".to_string(),
         format!("/action/{}-{}", probe.hash_hex(), probe.size()),
         "/cache".to_string(),
@@ -356,7 +357,7 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
         let (times, size) = time_page(&router, &path).await?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "{path:<42} {:>7.2} ms {:>6.2} ms {:>6.2} ms {size:>8}",
+            "{path:<58} {:>7.2} ms {:>6.2} ms {:>6.2} ms {size:>8}",
             ms(times[times.len() / 2]),
             ms(times[times.len() * 99 / 100]),
             ms(times[times.len() - 1])
