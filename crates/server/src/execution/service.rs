@@ -275,7 +275,7 @@ impl Execution for ExecutionService {
                 match r.wait_execution(&name, &headers).await {
                     Err(s) if s.code() == tonic::Code::NotFound => continue,
                     other => {
-                        result = other;
+                        result = other.map(|s| crate::web_ui::activity::forwarded(None, s));
                         break;
                     }
                 }
@@ -413,7 +413,15 @@ impl ExecutionService {
             Backend::Local(h) => h,
             // `grpc`: checked here (the Action exists, the action cache has no result), queued
             // there.
-            Backend::Remote(r) => return r.execute(req, &headers).await,
+            Backend::Remote(r) => {
+                let execute = (
+                    request.invocation_id.clone(),
+                    req.instance_name.clone(),
+                    digest,
+                );
+                let stream = r.execute(req, &headers).await?;
+                return Ok(crate::web_ui::activity::forwarded(Some(execute), stream));
+            }
             Backend::Shared(s) => {
                 let followed = s.submit(op_id, &request).await?;
                 return Ok(shared_stream(s.follow(followed).await?));

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::longrunning::Operation;
 use cairn_core::Digest;
 use cairn_scheduler::Outcome;
 use parking_lot::Mutex;
@@ -286,6 +287,12 @@ pub fn queued(invocation: &str, instance: &str, digest: Digest, op_id: &str) {
 pub fn completed(op_id: &str, outcome: &Outcome<re::ExecuteResponse>) {
     let Some(a) = get() else { return };
     let result = crate::execution::driver::result_kind(outcome);
+    if result == "cache_hit" {
+        // Answered from an action cache after it was queued (a forwarding scheduler's
+        // backend found it).
+        a.end(op_id, Execution::CacheHit);
+        return;
+    }
     if let (Ok(resp), "failure" | "timeout") = (outcome, result) {
         a.keep_failed(op_id, resp);
     }
@@ -331,6 +338,82 @@ pub fn refused(op_id: &str, message: &str) {
             },
         );
     }
+}
+
+/// Records an operation stream that another scheduler answers (a `grpc` scheduler forwards
+/// Execute there): `execute` is the call's (invocation, instance, action) when the stream
+/// is an Execute's, `None` for a WaitExecution's (which only ends an operation already
+/// recorded). The operation is recorded as queued under the other scheduler's operation name
+/// at its first message, and ended by its last; the stream passes through unchanged.
+pub fn forwarded<E: Send + 'static>(
+    execute: Option<(String, String, Digest)>,
+    stream: futures::stream::BoxStream<'static, Result<Operation, E>>,
+) -> futures::stream::BoxStream<'static, Result<Operation, E>> {
+    use futures::StreamExt;
+    if get().is_none()
+        || execute
+            .as_ref()
+            .is_some_and(|(inv, _, _)| wanted(inv).is_none())
+    {
+        return stream;
+    }
+    let mut execute = execute;
+    let mut recorded = false;
+    stream
+        .map(move |item| {
+            if let Ok(op) = &item {
+                forwarded_update(&mut execute, &mut recorded, op);
+            }
+            item
+        })
+        .boxed()
+}
+
+fn forwarded_update(
+    execute: &mut Option<(String, String, Digest)>,
+    recorded: &mut bool,
+    op: &Operation,
+) {
+    use cairn_core::proto::google::longrunning::operation::Result as OpResult;
+    let queue = |execute: &Option<(String, String, Digest)>| {
+        if let Some((inv, instance, digest)) = execute {
+            queued(inv, instance, *digest, &op.name);
+        }
+    };
+    if !op.done {
+        if !*recorded {
+            queue(execute);
+            *recorded = true;
+        }
+        return;
+    }
+    match &op.result {
+        Some(OpResult::Response(any)) => {
+            let Ok(resp) = <re::ExecuteResponse as prost::Message>::decode(any.value.as_slice())
+            else {
+                return;
+            };
+            match execute.take() {
+                Some((inv, instance, digest)) if resp.cached_result && !*recorded => {
+                    cache_hit(&inv, &instance, digest);
+                }
+                e => {
+                    if !*recorded {
+                        queue(&e);
+                    }
+                    completed(&op.name, &Ok(resp));
+                }
+            }
+        }
+        Some(OpResult::Error(status)) => {
+            if !*recorded {
+                queue(execute);
+            }
+            refused(&op.name, &status.message);
+        }
+        None => {}
+    }
+    *recorded = true;
 }
 
 impl Activity {
