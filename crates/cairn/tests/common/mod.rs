@@ -11,6 +11,8 @@ pub mod emulators;
 pub mod fault_proxy;
 pub mod invocations;
 pub mod tools;
+pub mod web_ui_build;
+pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
