@@ -363,6 +363,27 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
             ms(times[times.len() - 1])
         );
     }
+    // Keeping the record in a file: one write of all of it (every invocation's actions).
+    let file = std::env::temp_dir().join(format!(
+        "cairn-bench-web-ui-{}/activity.json",
+        std::process::id()
+    ));
+    if let Some(record) = web_ui::activity::get() {
+        let measured = web_ui::activity_file::measure_write(record, &file);
+        if let Some(dir) = file.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let cost = measured.context("writing the activity record")?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "web-ui: writing the activity record ({} invocations): {:.1} ms copying (its lock held {:.2} ms at most at once), {:.1} ms encoding and writing, {:.1} MB",
+            record.invocations(),
+            ms(cost.copy),
+            ms(cost.longest_hold),
+            ms(cost.write),
+            cost.bytes as f64 / 1e6
+        );
+    }
     // What the services pay per recorded call: one lookup of an invocation's action (a new
     // one for each call, as a build's first lookups are), with 1,000 invocations held.
     let calls = 200_000;

@@ -145,18 +145,26 @@ impl ExecutionLine {
     }
 }
 
-/// A copy of the record to write, taken under its lock (cloning, no encoding).
-fn export(a: &Activity) -> Record {
+/// A copy of the record to write, and the longest the record's lock was held for it: the
+/// lock is taken once per invocation (cloning, no encoding), so that the services wait at
+/// most for the copy of one invocation, never for the whole record.
+fn export(a: &Activity) -> (Record, Duration) {
     let now = crate::execution::driver::unix_ms_now();
     let (_, cutoff) = a.retention(now);
-    let g = a.inner.lock();
-    let invocations = g
-        .order
-        .values()
-        .filter_map(|id| {
-            let inv = g.invocations.get(id)?;
-            (inv.last_ms >= cutoff).then(|| InvocationRecord {
-                id: id.clone(),
+    let mut longest = Duration::ZERO;
+    let held = |started: std::time::Instant, longest: &mut Duration| {
+        *longest = (*longest).max(started.elapsed());
+    };
+    let started = std::time::Instant::now();
+    let ids: Vec<String> = a.inner.lock().order.values().cloned().collect();
+    held(started, &mut longest);
+    let mut invocations = Vec::with_capacity(ids.len());
+    for id in ids {
+        let started = std::time::Instant::now();
+        let g = a.inner.lock();
+        if let Some(inv) = g.invocations.get(&id).filter(|i| i.last_ms >= cutoff) {
+            invocations.push(InvocationRecord {
+                id,
                 first_ms: inv.first_ms,
                 last_ms: inv.last_ms,
                 not_listed: inv.not_listed,
@@ -171,9 +179,13 @@ fn export(a: &Activity) -> Record {
                         execution: r.execution.as_ref().map(ExecutionLine::of),
                     })
                     .collect(),
-            })
-        })
-        .collect();
+            });
+        }
+        drop(g);
+        held(started, &mut longest);
+    }
+    let started = std::time::Instant::now();
+    let g = a.inner.lock();
     let failed: Vec<(Digest, Arc<re::ExecuteResponse>)> = g
         .failed_order
         .iter()
@@ -181,6 +193,7 @@ fn export(a: &Activity) -> Record {
         .filter_map(|d| Some((*d, g.failed.get(d)?.clone())))
         .collect();
     drop(g);
+    held(started, &mut longest);
     let mut bytes = 0usize;
     let mut kept: Vec<FailedRecord> = failed
         .into_iter()
@@ -194,11 +207,12 @@ fn export(a: &Activity) -> Record {
         })
         .collect();
     kept.reverse();
-    Record {
+    let rec = Record {
         version: VERSION,
         invocations,
         failed: kept,
-    }
+    };
+    (rec, longest)
 }
 
 /// Puts what `rec` holds into `a`, within its retention at `now_ms`; an invocation `a`
@@ -369,7 +383,7 @@ async fn write_now() {
     }
     let activity = p.activity;
     let path = p.path.clone();
-    let result = tokio::task::spawn_blocking(move || write(&path, &export(activity))).await;
+    let result = tokio::task::spawn_blocking(move || write(&path, &export(activity).0)).await;
     let err = match result {
         Ok(Ok(())) => return,
         Ok(Err(e)) => e.to_string(),
@@ -377,6 +391,33 @@ async fn write_now() {
     };
     p.activity.dirty.store(true, Ordering::Release);
     tracing::warn!(path = %p.path.display(), error = %err, "web UI: writing the activity record failed");
+}
+
+/// What one write of the record cost (for `cairn bench web-ui`).
+#[derive(Debug, Clone, Copy)]
+pub struct WriteCost {
+    /// The copy, in all.
+    pub copy: Duration,
+    /// The longest the record's lock was held at once (what a service call may wait).
+    pub longest_hold: Duration,
+    /// Encoding and writing the file.
+    pub write: Duration,
+    pub bytes: u64,
+}
+
+/// One write of `a` to `path`, measured.
+pub fn measure_write(a: &Activity, path: &Path) -> std::io::Result<WriteCost> {
+    let started = std::time::Instant::now();
+    let (rec, longest_hold) = export(a);
+    let copy = started.elapsed();
+    let started = std::time::Instant::now();
+    write(path, &rec)?;
+    Ok(WriteCost {
+        copy,
+        longest_hold,
+        write: started.elapsed(),
+        bytes: std::fs::metadata(path)?.len(),
+    })
 }
 
 /// Writes what changed since the last write (at shutdown, after the drain).
@@ -461,7 +502,7 @@ mod tests {
                 })
             });
         }
-        let mut rec = export(&from);
+        let (mut rec, _) = export(&from);
         assert_eq!(rec.invocations.len(), 2, "the count is kept when written");
         rec.invocations[0].last_ms -= 10_000;
         let now = crate::execution::driver::unix_ms_now();
