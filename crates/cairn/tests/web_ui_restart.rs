@@ -244,3 +244,27 @@ async fn garbage_at_the_default_path_under_cairn_data_is_survived() {
     let status = cairn.terminate();
     assert!(status.success(), "SIGTERM: {status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activity_path_that_cannot_be_written_leaves_the_record_in_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The path's directory is a file: every write fails.
+    std::fs::write(tmp.path().join("not-a-dir"), b"a file").unwrap();
+    let config = CONFIG.replace("@WADDR@", &free_addr().to_string()).replace(
+        "@ACTIVITY@",
+        "activity_path: \"@DIR@/not-a-dir/activity.json\"",
+    );
+    let cairn = Cairn::start_with(tmp.path(), &config, None);
+    let ch = cairn.channel().await;
+    start_invocation(ch.clone(), "inv-mem").await;
+    let absent = cairn_core::DigestFunction::Sha256.compute(b"never stored");
+    assert!(!get_action_result(ch.clone(), &absent, &invocation_metadata("inv-mem")).await);
+    let inv = page(&cairn, "/invocation/inv-mem").await;
+    assert!(
+        inv.contains("Remote actions (1: 0 cache hits, 1 cache misses)"),
+        "{inv}"
+    );
+    drop(ch);
+    let status = cairn.terminate();
+    assert!(status.success(), "SIGTERM with a failing write: {status}");
+}

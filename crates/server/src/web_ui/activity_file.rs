@@ -301,11 +301,15 @@ fn read(path: &Path) -> Result<Option<Record>, String> {
 fn write(path: &Path, rec: &Record) -> std::io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    let context = |what: &str, e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("{what} {}: {e}", dir.display()))
+    };
+    std::fs::create_dir_all(dir).map_err(|e| context("creating the directory", e))?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".activity-")
         .suffix(".tmp")
-        .tempfile_in(dir)?;
+        .tempfile_in(dir)
+        .map_err(|e| context("creating a temporary file in", e))?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
         serde_json::to_writer(&mut w, rec)?;
@@ -443,6 +447,15 @@ mod tests {
             std::fs::write(&path, bad).unwrap();
             assert!(read(&path).is_err());
         }
+        // One that says it is larger than is read back (sparse: nothing is written or read).
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(MAX_FILE_BYTES + 1).unwrap();
+        let err = read(&path).err().expect("too large");
+        assert!(err.contains("bytes, more than"), "{err}");
+        // A directory where the file should be.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        assert!(read(&path).is_err());
     }
 
     #[test]
