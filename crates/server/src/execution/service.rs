@@ -423,8 +423,15 @@ impl ExecutionService {
                 return Ok(crate::web_ui::activity::forwarded(Some(execute), stream));
             }
             Backend::Shared(s) => {
+                let execute = (
+                    request.invocation_id.clone(),
+                    req.instance_name.clone(),
+                    digest,
+                );
                 let followed = s.submit(op_id, &request).await?;
-                return Ok(shared_stream(s.follow(followed).await?));
+                let stream = shared_stream(s.follow(followed).await?);
+                // Recorded from the stream: the replica whose worker runs it may be another.
+                return Ok(crate::web_ui::activity::forwarded(Some(execute), stream));
             }
         };
         // Recorded before the scheduler has it, so that its end cannot come first.
