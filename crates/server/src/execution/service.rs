@@ -235,7 +235,8 @@ impl Execution for ExecutionService {
                 Backend::Local(h) => h,
                 Backend::Shared(s) => match s.follow(name.clone()).await {
                     Ok(updates) => {
-                        result = Ok(shared_stream(updates));
+                        let stream = shared_stream(updates);
+                        result = Ok(crate::web_ui::activity::forwarded(None, stream));
                         break;
                     }
                     Err(e) if e.is_not_found() => continue,
