@@ -266,6 +266,8 @@ async fn serve(
     {
         tracing::warn!("drain deadline passed; exiting with work still in flight");
     }
+    // The web UI's record of the drained requests (when it is kept in a file).
+    cairn_server::web_ui::activity_file::flush().await;
     if let Some(p) = origin_events {
         // The events of the drained requests.
         p.stop(OTLP_FLUSH_DEADLINE).await;

@@ -9,13 +9,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cairn_core::proto::build::bazel::remote::execution::v2 as re;
-use cairn_core::Digest;
-use cairn_proto::bes::v1 as bes;
-use cairn_server::web_ui::events as ev;
 use common::actions::ShellAction;
+use common::invocations::{
+    action_row as row, execute, get_action_result, invocation_metadata, start_invocation,
+};
 use common::{http_get, Cairn};
-use prost::Message;
 
 const CONFIG: &str = r#"{
   stores: {
@@ -52,108 +50,12 @@ const CONFIG: &str = r#"{
   } }],
 }"#;
 
-const METADATA: &str = "build.bazel.remote.execution.v2.requestmetadata-bin";
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// `message` with Bazel's RequestMetadata header: `metadata` as given (raw bytes).
-fn with_metadata<T>(message: T, metadata: &[u8]) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut().insert_bin(
-        METADATA,
-        tonic::metadata::MetadataValue::from_bytes(metadata),
-    );
-    r
-}
-
-fn invocation_metadata(invocation: &str) -> Vec<u8> {
-    re::RequestMetadata {
-        tool_invocation_id: invocation.into(),
-        tool_details: Some(re::ToolDetails {
-            tool_name: "bazel".into(),
-            tool_version: "4.2.3".into(),
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
-
-/// The invocation's first event, so that it has a page.
-async fn start_invocation(ch: tonic::transport::Channel, invocation: &str) {
-    let event = ev::BuildEvent {
-        started: Some(ev::BuildStarted {
-            uuid: invocation.into(),
-            start_time_millis: 1_700_000_000_000,
-            command: "build".into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    bes::publish_build_event_client::PublishBuildEventClient::new(ch)
-        .publish_lifecycle_event(bes::PublishLifecycleEventRequest {
-            build_event: Some(bes::OrderedBuildEvent {
-                stream_id: Some(bes::StreamId {
-                    build_id: format!("build-{invocation}"),
-                    invocation_id: invocation.into(),
-                    component: bes::stream_id::BuildComponent::Tool as i32,
-                }),
-                sequence_number: 1,
-                event: ev::wrap_bazel_event(&event),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-}
-
-/// Execute with `metadata`; the final ExecuteResponse.
-async fn execute(
-    ch: tonic::transport::Channel,
-    digest: &Digest,
-    metadata: &[u8],
-) -> re::ExecuteResponse {
-    let mut stream = re::execution_client::ExecutionClient::new(ch)
-        .execute(with_metadata(
-            re::ExecuteRequest {
-                action_digest: Some(digest.to_proto()),
-                ..Default::default()
-            },
-            metadata,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(op) = stream.message().await.unwrap() {
-        if let Some(cairn_core::proto::google::longrunning::operation::Result::Response(any)) =
-            op.result
-        {
-            return re::ExecuteResponse::decode(any.value.as_slice()).unwrap();
-        }
-    }
-    panic!("the Execute stream ended before the operation was done");
-}
-
-async fn get_action_result(
-    ch: tonic::transport::Channel,
-    digest: &Digest,
-    metadata: &[u8],
-) -> bool {
-    re::action_cache_client::ActionCacheClient::new(ch)
-        .get_action_result(with_metadata(
-            re::GetActionResultRequest {
-                action_digest: Some(digest.to_proto()),
-                ..Default::default()
-            },
-            metadata,
-        ))
-        .await
-        .is_ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,16 +133,6 @@ async fn invocation_pages_keep_remote_actions_after_the_scheduler_forgets_them()
         ),
         "{page}"
     );
-    let row = |page: &str, d: &Digest| -> String {
-        let at = page
-            .find(&format!(
-                "<tr><td><a href=\"/action/{}-{}\"",
-                d.hash_hex(),
-                d.size()
-            ))
-            .unwrap_or_else(|| panic!("no row of {d}:\n{page}"));
-        page[at..at + page[at..].find("</tr>").unwrap()].to_string()
-    };
     let failed = row(&page, &fails);
     assert!(
         failed.contains(">failure</span>")

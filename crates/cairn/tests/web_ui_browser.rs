@@ -10,14 +10,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
 use common::actions::{upload_blobs, ShellAction};
-use common::bazel::{self, Bazel};
-use common::{http_get, Cairn};
+use common::bazel;
+use common::http_get;
+use common::web_ui_build::{chromium_binary, WebUiBuild};
 
 const CONFIG: &str = r#"{
   stores: {
@@ -55,29 +56,10 @@ const CONFIG: &str = r#"{
   } }],
 }"#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Headless Chromium on `url` with `args` (`--dump-dom`, `--screenshot=...`): its stdout.
 /// Panics if it is missing, fails, or runs past a minute.
 fn chromium(profile: &Path, url: &str, args: &[String]) -> String {
-    let program = ["chromium", "chromium-browser"]
-        .into_iter()
-        .find(|p| {
-            Command::new(p)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .expect("chromium is not installed (scripts/test installs Debian's chromium)");
-    let mut child = Command::new(program)
+    let mut child = Command::new(chromium_binary())
         .args([
             "--headless",
             // Root in CI containers: Chromium's sandbox needs user namespaces it may not have.
@@ -131,37 +113,21 @@ fn open(profile: &Path, url: &str, shot: &Path) -> String {
 
 #[test]
 fn bazel_prints_a_link_that_opens_the_build_in_a_browser() {
-    let Some(program) = bazel::find_or_skip("web_ui_browser") else {
+    let Some(build) = WebUiBuild::start("web_ui_browser", CONFIG, "web_ui_screenshots") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let cairn_dir = tmp.path().join("cairn");
-    std::fs::create_dir_all(&cairn_dir).unwrap();
-    let cairn = Cairn::start_with(
-        &cairn_dir,
-        &CONFIG.replace("@WPORT@", &free_port().to_string()),
-        None,
-    );
-    let shots: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web_ui_screenshots");
-    std::fs::create_dir_all(&shots).unwrap();
-    let profile = tmp.path().join("chromium-profile");
+    let (cairn, shots) = (&build.cairn, &build.shots);
+    let profile = build.profile("chromium-profile");
 
-    let bazel = Bazel::new(program, &tmp.path().join("bazel"), "bazel-webui-workspace");
-    let mut flags = bazel.remote_flags(cairn.addr, None, "OSFamily=linux");
-    flags.extend([
-        format!("--bes_backend=grpc://{}", cairn.addr),
-        format!("--bes_results_url=http://{}/invocation/", cairn.addr),
-        "--bes_timeout=60s".to_string(),
-        "--keep_going".to_string(),
-        "//...".to_string(),
-    ]);
-    let out = bazel.try_run("test", &flags, bazel::COMMAND_DEADLINE);
+    let mut flags = build.flags();
+    flags.extend(["--keep_going".to_string(), "//...".to_string()]);
+    let out = build.bazel.try_run("test", &flags, bazel::COMMAND_DEADLINE);
     let text = out.text();
     assert!(
         !out.status.success(),
         "//:fails must fail the build:\n{text}"
     );
-    let prefix = format!("http://{}/invocation/", cairn.addr);
+    let prefix = build.link_prefix();
     let link = text
         .lines()
         .find_map(|l| l.find(&prefix).map(|i| l[i..].trim().to_string()))
@@ -258,6 +224,4 @@ fn bazel_prints_a_link_that_opens_the_build_in_a_browser() {
     let dom = open(&profile, &url, &shots.join("invocations.png"));
     assert!(dom.contains(&link[prefix.len()..]), "{dom}");
     eprintln!("screenshots: {}", shots.display());
-    drop(bazel);
-    cairn.kill9();
 }

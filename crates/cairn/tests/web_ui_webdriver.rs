@@ -4,22 +4,27 @@
 //! build's invocation; a worker process is started and the browser sees it appear on
 //! `/workers`; the build then finishes, and the browser opens the link Bazel printed, clicks
 //! through to the remote action (a cache miss that ran on that worker), and looks the
-//! action's digest up with the form on `/cache`. Screenshots of each step are written under
-//! `CARGO_TARGET_TMPDIR/web_ui_webdriver/`.
+//! action's digest up with the form on `/cache`. Then the operator drains the worker with its
+//! button (the admin action is on in this config): the worker shows as draining, a new
+//! action waits on `/queue` instead of running, and once the worker is undrained with the
+//! same button it runs. With the default config (`read_only`) there is no button and the
+//! drain form, posted from the page itself, is refused. Screenshots of each step are
+//! written under `CARGO_TARGET_TMPDIR/web_ui_webdriver/`.
 //!
 //! Needs `bazel` (Debian's `bazel-bootstrap`), `chromium` and `chromium-driver` (all
 //! installed by `scripts/test`); without Bazel the test fails unless `CAIRN_SKIP_BAZEL=1`.
 
 mod common;
-#[path = "common/webdriver.rs"]
-mod webdriver;
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use common::bazel::{self, Bazel};
+use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use common::actions::{upload_blobs, ShellAction};
+use common::bazel;
+use common::web_ui_build::WebUiBuild;
+use common::webdriver::{ChromeDriver, Session};
 use common::{Cairn, CairnWorker};
-use webdriver::ChromeDriver;
 
 const CONFIG: &str = r#"{
   stores: {
@@ -40,7 +45,7 @@ const CONFIG: &str = r#"{
         execution: [{ instance_name: "", cas_store: "CAS", scheduler: "MAIN" }],
         capabilities: [{ instance_name: "", remote_execution: { scheduler: "MAIN" } }],
         experimental_bep: { store: "BEP" },
-        web_ui: { bep_store: "BEP", cas_store: "CAS", ac_store: "AC", schedulers: ["MAIN"] },
+        web_ui: { bep_store: "BEP", cas_store: "CAS", ac_store: "AC", schedulers: ["MAIN"] @ADMIN@ },
       } },
     { listener: { http: { socket_address: "127.0.0.1:@WPORT@" } }, services: { worker_api: { scheduler: "MAIN" } } },
   ],
@@ -64,47 +69,98 @@ const WORKER_CONFIG: &str = r#"{
   } }],
 }"#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+/// Starts a worker-only process named `name` for the Cairn at `cairn` (worker API on
+/// `wport`), its files under `dir`; returns once it registered.
+fn start_worker(dir: &Path, name: &str, cairn: std::net::SocketAddr, wport: u16) -> CairnWorker {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join("worker.json5");
+    std::fs::write(
+        &config,
+        WORKER_CONFIG
+            .replace("late-worker", name)
+            .replace("@DIR@", &dir.display().to_string())
+            .replace("@CAIRN@", &cairn.to_string())
+            .replace("@WPORT@", &wport.to_string()),
+    )
+    .unwrap();
+    CairnWorker::start(name, &config, &[], Duration::from_secs(60))
+}
+
+/// Queues `script` (a Linux action) on `cairn`; the Execute stream, to be read to its end.
+async fn queue_action(
+    cairn: std::net::SocketAddr,
+    script: &str,
+) -> (
+    cairn_core::Digest,
+    tonic::Streaming<cairn_core::proto::google::longrunning::Operation>,
+) {
+    let (digest, blobs) = ShellAction {
+        script,
+        ..Default::default()
+    }
+    .build();
+    let ch = tonic::transport::Channel::from_shared(format!("http://{cairn}"))
         .unwrap()
-        .local_addr()
+        .connect()
+        .await
+        .unwrap();
+    upload_blobs(ch.clone(), "", blobs).await;
+    let stream = re::execution_client::ExecutionClient::new(ch)
+        .execute(re::ExecuteRequest {
+            action_digest: Some(digest.to_proto()),
+            ..Default::default()
+        })
+        .await
         .unwrap()
-        .port()
+        .into_inner();
+    (digest, stream)
+}
+
+/// Reads an Execute stream to its end (at most 60 s): whether the operation finished.
+async fn finished(
+    mut stream: tonic::Streaming<cairn_core::proto::google::longrunning::Operation>,
+) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut done = false;
+    while let Ok(Ok(Some(op))) = tokio::time::timeout_at(deadline.into(), stream.message()).await {
+        done |= op.done;
+    }
+    done
+}
+
+/// The drain button of the (only) worker on `/workers`, which must say `label`.
+fn worker_button(browser: &Session, label: &str) -> common::webdriver::Element {
+    let button = browser
+        .find("form[action='/workers/drain'] button")
+        .unwrap_or_else(|| panic!("no drain button on /workers:\n{}", browser.source()));
+    assert_eq!(browser.text(&button), label);
+    button
 }
 
 #[test]
 fn an_operator_watches_a_build_wait_for_a_worker_then_reads_its_action() {
-    let Some(program) = bazel::find_or_skip("web_ui_webdriver") else {
+    let config = CONFIG.replace("@ADMIN@", ", read_only: false");
+    let Some(build) = WebUiBuild::start("web_ui_webdriver", &config, "web_ui_webdriver") else {
         return;
     };
-    let tmp = tempfile::tempdir().unwrap();
-    let cairn_dir = tmp.path().join("cairn");
-    std::fs::create_dir_all(&cairn_dir).unwrap();
-    let wport = free_port();
-    let cairn = Cairn::start_with(
-        &cairn_dir,
-        &CONFIG.replace("@WPORT@", &wport.to_string()),
-        None,
-    );
-    let shots: PathBuf = Path::new(env!("CARGO_TARGET_TMPDIR")).join("web_ui_webdriver");
-    std::fs::create_dir_all(&shots).unwrap();
+    let (cairn, shots, base) = (&build.cairn, &build.shots, &build.base);
     let driver = ChromeDriver::start();
-    let browser = driver.session(&tmp.path().join("chromium-profile"));
-    let base = format!("http://{}", cairn.addr);
+    let browser = driver.session(&build.profile("chromium-profile"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
 
     // The build, in the background: its one action waits, for no worker is connected.
     let invocation = uuid::Uuid::new_v4().to_string();
-    let bazel = Bazel::new(program, &tmp.path().join("bazel"), "bazel-webui-workspace");
-    let mut flags = bazel.remote_flags(cairn.addr, None, "OSFamily=linux");
+    let mut flags = build.flags();
     flags.extend([
-        format!("--bes_backend=grpc://{}", cairn.addr),
-        format!("--bes_results_url={base}/invocation/"),
-        "--bes_timeout=60s".to_string(),
         format!("--invocation_id={invocation}"),
         "//:fine".to_string(),
     ]);
     std::thread::scope(|scope| {
-        let build = scope.spawn(|| bazel.try_run("build", &flags, bazel::COMMAND_DEADLINE));
+        let bazel_build = scope.spawn(|| {
+            build
+                .bazel
+                .try_run("build", &flags, bazel::COMMAND_DEADLINE)
+        });
 
         // The operator opens the queue and sees the build's action waiting.
         browser.goto(&format!("{base}/queue"));
@@ -119,19 +175,12 @@ fn an_operator_watches_a_build_wait_for_a_worker_then_reads_its_action() {
         assert!(!browser.source().contains("late-worker"));
 
         // A worker comes up; the operator sees it appear.
-        let worker_dir = tmp.path().join("worker");
-        std::fs::create_dir_all(&worker_dir).unwrap();
-        let worker_config = worker_dir.join("worker.json5");
-        std::fs::write(
-            &worker_config,
-            WORKER_CONFIG
-                .replace("@DIR@", &worker_dir.display().to_string())
-                .replace("@CAIRN@", &cairn.addr.to_string())
-                .replace("@WPORT@", &wport.to_string()),
-        )
-        .unwrap();
-        let worker =
-            CairnWorker::start("late-worker", &worker_config, &[], Duration::from_secs(60));
+        let worker = start_worker(
+            &build.tmp.path().join("worker"),
+            "late-worker",
+            cairn.addr,
+            build.wport,
+        );
         let dom = browser.reload_until("the new worker", Duration::from_secs(30), |dom| {
             dom.contains("late-worker-")
         });
@@ -139,10 +188,10 @@ fn an_operator_watches_a_build_wait_for_a_worker_then_reads_its_action() {
         browser.screenshot(&shots.join("2-worker-appeared.png"));
 
         // The build finishes; the operator follows the link Bazel printed.
-        let out = build.join().expect("the build thread");
+        let out = bazel_build.join().expect("the build thread");
         let text = out.text();
         assert!(out.status.success(), "the build failed:\n{text}");
-        let link = format!("{base}/invocation/{invocation}");
+        let link = format!("{}{invocation}", build.link_prefix());
         assert!(text.contains(&link), "Bazel printed no {link}:\n{text}");
         browser.goto(&link);
         let dom = browser.reload_until("the finished invocation", Duration::from_secs(60), |dom| {
@@ -191,9 +240,88 @@ fn an_operator_watches_a_build_wait_for_a_worker_then_reads_its_action() {
         );
         assert!(browser.source().contains("Blob "), "{}", browser.source());
         browser.screenshot(&shots.join("5-lookup.png"));
+
+        // The operator drains the worker with its button: it shows as draining.
+        browser.goto(&format!("{base}/workers"));
+        let button = worker_button(&browser, "Drain");
+        browser.click(&button);
+        let dom = browser.reload_until("the draining worker", Duration::from_secs(30), |dom| {
+            dom.contains("draining")
+        });
+        assert!(browser.url().ends_with("/workers"), "{}", browser.url());
+        assert!(dom.contains("<button>Undrain</button>"), "{dom}");
+        browser.screenshot(&shots.join("6-worker-draining.png"));
+
+        // A new action gets no worker: it waits on the queue, the worker idle.
+        let (queued, stream) = rt.block_on(queue_action(cairn.addr, "echo after the drain"));
+        browser.goto(&format!("{base}/queue"));
+        let dom = browser.reload_until("the action held back", Duration::from_secs(30), |dom| {
+            dom.contains(&queued.hash_hex()[..12])
+        });
+        assert!(dom.contains("1 queued, 0 executing"), "{dom}");
+        browser.screenshot(&shots.join("7-queued-while-draining.png"));
+        browser.goto(&format!("{base}/workers"));
+        let dom = browser.source();
+        assert!(dom.contains("<td>0/") && dom.contains("draining"), "{dom}");
+
+        // Undrained with the same button, the worker runs it.
+        let button = worker_button(&browser, "Undrain");
+        browser.click(&button);
+        browser.reload_until("the serving worker", Duration::from_secs(30), |dom| {
+            dom.contains("serving")
+        });
+        assert!(rt.block_on(finished(stream)), "the held-back action ran");
         drop(worker);
     });
+
+    // The default config: read-only. No button, and the form posted from the page is refused.
+    let tmp = tempfile::tempdir().unwrap();
+    let wport = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let read_only = Cairn::start_with(
+        tmp.path(),
+        &CONFIG
+            .replace("@ADMIN@", "")
+            .replace("@WPORT@", &wport.to_string()),
+        None,
+    );
+    let _worker = start_worker(
+        &tmp.path().join("worker"),
+        "ro-worker",
+        read_only.addr,
+        wport,
+    );
+    let base = format!("http://{}", read_only.addr);
+    browser.goto(&format!("{base}/workers"));
+    let dom = browser.reload_until("the worker", Duration::from_secs(30), |dom| {
+        dom.contains("ro-worker-")
+    });
+    assert!(
+        browser.find("button").is_none() && !dom.contains("/workers/drain"),
+        "{dom}"
+    );
+    // The form a drain button would post, from the page itself (same origin).
+    let worker_id = dom[dom.find("ro-worker-").unwrap()..]
+        .split('<')
+        .next()
+        .unwrap()
+        .to_string();
+    browser.execute(&format!(
+        "const f = document.createElement('form'); f.method = 'post'; f.action = '/workers/drain'; \
+         for (const [k, v] of [['scheduler', 'MAIN'], ['worker', '{worker_id}'], ['draining', '1']]) {{ \
+           const i = document.createElement('input'); i.type = 'hidden'; i.name = k; i.value = v; f.appendChild(i); }} \
+         document.body.appendChild(f); f.submit();"
+    ));
+    let dom = browser.wait_until("the refusal", Duration::from_secs(30), |dom| {
+        dom.contains("read-only")
+    });
+    assert!(dom.contains("services.web_ui.read_only"), "{dom}");
+    browser.screenshot(&shots.join("8-read-only-refused.png"));
+    browser.goto(&format!("{base}/workers"));
+    assert!(browser.source().contains("serving"), "still serving");
     eprintln!("screenshots: {}", shots.display());
     drop(browser);
-    cairn.kill9();
 }

@@ -269,6 +269,11 @@ pub struct WebUiService {
     /// Invocations older than this many seconds are forgotten (default 7 days; 0: never).
     #[serde(default)]
     pub max_invocation_age_s: Option<u64>,
+    /// The file the record of each invocation's remote actions is kept in across restarts
+    /// (default `$CAIRN_DATA/web_ui/activity.json`, `CAIRN_DATA` defaulting to
+    /// `./cairn-data`, the data directory of the built-in config; `""`: memory only).
+    #[serde(default)]
+    pub activity_path: Option<String>,
 }
 
 fn default_true() -> bool {

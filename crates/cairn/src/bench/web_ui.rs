@@ -297,7 +297,7 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
         .expect("a valid memory store config");
         Arc::new(cairn_store::memory::MemoryStore::new(&cfg))
     };
-    web_ui::activity::enable(INVOCATIONS);
+    web_ui::activity::enable(INVOCATIONS, None);
     for i in 0..INVOCATIONS {
         let lookups = if format!("invocation-{i:05}") == BIG_INVOCATION {
             web_ui::activity::MAX_ACTIONS_PER_INVOCATION
@@ -341,13 +341,14 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
     };
     let probe = store_action(ui.cas.as_ref(), ui.ac.as_ref()).await?;
     let router = web_ui::router(Arc::new(ui));
-    println!("page                                         median      p99      max    bytes");
+    println!("{:<58}  median      p99      max    bytes", "page");
     for path in [
         "/invocations".to_string(),
         "/invocations?status=failed&q=pkg99".to_string(),
         "/invocation/invocation-00499".to_string(),
         format!("/invocation/{BIG_INVOCATION}"),
         "/queue".to_string(),
+        "/queue?scheduler=MAIN&platform=OSFamily%3Dlinux&offset=5000".to_string(),
         "/workers".to_string(),
         format!("/action/{}-{}", probe.hash_hex(), probe.size()),
         "/cache".to_string(),
@@ -356,10 +357,31 @@ pub async fn run(operations: usize) -> anyhow::Result<()> {
         let (times, size) = time_page(&router, &path).await?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "{path:<42} {:>7.2} ms {:>6.2} ms {:>6.2} ms {size:>8}",
+            "{path:<58} {:>7.2} ms {:>6.2} ms {:>6.2} ms {size:>8}",
             ms(times[times.len() / 2]),
             ms(times[times.len() * 99 / 100]),
             ms(times[times.len() - 1])
+        );
+    }
+    // Keeping the record in a file: one write of all of it (every invocation's actions).
+    let file = std::env::temp_dir().join(format!(
+        "cairn-bench-web-ui-{}/activity.json",
+        std::process::id()
+    ));
+    if let Some(record) = web_ui::activity::get() {
+        let measured = web_ui::activity_file::measure_write(record, &file);
+        if let Some(dir) = file.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let cost = measured.context("writing the activity record")?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "web-ui: writing the activity record ({} invocations): {:.1} ms copying (its lock held {:.2} ms at most at once), {:.1} ms encoding and writing, {:.1} MB",
+            record.invocations(),
+            ms(cost.copy),
+            ms(cost.longest_hold),
+            ms(cost.write),
+            cost.bytes as f64 / 1e6
         );
     }
     // What the services pay per recorded call: one lookup of an invocation's action (a new

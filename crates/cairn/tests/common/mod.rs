@@ -10,8 +10,11 @@ pub mod certs;
 pub mod emulators;
 pub mod fault_proxy;
 pub mod front;
+pub mod invocations;
 pub mod netns;
 pub mod tools;
+pub mod web_ui_build;
+pub mod webdriver;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -37,7 +40,9 @@ impl Cairn {
             .replace("@ADDR@", &listen);
         let config = dir.join("cairn.json5");
         std::fs::write(&config, text).unwrap();
+        // In `dir`: a default path under `./cairn-data` lands there, not in the source tree.
         let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .current_dir(dir)
             .arg("run")
             .arg(&config)
             .stdout(Stdio::piped())

@@ -66,7 +66,7 @@ impl ChromeDriver {
                 "capabilities": { "alwaysMatch": {
                     "browserName": "chrome",
                     "goog:chromeOptions": {
-                        "binary": chromium_binary(),
+                        "binary": super::web_ui_build::chromium_binary(),
                         "args": [
                             "--headless",
                             // Root in CI containers: the sandbox needs user namespaces.
@@ -98,13 +98,6 @@ impl Drop for ChromeDriver {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn chromium_binary() -> &'static str {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("chromium is not installed (scripts/test installs Debian's chromium)")
 }
 
 /// A page element found by a CSS selector.
@@ -207,6 +200,34 @@ impl Session {
             .expect("the screenshot is base64");
         assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
         std::fs::write(path, png).unwrap();
+    }
+
+    /// Runs `script` in the page (WebDriver's Execute Script; the page's own policy does
+    /// not apply to it).
+    pub fn execute(&self, script: &str) {
+        self.ok(
+            "POST",
+            "/execute/sync",
+            Some(json!({ "script": script, "args": [] })),
+        );
+    }
+
+    /// Waits, without reloading, until `check` holds on the DOM (a navigation the page
+    /// started itself), for at most `within`; the DOM.
+    pub fn wait_until(&self, what: &str, within: Duration, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let dom = self.source();
+            if check(&dom) {
+                return dom;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not seen within {within:?} on {}:\n{dom}",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Reloads the page until `check` holds on its DOM, for at most `within`; the DOM.

@@ -17,6 +17,11 @@ use cairn_scheduler::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+mod ui_views;
+pub use ui_views::{
+    platform_key, InvocationQueue, PlatformQueue, QueueQuery, QueueSummary, WorkersPage, MAX_OFFSET,
+};
+
 /// What a worker needs to run an action.
 #[derive(Debug, Clone)]
 pub struct ActionPayload {
@@ -114,6 +119,15 @@ enum Cmd {
     RunRevokedToEnd,
     Overview {
         reply: oneshot::Sender<Overview>,
+    },
+    QueueSummary {
+        query: QueueQuery,
+        reply: oneshot::Sender<QueueSummary>,
+    },
+    WorkersPage {
+        offset: usize,
+        limit: usize,
+        reply: oneshot::Sender<WorkersPage>,
     },
     Operations {
         of: OpFilter,
@@ -351,6 +365,23 @@ impl SchedulerHandle {
     /// Every operation and worker (read only; for the web UI).
     pub async fn overview(&self) -> Result<Overview, Error> {
         self.call(|reply| Cmd::Overview { reply }).await
+    }
+
+    /// Counts of the live operations per platform and per invocation, and one page of rows
+    /// (read only; `/queue`: bounded copies however long the queue).
+    pub async fn queue_summary(&self, query: QueueQuery) -> Result<QueueSummary, Error> {
+        self.call(|reply| Cmd::QueueSummary { query, reply }).await
+    }
+
+    /// Connected workers by id from `offset`, at most `limit`, each with what it runs (read
+    /// only; `/workers`).
+    pub async fn workers_page(&self, offset: usize, limit: usize) -> Result<WorkersPage, Error> {
+        self.call(|reply| Cmd::WorkersPage {
+            offset,
+            limit,
+            reply,
+        })
+        .await
     }
 
     /// The operations that `of` selects, at most `limit` (read only; for the web UI's
@@ -827,6 +858,16 @@ impl Driver {
             }
             Cmd::Overview { reply } => {
                 let _ = reply.send(self.overview());
+            }
+            Cmd::QueueSummary { query, reply } => {
+                let _ = reply.send(self.queue_summary(&query));
+            }
+            Cmd::WorkersPage {
+                offset,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.workers_page(offset, limit));
             }
             Cmd::Operations { of, limit, reply } => {
                 let now = self.now();

@@ -235,7 +235,8 @@ impl Execution for ExecutionService {
                 Backend::Local(h) => h,
                 Backend::Shared(s) => match s.follow(name.clone()).await {
                     Ok(updates) => {
-                        result = Ok(shared_stream(updates));
+                        let stream = shared_stream(updates);
+                        result = Ok(crate::web_ui::activity::forwarded(None, stream));
                         break;
                     }
                     Err(e) if e.is_not_found() => continue,
@@ -275,7 +276,7 @@ impl Execution for ExecutionService {
                 match r.wait_execution(&name, &headers).await {
                     Err(s) if s.code() == tonic::Code::NotFound => continue,
                     other => {
-                        result = other;
+                        result = other.map(|s| crate::web_ui::activity::forwarded(None, s));
                         break;
                     }
                 }
@@ -413,10 +414,25 @@ impl ExecutionService {
             Backend::Local(h) => h,
             // `grpc`: checked here (the Action exists, the action cache has no result), queued
             // there.
-            Backend::Remote(r) => return r.execute(req, &headers).await,
+            Backend::Remote(r) => {
+                let execute = (
+                    request.invocation_id.clone(),
+                    req.instance_name.clone(),
+                    digest,
+                );
+                let stream = r.execute(req, &headers).await?;
+                return Ok(crate::web_ui::activity::forwarded(Some(execute), stream));
+            }
             Backend::Shared(s) => {
+                let execute = (
+                    request.invocation_id.clone(),
+                    req.instance_name.clone(),
+                    digest,
+                );
                 let followed = s.submit(op_id, &request).await?;
-                return Ok(shared_stream(s.follow(followed).await?));
+                let stream = shared_stream(s.follow(followed).await?);
+                // Recorded from the stream: the replica whose worker runs it may be another.
+                return Ok(crate::web_ui::activity::forwarded(Some(execute), stream));
             }
         };
         // Recorded before the scheduler has it, so that its end cannot come first.

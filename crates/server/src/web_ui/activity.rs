@@ -8,14 +8,17 @@
 //!
 //! Off until a web UI is configured ([`enable`]): the services pay one atomic load per call.
 //! Bounded: at most the web UI's `max_invocations` invocations (the oldest is forgotten
-//! first, like the invocation index), [`MAX_ACTIONS_PER_INVOCATION`] actions each (the rest
-//! only counted) and [`MAX_ACTIONS`] in all. Ids longer than the index takes are ignored.
+//! first, like the invocation index), none older than its `max_invocation_age_s` (by their
+//! last recorded call), [`MAX_ACTIONS_PER_INVOCATION`] actions each (the rest only counted)
+//! and [`MAX_ACTIONS`] in all. Ids longer than the index takes are ignored. The record is kept
+//! in a file across restarts by [`super::activity_file`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
+use cairn_core::proto::google::longrunning::Operation;
 use cairn_core::Digest;
 use cairn_scheduler::Outcome;
 use parking_lot::Mutex;
@@ -96,12 +99,30 @@ pub struct InvocationActivity {
 }
 
 #[derive(Default)]
-struct Invocation {
-    actions: Vec<ActionRecord>,
+pub(super) struct Invocation {
+    /// When its first and last call was recorded (Unix ms).
+    pub(super) first_ms: i64,
+    pub(super) last_ms: i64,
+    pub(super) actions: Vec<ActionRecord>,
     by_digest: HashMap<Digest, usize>,
-    not_listed: u64,
+    pub(super) not_listed: u64,
     /// Kept as the records change, so that a list of invocations reads them in O(1).
     counts: Counts,
+}
+
+impl Invocation {
+    /// Adds `r` (an action not yet in it), keeping the counts; false (and nothing added)
+    /// when the action is already in it.
+    pub(super) fn push(&mut self, r: ActionRecord) -> bool {
+        if self.by_digest.contains_key(&r.digest) {
+            return false;
+        }
+        self.counts.actions += 1;
+        self.counts.apply(&r, 1);
+        self.by_digest.insert(r.digest, self.actions.len());
+        self.actions.push(r);
+        true
+    }
 }
 
 /// An invocation's cache hits, misses and failed executions.
@@ -129,35 +150,93 @@ impl Counts {
 }
 
 #[derive(Default)]
-struct Inner {
-    invocations: HashMap<String, Invocation>,
+pub(super) struct Inner {
+    pub(super) invocations: HashMap<String, Invocation>,
     /// Invocation ids by first-seen sequence, oldest first.
-    order: BTreeMap<u64, String>,
+    pub(super) order: BTreeMap<u64, String>,
     /// Operations not yet seen to end: op id -> (invocation, digest).
-    open_ops: HashMap<String, (String, Digest)>,
-    total: usize,
+    pub(super) open_ops: HashMap<String, (String, Digest)>,
+    pub(super) total: usize,
     next_seq: u64,
     /// The last failed execution of each action, oldest first in `failed_order`.
-    failed: HashMap<Digest, Arc<re::ExecuteResponse>>,
-    failed_order: std::collections::VecDeque<Digest>,
+    pub(super) failed: HashMap<Digest, Arc<re::ExecuteResponse>>,
+    pub(super) failed_order: std::collections::VecDeque<Digest>,
+}
+
+impl Inner {
+    /// Adds a new invocation `id` as the newest.
+    pub(super) fn insert(&mut self, id: &str, inv: Invocation) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.insert(seq, id.to_string());
+        self.total += inv.actions.len();
+        for r in &inv.actions {
+            if let Some(Execution::Queued { op_id }) = &r.execution {
+                self.open_ops
+                    .insert(op_id.clone(), (id.to_string(), r.digest));
+            }
+        }
+        self.invocations.insert(id.to_string(), inv);
+    }
+
+    /// Forgets the oldest invocations while there are more than `keep`, more than
+    /// [`MAX_ACTIONS`] actions, or the oldest's last call is before `cutoff_ms`; never
+    /// `spare`.
+    pub(super) fn prune(&mut self, keep: usize, cutoff_ms: i64, spare: &str) {
+        loop {
+            let Some((&seq, oldest)) = self.order.first_key_value() else {
+                return;
+            };
+            if oldest == spare {
+                // The invocation being recorded is not dropped for its own actions.
+                return;
+            }
+            let too_many = self.invocations.len() > keep || self.total > MAX_ACTIONS;
+            let too_old = self
+                .invocations
+                .get(oldest)
+                .is_none_or(|i| i.last_ms < cutoff_ms);
+            if !too_many && !too_old {
+                return;
+            }
+            let Some(oldest) = self.order.remove(&seq) else {
+                return;
+            };
+            if let Some(gone) = self.invocations.remove(&oldest) {
+                self.total -= gone.actions.len();
+                for r in &gone.actions {
+                    if let Some(Execution::Queued { op_id }) = &r.execution {
+                        self.open_ops.remove(op_id);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The process's activity record.
 pub struct Activity {
-    inner: Mutex<Inner>,
-    max_invocations: AtomicUsize,
+    pub(super) inner: Mutex<Inner>,
+    pub(super) max_invocations: AtomicUsize,
+    /// Invocations whose last call is older than this are forgotten (ms; `u64::MAX`: never).
+    pub(super) max_age_ms: AtomicU64,
+    /// Set by every change, cleared by the writer of the file when it takes a copy.
+    pub(super) dirty: AtomicBool,
+    /// Woken by every change, for the writer of the file.
+    pub(super) changed: tokio::sync::Notify,
 }
 
 static ACTIVITY: OnceLock<Activity> = OnceLock::new();
 
-/// Turns recording on (a web UI is configured), remembering at least `max_invocations`.
-pub fn enable(max_invocations: usize) -> &'static Activity {
-    let a = ACTIVITY.get_or_init(|| Activity {
-        inner: Mutex::new(Inner::default()),
-        max_invocations: AtomicUsize::new(0),
-    });
+/// Turns recording on (a web UI is configured), remembering at least `max_invocations`,
+/// each for at least `max_age` after its last call (`None`: no age limit). Several web UIs
+/// share the one record: the largest retention wins.
+pub fn enable(max_invocations: usize, max_age: Option<std::time::Duration>) -> &'static Activity {
+    let a = ACTIVITY.get_or_init(Activity::new);
     a.max_invocations
         .fetch_max(max_invocations.max(1), Ordering::Relaxed);
+    let age_ms = max_age.map_or(u64::MAX, |d| d.as_millis().min(u64::MAX as u128) as u64);
+    a.max_age_ms.fetch_max(age_ms, Ordering::Relaxed);
     a
 }
 
@@ -208,6 +287,12 @@ pub fn queued(invocation: &str, instance: &str, digest: Digest, op_id: &str) {
 pub fn completed(op_id: &str, outcome: &Outcome<re::ExecuteResponse>) {
     let Some(a) = get() else { return };
     let result = crate::execution::driver::result_kind(outcome);
+    if result == "cache_hit" {
+        // Answered from an action cache after it was queued (a forwarding scheduler's
+        // backend found it).
+        a.end(op_id, Execution::CacheHit);
+        return;
+    }
     if let (Ok(resp), "failure" | "timeout") = (outcome, result) {
         a.keep_failed(op_id, resp);
     }
@@ -255,7 +340,111 @@ pub fn refused(op_id: &str, message: &str) {
     }
 }
 
+/// Records an operation stream that another scheduler answers (a `grpc` scheduler forwards
+/// Execute there): `execute` is the call's (invocation, instance, action) when the stream
+/// is an Execute's, `None` for a WaitExecution's (which only ends an operation already
+/// recorded). The operation is recorded as queued under the other scheduler's operation name
+/// at its first message, and ended by its last; the stream passes through unchanged.
+pub fn forwarded<E: Send + 'static>(
+    execute: Option<(String, String, Digest)>,
+    stream: futures::stream::BoxStream<'static, Result<Operation, E>>,
+) -> futures::stream::BoxStream<'static, Result<Operation, E>> {
+    use futures::StreamExt;
+    if get().is_none()
+        || execute
+            .as_ref()
+            .is_some_and(|(inv, _, _)| wanted(inv).is_none())
+    {
+        return stream;
+    }
+    let mut execute = execute;
+    let mut recorded = false;
+    stream
+        .map(move |item| {
+            if let Ok(op) = &item {
+                forwarded_update(&mut execute, &mut recorded, op);
+            }
+            item
+        })
+        .boxed()
+}
+
+fn forwarded_update(
+    execute: &mut Option<(String, String, Digest)>,
+    recorded: &mut bool,
+    op: &Operation,
+) {
+    use cairn_core::proto::google::longrunning::operation::Result as OpResult;
+    let queue = |execute: &Option<(String, String, Digest)>| {
+        if let Some((inv, instance, digest)) = execute {
+            queued(inv, instance, *digest, &op.name);
+        }
+    };
+    if !op.done {
+        if !*recorded {
+            queue(execute);
+            *recorded = true;
+        }
+        return;
+    }
+    match &op.result {
+        Some(OpResult::Response(any)) => {
+            let Ok(resp) = <re::ExecuteResponse as prost::Message>::decode(any.value.as_slice())
+            else {
+                return;
+            };
+            match execute.take() {
+                Some((inv, instance, digest)) if resp.cached_result && !*recorded => {
+                    cache_hit(&inv, &instance, digest);
+                }
+                e => {
+                    if !*recorded {
+                        queue(&e);
+                    }
+                    completed(&op.name, &Ok(resp));
+                }
+            }
+        }
+        Some(OpResult::Error(status)) => {
+            if !*recorded {
+                queue(execute);
+            }
+            refused(&op.name, &status.message);
+        }
+        None => {}
+    }
+    *recorded = true;
+}
+
 impl Activity {
+    pub(super) fn new() -> Activity {
+        Activity {
+            inner: Mutex::new(Inner::default()),
+            max_invocations: AtomicUsize::new(1),
+            max_age_ms: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Most invocations kept, and the oldest last call (Unix ms) an invocation may have at
+    /// `now_ms` to be kept.
+    pub(super) fn retention(&self, now_ms: i64) -> (usize, i64) {
+        let age = self.max_age_ms.load(Ordering::Relaxed);
+        let cutoff = if age == u64::MAX {
+            i64::MIN
+        } else {
+            now_ms.saturating_sub(age.min(i64::MAX as u64) as i64)
+        };
+        (self.max_invocations.load(Ordering::Relaxed), cutoff)
+    }
+
+    /// Tells the writer of the file that the record changed.
+    fn touch(&self) {
+        self.dirty.store(true, Ordering::Release);
+        self.changed.notify_one();
+    }
+
     /// Keeps the failed `resp` of the action of `op_id` (a recorded operation).
     fn keep_failed(&self, op_id: &str, resp: &re::ExecuteResponse) {
         let mut resp = resp.clone();
@@ -279,6 +468,8 @@ impl Activity {
                 g.failed.remove(&old);
             }
         }
+        drop(g);
+        self.touch();
     }
 
     /// The last failed execution of the action `digest` this process recorded.
@@ -299,30 +490,36 @@ impl Activity {
             inv.actions[i].execution = Some(execution);
             inv.counts.apply(&inv.actions[i], 1);
         }
+        drop(g);
+        self.touch();
     }
 
     /// Applies `f` to the record of `digest` in `invocation` (made if new); false when the
     /// invocation is past its cap and the action is only counted.
-    fn update(
+    pub(super) fn update(
         &self,
         invocation: &str,
         instance: &str,
         digest: Digest,
         f: impl FnOnce(&mut ActionRecord),
     ) -> bool {
+        let now = crate::execution::driver::unix_ms_now();
         let mut g = self.inner.lock();
         let g = &mut *g;
         if !g.invocations.contains_key(invocation) {
-            let seq = g.next_seq;
-            g.next_seq += 1;
-            g.order.insert(seq, invocation.to_string());
-            g.invocations
-                .insert(invocation.to_string(), Invocation::default());
+            g.insert(
+                invocation,
+                Invocation {
+                    first_ms: now,
+                    ..Default::default()
+                },
+            );
         }
         let inv = g
             .invocations
             .get_mut(invocation)
             .expect("inserted just above");
+        inv.last_ms = now;
         let i = match inv.by_digest.get(&digest) {
             Some(&i) => i,
             None if inv.actions.len() >= MAX_ACTIONS_PER_INVOCATION => {
@@ -330,15 +527,13 @@ impl Activity {
                 return false;
             }
             None => {
-                inv.actions.push(ActionRecord {
+                inv.push(ActionRecord {
                     digest,
                     instance: instance.to_string(),
-                    first_ms: crate::execution::driver::unix_ms_now(),
+                    first_ms: now,
                     lookup: None,
                     execution: None,
                 });
-                inv.by_digest.insert(digest, inv.actions.len() - 1);
-                inv.counts.actions += 1;
                 g.total += 1;
                 inv.actions.len() - 1
             }
@@ -346,27 +541,9 @@ impl Activity {
         inv.counts.apply(&inv.actions[i], -1);
         f(&mut inv.actions[i]);
         inv.counts.apply(&inv.actions[i], 1);
-        let keep = self.max_invocations.load(Ordering::Relaxed);
-        while g.invocations.len() > keep || g.total > MAX_ACTIONS {
-            let Some((&seq, oldest)) = g.order.first_key_value() else {
-                break;
-            };
-            if oldest == invocation {
-                // The invocation being recorded is not dropped for its own actions.
-                break;
-            }
-            let Some(oldest) = g.order.remove(&seq) else {
-                break;
-            };
-            if let Some(gone) = g.invocations.remove(&oldest) {
-                g.total -= gone.actions.len();
-                for r in &gone.actions {
-                    if let Some(Execution::Queued { op_id }) = &r.execution {
-                        g.open_ops.remove(op_id);
-                    }
-                }
-            }
-        }
+        let (keep, cutoff) = self.retention(now);
+        g.prune(keep, cutoff, invocation);
+        self.touch();
         true
     }
 
@@ -418,10 +595,10 @@ mod tests {
     use super::*;
 
     fn act() -> Activity {
-        Activity {
-            inner: Mutex::new(Inner::default()),
-            max_invocations: AtomicUsize::new(2),
-        }
+        let a = Activity::new();
+        a.max_invocations.store(2, Ordering::Relaxed);
+        a.max_age_ms.store(u64::MAX, Ordering::Relaxed);
+        a
     }
 
     fn d(i: u8) -> Digest {

@@ -17,6 +17,7 @@
 
 pub mod actions;
 pub mod activity;
+pub mod activity_file;
 pub mod cache;
 pub mod events;
 pub mod html;
@@ -102,12 +103,13 @@ impl WebUi {
             index::load(index, store).await;
         }
         ui.set_retention(cfg.max_invocations, cfg.max_invocation_age_s);
-        activity::enable(
-            cfg.max_invocations
-                .map_or(index::DEFAULT_MAX_INVOCATIONS, |c| {
-                    c.min(usize::MAX as u64) as usize
-                }),
-        );
+        let (count, age) = retention(cfg.max_invocations, cfg.max_invocation_age_s);
+        let record = activity::enable(count, age);
+        match cfg.activity_path.as_deref() {
+            Some("") => {}
+            Some(path) => activity_file::start(record, path.into()).await,
+            None => activity_file::start(record, activity_file::default_path()).await,
+        }
         Ok(ui)
     }
 
@@ -115,17 +117,24 @@ impl WebUi {
     /// `max_invocation_age_s`, 0 meaning no age limit).
     pub fn set_retention(&self, max_count: Option<u64>, max_age_s: Option<u64>) {
         if let Some((_, idx)) = &self.bep {
-            let age = match max_age_s {
-                None => Some(index::DEFAULT_MAX_AGE),
-                Some(0) => None,
-                Some(s) => Some(Duration::from_secs(s)),
-            };
-            let count = max_count.map_or(index::DEFAULT_MAX_INVOCATIONS, |c| {
-                c.min(usize::MAX as u64) as usize
-            });
+            let (count, age) = retention(max_count, max_age_s);
             idx.set_retention(count, age, crate::execution::driver::unix_ms_now());
         }
     }
+}
+
+/// The retention of `max_invocations` and `max_invocation_age_s` (0: no age limit) with
+/// their defaults.
+fn retention(max_count: Option<u64>, max_age_s: Option<u64>) -> (usize, Option<Duration>) {
+    let age = match max_age_s {
+        None => Some(index::DEFAULT_MAX_AGE),
+        Some(0) => None,
+        Some(s) => Some(Duration::from_secs(s)),
+    };
+    let count = max_count.map_or(index::DEFAULT_MAX_INVOCATIONS, |c| {
+        c.min(usize::MAX as u64) as usize
+    });
+    (count, age)
 }
 
 /// The UI's routes.

@@ -1,48 +1,63 @@
 //! `/queue` (queued and executing operations by platform and by invocation, with ages, and
 //! the platforms no connected worker can run with the property that blocks them) and
 //! `/workers` (each worker's properties, slots, running operations and last keepalive), from
-//! a read-only copy of each configured scheduler ([`SchedulerHandle::overview`]).
+//! bounded read-only queries of each configured scheduler
+//! ([`SchedulerHandle::queue_summary`], [`SchedulerHandle::workers_page`]): counts of every
+//! operation and one page of rows, with links to the next and previous pages
+//! (`/queue?scheduler=NAME&platform=KEY&offset=N`, `/workers?scheduler=NAME&offset=N`).
 //! `POST /workers/drain` drains or undrains a worker through the same scheduler command as the
 //! admin API, and only when `services.web_ui.read_only` is false.
 //!
-//! [`SchedulerHandle::overview`]: crate::execution::SchedulerHandle::overview
+//! [`SchedulerHandle::queue_summary`]: crate::execution::SchedulerHandle::queue_summary
+//! [`SchedulerHandle::workers_page`]: crate::execution::SchedulerHandle::workers_page
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::html::{self, esc, invocation_link, page};
+use super::html::{self, esc, invocation_link, page, url};
 use super::WebUi;
-use crate::execution::driver::{Overview, WorkerRow};
+use crate::execution::driver::{PlatformQueue, QueueQuery, MAX_OFFSET};
 
-/// Operations listed per platform; the rest are counted.
+/// Operations listed per platform and page; the rest are counted and paged.
 const ROWS_PER_PLATFORM: usize = 100;
 /// Invocations listed in the by-invocation table.
 const INVOCATION_ROWS: usize = 100;
+/// Workers listed per page.
+const WORKER_ROWS: usize = 200;
 
-/// Each scheduler's name, its overview, and (shared state) the cluster box.
-async fn overviews(ui: &WebUi) -> Vec<(String, Result<Overview, String>, String)> {
-    let mut out = Vec::new();
-    for p in &ui.schedulers {
-        let o = match p.local() {
-            Some(h) => h.overview().await.map_err(|e| e.message),
-            None => {
-                Err("a grpc scheduler: its queue and workers are shown where it forwards to".into())
+/// The paging parameters of `/queue` and `/workers`.
+#[derive(Default)]
+struct Paging {
+    scheduler: Option<String>,
+    platform: Option<String>,
+    offset: usize,
+}
+
+impl Paging {
+    fn parse(query: Option<&str>) -> Paging {
+        let mut p = Paging::default();
+        for (k, v) in html::form_pairs(query.unwrap_or("")) {
+            match k.as_str() {
+                "scheduler" => p.scheduler = Some(v),
+                "platform" => p.platform = Some(v),
+                // A bad offset is the first page; the driver caps a deep one.
+                "offset" => p.offset = v.parse::<usize>().unwrap_or(0).min(MAX_OFFSET),
+                _ => {}
             }
-        };
-        let cluster = match p.shared() {
-            Some(shared) => cluster_box(shared).await,
-            None => String::new(),
-        };
-        out.push((p.name.clone(), o, cluster));
+        }
+        p
     }
-    out
+
+    /// Whether scheduler `name` is shown.
+    fn shows(&self, name: &str) -> bool {
+        self.scheduler.as_deref().is_none_or(|s| s == name)
+    }
 }
 
 /// For a scheduler whose state is shared in Redis: whose workers and operations the page
@@ -86,27 +101,19 @@ async fn cluster_box(shared: &crate::execution::shared::SharedScheduler) -> Stri
     b
 }
 
-fn platform_key(p: &[(String, String)]) -> String {
-    let mut v: Vec<String> = p.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    v.sort();
-    if v.is_empty() {
-        "(no properties)".into()
-    } else {
-        v.join(", ")
-    }
-}
-
-/// Whether a worker offers one property: the same value, or, for numbers, at least as much.
-fn offers(w: &WorkerRow, name: &str, value: &str) -> bool {
-    w.properties.iter().any(|(n, v)| {
+/// Whether a worker with `properties` offers one property: the same value, or, for numbers,
+/// at least as much.
+fn offers(properties: &[(String, String)], name: &str, value: &str) -> bool {
+    properties.iter().any(|(n, v)| {
         n == name
             && (v == value
                 || matches!((v.parse::<u64>(), value.parse::<u64>()), (Ok(have), Ok(need)) if have >= need))
     })
 }
 
-/// Why no connected worker can run an action with `platform`, or `None` when one can.
-fn blocked_by(platform: &[(String, String)], workers: &[WorkerRow]) -> Option<String> {
+/// Why no connected worker (given by their properties) can run an action with `platform`,
+/// or `None` when one can.
+fn blocked_by(platform: &[(String, String)], workers: &[Vec<(String, String)>]) -> Option<String> {
     if workers
         .iter()
         .any(|w| platform.iter().all(|(n, v)| offers(w, n, v)))
@@ -128,154 +135,227 @@ fn age(d: Option<Duration>) -> String {
     d.map(html::duration).unwrap_or_default()
 }
 
-/// `/queue`.
-pub async fn queue(State(ui): State<Arc<WebUi>>) -> Response {
+fn queue_link(scheduler: &str, platform: &str, offset: usize, text: &str) -> String {
+    format!(
+        "<a href=\"/queue?scheduler={}&amp;platform={}&amp;offset={offset}\">{text}</a>",
+        url(scheduler),
+        url(platform)
+    )
+}
+
+/// One platform's heading, blocking property, rows and paging links.
+fn platform_section(
+    b: &mut String,
+    scheduler: &str,
+    p: &PlatformQueue,
+    workers: &[Vec<(String, String)>],
+    offset: usize,
+    with_rows: bool,
+) {
+    let blocked = (p.queued > 0)
+        .then(|| blocked_by(&p.platform, workers))
+        .flatten();
+    let _ = write!(
+        b,
+        "<h3>Platform <code>{}</code>: {} queued, {} executing</h3>{}",
+        esc(&p.key),
+        p.queued,
+        p.executing,
+        blocked
+            .map(|why| format!(
+                "<p class=\"bad\">No worker can run these actions: {}.</p>",
+                esc(&why)
+            ))
+            .unwrap_or_default()
+    );
+    let total = p.queued + p.executing;
+    if !with_rows {
+        let _ = write!(
+            b,
+            "<p class=\"muted\">{}</p>",
+            queue_link(scheduler, &p.key, 0, "show its operations")
+        );
+        return;
+    }
+    b.push_str("<table><tr><th>Action</th><th>Stage</th><th>Queued for</th><th>Running for</th><th>Worker</th><th>Invocation</th><th>Priority</th><th>Retries</th></tr>");
+    for r in &p.rows {
+        let _ = write!(
+            b,
+            "<tr><td><a href=\"/action/{h}-{s}\"><code>{h8}…-{s}</code></a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            r.stage,
+            age(r.queued_for),
+            age(r.executing_for),
+            esc(r.worker.as_deref().unwrap_or("")),
+            invocation_link(&r.invocation_id),
+            r.priority,
+            r.retries,
+            h = r.digest.hash_hex(),
+            h8 = &r.digest.hash_hex()[..12],
+            s = r.digest.size(),
+        );
+    }
+    b.push_str("</table>");
+    if total > p.rows.len() {
+        let first = offset.min(total);
+        if p.rows.is_empty() {
+            let _ = write!(
+                b,
+                "<p class=\"muted\">No operations from {} on: {total} in all. {}</p>",
+                offset + 1,
+                queue_link(scheduler, &p.key, 0, "first page")
+            );
+            return;
+        }
+        let mut links = Vec::new();
+        if offset > 0 {
+            links.push(queue_link(
+                scheduler,
+                &p.key,
+                offset.saturating_sub(ROWS_PER_PLATFORM),
+                "« previous",
+            ));
+        }
+        if offset + p.rows.len() < total {
+            links.push(queue_link(
+                scheduler,
+                &p.key,
+                offset + ROWS_PER_PLATFORM,
+                "next »",
+            ));
+        }
+        let _ = write!(
+            b,
+            "<p class=\"muted\">Operations {}-{} of {total}, the longest queued first. {}</p>",
+            first + 1,
+            first + p.rows.len(),
+            links.join(" ")
+        );
+    }
+}
+
+/// `/queue`, `?scheduler=NAME&platform=KEY&offset=N` for one platform's later pages.
+pub async fn queue(State(ui): State<Arc<WebUi>>, RawQuery(query): RawQuery) -> Response {
     if ui.schedulers.is_empty() {
         return page(
             "Queue",
             "<p class=\"muted\">services.web_ui.schedulers names no scheduler.</p>",
         );
     }
+    let paging = Paging::parse(query.as_deref());
     let mut b = String::new();
-    for (name, o, cluster) in overviews(&ui).await {
-        let _ = write!(b, "<h2>Scheduler {}</h2>{cluster}", esc(&name));
-        let o = match o {
+    if paging.platform.is_some() {
+        b.push_str("<p><a href=\"/queue\">All platforms</a></p>");
+    }
+    for p in ui.schedulers.iter().filter(|p| paging.shows(&p.name)) {
+        let name = &p.name;
+        let _ = write!(b, "<h2>Scheduler {}</h2>", esc(name));
+        if let Some(shared) = p.shared() {
+            b.push_str(&cluster_box(shared).await);
+        }
+        let Some(handle) = p.local() else {
+            b.push_str("<p class=\"bad\">a grpc scheduler: its queue and workers are shown where it forwards to</p>");
+            continue;
+        };
+        let o = match handle
+            .queue_summary(QueueQuery {
+                platform: paging.platform.clone(),
+                offset: if paging.platform.is_some() {
+                    paging.offset
+                } else {
+                    0
+                },
+                limit: ROWS_PER_PLATFORM,
+                invocations: INVOCATION_ROWS,
+            })
+            .await
+        {
             Ok(o) => o,
             Err(e) => {
-                let _ = write!(b, "<p class=\"bad\">{}</p>", esc(&e));
+                let _ = write!(b, "<p class=\"bad\">{}</p>", esc(&e.message));
                 continue;
             }
         };
-        let live: Vec<_> = o
-            .operations
-            .iter()
-            .filter(|r| r.stage != "completed")
-            .collect();
-        let queued = live.iter().filter(|r| r.stage == "queued").count();
         let _ = write!(
             b,
-            "<p>{queued} queued, {} executing, {} workers.</p>",
-            live.len() - queued,
-            o.workers.len()
+            "<p>{} queued, {} executing, {} workers.</p>",
+            o.queued,
+            o.executing,
+            o.worker_properties.len()
         );
-        // By platform.
-        let mut by_platform: BTreeMap<String, Vec<_>> = BTreeMap::new();
-        for r in &live {
-            by_platform
-                .entry(platform_key(&r.platform))
-                .or_default()
-                .push(*r);
-        }
-        for (platform, mut rows) in by_platform {
-            rows.sort_by_key(|r| std::cmp::Reverse(r.queued_for));
-            let q = rows.iter().filter(|r| r.stage == "queued").count();
-            let blocked = rows
-                .iter()
-                .find(|r| r.stage == "queued")
-                .and_then(|r| blocked_by(&r.platform, &o.workers));
-            let _ = write!(
-                b,
-                "<h3>Platform <code>{}</code>: {q} queued, {} executing</h3>{}",
-                esc(&platform),
-                rows.len() - q,
-                blocked
-                    .map(|why| format!(
-                        "<p class=\"bad\">No worker can run these actions: {}.</p>",
-                        esc(&why)
-                    ))
-                    .unwrap_or_default()
-            );
-            b.push_str("<table><tr><th>Action</th><th>Stage</th><th>Queued for</th><th>Running for</th><th>Worker</th><th>Invocation</th><th>Priority</th><th>Retries</th></tr>");
-            for r in rows.iter().take(ROWS_PER_PLATFORM) {
-                let _ = write!(
-                    b,
-                    "<tr><td><a href=\"/action/{h}-{s}\"><code>{h8}…-{s}</code></a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                    r.stage,
-                    age(r.queued_for),
-                    age(r.executing_for),
-                    esc(r.worker.as_deref().unwrap_or("")),
-                    invocation_link(&r.invocation_id),
-                    r.priority,
-                    r.retries,
-                    h = r.digest.hash_hex(),
-                    h8 = &r.digest.hash_hex()[..12],
-                    s = r.digest.size(),
-                );
-            }
-            b.push_str("</table>");
-            if rows.len() > ROWS_PER_PLATFORM {
-                let _ = write!(
-                    b,
-                    "<p class=\"muted\">and {} more (the longest queued are shown).</p>",
-                    rows.len() - ROWS_PER_PLATFORM
-                );
-            }
-        }
-        // By invocation.
-        let mut by_inv: HashMap<&str, (usize, usize, Option<Duration>)> = HashMap::new();
-        for r in &live {
-            let e = by_inv.entry(r.invocation_id.as_str()).or_default();
-            if r.stage == "queued" {
-                e.0 += 1;
+        for pq in &o.platforms {
+            let with_rows = paging.platform.as_ref().is_none_or(|k| *k == pq.key);
+            let offset = if with_rows && paging.platform.is_some() {
+                paging.offset
             } else {
-                e.1 += 1;
-            }
-            e.2 = e.2.max(r.queued_for);
+                0
+            };
+            platform_section(&mut b, name, pq, &o.worker_properties, offset, with_rows);
         }
-        if !by_inv.is_empty() {
-            let mut inv: Vec<_> = by_inv.into_iter().collect();
-            inv.sort_by_key(|(_, (q, x, _))| std::cmp::Reverse(q + x));
+        if !o.invocations.is_empty() {
             b.push_str("<h3>By invocation</h3><table><tr><th>Invocation</th><th>Queued</th><th>Executing</th><th>Oldest</th></tr>");
-            for (id, (q, x, oldest)) in inv.iter().take(INVOCATION_ROWS) {
+            for i in &o.invocations {
                 let _ = write!(
                     b,
-                    "<tr><td>{}</td><td>{q}</td><td>{x}</td><td>{}</td></tr>",
-                    invocation_link(id),
-                    age(*oldest)
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    invocation_link(&i.invocation_id),
+                    i.queued,
+                    i.executing,
+                    age(i.oldest)
                 );
             }
             b.push_str("</table>");
+            if o.invocation_count > o.invocations.len() {
+                let _ = write!(
+                    b,
+                    "<p class=\"muted\">and {} more invocations (those with the most operations are shown).</p>",
+                    o.invocation_count - o.invocations.len()
+                );
+            }
         }
     }
     page("Queue", &b)
 }
 
-/// `/workers`.
-pub async fn workers(State(ui): State<Arc<WebUi>>) -> Response {
+/// `/workers`, `?scheduler=NAME&offset=N` for later pages.
+pub async fn workers(State(ui): State<Arc<WebUi>>, RawQuery(query): RawQuery) -> Response {
     if ui.schedulers.is_empty() {
         return page(
             "Workers",
             "<p class=\"muted\">services.web_ui.schedulers names no scheduler.</p>",
         );
     }
+    let paging = Paging::parse(query.as_deref());
     let mut b = String::new();
-    for (name, o, cluster) in overviews(&ui).await {
-        let _ = write!(b, "<h2>Scheduler {}</h2>{cluster}", esc(&name));
-        let mut o = match o {
+    for p in ui.schedulers.iter().filter(|p| paging.shows(&p.name)) {
+        let name = &p.name;
+        let _ = write!(b, "<h2>Scheduler {}</h2>", esc(name));
+        if let Some(shared) = p.shared() {
+            b.push_str(&cluster_box(shared).await);
+        }
+        let Some(handle) = p.local() else {
+            b.push_str("<p class=\"bad\">a grpc scheduler: its queue and workers are shown where it forwards to</p>");
+            continue;
+        };
+        let offset = if paging.scheduler.is_some() {
+            paging.offset
+        } else {
+            0
+        };
+        let o = match handle.workers_page(offset, WORKER_ROWS).await {
             Ok(o) => o,
             Err(e) => {
-                let _ = write!(b, "<p class=\"bad\">{}</p>", esc(&e));
+                let _ = write!(b, "<p class=\"bad\">{}</p>", esc(&e.message));
                 continue;
             }
         };
-        if o.workers.is_empty() {
+        if o.total == 0 {
             b.push_str("<p class=\"muted\">No worker is connected.</p>");
             continue;
         }
-        let digests: HashMap<&str, &cairn_core::Digest> = o
-            .operations
-            .iter()
-            .filter(|r| r.stage == "executing")
-            .map(|r| (r.op_id.as_str(), &r.digest))
-            .collect();
-        o.workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
         b.push_str("<table><tr><th>Worker</th><th>Properties</th><th>Slots</th><th>Running</th><th>Connected for</th><th>Last keepalive</th><th>State</th></tr>");
-        for w in &o.workers {
-            let running: Vec<String> = w
-                .running
+        for (w, digests) in &o.workers {
+            let running: Vec<String> = digests
                 .iter()
-                .take(50)
-                .filter_map(|op| digests.get(op.as_str()))
                 .map(|d| {
                     format!(
                         "<a href=\"/action/{h}-{s}\"><code>{}…</code></a>",
@@ -300,7 +380,7 @@ pub async fn workers(State(ui): State<Arc<WebUi>>) -> Response {
                      <input type=\"hidden\" name=\"scheduler\" value=\"{}\">\
                      <input type=\"hidden\" name=\"worker\" value=\"{}\">\
                      <input type=\"hidden\" name=\"draining\" value=\"{}\"><button>{}</button></form>",
-                    esc(&name),
+                    esc(name),
                     esc(&w.worker_id),
                     if w.draining { 0 } else { 1 },
                     if w.draining { "Undrain" } else { "Drain" }
@@ -319,6 +399,29 @@ pub async fn workers(State(ui): State<Arc<WebUi>>) -> Response {
             );
         }
         b.push_str("</table>");
+        if o.total > o.workers.len() {
+            let link = |at: usize, text: &str| {
+                format!(
+                    "<a href=\"/workers?scheduler={}&amp;offset={at}\">{text}</a>",
+                    url(name)
+                )
+            };
+            let mut links = Vec::new();
+            if offset > 0 {
+                links.push(link(offset.saturating_sub(WORKER_ROWS), "« previous"));
+            }
+            if offset + o.workers.len() < o.total {
+                links.push(link(offset + WORKER_ROWS, "next »"));
+            }
+            let _ = write!(
+                b,
+                "<p class=\"muted\">Workers {}-{} of {}, by id. {}</p>",
+                (offset + 1).min(offset + o.workers.len()),
+                offset + o.workers.len(),
+                o.total,
+                links.join(" ")
+            );
+        }
     }
     page("Workers", &b)
 }
@@ -389,20 +492,11 @@ pub async fn drain(State(ui): State<Arc<WebUi>>, headers: HeaderMap, body: Bytes
 mod tests {
     use super::*;
 
-    fn w(props: &[(&str, &str)]) -> WorkerRow {
-        WorkerRow {
-            worker_id: "w".into(),
-            properties: props
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
-            total_slots: 1,
-            busy_slots: 0,
-            running: vec![],
-            connected_for: Duration::ZERO,
-            last_keepalive_ago: Duration::ZERO,
-            draining: false,
-        }
+    fn w(props: &[(&str, &str)]) -> Vec<(String, String)> {
+        props
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]

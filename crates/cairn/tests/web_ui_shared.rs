@@ -1,0 +1,127 @@
+//! Execute calls through a scheduler whose state is shared in Redis
+//! (`experimental_backend.redis`) are recorded for the web UI too: a real Cairn replica (a
+//! Debian `redis-server` holding the scheduler state, a local worker) shows an invocation's
+//! executions on its page, with how each ended, its exit code and worker, and the failed
+//! action's stderr.
+
+mod common;
+#[path = "common/redis.rs"]
+mod redis_kit;
+
+use common::actions::ShellAction;
+use common::invocations::{action_row, execute, invocation_metadata, start_invocation};
+use common::{free_addr, http_get, Cairn};
+use redis_kit::RedisServer;
+
+const CONFIG: &str = r#"{
+  stores: {
+    STATE: { redis_store: { addresses: ["@STATE@"] } },
+    CAS: { memory: {} },
+    AC: { memory: {} },
+    BEP: { memory: {} },
+    WORKER_CAS: { fast_slow: {
+      fast: { filesystem: { content_path: "@DIR@/worker-cas", temp_path: "@DIR@/worker-tmp" } },
+      slow: { ref_store: { name: "CAS" } } } },
+  },
+  schedulers: {
+    MAIN: { simple: {
+      supported_platform_properties: { OSFamily: "exact" },
+      experimental_backend: { redis: { redis_store: "STATE" } },
+    } },
+  },
+  servers: [
+    { listener: { http: { socket_address: "@ADDR@" } },
+      services: {
+        cas: [{ instance_name: "", cas_store: "CAS" }],
+        ac: [{ instance_name: "", ac_store: "AC" }],
+        execution: [{ instance_name: "", cas_store: "CAS", scheduler: "MAIN" }],
+        experimental_bep: { store: "BEP" },
+        web_ui: { bep_store: "BEP", cas_store: "CAS", ac_store: "AC", schedulers: ["MAIN"], activity_path: "" },
+      } },
+    { listener: { http: { socket_address: "@WADDR@" } }, services: { worker_api: { scheduler: "MAIN" } } },
+  ],
+  workers: [{ local: {
+    name: "shared-wk",
+    worker_api_endpoint: { uri: "grpc://@WADDR@" },
+    cas_fast_slow_store: "WORKER_CAS",
+    upload_action_result: { ac_store: "AC" },
+    work_directory: "@DIR@/work",
+    platform_properties: { OSFamily: { values: ["linux"] } },
+  } }],
+}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executions_through_a_shared_scheduler_are_on_the_invocation_page() {
+    let tmp = tempfile::tempdir().unwrap();
+    let redis_dir = tmp.path().join("redis");
+    std::fs::create_dir_all(&redis_dir).unwrap();
+    let state = RedisServer::start(&redis_dir);
+    let cairn_dir = tmp.path().join("cairn");
+    std::fs::create_dir_all(&cairn_dir).unwrap();
+    let cairn = Cairn::start_with(
+        &cairn_dir,
+        &CONFIG
+            .replace("@STATE@", &state.url())
+            .replace("@WADDR@", &free_addr().to_string()),
+        None,
+    );
+    let ch = cairn.channel().await;
+    start_invocation(ch.clone(), "inv-shared").await;
+    let meta = invocation_metadata("inv-shared");
+    let fine = ShellAction {
+        script: "echo fine",
+        ..Default::default()
+    }
+    .upload(ch.clone(), "")
+    .await;
+    let fails = ShellAction {
+        script: "echo '<shared>' >&2; exit 6",
+        ..Default::default()
+    }
+    .upload(ch.clone(), "")
+    .await;
+    assert_eq!(
+        execute(ch.clone(), &fine, &meta)
+            .await
+            .result
+            .unwrap()
+            .exit_code,
+        0
+    );
+    assert_eq!(
+        execute(ch.clone(), &fails, &meta)
+            .await
+            .result
+            .unwrap()
+            .exit_code,
+        6
+    );
+
+    let (code, page) = http_get(cairn.addr, "/invocation/inv-shared").await;
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains(
+            "Remote actions (2: 0 cache hits, 2 cache misses, <span class=\"bad\">1 failed</span>)"
+        ),
+        "{page}"
+    );
+    let failed = action_row(&page, &fails);
+    assert!(
+        failed.contains(">failure</span>")
+            && failed.contains("<td>6</td>")
+            && failed.contains("<td>shared-wk"),
+        "{failed}"
+    );
+    assert!(
+        action_row(&page, &fine).contains(">success</span>"),
+        "{page}"
+    );
+    let (code, action) = http_get(
+        cairn.addr,
+        &format!("/action/{}-{}", fails.hash_hex(), fails.size()),
+    )
+    .await;
+    assert_eq!(code, 200, "{action}");
+    assert!(action.contains("&lt;shared&gt;"), "{action}");
+    cairn.kill9();
+}
