@@ -1150,3 +1150,115 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
         "{stderr}"
     );
 }
+
+/// Providers `r2` and `oci` build their endpoints from the account or the namespace and
+/// region (`https://ACCOUNT.r2.cloudflarestorage.com`,
+/// `https://NAMESPACE.compat.objectstorage.REGION.oci.customer-oci.com`). The test reaches
+/// them as a deployment behind a corporate proxy would: `HTTPS_PROXY` names a proxy that
+/// answers CONNECT for those hosts with certificates of the test's CA (`SSL_CERT_FILE`) and
+/// hands the requests to moto. Blobs are written and read back through each, with the key
+/// prefix and the bucket each names.
+#[tokio::test]
+async fn r2_and_oci_serve_through_their_own_endpoints() {
+    let moto = Moto::start_env(&[("S3_IGNORE_SUBDOMAIN_BUCKETNAME", "true")]).await;
+    moto.create_bucket("r2-cas").await;
+    moto.create_bucket("oci-cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::certs::Pki::new(&dir.path().join("pki"), "proxy");
+    let r2_host = "acct0123.r2.cloudflarestorage.com";
+    let oci_host = "tenancy.compat.objectstorage.us-phoenix-1.oci.customer-oci.com";
+    let cert = pki.issue_for(
+        "clouds",
+        7,
+        true,
+        vec![r2_host.to_string(), oci_host.to_string()],
+    );
+    let proxy =
+        common::https_proxy::HttpsProxy::start(&cert, ([127, 0, 0, 1], moto.port).into()).await;
+    let config = dir.path().join("clouds.json5");
+    std::fs::write(
+        &config,
+        r#"{
+  stores: {
+    R2: { experimental_cloud_object_store: {
+      provider: "r2", account_id: "acct0123", bucket: "r2-cas", key_prefix: "r2/",
+      access_key_id: "r2key", secret_access_key: "r2secret",
+    } },
+    OCI: { experimental_cloud_object_store: {
+      provider: "oci", namespace: "tenancy", region: "us-phoenix-1", bucket: "oci-cas",
+      key_prefix: "oci/", access_key_id: "ocikey", secret_access_key: "ocisecret",
+    } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "127.0.0.1:0" } },
+    services: {
+      cas: [{ instance_name: "r2", cas_store: "R2" }, { instance_name: "oci", cas_store: "OCI" }],
+      bytestream: [{ instance_name: "r2", cas_store: "R2" }, { instance_name: "oci", cas_store: "OCI" }],
+      capabilities: [{ instance_name: "r2" }, { instance_name: "oci" }],
+      health: {},
+    },
+  }],
+}"#,
+    )
+    .unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command.arg("run").arg(&config).current_dir(dir.path());
+    for var in [
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_PROFILE",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        command.env_remove(var);
+    }
+    command
+        .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
+        .env("SSL_CERT_FILE", &pki.ca)
+        .env("HOME", dir.path());
+    let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
+    let ch = c.channel().await;
+    for (instance, bucket, prefix, seed) in
+        [("r2", "r2-cas", "r2/", 1u64), ("oci", "oci-cas", "oci/", 2)]
+    {
+        let blob = data(200_000, 9000 + seed);
+        let d = sha(&blob);
+        let name = format!(
+            "{instance}/uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            d.hash_hex(),
+            d.size()
+        );
+        let mut bs = ByteStreamClient::new(ch.clone()).max_decoding_message_size(64 << 20);
+        bs.write(futures::stream::iter([WriteRequest {
+            resource_name: name,
+            write_offset: 0,
+            finish_write: true,
+            data: blob.clone(),
+        }]))
+        .await
+        .unwrap_or_else(|e| panic!("{instance}: write: {e}"));
+        let mut s = bs
+            .read(ReadRequest {
+                resource_name: format!("{instance}/blobs/{}/{}", d.hash_hex(), d.size()),
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{instance}: read: {e}"))
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(m) = s.next().await {
+            got.extend_from_slice(&m.unwrap().data);
+        }
+        assert!(got == blob, "{instance}: the blob read back differs");
+        let keys = moto.list(bucket, prefix).await;
+        assert!(
+            keys.iter().any(|k| k.contains(&d.hash_hex())),
+            "{instance}: {bucket}/{prefix} holds {keys:?}"
+        );
+    }
+    assert_eq!(proxy.hosts(), [r2_host, oci_host]);
+    c.kill9();
+}

@@ -58,6 +58,11 @@ impl Pki {
         } else {
             vec![format!("{name}.clients.test")]
         };
+        self.issue_for(name, serial, server, sans)
+    }
+
+    /// As [`Pki::issue`], for the names `sans`.
+    pub fn issue_for(&self, name: &str, serial: u64, server: bool, sans: Vec<String>) -> Pair {
         let mut params = CertificateParams::new(sans).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.serial_number = Some(SerialNumber::from(serial));

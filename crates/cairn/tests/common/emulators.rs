@@ -36,9 +36,17 @@ pub fn venv_tool(name: &str) -> PathBuf {
 impl Moto {
     /// Starts moto on a free port and waits until it answers HTTP.
     pub async fn start() -> Moto {
+        Moto::start_env(&[]).await
+    }
+
+    /// As [`Moto::start`], with these variables in moto's environment (for instance
+    /// `S3_IGNORE_SUBDOMAIN_BUCKETNAME`, so that a request to a host that is not moto's own
+    /// name is read path-style).
+    pub async fn start_env(env: &[(&str, &str)]) -> Moto {
         let port = super::free_addr().port();
         let child = Command::new(venv_tool("moto_server"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

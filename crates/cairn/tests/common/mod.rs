@@ -10,6 +10,7 @@ pub mod certs;
 pub mod emulators;
 pub mod fault_proxy;
 pub mod front;
+pub mod https_proxy;
 pub mod invocations;
 pub mod netns;
 pub mod tools;
