@@ -1101,3 +1101,100 @@ async fn rediss_reaches_a_tls_redis_with_the_ca_from_ssl_cert_file() {
     let (code, _) = http_get(doubting.addr, "/status").await;
     assert_eq!(code, 503);
 }
+
+/// `rediss://` in sentinel mode: a master and a sentinel that both speak TLS only to clients
+/// of the test's CA (`tls-replication yes`: the sentinel reaches the master over TLS too).
+/// Cairn asks the sentinel over TLS for the master and reaches the master over TLS; the blob
+/// lands in Redis (seen over the master's plain port, which the test keeps for itself).
+#[tokio::test]
+async fn rediss_sentinel_reaches_the_master_over_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = common::certs::Pki::new(&tmp.path().join("pki"), "redis");
+    let server = pki.issue("redis-server", 1, true);
+    let tls = |port: u16| {
+        format!(
+            "tls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients no\ntls-replication yes\n",
+            server.cert.display(),
+            server.key.display(),
+            pki.ca.display()
+        )
+    };
+    let master_tls = common::free_addr().port();
+    let (cert, key, ca) = (
+        server.cert.display().to_string(),
+        server.key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let master = RedisServer::start_args(
+        tmp.path(),
+        common::free_addr().port(),
+        &[
+            "--tls-port",
+            &master_tls.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--tls-replication",
+            "yes",
+        ],
+    );
+    let sentinel_tls = common::free_addr().port();
+    let sentinel = RedisServer::start_sentinel(
+        tmp.path(),
+        common::free_addr().port(),
+        &format!(
+            "{}sentinel monitor tlsmaster 127.0.0.1 {master_tls} 1\n\
+             sentinel down-after-milliseconds tlsmaster 1000\n",
+            tls(sentinel_tls)
+        ),
+    );
+    redis_kit::wait_until(
+        "the sentinel names the TLS master",
+        Duration::from_secs(20),
+        || {
+            sentinel
+                .cli(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "tlsmaster"])
+                .contains(&master_tls.to_string())
+        },
+    );
+    let config = tmp.path().join("rediss-sentinel.json5");
+    std::fs::write(
+        &config,
+        r#"{
+  stores: {
+    CAS: { redis_store: { addresses: ["rediss://127.0.0.1:@SENTINEL@/?sentinelServiceName=tlsmaster"], mode: "sentinel", key_prefix: "cas:", retry: { max_retries: 3, delay: 0.1 }, command_timeout_ms: 2000, connection_timeout_ms: 1000 } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "127.0.0.1:0" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+      health: {},
+    },
+  }],
+}"#
+        .replace("@SENTINEL@", &sentinel_tls.to_string()),
+    )
+    .unwrap();
+    let dir = tmp.path().join("cairn");
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = Cairn::start_config_env(&dir, &config, &[("SSL_CERT_FILE", ca.clone())]);
+    let mut cas = CasClient::new(c.channel().await);
+    let blobs = vec![data(100_000, 81), data(7, 82)];
+    upload(&mut cas, "", &blobs).await;
+    assert_eq!(missing(&mut cas, "", &blobs).await.unwrap(), 0);
+    for b in &blobs {
+        assert!(read_back(&mut cas, "", b).await == *b);
+        let d = DigestFunction::Sha256.compute(b);
+        let key = format!("cas:{}-{}", d.hash_hex(), d.size());
+        assert_eq!(master.cli(&["STRLEN", &key]).trim(), b.len().to_string());
+    }
+    let (code, body) = http_get(c.addr, "/status").await;
+    assert_eq!(code, 200, "{body}");
+}

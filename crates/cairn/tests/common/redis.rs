@@ -119,6 +119,31 @@ impl RedisServer {
         );
     }
 
+    /// A `redis-sentinel` on `port` (which the kit pings) with `conf` as its configuration
+    /// file (written to its directory, where the sentinel rewrites it).
+    pub fn start_sentinel(dir: &Path, port: u16, conf: &str) -> RedisServer {
+        let sdir = dir.join(format!("sentinel-{port}"));
+        std::fs::create_dir_all(&sdir).unwrap();
+        let path = sdir.join("sentinel.conf");
+        std::fs::write(
+            &path,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\nlogfile sentinel.log\n{conf}",
+                sdir.display()
+            ),
+        )
+        .unwrap();
+        let mut s = RedisServer {
+            port,
+            dir: sdir,
+            child: None,
+            args: vec![path.display().to_string()],
+            sentinel: true,
+        };
+        s.spawn();
+        s
+    }
+
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
