@@ -1198,3 +1198,128 @@ async fn rediss_sentinel_reaches_the_master_over_tls() {
     let (code, body) = http_get(c.addr, "/status").await;
     assert_eq!(code, 200, "{body}");
 }
+
+/// `rediss://` in cluster mode: three masters that speak TLS to clients and on their cluster
+/// bus (`tls-cluster yes`, so the slots they hand out name their TLS ports). Cairn learns the
+/// slots from one seed over TLS and follows them to every master over TLS.
+#[tokio::test]
+async fn rediss_cluster_spreads_blobs_over_tls_masters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = common::certs::Pki::new(&tmp.path().join("pki"), "redis");
+    let server = pki.issue("redis-server", 1, true);
+    // Nodes present a client certificate to each other on the cluster bus.
+    let node = pki.issue("redis-node", 2, false);
+    let (cert, key, ca) = (
+        server.cert.display().to_string(),
+        server.key.display().to_string(),
+        pki.ca.display().to_string(),
+    );
+    let (node_cert, node_key) = (
+        node.cert.display().to_string(),
+        node.key.display().to_string(),
+    );
+    let mut nodes = Vec::new();
+    let mut tls_ports = Vec::new();
+    while nodes.len() < 3 {
+        // The cluster bus listens on `cluster-port`; a MEET names the TLS port and reaches the
+        // bus at that port + 10000, so the bus is put there.
+        let tls_port = common::free_addr().port();
+        if tls_port > 55_000
+            || std::net::TcpListener::bind(("127.0.0.1", tls_port + 10_000)).is_err()
+        {
+            continue;
+        }
+        nodes.push(RedisServer::start_args(
+            tmp.path(),
+            common::free_addr().port(),
+            &[
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                "--tls-port",
+                &tls_port.to_string(),
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+                "--tls-client-cert-file",
+                &node_cert,
+                "--tls-client-key-file",
+                &node_key,
+                "--tls-cluster",
+                "yes",
+                "--cluster-port",
+                &(tls_port + 10_000).to_string(),
+                "--tls-replication",
+                "yes",
+            ],
+        ));
+        tls_ports.push(tls_port);
+    }
+    let out = std::process::Command::new("timeout")
+        .args([
+            "60",
+            "redis-cli",
+            "--tls",
+            "--cacert",
+            &ca,
+            "--cluster",
+            "create",
+        ])
+        .args(tls_ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster create: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    redis_kit::wait_until("cluster_state:ok", Duration::from_secs(30), || {
+        nodes
+            .iter()
+            .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    });
+    let config = tmp.path().join("rediss-cluster.json5");
+    std::fs::write(
+        &config,
+        r#"{
+  stores: {
+    CAS: { redis_store: { addresses: ["rediss://127.0.0.1:@SEED@"], mode: "cluster", key_prefix: "c:", retry: { max_retries: 5, delay: 0.1 }, command_timeout_ms: 2000, connection_timeout_ms: 1000 } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "127.0.0.1:0" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+      health: {},
+    },
+  }],
+}"#
+        .replace("@SEED@", &tls_ports[0].to_string()),
+    )
+    .unwrap();
+    let dir = tmp.path().join("cairn");
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = Cairn::start_config_env(&dir, &config, &[("SSL_CERT_FILE", ca.clone())]);
+    let mut cas = CasClient::new(c.channel().await);
+    let blobs: Vec<Vec<u8>> = (0..24).map(|i| data(2_000 + i, 90 + i as u64)).collect();
+    upload(&mut cas, "", &blobs).await;
+    assert_eq!(missing(&mut cas, "", &blobs).await.unwrap(), 0);
+    for b in &blobs {
+        assert!(read_back(&mut cas, "", b).await == *b);
+    }
+    // Every master holds some of them (each was reached over TLS: the slots name TLS ports).
+    for n in &nodes {
+        let keys: u64 = n.cli(&["DBSIZE"]).trim().parse().unwrap();
+        assert!(keys > 0, "a master holds no blob");
+    }
+}
