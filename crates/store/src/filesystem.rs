@@ -1,4 +1,6 @@
-//! `filesystem`: one file per blob under `content_path`, named `<function>-<hash>-<size>`.
+//! `filesystem`: one file per blob under `content_path`, named `<function>-<hash>-<size>`, in
+//! one of 256 directories by the first two hex digits of the hash (`layout.rs`; a flat
+//! directory of an older Cairn, or NativeLink's, is moved into them in the background).
 //!
 //! Writes go to a uniquely named file in `temp_path` (on the same file system) and are renamed
 //! into place: a blob is visible whole or not at all, also after the process is killed. The
@@ -12,6 +14,7 @@
 
 mod checkpoint;
 mod index;
+mod layout;
 mod load;
 mod page_cache;
 mod snapshot;
@@ -29,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::{check_range, Health, ReadCounter, Store, StoreInfo};
 use index::Index;
+pub use layout::blob_path;
 
 /// The index and its snapshot without a store around them, for `cairn bench fs-index`.
 #[doc(hidden)]
@@ -217,7 +221,11 @@ impl FilesystemStore {
     /// opens it must treat NotFound as "absent". Never write through this path.
     pub fn path_of_blob(&self, key: &Digest) -> Option<PathBuf> {
         if self.blobs.index.get(key).is_some() {
-            return Some(self.path_of(key));
+            let path = self.path_of(key);
+            if self.blobs.migrating() && !path.exists() {
+                self.blobs.migrate_one(key);
+            }
+            return Some(path);
         }
         // While the index loads: a stat (and a hash of a suspect file after a reboot).
         if self.blobs.ready() {
@@ -300,11 +308,20 @@ fn prepare(content: &Path, temp: &Path) -> Result<Option<std::time::SystemTime>,
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
-    for entry in
-        std::fs::read_dir(temp).map_err(|e| Error::io(format!("reading {}", temp.display()), e))?
-    {
-        let entry = entry.map_err(|e| Error::io(format!("reading {}", temp.display()), e))?;
-        let _ = std::fs::remove_file(entry.path());
+    layout::make_prefix_dirs(content)?;
+    // NativeLink's temp directory has `d/` and `s/` subdirectories: their files are torn too.
+    for dir in [temp.to_path_buf(), temp.join("d"), temp.join("s")] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != temp => continue,
+            Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+            if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
     Ok(suspect_after)
 }
@@ -364,7 +381,20 @@ impl FilesystemStore {
             return Err(not_found());
         };
         let path = self.path_of(key);
-        let mut file = match tokio::fs::File::open(&path).await {
+        let mut opened = tokio::fs::File::open(&path).await;
+        if matches!(&opened, Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            && self.blobs.migrating()
+        {
+            // Indexed (from a snapshot) but not moved into place yet.
+            let (blobs, k) = (self.blobs.clone(), *key);
+            if tokio::task::spawn_blocking(move || blobs.migrate_one(&k))
+                .await
+                .map_err(|e| Error::internal(format!("filesystem move task failed: {e}")))?
+            {
+                opened = tokio::fs::File::open(&path).await;
+            }
+        }
+        let mut file = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.blobs.index.remove(key);
@@ -688,20 +718,20 @@ mod tests {
             close(store).await;
         }
         // The torn one: its name made it to disk, its bytes did not (ext4 leaves zeros).
-        std::fs::write(content.join(torn.file_name()), [0u8; 10]).unwrap();
+        std::fs::write(blob_path(&content, &torn), [0u8; 10]).unwrap();
         let checkpoint_time = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
         // All but `old` were written after the checkpoint, before the machine went down.
         for d in [&whole, &torn, &ac_entry] {
             std::fs::File::options()
                 .write(true)
-                .open(content.join(d.file_name()))
+                .open(blob_path(&content, d))
                 .unwrap()
                 .set_modified(checkpoint_time + std::time::Duration::from_secs(30))
                 .unwrap();
         }
         let old_file = std::fs::File::options()
             .write(true)
-            .open(content.join(old.file_name()))
+            .open(blob_path(&content, &old))
             .unwrap();
         old_file
             .set_modified(checkpoint_time - std::time::Duration::from_secs(60))
@@ -732,7 +762,7 @@ mod tests {
         assert_eq!(store.get_all(&old, 100).await.unwrap(), "old blob");
         for d in [&torn, &ac_entry] {
             assert_eq!(store.has(d).await.unwrap(), None, "{d}");
-            assert!(!content.join(d.file_name()).exists(), "{d}");
+            assert!(!blob_path(&content, d).exists(), "{d}");
         }
         // And the store wrote a checkpoint of this boot, once it had checked them.
         store
@@ -762,7 +792,7 @@ mod tests {
             })
             .collect();
         for (i, (d, data)) in blobs.iter().enumerate() {
-            let path = content.join(d.file_name());
+            let path = content.join(d.file_name()); // flat: an older Cairn's layout
             std::fs::write(&path, data).unwrap();
             let f = std::fs::File::options().write(true).open(&path).unwrap();
             f.set_modified(old + std::time::Duration::from_secs(i as u64))
@@ -779,7 +809,7 @@ mod tests {
         for (i, (d, _)) in blobs.iter().enumerate() {
             let kept = store.has(d).await.unwrap().is_some();
             assert_eq!(kept, i >= 30, "blob {i}");
-            assert_eq!(content.join(d.file_name()).exists(), kept, "blob {i}");
+            assert_eq!(blob_path(&content, d).exists(), kept, "blob {i}");
         }
         // Blob 31 used last: the coldest after the restart is 30, then 32...
         store.has(&blobs[31].0).await.unwrap();
@@ -789,7 +819,7 @@ mod tests {
             .unwrap();
         store.wait_loaded().await;
         let kept: Vec<usize> = (0..50)
-            .filter(|&i| content.join(blobs[i].0.file_name()).exists())
+            .filter(|&i| blob_path(&content, &blobs[i].0).exists())
             .collect();
         assert_eq!(
             kept,

@@ -8,6 +8,11 @@
 //! index does not hold stats its path and indexes what it finds, so a blob on disk is never
 //! NOT_FOUND; puts go on and are indexed as usual.
 //!
+//! Blobs of an older layout (a flat `content_path`, NativeLink's `d/`: see `layout.rs`) are moved
+//! into their prefix directories by the same listing, after the prefix directories (phase
+//! `migrate`); until every one is moved, a read or lookup that does not find a blob in place
+//! looks in the older places and moves what it finds, and an eviction removes both names.
+//!
 //! After a reboot (the checkpoint is of another boot, see `checkpoint.rs`), a blob modified
 //! between the checkpoint and this start may be torn: the walk hashes each such file, a lookup
 //! that finds one on disk hashes it before indexing it, and a read of an entry the snapshot
@@ -23,12 +28,14 @@ use cairn_core::{Digest, Error};
 
 use super::checkpoint;
 use super::index::{End, Index};
+use super::layout::{self, Moved};
 use super::snapshot;
 
 const PHASE_SNAPSHOT: u8 = 0;
 const PHASE_WALK: u8 = 1;
 const PHASE_RECONCILE: u8 = 2;
 const PHASE_READY: u8 = 3;
+const PHASE_MIGRATE: u8 = 4;
 
 /// Files modified this long before the store opened may be from before a reboot; later ones
 /// were written by this process (file-system timestamps lag the wall clock by a tick).
@@ -45,6 +52,8 @@ pub(crate) struct Blobs {
     suspect: Option<(SystemTime, SystemTime)>,
     /// Set when the store is dropped: the loader stops.
     stop: AtomicBool,
+    /// Blobs may still sit in an older layout (no `.cairn-layout` marker yet).
+    migrating: AtomicBool,
     /// Changed since the last snapshot.
     dirty: AtomicBool,
     /// One snapshot writer at a time.
@@ -66,6 +75,7 @@ impl Blobs {
         opened: SystemTime,
     ) -> Blobs {
         let own = opened.checked_sub(OWN_WRITES_SLACK).unwrap_or(UNIX_EPOCH);
+        let migrating = !layout::is_current(&content);
         Blobs {
             content,
             index,
@@ -73,6 +83,7 @@ impl Blobs {
             expected: AtomicU64::new(0),
             suspect: suspect_after.map(|after| (after, own)),
             stop: AtomicBool::new(false),
+            migrating: AtomicBool::new(migrating),
             dirty: AtomicBool::new(false),
             snapshot_lock: parking_lot::Mutex::new(()),
             loaded: tokio::sync::watch::Sender::new(false),
@@ -81,7 +92,30 @@ impl Blobs {
     }
 
     pub fn path_of(&self, key: &Digest) -> PathBuf {
-        self.content.join(key.file_name())
+        layout::blob_path(&self.content, key)
+    }
+
+    /// Whether blobs may still sit in an older layout.
+    pub fn migrating(&self) -> bool {
+        self.migrating.load(Ordering::Acquire)
+    }
+
+    /// Moves `key`'s file from an older layout into place, if it is there: true when the file
+    /// is now in place. Blocking.
+    pub fn migrate_one(&self, key: &Digest) -> bool {
+        if !self.migrating() {
+            return false;
+        }
+        for old in layout::legacy_paths(&self.content, key) {
+            match layout::move_into_place(&self.content, &old, key) {
+                Ok(Moved::Now | Moved::AlreadyThere) => return true,
+                Ok(Moved::Gone) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, digest = %key, "filesystem store: could not move a blob of an older layout into place");
+                }
+            }
+        }
+        false
     }
 
     /// The index holds everything on disk.
@@ -98,6 +132,7 @@ impl Blobs {
                 PHASE_SNAPSHOT => "snapshot",
                 PHASE_WALK => "walk",
                 PHASE_RECONCILE => "reconcile",
+                PHASE_MIGRATE => "migrate",
                 _ => "ready",
             },
             entries: self.index.len(),
@@ -143,31 +178,40 @@ impl Blobs {
         if self.suspect.is_none() || self.ready() || self.index.is_seen(key) {
             return true;
         }
-        if self.suspect(mtime) && !checkpoint::holds(&self.path_of(key), key) {
-            self.drop_torn(key);
+        let path = self.path_of(key);
+        if self.suspect(mtime) && !checkpoint::holds(&path, key) {
+            self.drop_torn(key, &path);
             return false;
         }
         self.index.mark_seen(key);
         true
     }
 
-    fn drop_torn(&self, key: &Digest) {
+    /// Unindexes `key` and deletes its file at `path` (in place or in an older layout).
+    fn drop_torn(&self, key: &Digest, path: &std::path::Path) {
         tracing::warn!(
             digest = %key,
-            path = %self.path_of(key).display(),
+            path = %path.display(),
             "filesystem store: dropping a blob written just before the machine restarted, whose bytes do not match its name"
         );
         self.index.remove(key);
-        let _ = std::fs::remove_file(self.path_of(key));
+        let _ = std::fs::remove_file(path);
     }
 
     /// Looks for `key` on disk while the index loads, and indexes it when found: its stored
     /// length, or `None`. Blocking (a stat, and a hash of a suspect file after a reboot).
     pub fn probe_disk(&self, key: &Digest) -> Option<u64> {
         let path = self.path_of(key);
-        let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(_) if self.migrate_one(key) => std::fs::metadata(&path).ok()?,
+            Err(_) => return None,
+        };
+        if !meta.is_file() {
+            return None;
+        }
         if self.suspect(meta.modified().ok()) && !checkpoint::holds(&path, key) {
-            self.drop_torn(key);
+            self.drop_torn(key, &path);
             return None;
         }
         let (_, evicted) = self.index.insert_at(key, meta.len(), End::Hot, true);
@@ -178,10 +222,19 @@ impl Blobs {
 
     /// Deletes the files of evicted entries. Blocking.
     pub fn remove_files(&self, evicted: &[Digest]) {
-        for key in evicted {
-            if let Err(e) = std::fs::remove_file(self.path_of(key)) {
+        let remove = |key: &Digest, path: PathBuf| {
+            if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(digest = %key, error = %e, "filesystem store: could not delete evicted blob");
+                    tracing::warn!(digest = %key, path = %path.display(), error = %e, "filesystem store: could not delete evicted blob");
+                }
+            }
+        };
+        let migrating = self.migrating();
+        for key in evicted {
+            remove(key, self.path_of(key));
+            if migrating {
+                for old in layout::legacy_paths(&self.content, key) {
+                    remove(key, old);
                 }
             }
         }
@@ -296,61 +349,42 @@ impl Blobs {
         }
     }
 
-    /// Lists the content directory: marks what the index holds as seen, stats and indexes the
-    /// rest, and after a reboot hashes suspect files. Without a whole snapshot, every file is
-    /// stat-ed and the LRU order follows modification times. Returns (added, hashed), or
-    /// `None` when stopped.
+    /// Lists the content directory's prefix directories, then (phase `migrate`) the places of
+    /// older layouts: marks what the index holds as seen, stats and indexes the rest, moves
+    /// what an older layout holds into place, and after a reboot hashes suspect files. Without
+    /// a whole snapshot, every file is stat-ed and the LRU order follows modification times.
+    /// Returns (added, hashed), or `None` when stopped.
     fn list(&self, from_snapshot: bool) -> Result<Option<(u64, u64)>, Error> {
-        let dir = std::fs::read_dir(&self.content)
-            .map_err(|e| Error::io(format!("reading {}", self.content.display()), e))?;
-        let mut added = 0u64;
-        let mut checked = 0u64;
-        // (modification time, slot, key) of what the walk added at the cold end, to order
-        // them by age at the end; 16 bytes per entry (the key as 4 bytes of its hash).
-        let mut ages: Vec<(u64, u32, u32)> = Vec::new();
-        for entry in dir {
-            if self.stop.load(Ordering::Relaxed) {
+        let mut listing = Listing {
+            from_snapshot,
+            added: 0,
+            checked: 0,
+            move_failures: 0,
+            ages: Vec::new(),
+        };
+        for p in layout::prefixes() {
+            let dir = self.content.join(&p);
+            if !self.list_dir(&dir, Some(p.as_bytes()), &mut listing)? {
                 return Ok(None);
             }
-            let entry =
-                entry.map_err(|e| Error::io(format!("reading {}", self.content.display()), e))?;
-            let Some(key) = entry.file_name().to_str().and_then(Digest::from_file_name) else {
-                continue;
-            };
-            // Known and no reboot: the listing is all the proof needed.
-            if self.suspect.is_none() && self.index.mark_seen(&key) {
-                continue;
-            }
-            let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_file() {
-                continue;
-            }
-            let mtime = meta.modified().ok();
-            if self.suspect(mtime) && !self.index.is_seen(&key) {
-                checked += 1;
-                if !checkpoint::holds(&entry.path(), &key) {
-                    self.drop_torn(&key);
-                    continue;
+        }
+        let migrating = self.migrating();
+        let nativelink = self.content.join(layout::NATIVELINK_DIGESTS);
+        if migrating {
+            self.phase.store(PHASE_MIGRATE, Ordering::Release);
+            for dir in [&self.content, &nativelink] {
+                if !self.list_dir(dir, None, &mut listing)? {
+                    return Ok(None);
                 }
             }
-            if self.index.mark_seen(&key) {
-                continue;
-            }
-            let end = if from_snapshot {
-                End::Hot
-            } else {
-                End::Unordered
-            };
-            let (slot, evicted) = self.index.insert_at(&key, meta.len(), end, true);
-            self.remove_files(&evicted);
-            added += 1;
-            if let (Some(slot), false) = (slot, from_snapshot) {
-                let age = mtime
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos() as u64);
-                ages.push((age, slot, super::index::fingerprint(&key)));
-            }
         }
+        let Listing {
+            added,
+            checked,
+            move_failures,
+            mut ages,
+            ..
+        } = listing;
         if !ages.is_empty() {
             ages.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
             let order: Vec<(u32, u32)> = ages.into_iter().map(|(_, s, f)| (s, f)).collect();
@@ -366,8 +400,123 @@ impl Blobs {
             );
         }
         self.remove_files(&evicted);
+        if migrating {
+            if move_failures > 0 {
+                tracing::warn!(
+                    move_failures,
+                    path = %self.content.display(),
+                    "filesystem store: some blobs of an older layout could not be moved; they are still looked up there, and moved at the next start"
+                );
+            } else {
+                // Empty once every blob moved (and NativeLink's `s/` is left alone).
+                let _ = std::fs::remove_dir(&nativelink);
+                layout::mark_current(&self.content)?;
+                self.migrating.store(false, Ordering::Release);
+                tracing::info!(path = %self.content.display(), "filesystem store: every blob is in its prefix directory");
+            }
+        }
         Ok(Some((added, checked)))
     }
+
+    /// Lists one directory (see [`Blobs::list`]): a prefix directory (`prefix` its name), or
+    /// a place of an older layout. False when stopped.
+    fn list_dir(
+        &self,
+        dir: &std::path::Path,
+        prefix: Option<&[u8]>,
+        listing: &mut Listing,
+    ) -> Result<bool, Error> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            // A prefix directory removed by hand, or no NativeLink directory.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+        };
+        for entry in entries {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            let entry = entry.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let key = match prefix {
+                Some(_) => Digest::from_file_name(name),
+                None => layout::legacy_key(name),
+            };
+            let Some(key) = key else { continue };
+            // A blob in the wrong prefix directory is moved like one of an older layout.
+            let in_place = prefix.is_some_and(|p| p == layout::prefix(&key));
+            // Known and no reboot: the listing is all the proof needed.
+            if in_place && self.suspect.is_none() && self.index.mark_seen(&key) {
+                continue;
+            }
+            let Ok(mut meta) = entry.metadata() else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            let path = entry.path();
+            let mtime = meta.modified().ok();
+            if self.suspect(mtime) && !self.index.is_seen(&key) {
+                listing.checked += 1;
+                if !checkpoint::holds(&path, &key) {
+                    self.drop_torn(&key, &path);
+                    continue;
+                }
+            }
+            if !in_place {
+                match layout::move_into_place(&self.content, &path, &key) {
+                    Ok(Moved::Now) => {}
+                    // The file in place is the one indexed (stat-ed again: it may be newer).
+                    Ok(Moved::AlreadyThere) => match std::fs::metadata(self.path_of(&key)) {
+                        Ok(m) => meta = m,
+                        Err(_) => continue,
+                    },
+                    Ok(Moved::Gone) => continue,
+                    Err(e) => {
+                        listing.move_failures += 1;
+                        tracing::warn!(error = %e, "filesystem store: could not move a blob of an older layout into place");
+                        continue;
+                    }
+                }
+            }
+            if self.index.mark_seen(&key) {
+                continue;
+            }
+            let end = if listing.from_snapshot {
+                End::Hot
+            } else {
+                End::Unordered
+            };
+            let (slot, evicted) = self.index.insert_at(&key, meta.len(), end, true);
+            self.remove_files(&evicted);
+            listing.added += 1;
+            if let (Some(slot), false) = (slot, listing.from_snapshot) {
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos() as u64);
+                listing
+                    .ages
+                    .push((age, slot, super::index::fingerprint(&key)));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// What a listing gathered so far.
+struct Listing {
+    from_snapshot: bool,
+    added: u64,
+    checked: u64,
+    /// Blobs of an older layout that could not be moved.
+    move_failures: u64,
+    /// (modification time, slot, key) of what the walk added at the cold end, to order them by
+    /// age at the end; 16 bytes per entry (the key as 4 bytes of its hash).
+    ages: Vec<(u64, u32, u32)>,
 }
 
 /// Starts the loader thread.
