@@ -48,10 +48,20 @@ pub(crate) struct Blobs {
     phase: AtomicU8,
     /// Entries the snapshot being read announced (0: none).
     expected: AtomicU64,
+    /// Prefix directories the load listed (256 when it walked).
+    dirs_listed: AtomicU64,
     /// Files modified in `[from, to)` may be torn (after a reboot); `None`: none is.
     suspect: Option<(SystemTime, SystemTime)>,
-    /// Set when the store is dropped: the loader stops.
+    /// Set when the store is dropped: the loader and the evictor stop.
     stop: AtomicBool,
+    /// Set to wake the evictor (with `evict_wake`).
+    evict_wanted: parking_lot::Mutex<bool>,
+    /// The evictor is working (from its wake-up until its files are deleted).
+    evicting: AtomicBool,
+    evict_wake: parking_lot::Condvar,
+    /// Tests hold the evictor back to look at a backlog.
+    #[cfg(test)]
+    pub evictor_paused: AtomicBool,
     /// Blobs may still sit in an older layout (no `.cairn-layout` marker yet).
     migrating: AtomicBool,
     /// Changed since the last snapshot.
@@ -81,8 +91,14 @@ impl Blobs {
             index,
             phase: AtomicU8::new(PHASE_SNAPSHOT),
             expected: AtomicU64::new(0),
+            dirs_listed: AtomicU64::new(0),
             suspect: suspect_after.map(|after| (after, own)),
             stop: AtomicBool::new(false),
+            evict_wanted: parking_lot::Mutex::new(false),
+            evicting: AtomicBool::new(false),
+            evict_wake: parking_lot::Condvar::new(),
+            #[cfg(test)]
+            evictor_paused: AtomicBool::new(false),
             migrating: AtomicBool::new(migrating),
             dirty: AtomicBool::new(false),
             snapshot_lock: parking_lot::Mutex::new(()),
@@ -140,6 +156,11 @@ impl Blobs {
         }
     }
 
+    /// How many prefix directories the finished load listed.
+    pub fn dirs_listed(&self) -> u64 {
+        self.dirs_listed.load(Ordering::Relaxed)
+    }
+
     /// Waits until the index is loaded (forever if the load failed: see the logs).
     pub async fn wait_loaded(&self) {
         let mut rx = self.loaded.subscribe();
@@ -161,6 +182,82 @@ impl Blobs {
 
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _wanted = self.evict_wanted.lock();
+        self.evict_wake.notify_all();
+    }
+
+    /// Asks the evictor thread to work off what is over the limit.
+    pub fn wake_evictor(&self) {
+        let mut wanted = self.evict_wanted.lock();
+        if !*wanted {
+            *wanted = true;
+            self.evict_wake.notify_one();
+        }
+    }
+
+    /// The evictor thread: evicts in batches (the index locked for one batch at a time) and
+    /// deletes their files, whenever woken, until the limits hold again. Ends when stopped.
+    fn evict_loop(&self) {
+        loop {
+            {
+                let mut wanted = self.evict_wanted.lock();
+                while !*wanted && !self.stop.load(Ordering::Relaxed) {
+                    self.evict_wake.wait(&mut wanted);
+                }
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                *wanted = false;
+                self.evicting.store(true, Ordering::Release);
+            }
+            self.evict_backlog();
+            self.evicting.store(false, Ordering::Release);
+        }
+    }
+
+    /// Whether the evictor has nothing to do and is not doing anything.
+    #[cfg(test)]
+    pub fn evictor_idle(&self) -> bool {
+        let wanted = self.evict_wanted.lock();
+        !*wanted && !self.evicting.load(Ordering::Acquire)
+    }
+
+    /// Evicts what is over the limit, batch by batch, and deletes the files.
+    fn evict_backlog(&self) {
+        // A backlog is evicted once the index is loaded (the load wakes it then): before
+        // that, the cold end may not be the oldest.
+        if !self.ready() {
+            return;
+        }
+        #[cfg(test)]
+        while self.evictor_paused.load(Ordering::Relaxed) {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut evicted = 0usize;
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let batch = self.index.evict_batch(super::index::EVICTION_BATCH);
+            if batch.is_empty() {
+                break;
+            }
+            evicted += batch.len();
+            self.changed();
+            self.remove_files(&batch);
+        }
+        if evicted > 0 {
+            tracing::info!(
+                evicted,
+                entries = self.index.len(),
+                bytes = self.index.total_bytes(),
+                path = %self.content.display(),
+                "filesystem store: backlog of evictions worked off"
+            );
+        }
     }
 
     /// Whether a file of this modification time may be torn.
@@ -188,6 +285,37 @@ impl Blobs {
     }
 
     /// Unindexes `key` and deletes its file at `path` (in place or in an older layout).
+    /// Whether lookups must check an indexed entry before vouching for it: after a reboot,
+    /// until the load has checked every file that may be torn.
+    pub fn checks_pending(&self) -> bool {
+        self.suspect.is_some() && !self.ready()
+    }
+
+    /// Whether a lookup may vouch for the indexed `key`: true unless the files may be torn
+    /// (see [`Blobs::checks_pending`]), no one checked this one yet, and it is gone or does
+    /// not hash to its name (then it is unindexed, and deleted). Blocking.
+    pub fn vouch(&self, key: &Digest) -> bool {
+        if !self.checks_pending() || self.index.is_seen(key) {
+            return true;
+        }
+        let path = self.path_of(key);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(_) if self.migrate_one(key) => match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(_) => {
+                    self.index.remove(key);
+                    return false;
+                }
+            },
+            Err(_) => {
+                self.index.remove(key);
+                return false;
+            }
+        };
+        self.check_before_serving(key, meta.modified().ok())
+    }
+
     fn drop_torn(&self, key: &Digest, path: &std::path::Path) {
         tracing::warn!(
             digest = %key,
@@ -217,6 +345,9 @@ impl Blobs {
         let (_, evicted) = self.index.insert_at(key, meta.len(), End::Hot, true);
         self.changed();
         self.remove_files(&evicted);
+        if self.index.over_limit() {
+            self.wake_evictor();
+        }
         Some(meta.len())
     }
 
@@ -259,7 +390,8 @@ impl Blobs {
     /// logged, and the directory walk stands in for a snapshot that cannot be used.
     pub fn load(self: &Arc<Self>) {
         let began = Instant::now();
-        let from_snapshot = self.load_snapshot();
+        let snapshot_at = self.load_snapshot();
+        let from_snapshot = snapshot_at.is_some();
         if self.stop.load(Ordering::Relaxed) {
             return;
         }
@@ -272,8 +404,8 @@ impl Blobs {
             },
             Ordering::Release,
         );
-        let outcome = self.list(from_snapshot);
-        let (added, checked) = match outcome {
+        let outcome = self.list(snapshot_at);
+        let (added, checked, unchanged) = match outcome {
             Ok(Some(counts)) => counts,
             Ok(None) => return, // stopped
             Err(e) => {
@@ -284,13 +416,27 @@ impl Blobs {
             }
         };
         self.checked.send_replace(true);
-        let dropped = self.index.sweep_unseen();
+        let dropped = self.index.sweep_unseen(&unchanged);
+        let dirs_listed = unchanged.iter().filter(|&&u| !u).count();
+        self.dirs_listed
+            .store(dirs_listed as u64, Ordering::Relaxed);
         self.phase.store(PHASE_READY, Ordering::Release);
         self.loaded.send_replace(true);
+        // What is over the limit now (a lowered `max_bytes`, or a walk's entries) goes, oldest
+        // first, while the store serves.
+        if self.index.over_limit() {
+            tracing::info!(
+                entries = self.index.len(),
+                bytes = self.index.total_bytes(),
+                "filesystem store: over the limit after the load; evicting in the background"
+            );
+            self.wake_evictor();
+        }
         tracing::info!(
             path = %self.content.display(),
             entries = self.index.len(),
             from_snapshot,
+            dirs_listed,
             snapshot_ms = snapshot_took.as_millis() as u64,
             total_ms = began.elapsed().as_millis() as u64,
             added,
@@ -307,14 +453,15 @@ impl Blobs {
     }
 
     /// Reads the snapshot into the index, hottest first at the cold end (so what requests and
-    /// puts indexed meanwhile stays hotter). True when the whole snapshot was read.
-    fn load_snapshot(&self) -> bool {
+    /// puts indexed meanwhile stays hotter). When the whole snapshot was read, the time its
+    /// writing began.
+    fn load_snapshot(&self) -> Option<SystemTime> {
         let mut reader = match snapshot::Reader::open(&self.content) {
             Ok(Some(r)) => r,
-            Ok(None) => return false,
+            Ok(None) => return None,
             Err(snapshot::Torn(why)) => {
                 tracing::warn!(path = %self.content.display(), why, "filesystem store: the index snapshot cannot be used; walking the directory");
-                return false;
+                return None;
             }
         };
         self.expected.store(reader.expected(), Ordering::Relaxed);
@@ -329,7 +476,7 @@ impl Blobs {
         let mut block = Vec::new();
         loop {
             if self.stop.load(Ordering::Relaxed) {
-                return false;
+                return None;
             }
             match reader.next_block(&mut block) {
                 Ok(true) => {
@@ -338,12 +485,12 @@ impl Blobs {
                         self.remove_files(&evicted);
                     }
                 }
-                Ok(false) => return true,
+                Ok(false) => return Some(reader.written_at()),
                 Err(snapshot::Torn(why)) => {
                     // What was read is checked by the walk like any other entry.
                     tracing::warn!(path = %self.content.display(), why, "filesystem store: the index snapshot is torn; walking the directory");
                     self.expected.store(0, Ordering::Relaxed);
-                    return false;
+                    return None;
                 }
             }
         }
@@ -353,36 +500,45 @@ impl Blobs {
     /// older layouts: marks what the index holds as seen, stats and indexes the rest, moves
     /// what an older layout holds into place, and after a reboot hashes suspect files. Without
     /// a whole snapshot, every file is stat-ed and the LRU order follows modification times.
-    /// Returns (added, hashed), or `None` when stopped.
-    fn list(&self, from_snapshot: bool) -> Result<Option<(u64, u64)>, Error> {
+    ///
+    /// With a whole snapshot written at `snapshot_at`, a prefix directory whose modification
+    /// time is older than that (less [`checkpoint::MTIME_SLACK`]), and older than the time
+    /// after which files may be torn, is not listed: no name was added to it or removed from
+    /// it since the snapshot began (a create, rename or unlink in a directory sets its
+    /// modification time), so the snapshot's entries of that prefix are its contents. Puts
+    /// rename before they index and evictions unindex before they unlink, so a change that the
+    /// snapshot missed left a later time on its directory.
+    ///
+    /// Returns (added, hashed, the prefixes not listed), or `None` when stopped.
+    fn list(&self, snapshot_at: Option<SystemTime>) -> Result<Option<Listed>, Error> {
+        let from_snapshot = snapshot_at.is_some();
+        let unchanged_before = snapshot_at.map(|at| {
+            let since = at
+                .checked_sub(checkpoint::MTIME_SLACK)
+                .unwrap_or(UNIX_EPOCH);
+            match self.suspect {
+                Some((from, _)) => since.min(from),
+                None => since,
+            }
+        });
         let mut listing = Listing {
             from_snapshot,
+            unchanged_before,
+            unchanged: Box::new([false; 256]),
             added: 0,
             checked: 0,
             move_failures: 0,
             ages: Vec::new(),
         };
-        for p in layout::prefixes() {
-            let dir = self.content.join(&p);
-            if !self.list_dir(&dir, Some(p.as_bytes()), &mut listing)? {
-                return Ok(None);
-            }
-        }
-        let migrating = self.migrating();
-        let nativelink = self.content.join(layout::NATIVELINK_DIGESTS);
-        if migrating {
-            self.phase.store(PHASE_MIGRATE, Ordering::Release);
-            for dir in [&self.content, &nativelink] {
-                if !self.list_dir(dir, None, &mut listing)? {
-                    return Ok(None);
-                }
-            }
-        }
+        // A walk adds entries in no order: nothing is evicted until they are ordered.
+        self.index.hold_evictions(!from_snapshot);
+        let listed = self.list_all(&mut listing);
         let Listing {
             added,
             checked,
             move_failures,
             mut ages,
+            unchanged,
             ..
         } = listing;
         if !ages.is_empty() {
@@ -390,16 +546,10 @@ impl Blobs {
             let order: Vec<(u32, u32)> = ages.into_iter().map(|(_, s, f)| (s, f)).collect();
             self.index.move_to_cold_end(&order);
         }
-        // What is over the limit now (a lowered `max_bytes`, or a walk's unordered entries)
-        // goes, oldest first, while the store serves.
-        let evicted = self.index.evict_over_limit();
-        if !evicted.is_empty() {
-            tracing::info!(
-                entries = evicted.len(),
-                "filesystem store: evicting what is over the limit after the load"
-            );
-        }
-        self.remove_files(&evicted);
+        self.index.hold_evictions(false);
+        let Some(migrating) = listed? else {
+            return Ok(None);
+        };
         if migrating {
             if move_failures > 0 {
                 tracing::warn!(
@@ -409,13 +559,44 @@ impl Blobs {
                 );
             } else {
                 // Empty once every blob moved (and NativeLink's `s/` is left alone).
-                let _ = std::fs::remove_dir(&nativelink);
+                let _ = std::fs::remove_dir(self.content.join(layout::NATIVELINK_DIGESTS));
                 layout::mark_current(&self.content)?;
                 self.migrating.store(false, Ordering::Release);
                 tracing::info!(path = %self.content.display(), "filesystem store: every blob is in its prefix directory");
             }
         }
-        Ok(Some((added, checked)))
+        Ok(Some((added, checked, unchanged)))
+    }
+
+    /// Lists the prefix directories, then the places of older layouts while blobs may be left
+    /// there: whether it did those (`None` when stopped).
+    fn list_all(&self, listing: &mut Listing) -> Result<Option<bool>, Error> {
+        for (i, p) in layout::prefixes().enumerate() {
+            let dir = self.content.join(&p);
+            if let Some(before) = listing.unchanged_before {
+                let changed = std::fs::metadata(&dir)
+                    .and_then(|m| m.modified())
+                    .map_or(true, |t| t >= before);
+                if !changed {
+                    listing.unchanged[i] = true;
+                    continue;
+                }
+            }
+            if !self.list_dir(&dir, Some(p.as_bytes()), listing)? {
+                return Ok(None);
+            }
+        }
+        let migrating = self.migrating();
+        if migrating {
+            self.phase.store(PHASE_MIGRATE, Ordering::Release);
+            let nativelink = self.content.join(layout::NATIVELINK_DIGESTS);
+            for dir in [&self.content, &nativelink] {
+                if !self.list_dir(dir, None, listing)? {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(migrating))
     }
 
     /// Lists one directory (see [`Blobs::list`]): a prefix directory (`prefix` its name), or
@@ -507,9 +688,16 @@ impl Blobs {
     }
 }
 
+/// What [`Blobs::list`] found: (added, hashed, the prefixes not listed).
+type Listed = (u64, u64, Box<[bool; 256]>);
+
 /// What a listing gathered so far.
 struct Listing {
     from_snapshot: bool,
+    /// With a snapshot: prefix directories not modified since this time are not listed.
+    unchanged_before: Option<SystemTime>,
+    /// The prefixes (by the hash's first byte) not listed.
+    unchanged: Box<[bool; 256]>,
     added: u64,
     checked: u64,
     /// Blobs of an older layout that could not be moved.
@@ -519,12 +707,16 @@ struct Listing {
     ages: Vec<(u64, u32, u32)>,
 }
 
-/// Starts the loader thread.
-pub(crate) fn start(blobs: &Arc<Blobs>) -> Result<(), Error> {
+/// Starts the loader and the evictor threads; the loader's handle.
+pub(crate) fn start(blobs: &Arc<Blobs>) -> Result<std::thread::JoinHandle<()>, Error> {
+    let b = blobs.clone();
+    std::thread::Builder::new()
+        .name("cairn-fs-evict".into())
+        .spawn(move || b.evict_loop())
+        .map_err(|e| Error::internal(format!("starting the evictor: {e}")))?;
     let b = blobs.clone();
     std::thread::Builder::new()
         .name("cairn-fs-index".into())
         .spawn(move || b.load())
-        .map(|_| ())
         .map_err(|e| Error::internal(format!("starting the index loader: {e}")))
 }
