@@ -929,6 +929,8 @@ mod tests {
         let store = FilesystemStore::open(&cfg(dir.path(), 250_000))
             .await
             .unwrap();
+        // (While a walk indexes the directory, nothing is evicted.)
+        store.wait_loaded().await;
         let a = testutil::data(200_000, 1);
         let b = testutil::data(200_000, 2);
         let (da, db) = (

@@ -7,8 +7,8 @@
 //! `PathBuf`, `Box` or `Arc`. The first 32 bytes of a hash live in the entry; the rest of the
 //! rare longer hashes (SHA-384, SHA-512) sits in a side map. Every operation is O(1).
 //!
-//! The policy is the one of [`crate::eviction::EvictionMap`] (which the memory store keeps):
-//! `max_bytes` with `evict_bytes` hysteresis, `max_count`, `max_seconds`, and the entry just
+//! The policy is [`crate::eviction::Limits`], which [`crate::eviction::EvictionMap`] (the memory
+//! store's) decides by too: `max_bytes` with `evict_bytes` hysteresis, `max_count`, `max_seconds`, and the entry just
 //! inserted is never evicted when it alone is over the limit. An insert evicts at most
 //! [`INLINE_EVICTIONS`] entries itself; a backlog beyond that (a lowered `max_bytes`, a walk's
 //! unordered entries, a large `evict_bytes`) is left to [`Index::evict_batch`], which the
@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use cairn_config::stores::EvictionPolicy;
+
+use crate::eviction::Limits;
 use cairn_core::{Digest, DigestFunction};
 use hashbrown::HashTable;
 use parking_lot::Mutex;
@@ -173,12 +175,7 @@ pub struct Index {
     /// digests cannot pile up in one probe sequence; three times cheaper than std's SipHash,
     /// which was most of the time of loading a snapshot.
     hasher: hashbrown::DefaultHashBuilder,
-    max_bytes: u64,
-    /// `max_bytes` plus a tenth (`u64::MAX` without `max_bytes`).
-    hard_bytes: u64,
-    evict_to: u64,
-    max_count: u64,
-    max_seconds: u64,
+    limits: Limits,
     start: Instant,
     evictions: AtomicU64,
 }
@@ -275,7 +272,6 @@ pub enum End {
 
 impl Index {
     pub fn new(policy: Option<&EvictionPolicy>) -> Index {
-        let p = policy.cloned().unwrap_or_default();
         Index {
             inner: Mutex::new(Inner {
                 slots: Slab::default(),
@@ -290,15 +286,7 @@ impl Index {
                 held: false,
             }),
             hasher: Default::default(),
-            max_bytes: p.max_bytes.0,
-            hard_bytes: if p.max_bytes.0 == 0 {
-                u64::MAX
-            } else {
-                p.max_bytes.0.saturating_add(p.max_bytes.0 / 10)
-            },
-            evict_to: p.max_bytes.0.saturating_sub(p.evict_bytes.0),
-            max_count: p.max_count,
-            max_seconds: p.max_seconds,
+            limits: Limits::new(policy),
             start: Instant::now(),
             evictions: AtomicU64::new(0),
         }
@@ -306,24 +294,20 @@ impl Index {
 
     /// The byte bound (`u64::MAX` when there is none).
     pub fn max_bytes(&self) -> u64 {
-        if self.max_bytes == 0 {
-            u64::MAX
-        } else {
-            self.max_bytes
-        }
+        self.limits.max_bytes()
     }
 
     /// The bytes the store may hold while a backlog of evictions is worked off: `max_bytes`
     /// plus a tenth (`u64::MAX` when there is no `max_bytes`).
     pub fn hard_limit(&self) -> u64 {
-        self.hard_bytes
+        self.limits.hard_bytes()
     }
 
     /// The bytes held, when they are over the hard limit (never while evictions are held:
     /// the index is then being filled by a walk).
     pub fn over_hard_limit(&self) -> Option<u64> {
         let inner = self.inner.lock();
-        (!inner.held && inner.total_bytes > self.hard_bytes).then_some(inner.total_bytes)
+        (!inner.held && inner.total_bytes > self.limits.hard_bytes()).then_some(inner.total_bytes)
     }
 
     /// Holds every eviction back (a walk adds its entries in no order) or lets them go again.
@@ -334,9 +318,10 @@ impl Index {
     /// Whether a limit is crossed (what [`Index::evict_batch`] would evict).
     pub fn over_limit(&self) -> bool {
         let inner = self.inner.lock();
-        !inner.held && (self.max_bytes != 0 && inner.total_bytes > self.max_bytes)
-            || (inner.draining && inner.total_bytes > self.evict_to)
-            || (self.max_count != 0 && inner.len > self.max_count)
+        !inner.held
+            && self
+                .limits
+                .over(inner.draining, inner.total_bytes, inner.len)
     }
 
     fn now_s(&self) -> u32 {
@@ -353,7 +338,7 @@ impl Index {
     }
 
     fn expired(&self, e: &Entry, now: u32) -> bool {
-        self.max_seconds != 0 && now.saturating_sub(e.touched_s) as u64 > self.max_seconds
+        self.limits.expired(e.touched_s as u64, now as u64)
     }
 
     /// Reserves room for `n` more entries (a snapshot says how many it holds).
@@ -537,17 +522,21 @@ impl Index {
         if inner.held {
             return;
         }
-        if self.max_bytes != 0 && inner.total_bytes > self.max_bytes {
-            // Down to `evict_to`, over as many calls as the budgets take.
+        if self.limits.crosses_bytes(inner.total_bytes) {
+            // Down to `max_bytes - evict_bytes`, over as many calls as the budgets take.
             inner.draining = true;
         }
         let mut left = budget;
         while inner.tail != NIL && left > 0 {
             left -= 1;
             let oldest = inner.tail;
-            let must = (inner.draining && inner.total_bytes > self.evict_to)
-                || (self.max_count != 0 && inner.len > self.max_count)
-                || self.expired(&inner.slots[oldest as usize], now);
+            let must = self.limits.must_evict(
+                inner.draining,
+                inner.total_bytes,
+                inner.len,
+                inner.slots[oldest as usize].touched_s as u64,
+                now as u64,
+            );
             if !must || inner.len == 1 {
                 break;
             }
@@ -561,7 +550,7 @@ impl Index {
                 break;
             }
         }
-        if inner.total_bytes <= self.evict_to {
+        if self.limits.drained(inner.total_bytes) {
             inner.draining = false;
         }
     }
