@@ -237,7 +237,13 @@ async fn filesystem_store(n: u64, small: usize, dir: &Path) -> anyhow::Result<()
             }
             for i in n..n + 1000 {
                 let (d, data) = blob(i, small);
-                std::fs::write(cairn_store::filesystem::blob_path(&content, &d), data)?;
+                let path = cairn_store::filesystem::blob_path(&content, &d);
+                anyhow::ensure!(
+                    !path.exists(),
+                    "{} is left from a run that failed",
+                    path.display()
+                );
+                std::fs::write(path, data)?;
             }
         }
         let began = Instant::now();
@@ -290,12 +296,14 @@ async fn filesystem_store(n: u64, small: usize, dir: &Path) -> anyhow::Result<()
         report(
             &format!("filesystem restart {n} ({label}):"),
             format_args!(
-                "open {:.3} s, first lookup answered {:.3} s, loaded {:.2} s; while loading: {} \
+                "open {:.3} s, first lookup answered {:.3} s, loaded {:.2} s ({} of 256 prefix \
+                 directories listed); while loading: {} \
                  lookups of 100 digests p50 {:.2} ms, p99 {:.2} ms; {} reads of one blob p50 \
                  {:.2} ms, p99 {:.2} ms",
                 secs(opened),
                 secs(first.unwrap_or_default()),
                 secs(loaded),
+                store.dirs_listed(),
                 during.len(),
                 pct(&during, 50),
                 pct(&during, 99),
@@ -310,6 +318,13 @@ async fn filesystem_store(n: u64, small: usize, dir: &Path) -> anyhow::Result<()
             store.index_state().entries
         );
         drop(store);
+        if label.contains("puts after") {
+            // Gone again, so that the next run writes them anew.
+            for i in n..n + 1000 {
+                let (d, _) = blob(i, small);
+                std::fs::remove_file(cairn_store::filesystem::blob_path(&content, &d))?;
+            }
+        }
     }
     Ok(())
 }
