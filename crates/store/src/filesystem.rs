@@ -50,18 +50,19 @@ pub mod bench {
 
     /// Reads the snapshot in `dir` into `index`; the entries read.
     pub fn load_snapshot(dir: &Path, index: &Index) -> Result<u64, String> {
-        let mut reader = super::snapshot::Reader::open(dir)
+        let reader = super::snapshot::Reader::open(dir)
             .map_err(|t| t.0)?
             .ok_or("no snapshot")?;
         index.reserve(reader.expected().min(1 << 26) as usize);
-        let mut block = Vec::new();
         let mut n = 0;
-        while reader.next_block(&mut block).map_err(|t| t.0)? {
-            for (key, len) in &block {
+        super::snapshot::read_overlapped(reader, |block| {
+            for (key, len) in block {
                 index.insert_at(key, *len, End::Cold, false);
             }
             n += block.len() as u64;
-        }
+            true
+        })
+        .map_err(|t| t.0)?;
         Ok(n)
     }
 

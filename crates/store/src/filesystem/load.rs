@@ -456,7 +456,7 @@ impl Blobs {
     /// puts indexed meanwhile stays hotter). When the whole snapshot was read, the time its
     /// writing began.
     fn load_snapshot(&self) -> Option<SystemTime> {
-        let mut reader = match snapshot::Reader::open(&self.content) {
+        let reader = match snapshot::Reader::open(&self.content) {
             Ok(Some(r)) => r,
             Ok(None) => return None,
             Err(snapshot::Torn(why)) => {
@@ -473,25 +473,25 @@ impl Blobs {
         );
         // A lying header costs at most a reservation for 64 Mi entries.
         self.index.reserve(reader.expected().min(1 << 26) as usize);
-        let mut block = Vec::new();
-        loop {
+        let written_at = reader.written_at();
+        let read = snapshot::read_overlapped(reader, |block| {
             if self.stop.load(Ordering::Relaxed) {
-                return None;
+                return false;
             }
-            match reader.next_block(&mut block) {
-                Ok(true) => {
-                    for (key, len) in &block {
-                        let (_, evicted) = self.index.insert_at(key, *len, End::Cold, false);
-                        self.remove_files(&evicted);
-                    }
-                }
-                Ok(false) => return Some(reader.written_at()),
-                Err(snapshot::Torn(why)) => {
-                    // What was read is checked by the walk like any other entry.
-                    tracing::warn!(path = %self.content.display(), why, "filesystem store: the index snapshot is torn; walking the directory");
-                    self.expected.store(0, Ordering::Relaxed);
-                    return None;
-                }
+            for (key, len) in block {
+                let (_, evicted) = self.index.insert_at(key, *len, End::Cold, false);
+                self.remove_files(&evicted);
+            }
+            true
+        });
+        match read {
+            Ok(true) => Some(written_at),
+            Ok(false) => None, // stopped
+            Err(snapshot::Torn(why)) => {
+                // What was read is checked by the walk like any other entry.
+                tracing::warn!(path = %self.content.display(), why, "filesystem store: the index snapshot is torn; walking the directory");
+                self.expected.store(0, Ordering::Relaxed);
+                None
             }
         }
     }
