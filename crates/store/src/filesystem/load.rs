@@ -26,6 +26,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_core::{Digest, Error};
 
+mod evictor;
+
 use super::checkpoint;
 use super::index::{End, Index};
 use super::layout::{self, Moved};
@@ -184,80 +186,6 @@ impl Blobs {
         self.stop.store(true, Ordering::Relaxed);
         let _wanted = self.evict_wanted.lock();
         self.evict_wake.notify_all();
-    }
-
-    /// Asks the evictor thread to work off what is over the limit.
-    pub fn wake_evictor(&self) {
-        let mut wanted = self.evict_wanted.lock();
-        if !*wanted {
-            *wanted = true;
-            self.evict_wake.notify_one();
-        }
-    }
-
-    /// The evictor thread: evicts in batches (the index locked for one batch at a time) and
-    /// deletes their files, whenever woken, until the limits hold again. Ends when stopped.
-    fn evict_loop(&self) {
-        loop {
-            {
-                let mut wanted = self.evict_wanted.lock();
-                while !*wanted && !self.stop.load(Ordering::Relaxed) {
-                    self.evict_wake.wait(&mut wanted);
-                }
-                if self.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                *wanted = false;
-                self.evicting.store(true, Ordering::Release);
-            }
-            self.evict_backlog();
-            self.evicting.store(false, Ordering::Release);
-        }
-    }
-
-    /// Whether the evictor has nothing to do and is not doing anything.
-    #[cfg(test)]
-    pub fn evictor_idle(&self) -> bool {
-        let wanted = self.evict_wanted.lock();
-        !*wanted && !self.evicting.load(Ordering::Acquire)
-    }
-
-    /// Evicts what is over the limit, batch by batch, and deletes the files.
-    fn evict_backlog(&self) {
-        // A backlog is evicted once the index is loaded (the load wakes it then): before
-        // that, the cold end may not be the oldest.
-        if !self.ready() {
-            return;
-        }
-        #[cfg(test)]
-        while self.evictor_paused.load(Ordering::Relaxed) {
-            if self.stop.load(Ordering::Relaxed) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let mut evicted = 0usize;
-        loop {
-            if self.stop.load(Ordering::Relaxed) {
-                return;
-            }
-            let batch = self.index.evict_batch(super::index::EVICTION_BATCH);
-            if batch.is_empty() {
-                break;
-            }
-            evicted += batch.len();
-            self.changed();
-            self.remove_files(&batch);
-        }
-        if evicted > 0 {
-            tracing::info!(
-                evicted,
-                entries = self.index.len(),
-                bytes = self.index.total_bytes(),
-                path = %self.content.display(),
-                "filesystem store: backlog of evictions worked off"
-            );
-        }
     }
 
     /// Whether a file of this modification time may be torn.
