@@ -56,7 +56,8 @@ fn bazel_streams_its_build_events_to_cairn() {
         component: bes::stream_id::BuildComponent::Tool as i32,
     };
     let content = cairn_dir.join("bep");
-    let read = |key: cairn_core::Digest| std::fs::read(content.join(key.file_name()));
+    let read =
+        |key: cairn_core::Digest| std::fs::read(cairn_store::filesystem::blob_path(&content, &key));
     let last = read(cairn_server::bep::event_key(&stream, None))
         .expect("the tool stream's last-sequence record");
     let last = i64::from_le_bytes(last[..8].try_into().unwrap());

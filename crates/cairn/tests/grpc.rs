@@ -872,17 +872,13 @@ async fn concurrent_writes_of_the_same_blob_both_succeed() {
         .unwrap(),
         blob
     );
-    // One blob file (beside the store's own `.cairn-checkpoint`).
-    let blobs = std::fs::read_dir(dir.path().join("cas"))
+    // One blob file (in its prefix directory, beside the store's own `.cairn-*` files).
+    let blobs: usize = std::fs::read_dir(dir.path().join("cas"))
         .unwrap()
-        .filter(|e| {
-            !e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with('.')
-        })
-        .count();
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .map(|p| std::fs::read_dir(p).unwrap().count())
+        .sum();
     assert_eq!(blobs, 1);
     assert_eq!(
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),

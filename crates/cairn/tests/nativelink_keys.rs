@@ -64,8 +64,8 @@ async fn evict_page_cache_keeps_written_and_read_blobs_out_of_the_page_cache() {
         let blob = data(len, seed);
         let kept = batch_put(&c, "keep", &blob).await;
         let evicted = batch_put(&c, "evict", &blob).await;
-        let kept_file = dir.path().join("keep").join(kept.file_name());
-        let evicted_file = dir.path().join("evict").join(evicted.file_name());
+        let kept_file = cairn_store::filesystem::blob_path(&dir.path().join("keep"), &kept);
+        let evicted_file = cairn_store::filesystem::blob_path(&dir.path().join("evict"), &evicted);
         assert!(
             resident_pages(&kept_file) > 0,
             "a plain store leaves its pages cached"
@@ -119,7 +119,7 @@ async fn bypass_dedup_threshold_bytes_reads_large_blobs_without_filling_the_fast
     assert_eq!(read(&c, "", &ds).await, small);
     let fast = dir.path().join("fast");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !fast.join(ds.file_name()).exists() {
+    while !cairn_store::filesystem::blob_path(&fast, &ds).exists() {
         assert!(
             Instant::now() < deadline,
             "the small blob never reached the fast tier"
@@ -127,7 +127,7 @@ async fn bypass_dedup_threshold_bytes_reads_large_blobs_without_filling_the_fast
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        !fast.join(db.file_name()).exists(),
+        !cairn_store::filesystem::blob_path(&fast, &db).exists(),
         "the large blob bypassed the fast tier"
     );
 }
@@ -311,11 +311,12 @@ fn stored_events(dir: &std::path::Path) -> Vec<serde_json::Value> {
         return vec![];
     };
     let mut out = Vec::new();
-    // Blob files only, not the store's checkpoint.
-    for e in entries
+    // Blob files only (in the prefix directories), not the store's own `.cairn-*` files.
+    let files = entries
         .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-    {
+        .filter(|e| e.path().is_dir())
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten());
+    for e in files {
         let text = std::fs::read_to_string(e.path()).unwrap_or_default();
         out.extend(
             text.lines()

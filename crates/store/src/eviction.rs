@@ -7,6 +7,9 @@
 //! use (a `Bytes` held by a reader, an open file) stays valid after eviction: the memory store's
 //! buffers are reference counted, and a filesystem reader holds an open descriptor, which keeps
 //! the inode alive after the name is unlinked.
+//!
+//! [`Limits`] is the policy itself, without a data structure: when the coldest entry must go.
+//! This map and the filesystem store's compact index (`filesystem/index.rs`) both decide by it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -15,6 +18,90 @@ use cairn_config::stores::EvictionPolicy;
 use cairn_core::Digest;
 use lru::LruCache;
 use parking_lot::Mutex;
+
+/// The eviction policy of `eviction_policy`: `max_bytes` with `evict_bytes` hysteresis,
+/// `max_count`, `max_seconds`, and the hard limit of a store that evicts a backlog in the
+/// background. Pure: the caller keeps the entries, their total and their order.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// 0: no bound.
+    max_bytes: u64,
+    /// `max_bytes - evict_bytes`: where evicting stops once `max_bytes` was crossed.
+    evict_to: u64,
+    /// 0: no bound.
+    max_count: u64,
+    /// 0: no bound.
+    max_seconds: u64,
+}
+
+impl Limits {
+    pub fn new(policy: Option<&EvictionPolicy>) -> Limits {
+        let p = policy.cloned().unwrap_or_default();
+        Limits {
+            max_bytes: p.max_bytes.0,
+            evict_to: p.max_bytes.0.saturating_sub(p.evict_bytes.0),
+            max_count: p.max_count,
+            max_seconds: p.max_seconds,
+        }
+    }
+
+    /// The byte bound (`u64::MAX` when there is none).
+    pub fn max_bytes(&self) -> u64 {
+        if self.max_bytes == 0 {
+            u64::MAX
+        } else {
+            self.max_bytes
+        }
+    }
+
+    /// What a store that evicts a backlog in the background may hold meanwhile: `max_bytes`
+    /// plus a tenth (`u64::MAX` when there is no bound).
+    pub fn hard_bytes(&self) -> u64 {
+        if self.max_bytes == 0 {
+            u64::MAX
+        } else {
+            self.max_bytes.saturating_add(self.max_bytes / 10)
+        }
+    }
+
+    /// Whether `total` bytes cross `max_bytes`: evicting starts, and goes on (see
+    /// [`Limits::must_evict`]'s `draining`) until the total is down to `max_bytes - evict_bytes`.
+    pub fn crosses_bytes(&self, total: u64) -> bool {
+        self.max_bytes != 0 && total > self.max_bytes
+    }
+
+    /// Whether draining is over at `total` bytes.
+    pub fn drained(&self, total: u64) -> bool {
+        total <= self.evict_to
+    }
+
+    /// Whether an entry last used at `touched_s` is too old at `now_s` (seconds on one clock).
+    pub fn expired(&self, touched_s: u64, now_s: u64) -> bool {
+        self.max_seconds != 0 && now_s.saturating_sub(touched_s) > self.max_seconds
+    }
+
+    /// Whether the coldest entry (last used at `coldest_touched_s`) must be evicted from `len`
+    /// entries of `total` bytes; `draining`: `max_bytes` was crossed and not drained since.
+    pub fn must_evict(
+        &self,
+        draining: bool,
+        total: u64,
+        len: u64,
+        coldest_touched_s: u64,
+        now_s: u64,
+    ) -> bool {
+        (draining && self.max_bytes != 0 && !self.drained(total))
+            || (self.max_count != 0 && len > self.max_count)
+            || self.expired(coldest_touched_s, now_s)
+    }
+
+    /// Whether there is eviction work at `len` entries of `total` bytes (ages aside).
+    pub fn over(&self, draining: bool, total: u64, len: u64) -> bool {
+        self.crosses_bytes(total)
+            || (draining && self.max_bytes != 0 && !self.drained(total))
+            || (self.max_count != 0 && len > self.max_count)
+    }
+}
 
 struct Slot<V> {
     value: V,
@@ -30,39 +117,27 @@ struct Inner<V> {
 /// An LRU index from digest to `V`, bounded by the policy.
 pub struct EvictionMap<V> {
     inner: Mutex<Inner<V>>,
-    max_bytes: u64,
-    evict_to: u64,
-    max_count: u64,
-    max_seconds: u64,
+    limits: Limits,
     start: Instant,
     evictions: AtomicU64,
 }
 
 impl<V: Clone> EvictionMap<V> {
     pub fn new(policy: Option<&EvictionPolicy>) -> EvictionMap<V> {
-        let p = policy.cloned().unwrap_or_default();
-        let max_bytes = p.max_bytes.0;
         EvictionMap {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 total_bytes: 0,
             }),
-            max_bytes,
-            evict_to: max_bytes.saturating_sub(p.evict_bytes.0),
-            max_count: p.max_count,
-            max_seconds: p.max_seconds,
+            limits: Limits::new(policy),
             start: Instant::now(),
             evictions: AtomicU64::new(0),
         }
     }
 
-    /// The byte bound (0: none).
+    /// The byte bound (`u64::MAX` when there is none).
     pub fn max_bytes(&self) -> u64 {
-        if self.max_bytes == 0 {
-            u64::MAX
-        } else {
-            self.max_bytes
-        }
+        self.limits.max_bytes()
     }
 
     fn now_s(&self) -> u64 {
@@ -70,7 +145,7 @@ impl<V: Clone> EvictionMap<V> {
     }
 
     fn expired(&self, slot: &Slot<V>, now: u64) -> bool {
-        self.max_seconds != 0 && now.saturating_sub(slot.touched_s) > self.max_seconds
+        self.limits.expired(slot.touched_s, now)
     }
 
     /// The value and size, marking it recently used; `None` when absent or expired.
@@ -125,11 +200,15 @@ impl<V: Clone> EvictionMap<V> {
     }
 
     fn evict_locked(&self, inner: &mut Inner<V>, now: u64, out: &mut Vec<(Digest, V)>) {
-        let over_bytes = self.max_bytes != 0 && inner.total_bytes > self.max_bytes;
+        let draining = self.limits.crosses_bytes(inner.total_bytes);
         while let Some((_, oldest)) = inner.lru.peek_lru() {
-            let must = (over_bytes && inner.total_bytes > self.evict_to)
-                || (self.max_count != 0 && inner.lru.len() as u64 > self.max_count)
-                || self.expired(oldest, now);
+            let must = self.limits.must_evict(
+                draining,
+                inner.total_bytes,
+                inner.lru.len() as u64,
+                oldest.touched_s,
+                now,
+            );
             if !must {
                 break;
             }
@@ -225,6 +304,28 @@ mod tests {
         m.insert(d(3), 3, 1);
         assert_eq!(m.len(), 2);
         assert!(!m.contains(&d(1)));
+    }
+
+    #[test]
+    fn limits_are_the_policy_both_indexes_follow() {
+        let l = Limits::new(Some(&EvictionPolicy {
+            max_bytes: ByteSize(100),
+            evict_bytes: ByteSize(30),
+            max_count: 5,
+            max_seconds: 10,
+        }));
+        assert_eq!((l.max_bytes(), l.hard_bytes()), (100, 110));
+        assert!(!l.crosses_bytes(100) && l.crosses_bytes(101));
+        // Once crossed, down to 70; not before.
+        assert!(!l.must_evict(false, 90, 1, 0, 0));
+        assert!(l.must_evict(true, 90, 1, 0, 0));
+        assert!(!l.must_evict(true, 70, 1, 0, 0));
+        assert!(l.must_evict(false, 0, 6, 0, 0));
+        assert!(l.must_evict(false, 0, 1, 0, 11) && !l.must_evict(false, 0, 1, 1, 11));
+        assert!(l.over(false, 101, 1) && l.over(true, 80, 1) && !l.over(false, 80, 1));
+        let none = Limits::new(None);
+        assert_eq!((none.max_bytes(), none.hard_bytes()), (u64::MAX, u64::MAX));
+        assert!(!none.must_evict(true, u64::MAX, u64::MAX, 0, u64::MAX));
     }
 
     #[test]

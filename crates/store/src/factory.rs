@@ -291,7 +291,8 @@ impl<'a> Builder<'a> {
                     let fs = Arc::new(
                         filesystem::FilesystemStore::open(c)
                             .await
-                            .map_err(|e| e.context(&path))?,
+                            .map_err(|e| e.context(&path))?
+                            .named(&format!("{path}.filesystem")),
                     );
                     self.filesystems
                         .insert(format!("{path}.filesystem"), fs.clone());

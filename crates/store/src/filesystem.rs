@@ -1,4 +1,6 @@
-//! `filesystem`: one file per blob under `content_path`, named `<function>-<hash>-<size>`.
+//! `filesystem`: one file per blob under `content_path`, named `<function>-<hash>-<size>`, in
+//! one of 256 directories by the first two hex digits of the hash (`layout.rs`; a flat
+//! directory of an older Cairn, or NativeLink's, is moved into them in the background).
 //!
 //! Writes go to a uniquely named file in `temp_path` (on the same file system) and are renamed
 //! into place: a blob is visible whole or not at all, also after the process is killed. The
@@ -12,6 +14,7 @@
 
 mod checkpoint;
 mod index;
+mod layout;
 mod load;
 mod page_cache;
 mod snapshot;
@@ -29,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use crate::{check_range, Health, ReadCounter, Store, StoreInfo};
 use index::Index;
+pub use layout::blob_path;
 
 /// The index and its snapshot without a store around them, for `cairn bench fs-index`.
 #[doc(hidden)]
@@ -46,18 +50,19 @@ pub mod bench {
 
     /// Reads the snapshot in `dir` into `index`; the entries read.
     pub fn load_snapshot(dir: &Path, index: &Index) -> Result<u64, String> {
-        let mut reader = super::snapshot::Reader::open(dir)
+        let reader = super::snapshot::Reader::open(dir)
             .map_err(|t| t.0)?
             .ok_or("no snapshot")?;
         index.reserve(reader.expected().min(1 << 26) as usize);
-        let mut block = Vec::new();
         let mut n = 0;
-        while reader.next_block(&mut block).map_err(|t| t.0)? {
-            for (key, len) in &block {
+        super::snapshot::read_overlapped(reader, |block| {
+            for (key, len) in block {
                 index.insert_at(key, *len, End::Cold, false);
             }
             n += block.len() as u64;
-        }
+            true
+        })
+        .map_err(|t| t.0)?;
         Ok(n)
     }
 
@@ -94,9 +99,14 @@ async fn default_max_bytes(content: &Path) -> Result<u64, Error> {
 }
 
 pub struct FilesystemStore {
+    /// What errors call the store: its key path once [`FilesystemStore::named`], and its
+    /// `content_path`.
+    name: String,
     /// `max_concurrent_writes`: puts in progress at once.
     writes: Option<tokio::sync::Semaphore>,
     blobs: Arc<load::Blobs>,
+    /// The index loader's thread, joined when the store is dropped.
+    loader: Option<std::thread::JoinHandle<()>>,
     temp: PathBuf,
     read_buffer: usize,
     flusher: checkpoint::Flusher,
@@ -114,6 +124,14 @@ impl FilesystemStore {
     /// Creates the directories if needed, clears stale temp files and starts loading the
     /// index in the background: the store serves at once (see `load.rs`).
     pub async fn open(cfg: &FilesystemConfig) -> Result<FilesystemStore, Error> {
+        Self::open_inner(cfg, false).await
+    }
+
+    /// `open`, with the evictor held back from the start when `evictor_paused` (tests).
+    async fn open_inner(
+        cfg: &FilesystemConfig,
+        evictor_paused: bool,
+    ) -> Result<FilesystemStore, Error> {
         let opened = std::time::SystemTime::now();
         let content = PathBuf::from(&cfg.content_path);
         let temp = match &cfg.temp_path {
@@ -146,7 +164,13 @@ impl FilesystemStore {
         ));
         // The checkpoint of the previous run is read (above) before this one replaces it.
         let flusher = checkpoint::Flusher::start(&content, blobs.checked()).await?;
-        load::start(&blobs)?;
+        #[cfg(test)]
+        blobs
+            .evictor_paused
+            .store(evictor_paused, std::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(test))]
+        let _ = evictor_paused;
+        let loader = load::start(&blobs)?;
         let weak = Arc::downgrade(&blobs);
         tokio::spawn(async move {
             let mut every = tokio::time::interval(SNAPSHOT_EVERY);
@@ -161,11 +185,13 @@ impl FilesystemStore {
             }
         });
         Ok(FilesystemStore {
+            name: format!("filesystem store at {}", content.display()),
             writes: cfg
                 .max_concurrent_writes
                 .filter(|&n| n > 0)
                 .map(|n| tokio::sync::Semaphore::new(n.min(1 << 20) as usize)),
             blobs,
+            loader: Some(loader),
             temp,
             read_buffer,
             flusher,
@@ -174,13 +200,44 @@ impl FilesystemStore {
         })
     }
 
+    /// Names the store by its key path in the config (`stores.CAS.filesystem`), for errors.
+    pub fn named(mut self, path: &str) -> FilesystemStore {
+        self.name = format!("{path} ({})", self.blobs.content.display());
+        self
+    }
+
     fn path_of(&self, key: &Digest) -> PathBuf {
         self.blobs.path_of(key)
+    }
+
+    /// Refuses a put while the store holds more than its hard limit (`max_bytes` plus a tenth),
+    /// which only a backlog of evictions being worked off in the background leaves.
+    fn check_hard_limit(&self, key: &Digest) -> Result<(), Error> {
+        let Some(held) = self.blobs.index.over_hard_limit() else {
+            return Ok(());
+        };
+        self.blobs.wake_evictor();
+        let max = self.blobs.index.max_bytes();
+        Err(Error::resource_exhausted(format!(
+            "{}: refusing the write of {key}: the store holds {held} bytes, over its hard limit \
+             of {} bytes (max_bytes {max} plus a tenth) while {} bytes over max_bytes are \
+             evicted in the background; retry later",
+            self.name,
+            self.blobs.index.hard_limit(),
+            held.saturating_sub(max),
+        )))
     }
 
     /// Where the index load is.
     pub fn index_state(&self) -> crate::IndexState {
         self.blobs.state()
+    }
+
+    /// How many of the 256 prefix directories the finished start-up load listed (those not
+    /// changed since the snapshot are not).
+    #[doc(hidden)]
+    pub fn dirs_listed(&self) -> u64 {
+        self.blobs.dirs_listed()
     }
 
     /// Waits until the index holds everything on disk (the store serves before that).
@@ -217,7 +274,14 @@ impl FilesystemStore {
     /// opens it must treat NotFound as "absent". Never write through this path.
     pub fn path_of_blob(&self, key: &Digest) -> Option<PathBuf> {
         if self.blobs.index.get(key).is_some() {
-            return Some(self.path_of(key));
+            if !self.blobs.vouch(key) {
+                return None;
+            }
+            let path = self.path_of(key);
+            if self.blobs.migrating() && !path.exists() {
+                self.blobs.migrate_one(key);
+            }
+            return Some(path);
         }
         // While the index loads: a stat (and a hash of a suspect file after a reboot).
         if self.blobs.ready() {
@@ -300,11 +364,20 @@ fn prepare(content: &Path, temp: &Path) -> Result<Option<std::time::SystemTime>,
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
-    for entry in
-        std::fs::read_dir(temp).map_err(|e| Error::io(format!("reading {}", temp.display()), e))?
-    {
-        let entry = entry.map_err(|e| Error::io(format!("reading {}", temp.display()), e))?;
-        let _ = std::fs::remove_file(entry.path());
+    layout::make_prefix_dirs(content)?;
+    // NativeLink's temp directory has `d/` and `s/` subdirectories: their files are torn too.
+    for dir in [temp.to_path_buf(), temp.join("d"), temp.join("s")] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != temp => continue,
+            Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+            if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
     Ok(suspect_after)
 }
@@ -314,6 +387,10 @@ impl Drop for FilesystemStore {
     /// cleanly stopped store is read back at the next start instead of walking the directory).
     fn drop(&mut self) {
         self.blobs.stop();
+        // The loader stops at its next entry or block, or ends the snapshot it is writing.
+        if let Some(loader) = self.loader.take() {
+            let _ = loader.join();
+        }
         if let Err(e) = self.blobs.write_snapshot() {
             tracing::warn!(error = %e, "filesystem store: could not write the index snapshot");
         }
@@ -326,6 +403,28 @@ impl FilesystemStore {
         let mut sizes: Vec<Option<u64>> = keys.iter().map(|k| self.blobs.index.get(k)).collect();
         if sizes.iter().any(Option::is_some) {
             self.blobs.changed();
+        }
+        if self.blobs.checks_pending() {
+            // After a reboot, while the load checks files: an entry only the snapshot listed
+            // is checked (stat, and a hash when it may be torn) before it is vouched for.
+            let hits: Vec<(usize, Digest)> = sizes
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.is_some())
+                .map(|(i, _)| (i, keys[i]))
+                .collect();
+            let blobs = self.blobs.clone();
+            let refused = tokio::task::spawn_blocking(move || {
+                hits.into_iter()
+                    .filter(|(_, k)| !blobs.vouch(k))
+                    .map(|(i, _)| i)
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| Error::internal(format!("filesystem lookup task failed: {e}")))?;
+            for i in refused {
+                sizes[i] = None;
+            }
         }
         if self.blobs.ready() || sizes.iter().all(Option::is_some) {
             return Ok(sizes);
@@ -364,7 +463,20 @@ impl FilesystemStore {
             return Err(not_found());
         };
         let path = self.path_of(key);
-        let mut file = match tokio::fs::File::open(&path).await {
+        let mut opened = tokio::fs::File::open(&path).await;
+        if matches!(&opened, Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+            && self.blobs.migrating()
+        {
+            // Indexed (from a snapshot) but not moved into place yet.
+            let (blobs, k) = (self.blobs.clone(), *key);
+            if tokio::task::spawn_blocking(move || blobs.migrate_one(&k))
+                .await
+                .map_err(|e| Error::internal(format!("filesystem move task failed: {e}")))?
+            {
+                opened = tokio::fs::File::open(&path).await;
+            }
+        }
+        let mut file = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.blobs.index.remove(key);
@@ -445,6 +557,7 @@ impl Store for FilesystemStore {
             ),
             None => None,
         };
+        self.check_hard_limit(key)?;
         let tmp = self
             .temp
             .join(format!("{}.{}", key.file_name(), uuid::Uuid::new_v4()));
@@ -504,6 +617,10 @@ impl Store for FilesystemStore {
         let evicted = self.blobs.index.insert(key, size);
         self.blobs.changed();
         self.remove_evicted(evicted).await;
+        if self.blobs.index.over_limit() {
+            // More than this put's own evictions (`index::INLINE_EVICTIONS`) are due.
+            self.blobs.wake_evictor();
+        }
         Ok(())
     }
 
@@ -688,20 +805,20 @@ mod tests {
             close(store).await;
         }
         // The torn one: its name made it to disk, its bytes did not (ext4 leaves zeros).
-        std::fs::write(content.join(torn.file_name()), [0u8; 10]).unwrap();
+        std::fs::write(blob_path(&content, &torn), [0u8; 10]).unwrap();
         let checkpoint_time = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
         // All but `old` were written after the checkpoint, before the machine went down.
         for d in [&whole, &torn, &ac_entry] {
             std::fs::File::options()
                 .write(true)
-                .open(content.join(d.file_name()))
+                .open(blob_path(&content, d))
                 .unwrap()
                 .set_modified(checkpoint_time + std::time::Duration::from_secs(30))
                 .unwrap();
         }
         let old_file = std::fs::File::options()
             .write(true)
-            .open(content.join(old.file_name()))
+            .open(blob_path(&content, &old))
             .unwrap();
         old_file
             .set_modified(checkpoint_time - std::time::Duration::from_secs(60))
@@ -727,12 +844,20 @@ mod tests {
         // Another boot: what hashes to its name is kept, the rest is deleted.
         forge("an earlier boot");
         let store = FilesystemStore::open(&cfg(dir.path(), 0)).await.unwrap();
+        // Whether or not the load got to them yet (the snapshot lists them all), a lookup
+        // never vouches for a torn blob.
+        assert_eq!(store.has(&torn).await.unwrap(), None);
+        assert_eq!(
+            store.has_many(&[ac_entry, whole]).await.unwrap(),
+            [None, Some(10)]
+        );
+        assert!(store.path_of_blob(&torn).is_none());
         store.wait_loaded().await;
         assert_eq!(store.get_all(&whole, 100).await.unwrap(), "whole blob");
         assert_eq!(store.get_all(&old, 100).await.unwrap(), "old blob");
         for d in [&torn, &ac_entry] {
             assert_eq!(store.has(d).await.unwrap(), None, "{d}");
-            assert!(!content.join(d.file_name()).exists(), "{d}");
+            assert!(!blob_path(&content, d).exists(), "{d}");
         }
         // And the store wrote a checkpoint of this boot, once it had checked them.
         store
@@ -762,7 +887,7 @@ mod tests {
             })
             .collect();
         for (i, (d, data)) in blobs.iter().enumerate() {
-            let path = content.join(d.file_name());
+            let path = content.join(d.file_name()); // flat: an older Cairn's layout
             std::fs::write(&path, data).unwrap();
             let f = std::fs::File::options().write(true).open(&path).unwrap();
             f.set_modified(old + std::time::Duration::from_secs(i as u64))
@@ -775,11 +900,12 @@ mod tests {
         let (newest, data) = &blobs[49];
         assert_eq!(store.get_all(newest, 2000).await.unwrap(), *data);
         store.wait_loaded().await;
+        evicted_to_the_limit(&store).await;
         assert!(store.blobs.index.total_bytes() <= 20_000);
         for (i, (d, _)) in blobs.iter().enumerate() {
             let kept = store.has(d).await.unwrap().is_some();
             assert_eq!(kept, i >= 30, "blob {i}");
-            assert_eq!(content.join(d.file_name()).exists(), kept, "blob {i}");
+            assert_eq!(blob_path(&content, d).exists(), kept, "blob {i}");
         }
         // Blob 31 used last: the coldest after the restart is 30, then 32...
         store.has(&blobs[31].0).await.unwrap();
@@ -788,8 +914,9 @@ mod tests {
             .await
             .unwrap();
         store.wait_loaded().await;
+        evicted_to_the_limit(&store).await;
         let kept: Vec<usize> = (0..50)
-            .filter(|&i| content.join(blobs[i].0.file_name()).exists())
+            .filter(|&i| blob_path(&content, &blobs[i].0).exists())
             .collect();
         assert_eq!(
             kept,
@@ -803,6 +930,8 @@ mod tests {
         let store = FilesystemStore::open(&cfg(dir.path(), 250_000))
             .await
             .unwrap();
+        // (While a walk indexes the directory, nothing is evicted.)
+        store.wait_loaded().await;
         let a = testutil::data(200_000, 1);
         let b = testutil::data(200_000, 2);
         let (da, db) = (
@@ -818,5 +947,113 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, a);
+    }
+
+    /// Waits until the evictor has brought the store within its limits.
+    async fn evicted_to_the_limit(store: &FilesystemStore) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while store.blobs.index.over_limit() || !store.blobs.evictor_idle() {
+            assert!(std::time::Instant::now() < deadline, "the backlog stays");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A backlog of evictions (a `max_bytes` lowered below what the directory holds) is worked
+    /// off by the evictor thread: puts go on meanwhile, each evicting at most
+    /// `INLINE_EVICTIONS` entries itself, and are refused with RESOURCE_EXHAUSTED only while
+    /// the store holds more than its hard limit (`max_bytes` plus a tenth), storing nothing.
+    #[tokio::test]
+    async fn writes_go_on_during_a_backlog_and_are_refused_only_past_the_hard_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = dir.path().join("cas");
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        let blob = |i: u32| {
+            let data = Bytes::from(format!("blob {i:011}")); // 16 bytes
+            (DigestFunction::Sha256.compute(&data), data)
+        };
+        let n = 2000u32;
+        for i in 0..n {
+            let (d, data) = blob(i);
+            let path = blob_path(&content, &d);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &data).unwrap();
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(old + std::time::Duration::from_secs(i as u64))
+                .unwrap();
+        }
+        let held = 16 * n as u64;
+
+        // 1. max_bytes 30,000 (hard limit 33,000) under 32,000 bytes held: a backlog of 125
+        // entries, the evictor held back. A put is taken, evicts 64 entries itself, and leaves
+        // the rest of the backlog to the evictor.
+        let store = FilesystemStore::open_inner(&cfg(dir.path(), 30_000), true)
+            .await
+            .unwrap();
+        store.wait_loaded().await;
+        assert_eq!(store.blobs.index.total_bytes(), held);
+        assert_eq!(store.blobs.index.hard_limit(), 33_000);
+        let (new, data) = blob(n);
+        store.put_bytes(&new, data.clone()).await.unwrap();
+        assert_eq!(store.get_all(&new, 100).await.unwrap(), data);
+        assert_eq!(
+            store.blobs.index.evictions(),
+            index::INLINE_EVICTIONS as u64
+        );
+        assert!(store.blobs.index.total_bytes() > 30_000);
+        assert!(!blob_path(&content, &blob(0).0).exists());
+        assert!(blob_path(&content, &blob(64).0).exists());
+        store
+            .blobs
+            .evictor_paused
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        evicted_to_the_limit(&store).await;
+        assert!(store.blobs.index.total_bytes() <= 30_000);
+        assert!(!blob_path(&content, &blob(64).0).exists());
+        drop(store);
+
+        // 2. max_bytes 20,000 (hard limit 22,000) under ~30,000 bytes, walked (no snapshot):
+        // puts are refused, with the store's name, the limit and the bytes, and nothing stored;
+        // reads go on; once the evictor is let go, puts are taken again.
+        std::fs::remove_file(content.join(".cairn-index")).unwrap();
+        let store = FilesystemStore::open_inner(&cfg(dir.path(), 20_000), true)
+            .await
+            .unwrap()
+            .named("stores.CAS.filesystem");
+        store.wait_loaded().await;
+        let before = store.blobs.index.total_bytes();
+        assert!(before > 22_000, "{before}");
+        let (refused, data) = blob(n + 1);
+        for _ in 0..3 {
+            let e = store.put_bytes(&refused, data.clone()).await.unwrap_err();
+            assert_eq!(e.code, cairn_core::Code::ResourceExhausted, "{e}");
+            for says in [
+                "stores.CAS.filesystem",
+                &content.display().to_string(),
+                "hard limit of 22000 bytes",
+                &format!("holds {before} bytes"),
+                "max_bytes 20000",
+            ] {
+                assert!(e.message.contains(says), "{says}: {e}");
+            }
+        }
+        assert_eq!(store.has(&refused).await.unwrap(), None);
+        assert!(!blob_path(&content, &refused).exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        let (kept, kept_data) = blob(n - 1);
+        assert_eq!(store.get_all(&kept, 100).await.unwrap(), kept_data);
+        store
+            .blobs
+            .evictor_paused
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        evicted_to_the_limit(&store).await;
+        store.put_bytes(&refused, data.clone()).await.unwrap();
+        assert_eq!(store.get_all(&refused, 100).await.unwrap(), data);
+        assert!(store.blobs.index.total_bytes() <= 20_000);
+        // The oldest went, the newest stayed.
+        assert!(!blob_path(&content, &blob(500).0).exists());
+        assert!(blob_path(&content, &kept).exists());
     }
 }

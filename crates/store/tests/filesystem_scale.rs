@@ -11,7 +11,7 @@ use bytes::Bytes;
 use cairn_config::stores::{EvictionPolicy, FilesystemStore as FilesystemConfig};
 use cairn_config::ByteSize;
 use cairn_core::{Code, Digest, DigestFunction};
-use cairn_store::filesystem::FilesystemStore;
+use cairn_store::filesystem::{blob_path, FilesystemStore};
 use cairn_store::{Store, StoreExt};
 
 const BLOBS: u32 = 200_000;
@@ -39,12 +39,14 @@ fn blob(i: u32) -> (Digest, Bytes) {
     (DigestFunction::Sha256.compute(&data), data)
 }
 
-/// Writes blobs `range` straight into the content directory, as a previous run left them.
+/// Writes blobs `range` straight into the content directory, in its prefix directories, as a
+/// previous run left them.
 fn lay_out(content: &Path, range: std::ops::Range<u32>) {
-    std::fs::create_dir_all(content).unwrap();
     for i in range {
         let (d, data) = blob(i);
-        std::fs::write(content.join(d.file_name()), &data).unwrap();
+        let path = blob_path(content, &d);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, &data).unwrap();
     }
 }
 
@@ -135,7 +137,7 @@ async fn two_hundred_thousand_blobs_restart_without_with_a_stale_and_with_a_torn
     // and others written (a put just before a crash).
     let removed: Vec<u32> = (0..BLOBS).step_by(1000).collect();
     for &i in &removed {
-        std::fs::remove_file(content.join(blob(i).0.file_name())).unwrap();
+        std::fs::remove_file(blob_path(&content, &blob(i).0)).unwrap();
     }
     let added = BLOBS..BLOBS + 500;
     lay_out(&content, added.clone());
@@ -217,4 +219,175 @@ async fn a_store_filled_through_the_api_restarts_from_its_snapshot() {
     let store = FilesystemStore::open(&cfg(dir.path())).await.unwrap();
     loaded(&store).await;
     assert_eq!(store.index_state().entries, n as u64);
+}
+
+/// NativeLink 1.6.6's name of a digest's file (in its `d/` directory).
+fn nativelink_name(d: &Digest) -> String {
+    format!("{}-{}", d.hash_hex(), d.size())
+}
+
+/// The names directly in `dir`.
+fn names(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Every blob of `range` is in its prefix directory, whole, and none is left elsewhere.
+fn all_in_place(content: &Path, range: std::ops::Range<u32>) {
+    for i in range {
+        let (d, data) = blob(i);
+        assert_eq!(std::fs::read(blob_path(content, &d)).unwrap(), data, "{d}");
+    }
+    let stray: Vec<String> = names(content)
+        .into_iter()
+        .filter(|n| n.len() != 2 && !n.starts_with('.') && n != "s" && n != "README")
+        .collect();
+    assert!(stray.is_empty(), "left in the content directory: {stray:?}");
+}
+
+/// An existing flat directory of an older Cairn and of NativeLink 1.6.6 (`d/<hash>-<size>`,
+/// and the flat `<hash>-<size>` of its earlier versions) is moved into the prefix directories
+/// while the store serves; with a snapshot that indexes blobs not moved yet, too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_thousand_blobs_of_older_layouts_are_moved_into_place_while_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("cas");
+    let temp = dir.path().join("tmp");
+    for d in [
+        content.join("d"),
+        content.join("s"),
+        temp.join("d"),
+        temp.join("s"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for i in 0..BLOBS {
+        let (d, data) = blob(i);
+        let path = match i % 4 {
+            0 | 2 => content.join(d.file_name()),
+            1 => content.join("d").join(nativelink_name(&d)),
+            _ => content.join(nativelink_name(&d)),
+        };
+        std::fs::write(path, &data).unwrap();
+    }
+    // NativeLink's string keys and files that are not blobs are left alone.
+    std::fs::write(content.join("s/a-string-key"), b"not Cairn's").unwrap();
+    std::fs::write(content.join("README"), b"not a blob").unwrap();
+    // A move cut short by a crash: both names of one file.
+    let (half, _) = blob(0);
+    let in_place = blob_path(&content, &half);
+    std::fs::create_dir_all(in_place.parent().unwrap()).unwrap();
+    std::fs::hard_link(content.join(half.file_name()), &in_place).unwrap();
+    // NativeLink's torn uploads.
+    std::fs::write(temp.join("d/partial"), b"torn").unwrap();
+
+    let sample: Vec<u32> = (0..BLOBS).step_by(BLOBS as usize / 1000).collect();
+    let never: Vec<u32> = (BLOBS * 2..BLOBS * 2 + 50).collect();
+    let present: Vec<u32> = (0..BLOBS).collect();
+    let began = Instant::now();
+    let store = FilesystemStore::open(&cfg(dir.path())).await.unwrap();
+    assert!(!temp.join("d/partial").exists());
+    assert!(
+        serve_while_loading(&store, &sample, &never).await,
+        "the move of {BLOBS} files was over before the first lookup"
+    );
+    loaded(&store).await;
+    eprintln!("moved {BLOBS} blobs in {:?}", began.elapsed());
+    expect_exactly(&store, &present, &never).await;
+    all_in_place(&content, 0..BLOBS);
+    assert!(!content.join("d").exists());
+    assert_eq!(names(&content.join("s")), ["a-string-key"]);
+    assert!(content.join(".cairn-layout").exists());
+    drop(store);
+
+    // An older Cairn's directory with its snapshot: the index knows blobs that are not in
+    // place yet; reads and lookups find them at once.
+    for i in 0..BLOBS {
+        let (d, _) = blob(i);
+        std::fs::rename(blob_path(&content, &d), content.join(d.file_name())).unwrap();
+    }
+    std::fs::remove_file(content.join(".cairn-layout")).unwrap();
+    assert!(content.join(SNAPSHOT).exists());
+    let store = FilesystemStore::open(&cfg(dir.path())).await.unwrap();
+    serve_while_loading(&store, &sample, &never).await;
+    loaded(&store).await;
+    expect_exactly(&store, &present, &never).await;
+    all_in_place(&content, 0..BLOBS);
+    assert!(content.join(".cairn-layout").exists());
+}
+
+/// Sets the modification time of every prefix directory an hour back.
+fn age_prefix_dirs(content: &Path) {
+    let past = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for e in std::fs::read_dir(content).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            std::fs::File::open(e.path())
+                .unwrap()
+                .set_modified(past)
+                .unwrap();
+        }
+    }
+}
+
+/// A restart from the snapshot of a directory that nothing changed since lists no prefix
+/// directory (a restart of ten million blobs costs the snapshot's read and 256 stats), and one
+/// whose blobs were written or deleted behind the snapshot's back (puts before a crash, an
+/// eviction after the snapshot, a hand) lists the directories they touched and finds exactly
+/// what is on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_a_snapshot_lists_only_the_prefix_directories_changed_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("cas");
+    let n = 20_000;
+    lay_out(&content, 0..n);
+    let store = FilesystemStore::open(&cfg(dir.path())).await.unwrap();
+    loaded(&store).await;
+    assert_eq!(store.dirs_listed(), 256);
+    drop(store); // the snapshot
+                 // As if the blobs had been written long before the snapshot.
+    age_prefix_dirs(&content);
+
+    let store = FilesystemStore::open(&cfg(dir.path())).await.unwrap();
+    loaded(&store).await;
+    assert_eq!(store.dirs_listed(), 0);
+    assert_eq!(store.index_state().entries, n as u64);
+    drop(store);
+    age_prefix_dirs(&content);
+
+    // Behind the snapshot's back: 30 blobs deleted, 20 written.
+    let gone: Vec<u32> = (0..30).map(|i| i * 500).collect();
+    for &i in &gone {
+        std::fs::remove_file(blob_path(&content, &blob(i).0)).unwrap();
+    }
+    lay_out(&content, n..n + 20);
+    let touched: std::collections::BTreeSet<String> = gone
+        .iter()
+        .copied()
+        .chain(n..n + 20)
+        .map(|i| blob(i).0.hash_hex()[..2].to_string())
+        .collect();
+    let store = FilesystemStore::open(&cfg(dir.path())).await.unwrap();
+    loaded(&store).await;
+    assert_eq!(store.dirs_listed(), touched.len() as u64);
+    let present: Vec<Digest> = (0..n + 20)
+        .filter(|i| !gone.contains(i))
+        .map(|i| blob(i).0)
+        .collect();
+    assert_eq!(store.index_state().entries, present.len() as u64);
+    for chunk in present.chunks(5_000) {
+        assert!(store
+            .has_many(chunk)
+            .await
+            .unwrap()
+            .iter()
+            .all(Option::is_some));
+    }
+    for &i in &gone {
+        assert_eq!(store.has(&blob(i).0).await.unwrap(), None);
+    }
 }

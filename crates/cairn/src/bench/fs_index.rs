@@ -9,8 +9,12 @@
 //! 3. A filesystem store under `--dir`, filled through the store API with `--requests` blobs of
 //!    `--small-size` bytes (skipped when the directory already holds them), then reopened from
 //!    its snapshot and without it: time to open, to the first answered lookup of 100 digests
-//!    and to a fully loaded index, and the p50/p99 of such lookups (one a millisecond) while
-//!    the index loads.
+//!    and to a fully loaded index, and the p50/p99 of such lookups (FindMissingBlobs' part in
+//!    the store) and of whole reads of one blob (GetActionResult's part on a filesystem action
+//!    cache), one each a millisecond, while the index loads. The restart from a snapshot of an
+//!    untouched directory lists no prefix directory; "after puts" writes 1,000 blobs into the
+//!    directory behind the snapshot's back first (as a crash after them would leave it), so
+//!    that the directories they touched are listed.
 //!
 //! Parts 2 and 1 run first, and what they build stays alive until the end, so that the
 //! allocator's earlier frees do not hide a later part's growth.
@@ -216,6 +220,7 @@ async fn filesystem_store(n: u64, small: usize, dir: &Path) -> anyhow::Result<()
     for (with_snapshot, label) in [
         (true, "snapshot cached"),
         (true, "snapshot not cached"),
+        (true, "snapshot, 1,000 puts after it"),
         (false, "walk"),
     ] {
         let snapshot = content.join(index::SNAPSHOT_FILE);
@@ -223,12 +228,31 @@ async fn filesystem_store(n: u64, small: usize, dir: &Path) -> anyhow::Result<()
             std::fs::remove_file(&snapshot)?;
         } else if label == "snapshot not cached" {
             uncache(&snapshot)?;
+        } else if label.contains("puts after") {
+            // Written straight into place after the snapshot, as puts before a crash leave
+            // them (the snapshot the last stop wrote does not list them).
+            let snapshot_time = std::fs::metadata(&snapshot)?.modified()?;
+            while std::time::SystemTime::now() < snapshot_time + Duration::from_secs(3) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            for i in n..n + 1000 {
+                let (d, data) = blob(i, small);
+                let path = cairn_store::filesystem::blob_path(&content, &d);
+                anyhow::ensure!(
+                    !path.exists(),
+                    "{} is left from a run that failed",
+                    path.display()
+                );
+                std::fs::write(path, data)?;
+            }
         }
         let began = Instant::now();
         let store = FilesystemStore::open(&cfg).await?;
         let opened = began.elapsed();
         let mut first = None;
         let mut during = Vec::new();
+        let mut reads = Vec::new();
+        let mut next = 0usize;
         loop {
             let loading = store.index_state().loading;
             let t = Instant::now();
@@ -244,6 +268,16 @@ async fn filesystem_store(n: u64, small: usize, dir: &Path) -> anyhow::Result<()
                 break;
             }
             during.push(t.elapsed());
+            let d = &sample[next % sample.len()];
+            next += 1;
+            let t = Instant::now();
+            let got = store.get_all(d, small + 1).await?;
+            reads.push(t.elapsed());
+            anyhow::ensure!(
+                got.len() == small,
+                "a read of {d} returned {} bytes",
+                got.len()
+            );
             // About a thousand FindMissingBlobs of 100 digests a second: a busy cache, not a
             // loop that would hold the index's lock against the loader.
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -251,23 +285,31 @@ async fn filesystem_store(n: u64, small: usize, dir: &Path) -> anyhow::Result<()
         store.wait_loaded().await;
         let loaded = began.elapsed();
         during.sort();
-        let pct = |p: usize| {
-            during
-                .get((during.len() * p / 100).min(during.len().saturating_sub(1)))
+        reads.sort();
+        let pct = |v: &[Duration], p: usize| {
+            v.get((v.len() * p / 100).min(v.len().saturating_sub(1)))
                 .copied()
                 .unwrap_or(Duration::ZERO)
+                .as_secs_f64()
+                * 1e3
         };
         report(
             &format!("filesystem restart {n} ({label}):"),
             format_args!(
-                "open {:.3} s, first lookup answered {:.3} s, loaded {:.2} s; {} lookups of 100 \
-                 digests while loading: p50 {:.2} ms, p99 {:.2} ms",
+                "open {:.3} s, first lookup answered {:.3} s, loaded {:.2} s ({} of 256 prefix \
+                 directories listed); while loading: {} \
+                 lookups of 100 digests p50 {:.2} ms, p99 {:.2} ms; {} reads of one blob p50 \
+                 {:.2} ms, p99 {:.2} ms",
                 secs(opened),
                 secs(first.unwrap_or_default()),
                 secs(loaded),
+                store.dirs_listed(),
                 during.len(),
-                pct(50).as_secs_f64() * 1e3,
-                pct(99).as_secs_f64() * 1e3,
+                pct(&during, 50),
+                pct(&during, 99),
+                reads.len(),
+                pct(&reads, 50),
+                pct(&reads, 99),
             ),
         );
         anyhow::ensure!(
@@ -276,6 +318,13 @@ async fn filesystem_store(n: u64, small: usize, dir: &Path) -> anyhow::Result<()
             store.index_state().entries
         );
         drop(store);
+        if label.contains("puts after") {
+            // Gone again, so that the next run writes them anew.
+            for i in n..n + 1000 {
+                let (d, _) = blob(i, small);
+                std::fs::remove_file(cairn_store::filesystem::blob_path(&content, &d))?;
+            }
+        }
     }
     Ok(())
 }

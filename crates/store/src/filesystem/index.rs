@@ -7,9 +7,13 @@
 //! `PathBuf`, `Box` or `Arc`. The first 32 bytes of a hash live in the entry; the rest of the
 //! rare longer hashes (SHA-384, SHA-512) sits in a side map. Every operation is O(1).
 //!
-//! The policy is the one of [`crate::eviction::EvictionMap`] (which the memory store keeps):
-//! `max_bytes` with `evict_bytes` hysteresis, `max_count`, `max_seconds`, and the entry just
-//! inserted is never evicted when it alone is over the limit.
+//! The policy is [`crate::eviction::Limits`], which [`crate::eviction::EvictionMap`] (the memory
+//! store's) decides by too: `max_bytes` with `evict_bytes` hysteresis, `max_count`, `max_seconds`, and the entry just
+//! inserted is never evicted when it alone is over the limit. An insert evicts at most
+//! [`INLINE_EVICTIONS`] entries itself; a backlog beyond that (a lowered `max_bytes`, a walk's
+//! unordered entries, a large `evict_bytes`) is left to [`Index::evict_batch`], which the
+//! store's evictor thread calls in the background. The *hard limit*, `max_bytes` plus a tenth,
+//! is what the store may hold while that backlog is worked off ([`Index::over_hard_limit`]).
 //!
 //! For start-up, entries can be added at the cold end (a snapshot is loaded hottest first) and
 //! carry a *seen* mark: set when the file was seen on disk (or written) in this process, clear
@@ -22,6 +26,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use cairn_config::stores::EvictionPolicy;
+
+use crate::eviction::Limits;
 use cairn_core::{Digest, DigestFunction};
 use hashbrown::HashTable;
 use parking_lot::Mutex;
@@ -30,6 +36,11 @@ const NIL: u32 = u32::MAX;
 /// `Entry::function` of a slot on the free list.
 const FREE: u8 = u8::MAX;
 const SEEN: u8 = 1;
+/// The most entries one insert evicts (and whose files the put then deletes): a put never pays
+/// for a backlog.
+pub const INLINE_EVICTIONS: usize = 64;
+/// The most entries [`Index::evict_batch`] evicts under one hold of the lock.
+pub const EVICTION_BATCH: usize = 1024;
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -151,6 +162,10 @@ struct Inner {
     tail: u32,
     len: u64,
     total_bytes: u64,
+    /// `max_bytes` was crossed and the evictions have not reached `max_bytes - evict_bytes`.
+    draining: bool,
+    /// No eviction while a walk's unordered entries sit at the cold end.
+    held: bool,
 }
 
 /// An LRU index from digest to stored length, bounded by an eviction policy.
@@ -160,10 +175,7 @@ pub struct Index {
     /// digests cannot pile up in one probe sequence; three times cheaper than std's SipHash,
     /// which was most of the time of loading a snapshot.
     hasher: hashbrown::DefaultHashBuilder,
-    max_bytes: u64,
-    evict_to: u64,
-    max_count: u64,
-    max_seconds: u64,
+    limits: Limits,
     start: Instant,
     evictions: AtomicU64,
 }
@@ -254,13 +266,12 @@ pub enum End {
     /// Older than everything indexed: a snapshot's entries (hottest first).
     Cold,
     /// At the cold end without evicting: a walk's entries, whose order is known only when the
-    /// walk is over ([`Index::move_to_cold_end`], then [`Index::evict_over_limit`]).
+    /// walk is over ([`Index::move_to_cold_end`], then [`Index::evict_batch`]).
     Unordered,
 }
 
 impl Index {
     pub fn new(policy: Option<&EvictionPolicy>) -> Index {
-        let p = policy.cloned().unwrap_or_default();
         Index {
             inner: Mutex::new(Inner {
                 slots: Slab::default(),
@@ -271,12 +282,11 @@ impl Index {
                 tail: NIL,
                 len: 0,
                 total_bytes: 0,
+                draining: false,
+                held: false,
             }),
             hasher: Default::default(),
-            max_bytes: p.max_bytes.0,
-            evict_to: p.max_bytes.0.saturating_sub(p.evict_bytes.0),
-            max_count: p.max_count,
-            max_seconds: p.max_seconds,
+            limits: Limits::new(policy),
             start: Instant::now(),
             evictions: AtomicU64::new(0),
         }
@@ -284,11 +294,34 @@ impl Index {
 
     /// The byte bound (`u64::MAX` when there is none).
     pub fn max_bytes(&self) -> u64 {
-        if self.max_bytes == 0 {
-            u64::MAX
-        } else {
-            self.max_bytes
-        }
+        self.limits.max_bytes()
+    }
+
+    /// The bytes the store may hold while a backlog of evictions is worked off: `max_bytes`
+    /// plus a tenth (`u64::MAX` when there is no `max_bytes`).
+    pub fn hard_limit(&self) -> u64 {
+        self.limits.hard_bytes()
+    }
+
+    /// The bytes held, when they are over the hard limit (never while evictions are held:
+    /// the index is then being filled by a walk).
+    pub fn over_hard_limit(&self) -> Option<u64> {
+        let inner = self.inner.lock();
+        (!inner.held && inner.total_bytes > self.limits.hard_bytes()).then_some(inner.total_bytes)
+    }
+
+    /// Holds every eviction back (a walk adds its entries in no order) or lets them go again.
+    pub fn hold_evictions(&self, held: bool) {
+        self.inner.lock().held = held;
+    }
+
+    /// Whether a limit is crossed (what [`Index::evict_batch`] would evict).
+    pub fn over_limit(&self) -> bool {
+        let inner = self.inner.lock();
+        !inner.held
+            && self
+                .limits
+                .over(inner.draining, inner.total_bytes, inner.len)
     }
 
     fn now_s(&self) -> u32 {
@@ -305,7 +338,7 @@ impl Index {
     }
 
     fn expired(&self, e: &Entry, now: u32) -> bool {
-        self.max_seconds != 0 && now.saturating_sub(e.touched_s) as u64 > self.max_seconds
+        self.limits.expired(e.touched_s as u64, now as u64)
     }
 
     /// Reserves room for `n` more entries (a snapshot says how many it holds).
@@ -406,7 +439,7 @@ impl Index {
             inner.total_bytes = inner.total_bytes - old + len;
             inner.unlink(slot);
             inner.push_head(slot);
-            self.evict_locked(&mut inner, now, slot, &mut evicted);
+            self.evict_locked(&mut inner, now, slot, &mut evicted, INLINE_EVICTIONS);
             return (None, evicted);
         }
         let entry = Entry {
@@ -451,7 +484,7 @@ impl Index {
         inner.len += 1;
         inner.total_bytes += len;
         if end != End::Unordered {
-            self.evict_locked(&mut inner, now, slot, &mut evicted);
+            self.evict_locked(&mut inner, now, slot, &mut evicted, INLINE_EVICTIONS);
         }
         let kept = inner.slots[slot as usize].function != FREE;
         (kept.then_some(slot), evicted)
@@ -476,15 +509,34 @@ impl Index {
         inner.free = slot;
     }
 
-    /// Evicts from the cold end while a limit is crossed; `just` (the entry just inserted) is
-    /// evicted only when it is not the last one.
-    fn evict_locked(&self, inner: &mut Inner, now: u32, just: u32, out: &mut Vec<Digest>) {
-        let over_bytes = self.max_bytes != 0 && inner.total_bytes > self.max_bytes;
-        while inner.tail != NIL {
+    /// Evicts from the cold end while a limit is crossed, at most `budget` entries; `just` (the
+    /// entry just inserted) is evicted only when it is not the last one.
+    fn evict_locked(
+        &self,
+        inner: &mut Inner,
+        now: u32,
+        just: u32,
+        out: &mut Vec<Digest>,
+        budget: usize,
+    ) {
+        if inner.held {
+            return;
+        }
+        if self.limits.crosses_bytes(inner.total_bytes) {
+            // Down to `max_bytes - evict_bytes`, over as many calls as the budgets take.
+            inner.draining = true;
+        }
+        let mut left = budget;
+        while inner.tail != NIL && left > 0 {
+            left -= 1;
             let oldest = inner.tail;
-            let must = (over_bytes && inner.total_bytes > self.evict_to)
-                || (self.max_count != 0 && inner.len > self.max_count)
-                || self.expired(&inner.slots[oldest as usize], now);
+            let must = self.limits.must_evict(
+                inner.draining,
+                inner.total_bytes,
+                inner.len,
+                inner.slots[oldest as usize].touched_s as u64,
+                now as u64,
+            );
             if !must || inner.len == 1 {
                 break;
             }
@@ -498,15 +550,19 @@ impl Index {
                 break;
             }
         }
+        if self.limits.drained(inner.total_bytes) {
+            inner.draining = false;
+        }
     }
 
-    /// Evicts from the cold end while a limit is crossed (a backlog left by unordered inserts
-    /// or by a lowered `max_bytes`); returns what was evicted.
-    pub fn evict_over_limit(&self) -> Vec<Digest> {
+    /// Evicts from the cold end while a limit is crossed (a backlog left by unordered inserts,
+    /// by a lowered `max_bytes` or by inserts' bounded evictions), at most `max` entries, down
+    /// to `max_bytes - evict_bytes` once `max_bytes` was crossed; returns what was evicted.
+    pub fn evict_batch(&self, max: usize) -> Vec<Digest> {
         let now = self.now_s();
         let mut evicted = Vec::new();
         let mut inner = self.inner.lock();
-        self.evict_locked(&mut inner, now, NIL, &mut evicted);
+        self.evict_locked(&mut inner, now, NIL, &mut evicted, max);
         evicted
     }
 
@@ -523,14 +579,16 @@ impl Index {
         }
     }
 
-    /// Drops every entry not seen on disk; returns how many.
-    pub fn sweep_unseen(&self) -> u64 {
+    /// Drops every entry not seen on disk, but for those whose hash begins with a byte `keep`
+    /// marks (their directory was not listed); returns how many.
+    pub fn sweep_unseen(&self, keep: &[bool; 256]) -> u64 {
         let mut inner = self.inner.lock();
         let mut dropped = 0;
         let mut slot = inner.head;
         while slot != NIL {
             let next = inner.slots[slot as usize].next;
-            if inner.slots[slot as usize].flags & SEEN == 0 {
+            let e = &inner.slots[slot as usize];
+            if e.flags & SEEN == 0 && !keep[e.hash[0] as usize] {
                 let k = inner.entry_key(slot);
                 self.remove_slot(&mut inner, slot, &k);
                 dropped += 1;
@@ -712,7 +770,7 @@ mod tests {
         assert_eq!((slot, evicted), (None, vec![d(4)]));
         assert!(m.mark_seen(&d(2)));
         assert!(m.is_seen(&d(0)) && m.is_seen(&d(2)) && !m.is_seen(&d(1)));
-        assert_eq!(m.sweep_unseen(), 2);
+        assert_eq!(m.sweep_unseen(&[false; 256]), 2);
         assert_eq!(m.len(), 2);
         assert_eq!(m.total_bytes(), 20);
 
@@ -727,7 +785,8 @@ mod tests {
         assert_eq!(m.total_bytes(), 200);
         listed.reverse(); // d(4) newest ... d(0) oldest
         m.move_to_cold_end(&listed);
-        assert_eq!(m.evict_over_limit(), vec![d(0), d(1), d(2)]);
+        assert_eq!(m.evict_batch(2), vec![d(0), d(1)]);
+        assert_eq!(m.evict_batch(usize::MAX), vec![d(2)]);
         assert_eq!(m.total_bytes(), 80);
     }
 

@@ -8,6 +8,11 @@
 //! index does not hold stats its path and indexes what it finds, so a blob on disk is never
 //! NOT_FOUND; puts go on and are indexed as usual.
 //!
+//! Blobs of an older layout (a flat `content_path`, NativeLink's `d/`: see `layout.rs`) are moved
+//! into their prefix directories by the same listing, after the prefix directories (phase
+//! `migrate`); until every one is moved, a read or lookup that does not find a blob in place
+//! looks in the older places and moves what it finds, and an eviction removes both names.
+//!
 //! After a reboot (the checkpoint is of another boot, see `checkpoint.rs`), a blob modified
 //! between the checkpoint and this start may be torn: the walk hashes each such file, a lookup
 //! that finds one on disk hashes it before indexing it, and a read of an entry the snapshot
@@ -21,14 +26,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_core::{Digest, Error};
 
+mod evictor;
+
 use super::checkpoint;
 use super::index::{End, Index};
+use super::layout::{self, Moved};
 use super::snapshot;
 
 const PHASE_SNAPSHOT: u8 = 0;
 const PHASE_WALK: u8 = 1;
 const PHASE_RECONCILE: u8 = 2;
 const PHASE_READY: u8 = 3;
+const PHASE_MIGRATE: u8 = 4;
 
 /// Files modified this long before the store opened may be from before a reboot; later ones
 /// were written by this process (file-system timestamps lag the wall clock by a tick).
@@ -41,10 +50,22 @@ pub(crate) struct Blobs {
     phase: AtomicU8,
     /// Entries the snapshot being read announced (0: none).
     expected: AtomicU64,
+    /// Prefix directories the load listed (256 when it walked).
+    dirs_listed: AtomicU64,
     /// Files modified in `[from, to)` may be torn (after a reboot); `None`: none is.
     suspect: Option<(SystemTime, SystemTime)>,
-    /// Set when the store is dropped: the loader stops.
+    /// Set when the store is dropped: the loader and the evictor stop.
     stop: AtomicBool,
+    /// Set to wake the evictor (with `evict_wake`).
+    evict_wanted: parking_lot::Mutex<bool>,
+    /// The evictor is working (from its wake-up until its files are deleted).
+    evicting: AtomicBool,
+    evict_wake: parking_lot::Condvar,
+    /// Tests hold the evictor back to look at a backlog.
+    #[cfg(test)]
+    pub evictor_paused: AtomicBool,
+    /// Blobs may still sit in an older layout (no `.cairn-layout` marker yet).
+    migrating: AtomicBool,
     /// Changed since the last snapshot.
     dirty: AtomicBool,
     /// One snapshot writer at a time.
@@ -66,13 +87,21 @@ impl Blobs {
         opened: SystemTime,
     ) -> Blobs {
         let own = opened.checked_sub(OWN_WRITES_SLACK).unwrap_or(UNIX_EPOCH);
+        let migrating = !layout::is_current(&content);
         Blobs {
             content,
             index,
             phase: AtomicU8::new(PHASE_SNAPSHOT),
             expected: AtomicU64::new(0),
+            dirs_listed: AtomicU64::new(0),
             suspect: suspect_after.map(|after| (after, own)),
             stop: AtomicBool::new(false),
+            evict_wanted: parking_lot::Mutex::new(false),
+            evicting: AtomicBool::new(false),
+            evict_wake: parking_lot::Condvar::new(),
+            #[cfg(test)]
+            evictor_paused: AtomicBool::new(false),
+            migrating: AtomicBool::new(migrating),
             dirty: AtomicBool::new(false),
             snapshot_lock: parking_lot::Mutex::new(()),
             loaded: tokio::sync::watch::Sender::new(false),
@@ -81,7 +110,30 @@ impl Blobs {
     }
 
     pub fn path_of(&self, key: &Digest) -> PathBuf {
-        self.content.join(key.file_name())
+        layout::blob_path(&self.content, key)
+    }
+
+    /// Whether blobs may still sit in an older layout.
+    pub fn migrating(&self) -> bool {
+        self.migrating.load(Ordering::Acquire)
+    }
+
+    /// Moves `key`'s file from an older layout into place, if it is there: true when the file
+    /// is now in place. Blocking.
+    pub fn migrate_one(&self, key: &Digest) -> bool {
+        if !self.migrating() {
+            return false;
+        }
+        for old in layout::legacy_paths(&self.content, key) {
+            match layout::move_into_place(&self.content, &old, key) {
+                Ok(Moved::Now | Moved::AlreadyThere) => return true,
+                Ok(Moved::Gone) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, digest = %key, "filesystem store: could not move a blob of an older layout into place");
+                }
+            }
+        }
+        false
     }
 
     /// The index holds everything on disk.
@@ -98,11 +150,17 @@ impl Blobs {
                 PHASE_SNAPSHOT => "snapshot",
                 PHASE_WALK => "walk",
                 PHASE_RECONCILE => "reconcile",
+                PHASE_MIGRATE => "migrate",
                 _ => "ready",
             },
             entries: self.index.len(),
             expected: (expected > 0).then_some(expected),
         }
+    }
+
+    /// How many prefix directories the finished load listed.
+    pub fn dirs_listed(&self) -> u64 {
+        self.dirs_listed.load(Ordering::Relaxed)
     }
 
     /// Waits until the index is loaded (forever if the load failed: see the logs).
@@ -126,6 +184,8 @@ impl Blobs {
 
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        let _wanted = self.evict_wanted.lock();
+        self.evict_wake.notify_all();
     }
 
     /// Whether a file of this modification time may be torn.
@@ -143,45 +203,97 @@ impl Blobs {
         if self.suspect.is_none() || self.ready() || self.index.is_seen(key) {
             return true;
         }
-        if self.suspect(mtime) && !checkpoint::holds(&self.path_of(key), key) {
-            self.drop_torn(key);
+        let path = self.path_of(key);
+        if self.suspect(mtime) && !checkpoint::holds(&path, key) {
+            self.drop_torn(key, &path);
             return false;
         }
         self.index.mark_seen(key);
         true
     }
 
-    fn drop_torn(&self, key: &Digest) {
+    /// Unindexes `key` and deletes its file at `path` (in place or in an older layout).
+    /// Whether lookups must check an indexed entry before vouching for it: after a reboot,
+    /// until the load has checked every file that may be torn.
+    pub fn checks_pending(&self) -> bool {
+        self.suspect.is_some() && !self.ready()
+    }
+
+    /// Whether a lookup may vouch for the indexed `key`: true unless the files may be torn
+    /// (see [`Blobs::checks_pending`]), no one checked this one yet, and it is gone or does
+    /// not hash to its name (then it is unindexed, and deleted). Blocking.
+    pub fn vouch(&self, key: &Digest) -> bool {
+        if !self.checks_pending() || self.index.is_seen(key) {
+            return true;
+        }
+        let path = self.path_of(key);
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(_) if self.migrate_one(key) => match std::fs::metadata(&path) {
+                Ok(m) => m,
+                Err(_) => {
+                    self.index.remove(key);
+                    return false;
+                }
+            },
+            Err(_) => {
+                self.index.remove(key);
+                return false;
+            }
+        };
+        self.check_before_serving(key, meta.modified().ok())
+    }
+
+    fn drop_torn(&self, key: &Digest, path: &std::path::Path) {
         tracing::warn!(
             digest = %key,
-            path = %self.path_of(key).display(),
+            path = %path.display(),
             "filesystem store: dropping a blob written just before the machine restarted, whose bytes do not match its name"
         );
         self.index.remove(key);
-        let _ = std::fs::remove_file(self.path_of(key));
+        let _ = std::fs::remove_file(path);
     }
 
     /// Looks for `key` on disk while the index loads, and indexes it when found: its stored
     /// length, or `None`. Blocking (a stat, and a hash of a suspect file after a reboot).
     pub fn probe_disk(&self, key: &Digest) -> Option<u64> {
         let path = self.path_of(key);
-        let meta = std::fs::metadata(&path).ok().filter(|m| m.is_file())?;
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(_) if self.migrate_one(key) => std::fs::metadata(&path).ok()?,
+            Err(_) => return None,
+        };
+        if !meta.is_file() {
+            return None;
+        }
         if self.suspect(meta.modified().ok()) && !checkpoint::holds(&path, key) {
-            self.drop_torn(key);
+            self.drop_torn(key, &path);
             return None;
         }
         let (_, evicted) = self.index.insert_at(key, meta.len(), End::Hot, true);
         self.changed();
         self.remove_files(&evicted);
+        if self.index.over_limit() {
+            self.wake_evictor();
+        }
         Some(meta.len())
     }
 
     /// Deletes the files of evicted entries. Blocking.
     pub fn remove_files(&self, evicted: &[Digest]) {
-        for key in evicted {
-            if let Err(e) = std::fs::remove_file(self.path_of(key)) {
+        let remove = |key: &Digest, path: PathBuf| {
+            if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(digest = %key, error = %e, "filesystem store: could not delete evicted blob");
+                    tracing::warn!(digest = %key, path = %path.display(), error = %e, "filesystem store: could not delete evicted blob");
+                }
+            }
+        };
+        let migrating = self.migrating();
+        for key in evicted {
+            remove(key, self.path_of(key));
+            if migrating {
+                for old in layout::legacy_paths(&self.content, key) {
+                    remove(key, old);
                 }
             }
         }
@@ -206,7 +318,8 @@ impl Blobs {
     /// logged, and the directory walk stands in for a snapshot that cannot be used.
     pub fn load(self: &Arc<Self>) {
         let began = Instant::now();
-        let from_snapshot = self.load_snapshot();
+        let snapshot_at = self.load_snapshot();
+        let from_snapshot = snapshot_at.is_some();
         if self.stop.load(Ordering::Relaxed) {
             return;
         }
@@ -219,8 +332,8 @@ impl Blobs {
             },
             Ordering::Release,
         );
-        let outcome = self.list(from_snapshot);
-        let (added, checked) = match outcome {
+        let outcome = self.list(snapshot_at);
+        let (added, checked, unchanged) = match outcome {
             Ok(Some(counts)) => counts,
             Ok(None) => return, // stopped
             Err(e) => {
@@ -231,13 +344,27 @@ impl Blobs {
             }
         };
         self.checked.send_replace(true);
-        let dropped = self.index.sweep_unseen();
+        let dropped = self.index.sweep_unseen(&unchanged);
+        let dirs_listed = unchanged.iter().filter(|&&u| !u).count();
+        self.dirs_listed
+            .store(dirs_listed as u64, Ordering::Relaxed);
         self.phase.store(PHASE_READY, Ordering::Release);
         self.loaded.send_replace(true);
+        // What is over the limit now (a lowered `max_bytes`, or a walk's entries) goes, oldest
+        // first, while the store serves.
+        if self.index.over_limit() {
+            tracing::info!(
+                entries = self.index.len(),
+                bytes = self.index.total_bytes(),
+                "filesystem store: over the limit after the load; evicting in the background"
+            );
+            self.wake_evictor();
+        }
         tracing::info!(
             path = %self.content.display(),
             entries = self.index.len(),
             from_snapshot,
+            dirs_listed,
             snapshot_ms = snapshot_took.as_millis() as u64,
             total_ms = began.elapsed().as_millis() as u64,
             added,
@@ -254,14 +381,15 @@ impl Blobs {
     }
 
     /// Reads the snapshot into the index, hottest first at the cold end (so what requests and
-    /// puts indexed meanwhile stays hotter). True when the whole snapshot was read.
-    fn load_snapshot(&self) -> bool {
-        let mut reader = match snapshot::Reader::open(&self.content) {
+    /// puts indexed meanwhile stays hotter). When the whole snapshot was read, the time its
+    /// writing began.
+    fn load_snapshot(&self) -> Option<SystemTime> {
+        let reader = match snapshot::Reader::open(&self.content) {
             Ok(Some(r)) => r,
-            Ok(None) => return false,
+            Ok(None) => return None,
             Err(snapshot::Torn(why)) => {
                 tracing::warn!(path = %self.content.display(), why, "filesystem store: the index snapshot cannot be used; walking the directory");
-                return false;
+                return None;
             }
         };
         self.expected.store(reader.expected(), Ordering::Relaxed);
@@ -273,109 +401,250 @@ impl Blobs {
         );
         // A lying header costs at most a reservation for 64 Mi entries.
         self.index.reserve(reader.expected().min(1 << 26) as usize);
-        let mut block = Vec::new();
-        loop {
+        let written_at = reader.written_at();
+        let read = snapshot::read_overlapped(reader, |block| {
             if self.stop.load(Ordering::Relaxed) {
                 return false;
             }
-            match reader.next_block(&mut block) {
-                Ok(true) => {
-                    for (key, len) in &block {
-                        let (_, evicted) = self.index.insert_at(key, *len, End::Cold, false);
-                        self.remove_files(&evicted);
-                    }
-                }
-                Ok(false) => return true,
-                Err(snapshot::Torn(why)) => {
-                    // What was read is checked by the walk like any other entry.
-                    tracing::warn!(path = %self.content.display(), why, "filesystem store: the index snapshot is torn; walking the directory");
-                    self.expected.store(0, Ordering::Relaxed);
-                    return false;
-                }
+            for (key, len) in block {
+                let (_, evicted) = self.index.insert_at(key, *len, End::Cold, false);
+                self.remove_files(&evicted);
+            }
+            true
+        });
+        match read {
+            Ok(true) => Some(written_at),
+            Ok(false) => None, // stopped
+            Err(snapshot::Torn(why)) => {
+                // What was read is checked by the walk like any other entry.
+                tracing::warn!(path = %self.content.display(), why, "filesystem store: the index snapshot is torn; walking the directory");
+                self.expected.store(0, Ordering::Relaxed);
+                None
             }
         }
     }
 
-    /// Lists the content directory: marks what the index holds as seen, stats and indexes the
-    /// rest, and after a reboot hashes suspect files. Without a whole snapshot, every file is
-    /// stat-ed and the LRU order follows modification times. Returns (added, hashed), or
-    /// `None` when stopped.
-    fn list(&self, from_snapshot: bool) -> Result<Option<(u64, u64)>, Error> {
-        let dir = std::fs::read_dir(&self.content)
-            .map_err(|e| Error::io(format!("reading {}", self.content.display()), e))?;
-        let mut added = 0u64;
-        let mut checked = 0u64;
-        // (modification time, slot, key) of what the walk added at the cold end, to order
-        // them by age at the end; 16 bytes per entry (the key as 4 bytes of its hash).
-        let mut ages: Vec<(u64, u32, u32)> = Vec::new();
-        for entry in dir {
-            if self.stop.load(Ordering::Relaxed) {
+    /// Lists the content directory's prefix directories, then (phase `migrate`) the places of
+    /// older layouts: marks what the index holds as seen, stats and indexes the rest, moves
+    /// what an older layout holds into place, and after a reboot hashes suspect files. Without
+    /// a whole snapshot, every file is stat-ed and the LRU order follows modification times.
+    ///
+    /// With a whole snapshot written at `snapshot_at`, a prefix directory whose modification
+    /// time is older than that (less [`checkpoint::MTIME_SLACK`]), and older than the time
+    /// after which files may be torn, is not listed: no name was added to it or removed from
+    /// it since the snapshot began (a create, rename or unlink in a directory sets its
+    /// modification time), so the snapshot's entries of that prefix are its contents. Puts
+    /// rename before they index and evictions unindex before they unlink, so a change that the
+    /// snapshot missed left a later time on its directory.
+    ///
+    /// Returns (added, hashed, the prefixes not listed), or `None` when stopped.
+    fn list(&self, snapshot_at: Option<SystemTime>) -> Result<Option<Listed>, Error> {
+        let from_snapshot = snapshot_at.is_some();
+        let unchanged_before = snapshot_at.map(|at| {
+            let since = at
+                .checked_sub(checkpoint::MTIME_SLACK)
+                .unwrap_or(UNIX_EPOCH);
+            match self.suspect {
+                Some((from, _)) => since.min(from),
+                None => since,
+            }
+        });
+        let mut listing = Listing {
+            from_snapshot,
+            unchanged_before,
+            unchanged: Box::new([false; 256]),
+            added: 0,
+            checked: 0,
+            move_failures: 0,
+            ages: Vec::new(),
+        };
+        // A walk adds entries in no order: nothing is evicted until they are ordered.
+        self.index.hold_evictions(!from_snapshot);
+        let listed = self.list_all(&mut listing);
+        let Listing {
+            added,
+            checked,
+            move_failures,
+            mut ages,
+            unchanged,
+            ..
+        } = listing;
+        if !ages.is_empty() {
+            ages.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
+            let order: Vec<(u32, u32)> = ages.into_iter().map(|(_, s, f)| (s, f)).collect();
+            self.index.move_to_cold_end(&order);
+        }
+        self.index.hold_evictions(false);
+        let Some(migrating) = listed? else {
+            return Ok(None);
+        };
+        if migrating {
+            if move_failures > 0 {
+                tracing::warn!(
+                    move_failures,
+                    path = %self.content.display(),
+                    "filesystem store: some blobs of an older layout could not be moved; they are still looked up there, and moved at the next start"
+                );
+            } else {
+                // Empty once every blob moved (and NativeLink's `s/` is left alone).
+                let _ = std::fs::remove_dir(self.content.join(layout::NATIVELINK_DIGESTS));
+                layout::mark_current(&self.content)?;
+                self.migrating.store(false, Ordering::Release);
+                tracing::info!(path = %self.content.display(), "filesystem store: every blob is in its prefix directory");
+            }
+        }
+        Ok(Some((added, checked, unchanged)))
+    }
+
+    /// Lists the prefix directories, then the places of older layouts while blobs may be left
+    /// there: whether it did those (`None` when stopped).
+    fn list_all(&self, listing: &mut Listing) -> Result<Option<bool>, Error> {
+        for (i, p) in layout::prefixes().enumerate() {
+            let dir = self.content.join(&p);
+            if let Some(before) = listing.unchanged_before {
+                let changed = std::fs::metadata(&dir)
+                    .and_then(|m| m.modified())
+                    .map_or(true, |t| t >= before);
+                if !changed {
+                    listing.unchanged[i] = true;
+                    continue;
+                }
+            }
+            if !self.list_dir(&dir, Some(p.as_bytes()), listing)? {
                 return Ok(None);
             }
-            let entry =
-                entry.map_err(|e| Error::io(format!("reading {}", self.content.display()), e))?;
-            let Some(key) = entry.file_name().to_str().and_then(Digest::from_file_name) else {
-                continue;
+        }
+        let migrating = self.migrating();
+        if migrating {
+            self.phase.store(PHASE_MIGRATE, Ordering::Release);
+            let nativelink = self.content.join(layout::NATIVELINK_DIGESTS);
+            for dir in [&self.content, &nativelink] {
+                if !self.list_dir(dir, None, listing)? {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(migrating))
+    }
+
+    /// Lists one directory (see [`Blobs::list`]): a prefix directory (`prefix` its name), or
+    /// a place of an older layout. False when stopped.
+    fn list_dir(
+        &self,
+        dir: &std::path::Path,
+        prefix: Option<&[u8]>,
+        listing: &mut Listing,
+    ) -> Result<bool, Error> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            // A prefix directory removed by hand, or no NativeLink directory.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+        };
+        for entry in entries {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            let entry = entry.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let key = match prefix {
+                Some(_) => Digest::from_file_name(name),
+                None => layout::legacy_key(name),
             };
+            let Some(key) = key else { continue };
+            // A blob in the wrong prefix directory is moved like one of an older layout.
+            let in_place = prefix.is_some_and(|p| p == layout::prefix(&key));
             // Known and no reboot: the listing is all the proof needed.
-            if self.suspect.is_none() && self.index.mark_seen(&key) {
+            if in_place && self.suspect.is_none() && self.index.mark_seen(&key) {
                 continue;
             }
-            let Ok(meta) = entry.metadata() else { continue };
+            let Ok(mut meta) = entry.metadata() else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
+            let path = entry.path();
             let mtime = meta.modified().ok();
             if self.suspect(mtime) && !self.index.is_seen(&key) {
-                checked += 1;
-                if !checkpoint::holds(&entry.path(), &key) {
-                    self.drop_torn(&key);
+                listing.checked += 1;
+                if !checkpoint::holds(&path, &key) {
+                    self.drop_torn(&key, &path);
                     continue;
+                }
+            }
+            if !in_place {
+                match layout::move_into_place(&self.content, &path, &key) {
+                    Ok(Moved::Now) => {}
+                    // The file in place is the one indexed (stat-ed again: it may be newer).
+                    Ok(Moved::AlreadyThere) => match std::fs::metadata(self.path_of(&key)) {
+                        Ok(m) => meta = m,
+                        Err(_) => continue,
+                    },
+                    Ok(Moved::Gone) => continue,
+                    Err(e) => {
+                        listing.move_failures += 1;
+                        tracing::warn!(error = %e, "filesystem store: could not move a blob of an older layout into place");
+                        continue;
+                    }
                 }
             }
             if self.index.mark_seen(&key) {
                 continue;
             }
-            let end = if from_snapshot {
+            let end = if listing.from_snapshot {
                 End::Hot
             } else {
                 End::Unordered
             };
             let (slot, evicted) = self.index.insert_at(&key, meta.len(), end, true);
             self.remove_files(&evicted);
-            added += 1;
-            if let (Some(slot), false) = (slot, from_snapshot) {
-                let age = mtime
+            listing.added += 1;
+            if let (Some(slot), false) = (slot, listing.from_snapshot) {
+                let age = meta
+                    .modified()
+                    .ok()
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_nanos() as u64);
-                ages.push((age, slot, super::index::fingerprint(&key)));
+                listing
+                    .ages
+                    .push((age, slot, super::index::fingerprint(&key)));
             }
         }
-        if !ages.is_empty() {
-            ages.sort_unstable_by_key(|a| std::cmp::Reverse(a.0));
-            let order: Vec<(u32, u32)> = ages.into_iter().map(|(_, s, f)| (s, f)).collect();
-            self.index.move_to_cold_end(&order);
-        }
-        // What is over the limit now (a lowered `max_bytes`, or a walk's unordered entries)
-        // goes, oldest first, while the store serves.
-        let evicted = self.index.evict_over_limit();
-        if !evicted.is_empty() {
-            tracing::info!(
-                entries = evicted.len(),
-                "filesystem store: evicting what is over the limit after the load"
-            );
-        }
-        self.remove_files(&evicted);
-        Ok(Some((added, checked)))
+        Ok(true)
     }
 }
 
-/// Starts the loader thread.
-pub(crate) fn start(blobs: &Arc<Blobs>) -> Result<(), Error> {
+/// What [`Blobs::list`] found: (added, hashed, the prefixes not listed).
+type Listed = (u64, u64, Box<[bool; 256]>);
+
+/// What a listing gathered so far.
+struct Listing {
+    from_snapshot: bool,
+    /// With a snapshot: prefix directories not modified since this time are not listed.
+    unchanged_before: Option<SystemTime>,
+    /// The prefixes (by the hash's first byte) not listed.
+    unchanged: Box<[bool; 256]>,
+    added: u64,
+    checked: u64,
+    /// Blobs of an older layout that could not be moved.
+    move_failures: u64,
+    /// (modification time, slot, key) of what the walk added at the cold end, to order them by
+    /// age at the end; 16 bytes per entry (the key as 4 bytes of its hash).
+    ages: Vec<(u64, u32, u32)>,
+}
+
+/// Starts the loader and the evictor threads; the loader's handle.
+pub(crate) fn start(blobs: &Arc<Blobs>) -> Result<std::thread::JoinHandle<()>, Error> {
+    let b = blobs.clone();
+    std::thread::Builder::new()
+        .name("cairn-fs-evict".into())
+        .spawn(move || b.evict_loop())
+        .map_err(|e| Error::internal(format!("starting the evictor: {e}")))?;
     let b = blobs.clone();
     std::thread::Builder::new()
         .name("cairn-fs-index".into())
         .spawn(move || b.load())
-        .map(|_| ())
         .map_err(|e| Error::internal(format!("starting the index loader: {e}")))
 }

@@ -238,6 +238,42 @@ impl Reader {
     }
 }
 
+/// Reads every block of `reader` on a thread of its own (reading, checking and decoding) while
+/// the calling thread hands each block to `each` (inserting into the index), a few blocks
+/// apart: the two halves of a load overlap. `each` returns false to stop early. `Ok(true)`
+/// when the whole snapshot was read, `Ok(false)` when `each` stopped it.
+pub(super) fn read_overlapped(
+    mut reader: Reader,
+    mut each: impl FnMut(&[(Digest, u64)]) -> bool,
+) -> Result<bool, Torn> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Digest, u64)>>(4);
+    std::thread::scope(|scope| {
+        let read = scope.spawn(move || -> Result<(), Torn> {
+            loop {
+                let mut block = Vec::with_capacity(BLOCK_ENTRIES);
+                if !reader.next_block(&mut block)? {
+                    return Ok(());
+                }
+                if tx.send(block).is_err() {
+                    return Ok(()); // stopped
+                }
+            }
+        });
+        let mut whole = true;
+        for block in rx.iter() {
+            if !each(&block) {
+                whole = false;
+                break;
+            }
+        }
+        drop(rx);
+        let read = read
+            .join()
+            .unwrap_or_else(|_| Err(Torn("the snapshot reader panicked".into())));
+        read.map(|()| whole)
+    })
+}
+
 fn decode_record(rest: &mut &[u8]) -> Option<(Digest, u64)> {
     let (&f, tail) = rest.split_first()?;
     let function = *DigestFunction::ALL.get(f as usize)?;
@@ -292,6 +328,17 @@ mod tests {
         assert_eq!(all, expect);
         assert_eq!(all[0].1, (n as u64 - 1) * 3);
         assert!(!dir.path().join(format!("{FILE_NAME}.tmp")).exists());
+        // Read on another thread, the same records in the same order; stopped early, not whole.
+        let mut overlapped = Vec::new();
+        let r = Reader::open(dir.path()).unwrap().unwrap();
+        let whole = read_overlapped(r, |b| {
+            overlapped.extend_from_slice(b);
+            true
+        });
+        assert!(whole.unwrap());
+        assert_eq!(overlapped, all);
+        let r = Reader::open(dir.path()).unwrap().unwrap();
+        assert!(!read_overlapped(r, |_| false).unwrap());
     }
 
     #[test]
@@ -314,6 +361,9 @@ mod tests {
         for (i, bytes) in cases.iter().enumerate() {
             std::fs::write(&path, bytes).unwrap();
             assert!(read_all(dir.path()).is_err(), "case {i}");
+            if let Ok(Some(r)) = Reader::open(dir.path()) {
+                assert!(read_overlapped(r, |_| true).is_err(), "case {i}");
+            }
         }
     }
 }
