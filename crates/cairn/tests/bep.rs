@@ -133,12 +133,5 @@ async fn bad_build_events_are_invalid_argument() {
         );
     }
     // Nothing was stored.
-    let stored = std::fs::read_dir(tmp.path().join("bep"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        })
-        .count();
-    assert_eq!(stored, 0);
+    assert_eq!(common::blob_files(&tmp.path().join("bep")), 0);
 }

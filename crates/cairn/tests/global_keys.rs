@@ -209,14 +209,5 @@ async fn cache_metrics_count_the_wrapped_tier() {
     );
     assert_eq!(writes, Some(8.0), "{body}");
     // Every blob reached the filesystem tier through its write limit.
-    assert_eq!(
-        std::fs::read_dir(tmp.path().join("cas"))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))
-            })
-            .count(),
-        8
-    );
+    assert_eq!(common::blob_files(&tmp.path().join("cas")), 8);
 }

@@ -544,3 +544,20 @@ impl Drop for CairnRun {
         let _ = self.child.wait();
     }
 }
+
+/// The blob files a filesystem store holds under `dir`, in its prefix directories (the
+/// store's own files, such as its index snapshot, start with a dot).
+pub fn blob_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| {
+            if e.file_type().unwrap().is_dir() {
+                blob_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
