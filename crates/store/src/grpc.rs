@@ -45,14 +45,6 @@ const ZSTD_MIN: u64 = 64 << 10;
 const MAX_MESSAGE: usize = 64 << 20;
 /// Bytes per ByteStream.Write message.
 const WRITE_CHUNK: usize = 1 << 20;
-/// What all of one store's uploads may hold between their bodies and the upstream's socket,
-/// in KiB. An upload is counted at [`UPLOAD_HOLD_KIB`] (its size if smaller) for as long as it
-/// runs: the chunk it took from its body, one message queued for tonic, tonic's encoding
-/// buffer and h2's send queue. Uploads past the budget wait, so an upstream that stops reading
-/// holds the front's memory to this, not to the number of clients uploading.
-pub const UPLOAD_BUDGET_KIB: u32 = 256 << 10;
-/// The most one upload is counted at, in KiB.
-pub const UPLOAD_HOLD_KIB: u32 = 8 << 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -68,8 +60,6 @@ pub struct GrpcStore {
     retry: RetryPolicy,
     /// `max_concurrent_requests`.
     permits: Option<std::sync::Arc<tokio::sync::Semaphore>>,
-    /// [`UPLOAD_BUDGET_KIB`].
-    uploads: std::sync::Arc<tokio::sync::Semaphore>,
     /// `use_legacy_resource_names`.
     legacy_names: bool,
     /// `rpc_timeout_s`, when set.
@@ -188,7 +178,6 @@ impl GrpcStore {
                     n.min(tokio::sync::Semaphore::MAX_PERMITS as u64) as usize,
                 ))
             }),
-            uploads: std::sync::Arc::new(tokio::sync::Semaphore::new(UPLOAD_BUDGET_KIB as usize)),
             legacy_names: cfg.use_legacy_resource_names,
             zstd: kind == Kind::Cas && cfg.experimental_remote_cache_compression == Some(true),
             rpc_timeout,
@@ -501,8 +490,6 @@ impl Store for GrpcStore {
             failure: failure.clone(),
         };
         let _permit = self.permit().await;
-        let held = (size.div_ceil(1024)).min(UPLOAD_HOLD_KIB as u64) as u32;
-        let _held = self.uploads.clone().acquire_many_owned(held).await.ok();
         let mut md = tonic::metadata::MetadataMap::new();
         self.headers.apply(&mut md);
         let result = upload(self.bytestream(), feed, md).await;
