@@ -564,7 +564,14 @@ async fn remote_actions(ui: &WebUi, id: &str, b: &mut String) {
                         o.exit_code.map(|c| c.to_string()).unwrap_or_default(),
                         o.worker.clone().unwrap_or_default(),
                     ),
-                    None => ("queued".to_string(), String::new(), String::new()),
+                    // Not in this process's scheduler: it runs on another one (a `grpc` or
+                    // shared scheduler) or was forgotten by a restart; either way all that is
+                    // known is that it had not ended when last seen.
+                    None => (
+                        "<span class=\"muted\">queued or running when last seen</span>".to_string(),
+                        String::new(),
+                        String::new(),
+                    ),
                 }
             }
             Some(Execution::Done {
