@@ -271,27 +271,17 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
             scheduler: p.name.clone(),
         };
         let m = &s.metrics;
-        m.scheduler_queue_length
-            .get_or_create(&l)
-            .set(st.queued as i64);
-        m.queue_length.get_or_create(&l).set(st.queued as i64);
-        m.worker_active_count
-            .get_or_create(&l)
-            .set(st.workers as i64);
-        m.worker_slots_total
-            .get_or_create(&l)
-            .set(st.total_slots as i64);
-        m.worker_slots_busy
-            .get_or_create(&l)
-            .set(st.busy_slots as i64);
-        for (stage, n) in [("queued", st.queued), ("executing", st.executing)] {
-            m.execution_active_count
-                .get_or_create(&crate::metrics::StageLabels {
-                    scheduler: p.name.clone(),
-                    execution_stage: stage,
-                })
-                .set(n as i64);
-        }
+        scheduler_figures(
+            m,
+            &l,
+            SchedulerFigures {
+                queued: st.queued as u64,
+                executing: st.executing as u64,
+                workers: st.workers as u64,
+                slots: st.total_slots,
+                busy: st.busy_slots,
+            },
+        );
         {
             // A read guard on the family: not held across the await below.
             let retries = m.execution_retry_count.get_or_create(&l);
@@ -311,6 +301,34 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         )],
         s.metrics.encode(),
     )
+}
+
+/// What one scheduler exports under the guides' metric names.
+struct SchedulerFigures {
+    queued: u64,
+    executing: u64,
+    workers: u64,
+    slots: u64,
+    busy: u64,
+}
+
+/// Sets the guides' scheduler families for the scheduler of `l`.
+fn scheduler_figures(m: &Metrics, l: &crate::metrics::SchedulerLabels, f: SchedulerFigures) {
+    m.scheduler_queue_length
+        .get_or_create(l)
+        .set(f.queued as i64);
+    m.queue_length.get_or_create(l).set(f.queued as i64);
+    m.worker_active_count.get_or_create(l).set(f.workers as i64);
+    m.worker_slots_total.get_or_create(l).set(f.slots as i64);
+    m.worker_slots_busy.get_or_create(l).set(f.busy as i64);
+    for (stage, n) in [("queued", f.queued), ("executing", f.executing)] {
+        m.execution_active_count
+            .get_or_create(&crate::metrics::StageLabels {
+                scheduler: l.scheduler.clone(),
+                execution_stage: stage,
+            })
+            .set(n as i64);
+    }
 }
 
 /// The shared scheduler's cluster-wide figures, from Redis. The per-replica families are
@@ -349,31 +367,21 @@ async fn cluster_metrics(
     // cluster's figures under those names and the others none, so that a sum, a max or one
     // series each gives the cluster. When it dies, the next takes over once its record
     // expires (three leases).
-    let stage = |execution_stage| StageLabels {
-        scheduler: scheduler.to_string(),
-        execution_stage,
-    };
     if view.replicas.first().map(|(id, _)| id.as_str()) == Some(shared.replica_id()) {
         let total = |f: fn(&crate::execution::shared::ReplicaSummary) -> u64| {
-            view.replicas.iter().map(|(_, r)| f(r)).sum::<u64>() as i64
+            view.replicas.iter().map(|(_, r)| f(r)).sum::<u64>()
         };
-        m.scheduler_queue_length
-            .get_or_create(&l)
-            .set(view.queued as i64);
-        m.queue_length.get_or_create(&l).set(view.queued as i64);
-        m.worker_active_count
-            .get_or_create(&l)
-            .set(total(|r| r.workers));
-        m.worker_slots_total
-            .get_or_create(&l)
-            .set(total(|r| r.slots));
-        m.worker_slots_busy.get_or_create(&l).set(total(|r| r.busy));
-        m.execution_active_count
-            .get_or_create(&stage("queued"))
-            .set(view.queued as i64);
-        m.execution_active_count
-            .get_or_create(&stage("executing"))
-            .set(view.executing as i64);
+        scheduler_figures(
+            m,
+            &l,
+            SchedulerFigures {
+                queued: view.queued,
+                executing: view.executing,
+                workers: total(|r| r.workers),
+                slots: total(|r| r.slots),
+                busy: total(|r| r.busy),
+            },
+        );
     } else {
         for family in [
             &m.scheduler_queue_length,
@@ -384,8 +392,12 @@ async fn cluster_metrics(
         ] {
             family.remove(&l);
         }
-        m.execution_active_count.remove(&stage("queued"));
-        m.execution_active_count.remove(&stage("executing"));
+        for execution_stage in ["queued", "executing"] {
+            m.execution_active_count.remove(&StageLabels {
+                scheduler: scheduler.to_string(),
+                execution_stage,
+            });
+        }
     }
     m.cluster_queue_length
         .get_or_create(&l)
