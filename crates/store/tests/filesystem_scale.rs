@@ -391,3 +391,56 @@ async fn a_restart_from_a_snapshot_lists_only_the_prefix_directories_changed_sin
         assert_eq!(store.has(&blob(i).0).await.unwrap(), None);
     }
 }
+
+/// NativeLink's names do not say the digest function (it serves one file for either): its
+/// BLAKE3 blobs are found by their BLAKE3 digests, before the move and after it, and filed
+/// under the function their bytes hash to; a file that is neither function's hash of its
+/// bytes (an action result) stays under SHA-256, NativeLink's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nativelink_blake3_blobs_are_filed_under_the_function_their_bytes_hash_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("cas");
+    std::fs::create_dir_all(content.join("d")).unwrap();
+    let mut blobs = Vec::new();
+    for i in 0..2_000u32 {
+        let data = Bytes::from(format!("nativelink blob {i}"));
+        let function = if i % 2 == 0 {
+            DigestFunction::Blake3
+        } else {
+            DigestFunction::Sha256
+        };
+        let d = function.compute(&data);
+        let path = if i % 3 == 0 {
+            content.join(nativelink_name(&d))
+        } else {
+            content.join("d").join(nativelink_name(&d))
+        };
+        std::fs::write(path, &data).unwrap();
+        blobs.push((d, data));
+    }
+    let result = Digest::new(DigestFunction::Sha256, &[7; 32], 12);
+    std::fs::write(
+        content.join("d").join(nativelink_name(&result)),
+        b"result bytes",
+    )
+    .unwrap();
+
+    let store = FilesystemStore::open(&cfg(dir.path())).await.unwrap();
+    // Right after the start, whether moved yet or not.
+    for (d, data) in blobs.iter().step_by(7) {
+        assert_eq!(store.has(d).await.unwrap(), Some(d.size()), "{d}");
+        assert_eq!(store.get_all(d, 1 << 10).await.unwrap(), *data, "{d}");
+    }
+    loaded(&store).await;
+    assert_eq!(store.index_state().entries, blobs.len() as u64 + 1);
+    for (d, data) in &blobs {
+        assert_eq!(std::fs::read(blob_path(&content, d)).unwrap(), *data, "{d}");
+        assert_eq!(store.has(d).await.unwrap(), Some(d.size()), "{d}");
+    }
+    assert_eq!(
+        std::fs::read(blob_path(&content, &result)).unwrap(),
+        b"result bytes"
+    );
+    assert!(!content.join("d").exists());
+    assert!(content.join(".cairn-layout").exists());
+}

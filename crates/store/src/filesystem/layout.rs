@@ -17,9 +17,12 @@
 //! - NativeLink 1.6.6's filesystem store: `content_path/d/<hash>-<size>` (digest keys; its
 //!   `s/` directory of string keys holds nothing Cairn can be asked for and is left alone), and
 //!   the flat `content_path/<hash>-<size>` of its earlier versions. Its names do not say the
-//!   digest function: a 64-digit hash is taken as SHA-256 (NativeLink's default). A blob
-//!   stored under BLAKE3 is then never found (a miss, never a wrong blob: no SHA-256 digest
-//!   has a BLAKE3 blob's hash and size).
+//!   digest function (NativeLink serves one file for a SHA-256 and a BLAKE3 digest of the same
+//!   hash and size), so the bytes decide: the background move hashes each such file with both
+//!   functions and files it under the one that matches. A file that matches neither (an action
+//!   result, or a blob stored compressed) is filed under SHA-256, NativeLink's default. A
+//!   lookup of either function finds a file not moved yet, and moves it under the function it
+//!   was asked for: no SHA-256 and BLAKE3 digest share a hash, so the name is the file's.
 //!
 //! A move is `link(old, new)` then `unlink(old)`: it never replaces a file already at `new`
 //! (a put of this run, or an earlier move), it keeps the inode and its modification time (so
@@ -28,7 +31,7 @@
 //! The marker is written only after a `syncfs`, so a power loss cannot undo moves it vouches for.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -69,7 +72,7 @@ pub(super) fn prefixes() -> impl Iterator<Item = String> {
 /// Where an older layout may hold `key`.
 pub(super) fn legacy_paths(content: &Path, key: &Digest) -> Vec<PathBuf> {
     let mut out = vec![content.join(key.file_name())];
-    if key.function() == DigestFunction::Sha256 {
+    if NATIVELINK_FUNCTIONS.contains(&key.function()) {
         let name = nativelink_name(key);
         out.push(content.join(NATIVELINK_DIGESTS).join(&name));
         out.push(content.join(name));
@@ -77,22 +80,67 @@ pub(super) fn legacy_paths(content: &Path, key: &Digest) -> Vec<PathBuf> {
     out
 }
 
+/// The digest functions NativeLink 1.6.6 stores under names that do not say which.
+const NATIVELINK_FUNCTIONS: [DigestFunction; 2] = [DigestFunction::Sha256, DigestFunction::Blake3];
+
 fn nativelink_name(key: &Digest) -> String {
     format!("{}-{}", key.hash_hex(), key.size())
 }
 
-/// The digest an older layout's file name stands for: a Cairn name, or NativeLink's
-/// `<hash>-<size>` (as SHA-256) exactly as NativeLink writes it.
-pub(super) fn legacy_key(name: &str) -> Option<Digest> {
+/// A file name of an older layout.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum LegacyName {
+    /// A Cairn name: it says the digest.
+    Cairn(Digest),
+    /// NativeLink's `<hash>-<size>`, exactly as NativeLink writes it: the digest read as
+    /// SHA-256, which [`nativelink_key`] settles from the file's bytes.
+    NativeLink(Digest),
+}
+
+/// What an older layout's file name stands for.
+pub(super) fn legacy_name(name: &str) -> Option<LegacyName> {
     if let Some(d) = Digest::from_file_name(name) {
-        return Some(d);
+        return Some(LegacyName::Cairn(d));
     }
     let (hash, size) = name.split_once('-')?;
     if hash.len() != 64 {
         return None;
     }
     let d = Digest::parse(DigestFunction::Sha256, hash, size.parse().ok()?).ok()?;
-    (nativelink_name(&d) == name).then_some(d)
+    (nativelink_name(&d) == name).then_some(LegacyName::NativeLink(d))
+}
+
+/// The digest of NativeLink's file at `path`, named `as_sha256` (its name read as SHA-256): the
+/// function whose hash of the bytes is the name's, SHA-256 when none is (or the file cannot be
+/// read: it is then found, or not, as before). Reads the file once. Blocking.
+pub(super) fn nativelink_key(path: &Path, as_sha256: &Digest) -> Digest {
+    let mut hashers = NATIVELINK_FUNCTIONS.map(DigestFunction::hasher);
+    let Ok(mut file) = File::open(path) else {
+        return *as_sha256;
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                for h in &mut hashers {
+                    h.update(&buf[..n]);
+                }
+                size += n as u64;
+                if size > as_sha256.size() {
+                    return *as_sha256;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return *as_sha256,
+        }
+    }
+    hashers
+        .into_iter()
+        .map(|h| h.finish_with_size(size))
+        .find(|d| d.hash() == as_sha256.hash() && d.size() == as_sha256.size())
+        .unwrap_or(*as_sha256)
 }
 
 /// Whether `content` is known to hold no blob in an older layout.
@@ -211,11 +259,25 @@ mod tests {
         );
         assert_eq!(prefixes().count(), 256);
         assert!(prefixes().any(|p| p.as_bytes() == prefix(&d)));
-        assert_eq!(legacy_key(&d.file_name()), Some(d));
-        assert_eq!(legacy_key(&format!("{hex}-5")), Some(d));
+        assert_eq!(legacy_name(&d.file_name()), Some(LegacyName::Cairn(d)));
+        assert_eq!(
+            legacy_name(&format!("{hex}-5")),
+            Some(LegacyName::NativeLink(d))
+        );
         let b = DigestFunction::Blake3.compute(b"hello");
-        assert_eq!(legacy_key(&b.file_name()), Some(b));
-        assert_eq!(legacy_paths(content, &b).len(), 1);
+        assert_eq!(legacy_name(&b.file_name()), Some(LegacyName::Cairn(b)));
+        // NativeLink's names hold either function's blobs.
+        for key in [d, b] {
+            let nl = format!("{}-5", key.hash_hex());
+            assert_eq!(
+                legacy_paths(content, &key),
+                [
+                    content.join(key.file_name()),
+                    content.join("d").join(&nl),
+                    content.join(&nl)
+                ]
+            );
+        }
         // Not as NativeLink writes them: upper case, a leading zero, no size, other lengths.
         for bad in [
             format!("{}-5", hex.to_uppercase()),
@@ -226,8 +288,33 @@ mod tests {
             "d".into(),
             "ab".into(),
         ] {
-            assert_eq!(legacy_key(&bad), None, "{bad}");
+            assert_eq!(legacy_name(&bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_bytes_say_the_function_of_a_nativelink_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, data: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, data).unwrap();
+            path
+        };
+        let as_sha256 = |d: &Digest| Digest::new(DigestFunction::Sha256, d.hash(), d.size());
+        let sha = DigestFunction::Sha256.compute(b"a sha-256 blob");
+        assert_eq!(nativelink_key(&file("s", b"a sha-256 blob"), &sha), sha);
+        let b3 = DigestFunction::Blake3.compute(b"a blake3 blob");
+        let named = as_sha256(&b3);
+        assert_eq!(nativelink_key(&file("b", b"a blake3 blob"), &named), b3);
+        // An action result (or a compressed blob) is neither function's hash of its bytes:
+        // filed under SHA-256, as NativeLink's default.
+        let action = DigestFunction::Blake3.compute(b"an action");
+        let named = as_sha256(&action);
+        assert_eq!(nativelink_key(&file("ac", b"result bytes"), &named), named);
+        // Longer than the name says, or gone: SHA-256, without reading past the size.
+        let long = as_sha256(&DigestFunction::Blake3.compute(b"a blake3"));
+        assert_eq!(nativelink_key(&file("l", b"a blake3 blob"), &long), long);
+        assert_eq!(nativelink_key(&dir.path().join("gone"), &sha), sha);
     }
 
     #[test]

@@ -30,7 +30,7 @@ mod evictor;
 
 use super::checkpoint;
 use super::index::{End, Index};
-use super::layout::{self, Moved};
+use super::layout::{self, LegacyName, Moved};
 use super::snapshot;
 
 const PHASE_SNAPSHOT: u8 = 0;
@@ -548,11 +548,15 @@ impl Blobs {
             let entry = entry.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            let key = match prefix {
-                Some(_) => Digest::from_file_name(name),
-                None => layout::legacy_key(name),
+            let (key, nativelink) = match prefix {
+                Some(_) => (Digest::from_file_name(name), false),
+                None => match layout::legacy_name(name) {
+                    Some(LegacyName::Cairn(d)) => (Some(d), false),
+                    Some(LegacyName::NativeLink(d)) => (Some(d), true),
+                    None => (None, false),
+                },
             };
-            let Some(key) = key else { continue };
+            let Some(mut key) = key else { continue };
             // A blob in the wrong prefix directory is moved like one of an older layout.
             let in_place = prefix.is_some_and(|p| p == layout::prefix(&key));
             // Known and no reboot: the listing is all the proof needed.
@@ -566,6 +570,10 @@ impl Blobs {
                 continue;
             }
             let path = entry.path();
+            if nativelink {
+                // Its name does not say the function: its bytes do.
+                key = layout::nativelink_key(&path, &key);
+            }
             let mtime = meta.modified().ok();
             if self.suspect(mtime) && !self.index.is_seen(&key) {
                 listing.checked += 1;
