@@ -510,3 +510,44 @@ fn redis_store_is_checked_by_key_path_without_connecting() {
         }
     }
 }
+
+/// The listener's upload limits (`advanced_http.max_uploads`, `upload_buffer_bytes`): values
+/// that would refuse every upload or leave no buffer are refused by key path.
+#[test]
+fn bad_upload_limits_are_refused_by_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    for (adv, expected) in [
+        (
+            "max_uploads: 0",
+            "servers[0].listener.http.advanced_http.max_uploads: 0 would refuse every upload",
+        ),
+        (
+            r#"upload_buffer_bytes: "64kb""#,
+            "servers[0].listener.http.advanced_http.upload_buffer_bytes: 64000 bytes is below the least, 1 MiB",
+        ),
+        (
+            r#"upload_buffer_bytes: "lots""#,
+            "servers[0].listener.http.advanced_http.upload_buffer_bytes",
+        ),
+    ] {
+        let f = dir.path().join("c.json5");
+        std::fs::write(
+            &f,
+            format!(
+                r#"{{ stores: {{ CAS: {{ memory: {{}} }} }}, servers: [{{ listener: {{ http: {{ socket_address: "127.0.0.1:0", advanced_http: {{ {adv} }} }} }}, services: {{ cas: [{{ instance_name: "", cas_store: "CAS" }}] }} }}] }}"#
+            ),
+        )
+        .unwrap();
+        for verb in ["check-config", "run"] {
+            let out = cairn()
+                .arg(verb)
+                .arg(&f)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{verb} accepted {adv}");
+            assert!(err.contains(expected), "{verb} {adv}: {err}");
+        }
+    }
+}

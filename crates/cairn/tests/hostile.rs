@@ -382,6 +382,81 @@ async fn abandoned_and_reset_uploads_are_released() {
     still_up(&c).await;
 }
 
+/// `advanced_http.max_uploads`: past it, a new upload gets RESOURCE_EXHAUSTED naming the key,
+/// while the uploads in progress go on and complete.
+#[tokio::test]
+async fn uploads_past_max_uploads_are_resource_exhausted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cairn::start_with(
+        tmp.path(),
+        &CONFIG.replace("max_connections: 64", "max_connections: 64, max_uploads: 2"),
+        None,
+    );
+    let ch = c.channel().await;
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| vec![i as u8; 1 << 20]).collect();
+    let name = |b: &[u8]| {
+        let d = SHA.compute(b);
+        format!(
+            "uploads/{}/blobs/{}/{}",
+            uuid::Uuid::new_v4(),
+            d.hash_hex(),
+            d.size()
+        )
+    };
+    let first = |name: String, b: &[u8], finish: bool| WriteRequest {
+        resource_name: name,
+        write_offset: 0,
+        finish_write: finish,
+        data: b[..if finish { b.len() } else { 4096 }].to_vec(),
+    };
+    // Two uploads in progress: their first bytes taken, not finished.
+    let mut open = Vec::new();
+    for b in &blobs[..2] {
+        let n = name(b);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(first(n.clone(), b, false)).await.unwrap();
+        let mut client = ByteStreamClient::new(ch.clone());
+        let call = tokio::spawn(async move { client.write(tokio_stream_from(rx)).await });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ByteStreamClient::new(ch.clone())
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: n.clone(),
+            })
+            .await
+            .is_ok_and(|s| s.into_inner().committed_size == 4096)
+        {
+            assert!(Instant::now() < deadline, "the upload never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        open.push((tx, call, b.clone()));
+    }
+    let e = ByteStreamClient::new(ch.clone())
+        .write(futures::stream::iter([first(
+            name(&blobs[2]),
+            &blobs[2],
+            true,
+        )]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_uploads"), "{e:?}");
+    // The two go on and complete.
+    for (tx, call, b) in open {
+        tx.send(WriteRequest {
+            resource_name: String::new(),
+            write_offset: 4096,
+            finish_write: true,
+            data: b[4096..].to_vec(),
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        let r = call.await.unwrap().unwrap().into_inner();
+        assert_eq!(r.committed_size, b.len() as i64);
+    }
+    still_up(&c).await;
+}
+
 fn tokio_stream_from(
     rx: tokio::sync::mpsc::Receiver<WriteRequest>,
 ) -> impl futures::Stream<Item = WriteRequest> {
@@ -591,9 +666,10 @@ async fn a_very_deep_directory_tree_pages_through_get_tree() {
 }
 
 /// A front whose CAS is a `grpc` store on an upstream that stops reading (SIGSTOP): 64
-/// clients each push a 16 MiB blob. The front takes what its ByteStream upload buffer (256 MiB
-/// per listener) and each upload's few messages below the put allow, then stops reading from
-/// its clients: its RSS grows by far less than what the clients push. When the upstream
+/// clients each push a 16 MiB blob. The front takes a few messages of each upload (its
+/// ByteStream buffer, 256 MiB per listener, is not what stops it: with 32 MiB the figures are
+/// the same), then stops reading from its clients: its RSS grows by far less than what the
+/// clients push. When the upstream
 /// resumes, every upload completes and is stored whole (within a deadline: two budgets that
 /// waited on each other once deadlocked here).
 #[tokio::test]

@@ -144,6 +144,16 @@ pub struct AdvancedHttp {
     /// a plaintext listener (default 10). Cairn addition.
     #[serde(default, deserialize_with = "num::opt_u64")]
     pub handshake_timeout: Option<u64>,
+    /// ByteStream uploads in progress at once on this listener, interrupted ones waiting to be
+    /// resumed included (default 10,000); past it a new upload gets RESOURCE_EXHAUSTED. Cairn
+    /// addition.
+    #[serde(default, deserialize_with = "num::opt_u64")]
+    pub max_uploads: Option<u64>,
+    /// Bytes of upload chunks received on this listener and not yet taken by their stores,
+    /// together (default 256 MiB; at least 1 MiB); past it writers wait, and HTTP/2 flow
+    /// control holds their clients back. Cairn addition.
+    #[serde(default)]
+    pub upload_buffer_bytes: Option<ByteSize>,
 }
 
 /// A listener's TLS. The files are PEM and are reloaded when they change.

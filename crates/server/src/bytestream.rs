@@ -32,13 +32,10 @@ use crate::Limits;
 /// Chunks buffered between a write stream and its store put.
 const WRITE_DEPTH: usize = 16;
 
-/// Bytes buffered between all write streams of a listener and their store puts, together
-/// (counted in KiB): past it, writers wait for their stores to take what they sent (HTTP/2 flow
-/// control then holds the clients back), so many uploads into a slow store cannot fill memory.
-pub const UPLOAD_BUFFER_BYTES: usize = 256 << 20;
-
-/// A chunk on its way to a store put, holding its share of [`UPLOAD_BUFFER_BYTES`] until the
-/// put takes it.
+/// A chunk on its way to a store put, holding its share of the listener's upload buffer
+/// ([`Limits::upload_buffer_bytes`], counted in KiB) until the put takes it: past the buffer,
+/// writers wait for their stores to take what they sent (HTTP/2 flow control then holds the
+/// clients back), so many uploads into a slow store cannot fill memory.
 type Buffered = (Bytes, Option<tokio::sync::OwnedSemaphorePermit>);
 
 pub struct ByteStreamService {
@@ -46,7 +43,7 @@ pub struct ByteStreamService {
     limits: Limits,
     metrics: Arc<Metrics>,
     uploads: Arc<Mutex<HashMap<String, Arc<Upload>>>>,
-    /// [`UPLOAD_BUFFER_BYTES`], in KiB.
+    /// [`Limits::upload_buffer_bytes`], in KiB.
     buffered: Arc<tokio::sync::Semaphore>,
     /// Instances that take and send `compressed-blobs/zstd` (`capabilities.remote_cache_compression`).
     zstd: Arc<std::collections::BTreeSet<String>>,
@@ -80,7 +77,9 @@ impl ByteStreamService {
             limits,
             metrics,
             uploads: Arc::default(),
-            buffered: Arc::new(tokio::sync::Semaphore::new(UPLOAD_BUFFER_BYTES >> 10)),
+            buffered: Arc::new(tokio::sync::Semaphore::new(
+                (limits.upload_buffer_bytes >> 10).min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             zstd: Arc::default(),
         }
     }
@@ -188,7 +187,7 @@ impl ByteStreamService {
             None => {
                 if self.uploads.lock().len() >= self.limits.max_uploads {
                     return Err(Error::resource_exhausted(format!(
-                        "Write {}: this server already has {} uploads in progress (its limit); retry later",
+                        "Write {}: this listener already has {} uploads in progress (its limit, advanced_http.max_uploads); retry later",
                         first.resource_name, self.limits.max_uploads
                     )));
                 }
@@ -290,7 +289,9 @@ impl ByteStreamService {
             let Some(tx) = st.sender.as_ref() else {
                 return Err(Error::internal(format!("Write {d}: upload already closed")));
             };
-            let kib = (chunk.len().div_ceil(1024)).min(UPLOAD_BUFFER_BYTES >> 10) as u32;
+            let kib = (chunk.len().div_ceil(1024))
+                .min(self.limits.upload_buffer_bytes >> 10)
+                .min(u32::MAX as usize) as u32;
             // Never closed: the semaphore lives as long as the service.
             let permit = self.buffered.clone().acquire_many_owned(kib).await.ok();
             if tx.send(Ok((chunk, permit))).await.is_err() {

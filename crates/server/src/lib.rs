@@ -46,6 +46,9 @@ pub struct Limits {
     /// Most ByteStream uploads in progress at once on one listener, including interrupted ones
     /// that wait to be resumed; past it a new upload gets RESOURCE_EXHAUSTED.
     pub max_uploads: usize,
+    /// Bytes of upload chunks received on one listener and not yet taken by their stores
+    /// (`advanced_http.upload_buffer_bytes`).
+    pub upload_buffer_bytes: usize,
     /// `global.default_digest_size_health_check`: `/status` writes a blob of this many bytes to
     /// each store and reads it back (0: it only asks each store for its health).
     pub health_probe_bytes: u64,
@@ -59,6 +62,7 @@ impl Default for Limits {
             resume_timeout: std::time::Duration::from_secs(60),
             read_chunk_bytes: 1 << 20,
             max_uploads: 10_000,
+            upload_buffer_bytes: 256 << 20,
             health_probe_bytes: 0,
         }
     }

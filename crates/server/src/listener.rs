@@ -66,6 +66,27 @@ pub fn check(index: usize, cfg: &ServerConfig, limits: Limits) -> Result<Checked
             &format!("{path}.listener.http.max_decoding_message_size"),
         )?;
     }
+    if let Some(adv) = &http_cfg.advanced_http {
+        let at = format!("{path}.listener.http.advanced_http");
+        if let Some(n) = adv.max_uploads {
+            if n == 0 {
+                return Err(Error::invalid_argument(format!(
+                    "{at}.max_uploads: 0 would refuse every upload; expected at least 1"
+                )));
+            }
+            limits.max_uploads = n.min(1 << 24) as usize;
+        }
+        if let Some(b) = adv.upload_buffer_bytes {
+            if b.0 < 1 << 20 {
+                return Err(Error::invalid_argument(format!(
+                    "{at}.upload_buffer_bytes: {} bytes is below the least, 1 MiB",
+                    b.0
+                )));
+            }
+            // The semaphore counts KiB in a u32-sized permit count.
+            limits.upload_buffer_bytes = b.0.min(1 << 40) as usize;
+        }
+    }
     let services = cfg.services.clone().unwrap_or_default();
     check_worker_api_alone(&path, &services)?;
     if let Some(id) = &cfg.experimental_identity_header {
