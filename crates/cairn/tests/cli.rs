@@ -551,3 +551,49 @@ fn bad_upload_limits_are_refused_by_key_path() {
         }
     }
 }
+
+/// A `gcs` store with `authentication_required: true` and no credentials anywhere (no key in
+/// the environment, no gcloud file, no metadata server) is refused at start by key path, as
+/// NativeLink refuses it; without the key it starts (requests then go unsigned).
+#[test]
+fn gcs_authentication_required_without_credentials_is_refused_by_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("c.json5");
+    let config = |required: &str| {
+        format!(
+            r#"{{ stores: {{ CAS: {{ experimental_cloud_object_store: {{ provider: "gcs", bucket: "b"{required} }} }} }}, servers: [{{ listener: {{ http: {{ socket_address: "127.0.0.1:0" }} }}, services: {{ cas: [{{ instance_name: "", cas_store: "CAS" }}] }} }}] }}"#
+        )
+    };
+    let run = |verb: &str| {
+        cairn()
+            .arg(verb)
+            .arg(&f)
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            // RFC 6761: never resolves.
+            .env("GCE_METADATA_HOST", "metadata.invalid")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    std::fs::write(&f, config(", authentication_required: true")).unwrap();
+    for verb in ["check-config", "run"] {
+        let out = run(verb);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{verb} accepted it");
+        assert!(
+            err.contains(
+                "stores.CAS.experimental_cloud_object_store.authentication_required: true, but no GCP credentials were found"
+            ),
+            "{verb}: {err}"
+        );
+    }
+    std::fs::write(&f, config("")).unwrap();
+    let out = run("check-config");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,8 +4,10 @@
 //! they are counted and classified like every provider's) with a bearer token from
 //! `object_store`'s GCP credential chain: `GOOGLE_APPLICATION_CREDENTIALS`,
 //! `GOOGLE_SERVICE_ACCOUNT` / `GOOGLE_SERVICE_ACCOUNT_KEY`, gcloud's application default
-//! credentials, or the metadata server (GKE workload identity). With `STORAGE_EMULATOR_HOST`
-//! set (Google's convention), requests go there, unauthenticated.
+//! credentials, or the metadata server (GKE workload identity); with none of them, unsigned
+//! requests, or an error at start under `authentication_required: true` (NativeLink's
+//! meaning). With `STORAGE_EMULATOR_HOST` set (Google's convention), requests go there,
+//! unauthenticated.
 //!
 //! Large blobs: each part is uploaded as an object of its own
 //! (`{name}.{upload}.{index}.cairn-part`), then the parts are composed into the blob in one
@@ -50,14 +52,81 @@ pub const PART_SUFFIX: &str = ".cairn-part";
 
 pub fn check(spec: &Spec, at: &str) -> Result<(), Error> {
     required(&spec.bucket, "bucket", at)?;
+    if emulator_host().is_none() {
+        credential_source(spec, at, &|k| std::env::var(k).ok(), &metadata_resolves)?;
+    }
     Ok(())
 }
 
-pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Client, Error> {
-    let emulator = std::env::var("STORAGE_EMULATOR_HOST")
+/// Where requests get their credentials, decided at start as NativeLink decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CredentialSource {
+    /// A key file or key (`GOOGLE_APPLICATION_CREDENTIALS`, `GOOGLE_SERVICE_ACCOUNT`,
+    /// `GOOGLE_SERVICE_ACCOUNT_PATH`, `GOOGLE_SERVICE_ACCOUNT_KEY`), or gcloud's application
+    /// default credentials file.
+    Explicit,
+    /// The metadata server of GCE or GKE (workload identity), whose name resolves here.
+    Metadata,
+    /// None found, and `authentication_required` is not set: requests go unsigned (a public
+    /// bucket), as NativeLink's client falls back to anonymous access.
+    Anonymous,
+}
+
+/// Which credentials a `gcs` store uses: `env` looks up a variable, `metadata` says whether
+/// the metadata server's name resolves. None found with `authentication_required: true` is
+/// an error naming the key, as NativeLink refuses to start then.
+fn credential_source(
+    spec: &Spec,
+    at: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    metadata: &dyn Fn(&str) -> bool,
+) -> Result<CredentialSource, Error> {
+    let set = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let keys = [
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "GOOGLE_SERVICE_ACCOUNT",
+        "GOOGLE_SERVICE_ACCOUNT_PATH",
+        "GOOGLE_SERVICE_ACCOUNT_KEY",
+    ];
+    let adc = set("HOME").is_some_and(|home| {
+        std::path::Path::new(&home)
+            .join(".config/gcloud/application_default_credentials.json")
+            .exists()
+    });
+    if keys.iter().any(|k| set(k).is_some()) || adc {
+        return Ok(CredentialSource::Explicit);
+    }
+    let host = set("GCE_METADATA_HOST").unwrap_or_else(|| "metadata.google.internal".into());
+    if metadata(&host) {
+        return Ok(CredentialSource::Metadata);
+    }
+    if spec.authentication_required == Some(true) {
+        return Err(Error::invalid_argument(format!(
+            "{at}.authentication_required: true, but no GCP credentials were found: set \
+             GOOGLE_APPLICATION_CREDENTIALS (a service account key file) or \
+             GOOGLE_SERVICE_ACCOUNT_KEY, run `gcloud auth application-default login`, or run \
+             on GCE/GKE (the metadata server {host:?} does not resolve here)"
+        )));
+    }
+    Ok(CredentialSource::Anonymous)
+}
+
+/// Whether `host` (the metadata server's name) resolves.
+fn metadata_resolves(host: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    (host, 80)
+        .to_socket_addrs()
+        .is_ok_and(|mut a| a.next().is_some())
+}
+
+fn emulator_host() -> Option<String> {
+    std::env::var("STORAGE_EMULATOR_HOST")
         .ok()
-        .filter(|h| !h.trim().is_empty());
-    client_for(spec, at, connector, emulator)
+        .filter(|h| !h.trim().is_empty())
+}
+
+pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Client, Error> {
+    client_for(spec, at, connector, emulator_host())
 }
 
 /// The client, on the emulator at `emulator` (`host:port` or a URL) when given.
@@ -82,6 +151,15 @@ pub(crate) fn client_for(
             // The emulator convention is plain HTTP on a local port.
             options = options.with_allow_http(true);
             (base.trim_end_matches('/').to_string(), None)
+        }
+        None if credential_source(spec, at, &|k| std::env::var(k).ok(), &metadata_resolves)?
+            == CredentialSource::Anonymous =>
+        {
+            tracing::info!(
+                store = at,
+                "gcs: no GCP credentials found and authentication_required is not set: requests go unsigned (a public bucket)"
+            );
+            (DEFAULT_BASE.to_string(), None)
         }
         None => {
             let gcs = GoogleCloudStorageBuilder::from_env()
@@ -550,5 +628,84 @@ impl MultipartStore for GcsJson {
         let leftovers = self.uploads.lock().remove(id).unwrap_or_default();
         self.delete_parts(leftovers).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_are_decided_at_start_as_nativelink_decides() {
+        let home = tempfile::tempdir().unwrap();
+        let home_s = home.path().display().to_string();
+        let spec = |required: Option<bool>| Spec {
+            authentication_required: required,
+            ..Default::default()
+        };
+        let no_metadata = |_: &str| false;
+        let env = |vars: Vec<(&'static str, String)>| {
+            move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        };
+        let source = |required, vars, metadata: &dyn Fn(&str) -> bool| {
+            credential_source(&spec(required), "stores.CAS", &env(vars), metadata)
+        };
+        // Nothing: unsigned, unless authentication is required.
+        let bare = || vec![("HOME", home_s.clone())];
+        assert_eq!(
+            source(None, bare(), &no_metadata).unwrap(),
+            CredentialSource::Anonymous
+        );
+        assert_eq!(
+            source(Some(false), bare(), &no_metadata).unwrap(),
+            CredentialSource::Anonymous
+        );
+        let e = source(Some(true), bare(), &no_metadata).unwrap_err();
+        assert!(
+            e.message
+                .contains("stores.CAS.authentication_required: true, but no GCP credentials"),
+            "{e}"
+        );
+        // A key in the environment (empty does not count), the gcloud file, the metadata server.
+        for key in [
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "GOOGLE_SERVICE_ACCOUNT_KEY",
+        ] {
+            let mut vars = bare();
+            vars.push((key, "/k.json".into()));
+            assert_eq!(
+                source(Some(true), vars, &no_metadata).unwrap(),
+                CredentialSource::Explicit
+            );
+        }
+        let mut vars = bare();
+        vars.push(("GOOGLE_APPLICATION_CREDENTIALS", " ".into()));
+        assert!(source(Some(true), vars, &no_metadata).is_err());
+        let seen = std::sync::Mutex::new(Vec::new());
+        let metadata = |h: &str| {
+            seen.lock().unwrap().push(h.to_string());
+            true
+        };
+        assert_eq!(
+            source(Some(true), bare(), &metadata).unwrap(),
+            CredentialSource::Metadata
+        );
+        let mut vars = bare();
+        vars.push(("GCE_METADATA_HOST", "169.254.169.254".into()));
+        assert_eq!(
+            source(Some(true), vars, &metadata).unwrap(),
+            CredentialSource::Metadata
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["metadata.google.internal", "169.254.169.254"]
+        );
+        let adc = home.path().join(".config/gcloud");
+        std::fs::create_dir_all(&adc).unwrap();
+        std::fs::write(adc.join("application_default_credentials.json"), "{}").unwrap();
+        assert_eq!(
+            source(Some(true), bare(), &no_metadata).unwrap(),
+            CredentialSource::Explicit
+        );
     }
 }
