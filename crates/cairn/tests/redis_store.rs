@@ -1031,25 +1031,9 @@ async fn rediss_reaches_a_tls_redis_with_the_ca_from_ssl_cert_file() {
     let server = pki.issue("redis-server", 1, true);
     let tls_port = common::free_addr().port();
     let plain_port = common::free_addr().port();
-    let cert = server.cert.display().to_string();
-    let key = server.key.display().to_string();
     let ca = pki.ca.display().to_string();
-    let redis = RedisServer::start_args(
-        tmp.path(),
-        plain_port,
-        &[
-            "--tls-port",
-            &tls_port.to_string(),
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "no",
-        ],
-    );
+    let tls = tls_args(tls_port, &server, &pki);
+    let redis = RedisServer::start_args(tmp.path(), plain_port, &as_strs(&tls));
     let config = tmp.path().join("rediss.json5");
     std::fs::write(
         &config,
@@ -1121,28 +1105,11 @@ async fn rediss_sentinel_reaches_the_master_over_tls() {
         )
     };
     let master_tls = common::free_addr().port();
-    let (cert, key, ca) = (
-        server.cert.display().to_string(),
-        server.key.display().to_string(),
-        pki.ca.display().to_string(),
-    );
+    let ca = pki.ca.display().to_string();
     let master = RedisServer::start_args(
         tmp.path(),
         common::free_addr().port(),
-        &[
-            "--tls-port",
-            &master_tls.to_string(),
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "no",
-            "--tls-replication",
-            "yes",
-        ],
+        &as_strs(&tls_args(master_tls, &server, &pki)),
     );
     let sentinel_tls = common::free_addr().port();
     let sentinel = RedisServer::start_sentinel(
@@ -1163,28 +1130,12 @@ async fn rediss_sentinel_reaches_the_master_over_tls() {
                 .contains(&master_tls.to_string())
         },
     );
-    let config = tmp.path().join("rediss-sentinel.json5");
-    std::fs::write(
-        &config,
-        r#"{
-  stores: {
-    CAS: { redis_store: { addresses: ["rediss://127.0.0.1:@SENTINEL@/?sentinelServiceName=tlsmaster"], mode: "sentinel", key_prefix: "cas:", retry: { max_retries: 3, delay: 0.1 }, command_timeout_ms: 2000, connection_timeout_ms: 1000 } },
-  },
-  servers: [{
-    listener: { http: { socket_address: "127.0.0.1:0" } },
-    services: {
-      cas: [{ instance_name: "", cas_store: "CAS" }],
-      capabilities: [{ instance_name: "" }],
-      health: {},
-    },
-  }],
-}"#
-        .replace("@SENTINEL@", &sentinel_tls.to_string()),
-    )
-    .unwrap();
-    let dir = tmp.path().join("cairn");
-    std::fs::create_dir_all(&dir).unwrap();
-    let c = Cairn::start_config_env(&dir, &config, &[("SSL_CERT_FILE", ca.clone())]);
+    let c = cairn_on_rediss(
+        tmp.path(),
+        &format!("rediss://127.0.0.1:{sentinel_tls}/?sentinelServiceName=tlsmaster"),
+        "sentinel",
+        &ca,
+    );
     let mut cas = CasClient::new(c.channel().await);
     let blobs = vec![data(100_000, 81), data(7, 82)];
     upload(&mut cas, "", &blobs).await;
@@ -1209,11 +1160,7 @@ async fn rediss_cluster_spreads_blobs_over_tls_masters() {
     let server = pki.issue("redis-server", 1, true);
     // Nodes present a client certificate to each other on the cluster bus.
     let node = pki.issue("redis-node", 2, false);
-    let (cert, key, ca) = (
-        server.cert.display().to_string(),
-        server.key.display().to_string(),
-        pki.ca.display().to_string(),
-    );
+    let ca = pki.ca.display().to_string();
     let (node_cert, node_key) = (
         node.cert.display().to_string(),
         node.key.display().to_string(),
@@ -1229,37 +1176,29 @@ async fn rediss_cluster_spreads_blobs_over_tls_masters() {
         {
             continue;
         }
+        let bus = (tls_port + 10_000).to_string();
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "1000",
+            "--tls-client-cert-file",
+            &node_cert,
+            "--tls-client-key-file",
+            &node_key,
+            "--tls-cluster",
+            "yes",
+            "--cluster-port",
+            &bus,
+        ];
+        let tls = tls_args(tls_port, &server, &pki);
+        args.extend(as_strs(&tls));
         nodes.push(RedisServer::start_args(
             tmp.path(),
             common::free_addr().port(),
-            &[
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "1000",
-                "--tls-port",
-                &tls_port.to_string(),
-                "--tls-cert-file",
-                &cert,
-                "--tls-key-file",
-                &key,
-                "--tls-ca-cert-file",
-                &ca,
-                "--tls-auth-clients",
-                "no",
-                "--tls-client-cert-file",
-                &node_cert,
-                "--tls-client-key-file",
-                &node_key,
-                "--tls-cluster",
-                "yes",
-                "--cluster-port",
-                &(tls_port + 10_000).to_string(),
-                "--tls-replication",
-                "yes",
-            ],
+            &args,
         ));
         tls_ports.push(tls_port);
     }
@@ -1288,28 +1227,12 @@ async fn rediss_cluster_spreads_blobs_over_tls_masters() {
             .iter()
             .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
     });
-    let config = tmp.path().join("rediss-cluster.json5");
-    std::fs::write(
-        &config,
-        r#"{
-  stores: {
-    CAS: { redis_store: { addresses: ["rediss://127.0.0.1:@SEED@"], mode: "cluster", key_prefix: "c:", retry: { max_retries: 5, delay: 0.1 }, command_timeout_ms: 2000, connection_timeout_ms: 1000 } },
-  },
-  servers: [{
-    listener: { http: { socket_address: "127.0.0.1:0" } },
-    services: {
-      cas: [{ instance_name: "", cas_store: "CAS" }],
-      capabilities: [{ instance_name: "" }],
-      health: {},
-    },
-  }],
-}"#
-        .replace("@SEED@", &tls_ports[0].to_string()),
-    )
-    .unwrap();
-    let dir = tmp.path().join("cairn");
-    std::fs::create_dir_all(&dir).unwrap();
-    let c = Cairn::start_config_env(&dir, &config, &[("SSL_CERT_FILE", ca.clone())]);
+    let c = cairn_on_rediss(
+        tmp.path(),
+        &format!("rediss://127.0.0.1:{}", tls_ports[0]),
+        "cluster",
+        &ca,
+    );
     let mut cas = CasClient::new(c.channel().await);
     let blobs: Vec<Vec<u8>> = (0..24).map(|i| data(2_000 + i, 90 + i as u64)).collect();
     upload(&mut cas, "", &blobs).await;
@@ -1322,4 +1245,56 @@ async fn rediss_cluster_spreads_blobs_over_tls_masters() {
         let keys: u64 = n.cli(&["DBSIZE"]).trim().parse().unwrap();
         assert!(keys > 0, "a master holds no blob");
     }
+}
+
+/// `redis-server` arguments for TLS only on `port`, with `server`'s certificate, to clients
+/// of `pki`'s CA that show no certificate, and to its replicas over TLS too.
+fn tls_args(port: u16, server: &common::certs::Pair, pki: &common::certs::Pki) -> Vec<String> {
+    [
+        "--tls-port".to_string(),
+        port.to_string(),
+        "--tls-cert-file".into(),
+        server.cert.display().to_string(),
+        "--tls-key-file".into(),
+        server.key.display().to_string(),
+        "--tls-ca-cert-file".into(),
+        pki.ca.display().to_string(),
+        "--tls-auth-clients".into(),
+        "no".into(),
+        "--tls-replication".into(),
+        "yes".into(),
+    ]
+    .into()
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// A Cairn whose CAS is a `redis_store` at `address` in `mode` (key prefix `cas:`), trusting
+/// the CA file `ca` through `SSL_CERT_FILE`.
+fn cairn_on_rediss(tmp: &std::path::Path, address: &str, mode: &str, ca: &str) -> Cairn {
+    let config = tmp.join(format!("rediss-{mode}.json5"));
+    std::fs::write(
+        &config,
+        r#"{
+  stores: {
+    CAS: { redis_store: { addresses: ["@ADDRESS@"], mode: "@MODE@", key_prefix: "cas:", retry: { max_retries: 5, delay: 0.1 }, command_timeout_ms: 2000, connection_timeout_ms: 1000 } },
+  },
+  servers: [{
+    listener: { http: { socket_address: "127.0.0.1:0" } },
+    services: {
+      cas: [{ instance_name: "", cas_store: "CAS" }],
+      capabilities: [{ instance_name: "" }],
+      health: {},
+    },
+  }],
+}"#
+        .replace("@ADDRESS@", address)
+        .replace("@MODE@", mode),
+    )
+    .unwrap();
+    let dir = tmp.join(format!("cairn-{mode}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    Cairn::start_config_env(&dir, &config, &[("SSL_CERT_FILE", ca.to_string())])
 }
