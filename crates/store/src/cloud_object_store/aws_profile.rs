@@ -734,4 +734,57 @@ mod tests {
             .unwrap();
         assert!(matches!(p.source, Some(Source::Static(_))));
     }
+
+    /// Mangled files (cut, bytes changed, brackets and `=` thrown in) never panic the reader.
+    #[test]
+    fn mangled_files_never_panic() {
+        let text = "[default]\naws_access_key_id = AK\naws_secret_access_key = s\n\
+                    [profile r]\nrole_arn = arn\nsource_profile = default\nduration_seconds = 900\n\
+                    [profile c]\nrole_arn = arn\nsource_profile = r\n[profile w]\nrole_arn = a\n\
+                    web_identity_token_file = /t\n[profile e]\nrole_arn = a\ncredential_source = Environment\n";
+        let inserts = [
+            "[",
+            "]",
+            "=",
+            "\n",
+            "profile ",
+            " r",
+            "source_profile = c\n",
+            "\u{e9}",
+        ];
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..5_000 {
+            let mut t: Vec<char> = text.chars().collect();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() as usize) % (t.len() + 1);
+                match next() % 3 {
+                    0 => t.truncate(at),
+                    1 if at < t.len() => t[at] = char::from(b' ' + (next() % 95) as u8),
+                    _ => {
+                        let ins = inserts[(next() as usize) % inserts.len()];
+                        t.splice(at..at, ins.chars());
+                    }
+                }
+            }
+            let t: String = t.into_iter().collect();
+            let files = Files {
+                credentials: (Some(PathBuf::from("/c")), Some(t.clone())),
+                config: (Some(PathBuf::from("/f")), Some(t)),
+            };
+            let keys = Credentials {
+                access_key_id: "AK".into(),
+                secret_access_key: "s".into(),
+                session_token: None,
+            };
+            for name in ["default", "r", "c", "w", "e"] {
+                let _ = resolve_top(&files, name, Some(&keys));
+            }
+        }
+    }
 }

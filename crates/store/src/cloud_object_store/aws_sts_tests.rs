@@ -264,3 +264,48 @@ async fn hostile_answers_give_clear_errors() {
         );
     }
 }
+
+/// Mangled answers (cut short, bytes changed, markup and entities thrown in) never panic the
+/// reader, and what it accepts is usable in headers.
+#[test]
+fn mangled_answers_never_panic() {
+    let ok = br#"<AssumeRoleResponse><AssumeRoleResult><Credentials><AccessKeyId>ASIA1</AccessKeyId><SecretAccessKey>s&amp;t</SecretAccessKey><SessionToken>tok</SessionToken><Expiration>2030-01-02T03:04:05Z</Expiration></Credentials></AssumeRoleResult><Error><Code>C</Code><Message>m</Message></Error></AssumeRoleResponse>"#;
+    let inserts: [&[u8]; 8] = [
+        b"<",
+        b">",
+        b"&",
+        b"&#0;",
+        b"&#x110000;",
+        b"<!--",
+        b"]]>",
+        b"\xff",
+    ];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut accepted = 0;
+    for _ in 0..20_000 {
+        let mut a = ok.to_vec();
+        for _ in 0..(next() % 4 + 1) {
+            let at = (next() as usize) % (a.len() + 1);
+            match next() % 3 {
+                0 => a.truncate(at),
+                1 if at < a.len() => a[at] = next() as u8,
+                _ => {
+                    let ins = inserts[(next() as usize) % inserts.len()];
+                    a.splice(at..at, ins.iter().copied());
+                }
+            }
+        }
+        if let Ok((c, _)) = Answer::parse(&a).and_then(Answer::credentials) {
+            accepted += 1;
+            header_safe(&c).unwrap();
+            http::HeaderValue::from_str(c.token.as_deref().unwrap()).unwrap();
+        }
+    }
+    assert!(accepted > 0, "some mangled answers are still whole");
+}
