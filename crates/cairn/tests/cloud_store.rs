@@ -1153,7 +1153,7 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
 
 /// The variables of the AWS credential chain, removed from a test's Cairn so that only what
 /// the test gives is seen.
-const AWS_VARS: [&str; 14] = [
+const AWS_VARS: [&str; 18] = [
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
@@ -1168,6 +1168,10 @@ const AWS_VARS: [&str; 14] = [
     "AWS_ROLE_ARN",
     "AWS_ROLE_SESSION_NAME",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+    "AWS_METADATA_ENDPOINT",
 ];
 
 /// `cairn run config` in `dir`, with `HOME` at `home`, none of [`AWS_VARS`] but `extra`.
@@ -1328,6 +1332,48 @@ async fn aws_roles_are_assumed_through_sts_and_their_keys_sign_the_requests() {
             "{case}: S3 requests not all signed by STS's keys: {signers:?}"
         );
     }
+}
+
+/// Nothing in the environment or the files: the credentials of the instance metadata service
+/// (IMDSv2; moto serves one, reached through `AWS_EC2_METADATA_SERVICE_ENDPOINT` as the SDKs
+/// name it) sign the requests, which go to `AWS_ENDPOINT_URL_S3` rather than
+/// `AWS_ENDPOINT_URL` (here a closed port), as in the SDKs.
+#[tokio::test]
+async fn aws_credentials_come_from_instance_metadata_when_nothing_else_gives_them() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let config = dir.path().join("cloud.json5");
+    std::fs::write(
+        &config,
+        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
+    )
+    .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let extra = [
+        (
+            "AWS_ENDPOINT_URL",
+            format!("http://127.0.0.1:{closed_port}"),
+        ),
+        ("AWS_ENDPOINT_URL_S3", proxy.endpoint()),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", proxy.endpoint()),
+    ];
+    let c = Cairn::spawn_until_listening(
+        aws_command(&config, dir.path(), &home, &extra),
+        dir.path(),
+        config.clone(),
+    );
+    let mut cl = clients(&c).await;
+    let blob = data(3000, 77);
+    write(&mut cl.bs, &blob).await.unwrap();
+    assert!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap() == blob);
+    c.kill9();
+    assert_eq!(proxy.signers(), ["test-key s3"]);
 }
 
 /// A loopback STS that refuses every call (`403 AccessDenied`).

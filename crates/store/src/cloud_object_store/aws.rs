@@ -1,5 +1,5 @@
-//! Provider `aws`: Amazon S3, or any S3-compatible server named by `AWS_ENDPOINT_URL` (as the
-//! AWS SDK that NativeLink uses reads it). Credentials and the rest come from the standard
+//! Provider `aws`: Amazon S3, or any S3-compatible server named by `AWS_ENDPOINT_URL_S3` or
+//! `AWS_ENDPOINT_URL` (as the AWS SDK that NativeLink uses reads them). Credentials and the rest come from the standard
 //! environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
 //! `AWS_REGION`, ECS and EC2 instance metadata), through `object_store`'s
 //! `AmazonS3Builder::from_env`, and, when the environment has no keys, from the shared files
@@ -28,7 +28,11 @@ pub fn check(spec: &Spec, at: &str) -> Result<(), Error> {
 
 pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Client, Error> {
     let bucket = required(&spec.bucket, "bucket", at)?;
-    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let mut b = from_sdk_env().with_bucket_name(bucket);
+    // The SDKs' S3-only endpoint wins over `AWS_ENDPOINT_URL` (which `from_env` reads).
+    if let Some(endpoint) = env_var("AWS_ENDPOINT_URL_S3") {
+        b = b.with_endpoint(endpoint);
+    }
     let profile = profile(at)?;
     let env_region = env_var("AWS_REGION").or_else(|| env_var("AWS_DEFAULT_REGION"));
     let spec_region = spec.region.clone().filter(|r| !r.is_empty());
@@ -46,6 +50,19 @@ pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Cli
         .unwrap_or_else(|| "us-east-1".to_string());
     let b = with_profile_credentials(b, profile, spec.insecure_allow_http, &region, at)?;
     finish(b, client_options(spec), connector, at, bucket)
+}
+
+/// `object_store`'s builder from the environment, with the variables the AWS SDKs name
+/// differently: `AWS_EC2_METADATA_SERVICE_ENDPOINT` (the instance metadata service;
+/// `object_store` reads `AWS_METADATA_ENDPOINT`).
+fn from_sdk_env() -> AmazonS3Builder {
+    let b = AmazonS3Builder::from_env();
+    match env_var("AWS_EC2_METADATA_SERVICE_ENDPOINT") {
+        Some(endpoint) if env_var("AWS_METADATA_ENDPOINT").is_none() => {
+            b.with_metadata_endpoint(endpoint.trim_end_matches('/'))
+        }
+        _ => b,
+    }
 }
 
 fn env_var(var: &str) -> Option<String> {
@@ -162,7 +179,7 @@ pub fn s3_compatible(
     connector: CountingConnector,
     at: &str,
 ) -> Result<Client, Error> {
-    let mut b = AmazonS3Builder::from_env()
+    let mut b = from_sdk_env()
         .with_endpoint(s.endpoint)
         .with_region(s.region)
         .with_bucket_name(s.bucket);
