@@ -156,20 +156,36 @@ impl StsCredentials {
 
     async fn fetch(&self) -> Result<(AwsCredential, Expiry), String> {
         let what = self.what();
-        tokio::time::timeout(self.limit, self.fetch_unbounded())
+        // The source's credentials first, under the source's own limits (a command may take
+        // a minute; another role its own call).
+        let signer = match &self.call {
+            Call::AssumeRole { source, .. } => {
+                let c = source
+                    .get_credential()
+                    .await
+                    .map_err(|e| format!("{what}: the source credentials: {e}"))?;
+                header_safe(&c).map_err(|e| format!("{what}: the source credentials: {e}"))?;
+                Some(c)
+            }
+            Call::WebIdentity { .. } => None,
+        };
+        tokio::time::timeout(self.limit, self.call_sts(signer))
             .await
             .map_err(|_| format!("{what}: no answer within {:?}", self.limit))?
             .map_err(|e| format!("{what}: {e}"))
     }
 
-    async fn fetch_unbounded(&self) -> Result<(AwsCredential, Expiry), String> {
+    /// One call, signed by `signer` when given.
+    async fn call_sts(
+        &self,
+        signer: Option<Arc<AwsCredential>>,
+    ) -> Result<(AwsCredential, Expiry), String> {
         let default_session = || format!("cairn-{}", chrono::Utc::now().timestamp());
         let mut form = vec![("Action", Cow::from(self.call.action()))];
         form.push(("Version", "2011-06-15".into()));
         form.push(("RoleArn", self.call.role_arn().into()));
-        let signer = match &self.call {
+        match &self.call {
             Call::AssumeRole {
-                source,
                 session_name,
                 external_id,
                 duration_seconds,
@@ -185,12 +201,6 @@ impl StsCredentials {
                 if let Some(d) = duration_seconds {
                     form.push(("DurationSeconds", d.to_string().into()));
                 }
-                let c = source
-                    .get_credential()
-                    .await
-                    .map_err(|e| format!("the source credentials: {e}"))?;
-                header_safe(&c).map_err(|e| format!("the source credentials: {e}"))?;
-                Some(c)
             }
             Call::WebIdentity {
                 token_file,
@@ -206,9 +216,8 @@ impl StsCredentials {
                     form.push(("DurationSeconds", d.to_string().into()));
                 }
                 form.push(("WebIdentityToken", read_token(token_file).await?.into()));
-                None
             }
-        };
+        }
         let body = form
             .iter()
             .map(|(k, v)| format!("{k}={}", form_encode(v)))
