@@ -1376,6 +1376,73 @@ async fn aws_credentials_come_from_instance_metadata_when_nothing_else_gives_the
     assert_eq!(proxy.signers(), ["test-key s3"]);
 }
 
+/// A profile's `endpoint_url` names S3's endpoint when no variable does, whether the
+/// credentials are the profile's or the environment's; a plain-HTTP one needs
+/// `insecure_allow_http`, and the refusal names the profile.
+#[tokio::test]
+async fn aws_profile_endpoint_url_names_s3_when_no_variable_does() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let aws_config = dir.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!(
+            "[profile ep]\nendpoint_url = {}\naws_access_key_id = AKIDPROFILEENDPOINT\n\
+             aws_secret_access_key = s\n",
+            proxy.endpoint()
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("cloud.json5");
+    std::fs::write(
+        &config,
+        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
+    )
+    .unwrap();
+    let profile = vec![
+        ("AWS_CONFIG_FILE", aws_config.display().to_string()),
+        ("AWS_PROFILE", "ep".to_string()),
+    ];
+    let mut with_env_keys = profile.clone();
+    with_env_keys.push(("AWS_ACCESS_KEY_ID", "AKIDENVIRONMENTKEY".into()));
+    with_env_keys.push(("AWS_SECRET_ACCESS_KEY", "s".into()));
+    for (seed, extra) in [profile.clone(), with_env_keys].into_iter().enumerate() {
+        let c = Cairn::spawn_until_listening(
+            aws_command(&config, dir.path(), &home, &extra),
+            dir.path(),
+            config.clone(),
+        );
+        let mut cl = clients(&c).await;
+        let blob = data(3000, 100 + seed as u64);
+        write(&mut cl.bs, &blob).await.unwrap();
+        assert!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap() == blob);
+        c.kill9();
+    }
+    assert_eq!(
+        proxy.signers(),
+        ["AKIDENVIRONMENTKEY s3", "AKIDPROFILEENDPOINT s3"]
+    );
+    let plain = config.with_file_name("plain.json5");
+    std::fs::write(
+        &plain,
+        CONFIG
+            .replace("@FAST@", NONE)
+            .replace("@RETRIES@", "1")
+            .replace("insecure_allow_http: true,", ""),
+    )
+    .unwrap();
+    let stderr = start_fails(aws_command(&plain, dir.path(), &home, &profile)).await;
+    assert!(
+        stderr.contains(".insecure_allow_http: the endpoint http://")
+            && stderr.contains("endpoint_url of profile \"ep\""),
+        "{stderr}"
+    );
+}
+
 /// A loopback STS that refuses every call (`403 AccessDenied`).
 async fn refusing_sts() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

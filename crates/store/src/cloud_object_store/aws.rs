@@ -43,6 +43,17 @@ pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Cli
             b = b.with_region(region);
         }
     }
+    // The profile's endpoint_url, when no variable names S3's endpoint.
+    let env_endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+        .into_iter()
+        .any(|v| env_var(v).is_some());
+    if let Some(p) = profile.as_ref().filter(|_| !env_endpoint) {
+        if let Some(endpoint) = p.endpoint_url.as_deref() {
+            let source = format!("endpoint_url of {}", p.from);
+            super::plain_http_allowed(endpoint, spec, at, &source)?;
+            b = b.with_endpoint(endpoint);
+        }
+    }
     // The region STS is called in when the role's profile names none.
     let region = spec_region
         .or(env_region)
@@ -86,7 +97,11 @@ fn with_profile_credentials(
     region: &str,
     at: &str,
 ) -> Result<AmazonS3Builder, Error> {
-    Ok(match profile.and_then(|p| p.source) {
+    let Some(profile) = profile else {
+        return Ok(b);
+    };
+    let default_endpoint = profile.endpoint_url.as_deref();
+    Ok(match profile.source {
         None => b,
         // Static keys stay the builder's own, as when they come from the environment.
         Some(Source::Static(c)) => {
@@ -98,16 +113,21 @@ fn with_profile_credentials(
                 None => b,
             }
         }
-        Some(source) => b.with_credentials(provider(source, allow_http, region, at)?),
+        Some(source) => {
+            b.with_credentials(provider(source, allow_http, region, default_endpoint, at)?)
+        }
     })
 }
 
 /// The credential provider of a source; roles are assumed through STS with the provider of
 /// their own source.
+/// `default_endpoint`: the selected profile's `endpoint_url`, for roles whose profile names
+/// none.
 fn provider(
     source: Source,
     allow_http: bool,
     region: &str,
+    default_endpoint: Option<&str>,
     at: &str,
 ) -> Result<AwsCredentialProvider, Error> {
     let sts = |call: Call,
@@ -117,7 +137,8 @@ fn provider(
      -> Result<AwsCredentialProvider, Error> {
         let region = role_region.unwrap_or_else(|| region.to_string());
         let env = |k: &str| std::env::var(k).ok();
-        let endpoint = aws_sts::endpoint(&env, endpoint_url.as_deref(), &region);
+        let endpoint =
+            aws_sts::endpoint(&env, endpoint_url.as_deref().or(default_endpoint), &region);
         if endpoint.starts_with("http://") && !allow_http {
             return Err(Error::invalid_argument(format!(
                 "{at}.insecure_allow_http: the STS endpoint {endpoint} (for {from}) is plain \
@@ -138,7 +159,7 @@ fn provider(
         Source::Process { command, from } => Arc::new(ProcessCredentials::new(command, from)),
         Source::AssumeRole(r) => {
             let r = *r;
-            let source = provider(r.source, allow_http, region, at)?;
+            let source = provider(r.source, allow_http, region, default_endpoint, at)?;
             let call = Call::AssumeRole {
                 source,
                 role_arn: r.role_arn,

@@ -34,6 +34,10 @@ pub struct Profile {
     /// How credentials are obtained; `None`: the profile has none (region only).
     pub source: Option<Source>,
     pub region: Option<String>,
+    /// The profile's `endpoint_url`: S3's (and STS's) endpoint when no variable names one.
+    pub endpoint_url: Option<String>,
+    /// `profile "NAME" in FILE`, for messages; empty when no profile was read.
+    pub from: String,
 }
 
 /// Where credentials come from.
@@ -172,25 +176,30 @@ pub fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<P
     };
     if set("AWS_ACCESS_KEY_ID").is_some() {
         // The environment's keys are used as they are, unless the profile AWS_PROFILE names
-        // assumes a role with them.
-        if chosen.is_none() {
-            return Ok(None);
-        }
+        // assumes a role with them; the profile's other settings still apply. The files are
+        // optional here: what cannot be read is left out.
         let files = Files {
             credentials: read(file("AWS_SHARED_CREDENTIALS_FILE", "credentials"))
                 .unwrap_or((None, None)),
             config: read(file("AWS_CONFIG_FILE", "config")).unwrap_or((None, None)),
         };
-        let uses_environment = files.profile(&name).is_some_and(|(keys, _)| {
-            keys.contains_key("role_arn")
-                && keys
-                    .get("credential_source")
-                    .is_some_and(|s| s == "Environment")
-        });
-        if !uses_environment {
+        let Some((keys, from)) = files.profile(&name) else {
             return Ok(None);
+        };
+        let uses_environment = chosen.is_some()
+            && keys.contains_key("role_arn")
+            && keys
+                .get("credential_source")
+                .is_some_and(|s| s == "Environment");
+        if uses_environment {
+            return resolve_top(&files, &name, env_keys.as_ref()).map(Some);
         }
-        return resolve_top(&files, &name, env_keys.as_ref()).map(Some);
+        return Ok(Some(Profile {
+            source: None,
+            region: text_of(&keys, "region"),
+            endpoint_url: text_of(&keys, "endpoint_url"),
+            from,
+        }));
     }
     let files = Files {
         credentials: read(file("AWS_SHARED_CREDENTIALS_FILE", "credentials"))?,
@@ -216,8 +225,8 @@ pub fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<P
                 role_arn,
                 session_name: set("AWS_ROLE_SESSION_NAME"),
                 duration_seconds: None,
-                region: None,
-                endpoint_url: None,
+                region: profile.region.clone(),
+                endpoint_url: profile.endpoint_url.clone(),
                 from: "AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN".into(),
             }));
         }
@@ -230,12 +239,19 @@ fn resolve_top(
     name: &str,
     env_keys: Option<&Credentials>,
 ) -> Result<Profile, String> {
-    let (keys, _) = files.profile(name).unwrap_or_default();
+    let (keys, from) = files.profile(name).unwrap_or_default();
     let mut visited = Vec::new();
     Ok(Profile {
         source: resolve(files, name, &mut visited, env_keys)?,
-        region: keys.get("region").cloned(),
+        region: text_of(&keys, "region"),
+        endpoint_url: text_of(&keys, "endpoint_url"),
+        from,
     })
+}
+
+/// A key's value, when set and not empty.
+fn text_of(keys: &BTreeMap<String, String>, key: &str) -> Option<String> {
+    keys.get(key).filter(|v| !v.is_empty()).cloned()
 }
 
 /// The credentials of profile `name`; `visited` holds the profiles whose `source_profile`
@@ -503,13 +519,15 @@ mod tests {
             "the secret is never printed"
         );
 
-        // The environment's own keys win: the files are not read.
-        let none = from_environment(&env_of(vec![
+        // The environment's own keys win; the profile's settings still apply.
+        let p = from_environment(&env_of(vec![
             ("HOME", home),
             ("AWS_ACCESS_KEY_ID", "AKENV".into()),
         ]))
+        .unwrap()
         .unwrap();
-        assert_eq!(none, None);
+        assert_eq!(p.source, None);
+        assert_eq!(p.region.as_deref(), Some("eu-west-1"));
     }
 
     #[test]
@@ -672,7 +690,8 @@ mod tests {
         let e = from_environment(&env("env", vec![])).unwrap_err();
         assert!(e.contains("credential_source = Environment, but"), "{e}");
         // Another profile with the environment's keys set: the keys, as they are.
-        assert_eq!(from_environment(&env("second", keys)).unwrap(), None);
+        let p = from_environment(&env("second", keys)).unwrap().unwrap();
+        assert_eq!(p.source, None);
 
         let web = from_environment(&env("web", vec![])).unwrap().unwrap();
         let Some(Source::WebIdentity(w)) = web.source else {
@@ -704,7 +723,7 @@ mod tests {
         let config = write(
             dir.path(),
             "config",
-            "[default]\nregion = eu-central-1\n[profile keys]\naws_access_key_id = AK\naws_secret_access_key = s\n",
+            "[default]\nregion = eu-central-1\nendpoint_url = http://local.test\n[profile keys]\naws_access_key_id = AK\naws_secret_access_key = s\n",
         );
         let env = |extra: Vec<(&'static str, String)>| {
             let mut v = vec![
@@ -726,8 +745,16 @@ mod tests {
             panic!("web identity expected")
         };
         assert_eq!(
-            (w.role_arn.as_str(), w.session_name.as_deref()),
-            ("arn:aws:iam::1:role/irsa", Some("pod-1"))
+            (
+                w.role_arn.as_str(),
+                w.session_name.as_deref(),
+                w.endpoint_url.as_deref()
+            ),
+            (
+                "arn:aws:iam::1:role/irsa",
+                Some("pod-1"),
+                Some("http://local.test")
+            )
         );
         let p = from_environment(&env(vec![("AWS_PROFILE", "keys".into())]))
             .unwrap()
