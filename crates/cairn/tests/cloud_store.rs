@@ -1072,24 +1072,9 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
     )
     .unwrap();
     let command = |extra: &[(&str, String)]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
-        c.arg("run").arg(&config).current_dir(dir.path());
-        for var in [
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN",
-            "AWS_PROFILE",
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "AWS_CONFIG_FILE",
-            "AWS_REGION",
-            "AWS_DEFAULT_REGION",
-        ] {
-            c.env_remove(var);
-        }
-        c.env("AWS_ENDPOINT_URL", proxy.endpoint())
-            .env("HOME", &home)
-            .envs(extra.iter().map(|(k, v)| (k, v)));
-        c
+        let mut extra = extra.to_vec();
+        extra.push(("AWS_ENDPOINT_URL", proxy.endpoint()));
+        aws_command(&config, dir.path(), &home, &extra)
     };
 
     for (extra, key) in [
@@ -1124,26 +1109,7 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
     );
 
     // A profile that is in neither file: the start fails, naming the store and the profile.
-    let mut c = command(&[("AWS_PROFILE", "missing".to_string())]);
-    let mut child = c
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("cairn kept running with AWS_PROFILE=missing");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success());
+    let stderr = start_fails(command(&[("AWS_PROFILE", "missing".to_string())])).await;
     assert!(
         stderr.contains(".experimental_cloud_object_store: AWS credentials")
             && stderr.contains("AWS_PROFILE \"missing\": no such profile"),
