@@ -107,6 +107,8 @@ const MAX_CHAIN: usize = 16;
 struct Files {
     credentials: (Option<PathBuf>, Option<String>),
     config: (Option<PathBuf>, Option<String>),
+    /// `HOME`, for paths written `~/...`.
+    home: Option<PathBuf>,
 }
 
 impl Files {
@@ -151,7 +153,7 @@ pub fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<P
     let home = set("HOME").map(PathBuf::from);
     let file = |var: &str, name: &str| {
         set(var)
-            .map(PathBuf::from)
+            .map(|p| expand_home(&p, home.as_deref()))
             .or_else(|| home.as_ref().map(|h| h.join(".aws").join(name)))
     };
     let read = |path: Option<PathBuf>| -> Result<(Option<PathBuf>, Option<String>), String> {
@@ -182,6 +184,7 @@ pub fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<P
             credentials: read(file("AWS_SHARED_CREDENTIALS_FILE", "credentials"))
                 .unwrap_or((None, None)),
             config: read(file("AWS_CONFIG_FILE", "config")).unwrap_or((None, None)),
+            home: home.clone(),
         };
         let Some((keys, from)) = files.profile(&name) else {
             return Ok(None);
@@ -204,6 +207,7 @@ pub fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<P
     let files = Files {
         credentials: read(file("AWS_SHARED_CREDENTIALS_FILE", "credentials"))?,
         config: read(file("AWS_CONFIG_FILE", "config"))?,
+        home: home.clone(),
     };
     let mut profile = match files.profile(&name) {
         Some(_) => resolve_top(&files, &name, env_keys.as_ref())?,
@@ -221,7 +225,7 @@ pub fn from_environment(env: &dyn Fn(&str) -> Option<String>) -> Result<Option<P
             (set("AWS_WEB_IDENTITY_TOKEN_FILE"), set("AWS_ROLE_ARN"))
         {
             profile.source = Some(Source::WebIdentity(WebIdentity {
-                token_file: PathBuf::from(token_file),
+                token_file: expand_home(&token_file, home.as_deref()),
                 role_arn,
                 session_name: set("AWS_ROLE_SESSION_NAME"),
                 duration_seconds: None,
@@ -295,6 +299,12 @@ fn resolve(
         ));
     }
     if let Some(role_arn) = text("role_arn") {
+        if keys.contains_key("mfa_serial") {
+            return Err(format!(
+                "{from} has mfa_serial: its role needs a code typed by a person at each \
+                 refresh, which a server cannot give; use a role without MFA"
+            ));
+        }
         let duration_seconds = match text("duration_seconds") {
             None => None,
             Some(d) => Some(
@@ -314,7 +324,7 @@ fn resolve(
         let endpoint_url = text("endpoint_url");
         if let Some(token_file) = text("web_identity_token_file") {
             return Ok(Some(Source::WebIdentity(WebIdentity {
-                token_file: PathBuf::from(token_file),
+                token_file: expand_home(&token_file, files.home.as_deref()),
                 role_arn,
                 session_name,
                 duration_seconds,
@@ -417,6 +427,16 @@ fn static_keys(keys: &BTreeMap<String, String>, from: &str) -> Result<Option<Cre
             "{from} has aws_secret_access_key but no aws_access_key_id"
         )),
         (None, None) => Ok(None),
+    }
+}
+
+/// `~/rest` (or `~`) as a path under `home`, as the SDKs read the files' paths.
+fn expand_home(path: &str, home: Option<&std::path::Path>) -> PathBuf {
+    match (path.strip_prefix('~'), home) {
+        (Some(rest), Some(home)) if rest.is_empty() || rest.starts_with('/') => {
+            home.join(rest.trim_start_matches('/'))
+        }
+        _ => PathBuf::from(path),
     }
 }
 
@@ -623,7 +643,9 @@ mod tests {
              [profile b]\nrole_arn = arn:aws:iam::1:role/b\nsource_profile = a\n\
              [profile env]\nrole_arn = arn:aws:iam::1:role/env\ncredential_source = Environment\n\
              [profile web]\nrole_arn = arn:aws:iam::1:role/web\nweb_identity_token_file = /var/run/token\n\
-             role_session_name = pod\n",
+             role_session_name = pod\n\
+             [profile home]\nrole_arn = arn:aws:iam::1:role/h\nweb_identity_token_file = ~/token\n\
+             [profile mfa]\nrole_arn = arn:aws:iam::1:role/m\nsource_profile = base\nmfa_serial = arn:aws:iam::1:mfa/me\n",
         );
         let env = |profile: &str, extra: Vec<(&'static str, String)>| {
             let mut v = vec![
@@ -709,6 +731,24 @@ mod tests {
                 Some("pod")
             )
         );
+        let p = from_environment(&env("home", vec![("HOME", "/home/u".into())]))
+            .unwrap()
+            .unwrap();
+        let Some(Source::WebIdentity(w)) = p.source else {
+            panic!("web identity expected")
+        };
+        assert_eq!(w.token_file, PathBuf::from("/home/u/token"));
+        let e = from_environment(&env("mfa", vec![])).unwrap_err();
+        assert!(
+            e.contains("profile \"mfa\"") && e.contains("mfa_serial"),
+            "{e}"
+        );
+        assert_eq!(expand_home("~", Some("/h".as_ref())), PathBuf::from("/h"));
+        assert_eq!(
+            expand_home("~x/y", Some("/h".as_ref())),
+            PathBuf::from("~x/y")
+        );
+        assert_eq!(expand_home("~/y", None), PathBuf::from("~/y"));
         // A role and a process in the profile named: the role, as in the SDKs.
         let p = from_environment(&env("proc", vec![])).unwrap().unwrap();
         assert!(
@@ -803,6 +843,7 @@ mod tests {
             let files = Files {
                 credentials: (Some(PathBuf::from("/c")), Some(t.clone())),
                 config: (Some(PathBuf::from("/f")), Some(t)),
+                home: None,
             };
             let keys = Credentials {
                 access_key_id: "AK".into(),
