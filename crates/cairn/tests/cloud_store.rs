@@ -1072,24 +1072,9 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
     )
     .unwrap();
     let command = |extra: &[(&str, String)]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
-        c.arg("run").arg(&config).current_dir(dir.path());
-        for var in [
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_SESSION_TOKEN",
-            "AWS_PROFILE",
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "AWS_CONFIG_FILE",
-            "AWS_REGION",
-            "AWS_DEFAULT_REGION",
-        ] {
-            c.env_remove(var);
-        }
-        c.env("AWS_ENDPOINT_URL", proxy.endpoint())
-            .env("HOME", &home)
-            .envs(extra.iter().map(|(k, v)| (k, v)));
-        c
+        let mut extra = extra.to_vec();
+        extra.push(("AWS_ENDPOINT_URL", proxy.endpoint()));
+        aws_command(&config, dir.path(), &home, &extra)
     };
 
     for (extra, key) in [
@@ -1124,7 +1109,55 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
     );
 
     // A profile that is in neither file: the start fails, naming the store and the profile.
-    let mut c = command(&[("AWS_PROFILE", "missing".to_string())]);
+    let stderr = start_fails(command(&[("AWS_PROFILE", "missing".to_string())])).await;
+    assert!(
+        stderr.contains(".experimental_cloud_object_store: AWS credentials")
+            && stderr.contains("AWS_PROFILE \"missing\": no such profile"),
+        "{stderr}"
+    );
+}
+
+/// The variables of the AWS credential chain, removed from a test's Cairn so that only what
+/// the test gives is seen.
+const AWS_VARS: [&str; 18] = [
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+    "AWS_METADATA_ENDPOINT",
+];
+
+/// `cairn run config` in `dir`, with `HOME` at `home`, none of [`AWS_VARS`] but `extra`.
+fn aws_command(
+    config: &Path,
+    dir: &Path,
+    home: &Path,
+    extra: &[(&str, String)],
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    c.arg("run").arg(config).current_dir(dir);
+    for var in AWS_VARS {
+        c.env_remove(var);
+    }
+    c.env("HOME", home).envs(extra.iter().map(|(k, v)| (k, v)));
+    c
+}
+
+/// Runs a Cairn that must fail to start; its stderr.
+async fn start_fails(mut c: std::process::Command) -> String {
     let mut child = c
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -1137,16 +1170,364 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("cairn kept running with AWS_PROFILE=missing");
+            panic!("cairn kept running");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success());
+    assert!(!status.success(), "{stderr}");
+    stderr
+}
+
+/// Profiles that assume roles through STS (moto's, behind the fault proxy that records who
+/// signed what): `role_arn` with a `source_profile` of static keys, a chain of two roles,
+/// `credential_source = Environment`, a profile's `web_identity_token_file`, and the
+/// environment's web identity (IRSA: `AWS_WEB_IDENTITY_TOKEN_FILE`, `AWS_ROLE_ARN`). In each,
+/// the STS call is signed by the source's key (web identity: unsigned), every S3 request by
+/// the temporary key STS returned (moto's start with `ASIA`), and the role is assumed once
+/// for several blobs.
+#[tokio::test]
+async fn aws_roles_are_assumed_through_sts_and_their_keys_sign_the_requests() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJwb2QifQ.c2ln\n").unwrap();
+    let aws_config = dir.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!(
+            "[profile base]\naws_access_key_id = AKIDROLESOURCE\naws_secret_access_key = s\n\
+             [profile role]\nrole_arn = arn:aws:iam::123456789012:role/cairn-cas\n\
+             source_profile = base\nrole_session_name = cairn-test\nexternal_id = ext-42\n\
+             duration_seconds = 900\nregion = us-east-1\n\
+             [profile chained]\nrole_arn = arn:aws:iam::123456789012:role/cairn-second\n\
+             source_profile = role\n\
+             [profile from-env]\nrole_arn = arn:aws:iam::123456789012:role/cairn-env\n\
+             credential_source = Environment\n\
+             [profile web]\nrole_arn = arn:aws:iam::123456789012:role/cairn-web\n\
+             web_identity_token_file = {}\n",
+            token.display()
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("cloud.json5");
+    std::fs::write(
+        &config,
+        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
+    )
+    .unwrap();
+    let profile = |name: &str| {
+        vec![
+            ("AWS_CONFIG_FILE", aws_config.display().to_string()),
+            ("AWS_PROFILE", name.to_string()),
+        ]
+    };
+    let mut from_env = profile("from-env");
+    from_env.push(("AWS_ACCESS_KEY_ID", "AKIDFROMENVIRONMENT".into()));
+    from_env.push(("AWS_SECRET_ACCESS_KEY", "s".into()));
+    let irsa = vec![
+        ("AWS_WEB_IDENTITY_TOKEN_FILE", token.display().to_string()),
+        (
+            "AWS_ROLE_ARN",
+            "arn:aws:iam::123456789012:role/irsa".to_string(),
+        ),
+        ("AWS_ROLE_SESSION_NAME", "pod-0".to_string()),
+    ];
+    for (case, extra, actions, sts_signers) in [
+        (
+            "role",
+            profile("role"),
+            vec!["AssumeRole"],
+            vec!["AKIDROLESOURCE"],
+        ),
+        (
+            "chained",
+            profile("chained"),
+            vec!["AssumeRole", "AssumeRole"],
+            vec!["AKIDROLESOURCE", "ASIA"],
+        ),
+        (
+            "from-env",
+            from_env,
+            vec!["AssumeRole"],
+            vec!["AKIDFROMENVIRONMENT"],
+        ),
+        (
+            "web",
+            profile("web"),
+            vec!["AssumeRoleWithWebIdentity"],
+            vec![],
+        ),
+        ("irsa", irsa, vec!["AssumeRoleWithWebIdentity"], vec![]),
+    ] {
+        let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+        let mut extra = extra;
+        extra.push(("AWS_ENDPOINT_URL", proxy.endpoint()));
+        let c = Cairn::spawn_until_listening(
+            aws_command(&config, dir.path(), &home, &extra),
+            dir.path(),
+            config.clone(),
+        );
+        let mut cl = clients(&c).await;
+        for i in 0..3 {
+            let blob = data(3000 + i, case.len() as u64 * 10 + i as u64);
+            write(&mut cl.bs, &blob).await.unwrap();
+            assert!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap() == blob);
+        }
+        c.kill9();
+        assert_eq!(proxy.actions(), actions, "{case}: STS calls");
+        let signers = proxy.signers();
+        let (sts, s3): (Vec<&String>, Vec<&String>) =
+            signers.iter().partition(|s| s.ends_with(" sts"));
+        assert_eq!(sts.len(), sts_signers.len(), "{case}: {signers:?}");
+        for want in &sts_signers {
+            assert!(
+                sts.iter().any(|s| s.starts_with(want)),
+                "{case}: no STS call signed by {want}: {signers:?}"
+            );
+        }
+        assert!(
+            !s3.is_empty()
+                && s3
+                    .iter()
+                    .all(|s| s.starts_with("ASIA") && s.ends_with(" s3")),
+            "{case}: S3 requests not all signed by STS's keys: {signers:?}"
+        );
+    }
+}
+
+/// Nothing in the environment or the files: the credentials of the instance metadata service
+/// (IMDSv2; moto serves one, reached through `AWS_EC2_METADATA_SERVICE_ENDPOINT` as the SDKs
+/// name it) sign the requests, which go to `AWS_ENDPOINT_URL_S3` rather than
+/// `AWS_ENDPOINT_URL` (here a closed port), as in the SDKs.
+#[tokio::test]
+async fn aws_credentials_come_from_instance_metadata_when_nothing_else_gives_them() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let config = dir.path().join("cloud.json5");
+    std::fs::write(
+        &config,
+        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
+    )
+    .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let extra = [
+        (
+            "AWS_ENDPOINT_URL",
+            format!("http://127.0.0.1:{closed_port}"),
+        ),
+        ("AWS_ENDPOINT_URL_S3", proxy.endpoint()),
+        ("AWS_EC2_METADATA_SERVICE_ENDPOINT", proxy.endpoint()),
+    ];
+    let c = Cairn::spawn_until_listening(
+        aws_command(&config, dir.path(), &home, &extra),
+        dir.path(),
+        config.clone(),
+    );
+    let mut cl = clients(&c).await;
+    let blob = data(3000, 77);
+    write(&mut cl.bs, &blob).await.unwrap();
+    assert!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap() == blob);
+    c.kill9();
+    assert_eq!(proxy.signers(), ["test-key s3"]);
+}
+
+/// A profile's `endpoint_url` names S3's endpoint when no variable does, whether the
+/// credentials are the profile's or the environment's; a plain-HTTP one needs
+/// `insecure_allow_http`, and the refusal names the profile.
+#[tokio::test]
+async fn aws_profile_endpoint_url_names_s3_when_no_variable_does() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let aws_config = dir.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        format!(
+            "[profile ep]\nendpoint_url = {}\naws_access_key_id = AKIDPROFILEENDPOINT\n\
+             aws_secret_access_key = s\n",
+            proxy.endpoint()
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("cloud.json5");
+    std::fs::write(
+        &config,
+        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
+    )
+    .unwrap();
+    let profile = vec![
+        ("AWS_CONFIG_FILE", aws_config.display().to_string()),
+        ("AWS_PROFILE", "ep".to_string()),
+    ];
+    let mut with_env_keys = profile.clone();
+    with_env_keys.push(("AWS_ACCESS_KEY_ID", "AKIDENVIRONMENTKEY".into()));
+    with_env_keys.push(("AWS_SECRET_ACCESS_KEY", "s".into()));
+    for (seed, extra) in [profile.clone(), with_env_keys].into_iter().enumerate() {
+        let c = Cairn::spawn_until_listening(
+            aws_command(&config, dir.path(), &home, &extra),
+            dir.path(),
+            config.clone(),
+        );
+        let mut cl = clients(&c).await;
+        let blob = data(3000, 100 + seed as u64);
+        write(&mut cl.bs, &blob).await.unwrap();
+        assert!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap() == blob);
+        c.kill9();
+    }
+    assert_eq!(
+        proxy.signers(),
+        ["AKIDENVIRONMENTKEY s3", "AKIDPROFILEENDPOINT s3"]
+    );
+    let plain = config.with_file_name("plain.json5");
+    std::fs::write(
+        &plain,
+        CONFIG
+            .replace("@FAST@", NONE)
+            .replace("@RETRIES@", "1")
+            .replace("insecure_allow_http: true,", ""),
+    )
+    .unwrap();
+    let stderr = start_fails(aws_command(&plain, dir.path(), &home, &profile)).await;
     assert!(
-        stderr.contains(".experimental_cloud_object_store: AWS credentials")
-            && stderr.contains("AWS_PROFILE \"missing\": no such profile"),
+        stderr.contains(".insecure_allow_http: the endpoint http://")
+            && stderr.contains("endpoint_url of profile \"ep\""),
+        "{stderr}"
+    );
+}
+
+/// A loopback STS that refuses every call (`403 AccessDenied`).
+async fn refusing_sts() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = s.read(&mut buf).await;
+                let body = "<ErrorResponse><Error><Type>Sender</Type><Code>AccessDenied</Code>\
+                            <Message>not authorized to perform sts:AssumeRole</Message></Error>\
+                            </ErrorResponse>";
+                let answer = format!(
+                    "HTTP/1.1 403 Forbidden\r\nContent-Type: text/xml\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A role STS refuses: requests fail with a message naming the role, the profile and STS's
+/// answer, nothing reaches the bucket, and the server keeps answering. A role whose source
+/// profile does not exist, a cycle of source profiles, and a plain-HTTP STS endpoint without
+/// `insecure_allow_http`: the start fails, naming the store and the profile or key.
+#[tokio::test]
+async fn aws_role_failures_are_clear_and_the_server_stays_up() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let aws_config = dir.path().join("aws-config");
+    std::fs::write(
+        &aws_config,
+        "[profile base]\naws_access_key_id = AKIDROLESOURCE\naws_secret_access_key = s\n\
+         [profile role]\nrole_arn = arn:aws:iam::123456789012:role/cairn-cas\nsource_profile = base\n\
+         [profile orphan]\nrole_arn = arn:aws:iam::123456789012:role/x\nsource_profile = gone\n\
+         [profile a]\nrole_arn = arn:aws:iam::123456789012:role/a\nsource_profile = b\n\
+         [profile b]\nrole_arn = arn:aws:iam::123456789012:role/b\nsource_profile = a\n",
+    )
+    .unwrap();
+    let config = dir.path().join("cloud.json5");
+    std::fs::write(
+        &config,
+        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "1"),
+    )
+    .unwrap();
+    let sts = refusing_sts().await;
+    let env = |name: &str| {
+        vec![
+            ("AWS_CONFIG_FILE", aws_config.display().to_string()),
+            ("AWS_PROFILE", name.to_string()),
+            ("AWS_ENDPOINT_URL", moto.endpoint()),
+            ("AWS_ENDPOINT_URL_STS", sts.clone()),
+        ]
+    };
+    let c = Cairn::spawn_until_listening(
+        aws_command(&config, dir.path(), &home, &env("role")),
+        dir.path(),
+        config.clone(),
+    );
+    let mut cl = clients(&c).await;
+    for seed in 0..2 {
+        let blob = data(3000, seed);
+        let e = write(&mut cl.bs, &blob).await.unwrap_err();
+        assert!(
+            e.message().contains("AccessDenied")
+                && e.message()
+                    .contains("arn:aws:iam::123456789012:role/cairn-cas")
+                && e.message().contains("profile \"role\""),
+            "{e:?}"
+        );
+    }
+    let e = cl
+        .ac
+        .get_action_result(re::GetActionResultRequest {
+            action_digest: Some(sha(b"action").to_proto()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("AccessDenied"), "{e:?}");
+    assert!(moto.list("cas", "").await.is_empty(), "nothing is stored");
+    c.kill9();
+
+    for (profile, says) in [
+        (
+            "orphan",
+            "profile \"gone\" (the source_profile of profile \"orphan\"): no such profile",
+        ),
+        ("a", "source_profile chain a -> b -> a is a cycle"),
+    ] {
+        let stderr = start_fails(aws_command(&config, dir.path(), &home, &env(profile))).await;
+        assert!(
+            stderr.contains(".experimental_cloud_object_store: AWS credentials")
+                && stderr.contains(says),
+            "{profile}: {stderr}"
+        );
+    }
+    let plain = config.with_file_name("plain.json5");
+    std::fs::write(
+        &plain,
+        CONFIG
+            .replace("@FAST@", NONE)
+            .replace("@RETRIES@", "1")
+            .replace("insecure_allow_http: true,", ""),
+    )
+    .unwrap();
+    let mut extra = env("role");
+    extra.retain(|(k, _)| *k != "AWS_ENDPOINT_URL");
+    let stderr = start_fails(aws_command(&plain, dir.path(), &home, &extra)).await;
+    assert!(
+        stderr.contains(".insecure_allow_http: the STS endpoint http://")
+            && stderr.contains("profile \"role\""),
         "{stderr}"
     );
 }

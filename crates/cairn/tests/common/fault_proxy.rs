@@ -31,6 +31,10 @@ struct State {
     faults: AtomicU64,
     /// The access key ids of the requests' AWS signatures (`Credential=ID/...`).
     access_keys: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// `ID service` of the requests' AWS signatures (`Credential=ID/DATE/REGION/SERVICE/...`).
+    signers: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The `Action=` of form-encoded POST bodies (STS calls), in order.
+    actions: std::sync::Mutex<Vec<String>>,
 }
 
 pub struct FaultProxy {
@@ -109,6 +113,17 @@ impl FaultProxy {
         keys.iter().cloned().collect()
     }
 
+    /// `ID service` of the AWS signatures seen (`AKID s3`, `AKID sts`), sorted.
+    pub fn signers(&self) -> Vec<String> {
+        let signers = self.state.signers.lock().unwrap();
+        signers.iter().cloned().collect()
+    }
+
+    /// The actions of the form-encoded calls seen (`AssumeRole`), in order.
+    pub fn actions(&self) -> Vec<String> {
+        self.state.actions.lock().unwrap().clone()
+    }
+
     /// Requests seen, and how many of them met a fault.
     pub fn counts(&self) -> (u64, u64) {
         (
@@ -166,6 +181,16 @@ async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io
     }) {
         s.access_keys.lock().unwrap().insert(id);
     }
+    if let Some(scope) = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then_some(())?;
+        let fields: Vec<&str> = v.split("Credential=").nth(1)?.split('/').collect();
+        Some(format!("{} {}", fields.first()?, fields.get(3)?))
+    }) {
+        s.signers.lock().unwrap().insert(scope);
+    }
     let length: usize = head
         .lines()
         .find_map(|l| {
@@ -182,6 +207,18 @@ async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+    let form = head
+        .to_ascii_lowercase()
+        .contains("content-type: application/x-www-form-urlencoded");
+    if let Some(action) = form
+        .then(|| String::from_utf8_lossy(&buf[head_end..]).to_string())
+        .and_then(|body| {
+            body.split('&')
+                .find_map(|p| p.strip_prefix("Action=").map(str::to_string))
+        })
+    {
+        s.actions.lock().unwrap().push(action);
     }
     if s.stalled.load(Ordering::SeqCst) {
         // Holds the connection without a word until the client gives up.

@@ -88,14 +88,21 @@ pub fn parse(stdout: &[u8]) -> Result<(AwsCredential, Expiry), String> {
                 .with_timezone(&chrono::Utc),
         ),
     };
-    Ok((
-        AwsCredential {
-            key_id,
-            secret_key,
-            token: text("SessionToken"),
-        },
-        expiry,
-    ))
+    let c = AwsCredential {
+        key_id,
+        secret_key,
+        token: text("SessionToken"),
+    };
+    super::aws_sts::header_safe(&c).map_err(|e| format!("its output: {e}"))?;
+    Ok((c, expiry))
+}
+
+/// Whether credentials that expire at `expiry` (never: `None`) are still used, rather than
+/// fetched again.
+pub(super) fn fresh(expiry: Expiry) -> bool {
+    expiry.is_none_or(|e| {
+        e - chrono::Duration::from_std(REFRESH_BEFORE).unwrap_or_default() > chrono::Utc::now()
+    })
 }
 
 #[async_trait]
@@ -105,11 +112,7 @@ impl CredentialProvider for ProcessCredentials {
     async fn get_credential(&self) -> object_store::Result<Arc<AwsCredential>> {
         let mut cached = self.cached.lock().await;
         if let Some((c, expiry)) = cached.as_ref() {
-            let fresh = expiry.is_none_or(|e| {
-                e - chrono::Duration::from_std(REFRESH_BEFORE).unwrap_or_default()
-                    > chrono::Utc::now()
-            });
-            if fresh {
+            if fresh(*expiry) {
                 return Ok(c.clone());
             }
         }
@@ -146,6 +149,10 @@ mod tests {
             ),
             (br#"{"Version":1,"SecretAccessKey":"s"}"#, "AccessKeyId"),
             (br#"{"Version":1,"AccessKeyId":"A"}"#, "SecretAccessKey"),
+            (
+                br#"{"Version":1,"AccessKeyId":"A","SecretAccessKey":"s","SessionToken":"a\nb"}"#,
+                "session token is empty or not visible ASCII",
+            ),
             (
                 br#"{"Version":1,"AccessKeyId":"A","SecretAccessKey":"s","Expiration":"soon"}"#,
                 "RFC 3339",

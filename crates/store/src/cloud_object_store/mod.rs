@@ -25,6 +25,7 @@
 pub mod aws;
 pub mod aws_process;
 pub mod aws_profile;
+pub mod aws_sts;
 pub mod azure;
 pub mod gcs;
 pub mod metrics;

@@ -27,6 +27,7 @@ pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Cli
             ),
             region,
             bucket: required(&spec.bucket, "bucket", at)?,
+            allow_http: spec.insecure_allow_http,
             access_key_id: spec.access_key_id.as_deref(),
             secret_access_key: spec.secret_access_key.as_deref(),
         },

@@ -34,6 +34,7 @@ pub fn client(spec: &Spec, at: &str, connector: CountingConnector) -> Result<Cli
             endpoint: required(&spec.endpoint, "endpoint", at)?.to_string(),
             region: "us-east-1",
             bucket: required(&spec.bucket, "bucket", at)?,
+            allow_http: spec.insecure_allow_http,
             access_key_id: None,
             secret_access_key: None,
         },

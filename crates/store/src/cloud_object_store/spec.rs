@@ -133,7 +133,7 @@ pub fn check_at(spec: &Spec, at: &str) -> Result<(), Error> {
         super::plain_http_allowed(endpoint, spec, at, &format!("{at}.endpoint"))?;
     }
     if *provider == "aws" {
-        for var in ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
+        for var in ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"] {
             if let Ok(endpoint) = std::env::var(var) {
                 super::plain_http_allowed(&endpoint, spec, at, var)?;
             }
