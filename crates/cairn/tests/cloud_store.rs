@@ -829,6 +829,132 @@ async fn gcs_and_azure_ride_out_a_fifth_of_backend_requests_failing() {
     }
 }
 
+/// `GOOGLE_APPLICATION_CREDENTIALS`, with `authentication_required: true`: every request to
+/// Google's endpoint carries a JWT of the service account, signed with the account's key (what
+/// Google checks). Google's endpoint is reached through `HTTPS_PROXY`: a test proxy ends TLS
+/// for `storage.googleapis.com` and hands the requests, through the fault proxy that records
+/// their tokens, to fake-gcs-server.
+#[tokio::test]
+async fn gcs_requests_carry_a_token_signed_by_the_service_account_key_file() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = FaultProxy::start(([127, 0, 0, 1], gcs.port).into()).await;
+    let pki = common::certs::Pki::new(&dir.path().join("pki"), "google");
+    let cert = pki.issue_for("google", 9, true, vec!["storage.googleapis.com".into()]);
+    let proxy = common::https_proxy::HttpsProxy::start(&cert, recorder.addr).await;
+    // The account's key, RSA in PKCS#8 as Google issues them, and its public half.
+    let (key, public) = (dir.path().join("sa.pem"), dir.path().join("sa.pub"));
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        out.stdout
+    };
+    let (key_s, public_s) = (key.display().to_string(), public.display().to_string());
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        &key_s,
+    ]);
+    openssl(&["pkey", "-in", &key_s, "-pubout", "-out", &public_s]);
+    let email = "cairn-cas@project.iam.gserviceaccount.com";
+    let account = dir.path().join("account.json");
+    std::fs::write(
+        &account,
+        serde_json::json!({
+            "type": "service_account",
+            "project_id": "project",
+            "private_key_id": "key-1",
+            "private_key": std::fs::read_to_string(&key).unwrap(),
+            "client_email": email,
+            "client_id": "1",
+            "token_uri": "https://oauth2.googleapis.com/token",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let store = |prefix: &str| {
+        format!(
+            r#"{{ experimental_cloud_object_store: {{
+              provider: "gcs", bucket: "cas", key_prefix: "{prefix}", authentication_required: true,
+              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#
+        )
+    };
+    let config = dir.path().join("gcs.json5");
+    std::fs::write(&config, cloud_config(&store)).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command.arg("run").arg(&config).current_dir(dir.path());
+    for var in [
+        "STORAGE_EMULATOR_HOST",
+        "GOOGLE_SERVICE_ACCOUNT",
+        "GOOGLE_SERVICE_ACCOUNT_PATH",
+        "GOOGLE_SERVICE_ACCOUNT_KEY",
+        "NO_PROXY",
+        "no_proxy",
+    ] {
+        command.env_remove(var);
+    }
+    command
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &account)
+        .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
+        .env("SSL_CERT_FILE", &pki.ca)
+        .env("HOME", dir.path());
+    let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
+    let mut cl = clients(&c).await;
+    let blob = data(300_000, 91);
+    let d = sha(&blob);
+    write(&mut cl.bs, &blob).await.unwrap();
+    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
+    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == blob);
+    assert_eq!(proxy.hosts(), ["storage.googleapis.com"]);
+
+    let tokens = recorder.bearers();
+    assert!(!tokens.is_empty(), "no request carried a token");
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut checked = std::collections::BTreeSet::new();
+    for token in &tokens {
+        let parts: Vec<&str> = token.split('.').collect();
+        assert_eq!(parts.len(), 3, "not a JWT: {token}");
+        let header: serde_json::Value =
+            serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+        let claims: serde_json::Value =
+            serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+        assert_eq!(header["alg"], "RS256", "{header}");
+        assert_eq!(header["kid"], "key-1", "{header}");
+        assert_eq!(claims["iss"], email, "{claims}");
+        if checked.insert(token.clone()) {
+            // Signed by the account's key.
+            let signed = dir.path().join("signed");
+            let signature = dir.path().join("signature");
+            std::fs::write(&signed, format!("{}.{}", parts[0], parts[1])).unwrap();
+            std::fs::write(&signature, b64.decode(parts[2]).unwrap()).unwrap();
+            let verdict = openssl(&[
+                "dgst",
+                "-sha256",
+                "-verify",
+                &public_s,
+                "-signature",
+                &signature.display().to_string(),
+                &signed.display().to_string(),
+            ]);
+            assert_eq!(String::from_utf8_lossy(&verdict).trim(), "Verified OK");
+        }
+    }
+    eprintln!(
+        "{} requests to Google's endpoint, {} distinct tokens, each signed by the account's key",
+        tokens.len(),
+        checked.len()
+    );
+}
+
 #[tokio::test]
 async fn gcs_read_timeout_s_bounds_a_body_that_stops_coming() {
     let gcs = FakeGcs::start().await;

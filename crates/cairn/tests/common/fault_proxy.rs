@@ -35,6 +35,8 @@ struct State {
     signers: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// The `Action=` of form-encoded POST bodies (STS calls), in order.
     actions: std::sync::Mutex<Vec<String>>,
+    /// The tokens of `Authorization: Bearer` headers (GCS, Azure), in order.
+    bearers: std::sync::Mutex<Vec<String>>,
 }
 
 pub struct FaultProxy {
@@ -119,6 +121,11 @@ impl FaultProxy {
         signers.iter().cloned().collect()
     }
 
+    /// The bearer tokens of the requests seen, in order.
+    pub fn bearers(&self) -> Vec<String> {
+        self.state.bearers.lock().unwrap().clone()
+    }
+
     /// The actions of the form-encoded calls seen (`AssumeRole`), in order.
     pub fn actions(&self) -> Vec<String> {
         self.state.actions.lock().unwrap().clone()
@@ -180,6 +187,15 @@ async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io
         )
     }) {
         s.access_keys.lock().unwrap().insert(id);
+    }
+    if let Some(token) = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("authorization")
+            .then_some(())?;
+        Some(v.trim().strip_prefix("Bearer ")?.to_string())
+    }) {
+        s.bearers.lock().unwrap().push(token);
     }
     if let Some(scope) = head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
