@@ -417,6 +417,163 @@ async fn a_dead_backend_is_unavailable_naming_the_store_until_it_returns() {
     assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
 }
 
+/// Azure workload identity (what AKS injects): `AZURE_CLIENT_ID`, `AZURE_TENANT_ID` and
+/// `AZURE_FEDERATED_TOKEN_FILE`. Cairn trades the file's token at Azure AD's token endpoint
+/// (`AZURE_AUTHORITY_HOST` points it at a stand-in here) for an access token, which azurite in
+/// OAuth mode (HTTPS) accepts for the blobs; no account key is anywhere in the environment.
+#[tokio::test]
+async fn azure_workload_identity_trades_the_federated_token_for_the_blob_requests_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = common::certs::Pki::new(&dir.path().join("pki"), "azurite");
+    let azurite = Azurite::start_oauth(&pki.issue("azurite", 3, true)).await;
+    azurite.create_container("cas");
+    let tenant = "ab1f708d-50f6-404c-a006-d71b2ac7a606";
+    let (aad, seen) = token_endpoint(storage_token(tenant)).await;
+    let federated = dir.path().join("federated-token");
+    std::fs::write(&federated, "projected-service-account-token").unwrap();
+    let store = |prefix: &str| {
+        format!(
+            r#"{{ experimental_cloud_object_store: {{
+              provider: "azure", account_name: "devstoreaccount1", container: "cas",
+              endpoint: "{}", key_prefix: "{prefix}", insecure_allow_http: true,
+              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#,
+            azurite.endpoint()
+        )
+    };
+    let config = dir.path().join("azure.json5");
+    std::fs::write(&config, cloud_config(&store)).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command.arg("run").arg(&config).current_dir(dir.path());
+    for (var, _) in std::env::vars() {
+        if var.starts_with("AZURE_") {
+            command.env_remove(var);
+        }
+    }
+    command
+        .env("AZURE_CLIENT_ID", "cairn-cas-client")
+        .env("AZURE_TENANT_ID", tenant)
+        .env("AZURE_FEDERATED_TOKEN_FILE", &federated)
+        .env("AZURE_AUTHORITY_HOST", format!("http://{aad}"))
+        .env("SSL_CERT_FILE", &pki.ca)
+        .env("HOME", dir.path());
+    let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
+    let mut cl = clients(&c).await;
+    let blob = data(200_000, 93);
+    let d = sha(&blob);
+    write(&mut cl.bs, &blob).await.unwrap();
+    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
+    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == blob);
+
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "Azure AD was never asked for a token");
+    for request in &seen {
+        assert!(
+            request.starts_with(&format!("POST /{tenant}/oauth2/v2.0/token ")),
+            "{request}"
+        );
+        for field in [
+            "client_id=cairn-cas-client",
+            "client_assertion=projected-service-account-token",
+            "grant_type=client_credentials",
+        ] {
+            assert!(request.contains(field), "{field} not in {request}");
+        }
+    }
+}
+
+/// An access token as Azure AD issues one for Azure Storage (azurite checks its audience,
+/// issuer and times, not its signature).
+fn storage_token(tenant: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = b64.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
+    let claims = b64.encode(
+        serde_json::json!({
+            "aud": "https://storage.azure.com",
+            "iss": format!("https://sts.windows.net/{tenant}/"),
+            "tid": tenant,
+            "oid": "cairn",
+            "iat": now - 60,
+            "nbf": now - 60,
+            "exp": now + 3600,
+        })
+        .to_string(),
+    );
+    format!("{header}.{claims}.c2lnbmF0dXJl")
+}
+
+/// A stand-in for Azure AD's token endpoint on a free loopback port: every request gets
+/// `token`; each is recorded as its request line and body.
+async fn token_endpoint(
+    token: String,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let answer = serde_json::json!({
+        "token_type": "Bearer", "expires_in": 3599, "access_token": token,
+    })
+    .to_string();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (record, answer) = (record.clone(), answer.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let Ok(n) = conn.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.trim()
+                            .eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                while buf.len() < head_end + length {
+                    let Ok(n) = conn.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let line = head.lines().next().unwrap_or_default().to_string();
+                let body = String::from_utf8_lossy(&buf[head_end..]).to_string();
+                record.lock().unwrap().push(format!("{line} {body}"));
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = conn.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
 #[tokio::test]
 async fn azure_provider_serves_the_cas_and_ac_over_azurite() {
     let azurite = Azurite::start().await;

@@ -131,6 +131,8 @@ impl Moto {
 pub struct Azurite {
     child: Child,
     pub port: u16,
+    /// `http`, or `https` in OAuth mode.
+    scheme: &'static str,
 }
 
 impl Drop for Azurite {
@@ -147,15 +149,16 @@ pub const AZURITE_KEY: &str =
 
 /// Creates a container with a Shared Key signed request (node's crypto signs it).
 const MAKE_CONTAINER_JS: &str = r#"
-const http = require('http'), crypto = require('crypto');
-const [port, container, account, key64] = process.argv.slice(-4);
+const crypto = require('crypto');
+const [scheme, port, container, account, key64] = process.argv.slice(-5);
+const http = require(scheme);
 const key = Buffer.from(key64, 'base64');
 const date = new Date().toUTCString(), version = '2021-08-06';
 const sign = ['PUT', '', '', '', '', '', '', '', '', '', '', '',
   `x-ms-date:${date}\nx-ms-version:${version}`,
   `/${account}/${account}/${container}\nrestype:container`].join('\n');
 const sig = crypto.createHmac('sha256', key).update(sign, 'utf8').digest('base64');
-const req = http.request({ host: '127.0.0.1', port, method: 'PUT',
+const req = http.request({ host: '127.0.0.1', port, method: 'PUT', rejectUnauthorized: false,
   path: `/${account}/${container}?restype=container`,
   headers: { 'x-ms-date': date, 'x-ms-version': version, 'Content-Length': 0,
              Authorization: `SharedKey ${account}:${sig}` } },
@@ -167,6 +170,21 @@ req.end();
 impl Azurite {
     /// Starts azurite's blob service on a free port and waits until it accepts connections.
     pub async fn start() -> Azurite {
+        Azurite::start_args(&[], "http").await
+    }
+
+    /// Starts it over HTTPS with `cert` in OAuth mode (`--oauth basic`): requests then carry
+    /// a bearer token (Azure AD's), which azurite checks for its audience, issuer and times
+    /// but not its signature; Shared Key still works.
+    pub async fn start_oauth(cert: &super::certs::Pair) -> Azurite {
+        let (c, k) = (
+            cert.cert.display().to_string(),
+            cert.key.display().to_string(),
+        );
+        Azurite::start_args(&["--oauth", "basic", "--cert", &c, "--key", &k], "https").await
+    }
+
+    async fn start_args(extra: &[&str], scheme: &'static str) -> Azurite {
         let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../../.ci/azurite/node_modules/.bin/azurite-blob");
         assert!(
@@ -179,12 +197,17 @@ impl Azurite {
             .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
             .args(["--inMemoryPersistence", "--silent", "--skipApiVersionCheck"])
             .args(["--loose", "--disableTelemetry"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start azurite-blob");
-        let azurite = Azurite { child, port };
+        let azurite = Azurite {
+            child,
+            port,
+            scheme,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         while tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -198,13 +221,22 @@ impl Azurite {
 
     /// The account URL, NativeLink's `endpoint` key for Azurite.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}/{AZURITE_ACCOUNT}", self.port)
+        format!(
+            "{}://127.0.0.1:{}/{AZURITE_ACCOUNT}",
+            self.scheme, self.port
+        )
     }
 
     pub fn create_container(&self, name: &str) {
         let out = Command::new("node")
             .args(["-e", MAKE_CONTAINER_JS, "--"])
-            .args([&self.port.to_string(), name, AZURITE_ACCOUNT, AZURITE_KEY])
+            .args([
+                self.scheme,
+                &self.port.to_string(),
+                name,
+                AZURITE_ACCOUNT,
+                AZURITE_KEY,
+            ])
             .output()
             .expect("run node");
         assert!(
