@@ -417,12 +417,13 @@ async fn a_dead_backend_is_unavailable_naming_the_store_until_it_returns() {
     assert_eq!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap(), blob);
 }
 
-/// Azure workload identity (what AKS injects): `AZURE_CLIENT_ID`, `AZURE_TENANT_ID` and
-/// `AZURE_FEDERATED_TOKEN_FILE`. Cairn trades the file's token at Azure AD's token endpoint
+/// Azure workload identity (what AKS injects: `AZURE_CLIENT_ID`, `AZURE_TENANT_ID` and
+/// `AZURE_FEDERATED_TOKEN_FILE`), then a service principal (`AZURE_CLIENT_SECRET`). Cairn trades
+/// the file's token (or the secret) at Azure AD's token endpoint
 /// (`AZURE_AUTHORITY_HOST` points it at a stand-in here) for an access token, which azurite in
 /// OAuth mode (HTTPS) accepts for the blobs; no account key is anywhere in the environment.
 #[tokio::test]
-async fn azure_workload_identity_trades_the_federated_token_for_the_blob_requests_token() {
+async fn azure_workload_identity_and_a_service_principal_get_the_blob_requests_token() {
     let dir = tempfile::tempdir().unwrap();
     let pki = common::certs::Pki::new(&dir.path().join("pki"), "azurite");
     let azurite = Azurite::start_oauth(&pki.issue("azurite", 3, true)).await;
@@ -442,41 +443,61 @@ async fn azure_workload_identity_trades_the_federated_token_for_the_blob_request
     };
     let config = dir.path().join("azure.json5");
     std::fs::write(&config, cloud_config(&store)).unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
-    command.arg("run").arg(&config).current_dir(dir.path());
-    for (var, _) in std::env::vars() {
-        if var.starts_with("AZURE_") {
-            command.env_remove(var);
-        }
-    }
-    command
-        .env("AZURE_CLIENT_ID", "cairn-cas-client")
-        .env("AZURE_TENANT_ID", tenant)
-        .env("AZURE_FEDERATED_TOKEN_FILE", &federated)
-        .env("AZURE_AUTHORITY_HOST", format!("http://{aad}"))
-        .env("SSL_CERT_FILE", &pki.ca)
-        .env("HOME", dir.path());
-    let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
-    let mut cl = clients(&c).await;
-    let blob = data(200_000, 93);
-    let d = sha(&blob);
-    write(&mut cl.bs, &blob).await.unwrap();
-    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
-    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == blob);
-
-    let seen = seen.lock().unwrap().clone();
-    assert!(!seen.is_empty(), "Azure AD was never asked for a token");
-    for request in &seen {
-        assert!(
-            request.starts_with(&format!("POST /{tenant}/oauth2/v2.0/token ")),
-            "{request}"
-        );
-        for field in [
-            "client_id=cairn-cas-client",
+    // Workload identity, then a service principal's secret.
+    let cases: [(&str, &str, u64); 2] = [
+        (
+            "AZURE_FEDERATED_TOKEN_FILE",
             "client_assertion=projected-service-account-token",
-            "grant_type=client_credentials",
-        ] {
-            assert!(request.contains(field), "{field} not in {request}");
+            93,
+        ),
+        ("AZURE_CLIENT_SECRET", "client_secret=sp-secret", 95),
+    ];
+    for (var, field, seed) in cases {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+        command.arg("run").arg(&config).current_dir(dir.path());
+        for (var, _) in std::env::vars() {
+            if var.starts_with("AZURE_") {
+                command.env_remove(var);
+            }
+        }
+        let value = if var == "AZURE_CLIENT_SECRET" {
+            "sp-secret".into()
+        } else {
+            federated.display().to_string()
+        };
+        command
+            .env("AZURE_CLIENT_ID", "cairn-cas-client")
+            .env("AZURE_TENANT_ID", tenant)
+            .env(var, value)
+            .env("AZURE_AUTHORITY_HOST", format!("http://{aad}"))
+            .env("SSL_CERT_FILE", &pki.ca)
+            .env("HOME", dir.path());
+        let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
+        let mut cl = clients(&c).await;
+        let blob = data(200_000, seed);
+        let d = sha(&blob);
+        write(&mut cl.bs, &blob).await.unwrap();
+        assert!(missing(&mut cl.cas, &[d]).await.is_empty());
+        assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == blob);
+        drop(c);
+
+        let asked = std::mem::take(&mut *seen.lock().unwrap());
+        assert!(
+            !asked.is_empty(),
+            "{var}: Azure AD was never asked for a token"
+        );
+        for request in &asked {
+            assert!(
+                request.starts_with(&format!("POST /{tenant}/oauth2/v2.0/token ")),
+                "{request}"
+            );
+            for field in [
+                "client_id=cairn-cas-client",
+                field,
+                "grant_type=client_credentials",
+            ] {
+                assert!(request.contains(field), "{var}: {field} not in {request}");
+            }
         }
     }
 }
@@ -506,8 +527,8 @@ fn storage_token(tenant: &str) -> String {
     format!("{header}.{claims}.c2lnbmF0dXJl")
 }
 
-/// A stand-in for Azure AD's token endpoint on a free loopback port: every request gets
-/// `token`; each is recorded as its request line and body.
+/// A stand-in for a token endpoint (Azure AD's, or GCE's metadata server) on a free loopback
+/// port: every request gets `token`; each is recorded as its head and body.
 async fn token_endpoint(
     token: String,
 ) -> (
@@ -560,9 +581,8 @@ async fn token_endpoint(
                     }
                     buf.extend_from_slice(&chunk[..n]);
                 }
-                let line = head.lines().next().unwrap_or_default().to_string();
                 let body = String::from_utf8_lossy(&buf[head_end..]).to_string();
-                record.lock().unwrap().push(format!("{line} {body}"));
+                record.lock().unwrap().push(format!("{head}{body}"));
                 let response = format!(
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
                     answer.len()
@@ -1110,6 +1130,69 @@ async fn gcs_requests_carry_a_token_signed_by_the_service_account_key_file() {
         tokens.len(),
         checked.len()
     );
+}
+
+/// GKE workload identity (or a GCE machine's account): no key anywhere, the metadata server
+/// (`GCE_METADATA_HOST`, a stand-in here) gives the token every request to Google's endpoint
+/// carries; `authentication_required: true` starts because the server is there.
+#[tokio::test]
+async fn gcs_requests_carry_the_metadata_servers_token() {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = FaultProxy::start(([127, 0, 0, 1], gcs.port).into()).await;
+    let pki = common::certs::Pki::new(&dir.path().join("pki"), "google");
+    let cert = pki.issue_for("google", 9, true, vec!["storage.googleapis.com".into()]);
+    let proxy = common::https_proxy::HttpsProxy::start(&cert, recorder.addr).await;
+    let (metadata, seen) = token_endpoint("ya29.from-the-metadata-server".into()).await;
+    let store = |prefix: &str| {
+        format!(
+            r#"{{ experimental_cloud_object_store: {{
+              provider: "gcs", bucket: "cas", key_prefix: "{prefix}", authentication_required: true,
+              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#
+        )
+    };
+    let config = dir.path().join("gcs.json5");
+    std::fs::write(&config, cloud_config(&store)).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command.arg("run").arg(&config).current_dir(dir.path());
+    for (var, _) in std::env::vars() {
+        if var.starts_with("GOOGLE_") || var.starts_with("GCE_") || var.ends_with("_proxy") {
+            command.env_remove(var);
+        }
+    }
+    command
+        .env_remove("STORAGE_EMULATOR_HOST")
+        .env_remove("NO_PROXY")
+        .env("GCE_METADATA_HOST", metadata.to_string())
+        .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
+        .env("SSL_CERT_FILE", &pki.ca)
+        .env("HOME", dir.path());
+    let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
+    let mut cl = clients(&c).await;
+    let blob = data(100_000, 94);
+    let d = sha(&blob);
+    write(&mut cl.bs, &blob).await.unwrap();
+    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
+    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == blob);
+
+    let tokens = recorder.bearers();
+    assert!(!tokens.is_empty(), "no request carried a token");
+    assert!(
+        tokens.iter().all(|t| t == "ya29.from-the-metadata-server"),
+        "{tokens:?}"
+    );
+    let asked = seen.lock().unwrap().clone();
+    assert!(!asked.is_empty(), "the metadata server was never asked");
+    for request in &asked {
+        assert!(
+            request.starts_with("GET /computeMetadata/v1/instance/service-accounts/default/token")
+                && request
+                    .to_ascii_lowercase()
+                    .contains("metadata-flavor: google"),
+            "{request}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -111,12 +111,13 @@ fn credential_source(
     Ok(CredentialSource::Anonymous)
 }
 
-/// Whether `host` (the metadata server's name) resolves.
+/// Whether `host` (the metadata server's name, with a port or not) resolves.
 fn metadata_resolves(host: &str) -> bool {
     use std::net::ToSocketAddrs;
-    (host, 80)
-        .to_socket_addrs()
-        .is_ok_and(|mut a| a.next().is_some())
+    let found = |r: std::io::Result<std::vec::IntoIter<std::net::SocketAddr>>| {
+        r.is_ok_and(|mut a| a.next().is_some())
+    };
+    found(host.to_socket_addrs()) || found((host, 80).to_socket_addrs())
 }
 
 fn emulator_host() -> Option<String> {
@@ -700,6 +701,8 @@ mod tests {
             *seen.lock().unwrap(),
             ["metadata.google.internal", "169.254.169.254"]
         );
+        assert!(metadata_resolves("127.0.0.1:8080") && metadata_resolves("127.0.0.1"));
+        assert!(!metadata_resolves("metadata.invalid"));
         let adc = home.path().join(".config/gcloud");
         std::fs::create_dir_all(&adc).unwrap();
         std::fs::write(adc.join("application_default_credentials.json"), "{}").unwrap();
