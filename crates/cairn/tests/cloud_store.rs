@@ -1013,13 +1013,7 @@ async fn gcs_and_azure_ride_out_a_fifth_of_backend_requests_failing() {
 /// their tokens, to fake-gcs-server.
 #[tokio::test]
 async fn gcs_requests_carry_a_token_signed_by_the_service_account_key_file() {
-    let gcs = FakeGcs::start().await;
-    gcs.create_bucket("cas").await;
     let dir = tempfile::tempdir().unwrap();
-    let recorder = FaultProxy::start(([127, 0, 0, 1], gcs.port).into()).await;
-    let pki = common::certs::Pki::new(&dir.path().join("pki"), "google");
-    let cert = pki.issue_for("google", 9, true, vec!["storage.googleapis.com".into()]);
-    let proxy = common::https_proxy::HttpsProxy::start(&cert, recorder.addr).await;
     // The account's key, RSA in PKCS#8 as Google issues them, and its public half.
     let (key, public) = (dir.path().join("sa.pem"), dir.path().join("sa.pub"));
     let openssl = |args: &[&str]| {
@@ -1057,42 +1051,15 @@ async fn gcs_requests_carry_a_token_signed_by_the_service_account_key_file() {
         .to_string(),
     )
     .unwrap();
-    let store = |prefix: &str| {
-        format!(
-            r#"{{ experimental_cloud_object_store: {{
-              provider: "gcs", bucket: "cas", key_prefix: "{prefix}", authentication_required: true,
-              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#
-        )
-    };
-    let config = dir.path().join("gcs.json5");
-    std::fs::write(&config, cloud_config(&store)).unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
-    command.arg("run").arg(&config).current_dir(dir.path());
-    for var in [
-        "STORAGE_EMULATOR_HOST",
-        "GOOGLE_SERVICE_ACCOUNT",
-        "GOOGLE_SERVICE_ACCOUNT_PATH",
-        "GOOGLE_SERVICE_ACCOUNT_KEY",
-        "NO_PROXY",
-        "no_proxy",
-    ] {
-        command.env_remove(var);
-    }
-    command
-        .env("GOOGLE_APPLICATION_CREDENTIALS", &account)
-        .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
-        .env("SSL_CERT_FILE", &pki.ca)
-        .env("HOME", dir.path());
-    let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
-    let mut cl = clients(&c).await;
-    let blob = data(300_000, 91);
-    let d = sha(&blob);
-    write(&mut cl.bs, &blob).await.unwrap();
-    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
-    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == blob);
-    assert_eq!(proxy.hosts(), ["storage.googleapis.com"]);
-
-    let tokens = recorder.bearers();
+    let tokens = gcs_tokens_through_google(
+        dir.path(),
+        &[(
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            account.display().to_string(),
+        )],
+        None,
+    )
+    .await;
     assert!(!tokens.is_empty(), "no request carried a token");
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -1134,55 +1101,25 @@ async fn gcs_requests_carry_a_token_signed_by_the_service_account_key_file() {
 
 /// GKE workload identity (or a GCE machine's account): no key anywhere, the metadata server
 /// (`GCE_METADATA_HOST`, a stand-in here) gives the token every request to Google's endpoint
-/// carries; `authentication_required: true` starts because the server is there.
+/// carries; `authentication_required: true` starts because the server is there. Then gcloud's
+/// application default credentials (`gcloud auth application-default login`): the refresh token
+/// in `~/.config/gcloud/application_default_credentials.json` is traded at Google's token
+/// endpoint (a stand-in behind the same proxy) for the requests' token.
 #[tokio::test]
-async fn gcs_requests_carry_the_metadata_servers_token() {
-    let gcs = FakeGcs::start().await;
-    gcs.create_bucket("cas").await;
+async fn gcs_requests_carry_tokens_from_the_metadata_server_and_gcloud_credentials() {
     let dir = tempfile::tempdir().unwrap();
-    let recorder = FaultProxy::start(([127, 0, 0, 1], gcs.port).into()).await;
-    let pki = common::certs::Pki::new(&dir.path().join("pki"), "google");
-    let cert = pki.issue_for("google", 9, true, vec!["storage.googleapis.com".into()]);
-    let proxy = common::https_proxy::HttpsProxy::start(&cert, recorder.addr).await;
     let (metadata, seen) = token_endpoint("ya29.from-the-metadata-server".into()).await;
-    let store = |prefix: &str| {
-        format!(
-            r#"{{ experimental_cloud_object_store: {{
-              provider: "gcs", bucket: "cas", key_prefix: "{prefix}", authentication_required: true,
-              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#
-        )
-    };
-    let config = dir.path().join("gcs.json5");
-    std::fs::write(&config, cloud_config(&store)).unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
-    command.arg("run").arg(&config).current_dir(dir.path());
-    for (var, _) in std::env::vars() {
-        if var.starts_with("GOOGLE_") || var.starts_with("GCE_") || var.ends_with("_proxy") {
-            command.env_remove(var);
-        }
-    }
-    command
-        .env_remove("STORAGE_EMULATOR_HOST")
-        .env_remove("NO_PROXY")
-        .env("GCE_METADATA_HOST", metadata.to_string())
-        .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
-        .env("SSL_CERT_FILE", &pki.ca)
-        .env("HOME", dir.path());
-    let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
-    let mut cl = clients(&c).await;
-    let blob = data(100_000, 94);
-    let d = sha(&blob);
-    write(&mut cl.bs, &blob).await.unwrap();
-    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
-    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == blob);
-
-    let tokens = recorder.bearers();
-    assert!(!tokens.is_empty(), "no request carried a token");
+    let tokens = gcs_tokens_through_google(
+        dir.path(),
+        &[("GCE_METADATA_HOST", metadata.to_string())],
+        None,
+    )
+    .await;
     assert!(
         tokens.iter().all(|t| t == "ya29.from-the-metadata-server"),
         "{tokens:?}"
     );
-    let asked = seen.lock().unwrap().clone();
+    let asked = std::mem::take(&mut *seen.lock().unwrap());
     assert!(!asked.is_empty(), "the metadata server was never asked");
     for request in &asked {
         assert!(
@@ -1193,6 +1130,109 @@ async fn gcs_requests_carry_the_metadata_servers_token() {
             "{request}"
         );
     }
+
+    let dir = tempfile::tempdir().unwrap();
+    let gcloud = dir.path().join(".config/gcloud");
+    std::fs::create_dir_all(&gcloud).unwrap();
+    std::fs::write(
+        gcloud.join("application_default_credentials.json"),
+        serde_json::json!({
+            "type": "authorized_user",
+            "client_id": "gcloud-client",
+            "client_secret": "gcloud-secret",
+            "refresh_token": "a-refresh-token",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let (accounts, seen) = token_endpoint("ya29.from-a-refresh-token".into()).await;
+    let tokens = gcs_tokens_through_google(dir.path(), &[], Some(accounts)).await;
+    assert!(
+        tokens.iter().all(|t| t == "ya29.from-a-refresh-token"),
+        "{tokens:?}"
+    );
+    let asked = seen.lock().unwrap().clone();
+    assert!(!asked.is_empty(), "Google's token endpoint was never asked");
+    for request in &asked {
+        assert!(request.starts_with("POST /o/oauth2/token "), "{request}");
+        for field in [
+            "grant_type=refresh_token",
+            "refresh_token=a-refresh-token",
+            "client_id=gcloud-client",
+        ] {
+            assert!(request.contains(field), "{field} not in {request}");
+        }
+    }
+}
+
+/// A Cairn (HOME `dir`, and `env`) whose `gcs` store, with `authentication_required: true`,
+/// reaches Google's endpoint through `HTTPS_PROXY`: a test proxy ends TLS for
+/// `storage.googleapis.com` and hands the requests, through a fault proxy that records their
+/// tokens, to fake-gcs-server; `accounts.google.com` goes to `accounts` when given. Writes and
+/// reads a blob back; returns the bearer tokens the requests carried (at least one).
+async fn gcs_tokens_through_google(
+    dir: &Path,
+    env: &[(&str, String)],
+    accounts: Option<std::net::SocketAddr>,
+) -> Vec<String> {
+    let gcs = FakeGcs::start().await;
+    gcs.create_bucket("cas").await;
+    let recorder = FaultProxy::start(([127, 0, 0, 1], gcs.port).into()).await;
+    let pki = common::certs::Pki::new(&dir.join("pki"), "google");
+    let cert = pki.issue_for(
+        "google",
+        9,
+        true,
+        vec![
+            "storage.googleapis.com".into(),
+            "accounts.google.com".into(),
+        ],
+    );
+    let routes = accounts
+        .map(|a| vec![("accounts.google.com".to_string(), a)])
+        .unwrap_or_default();
+    let proxy = common::https_proxy::HttpsProxy::start_routes(&cert, recorder.addr, routes).await;
+    let store = |prefix: &str| {
+        format!(
+            r#"{{ experimental_cloud_object_store: {{
+              provider: "gcs", bucket: "cas", key_prefix: "{prefix}", authentication_required: true,
+              retry: {{ max_retries: 3, delay: 0.02, jitter: 0.5 }} }} }}"#
+        )
+    };
+    let config = dir.join("gcs.json5");
+    std::fs::write(&config, cloud_config(&store)).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command.arg("run").arg(&config).current_dir(dir);
+    for (var, _) in std::env::vars() {
+        if var.starts_with("GOOGLE_")
+            || var.starts_with("GCE_")
+            || var.to_ascii_lowercase().ends_with("_proxy")
+        {
+            command.env_remove(var);
+        }
+    }
+    command
+        .env_remove("STORAGE_EMULATOR_HOST")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
+        .env("SSL_CERT_FILE", &pki.ca)
+        .env("HOME", dir);
+    let c = Cairn::spawn_until_listening(command, dir, config.clone());
+    let mut cl = clients(&c).await;
+    let blob = data(100_000, 94);
+    let d = sha(&blob);
+    write(&mut cl.bs, &blob).await.unwrap();
+    assert!(missing(&mut cl.cas, &[d]).await.is_empty());
+    assert!(read(&mut cl.bs, &d, 0, 0).await.unwrap() == blob);
+    let expected = if accounts.is_some() {
+        vec!["accounts.google.com", "storage.googleapis.com"]
+    } else {
+        vec!["storage.googleapis.com"]
+    };
+    assert_eq!(proxy.hosts(), expected);
+    let tokens = recorder.bearers();
+    assert!(!tokens.is_empty(), "no request carried a token");
+    tokens
 }
 
 #[tokio::test]

@@ -30,6 +30,16 @@ impl Drop for HttpsProxy {
 impl HttpsProxy {
     /// Serves CONNECT on a free port with the certificate `cert`, piping to `upstream`.
     pub async fn start(cert: &Pair, upstream: SocketAddr) -> HttpsProxy {
+        HttpsProxy::start_routes(cert, upstream, Vec::new()).await
+    }
+
+    /// As [`HttpsProxy::start`], piping the hosts of `routes` to their own upstreams.
+    pub async fn start_routes(
+        cert: &Pair,
+        upstream: SocketAddr,
+        routes: Vec<(String, SocketAddr)>,
+    ) -> HttpsProxy {
+        let routes = Arc::new(routes);
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert.cert)
             .unwrap()
             .map(Result::unwrap)
@@ -54,6 +64,7 @@ impl HttpsProxy {
             while let Ok((mut client, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 let seen = seen.clone();
+                let routes = routes.clone();
                 tokio::spawn(async move {
                     // The request head: `CONNECT host:port HTTP/1.1` and headers.
                     let mut head = Vec::new();
@@ -86,7 +97,11 @@ impl HttpsProxy {
                     let Ok(mut tls) = acceptor.accept(client).await else {
                         return;
                     };
-                    let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                    let to = routes
+                        .iter()
+                        .find(|(h, _)| h == host)
+                        .map_or(upstream, |(_, a)| *a);
+                    let Ok(mut up) = tokio::net::TcpStream::connect(to).await else {
                         return;
                     };
                     let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
