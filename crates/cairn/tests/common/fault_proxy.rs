@@ -152,32 +152,56 @@ fn fate(n: u64, percent: u64) -> Option<Fault> {
     }
 }
 
-async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io::Result<()> {
-    if s.down.load(Ordering::SeqCst) {
-        return Ok(()); // closes at once
-    }
-    // The request head, then its body.
+/// Reads one HTTP/1.1 request from `conn`: its head (up to and with the blank line; at most
+/// 1 MiB) and its body (`Content-Length` bytes). `None` when the connection ends first.
+pub async fn read_request(conn: &mut TcpStream) -> std::io::Result<Option<(String, Vec<u8>)>> {
     let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
     let head_end = loop {
-        let mut chunk = [0u8; 8192];
-        let n = client.read(&mut chunk).await?;
+        let n = conn.read(&mut chunk).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         buf.extend_from_slice(&chunk[..n]);
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break i + 4;
         }
         if buf.len() > 1 << 20 {
-            return Ok(());
+            return Ok(None);
         }
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    if let Some(id) = head.lines().find_map(|l| {
+    let length: usize = header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(Some((head, buf.split_off(head_end))))
+}
+
+/// The value of the header `name` (any case) in a request's `head`, trimmed.
+pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("authorization")
-            .then_some(())?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io::Result<()> {
+    if s.down.load(Ordering::SeqCst) {
+        return Ok(()); // closes at once
+    }
+    // The request head, then its body.
+    let Some((head, body)) = read_request(&mut client).await? else {
+        return Ok(());
+    };
+    let authorization = header(&head, "authorization");
+    if let Some(id) = authorization.and_then(|v| {
         Some(
             v.split("Credential=")
                 .nth(1)?
@@ -188,47 +212,20 @@ async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io
     }) {
         s.access_keys.lock().unwrap().insert(id);
     }
-    if let Some(token) = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("authorization")
-            .then_some(())?;
-        Some(v.trim().strip_prefix("Bearer ")?.to_string())
-    }) {
-        s.bearers.lock().unwrap().push(token);
+    if let Some(token) = authorization.and_then(|v| v.strip_prefix("Bearer ")) {
+        s.bearers.lock().unwrap().push(token.to_string());
     }
-    if let Some(scope) = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case("authorization")
-            .then_some(())?;
+    if let Some(scope) = authorization.and_then(|v| {
         let fields: Vec<&str> = v.split("Credential=").nth(1)?.split('/').collect();
         Some(format!("{} {}", fields.first()?, fields.get(3)?))
     }) {
         s.signers.lock().unwrap().insert(scope);
     }
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
-    while buf.len() < head_end + length {
-        let mut chunk = vec![0u8; 64 * 1024];
-        let n = client.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
     let form = head
         .to_ascii_lowercase()
         .contains("content-type: application/x-www-form-urlencoded");
     if let Some(action) = form
-        .then(|| String::from_utf8_lossy(&buf[head_end..]).to_string())
+        .then(|| String::from_utf8_lossy(&body).to_string())
         .and_then(|body| {
             body.split('&')
                 .find_map(|p| p.strip_prefix("Action=").map(str::to_string))
@@ -261,8 +258,8 @@ async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io
         _ => {}
     }
     // Forward with `Connection: close`, so the answer ends when the backend closes.
-    let mut request: Vec<u8> = Vec::with_capacity(buf.len() + 32);
-    for line in head[..head_end - 4].split("\r\n") {
+    let mut request: Vec<u8> = Vec::with_capacity(head.len() + body.len() + 32);
+    for line in head.trim_end_matches("\r\n").split("\r\n") {
         let name = line.split(':').next().unwrap_or("").trim();
         if name.eq_ignore_ascii_case("connection") || name.eq_ignore_ascii_case("keep-alive") {
             continue;
@@ -271,7 +268,7 @@ async fn serve(mut client: TcpStream, backend: SocketAddr, s: &State) -> std::io
         request.extend_from_slice(b"\r\n");
     }
     request.extend_from_slice(b"Connection: close\r\n\r\n");
-    request.extend_from_slice(&buf[head_end..]);
+    request.extend_from_slice(&body);
     let mut up = TcpStream::connect(backend).await?;
     up.write_all(&request).await?;
     // The answer's head gets `Connection: close` too, so the client never reuses this
