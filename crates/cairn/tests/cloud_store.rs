@@ -453,25 +453,24 @@ async fn azure_workload_identity_and_a_service_principal_get_the_blob_requests_t
         ("AZURE_CLIENT_SECRET", "client_secret=sp-secret", 95),
     ];
     for (var, field, seed) in cases {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
-        command.arg("run").arg(&config).current_dir(dir.path());
-        for (var, _) in std::env::vars() {
-            if var.starts_with("AZURE_") {
-                command.env_remove(var);
-            }
-        }
         let value = if var == "AZURE_CLIENT_SECRET" {
-            "sp-secret".into()
+            "sp-secret".to_string()
         } else {
             federated.display().to_string()
         };
-        command
-            .env("AZURE_CLIENT_ID", "cairn-cas-client")
-            .env("AZURE_TENANT_ID", tenant)
-            .env(var, value)
-            .env("AZURE_AUTHORITY_HOST", format!("http://{aad}"))
-            .env("SSL_CERT_FILE", &pki.ca)
-            .env("HOME", dir.path());
+        let command = cairn_command(
+            &config,
+            dir.path(),
+            dir.path(),
+            &["AZURE_"],
+            &[
+                ("AZURE_CLIENT_ID", "cairn-cas-client".into()),
+                ("AZURE_TENANT_ID", tenant.into()),
+                (var, value),
+                ("AZURE_AUTHORITY_HOST", format!("http://{aad}")),
+                ("SSL_CERT_FILE", pki.ca.display().to_string()),
+            ],
+        );
         let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
         let mut cl = clients(&c).await;
         let blob = data(200_000, seed);
@@ -1172,22 +1171,24 @@ async fn gcs_tokens_through_google(
     };
     let config = dir.join("gcs.json5");
     std::fs::write(&config, cloud_config(&store)).unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
-    command.arg("run").arg(&config).current_dir(dir);
-    for (var, _) in std::env::vars() {
-        if var.starts_with("GOOGLE_")
-            || var.starts_with("GCE_")
-            || var.to_ascii_lowercase().ends_with("_proxy")
-        {
-            command.env_remove(var);
-        }
-    }
-    command
-        .env_remove("STORAGE_EMULATOR_HOST")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
-        .env("SSL_CERT_FILE", &pki.ca)
-        .env("HOME", dir);
+    let mut extra = env.to_vec();
+    extra.push(("HTTPS_PROXY", format!("http://{}", proxy.addr)));
+    extra.push(("SSL_CERT_FILE", pki.ca.display().to_string()));
+    let command = cairn_command(
+        &config,
+        dir,
+        dir,
+        &[
+            "GOOGLE_",
+            "GCE_",
+            "STORAGE_EMULATOR_HOST",
+            "HTTPS_PROXY",
+            "HTTP_PROXY",
+            "NO_PROXY",
+            "ALL_PROXY",
+        ],
+        &extra,
+    );
     let c = Cairn::spawn_until_listening(command, dir, config.clone());
     let mut cl = clients(&c).await;
     let blob = data(100_000, 94);
@@ -1494,43 +1495,36 @@ async fn aws_credentials_come_from_the_shared_files_when_the_environment_has_non
     );
 }
 
-/// The variables of the AWS credential chain, removed from a test's Cairn so that only what
-/// the test gives is seen.
-const AWS_VARS: [&str; 18] = [
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_CONFIG_FILE",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_STS",
-    "AWS_WEB_IDENTITY_TOKEN_FILE",
-    "AWS_ROLE_ARN",
-    "AWS_ROLE_SESSION_NAME",
-    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_EC2_METADATA_SERVICE_ENDPOINT",
-    "AWS_METADATA_ENDPOINT",
-];
+/// `cairn run config` in `dir` with `HOME` at `home`: the variables of this process whose
+/// names start with one of `clear` (any case) removed, so that only what the test gives is
+/// seen, then `extra` set.
+fn cairn_command(
+    config: &Path,
+    dir: &Path,
+    home: &Path,
+    clear: &[&str],
+    extra: &[(&str, String)],
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
+    c.arg("run").arg(config).current_dir(dir);
+    for (var, _) in std::env::vars() {
+        let upper = var.to_ascii_uppercase();
+        if clear.iter().any(|p| upper.starts_with(p)) {
+            c.env_remove(var);
+        }
+    }
+    c.env("HOME", home).envs(extra.iter().map(|(k, v)| (k, v)));
+    c
+}
 
-/// `cairn run config` in `dir`, with `HOME` at `home`, none of [`AWS_VARS`] but `extra`.
+/// [`cairn_command`] without any variable of the AWS credential chain but `extra`.
 fn aws_command(
     config: &Path,
     dir: &Path,
     home: &Path,
     extra: &[(&str, String)],
 ) -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
-    c.arg("run").arg(config).current_dir(dir);
-    for var in AWS_VARS {
-        c.env_remove(var);
-    }
-    c.env("HOME", home).envs(extra.iter().map(|(k, v)| (k, v)));
-    c
+    cairn_command(config, dir, home, &["AWS_"], extra)
 }
 
 /// Runs a Cairn that must fail to start; its stderr.
@@ -1959,22 +1953,16 @@ async fn r2_and_oci_serve_through_their_own_endpoints() {
 }"#,
     )
     .unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"));
-    command.arg("run").arg(&config).current_dir(dir.path());
-    for var in [
-        "AWS_ENDPOINT_URL",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_PROFILE",
-        "NO_PROXY",
-        "no_proxy",
-    ] {
-        command.env_remove(var);
-    }
-    command
-        .env("HTTPS_PROXY", format!("http://{}", proxy.addr))
-        .env("SSL_CERT_FILE", &pki.ca)
-        .env("HOME", dir.path());
+    let command = cairn_command(
+        &config,
+        dir.path(),
+        dir.path(),
+        &["AWS_", "NO_PROXY"],
+        &[
+            ("HTTPS_PROXY", format!("http://{}", proxy.addr)),
+            ("SSL_CERT_FILE", pki.ca.display().to_string()),
+        ],
+    );
     let c = Cairn::spawn_until_listening(command, dir.path(), config.clone());
     let ch = c.channel().await;
     for (instance, bucket, prefix, seed) in
