@@ -398,17 +398,23 @@ fn bad_worker_key_values_are_refused_by_key_path() {
     ] {
         let f = dir.path().join("c.json5");
         std::fs::write(&f, worker(extra)).unwrap();
-        for verb in ["check-config", "run"] {
-            let out = cairn()
-                .arg(verb)
-                .arg(&f)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "{verb} accepted {extra}");
-            assert!(err.contains(expected), "{verb} {extra}: {err}");
-        }
+        refused_by_both(&f, expected);
+    }
+}
+
+/// `check-config` and `run` both refuse the config at `f`, saying `expected`.
+fn refused_by_both(f: &std::path::Path, expected: &str) {
+    for verb in ["check-config", "run"] {
+        let out = cairn()
+            .arg(verb)
+            .arg(f)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        assert!(!out.status.success(), "{verb} accepted {text}");
+        assert!(err.contains(expected), "{verb} {text}: {err}");
     }
 }
 
@@ -538,17 +544,7 @@ fn bad_upload_limits_are_refused_by_key_path() {
             ),
         )
         .unwrap();
-        for verb in ["check-config", "run"] {
-            let out = cairn()
-                .arg(verb)
-                .arg(&f)
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "{verb} accepted {adv}");
-            assert!(err.contains(expected), "{verb} {adv}: {err}");
-        }
+        refused_by_both(&f, expected);
     }
 }
 
