@@ -138,24 +138,42 @@ pub(super) fn suspect_after(checkpoint: Option<&Checkpoint>, boot_id: &str) -> O
 
 /// Whether the file at `path` holds exactly the blob `key` (read and hashed whole).
 pub(super) fn holds(path: &Path, key: &Digest) -> bool {
-    let Ok(mut file) = File::open(path) else {
-        return false;
-    };
-    let mut hasher = key.function().hasher();
+    hash_file(path, &[key.function()], key.size()).is_some_and(|d| d[0] == *key)
+}
+
+/// The digests under `functions` of the file at `path`, read once; `None` when it cannot be
+/// read or is longer than `limit` bytes (not read past it).
+pub(super) fn hash_file(
+    path: &Path,
+    functions: &[cairn_core::DigestFunction],
+    limit: u64,
+) -> Option<Vec<Digest>> {
+    let mut file = File::open(path).ok()?;
+    let mut hashers: Vec<_> = functions.iter().map(|f| f.hasher()).collect();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
         match file.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                hasher.update(&buf[..n]);
+                for h in &mut hashers {
+                    h.update(&buf[..n]);
+                }
                 size += n as u64;
+                if size > limit {
+                    return None;
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return false,
+            Err(_) => return None,
         }
     }
-    size == key.size() && hasher.finish_with_size(size) == *key
+    Some(
+        hashers
+            .into_iter()
+            .map(|h| h.finish_with_size(size))
+            .collect(),
+    )
 }
 
 /// Flushes the content directory's file system after puts and records checkpoints.

@@ -31,7 +31,7 @@
 //! The marker is written only after a `syncfs`, so a power loss cannot undo moves it vouches for.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -114,32 +114,12 @@ pub(super) fn legacy_name(name: &str) -> Option<LegacyName> {
 /// function whose hash of the bytes is the name's, SHA-256 when none is (or the file cannot be
 /// read: it is then found, or not, as before). Reads the file once. Blocking.
 pub(super) fn nativelink_key(path: &Path, as_sha256: &Digest) -> Digest {
-    let mut hashers = NATIVELINK_FUNCTIONS.map(DigestFunction::hasher);
-    let Ok(mut file) = File::open(path) else {
-        return *as_sha256;
-    };
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                for h in &mut hashers {
-                    h.update(&buf[..n]);
-                }
-                size += n as u64;
-                if size > as_sha256.size() {
-                    return *as_sha256;
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return *as_sha256,
-        }
-    }
-    hashers
-        .into_iter()
-        .map(|h| h.finish_with_size(size))
-        .find(|d| d.hash() == as_sha256.hash() && d.size() == as_sha256.size())
+    super::checkpoint::hash_file(path, &NATIVELINK_FUNCTIONS, as_sha256.size())
+        .and_then(|digests| {
+            digests
+                .into_iter()
+                .find(|d| d.hash() == as_sha256.hash() && d.size() == as_sha256.size())
+        })
         .unwrap_or(*as_sha256)
 }
 
