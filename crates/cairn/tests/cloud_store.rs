@@ -534,15 +534,28 @@ async fn token_endpoint(
     std::net::SocketAddr,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) {
+    json_endpoint(
+        serde_json::json!({
+            "token_type": "Bearer", "expires_in": 3599, "access_token": token,
+        })
+        .to_string(),
+    )
+    .await
+}
+
+/// A stand-in for a credential endpoint on a free loopback port: every request gets the JSON
+/// `answer`; each is recorded as its head and body.
+async fn json_endpoint(
+    answer: String,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let record = seen.clone();
-    let answer = serde_json::json!({
-        "token_type": "Bearer", "expires_in": 3599, "access_token": token,
-    })
-    .to_string();
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             let (record, answer) = (record.clone(), answer.clone());
@@ -1711,6 +1724,73 @@ async fn aws_credentials_come_from_instance_metadata_when_nothing_else_gives_the
     assert!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap() == blob);
     c.kill9();
     assert_eq!(proxy.signers(), ["test-key s3"]);
+}
+
+/// EKS Pod Identity: `AWS_CONTAINER_CREDENTIALS_FULL_URI` (the pod identity agent; a stand-in
+/// here) asked with the token of `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE` gives the keys that
+/// sign every S3 request.
+#[tokio::test]
+async fn aws_eks_pod_identity_gives_the_keys_that_sign_the_requests() {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let config = dir.path().join("cloud.json5");
+    std::fs::write(
+        &config,
+        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
+    )
+    .unwrap();
+    let expires = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    let (agent, seen) = json_endpoint(
+        serde_json::json!({
+            "AccessKeyId": "ASIAPODIDENTITY",
+            "SecretAccessKey": "pod-secret",
+            "Token": "pod-session-token",
+            "Expiration": expires,
+        })
+        .to_string(),
+    )
+    .await;
+    let token_file = dir.path().join("eks-pod-identity-token");
+    std::fs::write(&token_file, "projected-pod-token").unwrap();
+    let extra = [
+        ("AWS_ENDPOINT_URL", proxy.endpoint()),
+        (
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            format!("http://{agent}/v1/credentials"),
+        ),
+        (
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            token_file.display().to_string(),
+        ),
+    ];
+    let c = Cairn::spawn_until_listening(
+        aws_command(&config, dir.path(), &home, &extra),
+        dir.path(),
+        config.clone(),
+    );
+    let mut cl = clients(&c).await;
+    let blob = data(3000, 78);
+    write(&mut cl.bs, &blob).await.unwrap();
+    assert!(read(&mut cl.bs, &sha(&blob), 0, 0).await.unwrap() == blob);
+    c.kill9();
+    assert_eq!(proxy.signers(), ["ASIAPODIDENTITY s3"]);
+    let asked = seen.lock().unwrap().clone();
+    assert!(!asked.is_empty(), "the pod identity agent was never asked");
+    for request in &asked {
+        assert!(request.starts_with("GET /v1/credentials "), "{request}");
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains("authorization: projected-pod-token"),
+            "{request}"
+        );
+    }
 }
 
 /// A profile's `endpoint_url` names S3's endpoint when no variable does, whether the
