@@ -9,9 +9,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::actions::ShellAction;
 use common::invocations::{
-    action_row as row, execute, get_action_result, invocation_metadata, start_invocation,
+    action_row as row, assert_failed_and_fine, execute, get_action_result, invocation_metadata,
+    page, shell, start_invocation, ONE_OF_TWO_FAILED,
 };
 use common::{http_get, Cairn};
 
@@ -71,18 +71,8 @@ async fn invocation_pages_keep_remote_actions_after_the_scheduler_forgets_them()
     start_invocation(ch.clone(), "inv-b").await;
     let (a, b) = (invocation_metadata("inv-a"), invocation_metadata("inv-b"));
 
-    let fine = ShellAction {
-        script: "echo fine",
-        ..Default::default()
-    }
-    .upload(ch.clone(), "")
-    .await;
-    let fails = ShellAction {
-        script: "echo '<bad>' >&2; exit 3",
-        ..Default::default()
-    }
-    .upload(ch.clone(), "")
-    .await;
+    let fine = shell(ch.clone(), "echo fine").await;
+    let fails = shell(ch.clone(), "echo '<bad>' >&2; exit 3").await;
 
     // inv-a: two cache misses, then both executed, one failing.
     assert!(!get_action_result(ch.clone(), &fine, &a).await);
@@ -125,21 +115,8 @@ async fn invocation_pages_keep_remote_actions_after_the_scheduler_forgets_them()
         }
     }
 
-    let (code, page) = http_get(cairn.addr, "/invocation/inv-a").await;
-    assert_eq!(code, 200, "{page}");
-    assert!(
-        page.contains(
-            "Remote actions (2: 0 cache hits, 2 cache misses, <span class=\"bad\">1 failed</span>)"
-        ),
-        "{page}"
-    );
-    let failed = row(&page, &fails);
-    assert!(
-        failed.contains(">failure</span>")
-            && failed.contains("<td>3</td>")
-            && failed.contains("<td>wk"),
-        "{failed}"
-    );
+    let page = page(cairn.addr, "/invocation/inv-a").await;
+    let failed = assert_failed_and_fine(&page, ONE_OF_TWO_FAILED, &fails, 3, "wk", &fine);
     let ok = row(&page, &fine);
     assert!(
         ok.contains(">success</span>") && ok.contains("<td>0</td>") && ok.contains("<td>miss</td>"),

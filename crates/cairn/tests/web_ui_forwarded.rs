@@ -8,8 +8,10 @@
 mod common;
 
 use cairn_core::proto::build::bazel::remote::execution::v2 as re;
-use common::actions::ShellAction;
-use common::invocations::{action_row, execute, invocation_metadata, start_invocation};
+use common::invocations::{
+    action_row, assert_failed_and_fine, execute, invocation_metadata, page, shell,
+    start_invocation, ONE_OF_TWO_FAILED,
+};
 use common::{free_addr, http_get, Cairn};
 
 const BACKEND: &str = r#"{
@@ -86,18 +88,8 @@ async fn a_forwarding_front_records_its_invocations_remote_actions() {
     start_invocation(ch.clone(), "inv-fwd").await;
     start_invocation(ch.clone(), "inv-hit").await;
     start_invocation(ch.clone(), "inv-wait").await;
-    let fine = ShellAction {
-        script: "echo fine",
-        ..Default::default()
-    }
-    .upload(ch.clone(), "")
-    .await;
-    let fails = ShellAction {
-        script: "echo '<forwarded>' >&2; exit 4",
-        ..Default::default()
-    }
-    .upload(ch.clone(), "")
-    .await;
+    let fine = shell(ch.clone(), "echo fine").await;
+    let fails = shell(ch.clone(), "echo '<forwarded>' >&2; exit 4").await;
 
     let meta = invocation_metadata("inv-fwd");
     let r = execute(ch.clone(), &fine, &meta).await;
@@ -132,12 +124,7 @@ async fn a_forwarding_front_records_its_invocations_remote_actions() {
 
     // An Execute left after its first message, resumed with WaitExecution on the front: its
     // end is recorded from the WaitExecution stream.
-    let slow = ShellAction {
-        script: "sleep 1; exit 5",
-        ..Default::default()
-    }
-    .upload(ch.clone(), "")
-    .await;
+    let slow = shell(ch.clone(), "sleep 1; exit 5").await;
     let mut stream = re::execution_client::ExecutionClient::new(ch.clone())
         .execute(common::invocations::with_metadata(
             re::ExecuteRequest {
@@ -164,60 +151,37 @@ async fn a_forwarding_front_records_its_invocations_remote_actions() {
         last = Some(op);
     }
     assert!(last.is_some_and(|op| op.done));
-    let (code, page) = http_get(front.addr, "/invocation/inv-wait").await;
-    assert_eq!(code, 200, "{page}");
+    let wait = page(front.addr, "/invocation/inv-wait").await;
     assert!(
-        page.contains(
+        wait.contains(
             "Remote actions (1: 0 cache hits, 1 cache misses, <span class=\"bad\">1 failed</span>)"
         ),
-        "{page}"
+        "{wait}"
     );
-    assert!(action_row(&page, &slow).contains("<td>5</td>"), "{page}");
+    assert!(action_row(&wait, &slow).contains("<td>5</td>"), "{wait}");
 
-    let (code, page) = http_get(front.addr, "/invocation/inv-fwd").await;
-    assert_eq!(code, 200, "{page}");
-    assert!(
-        page.contains(
-            "Remote actions (2: 0 cache hits, 2 cache misses, <span class=\"bad\">1 failed</span>)"
-        ),
-        "{page}"
-    );
-    let failed = action_row(&page, &fails);
-    assert!(
-        failed.contains(">failure</span>")
-            && failed.contains("<td>4</td>")
-            && failed.contains("<td>backend-wk"),
-        "{failed}"
-    );
-    assert!(
-        action_row(&page, &fine).contains(">success</span>"),
-        "{page}"
-    );
-    assert!(!page.contains(&absent.hash_hex()), "{page}");
+    let fwd = page(front.addr, "/invocation/inv-fwd").await;
+    assert_failed_and_fine(&fwd, ONE_OF_TWO_FAILED, &fails, 4, "backend-wk", &fine);
+    assert!(!fwd.contains(&absent.hash_hex()), "{fwd}");
 
     // The failed action's stderr, which no action cache holds, from the front's record.
-    let (code, action) = http_get(
+    let action = page(
         front.addr,
         &format!("/action/{}-{}", fails.hash_hex(), fails.size()),
     )
     .await;
-    assert_eq!(code, 200, "{action}");
     assert!(
         action.contains("the last failed execution this server recorded")
             && action.contains("&lt;forwarded&gt;"),
         "{action}"
     );
 
-    let (code, page) = http_get(front.addr, "/invocation/inv-hit").await;
-    assert_eq!(code, 200, "{page}");
+    let hit = page(front.addr, "/invocation/inv-hit").await;
     assert!(
-        page.contains("Remote actions (1: 1 cache hits, 0 cache misses)"),
-        "{page}"
+        hit.contains("Remote actions (1: 1 cache hits, 0 cache misses)"),
+        "{hit}"
     );
-    assert!(
-        action_row(&page, &fine).contains("from the cache"),
-        "{page}"
-    );
+    assert!(action_row(&hit, &fine).contains("from the cache"), "{hit}");
 
     let (code, _) = http_get(front.addr, "/invocations").await;
     assert_eq!(code, 200, "the front is still up");

@@ -11,9 +11,9 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::actions::ShellAction;
 use common::invocations::{
-    action_row, execute, get_action_result, invocation_metadata, start_invocation,
+    action_row, assert_failed_and_fine, execute, get_action_result, invocation_metadata, shell,
+    start_invocation, ONE_OF_TWO_FAILED,
 };
 use common::{free_addr, http_get, Cairn};
 
@@ -72,9 +72,7 @@ fn wait_for_file(path: &Path, needles: &[&str]) -> String {
 }
 
 async fn page(cairn: &Cairn, path: &str) -> String {
-    let (code, page) = http_get(cairn.addr, path).await;
-    assert_eq!(code, 200, "{path}: {page}");
-    page
+    common::invocations::page(cairn.addr, path).await
 }
 
 const TERM_SUMMARY: &str =
@@ -96,18 +94,8 @@ async fn invocations_and_their_actions_survive_sigterm_sigkill_and_a_torn_record
     let ch = cairn.channel().await;
     start_invocation(ch.clone(), "inv-term").await;
     let meta = invocation_metadata("inv-term");
-    let fine = ShellAction {
-        script: "echo fine",
-        ..Default::default()
-    }
-    .upload(ch.clone(), "")
-    .await;
-    let fails = ShellAction {
-        script: "echo '<bad>' >&2; exit 3",
-        ..Default::default()
-    }
-    .upload(ch.clone(), "")
-    .await;
+    let fine = shell(ch.clone(), "echo fine").await;
+    let fails = shell(ch.clone(), "echo '<bad>' >&2; exit 3").await;
     for d in [&fine, &fails] {
         assert!(!get_action_result(ch.clone(), d, &meta).await);
     }
@@ -138,15 +126,7 @@ async fn invocations_and_their_actions_survive_sigterm_sigkill_and_a_torn_record
     // 2. Restarted: the invocation, its actions and the failed action's stderr are there.
     let cairn = start();
     let inv = page(&cairn, "/invocation/inv-term").await;
-    assert!(inv.contains(TERM_SUMMARY), "{inv}");
-    let failed = action_row(&inv, &fails);
-    assert!(
-        failed.contains(">failure</span>")
-            && failed.contains("<td>3</td>")
-            && failed.contains("<td>wk"),
-        "{failed}"
-    );
-    assert!(action_row(&inv, &fine).contains(">success</span>"));
+    assert_failed_and_fine(&inv, ONE_OF_TWO_FAILED, &fails, 3, "wk", &fine);
     let action = page(
         &cairn,
         &format!("/action/{}-{}", fails.hash_hex(), fails.size()),

@@ -8,8 +8,10 @@ mod common;
 #[path = "common/redis.rs"]
 mod redis_kit;
 
-use common::actions::ShellAction;
-use common::invocations::{action_row, execute, invocation_metadata, start_invocation};
+use common::invocations::{
+    assert_failed_and_fine, execute, invocation_metadata, page, shell, start_invocation,
+    ONE_OF_TWO_FAILED,
+};
 use common::{free_addr, http_get, Cairn};
 use redis_kit::RedisServer;
 
@@ -68,18 +70,8 @@ async fn executions_through_a_shared_scheduler_are_on_the_invocation_page() {
     let ch = cairn.channel().await;
     start_invocation(ch.clone(), "inv-shared").await;
     let meta = invocation_metadata("inv-shared");
-    let fine = ShellAction {
-        script: "echo fine",
-        ..Default::default()
-    }
-    .upload(ch.clone(), "")
-    .await;
-    let fails = ShellAction {
-        script: "echo '<shared>' >&2; exit 6",
-        ..Default::default()
-    }
-    .upload(ch.clone(), "")
-    .await;
+    let fine = shell(ch.clone(), "echo fine").await;
+    let fails = shell(ch.clone(), "echo '<shared>' >&2; exit 6").await;
     assert_eq!(
         execute(ch.clone(), &fine, &meta)
             .await
@@ -97,25 +89,8 @@ async fn executions_through_a_shared_scheduler_are_on_the_invocation_page() {
         6
     );
 
-    let (code, page) = http_get(cairn.addr, "/invocation/inv-shared").await;
-    assert_eq!(code, 200, "{page}");
-    assert!(
-        page.contains(
-            "Remote actions (2: 0 cache hits, 2 cache misses, <span class=\"bad\">1 failed</span>)"
-        ),
-        "{page}"
-    );
-    let failed = action_row(&page, &fails);
-    assert!(
-        failed.contains(">failure</span>")
-            && failed.contains("<td>6</td>")
-            && failed.contains("<td>shared-wk"),
-        "{failed}"
-    );
-    assert!(
-        action_row(&page, &fine).contains(">success</span>"),
-        "{page}"
-    );
+    let page = page(cairn.addr, "/invocation/inv-shared").await;
+    assert_failed_and_fine(&page, ONE_OF_TWO_FAILED, &fails, 6, "shared-wk", &fine);
     let (code, action) = http_get(
         cairn.addr,
         &format!("/action/{}-{}", fails.hash_hex(), fails.size()),

@@ -117,3 +117,50 @@ pub fn action_row(page: &str, d: &Digest) -> String {
         .unwrap_or_else(|| panic!("no row of {d}:\n{page}"));
     page[at..at + page[at..].find("</tr>").unwrap()].to_string()
 }
+
+/// A shell action running `script`, uploaded through `ch` (instance ""): its digest.
+pub async fn shell(ch: tonic::transport::Channel, script: &'static str) -> Digest {
+    super::actions::ShellAction {
+        script,
+        ..Default::default()
+    }
+    .upload(ch, "")
+    .await
+}
+
+/// The page at `path` of the server at `addr`, which answers 200.
+pub async fn page(addr: std::net::SocketAddr, path: &str) -> String {
+    let (code, page) = super::http_get(addr, path).await;
+    assert_eq!(code, 200, "GET {path}: {page}");
+    page
+}
+
+/// An invocation page whose remote actions are `summary` (as the page words it after
+/// "Remote actions ("), among them `failed`, which failed with exit `code` on a worker whose
+/// name starts with `worker`, and `fine`, which succeeded. The failed action's row.
+pub fn assert_failed_and_fine(
+    page: &str,
+    summary: &str,
+    failed: &Digest,
+    code: i32,
+    worker: &str,
+    fine: &Digest,
+) -> String {
+    assert!(
+        page.contains(&format!("Remote actions ({summary}")),
+        "not {summary}:\n{page}"
+    );
+    let row = action_row(page, failed);
+    assert!(
+        row.contains(">failure</span>")
+            && row.contains(&format!("<td>{code}</td>"))
+            && row.contains(&format!("<td>{worker}")),
+        "{row}"
+    );
+    assert!(action_row(page, fine).contains(">success</span>"), "{page}");
+    row
+}
+
+/// The summary of two executed actions of which one failed.
+pub const ONE_OF_TWO_FAILED: &str =
+    "2: 0 cache hits, 2 cache misses, <span class=\"bad\">1 failed</span>)";
