@@ -581,19 +581,24 @@ impl Index {
 
     /// Drops every entry not seen on disk, but for those whose hash begins with a byte `keep`
     /// marks (their directory was not listed); returns how many.
+    ///
+    /// Nothing to do when every directory was kept (a restart from the snapshot of a clean
+    /// stop): the walk of ten million entries under the lock would hold every lookup for the
+    /// better part of a second. Otherwise the slots are visited in memory order, not LRU order
+    /// (a sequential pass instead of a chase through ten million links).
     pub fn sweep_unseen(&self, keep: &[bool; 256]) -> u64 {
+        if keep.iter().all(|&k| k) {
+            return 0;
+        }
         let mut inner = self.inner.lock();
         let mut dropped = 0;
-        let mut slot = inner.head;
-        while slot != NIL {
-            let next = inner.slots[slot as usize].next;
+        for slot in 0..inner.slots.len() as u32 {
             let e = &inner.slots[slot as usize];
-            if e.flags & SEEN == 0 && !keep[e.hash[0] as usize] {
+            if e.function != FREE && e.flags & SEEN == 0 && !keep[e.hash[0] as usize] {
                 let k = inner.entry_key(slot);
                 self.remove_slot(&mut inner, slot, &k);
                 dropped += 1;
             }
-            slot = next;
         }
         dropped
     }
@@ -770,7 +775,15 @@ mod tests {
         assert_eq!((slot, evicted), (None, vec![d(4)]));
         assert!(m.mark_seen(&d(2)));
         assert!(m.is_seen(&d(0)) && m.is_seen(&d(2)) && !m.is_seen(&d(1)));
-        assert_eq!(m.sweep_unseen(&[false; 256]), 2);
+        // Every directory kept (none listed): nothing goes.
+        assert_eq!(m.sweep_unseen(&[true; 256]), 0);
+        assert_eq!(m.len(), 4);
+        // d(1) and d(3) unseen: kept only while their directory is.
+        let mut keep = [false; 256];
+        keep[d(1).hash()[0] as usize] = true;
+        let kept_too = usize::from(d(3).hash()[0] == d(1).hash()[0]);
+        assert_eq!(m.sweep_unseen(&keep) as usize, 1 - kept_too);
+        assert_eq!(m.sweep_unseen(&[false; 256]) as usize, 1 + kept_too);
         assert_eq!(m.len(), 2);
         assert_eq!(m.total_bytes(), 20);
 
