@@ -238,13 +238,16 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let loading = Arc::new(AtomicBool::new(true));
     let missed = Arc::new(AtomicU64::new(0));
     let ac_missing = Arc::new(AtomicU64::new(0));
-    let mut probes: JoinSet<anyhow::Result<(&'static str, Vec<Duration>)>> = JoinSet::new();
+    // Each probe returns its latencies and when (after the spawn) its slowest call began.
+    type Probe = (&'static str, Vec<Duration>, Duration);
+    let mut probes: JoinSet<anyhow::Result<Probe>> = JoinSet::new();
     {
         let mut cas = cas_client(ep.connect().await?);
         let (loading, missed) = (loading.clone(), missed.clone());
         let digests: Vec<Vec<re::Digest>> = (1..=64).map(lookup).collect();
         probes.spawn(async move {
             let mut took = Vec::new();
+            let mut slowest = (Duration::ZERO, Duration::ZERO);
             let mut j = 0;
             while loading.load(Ordering::Relaxed) {
                 let t = Instant::now();
@@ -260,6 +263,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                     .await
                     .context("FindMissingBlobs while loading")?;
                 took.push(t.elapsed());
+                slowest = slowest.max((t.elapsed(), t - began));
                 missed.fetch_add(
                     a.into_inner().missing_blob_digests.len() as u64,
                     Ordering::Relaxed,
@@ -267,7 +271,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 j += 1;
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            Ok(("FindMissingBlobs", took))
+            Ok(("FindMissingBlobs", took, slowest.1))
         });
     }
     {
@@ -275,6 +279,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         let (loading, ac_missing) = (loading.clone(), ac_missing.clone());
         probes.spawn(async move {
             let mut took = Vec::new();
+            let mut slowest = (Duration::ZERO, Duration::ZERO);
             let mut i = 0;
             while loading.load(Ordering::Relaxed) {
                 let t = Instant::now();
@@ -292,6 +297,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                     ))
                     .await;
                 took.push(t.elapsed());
+                slowest = slowest.max((t.elapsed(), t - began));
                 match r {
                     Ok(_) => {}
                     Err(s) if s.code() == tonic::Code::NotFound => {
@@ -302,7 +308,7 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            Ok(("GetActionResult", took))
+            Ok(("GetActionResult", took, slowest.1))
         });
     }
     let index = loop {
@@ -326,8 +332,12 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
     let entries = index["entries"].as_u64().unwrap_or(0);
     let mut during = Vec::new();
     while let Some(r) = probes.join_next().await {
-        let (what, took) = r??;
-        during.push(format!("{what} {}", percentiles(took)));
+        let (what, took, slowest_at) = r??;
+        during.push(format!(
+            "{what} {} (the slowest sent at {:.2} s)",
+            percentiles(took),
+            secs(slowest_at)
+        ));
     }
     report(
         "fs-serve restart:",
