@@ -49,7 +49,7 @@ enum Command {
     /// Validate a config file and print its resolved store and scheduler trees.
     CheckConfig { config: PathBuf },
     /// Load generator against any REAPI endpoint.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Print the built-in all-in-one config.
     DefaultConfig,
 }
@@ -71,7 +71,7 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(bench::run(args)) {
+            match rt.block_on(bench::run(*args)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cairn bench: {e:#}");

@@ -287,3 +287,62 @@ async fn a_kill_in_the_middle_of_moving_a_flat_directory_loses_nothing() {
     assert_eq!(missing(&c, &asked).await, absent);
     assert!(c.terminate().success());
 }
+
+/// `cairn bench fs-serve` (the figures of BENCHMARKS.md's issue 14, part 3) at a small scale:
+/// it fills a store through gRPC, restarts it from its snapshot, and after a kill -9 with puts
+/// after the snapshot, with every answer checked.
+#[test]
+fn the_fs_serve_bench_fills_restarts_and_survives_a_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let addr = common::free_addr();
+    let config = tmp.path().join("config.json5");
+    std::fs::write(
+        &config,
+        FILESYSTEM_CONFIG
+            .replace("@DIR@", &tmp.path().display().to_string())
+            .replace("@ADDR@", &addr.to_string()),
+    )
+    .unwrap();
+    let bench = |extra: &[&str]| -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args([
+                "bench",
+                "fs-serve",
+                "--requests",
+                "3000",
+                "--small-size",
+                "100",
+            ])
+            .args(["--clients", "2", "--endpoint", &format!("grpc://{addr}")])
+            .arg("--config")
+            .arg(&config)
+            .arg("--dir")
+            .arg(tmp.path().join("bench"))
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let first = bench(&[]);
+    assert!(first.contains("3000 of 3000 blobs were missing"), "{first}");
+    assert!(first.contains("SIGTERM, exited"), "{first}");
+    let restarted = bench(&["--stop", "kill", "--extra-puts", "500"]);
+    assert!(restarted.contains("(3000 entries)"), "{restarted}");
+    assert!(
+        restarted.contains("stored blobs reported missing: 0; GetActionResult NOT_FOUND: 0"),
+        "{restarted}"
+    );
+    assert!(!restarted.contains("fs-serve fill"), "{restarted}");
+    let after_kill = bench(&[]);
+    assert!(after_kill.contains("(3500 entries)"), "{after_kill}");
+    assert!(
+        after_kill.contains("stored blobs reported missing: 0; GetActionResult NOT_FOUND: 0"),
+        "{after_kill}"
+    );
+}

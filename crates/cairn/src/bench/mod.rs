@@ -33,6 +33,7 @@ mod cache;
 mod execute;
 mod find_missing;
 mod fs_index;
+mod fs_serve;
 mod web_ui;
 mod wire_client;
 
@@ -64,7 +65,7 @@ const LABEL_WIDTH: usize = 28;
 /// Options of `cairn bench`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// What to run: bytestream | cas | ac | execute | findmissing (one FindMissingBlobs of --requests absent digests) | all (all = the cache benches) (or a comma-separated list); or web-ui alone (in this process, --requests operations); or fs-index alone (in this process: the filesystem store's index at --requests and 10x entries, the memory store's overhead, a filesystem store of --requests blobs of --small-size under --dir restarted)
+    /// What to run: bytestream | cas | ac | execute | findmissing (one FindMissingBlobs of --requests absent digests) | all (all = the cache benches) (or a comma-separated list); or web-ui alone (in this process, --requests operations); or fs-index alone (in this process: the filesystem store's index at --requests and 10x entries, the memory store's overhead, a filesystem store of --requests blobs of --small-size under --dir restarted); or fs-serve alone (starts `cairn run --config`, measures its restart through gRPC at --endpoint, fills it to --requests blobs of --small-size, stops it as --stop says)
     #[arg(default_value = "all")]
     pub what: String,
     /// REAPI endpoint, e.g. grpc://127.0.0.1:50051
@@ -91,6 +92,17 @@ pub struct BenchArgs {
     /// afterwards, so that a second run measures restarts without filling again
     #[arg(long)]
     pub dir: Option<std::path::PathBuf>,
+    /// fs-serve: the config `cairn run` is started with (its listener at --endpoint, its
+    /// filesystem CAS store named CAS); the server's log goes to --dir/server.log
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// fs-serve: how the server is stopped at the end: term (SIGTERM, a clean stop that
+    /// writes the index snapshot) or kill (SIGKILL)
+    #[arg(long, default_value = "term")]
+    pub stop: String,
+    /// fs-serve: new blobs written after the index loaded, before the stop
+    #[arg(long, default_value_t = 0)]
+    pub extra_puts: u64,
 }
 
 /// Runs the phases `args.what` names against `args.endpoint` and prints the results.
@@ -103,6 +115,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--small-size {:?}: {e}", args.small_size))?
             as usize;
         return fs_index::run(args.requests, small, args.dir.clone()).await;
+    }
+    if args.what == "fs-serve" {
+        let small = cairn_config::parse_size(&args.small_size)
+            .map_err(|e| anyhow::anyhow!("--small-size {:?}: {e}", args.small_size))?
+            as usize;
+        let kill = match args.stop.as_str() {
+            "term" => false,
+            "kill" => true,
+            other => bail!("--stop {other:?}: expected term or kill"),
+        };
+        return fs_serve::run(fs_serve::Options {
+            endpoint: args.endpoint.clone(),
+            config: args.config.clone().context("fs-serve needs --config")?,
+            dir: args
+                .dir
+                .clone()
+                .context("fs-serve needs --dir (for the server's log)")?,
+            blobs: args.requests as u64,
+            small,
+            clients: args.clients,
+            extra_puts: args.extra_puts,
+            kill,
+        })
+        .await;
     }
     let phases = Phase::parse_list(&args.what)?;
     let bench = Bench::new(&args)?;
