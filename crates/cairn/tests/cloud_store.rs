@@ -1530,6 +1530,39 @@ fn cairn_command(
     c
 }
 
+/// Where the AWS credential tests start: moto with the bucket `cas` behind a fault proxy that
+/// records who signed what, a temp dir with an empty `home`, and `config`, a CAS and AC on
+/// that bucket with no fast tier.
+struct AwsBed {
+    moto: Moto,
+    proxy: FaultProxy,
+    dir: tempfile::TempDir,
+    home: std::path::PathBuf,
+    config: std::path::PathBuf,
+}
+
+async fn aws_bed() -> AwsBed {
+    let moto = Moto::start().await;
+    moto.create_bucket("cas").await;
+    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let config = dir.path().join("cloud.json5");
+    std::fs::write(
+        &config,
+        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
+    )
+    .unwrap();
+    AwsBed {
+        moto,
+        proxy,
+        dir,
+        home,
+        config,
+    }
+}
+
 /// [`cairn_command`] without any variable of the AWS credential chain but `extra`.
 fn aws_command(
     config: &Path,
@@ -1690,18 +1723,13 @@ async fn aws_roles_are_assumed_through_sts_and_their_keys_sign_the_requests() {
 /// `AWS_ENDPOINT_URL` (here a closed port), as in the SDKs.
 #[tokio::test]
 async fn aws_credentials_come_from_instance_metadata_when_nothing_else_gives_them() {
-    let moto = Moto::start().await;
-    moto.create_bucket("cas").await;
-    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    let config = dir.path().join("cloud.json5");
-    std::fs::write(
-        &config,
-        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
-    )
-    .unwrap();
+    let AwsBed {
+        moto: _moto,
+        proxy,
+        dir,
+        home,
+        config,
+    } = aws_bed().await;
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);
@@ -1731,18 +1759,13 @@ async fn aws_credentials_come_from_instance_metadata_when_nothing_else_gives_the
 /// sign every S3 request.
 #[tokio::test]
 async fn aws_eks_pod_identity_gives_the_keys_that_sign_the_requests() {
-    let moto = Moto::start().await;
-    moto.create_bucket("cas").await;
-    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    let config = dir.path().join("cloud.json5");
-    std::fs::write(
-        &config,
-        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
-    )
-    .unwrap();
+    let AwsBed {
+        moto: _moto,
+        proxy,
+        dir,
+        home,
+        config,
+    } = aws_bed().await;
     let expires = (chrono::Utc::now() + chrono::Duration::hours(1))
         .format("%Y-%m-%dT%H:%M:%SZ")
         .to_string();
@@ -1798,12 +1821,13 @@ async fn aws_eks_pod_identity_gives_the_keys_that_sign_the_requests() {
 /// `insecure_allow_http`, and the refusal names the profile.
 #[tokio::test]
 async fn aws_profile_endpoint_url_names_s3_when_no_variable_does() {
-    let moto = Moto::start().await;
-    moto.create_bucket("cas").await;
-    let proxy = FaultProxy::start(([127, 0, 0, 1], moto.port).into()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("home");
-    std::fs::create_dir_all(&home).unwrap();
+    let AwsBed {
+        moto: _moto,
+        proxy,
+        dir,
+        home,
+        config,
+    } = aws_bed().await;
     let aws_config = dir.path().join("aws-config");
     std::fs::write(
         &aws_config,
@@ -1812,12 +1836,6 @@ async fn aws_profile_endpoint_url_names_s3_when_no_variable_does() {
              aws_secret_access_key = s\n",
             proxy.endpoint()
         ),
-    )
-    .unwrap();
-    let config = dir.path().join("cloud.json5");
-    std::fs::write(
-        &config,
-        CONFIG.replace("@FAST@", NONE).replace("@RETRIES@", "2"),
     )
     .unwrap();
     let profile = vec![

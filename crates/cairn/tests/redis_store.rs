@@ -1095,14 +1095,12 @@ async fn rediss_sentinel_reaches_the_master_over_tls() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = common::certs::Pki::new(&tmp.path().join("pki"), "redis");
     let server = pki.issue("redis-server", 1, true);
-    let tls = |port: u16| {
-        format!(
-            "tls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
-             tls-auth-clients no\ntls-replication yes\n",
-            server.cert.display(),
-            server.key.display(),
-            pki.ca.display()
-        )
+    // The same settings as the master's arguments, as lines of the sentinel's config file.
+    let tls = |port: u16| -> String {
+        tls_args(port, &server, &pki)
+            .chunks(2)
+            .map(|kv| format!("{} {}\n", kv[0].trim_start_matches("--"), kv[1]))
+            .collect()
     };
     let master_tls = common::free_addr().port();
     let ca = pki.ca.display().to_string();

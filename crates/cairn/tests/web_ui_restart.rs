@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::invocations::{
-    action_row, assert_failed_and_fine, execute, get_action_result, invocation_metadata, shell,
-    start_invocation, ONE_OF_TWO_FAILED,
+    action_row, assert_failed_and_fine, execute, exit_code, get_action_result, invocation_metadata,
+    shell, start_invocation, ONE_OF_TWO_FAILED,
 };
 use common::{free_addr, http_get, Cairn};
 
@@ -99,22 +99,8 @@ async fn invocations_and_their_actions_survive_sigterm_sigkill_and_a_torn_record
     for d in [&fine, &fails] {
         assert!(!get_action_result(ch.clone(), d, &meta).await);
     }
-    assert_eq!(
-        execute(ch.clone(), &fine, &meta)
-            .await
-            .result
-            .unwrap()
-            .exit_code,
-        0
-    );
-    assert_eq!(
-        execute(ch.clone(), &fails, &meta)
-            .await
-            .result
-            .unwrap()
-            .exit_code,
-        3
-    );
+    assert_eq!(exit_code(ch.clone(), &fine, &meta).await, 0);
+    assert_eq!(exit_code(ch.clone(), &fails, &meta).await, 3);
     assert!(page(&cairn, "/invocation/inv-term")
         .await
         .contains(TERM_SUMMARY));

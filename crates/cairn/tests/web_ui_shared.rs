@@ -9,7 +9,7 @@ mod common;
 mod redis_kit;
 
 use common::invocations::{
-    assert_failed_and_fine, execute, invocation_metadata, page, shell, start_invocation,
+    assert_failed_and_fine, exit_code, invocation_metadata, page, shell, start_invocation,
     ONE_OF_TWO_FAILED,
 };
 use common::{free_addr, http_get, Cairn};
@@ -72,22 +72,8 @@ async fn executions_through_a_shared_scheduler_are_on_the_invocation_page() {
     let meta = invocation_metadata("inv-shared");
     let fine = shell(ch.clone(), "echo fine").await;
     let fails = shell(ch.clone(), "echo '<shared>' >&2; exit 6").await;
-    assert_eq!(
-        execute(ch.clone(), &fine, &meta)
-            .await
-            .result
-            .unwrap()
-            .exit_code,
-        0
-    );
-    assert_eq!(
-        execute(ch.clone(), &fails, &meta)
-            .await
-            .result
-            .unwrap()
-            .exit_code,
-        6
-    );
+    assert_eq!(exit_code(ch.clone(), &fine, &meta).await, 0);
+    assert_eq!(exit_code(ch.clone(), &fails, &meta).await, 6);
 
     let page = page(cairn.addr, "/invocation/inv-shared").await;
     assert_failed_and_fine(&page, ONE_OF_TWO_FAILED, &fails, 6, "shared-wk", &fine);

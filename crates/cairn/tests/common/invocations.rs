@@ -88,6 +88,15 @@ pub async fn execute(
     panic!("the Execute stream ended before the operation was done");
 }
 
+/// Execute with `metadata`: the action's exit code.
+pub async fn exit_code(ch: tonic::transport::Channel, digest: &Digest, metadata: &[u8]) -> i32 {
+    execute(ch, digest, metadata)
+        .await
+        .result
+        .expect("a result")
+        .exit_code
+}
+
 /// GetActionResult with `metadata`: whether the action cache had it.
 pub async fn get_action_result(
     ch: tonic::transport::Channel,
