@@ -14,6 +14,9 @@
 
 mod checkpoint;
 mod index;
+mod journal;
+#[cfg(test)]
+mod journal_tests;
 mod layout;
 mod load;
 mod page_cache;
@@ -45,7 +48,7 @@ pub mod bench {
 
     /// Writes `index` as the snapshot in `dir`; the entries written.
     pub fn write_snapshot(dir: &Path, index: &Index) -> Result<u64, Error> {
-        super::snapshot::write(dir, index)
+        super::snapshot::write(dir, index, 0)
     }
 
     /// Reads the snapshot in `dir` into `index`; the entries read.
@@ -105,8 +108,9 @@ pub struct FilesystemStore {
     /// `max_concurrent_writes`: puts in progress at once.
     writes: Option<tokio::sync::Semaphore>,
     blobs: Arc<load::Blobs>,
-    /// The index loader's thread, joined when the store is dropped.
+    /// The index loader's and the evictor's threads, joined when the store is dropped.
     loader: Option<std::thread::JoinHandle<()>>,
+    evictor: Option<std::thread::JoinHandle<()>>,
     temp: PathBuf,
     read_buffer: usize,
     flusher: checkpoint::Flusher,
@@ -150,7 +154,7 @@ impl FilesystemStore {
         let read_buffer = cfg
             .read_buffer_size
             .map_or(CHUNK_SIZE, |s| (s.0 as usize).clamp(4096, 16 << 20));
-        let suspect_after = {
+        let (suspect_after, dir_times, journal) = {
             let (content, temp) = (content.clone(), temp.clone());
             tokio::task::spawn_blocking(move || prepare(&content, &temp))
                 .await
@@ -161,6 +165,8 @@ impl FilesystemStore {
             Index::new(Some(&policy)),
             suspect_after,
             opened,
+            dir_times,
+            journal,
         ));
         // The checkpoint of the previous run is read (above) before this one replaces it.
         let flusher = checkpoint::Flusher::start(&content, blobs.checked()).await?;
@@ -170,15 +176,24 @@ impl FilesystemStore {
             .store(evictor_paused, std::sync::atomic::Ordering::Relaxed);
         #[cfg(not(test))]
         let _ = evictor_paused;
-        let loader = load::start(&blobs)?;
+        let (loader, evictor) = load::start(&blobs)?;
         let weak = Arc::downgrade(&blobs);
+        let wanted = blobs.snapshot_wanted.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(SNAPSHOT_EVERY);
             every.tick().await;
             loop {
-                every.tick().await;
+                // Every SNAPSHOT_EVERY, or sooner when the journal grew long.
+                let early = tokio::select! {
+                    _ = every.tick() => false,
+                    _ = wanted.notified() => true,
+                };
                 let Some(blobs) = weak.upgrade() else { return };
-                let written = tokio::task::spawn_blocking(move || blobs.write_snapshot()).await;
+                if early && !blobs.snapshot_due() {
+                    continue; // a wake-up from before the last snapshot
+                }
+                let written =
+                    tokio::task::spawn_blocking(move || blobs.write_snapshot(false)).await;
                 if let Ok(Err(e)) = written {
                     tracing::warn!(error = %e, "filesystem store: could not write the index snapshot");
                 }
@@ -192,6 +207,7 @@ impl FilesystemStore {
                 .map(|n| tokio::sync::Semaphore::new(n.min(1 << 20) as usize)),
             blobs,
             loader: Some(loader),
+            evictor: Some(evictor),
             temp,
             read_buffer,
             flusher,
@@ -249,7 +265,7 @@ impl FilesystemStore {
     /// the number of entries written.
     pub async fn write_snapshot(&self) -> Result<Option<u64>, Error> {
         let blobs = self.blobs.clone();
-        tokio::task::spawn_blocking(move || blobs.write_snapshot())
+        tokio::task::spawn_blocking(move || blobs.write_snapshot(false))
             .await
             .map_err(|e| Error::internal(format!("index snapshot task failed: {e}")))?
     }
@@ -330,22 +346,24 @@ impl FilesystemStore {
     }
 }
 
-/// Writes a whole small blob: create `tmp`, write, rename to `dest`, all on the
-/// calling (blocking) thread. On failure `tmp` is removed and `dest` untouched.
-fn write_small(tmp: &Path, dest: &Path, chunks: &[Bytes]) -> Result<(), Error> {
+/// Writes a whole small blob: create `tmp`, write, rename to `key`'s place, all on the
+/// calling (blocking) thread. On failure `tmp` is removed and the place untouched.
+fn write_small(
+    blobs: &load::Blobs,
+    key: &Digest,
+    tmp: &Path,
+    chunks: &[Bytes],
+) -> Result<(), Error> {
     let written = (|| {
         let mut file = std::fs::File::create(tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        let mut len = 0;
         for chunk in chunks {
             file.write_all(chunk)
                 .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+            len += chunk.len() as u64;
         }
-        std::fs::rename(tmp, dest).map_err(|e| {
-            Error::io(
-                format!("renaming {} to {}", tmp.display(), dest.display()),
-                e,
-            )
-        })
+        rename_into_place(blobs, key, tmp, len)
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(tmp);
@@ -353,9 +371,32 @@ fn write_small(tmp: &Path, dest: &Path, chunks: &[Bytes]) -> Result<(), Error> {
     written
 }
 
+/// Renames the whole temp file `tmp` of `len` bytes to `key`'s place, announced in the journal
+/// first (and its failure after). Blocking.
+fn rename_into_place(blobs: &load::Blobs, key: &Digest, tmp: &Path, len: u64) -> Result<(), Error> {
+    let dest = blobs.path_of(key);
+    blobs.journal_added(key, len);
+    std::fs::rename(tmp, &dest).map_err(|e| {
+        blobs.journal_removed(std::slice::from_ref(key));
+        Error::io(
+            format!("renaming {} to {}", tmp.display(), dest.display()),
+            e,
+        )
+    })
+}
+
+/// What the start-up found: since when files may be torn, the prefix directories'
+/// modification times, and this run's journal.
+type Prepared = (
+    Option<std::time::SystemTime>,
+    layout::DirTimes,
+    journal::Journal,
+);
+
 /// Creates the directories and empties the temp directory (torn writes); returns since when
-/// files may be torn (after a reboot, from the checkpoint the previous run left).
-fn prepare(content: &Path, temp: &Path) -> Result<Option<std::time::SystemTime>, Error> {
+/// files may be torn (after a reboot, from the checkpoint the previous run left), the prefix
+/// directories' modification times before this run changes them, and this run's journal.
+fn prepare(content: &Path, temp: &Path) -> Result<Prepared, Error> {
     let suspect_after = checkpoint::suspect_after(
         checkpoint::Checkpoint::read(content).as_ref(),
         &checkpoint::boot_id(),
@@ -364,7 +405,7 @@ fn prepare(content: &Path, temp: &Path) -> Result<Option<std::time::SystemTime>,
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
-    layout::make_prefix_dirs(content)?;
+    let dir_times = layout::make_prefix_dirs(content)?;
     // NativeLink's temp directory has `d/` and `s/` subdirectories: their files are torn too.
     for dir in [temp.to_path_buf(), temp.join("d"), temp.join("s")] {
         let entries = match std::fs::read_dir(&dir) {
@@ -379,7 +420,7 @@ fn prepare(content: &Path, temp: &Path) -> Result<Option<std::time::SystemTime>,
             }
         }
     }
-    Ok(suspect_after)
+    Ok((suspect_after, dir_times, journal::Journal::start(content)))
 }
 
 impl Drop for FilesystemStore {
@@ -391,7 +432,12 @@ impl Drop for FilesystemStore {
         if let Some(loader) = self.loader.take() {
             let _ = loader.join();
         }
-        if let Err(e) = self.blobs.write_snapshot() {
+        // The evictor stops after its batch: then nothing changes the store, and the last
+        // snapshot makes every journal file before it unneeded.
+        if let Some(evictor) = self.evictor.take() {
+            let _ = evictor.join();
+        }
+        if let Err(e) = self.blobs.write_snapshot(true) {
             tracing::warn!(error = %e, "filesystem store: could not write the index snapshot");
         }
     }
@@ -590,17 +636,19 @@ impl Store for FilesystemStore {
                     return Err(e);
                 }
             };
-            if let Err(e) = tokio::fs::rename(&tmp, &dest).await {
+            let (blobs, k, t) = (self.blobs.clone(), *key, tmp.clone());
+            let renamed =
+                tokio::task::spawn_blocking(move || rename_into_place(&blobs, &k, &t, size))
+                    .await
+                    .map_err(|e| Error::internal(format!("filesystem rename task failed: {e}")))?;
+            if let Err(e) = renamed {
                 let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(Error::io(
-                    format!("renaming {} to {}", tmp.display(), dest.display()),
-                    e,
-                ));
+                return Err(e);
             }
             size
         } else {
-            let d = dest.clone();
-            tokio::task::spawn_blocking(move || write_small(&tmp, &d, &head))
+            let (blobs, k) = (self.blobs.clone(), *key);
+            tokio::task::spawn_blocking(move || write_small(&blobs, &k, &tmp, &head))
                 .await
                 .map_err(|e| Error::internal(format!("filesystem write task failed: {e}")))??;
             head_len as u64

@@ -128,21 +128,37 @@ pub(super) fn is_current(content: &Path) -> bool {
     std::fs::read_to_string(content.join(MARKER)).is_ok_and(|t| t == MARKER_TEXT)
 }
 
-/// Makes the 256 prefix directories (those missing) and syncs `content` when it made any.
-pub(super) fn make_prefix_dirs(content: &Path) -> Result<(), Error> {
+/// The modification time of each prefix directory (by the hash's first byte), `None` when it
+/// cannot be read.
+pub(super) type DirTimes = Box<[Option<std::time::SystemTime>; 256]>;
+
+/// Makes the 256 prefix directories (those missing) and syncs `content` when it made any;
+/// their modification times as they are now (before the store changes anything).
+pub(super) fn make_prefix_dirs(content: &Path) -> Result<DirTimes, Error> {
     let mut made = false;
-    for p in prefixes() {
+    let mut times: DirTimes = Box::new([None; 256]);
+    for (i, p) in prefixes().enumerate() {
         let dir = content.join(&p);
         match std::fs::create_dir(&dir) {
             Ok(()) => made = true,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
+        }
+        match std::fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => times[i] = m.modified().ok(),
+            Ok(_) => {
+                return Err(Error::io(
+                    format!("creating {}", dir.display()),
+                    std::io::Error::new(std::io::ErrorKind::AlreadyExists, "not a directory"),
+                ))
+            }
+            Err(e) => return Err(Error::io(format!("stat {}", dir.display()), e)),
         }
     }
     if made {
         sync_dir(content)?;
     }
-    Ok(())
+    Ok(times)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {

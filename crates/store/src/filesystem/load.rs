@@ -1,7 +1,8 @@
 //! The content directory and its index, and the start-up load of that index in the background.
 //!
 //! The store serves from the moment it opens. A background thread fills the index: from the
-//! snapshot (`snapshot.rs`) when there is a whole one, then by listing the directory against it
+//! snapshot (`snapshot.rs`) when there is a whole one, then from the journal of the names added
+//! and removed since (`journal.rs`), then by listing the directories changed otherwise
 //! (`reconcile`: a name not in the index is stat-ed and added, an entry whose file the listing
 //! does not show is dropped); without a usable snapshot, by listing and stat-ing every blob
 //! (`walk`, oldest modification coldest). Until the load is done, a lookup of a digest the
@@ -30,7 +31,8 @@ mod evictor;
 
 use super::checkpoint;
 use super::index::{End, Index};
-use super::layout::{self, LegacyName, Moved};
+use super::journal::{self, Journal, Op};
+use super::layout::{self, DirTimes, LegacyName, Moved};
 use super::snapshot;
 
 const PHASE_SNAPSHOT: u8 = 0;
@@ -42,6 +44,12 @@ const PHASE_MIGRATE: u8 = 4;
 /// Files modified this long before the store opened may be from before a reboot; later ones
 /// were written by this process (file-system timestamps lag the wall clock by a tick).
 const OWN_WRITES_SLACK: Duration = Duration::from_millis(100);
+
+/// A snapshot is written early once the journal holds this many records past the last one...
+pub(super) const JOURNAL_RECORDS_MIN: u64 = 64 * 1024;
+/// ...or a sixteenth of the index, up to this many: a restart after a crash reads at most
+/// two generations of the journal.
+const JOURNAL_RECORDS_MAX: u64 = 1 << 20;
 
 /// The content directory and its index.
 pub(crate) struct Blobs {
@@ -75,16 +83,25 @@ pub(crate) struct Blobs {
     /// True once every file that may be torn was checked: the flusher may then write this
     /// run's checkpoints.
     checked: tokio::sync::watch::Sender<bool>,
+    /// The names added and removed since the snapshot.
+    journal: Journal,
+    /// The prefix directories' modification times when the store opened.
+    dir_times: DirTimes,
+    /// Woken when the journal is long enough for a snapshot to be written early.
+    pub snapshot_wanted: Arc<tokio::sync::Notify>,
 }
 
 impl Blobs {
     /// `suspect_after` comes from the checkpoint found at start-up; `opened` is when the store
     /// started to open.
+    /// `dir_times` and `journal` come from the start-up (before anything was written).
     pub fn new(
         content: PathBuf,
         index: Index,
         suspect_after: Option<SystemTime>,
         opened: SystemTime,
+        dir_times: DirTimes,
+        journal: Journal,
     ) -> Blobs {
         let own = opened.checked_sub(OWN_WRITES_SLACK).unwrap_or(UNIX_EPOCH);
         let migrating = !layout::is_current(&content);
@@ -106,7 +123,36 @@ impl Blobs {
             snapshot_lock: parking_lot::Mutex::new(()),
             loaded: tokio::sync::watch::Sender::new(false),
             checked: tokio::sync::watch::Sender::new(suspect_after.is_none()),
+            journal,
+            dir_times,
+            snapshot_wanted: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Announces in the journal that `key` is about to be renamed into place with `len` bytes
+    /// (see `journal.rs`: before the rename, and [`Blobs::journal_removed`] when it fails).
+    /// Blocking (one write).
+    pub fn journal_added(&self, key: &Digest, len: u64) {
+        self.note_records(self.journal.record(Op::Add(len), std::slice::from_ref(key)));
+    }
+
+    /// Announces in the journal that `keys` are about to be unlinked. Blocking (one write).
+    pub fn journal_removed(&self, keys: &[Digest]) {
+        self.note_records(self.journal.record(Op::Remove, keys));
+    }
+
+    /// Asks for a snapshot when the journal holds enough records to be worth one.
+    fn note_records(&self, records: u64) {
+        if records >= JOURNAL_RECORDS_MIN && self.snapshot_due() {
+            self.snapshot_wanted.notify_one();
+        }
+    }
+
+    /// Whether the journal holds enough records since the last snapshot for a snapshot to be
+    /// written early (the index loaded).
+    pub fn snapshot_due(&self) -> bool {
+        let due = (self.index.len() / 16).clamp(JOURNAL_RECORDS_MIN, JOURNAL_RECORDS_MAX);
+        self.journal.records() >= due && self.ready()
     }
 
     pub fn path_of(&self, key: &Digest) -> PathBuf {
@@ -251,6 +297,7 @@ impl Blobs {
             "filesystem store: dropping a blob written just before the machine restarted, whose bytes do not match its name"
         );
         self.index.remove(key);
+        self.journal_removed(std::slice::from_ref(key));
         let _ = std::fs::remove_file(path);
     }
 
@@ -279,8 +326,12 @@ impl Blobs {
         Some(meta.len())
     }
 
-    /// Deletes the files of evicted entries. Blocking.
+    /// Deletes the files of evicted entries (announced in the journal first). Blocking.
     pub fn remove_files(&self, evicted: &[Digest]) {
+        if evicted.is_empty() {
+            return;
+        }
+        self.journal_removed(evicted);
         let remove = |key: &Digest, path: PathBuf| {
             if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -300,13 +351,31 @@ impl Blobs {
     }
 
     /// Writes the snapshot if the index is loaded and changed since the last one. Blocking.
-    pub fn write_snapshot(&self) -> Result<Option<u64>, Error> {
+    ///
+    /// A new journal generation begins first, and the snapshot names it. `quiescent` when
+    /// nothing else changes the store any more (it is being dropped): every older journal file
+    /// then goes; otherwise the one before the new generation stays (a put that wrote its
+    /// record there may index its blob after this snapshot read that part of the index).
+    pub fn write_snapshot(&self, quiescent: bool) -> Result<Option<u64>, Error> {
         let _one = self.snapshot_lock.lock();
         if !self.ready() || !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(None);
         }
-        match snapshot::write(&self.content, &self.index) {
-            Ok(n) => Ok(Some(n)),
+        let generation = self.journal.rotate();
+        // While blobs may still be moved from an older layout (moves are not journaled), a
+        // restart must list the directories.
+        let named = if self.migrating() { 0 } else { generation };
+        match snapshot::write(&self.content, &self.index, named) {
+            Ok(n) => {
+                if generation > 0 {
+                    self.journal.remove_before(if quiescent {
+                        generation
+                    } else {
+                        generation - 1
+                    });
+                }
+                Ok(Some(n))
+            }
             Err(e) => {
                 self.dirty.store(true, Ordering::Relaxed);
                 Err(e)
@@ -318,8 +387,8 @@ impl Blobs {
     /// logged, and the directory walk stands in for a snapshot that cannot be used.
     pub fn load(self: &Arc<Self>) {
         let began = Instant::now();
-        let snapshot_at = self.load_snapshot();
-        let from_snapshot = snapshot_at.is_some();
+        let snapshot = self.load_snapshot();
+        let from_snapshot = snapshot.is_some();
         if self.stop.load(Ordering::Relaxed) {
             return;
         }
@@ -332,7 +401,21 @@ impl Blobs {
             },
             Ordering::Release,
         );
-        let outcome = self.list(snapshot_at);
+        // After a crash (not a reboot: then the journal's last writes may be lost while the
+        // renames they announced were not), the journal says what changed since the snapshot.
+        let replayed = match snapshot {
+            Some((_, generation))
+                if generation > 0 && self.suspect.is_none() && !self.migrating() =>
+            {
+                self.replay(generation)
+            }
+            _ => None,
+        };
+        if self.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let journal_end = replayed.as_ref().map(|r| r.end);
+        let outcome = self.list(snapshot.map(|(at, _)| at), journal_end);
         let (added, checked, unchanged) = match outcome {
             Ok(Some(counts)) => counts,
             Ok(None) => return, // stopped
@@ -367,14 +450,19 @@ impl Blobs {
             dirs_listed,
             snapshot_ms = snapshot_took.as_millis() as u64,
             total_ms = began.elapsed().as_millis() as u64,
+            journal_records = replayed.as_ref().map_or(0, |r| r.applied),
+            journal_stat = replayed.as_ref().map_or(0, |r| r.stat),
             added,
             checked,
             dropped,
             "filesystem store: index loaded"
         );
-        if !from_snapshot || added > 0 || dropped > 0 {
+        // A snapshot now, unless the index is the snapshot's: the journal files read (or not
+        // used: after a reboot, or torn) are then no longer needed.
+        let journal_records = replayed.as_ref().map_or(1, |r| r.applied + r.stat);
+        if !from_snapshot || added > 0 || dropped > 0 || journal_records > 0 {
             self.changed();
-            if let Err(e) = self.write_snapshot() {
+            if let Err(e) = self.write_snapshot(false) {
                 tracing::warn!(error = %e, "filesystem store: could not write the index snapshot");
             }
         }
@@ -382,8 +470,8 @@ impl Blobs {
 
     /// Reads the snapshot into the index, hottest first at the cold end (so what requests and
     /// puts indexed meanwhile stays hotter). When the whole snapshot was read, the time its
-    /// writing began.
-    fn load_snapshot(&self) -> Option<SystemTime> {
+    /// writing began and the journal generation it names.
+    fn load_snapshot(&self) -> Option<(SystemTime, u32)> {
         let reader = match snapshot::Reader::open(&self.content) {
             Ok(Some(r)) => r,
             Ok(None) => return None,
@@ -402,6 +490,7 @@ impl Blobs {
         // A lying header costs at most a reservation for 64 Mi entries.
         self.index.reserve(reader.expected().min(1 << 26) as usize);
         let written_at = reader.written_at();
+        let generation = reader.generation();
         let read = snapshot::read_overlapped(reader, |block| {
             if self.stop.load(Ordering::Relaxed) {
                 return false;
@@ -413,7 +502,7 @@ impl Blobs {
             true
         });
         match read {
-            Ok(true) => Some(written_at),
+            Ok(true) => Some((written_at, generation)),
             Ok(false) => None, // stopped
             Err(snapshot::Torn(why)) => {
                 // What was read is checked by the walk like any other entry.
@@ -424,23 +513,114 @@ impl Blobs {
         }
     }
 
+    /// Applies the journals written since the snapshot that named `generation` (the one before
+    /// it, that one, and those of runs that stopped before writing a snapshot; not this run's):
+    /// each record in order, but for recent ones (whose operation may not have happened), whose
+    /// names are stat-ed at the end. `None` when the journal cannot be used (the directories
+    /// changed since the snapshot are then listed).
+    ///
+    /// Nothing is evicted meanwhile: the journal's own removals say what the run that wrote it
+    /// evicted (with an LRU order that reads changed since the snapshot), and what is over the
+    /// limit after the load is evicted then.
+    fn replay(&self, generation: u32) -> Option<Replayed> {
+        self.index.hold_evictions(true);
+        let replayed = self.replay_held(generation);
+        self.index.hold_evictions(false);
+        replayed
+    }
+
+    fn replay_held(&self, generation: u32) -> Option<Replayed> {
+        let files: Vec<(u32, PathBuf)> = journal::files(&self.content)
+            .into_iter()
+            .filter(|(g, _)| g.saturating_add(1) >= generation && *g < self.journal.first())
+            .collect();
+        if !files.iter().any(|(g, _)| *g == generation) {
+            tracing::warn!(path = %self.content.display(), generation, "filesystem store: the journal the snapshot names is missing; listing the directories changed since the snapshot");
+            return None;
+        }
+        let mut replayed = Replayed {
+            end: UNIX_EPOCH,
+            applied: 0,
+            stat: 0,
+        };
+        let mut recent = Vec::new();
+        for (_, path) in &files {
+            match std::fs::metadata(path).and_then(|m| m.modified()) {
+                Ok(t) => replayed.end = replayed.end.max(t),
+                Err(_) => return None,
+            }
+            let read = journal::read(path, |op, key, is_recent| {
+                if is_recent {
+                    recent.push(*key);
+                    return;
+                }
+                match op {
+                    Op::Add(len) => {
+                        let (_, evicted) = self.index.insert_at(key, len, End::Hot, false);
+                        self.remove_files(&evicted);
+                    }
+                    Op::Remove => {
+                        self.index.remove(key);
+                    }
+                }
+                replayed.applied += 1;
+            });
+            if let Err(journal::Unusable(why)) = read {
+                tracing::warn!(path = %self.content.display(), why, "filesystem store: the journal cannot be used; listing the directories changed since the snapshot");
+                return None;
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+        }
+        recent.sort_unstable();
+        recent.dedup();
+        for key in recent {
+            match std::fs::metadata(self.path_of(&key)) {
+                Ok(m) if m.is_file() => {
+                    let (_, evicted) = self.index.insert_at(&key, m.len(), End::Hot, true);
+                    self.remove_files(&evicted);
+                }
+                _ => {
+                    self.index.remove(&key);
+                }
+            }
+            replayed.stat += 1;
+        }
+        Some(replayed)
+    }
+
     /// Lists the content directory's prefix directories, then (phase `migrate`) the places of
     /// older layouts: marks what the index holds as seen, stats and indexes the rest, moves
     /// what an older layout holds into place, and after a reboot hashes suspect files. Without
     /// a whole snapshot, every file is stat-ed and the LRU order follows modification times.
     ///
     /// With a whole snapshot written at `snapshot_at`, a prefix directory whose modification
-    /// time is older than that (less [`checkpoint::MTIME_SLACK`]), and older than the time
-    /// after which files may be torn, is not listed: no name was added to it or removed from
-    /// it since the snapshot began (a create, rename or unlink in a directory sets its
-    /// modification time), so the snapshot's entries of that prefix are its contents. Puts
-    /// rename before they index and evictions unindex before they unlink, so a change that the
-    /// snapshot missed left a later time on its directory.
+    /// time when the store opened was older than that (less [`checkpoint::MTIME_SLACK`]), and
+    /// older than the time after which files may be torn, is not listed: no name was added to
+    /// it or removed from it since the snapshot began (a create, rename or unlink in a
+    /// directory sets its modification time), so the snapshot's entries of that prefix are its
+    /// contents. Puts rename before they index and evictions unindex before they unlink, so a
+    /// change that the snapshot missed left a later time on its directory. What this process
+    /// changes is in the index already.
+    ///
+    /// With the journal replayed up to `journal_end` (its last write), only the directories
+    /// changed after that are listed: a change before it is in the journal (its record is
+    /// written first). Both times come from the file system's clock. Those listed are the
+    /// few that operations in flight at a crash changed, and those changed behind the
+    /// store's back since.
     ///
     /// Returns (added, hashed, the prefixes not listed), or `None` when stopped.
-    fn list(&self, snapshot_at: Option<SystemTime>) -> Result<Option<Listed>, Error> {
+    fn list(
+        &self,
+        snapshot_at: Option<SystemTime>,
+        journal_end: Option<SystemTime>,
+    ) -> Result<Option<Listed>, Error> {
         let from_snapshot = snapshot_at.is_some();
         let unchanged_before = snapshot_at.map(|at| {
+            if let Some(end) = journal_end {
+                return end + Duration::from_nanos(1);
+            }
             let since = at
                 .checked_sub(checkpoint::MTIME_SLACK)
                 .unwrap_or(UNIX_EPOCH);
@@ -502,9 +682,7 @@ impl Blobs {
         for (i, p) in layout::prefixes().enumerate() {
             let dir = self.content.join(&p);
             if let Some(before) = listing.unchanged_before {
-                let changed = std::fs::metadata(&dir)
-                    .and_then(|m| m.modified())
-                    .map_or(true, |t| t >= before);
+                let changed = self.dir_times[i].is_none_or(|t| t >= before);
                 if !changed {
                     listing.unchanged[i] = true;
                     continue;
@@ -627,6 +805,16 @@ impl Blobs {
 /// What [`Blobs::list`] found: (added, hashed, the prefixes not listed).
 type Listed = (u64, u64, Box<[bool; 256]>);
 
+/// What [`Blobs::replay`] did.
+struct Replayed {
+    /// The latest modification time of the journal files read.
+    end: SystemTime,
+    /// Records applied as they say.
+    applied: u64,
+    /// Recent names stat-ed instead.
+    stat: u64,
+}
+
 /// What a listing gathered so far.
 struct Listing {
     from_snapshot: bool,
@@ -643,16 +831,19 @@ struct Listing {
     ages: Vec<(u64, u32, u32)>,
 }
 
-/// Starts the loader and the evictor threads; the loader's handle.
-pub(crate) fn start(blobs: &Arc<Blobs>) -> Result<std::thread::JoinHandle<()>, Error> {
+/// Starts the loader and the evictor threads; their handles (loader, evictor).
+pub(crate) fn start(
+    blobs: &Arc<Blobs>,
+) -> Result<(std::thread::JoinHandle<()>, std::thread::JoinHandle<()>), Error> {
     let b = blobs.clone();
-    std::thread::Builder::new()
+    let evictor = std::thread::Builder::new()
         .name("cairn-fs-evict".into())
         .spawn(move || b.evict_loop())
         .map_err(|e| Error::internal(format!("starting the evictor: {e}")))?;
     let b = blobs.clone();
-    std::thread::Builder::new()
+    let loader = std::thread::Builder::new()
         .name("cairn-fs-index".into())
         .spawn(move || b.load())
-        .map_err(|e| Error::internal(format!("starting the index loader: {e}")))
+        .map_err(|e| Error::internal(format!("starting the index loader: {e}")))?;
+    Ok((loader, evictor))
 }

@@ -2,7 +2,8 @@
 //! restart reads one file instead of walking and stat-ing every blob.
 //!
 //! Format (little-endian), ours:
-//! - header, 48 bytes: magic `CAIRNIX1`, version (u32), 0 (u32), entries (u64), the write
+//! - header, 48 bytes: magic `CAIRNIX1`, version (u32), the journal generation that begins
+//!   with this snapshot (u32, 0: none to rely on; see `journal.rs`), entries (u64), the write
 //!   time in ns since the epoch (u64), then the first 16 bytes of the BLAKE3 hash of those 32;
 //! - blocks of at most [`BLOCK_ENTRIES`] records, hottest entry first: record count (u32), body
 //!   length (u32), the first 16 bytes of the BLAKE3 hash of the body, the body. A record is the
@@ -41,10 +42,11 @@ fn check16(bytes: &[u8]) -> [u8; 16] {
     out
 }
 
-fn header(entries: u64, written: SystemTime) -> [u8; HEADER_LEN] {
+fn header(entries: u64, written: SystemTime, generation: u32) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&generation.to_le_bytes());
     h[16..24].copy_from_slice(&entries.to_le_bytes());
     let ns = written
         .duration_since(UNIX_EPOCH)
@@ -56,7 +58,7 @@ fn header(entries: u64, written: SystemTime) -> [u8; HEADER_LEN] {
     h
 }
 
-fn encode_record(out: &mut Vec<u8>, key: &Digest, len: u64) {
+pub(super) fn encode_record(out: &mut Vec<u8>, key: &Digest, len: u64) {
     let f = DigestFunction::ALL
         .iter()
         .position(|&g| g == key.function())
@@ -75,9 +77,10 @@ fn write_block(w: &mut impl Write, count: u32, body: &[u8]) -> std::io::Result<(
 }
 
 /// Writes `index` as the snapshot of `content` (temp file, `fdatasync`, rename, `fsync` of the
-/// directory); returns the number of entries written. The index stays usable meanwhile: it is
-/// locked only to list its order and then for each block's records.
-pub(super) fn write(content: &Path, index: &Index) -> Result<u64, Error> {
+/// directory), naming the journal `generation` that began before it; returns the number of
+/// entries written. The index stays usable meanwhile: it is locked only to list its order and
+/// then for each block's records.
+pub(super) fn write(content: &Path, index: &Index, generation: u32) -> Result<u64, Error> {
     let tmp = content.join(format!("{FILE_NAME}.tmp"));
     let path = content.join(FILE_NAME);
     let io = |what: &str, e| Error::io(format!("{what} {}", tmp.display()), e);
@@ -104,7 +107,7 @@ pub(super) fn write(content: &Path, index: &Index) -> Result<u64, Error> {
         write_block(&mut w, 0, &[]).map_err(|e| io("writing", e))?;
         let mut file = w.into_inner().map_err(|e| io("writing", e.into_error()))?;
         file.seek(SeekFrom::Start(0))
-            .and_then(|_| file.write_all(&header(entries, written_at)))
+            .and_then(|_| file.write_all(&header(entries, written_at, generation)))
             .map_err(|e| io("writing", e))?;
         file.sync_data().map_err(|e| io("syncing", e))?;
         Ok(entries)
@@ -133,6 +136,7 @@ pub(super) struct Reader {
     expected: u64,
     read: u64,
     written_at: SystemTime,
+    generation: u32,
     body: Vec<u8>,
 }
 
@@ -167,6 +171,7 @@ impl Reader {
             expected,
             read: 0,
             written_at: UNIX_EPOCH + std::time::Duration::from_nanos(ns),
+            generation: u32::from_le_bytes(h[12..16].try_into().unwrap_or_default()),
             body: Vec::new(),
         }))
     }
@@ -178,6 +183,11 @@ impl Reader {
 
     pub fn written_at(&self) -> SystemTime {
         self.written_at
+    }
+
+    /// The journal generation that began with this snapshot (0: none to rely on).
+    pub fn generation(&self) -> u32 {
+        self.generation
     }
 
     /// The next block's records (appended to `out`, after `out` is cleared); `Ok(false)` at
@@ -274,7 +284,7 @@ pub(super) fn read_overlapped(
     })
 }
 
-fn decode_record(rest: &mut &[u8]) -> Option<(Digest, u64)> {
+pub(super) fn decode_record(rest: &mut &[u8]) -> Option<(Digest, u64)> {
     let (&f, tail) = rest.split_first()?;
     let function = *DigestFunction::ALL.get(f as usize)?;
     let n = function.hash_len();
@@ -321,7 +331,8 @@ mod tests {
         assert!(Reader::open(dir.path()).unwrap().is_none());
         let n = BLOCK_ENTRIES as u32 * 2 + 17;
         let index = filled(n);
-        assert_eq!(write(dir.path(), &index).unwrap(), n as u64);
+        assert_eq!(write(dir.path(), &index, 7).unwrap(), n as u64);
+        assert_eq!(Reader::open(dir.path()).unwrap().unwrap().generation(), 7);
         let all = read_all(dir.path()).unwrap();
         let mut expect = Vec::new();
         index.read_slots(&index.order(), &mut expect);
@@ -344,7 +355,7 @@ mod tests {
     #[test]
     fn a_torn_or_garbled_snapshot_is_refused_never_misread() {
         let dir = tempfile::tempdir().unwrap();
-        write(dir.path(), &filled(40_000)).unwrap();
+        write(dir.path(), &filled(40_000), 0).unwrap();
         let path = dir.path().join(FILE_NAME);
         let whole = std::fs::read(&path).unwrap();
         // Cut anywhere, a byte flipped anywhere, garbage: an error, never a wrong entry.
