@@ -15,6 +15,20 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+// mimalloc's own API (the `mimalloc` crate's bindings declare it only with a feature that
+// brings one more crate).
+extern "C" {
+    fn mi_collect(force: bool);
+}
+
+/// Returns every page mimalloc holds free to the kernel (after an index load: see
+/// `cairn_core::memory`).
+fn release_freed_pages() {
+    // SAFETY: mi_collect takes a flag and only walks mimalloc's own structures; it is safe to
+    // call from any thread at any time.
+    unsafe { mi_collect(true) }
+}
+
 /// Turns transparent huge pages off for this process, before any thread starts.
 ///
 /// Blob buffers are allocated and freed at hundreds of MB/s. With THP the kernel zeroes a whole
@@ -56,6 +70,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     disable_transparent_huge_pages();
+    cairn_core::memory::set_release_freed(release_freed_pages);
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { config }) => check::check_config(&config),

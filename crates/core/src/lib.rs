@@ -5,6 +5,7 @@
 pub mod bytestream_wire;
 pub mod digest;
 pub mod error;
+pub mod memory;
 pub mod precondition;
 pub mod stream;
 pub mod trace_context;

@@ -45,6 +45,8 @@ const FILL_BATCH: u64 = 1_000;
 const LOOKUP: u64 = 100;
 /// How long the server may take to listen, to load, to stop.
 const START_DEADLINE: Duration = Duration::from_secs(60);
+/// How long after the load the RSS is taken again.
+const SETTLE: Duration = Duration::from_secs(5);
 const LOAD_DEADLINE: Duration = Duration::from_secs(1800);
 const STOP_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -355,6 +357,18 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             "{:.1} MB, {:.1} bytes per entry",
             rss as f64 / 1e6,
             rss as f64 / entries.max(1) as f64
+        ),
+    );
+    // What the load left behind once its last work (the snapshot written after a walk or a
+    // listing) is done and the allocator had time to hand freed pages back.
+    tokio::time::sleep(SETTLE).await;
+    let settled = server.rss_bytes()?;
+    report(
+        "fs-serve RSS 5 s after loaded:",
+        format_args!(
+            "{:.1} MB, {:.1} bytes per entry",
+            settled as f64 / 1e6,
+            settled as f64 / entries.max(1) as f64
         ),
     );
     report(

@@ -466,6 +466,9 @@ impl Blobs {
                 tracing::warn!(error = %e, "filesystem store: could not write the index snapshot");
             }
         }
+        // What the walk or listing and the snapshot's writing freed (tens of bytes per entry)
+        // goes back to the kernel now rather than staying in the RSS.
+        cairn_core::memory::release_freed();
     }
 
     /// Reads the snapshot into the index, hottest first at the cold end (so what requests and
