@@ -62,6 +62,8 @@ pub struct Options {
     pub clients: usize,
     pub extra_puts: u64,
     pub kill: bool,
+    /// How long to wait after the extra puts before the stop.
+    pub stop_after: Duration,
 }
 
 fn blob(i: u64, size: usize) -> (Digest, Vec<u8>) {
@@ -404,6 +406,9 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         );
     }
 
+    if !o.stop_after.is_zero() {
+        tokio::time::sleep(o.stop_after).await;
+    }
     let t = Instant::now();
     if o.kill {
         server.signal(libc::SIGKILL)?;

@@ -103,6 +103,10 @@ pub struct BenchArgs {
     /// fs-serve: new blobs written after the index loaded, before the stop
     #[arg(long, default_value_t = 0)]
     pub extra_puts: u64,
+    /// fs-serve: seconds to wait after the extra puts before the stop (a crash some time after
+    /// the last writes, rather than during them)
+    #[arg(long, default_value_t = 0.0)]
+    pub stop_after: f64,
 }
 
 /// Runs the phases `args.what` names against `args.endpoint` and prints the results.
@@ -137,6 +141,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             clients: args.clients,
             extra_puts: args.extra_puts,
             kill,
+            stop_after: Duration::try_from_secs_f64(args.stop_after)
+                .map_err(|e| anyhow::anyhow!("--stop-after {}: {e}", args.stop_after))?,
         })
         .await;
     }
