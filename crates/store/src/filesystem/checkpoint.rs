@@ -195,6 +195,7 @@ impl Flusher {
     pub async fn start(
         content: &Path,
         mut allowed: watch::Receiver<bool>,
+        after_flush: AfterFlush,
     ) -> Result<Flusher, Error> {
         let dir = Arc::new(
             File::open(content)
@@ -204,7 +205,13 @@ impl Flusher {
         let boot_id: Arc<str> = boot_id().into();
         let first_now = Checkpoint::read(&content).is_none();
         let first = if first_now {
-            flush(content.clone(), dir.clone(), boot_id.clone()).await?
+            flush(
+                content.clone(),
+                dir.clone(),
+                boot_id.clone(),
+                after_flush.clone(),
+            )
+            .await?
         } else {
             UNIX_EPOCH
         };
@@ -217,7 +224,14 @@ impl Flusher {
                 }
                 // The first checkpoint of this run covers the puts made while waiting.
                 let _ = pending.try_recv();
-                match flush(content.clone(), dir.clone(), boot_id.clone()).await {
+                match flush(
+                    content.clone(),
+                    dir.clone(),
+                    boot_id.clone(),
+                    after_flush.clone(),
+                )
+                .await
+                {
                     Ok(time) => {
                         done.send_replace(time);
                     }
@@ -228,7 +242,14 @@ impl Flusher {
                 tokio::time::sleep(FLUSH_DELAY).await;
                 // The puts of the delay are covered by this flush.
                 let _ = pending.try_recv();
-                match flush(content.clone(), dir.clone(), boot_id.clone()).await {
+                match flush(
+                    content.clone(),
+                    dir.clone(),
+                    boot_id.clone(),
+                    after_flush.clone(),
+                )
+                .await
+                {
                     Ok(time) => {
                         done.send_replace(time);
                     }
@@ -259,9 +280,17 @@ impl Flusher {
     }
 }
 
-/// `syncfs` on `dir`'s file system, then a checkpoint at the time the sync began; returns that
-/// time.
-async fn flush(content: Arc<Path>, dir: Arc<File>, boot_id: Arc<str>) -> Result<SystemTime, Error> {
+/// What runs (on a blocking thread) after each flush.
+pub(super) type AfterFlush = Arc<dyn Fn() + Send + Sync>;
+
+/// `syncfs` on `dir`'s file system, then a checkpoint at the time the sync began, then
+/// `after`; returns that time.
+async fn flush(
+    content: Arc<Path>,
+    dir: Arc<File>,
+    boot_id: Arc<str>,
+    after: AfterFlush,
+) -> Result<SystemTime, Error> {
     tokio::task::spawn_blocking(move || {
         let began = SystemTime::now();
         // SAFETY: syncfs(2) takes a descriptor that `dir` keeps open.
@@ -276,6 +305,7 @@ async fn flush(content: Arc<Path>, dir: Arc<File>, boot_id: Arc<str>) -> Result<
             time: began,
         }
         .write(&content, &dir)?;
+        after();
         Ok(began)
     })
     .await

@@ -41,6 +41,8 @@ const SEEN: u8 = 1;
 pub const INLINE_EVICTIONS: usize = 64;
 /// The most entries [`Index::evict_batch`] evicts under one hold of the lock.
 pub const EVICTION_BATCH: usize = 1024;
+/// The slots [`Index::sweep_unseen`] visits under one hold of the lock.
+const SWEEP_CHUNK: usize = 64 * 1024;
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -583,24 +585,31 @@ impl Index {
     /// marks (their directory was not listed); returns how many.
     ///
     /// Nothing to do when every directory was kept (a restart from the snapshot of a clean
-    /// stop): the walk of ten million entries under the lock would hold every lookup for the
-    /// better part of a second. Otherwise the slots are visited in memory order, not LRU order
-    /// (a sequential pass instead of a chase through ten million links).
+    /// stop). Otherwise the slots are visited in memory order, not LRU order (a sequential
+    /// pass instead of a chase through ten million links), [`SWEEP_CHUNK`] at a time under
+    /// the lock: ten million at once held every lookup for half a second.
     pub fn sweep_unseen(&self, keep: &[bool; 256]) -> u64 {
         if keep.iter().all(|&k| k) {
             return 0;
         }
-        let mut inner = self.inner.lock();
         let mut dropped = 0;
-        for slot in 0..inner.slots.len() as u32 {
-            let e = &inner.slots[slot as usize];
-            if e.function != FREE && e.flags & SEEN == 0 && !keep[e.hash[0] as usize] {
-                let k = inner.entry_key(slot);
-                self.remove_slot(&mut inner, slot, &k);
-                dropped += 1;
+        let mut from = 0usize;
+        loop {
+            let mut inner = self.inner.lock();
+            let end = inner.slots.len().min(from + SWEEP_CHUNK);
+            if from >= end {
+                return dropped;
             }
+            for slot in from as u32..end as u32 {
+                let e = &inner.slots[slot as usize];
+                if e.function != FREE && e.flags & SEEN == 0 && !keep[e.hash[0] as usize] {
+                    let k = inner.entry_key(slot);
+                    self.remove_slot(&mut inner, slot, &k);
+                    dropped += 1;
+                }
+            }
+            from = end;
         }
-        dropped
     }
 
     /// Moves `slots` (each with the [`fingerprint`] of the key it held when listed) to the

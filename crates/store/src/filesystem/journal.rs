@@ -11,10 +11,11 @@
 //! A record is written *before* the directory operation it announces (the rename of a put, the
 //! unlink of an eviction), so a change the journal does not announce happened after its last
 //! record (and leaves a later modification time on its directory). A record whose operation
-//! may not have happened yet (the process was killed in between) is one written in the last
-//! [`checkpoint::MTIME_SLACK`] before its file's last write: those names are stat-ed at
-//! restart instead of trusted. A rename that fails after its record is announced is followed
-//! by a removal record.
+//! may not have happened (the process was killed in between) is one that no *done mark*
+//! follows: a mark is written when no announced operation is unfinished (with the next record,
+//! and after each background flush of the disk), and vouches for every record before it in its
+//! file. Records after a file's last mark are stat-ed at restart instead of trusted. A rename
+//! that fails after its record is announced is followed by a removal record.
 //!
 //! Generations: writing a snapshot starts a new journal file first, and the snapshot names
 //! it. A restart reads the snapshot, then the files from the one before the snapshot's
@@ -22,7 +23,7 @@
 //! blob after the snapshot read that part of the index). Once a snapshot is written, older
 //! files are deleted.
 //!
-//! Record (little-endian): operation (u8: 1 add, 2 remove), time in ns since the epoch (u64),
+//! Record (little-endian): operation (u8: 1 add, 2 remove, 3 done), for an add or a removal
 //! the snapshot's record (function, hash, digest size, stored length), then the first 4 bytes
 //! of the BLAKE3 hash of all that. A record that fails its check, or a file that ends within
 //! one, makes the journal unusable: the restart lists the directories changed since the
@@ -33,10 +34,9 @@ use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cairn_core::{Digest, DigestFunction};
-use parking_lot::RwLock;
+use parking_lot::Mutex;
 
 use super::snapshot;
 
@@ -44,6 +44,7 @@ use super::snapshot;
 pub(super) const FILE_PREFIX: &str = ".cairn-journal-";
 const OP_ADD: u8 = 1;
 const OP_REMOVE: u8 = 2;
+const OP_DONE: u8 = 3;
 
 /// What a record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,28 +76,27 @@ pub(super) fn files(content: &Path) -> Vec<(u32, PathBuf)> {
     out
 }
 
-fn encode(out: &mut Vec<u8>, op: u8, time_ns: u64, key: &Digest, len: u64) {
+fn encode(out: &mut Vec<u8>, op: u8, name: Option<(&Digest, u64)>) {
     let start = out.len();
     out.push(op);
-    out.extend_from_slice(&time_ns.to_le_bytes());
-    snapshot::encode_record(out, key, len);
+    if let Some((key, len)) = name {
+        snapshot::encode_record(out, key, len);
+    }
     let check = blake3::hash(&out[start..]);
     out.extend_from_slice(&check.as_bytes()[..4]);
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64
 }
 
 /// The journal being written.
 pub(super) struct Journal {
     content: PathBuf,
-    current: RwLock<Current>,
+    /// The file written, locked for each write: the order of the records in the file is the
+    /// order in which they were announced, and a done mark is written only when nothing
+    /// announced before it is unfinished.
+    current: Mutex<Current>,
     /// Records written into the current generation.
     records: AtomicU64,
+    /// Announced operations not finished yet (their [`Pending`] not dropped).
+    in_flight: AtomicU64,
     /// A write failed since the last rotation: the files were removed and nothing is
     /// written until the next rotation starts a new one.
     broken: AtomicBool,
@@ -107,6 +107,21 @@ pub(super) struct Journal {
 struct Current {
     generation: u32,
     file: Option<Arc<File>>,
+    /// Records were written since the last done mark.
+    unmarked: bool,
+}
+
+/// An announced operation: finished when dropped.
+pub(super) struct Pending<'a> {
+    journal: &'a Journal,
+    /// Records in the current generation, this one's included.
+    pub records: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.journal.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Journal {
@@ -118,16 +133,18 @@ impl Journal {
             .saturating_add(1);
         let journal = Journal {
             content: content.to_path_buf(),
-            current: RwLock::new(Current {
+            current: Mutex::new(Current {
                 generation,
                 file: None,
+                unmarked: false,
             }),
             records: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             broken: AtomicBool::new(false),
             first: generation,
         };
         match journal.create(generation) {
-            Ok(file) => journal.current.write().file = Some(Arc::new(file)),
+            Ok(file) => journal.current.lock().file = Some(Arc::new(file)),
             Err(e) => journal.fail(&e),
         }
         journal
@@ -151,7 +168,7 @@ impl Journal {
         if self.broken.swap(true, Ordering::AcqRel) {
             return;
         }
-        self.current.write().file = None;
+        self.current.lock().file = None;
         let mut left = 0;
         for (_, path) in files(&self.content) {
             if std::fs::remove_file(&path).is_err() {
@@ -171,42 +188,86 @@ impl Journal {
         self.records.load(Ordering::Relaxed)
     }
 
-    /// Records `op` for each of `keys` (one write). Never fails: a journal that cannot be
-    /// written is dropped (see [`Journal::fail`]).
-    pub fn record(&self, op: Op, keys: &[Digest]) -> u64 {
-        if keys.is_empty() {
-            return self.records.load(Ordering::Relaxed);
-        }
-        let Some(file) = self.current.read().file.clone() else {
-            return 0;
+    /// Announces `op` for each of `keys` (one write; after a done mark when nothing announced
+    /// before is unfinished). The operation is finished when the returned [`Pending`] is
+    /// dropped. Never fails: a journal that cannot be written is dropped (see
+    /// [`Journal::fail`]).
+    pub fn record(&self, op: Op, keys: &[Digest]) -> Pending<'_> {
+        let mut buf = Vec::with_capacity(5 + keys.len() * 64);
+        let mut current = self.current.lock();
+        let mark = current.unmarked && self.in_flight.load(Ordering::Acquire) == 0;
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let mut pending = Pending {
+            journal: self,
+            records: 0,
         };
-        let time = now_ns();
-        let mut buf = Vec::with_capacity(keys.len() * 70);
+        let Some(file) = current.file.clone() else {
+            return pending;
+        };
+        if mark {
+            encode(&mut buf, OP_DONE, None);
+        }
         for key in keys {
             match op {
-                Op::Add(len) => encode(&mut buf, OP_ADD, time, key, len),
-                Op::Remove => encode(&mut buf, OP_REMOVE, time, key, 0),
+                Op::Add(len) => encode(&mut buf, OP_ADD, Some((key, len))),
+                Op::Remove => encode(&mut buf, OP_REMOVE, Some((key, 0))),
             }
         }
-        // One write with O_APPEND: the records of concurrent writers never interleave.
+        // One write with O_APPEND, under the lock: records never interleave.
         if let Err(e) = (&*file).write_all(&buf) {
+            drop(current);
             self.fail(&e);
-            return 0;
+            return pending;
         }
-        self.records.fetch_add(keys.len() as u64, Ordering::Relaxed) + keys.len() as u64
+        current.unmarked = !keys.is_empty() || current.unmarked && !mark;
+        pending.records =
+            self.records.fetch_add(keys.len() as u64, Ordering::Relaxed) + keys.len() as u64;
+        pending
+    }
+
+    /// Writes a done mark if records were written since the last one and every announced
+    /// operation is finished (after a flush of the disk: the last puts before a quiet spell
+    /// are then vouched for).
+    pub fn mark_done(&self) {
+        let mut current = self.current.lock();
+        if !current.unmarked || self.in_flight.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let Some(file) = current.file.clone() else {
+            return;
+        };
+        let mut buf = Vec::with_capacity(5);
+        encode(&mut buf, OP_DONE, None);
+        if let Err(e) = (&*file).write_all(&buf) {
+            drop(current);
+            self.fail(&e);
+            return;
+        }
+        current.unmarked = false;
     }
 
     /// Starts a new generation, before a snapshot is written: its number, to be named by the
     /// snapshot, or 0 when the snapshot must not rely on the journal (it was broken since the
     /// last rotation, or the new file cannot be made).
     pub fn rotate(&self) -> u32 {
-        let mut current = self.current.write();
+        let mut current = self.current.lock();
+        // The file ends with a mark if it can: its last records need no stat at a restart.
+        if let (true, 0, Some(file)) = (
+            current.unmarked,
+            self.in_flight.load(Ordering::Acquire),
+            current.file.as_deref(),
+        ) {
+            let mut buf = Vec::with_capacity(5);
+            encode(&mut buf, OP_DONE, None);
+            let _ = (&*file).write_all(&buf);
+        }
         let next = current.generation.saturating_add(1);
         let was_broken = self.broken.load(Ordering::Acquire);
         match self.create(next) {
             Ok(file) => {
                 current.generation = next;
                 current.file = Some(Arc::new(file));
+                current.unmarked = false;
                 self.records.store(0, Ordering::Relaxed);
                 self.broken.store(false, Ordering::Release);
                 if was_broken {
@@ -238,41 +299,44 @@ impl Journal {
 pub(super) struct Unusable(pub String);
 
 /// Reads the journal file at `path`, calling `each` with every record in order and whether it
-/// may announce an operation that never happened (it is recent: stat its name).
+/// may announce an operation that never happened (no done mark follows it: stat its name).
+/// The records a mark vouches for are handed over when the mark is read; the rest at the end.
 pub(super) fn read(path: &Path, mut each: impl FnMut(Op, &Digest, bool)) -> Result<u64, Unusable> {
     let file =
         File::open(path).map_err(|e| Unusable(format!("opening {}: {e}", path.display())))?;
-    let modified = file
-        .metadata()
-        .and_then(|m| m.modified())
-        .map_err(|e| Unusable(format!("stat {}: {e}", path.display())))?;
-    let recent_from = modified
-        .checked_sub(super::checkpoint::MTIME_SLACK)
-        .unwrap_or(UNIX_EPOCH)
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_nanos() as u64;
     let mut r = BufReader::with_capacity(1 << 20, file);
     let mut buf = Vec::with_capacity(128);
+    let mut unvouched: Vec<(Op, Digest)> = Vec::new();
     let mut n = 0u64;
     let bad = |n: u64, why: &str| Unusable(format!("{}: record {n}: {why}", path.display()));
     loop {
         buf.clear();
-        buf.resize(10, 0);
+        buf.resize(1, 0);
         match read_full(&mut r, &mut buf) {
-            Ok(0) => return Ok(n),
-            Ok(10) => {}
-            Ok(_) => return Err(bad(n, "ends within a record")),
+            Ok(0) => break,
+            Ok(_) => {}
             Err(e) => return Err(bad(n, &e.to_string())),
         }
         let op = buf[0];
-        let time = u64::from_le_bytes(buf[1..9].try_into().unwrap_or_default());
-        let Some(function) = DigestFunction::ALL.get(buf[9] as usize) else {
-            return Err(bad(n, "an unknown digest function"));
+        let rest = match op {
+            OP_DONE => 4,
+            OP_ADD | OP_REMOVE => {
+                buf.resize(2, 0);
+                match read_full(&mut r, &mut buf[1..]) {
+                    Ok(1) => {}
+                    Ok(_) => return Err(bad(n, "ends within a record")),
+                    Err(e) => return Err(bad(n, &e.to_string())),
+                }
+                let Some(function) = DigestFunction::ALL.get(buf[1] as usize) else {
+                    return Err(bad(n, "an unknown digest function"));
+                };
+                function.hash_len() + 16 + 4
+            }
+            _ => return Err(bad(n, "an unknown operation")),
         };
-        let rest = function.hash_len() + 16 + 4;
-        buf.resize(10 + rest, 0);
-        match read_full(&mut r, &mut buf[10..]) {
+        let at = buf.len();
+        buf.resize(at + rest, 0);
+        match read_full(&mut r, &mut buf[at..]) {
             Ok(k) if k == rest => {}
             Ok(_) => return Err(bad(n, "ends within a record")),
             Err(e) => return Err(bad(n, &e.to_string())),
@@ -281,18 +345,28 @@ pub(super) fn read(path: &Path, mut each: impl FnMut(Op, &Digest, bool)) -> Resu
         if buf[body..] != blake3::hash(&buf[..body]).as_bytes()[..4] {
             return Err(bad(n, "its checksum does not match"));
         }
-        let mut record = &buf[9..body];
+        n += 1;
+        if op == OP_DONE {
+            for (op, key) in unvouched.drain(..) {
+                each(op, &key, false);
+            }
+            continue;
+        }
+        let mut record = &buf[1..body];
         let Some((key, len)) = snapshot::decode_record(&mut record) else {
             return Err(bad(n, "a bad name"));
         };
-        let op = match op {
-            OP_ADD => Op::Add(len),
-            OP_REMOVE => Op::Remove,
-            _ => return Err(bad(n, "an unknown operation")),
+        let op = if op == OP_ADD {
+            Op::Add(len)
+        } else {
+            Op::Remove
         };
-        each(op, &key, time >= recent_from);
-        n += 1;
+        unvouched.push((op, key));
     }
+    for (op, key) in unvouched {
+        each(op, &key, true);
+    }
+    Ok(n)
 }
 
 /// Reads until `buf` is full or the end: the bytes read.
@@ -324,21 +398,22 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip_across_generations() {
+    fn records_round_trip_and_a_done_mark_vouches_for_those_before_it() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::start(dir.path());
         assert_eq!(j.first(), 1);
-        assert_eq!(j.record(Op::Add(5), &[d(1)]), 1);
+        assert_eq!(j.record(Op::Add(5), &[d(1)]).records, 1);
         let blake = DigestFunction::Blake3.compute(b"b3");
-        j.record(Op::Add(7), &[blake]);
-        assert_eq!(j.record(Op::Remove, &[d(1), d(2)]), 4);
-        assert_eq!(j.rotate(), 2);
-        j.record(Op::Add(9), &[d(3)]);
-        let f = files(dir.path());
-        assert_eq!(f.iter().map(|(g, _)| *g).collect::<Vec<_>>(), [1, 2]);
-        let first = read_all(&f[0].1).unwrap();
+        // Announced while the first is finished: a mark comes before it.
+        let unfinished = j.record(Op::Add(7), &[blake]);
+        // Announced while one is unfinished: no mark, and none after a flush either.
+        assert_eq!(j.record(Op::Remove, &[d(1), d(2)]).records, 4);
+        j.mark_done();
+        let path = files(dir.path())[0].1.clone();
+        let vouched = |all: &[(Op, Digest, bool)]| all.iter().filter(|r| !r.2).count();
+        let all = read_all(&path).unwrap();
         assert_eq!(
-            first.iter().map(|(o, k, _)| (*o, *k)).collect::<Vec<_>>(),
+            all.iter().map(|(o, k, _)| (*o, *k)).collect::<Vec<_>>(),
             [
                 (Op::Add(5), d(1)),
                 (Op::Add(7), blake),
@@ -346,9 +421,22 @@ mod tests {
                 (Op::Remove, d(2))
             ]
         );
-        // Just written: every record is recent.
-        assert!(first.iter().all(|(_, _, recent)| *recent));
-        assert_eq!(read_all(&f[1].1).unwrap().len(), 1);
+        assert_eq!(vouched(&all), 1);
+        // Once it is finished, the flush's mark vouches for all of them.
+        drop(unfinished);
+        j.mark_done();
+        let all = read_all(&path).unwrap();
+        assert_eq!(vouched(&all), 4);
+        // A second mark with nothing new writes nothing.
+        let len = std::fs::metadata(&path).unwrap().len();
+        j.mark_done();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+
+        assert_eq!(j.rotate(), 2);
+        drop(j.record(Op::Add(9), &[d(3)]));
+        let f = files(dir.path());
+        assert_eq!(f.iter().map(|(g, _)| *g).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(read_all(&f[1].1).unwrap(), [(Op::Add(9), d(3), true)]);
         // A new run starts after the last generation; older files go when asked.
         assert_eq!(Journal::start(dir.path()).first(), 3);
         j.remove_before(2);
@@ -366,13 +454,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::start(dir.path());
         for i in 0..50 {
-            j.record(Op::Add(i as u64), &[d(i)]);
+            drop(j.record(Op::Add(i as u64), &[d(i)]));
         }
+        j.mark_done();
         let path = files(dir.path())[0].1.clone();
         let whole = std::fs::read(&path).unwrap();
         assert_eq!(read_all(&path).unwrap().len(), 50);
         // Cut anywhere inside a record, or one byte flipped anywhere: refused.
-        for cut in [1, 9, 10, 40, whole.len() - 1] {
+        for cut in [1, 4, 9, 10, 40, whole.len() - 1] {
             std::fs::write(&path, &whole[..whole.len() - cut]).unwrap();
             assert!(read_all(&path).is_err(), "cut {cut}");
         }
@@ -394,14 +483,14 @@ mod tests {
     fn a_journal_that_cannot_be_written_is_dropped_and_the_next_snapshot_does_not_rely_on_it() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::start(dir.path());
-        j.record(Op::Add(1), &[d(1)]);
+        drop(j.record(Op::Add(1), &[d(1)]));
         j.fail(&std::io::Error::other("disk full"));
         assert!(files(dir.path()).is_empty(), "its files are removed");
-        assert_eq!(j.record(Op::Add(1), &[d(2)]), 0);
+        assert_eq!(j.record(Op::Add(1), &[d(2)]).records, 0);
         // The rotation after the failure makes a new file, which the snapshot must not name
         // (what happened while broken is in no journal); the one after may.
         assert_eq!(j.rotate(), 0);
-        j.record(Op::Add(1), &[d(3)]);
+        drop(j.record(Op::Add(1), &[d(3)]));
         assert_eq!(j.rotate(), 3);
     }
 }

@@ -114,19 +114,22 @@ async fn a_crash_restart_reads_the_journal_instead_of_listing_the_directories() 
     let content = dir.path().join("cas");
     let keep = 4_000u64;
 
-    // 1. A snapshot, then puts (evicting the oldest past `max_count`), then a crash.
+    // 1. A snapshot, then puts (evicting the oldest past `max_count`), vouched for by the
+    //    journal's done mark after the flush, then a crash.
     let store = open_loaded(dir.path(), keep).await;
     put(&store, 0..3_000).await;
     assert!(store.write_snapshot().await.unwrap().is_some());
     put(&store, 3_000..5_000).await;
+    store.blobs.journal_mark_done();
     crash(store).await;
-    // As if the process had run on for a minute: no record is recent, each is trusted.
-    let later = SystemTime::now() + Duration::from_secs(60);
-    for (_, path) in journal::files(&content) {
-        set_mtime(&path, later);
-    }
     let store = open_loaded(dir.path(), keep).await;
     assert_eq!(store.dirs_listed(), 0, "every change is in the journal");
+    let (applied, stat) = store.journal_replayed();
+    assert_eq!(stat, 0, "every record was vouched for");
+    assert!(
+        applied >= 3_000,
+        "2,000 puts and 1,000 evictions: {applied}"
+    );
     let evicted: Vec<Digest> = (0..1_000).map(|i| blob(i).0).collect();
     let present: Vec<u32> = (1_000..5_000).collect();
     expect_exactly(&store, &present, &evicted).await;
@@ -136,15 +139,17 @@ async fn a_crash_restart_reads_the_journal_instead_of_listing_the_directories() 
 
     // 2. A crash with operations in flight: a put whose record was written and whose rename
     //    never happened, one whose rename happened after the journal's last write, and a
-    //    blob deleted by hand after the crash. The recent records are checked on disk.
+    //    blob deleted by hand after the crash. The records no mark vouches for are checked
+    //    on disk, and only those.
     let evicted = coldest(&store, 500);
     put(&store, 5_000..5_500).await;
     let mut present = without(&present, &evicted);
     present.extend(5_000..5_500);
     let (ghost, _) = blob(1_000_000);
-    store.blobs.journal_added(&ghost, ghost.size());
+    std::mem::forget(store.blobs.journal_added(&ghost, ghost.size()));
     let (late, late_data) = blob(1_000_001);
-    store.blobs.journal_added(&late, late.size());
+    std::mem::forget(store.blobs.journal_added(&late, late.size()));
+    store.blobs.journal_mark_done();
     crash(store).await;
     std::fs::write(blob_path(&content, &late), &late_data).unwrap();
     present.push(1_000_001);
@@ -162,6 +167,7 @@ async fn a_crash_restart_reads_the_journal_instead_of_listing_the_directories() 
         "the directory changed by hand, and maybe the late rename's: {}",
         store.dirs_listed()
     );
+    assert_eq!(store.journal_replayed().1, 2, "the ghost and the late one");
     let gone = [ghost, blob(by_hand).0, evicted[0], evicted[499]];
     expect_exactly(&store, &present, &gone).await;
 
@@ -203,21 +209,34 @@ async fn a_long_journal_brings_a_snapshot_early() {
     let dir = tempfile::tempdir().unwrap();
     let content = dir.path().join("cas");
     let store = open_loaded(dir.path(), 0).await;
-    put(&store, 0..10).await;
+    put(&store, 0..11).await;
+    // Once the loader wrote its snapshot and ended, nothing else starts a generation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !store.loader.as_ref().unwrap().is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loader never ends"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let before = journal::files(&content).last().unwrap().0;
     // As many records as 64 Ki evictions write (of blobs this store never held).
     let keys: Vec<Digest> = (0..super::load::JOURNAL_RECORDS_MIN as u32)
         .map(|i| DigestFunction::Sha256.compute(&i.to_be_bytes()))
         .collect();
     store.blobs.journal_removed(&keys);
+    // The snapshot comes (its file is renamed into place whole) naming the next generation.
+    let named = || {
+        super::snapshot::Reader::open(&content)
+            .ok()
+            .flatten()
+            .map(|r| (r.generation(), r.expected()))
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while journal::files(&content).last().unwrap().0 == before {
+    while named().map(|n| n.0) != Some(before + 1) {
         assert!(std::time::Instant::now() < deadline, "no snapshot came");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!store.blobs.snapshot_due());
-    // The snapshot names the new generation and holds the ten blobs.
-    let reader = super::snapshot::Reader::open(&content).unwrap().unwrap();
-    assert_eq!(reader.generation(), before + 1);
-    assert_eq!(reader.expected(), 10);
+    assert_eq!(named(), Some((before + 1, 11)), "it holds the eleven blobs");
 }

@@ -60,6 +60,9 @@ pub(crate) struct Blobs {
     expected: AtomicU64,
     /// Prefix directories the load listed (256 when it walked).
     dirs_listed: AtomicU64,
+    /// Journal records the load applied as they said, and names it stat-ed instead.
+    journal_applied: AtomicU64,
+    journal_stat: AtomicU64,
     /// Files modified in `[from, to)` may be torn (after a reboot); `None`: none is.
     suspect: Option<(SystemTime, SystemTime)>,
     /// Set when the store is dropped: the loader and the evictor stop.
@@ -111,6 +114,8 @@ impl Blobs {
             phase: AtomicU8::new(PHASE_SNAPSHOT),
             expected: AtomicU64::new(0),
             dirs_listed: AtomicU64::new(0),
+            journal_applied: AtomicU64::new(0),
+            journal_stat: AtomicU64::new(0),
             suspect: suspect_after.map(|after| (after, own)),
             stop: AtomicBool::new(false),
             evict_wanted: parking_lot::Mutex::new(false),
@@ -130,15 +135,26 @@ impl Blobs {
     }
 
     /// Announces in the journal that `key` is about to be renamed into place with `len` bytes
-    /// (see `journal.rs`: before the rename, and [`Blobs::journal_removed`] when it fails).
-    /// Blocking (one write).
-    pub fn journal_added(&self, key: &Digest, len: u64) {
-        self.note_records(self.journal.record(Op::Add(len), std::slice::from_ref(key)));
+    /// (see `journal.rs`: before the rename, and [`Blobs::journal_removed`] when it fails);
+    /// drop what it returns once the rename is done or failed. Blocking (one write).
+    pub fn journal_added(&self, key: &Digest, len: u64) -> journal::Pending<'_> {
+        let pending = self.journal.record(Op::Add(len), std::slice::from_ref(key));
+        self.note_records(pending.records);
+        pending
     }
 
-    /// Announces in the journal that `keys` are about to be unlinked. Blocking (one write).
-    pub fn journal_removed(&self, keys: &[Digest]) {
-        self.note_records(self.journal.record(Op::Remove, keys));
+    /// Announces in the journal that `keys` are about to be unlinked; drop what it returns
+    /// once they are. Blocking (one write).
+    pub fn journal_removed(&self, keys: &[Digest]) -> journal::Pending<'_> {
+        let pending = self.journal.record(Op::Remove, keys);
+        self.note_records(pending.records);
+        pending
+    }
+
+    /// Vouches in the journal for every operation announced so far, if all are finished
+    /// (after each flush of the disk). Blocking (one write at most).
+    pub fn journal_mark_done(&self) {
+        self.journal.mark_done();
     }
 
     /// Asks for a snapshot when the journal holds enough records to be worth one.
@@ -207,6 +223,15 @@ impl Blobs {
     /// How many prefix directories the finished load listed.
     pub fn dirs_listed(&self) -> u64 {
         self.dirs_listed.load(Ordering::Relaxed)
+    }
+
+    /// The journal records the finished load applied as they said, and the names it stat-ed
+    /// instead (no done mark vouched for them).
+    pub fn journal_replayed(&self) -> (u64, u64) {
+        (
+            self.journal_applied.load(Ordering::Relaxed),
+            self.journal_stat.load(Ordering::Relaxed),
+        )
     }
 
     /// Waits until the index is loaded (forever if the load failed: see the logs).
@@ -297,7 +322,7 @@ impl Blobs {
             "filesystem store: dropping a blob written just before the machine restarted, whose bytes do not match its name"
         );
         self.index.remove(key);
-        self.journal_removed(std::slice::from_ref(key));
+        let _announced = self.journal_removed(std::slice::from_ref(key));
         let _ = std::fs::remove_file(path);
     }
 
@@ -331,7 +356,7 @@ impl Blobs {
         if evicted.is_empty() {
             return;
         }
-        self.journal_removed(evicted);
+        let _announced = self.journal_removed(evicted);
         let remove = |key: &Digest, path: PathBuf| {
             if let Err(e) = std::fs::remove_file(&path) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -415,6 +440,10 @@ impl Blobs {
             return;
         }
         let journal_end = replayed.as_ref().map(|r| r.end);
+        if let Some(r) = &replayed {
+            self.journal_applied.store(r.applied, Ordering::Relaxed);
+            self.journal_stat.store(r.stat, Ordering::Relaxed);
+        }
         let outcome = self.list(snapshot.map(|(at, _)| at), journal_end);
         let (added, checked, unchanged) = match outcome {
             Ok(Some(counts)) => counts,
