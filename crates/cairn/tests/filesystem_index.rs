@@ -345,4 +345,41 @@ fn the_fs_serve_bench_fills_restarts_and_survives_a_kill() {
         after_kill.contains("stored blobs reported missing: 0; GetActionResult NOT_FOUND: 0"),
         "{after_kill}"
     );
+    // The restart after the kill read the snapshot and the journal of the 500 puts since,
+    // instead of listing the 200-odd directories they touched (the last renames before the
+    // kill may have left their directories newer than the journal's last write).
+    let log = std::fs::read_to_string(tmp.path().join("bench/server.log")).unwrap();
+    let loaded = log
+        .lines()
+        .map(strip_ansi)
+        .find(|l| l.contains("index loaded") && l.contains("/cas "))
+        .unwrap_or_else(|| panic!("no index loaded line for the CAS:\n{log}"));
+    let field = |name: &str| -> u64 {
+        let at = loaded.find(&format!(" {name}=")).expect(name) + name.len() + 2;
+        loaded[at..].split(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(field("dirs_listed") <= 16, "{loaded}");
+    assert!(
+        field("journal_records") + field("journal_stat") >= 500,
+        "{loaded}"
+    );
+}
+
+/// `line` without its terminal colour codes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
