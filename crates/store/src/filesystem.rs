@@ -362,13 +362,14 @@ impl FilesystemStore {
 }
 
 /// Writes a whole small blob: create `tmp`, write, rename to `key`'s place, all on the
-/// calling (blocking) thread. On failure `tmp` is removed and the place untouched.
+/// calling (blocking) thread; the journal's announcement, to drop once the blob is indexed.
+/// On failure `tmp` is removed and the place untouched.
 fn write_small(
     blobs: &load::Blobs,
     key: &Digest,
     tmp: &Path,
     chunks: &[Bytes],
-) -> Result<(), Error> {
+) -> Result<journal::Pending, Error> {
     let written = (|| {
         let mut file = std::fs::File::create(tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
@@ -387,17 +388,26 @@ fn write_small(
 }
 
 /// Renames the whole temp file `tmp` of `len` bytes to `key`'s place, announced in the journal
-/// first (and its failure after). Blocking.
-fn rename_into_place(blobs: &load::Blobs, key: &Digest, tmp: &Path, len: u64) -> Result<(), Error> {
+/// first (and its failure after); the announcement, to drop once the blob is indexed.
+/// Blocking.
+fn rename_into_place(
+    blobs: &load::Blobs,
+    key: &Digest,
+    tmp: &Path,
+    len: u64,
+) -> Result<journal::Pending, Error> {
     let dest = blobs.path_of(key);
-    let _announced = blobs.journal_added(key, len);
-    std::fs::rename(tmp, &dest).map_err(|e| {
-        let _undone = blobs.journal_removed(std::slice::from_ref(key));
-        Error::io(
-            format!("renaming {} to {}", tmp.display(), dest.display()),
-            e,
-        )
-    })
+    let announced = blobs.journal_added(key, len);
+    match std::fs::rename(tmp, &dest) {
+        Ok(()) => Ok(announced),
+        Err(e) => {
+            let _undone = blobs.journal_removed(std::slice::from_ref(key));
+            Err(Error::io(
+                format!("renaming {} to {}", tmp.display(), dest.display()),
+                e,
+            ))
+        }
+    }
 }
 
 /// What the start-up found: since when files may be torn, the prefix directories'
@@ -643,7 +653,8 @@ impl Store for FilesystemStore {
                 self.blobs.index.max_bytes()
             )));
         }
-        let size = if longer {
+        // `announced`: the journal's record of the rename, finished once the blob is indexed.
+        let (size, announced) = if longer {
             let size = match self.write_temp(&tmp, head, body).await {
                 Ok(size) => size,
                 Err(e) => {
@@ -656,17 +667,20 @@ impl Store for FilesystemStore {
                 tokio::task::spawn_blocking(move || rename_into_place(&blobs, &k, &t, size))
                     .await
                     .map_err(|e| Error::internal(format!("filesystem rename task failed: {e}")))?;
-            if let Err(e) = renamed {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(e);
+            match renamed {
+                Ok(announced) => (size, announced),
+                Err(e) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(e);
+                }
             }
-            size
         } else {
             let (blobs, k) = (self.blobs.clone(), *key);
-            tokio::task::spawn_blocking(move || write_small(&blobs, &k, &tmp, &head))
-                .await
-                .map_err(|e| Error::internal(format!("filesystem write task failed: {e}")))??;
-            head_len as u64
+            let announced =
+                tokio::task::spawn_blocking(move || write_small(&blobs, &k, &tmp, &head))
+                    .await
+                    .map_err(|e| Error::internal(format!("filesystem write task failed: {e}")))??;
+            (head_len as u64, announced)
         };
         if self.evict_page_cache {
             let d = dest.clone();
@@ -679,6 +693,7 @@ impl Store for FilesystemStore {
         self.flusher.wrote();
         let evicted = self.blobs.index.insert(key, size);
         self.blobs.changed();
+        drop(announced);
         self.remove_evicted(evicted).await;
         if self.blobs.index.over_limit() {
             // More than this put's own evictions (`index::INLINE_EVICTIONS`) are due.

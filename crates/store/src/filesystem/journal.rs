@@ -18,10 +18,10 @@
 //! that fails after its record is announced is followed by a removal record.
 //!
 //! Generations: writing a snapshot starts a new journal file first, and the snapshot names
-//! it. A restart reads the snapshot, then the files from the one before the snapshot's
-//! generation on (a put that wrote its record into the previous file may have indexed its
-//! blob after the snapshot read that part of the index). Once a snapshot is written, older
-//! files are deleted.
+//! it. A put's operation lasts from its record to its index entry, so the snapshot waits until
+//! the operations announced in the previous file are finished before it reads the index; once
+//! it is written, the older files are deleted. A restart reads the snapshot, then the files
+//! from the one before the snapshot's generation on (kept when that wait timed out).
 //!
 //! Record (little-endian): operation (u8: 1 add, 2 remove, 3 done), for an add or a removal
 //! the snapshot's record (function, hash, digest size, stored length), then the first 4 bytes
@@ -95,8 +95,9 @@ pub(super) struct Journal {
     current: Mutex<Current>,
     /// Records written into the current generation.
     records: AtomicU64,
-    /// Announced operations not finished yet (their [`Pending`] not dropped).
-    in_flight: AtomicU64,
+    /// Announced operations not finished yet (their [`Pending`] not dropped), by the parity of
+    /// the generation they were recorded in.
+    in_flight: Arc<[AtomicU64; 2]>,
     /// A write failed since the last rotation: the files were removed and nothing is
     /// written until the next rotation starts a new one.
     broken: AtomicBool,
@@ -105,24 +106,30 @@ pub(super) struct Journal {
 }
 
 struct Current {
+    /// Its parity says which count of `in_flight` its operations go to.
     generation: u32,
     file: Option<Arc<File>>,
     /// Records were written since the last done mark.
     unmarked: bool,
 }
 
-/// An announced operation: finished when dropped.
-pub(super) struct Pending<'a> {
-    journal: &'a Journal,
+/// An announced operation: finished when dropped (a put's once its blob is renamed and
+/// indexed, an eviction's once its files are unlinked).
+pub(super) struct Pending {
+    in_flight: Arc<[AtomicU64; 2]>,
+    parity: usize,
     /// Records in the current generation, this one's included.
     pub records: u64,
 }
 
-impl Drop for Pending<'_> {
+impl Drop for Pending {
     fn drop(&mut self) {
-        self.journal.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.in_flight[self.parity].fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// How long a snapshot waits for the operations of the previous generation to finish.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Journal {
     /// Starts this run's journal in `content`: a new file after every generation there.
@@ -139,7 +146,7 @@ impl Journal {
                 unmarked: false,
             }),
             records: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
+            in_flight: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
             broken: AtomicBool::new(false),
             first: generation,
         };
@@ -188,17 +195,37 @@ impl Journal {
         self.records.load(Ordering::Relaxed)
     }
 
+    fn unfinished(&self) -> u64 {
+        self.in_flight[0].load(Ordering::Acquire) + self.in_flight[1].load(Ordering::Acquire)
+    }
+
+    /// Waits (up to [`DRAIN_WAIT`]) until every operation recorded in generations of the
+    /// parity of `generation` is finished: whether they are. Blocking.
+    pub fn drain(&self, generation: u32) -> bool {
+        let count = &self.in_flight[(generation & 1) as usize];
+        let deadline = std::time::Instant::now() + DRAIN_WAIT;
+        while count.load(Ordering::Acquire) != 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+
     /// Announces `op` for each of `keys` (one write; after a done mark when nothing announced
     /// before is unfinished). The operation is finished when the returned [`Pending`] is
     /// dropped. Never fails: a journal that cannot be written is dropped (see
     /// [`Journal::fail`]).
-    pub fn record(&self, op: Op, keys: &[Digest]) -> Pending<'_> {
+    pub fn record(&self, op: Op, keys: &[Digest]) -> Pending {
         let mut buf = Vec::with_capacity(5 + keys.len() * 64);
         let mut current = self.current.lock();
-        let mark = current.unmarked && self.in_flight.load(Ordering::Acquire) == 0;
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let mark = current.unmarked && self.unfinished() == 0;
+        let parity = (current.generation & 1) as usize;
+        self.in_flight[parity].fetch_add(1, Ordering::AcqRel);
         let mut pending = Pending {
-            journal: self,
+            in_flight: self.in_flight.clone(),
+            parity,
             records: 0,
         };
         let Some(file) = current.file.clone() else {
@@ -230,7 +257,7 @@ impl Journal {
     /// are then vouched for).
     pub fn mark_done(&self) {
         let mut current = self.current.lock();
-        if !current.unmarked || self.in_flight.load(Ordering::Acquire) != 0 {
+        if !current.unmarked || self.unfinished() != 0 {
             return;
         }
         let Some(file) = current.file.clone() else {
@@ -252,11 +279,9 @@ impl Journal {
     pub fn rotate(&self) -> u32 {
         let mut current = self.current.lock();
         // The file ends with a mark if it can: its last records need no stat at a restart.
-        if let (true, 0, Some(file)) = (
-            current.unmarked,
-            self.in_flight.load(Ordering::Acquire),
-            current.file.as_deref(),
-        ) {
+        if let (true, 0, Some(file)) =
+            (current.unmarked, self.unfinished(), current.file.as_deref())
+        {
             let mut buf = Vec::with_capacity(5);
             encode(&mut buf, OP_DONE, None);
             let _ = (&*file).write_all(&buf);
@@ -447,6 +472,26 @@ mod tests {
                 .collect::<Vec<_>>(),
             [2, 3]
         );
+    }
+
+    #[test]
+    fn a_snapshot_waits_for_the_operations_of_the_previous_generation_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::start(dir.path());
+        assert!(j.drain(1), "nothing announced");
+        let old = j.record(Op::Add(1), &[d(1)]);
+        let g = j.rotate();
+        assert_eq!(g, 2);
+        // What the new generation announces is not waited for.
+        let new = j.record(Op::Add(2), &[d(2)]);
+        // The old one is, until it is finished (on another thread here).
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| j.drain(g - 1));
+            drop(old);
+            assert!(waiter.join().unwrap());
+        });
+        assert!(j.drain(g - 1));
+        drop(new);
     }
 
     #[test]

@@ -239,4 +239,15 @@ async fn a_long_journal_brings_a_snapshot_early() {
     }
     assert!(!store.blobs.snapshot_due());
     assert_eq!(named(), Some((before + 1, 11)), "it holds the eleven blobs");
+    // Nothing was in flight: the files before its generation are gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while journal::files(&content).len() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            journal::files(&content)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(journal::files(&content)[0].0, before + 1);
 }

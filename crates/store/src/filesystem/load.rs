@@ -136,8 +136,9 @@ impl Blobs {
 
     /// Announces in the journal that `key` is about to be renamed into place with `len` bytes
     /// (see `journal.rs`: before the rename, and [`Blobs::journal_removed`] when it fails);
-    /// drop what it returns once the rename is done or failed. Blocking (one write).
-    pub fn journal_added(&self, key: &Digest, len: u64) -> journal::Pending<'_> {
+    /// drop what it returns once the blob is indexed, or the rename failed. Blocking (one
+    /// write).
+    pub fn journal_added(&self, key: &Digest, len: u64) -> journal::Pending {
         let pending = self.journal.record(Op::Add(len), std::slice::from_ref(key));
         self.note_records(pending.records);
         pending
@@ -145,7 +146,7 @@ impl Blobs {
 
     /// Announces in the journal that `keys` are about to be unlinked; drop what it returns
     /// once they are. Blocking (one write).
-    pub fn journal_removed(&self, keys: &[Digest]) -> journal::Pending<'_> {
+    pub fn journal_removed(&self, keys: &[Digest]) -> journal::Pending {
         let pending = self.journal.record(Op::Remove, keys);
         self.note_records(pending.records);
         pending
@@ -377,27 +378,26 @@ impl Blobs {
 
     /// Writes the snapshot if the index is loaded and changed since the last one. Blocking.
     ///
-    /// A new journal generation begins first, and the snapshot names it. `quiescent` when
-    /// nothing else changes the store any more (it is being dropped): every older journal file
-    /// then goes; otherwise the one before the new generation stays (a put that wrote its
-    /// record there may index its blob after this snapshot read that part of the index).
+    /// A new journal generation begins first, and the snapshot names it; the index is read
+    /// once the operations announced in the previous generation are finished (indexed), so
+    /// that the older journal files can go. Should that wait time out, the previous file stays
+    /// (a restart reads it too). `quiescent` when nothing else changes the store any more (it
+    /// is being dropped): nothing is waited for.
     pub fn write_snapshot(&self, quiescent: bool) -> Result<Option<u64>, Error> {
         let _one = self.snapshot_lock.lock();
         if !self.ready() || !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(None);
         }
         let generation = self.journal.rotate();
+        let drained = quiescent || (generation > 0 && self.journal.drain(generation - 1));
         // While blobs may still be moved from an older layout (moves are not journaled), a
         // restart must list the directories.
         let named = if self.migrating() { 0 } else { generation };
         match snapshot::write(&self.content, &self.index, named) {
             Ok(n) => {
                 if generation > 0 {
-                    self.journal.remove_before(if quiescent {
-                        generation
-                    } else {
-                        generation - 1
-                    });
+                    self.journal
+                        .remove_before(if drained { generation } else { generation - 1 });
                 }
                 Ok(Some(n))
             }
