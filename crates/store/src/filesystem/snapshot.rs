@@ -78,8 +78,8 @@ fn write_block(w: &mut impl Write, count: u32, body: &[u8]) -> std::io::Result<(
 
 /// Writes `index` as the snapshot of `content` (temp file, `fdatasync`, rename, `fsync` of the
 /// directory), naming the journal `generation` that began before it; returns the number of
-/// entries written. The index stays usable meanwhile: it is locked only to list its order and
-/// then for each block's records.
+/// entries written. The index stays usable meanwhile: it is locked for 64 Ki links at a time
+/// while its order is listed (`Index::order`), then for each block's records.
 pub(super) fn write(content: &Path, index: &Index, generation: u32) -> Result<u64, Error> {
     let tmp = content.join(format!("{FILE_NAME}.tmp"));
     let path = content.join(FILE_NAME);
