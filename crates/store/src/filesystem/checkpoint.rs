@@ -201,17 +201,15 @@ impl Flusher {
             File::open(content)
                 .map_err(|e| Error::io(format!("opening {}", content.display()), e))?,
         );
-        let content: Arc<Path> = content.into();
-        let boot_id: Arc<str> = boot_id().into();
-        let first_now = Checkpoint::read(&content).is_none();
+        let target = Target {
+            content: content.into(),
+            dir,
+            boot_id: boot_id().into(),
+            after: after_flush,
+        };
+        let first_now = Checkpoint::read(content).is_none();
         let first = if first_now {
-            flush(
-                content.clone(),
-                dir.clone(),
-                boot_id.clone(),
-                after_flush.clone(),
-            )
-            .await?
+            flush(target.clone()).await?
         } else {
             UNIX_EPOCH
         };
@@ -224,14 +222,7 @@ impl Flusher {
                 }
                 // The first checkpoint of this run covers the puts made while waiting.
                 let _ = pending.try_recv();
-                match flush(
-                    content.clone(),
-                    dir.clone(),
-                    boot_id.clone(),
-                    after_flush.clone(),
-                )
-                .await
-                {
+                match flush(target.clone()).await {
                     Ok(time) => {
                         done.send_replace(time);
                     }
@@ -242,14 +233,7 @@ impl Flusher {
                 tokio::time::sleep(FLUSH_DELAY).await;
                 // The puts of the delay are covered by this flush.
                 let _ = pending.try_recv();
-                match flush(
-                    content.clone(),
-                    dir.clone(),
-                    boot_id.clone(),
-                    after_flush.clone(),
-                )
-                .await
-                {
+                match flush(target.clone()).await {
                     Ok(time) => {
                         done.send_replace(time);
                     }
@@ -283,14 +267,25 @@ impl Flusher {
 /// What runs (on a blocking thread) after each flush.
 pub(super) type AfterFlush = Arc<dyn Fn() + Send + Sync>;
 
-/// `syncfs` on `dir`'s file system, then a checkpoint at the time the sync began, then
-/// `after`; returns that time.
-async fn flush(
+/// What a flush works on.
+#[derive(Clone)]
+struct Target {
     content: Arc<Path>,
+    /// The open content directory.
     dir: Arc<File>,
     boot_id: Arc<str>,
     after: AfterFlush,
-) -> Result<SystemTime, Error> {
+}
+
+/// `syncfs` on the content directory's file system, then a checkpoint at the time the sync
+/// began, then `after`; returns that time.
+async fn flush(target: Target) -> Result<SystemTime, Error> {
+    let Target {
+        content,
+        dir,
+        boot_id,
+        after,
+    } = target;
     tokio::task::spawn_blocking(move || {
         let began = SystemTime::now();
         // SAFETY: syncfs(2) takes a descriptor that `dir` keeps open.
