@@ -107,6 +107,11 @@ pub struct BenchArgs {
     /// the last writes, rather than during them)
     #[arg(long, default_value_t = 0.0)]
     pub stop_after: f64,
+    /// fs-serve: start this server command instead of `cairn run` (the config path appended),
+    /// e.g. "nativelink" for a comparison on the same data; a server without Cairn's /status
+    /// index state counts as loaded once it answers
+    #[arg(long)]
+    pub server_cmd: Option<String>,
 }
 
 /// Runs the phases `args.what` names against `args.endpoint` and prints the results.
@@ -143,6 +148,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             kill,
             stop_after: Duration::try_from_secs_f64(args.stop_after)
                 .map_err(|e| anyhow::anyhow!("--stop-after {}: {e}", args.stop_after))?,
+            server: args
+                .server_cmd
+                .as_ref()
+                .map(|c| c.split_whitespace().map(str::to_string).collect()),
         })
         .await;
     }
