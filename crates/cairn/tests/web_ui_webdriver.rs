@@ -209,7 +209,8 @@ fn an_operator_watches_a_build_wait_for_a_worker_then_reads_its_action() {
             .unwrap_or_else(|| panic!("no action link on {link}:\n{dom}"));
         let digest = browser.text(&action);
         browser.click(&action);
-        assert!(browser.url().contains("/action/"), "{}", browser.url());
+        let url = browser.url_after_navigation(|u| u.contains("/action/"));
+        assert!(url.contains("/action/"), "{url}");
         let dom = browser.source();
         assert!(
             dom.contains("echo fine") && dom.contains("Worker: <code>late-worker</code>"),
@@ -233,10 +234,10 @@ fn an_operator_watches_a_build_wait_for_a_worker_then_reads_its_action() {
             .find(|w| w.len() == 64)
             .unwrap_or_else(|| panic!("no hash in the action link's text {digest:?}"))
             .to_string();
+        let url = browser.url_after_navigation(|u| u.contains(&format!("/cas/{hash}-")));
         assert!(
-            browser.url().contains(&format!("/cas/{hash}-")),
-            "the lookup of {digest:?} lands on the blob page: {}",
-            browser.url()
+            url.contains(&format!("/cas/{hash}-")),
+            "the lookup of {digest:?} lands on the blob page: {url}"
         );
         assert!(browser.source().contains("Blob "), "{}", browser.source());
         browser.screenshot(&shots.join("5-lookup.png"));
@@ -248,7 +249,8 @@ fn an_operator_watches_a_build_wait_for_a_worker_then_reads_its_action() {
         let dom = browser.reload_until("the draining worker", Duration::from_secs(30), |dom| {
             dom.contains("draining")
         });
-        assert!(browser.url().ends_with("/workers"), "{}", browser.url());
+        let url = browser.url_after_navigation(|u| u.ends_with("/workers"));
+        assert!(url.ends_with("/workers"), "{url}");
         assert!(dom.contains("<button>Undrain</button>"), "{dom}");
         browser.screenshot(&shots.join("6-worker-draining.png"));
 

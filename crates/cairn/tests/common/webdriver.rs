@@ -143,6 +143,20 @@ impl Session {
             .to_string()
     }
 
+    /// The address of the page shown once it satisfies `arrived` (a click that submits a form
+    /// or follows a link may return before the navigation it starts is over), or the last one
+    /// after 10 s.
+    pub fn url_after_navigation(&self, arrived: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let url = self.url();
+            if arrived(&url) || std::time::Instant::now() >= deadline {
+                return url;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// The page's DOM, serialised.
     pub fn source(&self) -> String {
         self.ok("GET", "/source", None)
