@@ -335,9 +335,11 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
         match cas_index(addr).await {
             Some(index) if index["state"] == "loaded" => break index,
             Some(index) if !index.is_null() => {}
-            // Another server, without Cairn's index state: loaded when it answers.
+            // Another server, without Cairn's index state: loaded when it answers, and
+            // holding the blobs when the first lookup found them all.
             _ if o.server.is_some() => {
-                break serde_json::json!({ "state": "loaded", "entries": o.blobs })
+                let entries = if first_missing == 0 { o.blobs } else { 0 };
+                break serde_json::json!({ "state": "loaded", "entries": entries });
             }
             _ => {}
         }
