@@ -43,10 +43,11 @@ const ACTIONS: u64 = 1_000;
 const FILL_BATCH: u64 = 1_000;
 /// Digests per FindMissingBlobs while the index loads.
 const LOOKUP: u64 = 100;
-/// How long the server may take to listen, to load, to stop.
+/// How long Cairn may take to listen and answer (another server gets `LOAD_DEADLINE`).
 const START_DEADLINE: Duration = Duration::from_secs(60);
 /// How long after the load the RSS is taken again.
 const SETTLE: Duration = Duration::from_secs(5);
+/// How long the index may take to load, and the server to stop.
 const LOAD_DEADLINE: Duration = Duration::from_secs(1800);
 const STOP_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -197,6 +198,11 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             c
         }
     };
+    // Another server may load its whole index before it listens (NativeLink does).
+    let start_deadline = match o.server {
+        Some(_) => LOAD_DEADLINE,
+        None => START_DEADLINE,
+    };
     let began = Instant::now();
     let mut server = Server {
         child: command
@@ -216,8 +222,8 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             bail!("the server exited with {status}: see {}", log_path(&o.dir));
         }
         anyhow::ensure!(
-            began.elapsed() < START_DEADLINE,
-            "not listening after {START_DEADLINE:?}"
+            began.elapsed() < start_deadline,
+            "not listening after {start_deadline:?}"
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -245,11 +251,11 @@ pub async fn run(o: Options) -> anyhow::Result<()> {
             .await;
         match r {
             Ok(a) => break a.into_inner().missing_blob_digests.len(),
-            Err(e) if began.elapsed() < START_DEADLINE => {
+            Err(e) if began.elapsed() < start_deadline => {
                 tracing::debug!(error = %e, "FindMissingBlobs not answered yet");
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            Err(e) => bail!("FindMissingBlobs not answered after {START_DEADLINE:?}: {e}"),
+            Err(e) => bail!("FindMissingBlobs not answered after {start_deadline:?}: {e}"),
         }
     };
     let answered = began.elapsed();
