@@ -43,8 +43,12 @@ const WALKED: u8 = 2;
 pub const INLINE_EVICTIONS: usize = 64;
 /// The most entries [`Index::evict_batch`] evicts under one hold of the lock.
 pub const EVICTION_BATCH: usize = 1024;
-/// The slots [`Index::sweep_unseen`] visits under one hold of the lock.
-const SWEEP_CHUNK: usize = 64 * 1024;
+/// The slots [`Index::sweep_unseen`] visits, and [`Index::move_to_cold_end`] moves, under one
+/// hold of the lock (moving ten million at once held every lookup for about a second).
+#[cfg(not(test))]
+const SLOT_CHUNK: usize = 64 * 1024;
+#[cfg(test)]
+const SLOT_CHUNK: usize = 16;
 /// The links [`Index::order`] follows under one hold of the lock.
 #[cfg(not(test))]
 const WALK_CHUNK: usize = 64 * 1024;
@@ -632,7 +636,7 @@ impl Index {
         let mut from = 0usize;
         loop {
             let mut inner = self.inner.lock();
-            let end = inner.slots.len().min(from + SWEEP_CHUNK);
+            let end = inner.slots.len().min(from + SLOT_CHUNK);
             if from >= end {
                 return dropped;
             }
@@ -651,18 +655,24 @@ impl Index {
     /// Moves `slots` (each with the [`fingerprint`] of the key it held when listed) to the
     /// cold end in the given order, hottest first; slots that changed hands since are (but
     /// for a fingerprint collision) left alone.
+    ///
+    /// The lock is let go every [`SLOT_CHUNK`] slots: a lookup in between moves its entry to
+    /// the hot end as usual (if its slot comes later here, it goes to the cold end after all,
+    /// as it would have with the lock held throughout).
     pub fn move_to_cold_end(&self, slots: &[(u32, u32)]) {
-        let mut inner = self.inner.lock();
-        for (slot, fp) in slots {
-            let s = *slot as usize;
-            if s >= inner.slots.len()
-                || inner.slots[s].function == FREE
-                || fingerprint_of(&inner.slots[s].hash) != *fp
-            {
-                continue;
+        for chunk in slots.chunks(SLOT_CHUNK) {
+            let mut inner = self.inner.lock();
+            for (slot, fp) in chunk {
+                let s = *slot as usize;
+                if s >= inner.slots.len()
+                    || inner.slots[s].function == FREE
+                    || fingerprint_of(&inner.slots[s].hash) != *fp
+                {
+                    continue;
+                }
+                inner.unlink(*slot);
+                inner.push_tail(*slot);
             }
-            inner.unlink(*slot);
-            inner.push_tail(*slot);
         }
     }
 
@@ -876,6 +886,30 @@ mod tests {
         assert_eq!(m.evict_batch(2), vec![d(0), d(1)]);
         assert_eq!(m.evict_batch(usize::MAX), vec![d(2)]);
         assert_eq!(m.total_bytes(), 80);
+
+        // Over many chunks (16 slots in tests), with an entry removed between the listing and
+        // the move: the order is the one given, the removed entry's slot is skipped.
+        let m = Index::new(Some(&policy(0, 0, 1)));
+        let mut listed = Vec::new();
+        for i in 0..100 {
+            let (slot, _) = m.insert_at(&d(i), 1, End::Unordered, true);
+            listed.push((slot.unwrap(), fingerprint(&d(i))));
+        }
+        listed.reverse();
+        assert!(m.remove(&d(50)));
+        m.move_to_cold_end(&listed);
+        // Down to the one entry allowed: the newest stays.
+        let expected: Vec<Digest> = (0..99).filter(|&i| i != 50).map(d).collect();
+        assert_eq!(m.evict_batch(usize::MAX), expected);
+
+        // The sweep over many chunks drops exactly the unseen entries of listed directories.
+        let m = Index::new(Some(&policy(0, 0, 1_000)));
+        for i in 0..100 {
+            m.insert_at(&d(i), 1, End::Unordered, i % 3 == 0);
+        }
+        let unseen = (0..100).filter(|i| i % 3 != 0).count() as u64;
+        assert_eq!(m.sweep_unseen(&[false; 256]), unseen);
+        assert_eq!(m.len(), 100 - unseen);
     }
 
     /// The snapshot's LRU walk lets go of the lock between chunks (16 links in tests) while
