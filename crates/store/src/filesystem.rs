@@ -264,6 +264,13 @@ impl FilesystemStore {
         self.blobs.dirs_listed()
     }
 
+    /// Times the index's hash table grew since the store opened (each rehashes every entry
+    /// under the index's lock).
+    #[doc(hidden)]
+    pub fn index_table_grows(&self) -> u64 {
+        self.blobs.table_grows()
+    }
+
     /// The journal records the finished start-up load applied as they said, and the names it
     /// stat-ed instead (no done mark vouched for them).
     #[doc(hidden)]

@@ -184,6 +184,9 @@ struct Inner {
     walked: u8,
     /// The LRU walk of a snapshot in progress.
     walk: Option<Walk>,
+    /// Times the hash table was full at an insert and grew (each rehashes every entry under
+    /// the lock).
+    table_grows: u64,
 }
 
 /// An LRU walk in progress ([`Index::order`]), which releases the lock between chunks.
@@ -324,6 +327,7 @@ impl Index {
                 held: false,
                 walked: 0,
                 walk: None,
+                table_grows: 0,
             }),
             hasher: Default::default(),
             limits: Limits::new(policy),
@@ -511,6 +515,9 @@ impl Index {
             inner.tails.insert(slot, t);
         }
         let h = self.hash_key(&k);
+        if inner.table.len() == inner.table.capacity() {
+            inner.table_grows += 1;
+        }
         {
             let Inner { table, slots, .. } = &mut *inner;
             let hasher = &self.hasher;
@@ -730,6 +737,11 @@ impl Index {
 
     pub fn len(&self) -> u64 {
         self.inner.lock().len
+    }
+
+    /// Times the hash table grew at an insert (see [`Index::reserve`]).
+    pub fn table_grows(&self) -> u64 {
+        self.inner.lock().table_grows
     }
 
     pub fn is_empty(&self) -> bool {
