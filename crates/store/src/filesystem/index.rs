@@ -385,7 +385,8 @@ impl Index {
         self.limits.expired(e.touched_s as u64, now as u64)
     }
 
-    /// Reserves room for `n` more entries (a snapshot says how many it holds).
+    /// Reserves room for `n` more entries (a snapshot says how many it holds; a walk estimates
+    /// it from its first prefix directory).
     pub fn reserve(&self, n: usize) {
         let mut inner = self.inner.lock();
         inner.slots.reserve(n);
